@@ -1,0 +1,242 @@
+"""VMBusify configuration: one TOML file per endpoint, loaded into dataclasses.
+
+The file is found at ``$VMBUSIFY_CONFIG`` or ``/etc/vmbusify/vmbusify.toml``. Every key has a
+default, so an empty file is a valid guest configuration. Example (host)::
+
+    role = "host"
+    run_dir = "/run/vmbusify"          # root-only: ZeroMQ endpoints, supervisord socket
+    state_dir = "/var/lib/vmbusify"    # root-only: control token, subnet leases
+
+    [tunnel]
+    ping_interval = 5.0                # seconds between pings on an idle tunnel
+    dead_after = 15.0                  # no answer for this long: the peer is dead
+
+    [host]
+    keep_connected = true              # connect every VM below at start, reconnect forever
+
+    [[vms]]
+    vmid = "vm1"
+    address = "vsock:3"
+
+    [control]
+    listen = "127.0.0.1:6543"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from vmbusify.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/vmbusify/vmbusify.toml"
+#: The tunnel's vsock port. 6541 sits beside the spec's 6542 (SOCKS) and 6543 (command
+#: listener) and clear of the ports other tools claim (1024, 22, 50000-50002, >= 0x40000000).
+DEFAULT_TUNNEL_PORT = 6541
+DEFAULT_PROXY_PORT = 6542
+DEFAULT_CONTROL_PORT = 6543
+
+
+class Role(str, Enum):
+    """Which end of the tunnel this endpoint is."""
+
+    HOST = "host"
+    GUEST = "guest"
+
+
+@dataclass
+class TunnelConfig:
+    """Tunnel behaviour shared by both ends."""
+
+    #: Guest: where the mux listens. Host: unused.
+    listen: str = f"vsock:any:{DEFAULT_TUNNEL_PORT}"
+    ping_interval: float = 5.0
+    dead_after: float = 15.0
+    connect_timeout: float = 5.0
+    #: Largest payload accepted in one vmbus package; larger is a protocol error.
+    max_payload: int = 1 << 20
+    #: Credit each stream's receiver grants up front (bytes).
+    stream_window: int = 4 << 20
+    #: Reconnect backoff on the host: first delay and cap (seconds).
+    backoff_initial: float = 0.2
+    backoff_max: float = 5.0
+
+
+@dataclass
+class VMEntry:
+    """One VM the host knows: its id and its hypervisor socket address."""
+
+    vmid: str
+    address: str
+
+
+@dataclass
+class HostConfig:
+    """Host-only settings."""
+
+    keep_connected: bool = True
+
+
+@dataclass
+class ControlConfig:
+    """The command listener (HTTP)."""
+
+    listen: str = f"127.0.0.1:{DEFAULT_CONTROL_PORT}"
+
+
+@dataclass
+class ProxyConfig:
+    """The SOCKS / HTTP proxy worker."""
+
+    listen: str = f"127.0.0.1:{DEFAULT_PROXY_PORT}"
+    #: Egress policy of this endpoint's proxy server: CIDR[:PORTS] rules; deny wins.
+    allow: list[str] = field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
+    deny: list[str] = field(default_factory=list)
+    #: Optional RFC 1929 credentials; empty means no authentication.
+    username: str = ""
+    password: str = ""
+    connect_timeout: float = 10.0
+
+
+@dataclass
+class SubnetConfig:
+    """The virtual subnet worker."""
+
+    enabled: bool = True
+    cidr: str = "100.77.0.0/24"
+    cidr6: str = "fd77:7662:7573::/64"
+    mtu: int = 65000
+    ifname: str = "vmbus0"
+    allow_vm_to_vm: bool = False
+    #: Host only: the interface NAT masquerades out of ("" = the default route's).
+    uplink: str = ""
+    #: Host only: upstream DNS servers ("" = the host's /etc/resolv.conf).
+    dns_upstream: list[str] = field(default_factory=list)
+    #: Guest only: point /etc/resolv.conf at the host while the subnet is up.
+    manage_resolv_conf: bool = False
+
+
+@dataclass
+class Config:
+    """A whole endpoint's configuration."""
+
+    role: Role = Role.GUEST
+    run_dir: str = "/run/vmbusify"
+    state_dir: str = "/var/lib/vmbusify"
+    log_level: str = "INFO"
+    #: A name for this endpoint in logs and HELLO (defaults to the hostname).
+    name: str = ""
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    host: HostConfig = field(default_factory=HostConfig)
+    vms: list[VMEntry] = field(default_factory=list)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    subnet: SubnetConfig = field(default_factory=SubnetConfig)
+    #: Where this configuration was read from ("" when built in code).
+    path: str = ""
+
+    @property
+    def bus_endpoint(self) -> str:
+        """The mux's ZeroMQ ROUTER endpoint (inside the root-only run_dir)."""
+        return f"ipc://{self.run_dir}/bus.sock"
+
+    @property
+    def token_path(self) -> Path:
+        """The command listener's bearer token file."""
+        return Path(self.state_dir) / "control.token"
+
+    def vm(self, vmid: str) -> VMEntry | None:
+        """The configured VM with this id, if any."""
+        return next((v for v in self.vms if v.vmid == vmid), None)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        f = known.get(key)
+        if f is None or key == "path":
+            raise ConfigError(f"{where}: unknown key {key!r}")
+        kwargs[key] = _convert(f.type, value, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+_SIMPLE = {"str": str, "float": (int, float), "int": int, "bool": bool}
+
+
+def _convert(type_name: Any, value: Any, where: str) -> Any:
+    type_name = str(type_name)
+    nested = {
+        "TunnelConfig": TunnelConfig, "HostConfig": HostConfig, "ControlConfig": ControlConfig,
+        "ProxyConfig": ProxyConfig, "SubnetConfig": SubnetConfig,
+    }
+    if type_name in nested:
+        return _build(nested[type_name], value, where)
+    if type_name == "Role":
+        try:
+            return Role(value)
+        except ValueError:
+            raise ConfigError(f"{where}: must be 'host' or 'guest', not {value!r}") from None
+    if type_name == "list[VMEntry]":
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected an array of tables")
+        return [_build(VMEntry, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if type_name == "list[str]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected an array of strings")
+        return list(value)
+    expected = _SIMPLE.get(type_name)
+    if expected is not None:
+        if isinstance(value, bool) and type_name != "bool":
+            raise ConfigError(f"{where}: expected {type_name}, got a boolean")
+        if not isinstance(value, expected):
+            raise ConfigError(f"{where}: expected {type_name}, got {type(value).__name__}")
+        return float(value) if type_name == "float" else value
+    raise ConfigError(f"{where}: unsupported type {type_name}")  # pragma: no cover
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the configuration from ``path``, ``$VMBUSIFY_CONFIG`` or the default path.
+
+    A missing default file gives the defaults; a missing file that was asked for by name,
+    unreadable TOML, an unknown key or a value of the wrong type raises ConfigError.
+    """
+    explicit = path or os.environ.get("VMBUSIFY_CONFIG")
+    chosen = Path(explicit or DEFAULT_CONFIG_PATH)
+    try:
+        with open(chosen, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {chosen} does not exist") from None
+        raw = {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{chosen}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{chosen}: {exc.strerror}") from None
+    config = _build(Config, raw, str(chosen))
+    config.path = str(chosen) if chosen.exists() else ""
+    seen: set[str] = set()
+    for vm in config.vms:
+        if vm.vmid in seen:
+            raise ConfigError(f"{chosen}: vmid {vm.vmid!r} appears twice")
+        seen.add(vm.vmid)
+    return config
+
+
+def as_dict(obj: Any) -> Any:
+    """A plain-data view of a config object (for status output and tests)."""
+    if is_dataclass(obj):
+        return {f.name: as_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, list):
+        return [as_dict(v) for v in obj]
+    if isinstance(obj, Enum):
+        return obj.value
+    return obj
