@@ -1,10 +1,63 @@
-"""`vmbusify lab`: simulated VMs in network namespaces (placeholder, being written)."""
+"""`vmbusify lab up|down|status`: simulated VMs in network namespaces (needs root)."""
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
 import click
+
+from vmbusify.errors import LabError
+from vmbusify.lab import lab as lab_impl
+from vmbusify.lab.layout import MAX_VMS
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _lab_errors(fn: F) -> F:
+    """Turn LabError into click's one-line "Error: ..." and exit code 1."""
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LabError as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper  # type: ignore[return-value]
 
 
 @click.group()
-def lab() -> None:
-    """Simulated VMs in network namespaces, for demos and tests."""
+@click.option("-q", "--quiet", is_flag=True, help="Print no progress, only the result.")
+def lab(quiet: bool) -> None:
+    """Simulated VMs in network namespaces, for demos and tests (needs root)."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="lab: %(message)s")
+
+
+@lab.command("up")
+@click.option("--vms", type=click.IntRange(1, MAX_VMS), default=None,
+              help="Number of VMs (vm1..vmN). Default: keep the lab's, or 2 for a new lab.")
+@_lab_errors
+def up(vms: int | None) -> None:
+    """Bring the lab up, or repair it (idempotent)."""
+    click.echo(lab_impl.up(vms).render())
+
+
+@lab.command("down")
+@_lab_errors
+def down() -> None:
+    """Stop the lab's stacks and remove everything it made (idempotent)."""
+    lab_impl.down()
+    click.echo("lab: down")
+
+
+@lab.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_lab_errors
+def status(as_json: bool) -> None:
+    """Show the lab's VMs, external network and host stack."""
+    lab_impl.require_root()
+    st = lab_impl.status()
+    click.echo(json.dumps(st.to_json(), indent=2) if as_json else st.render())

@@ -1,0 +1,71 @@
+"""Services of the lab's "external network" (namespace ``vmbl-ext``, 198.18.0.2).
+
+HOOK: the lab starts every entry of ``SERVICES`` inside ``vmbl-ext`` after the namespace is
+up, and ``lab down`` stops them. None is registered yet. The lab's DNS server (answering
+``external.lab`` and whatever names the proxy and subnet tests need; ``/etc/netns/*/resolv.conf``
+already point at 198.18.0.2) belongs here, e.g.::
+
+    SERVICES.append(ExternalService(
+        "dns", lambda ext: [sys.executable, "-m", "vmbusify.lab.dns", "--listen", ext.ip]))
+
+A service runs in the foreground; the lab detaches it (its own session), writes its pid to
+``<lab>/ext/run/NAME.pid`` and its output to ``NAME.log``, and restarts it on ``lab up`` when
+it is not running.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vmbusify.lab import netns as ip
+from vmbusify.lab.layout import ExternalLayout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExternalService:
+    """A long-running program of the external network."""
+
+    name: str
+    #: The command line, given the external network's layout (its address, run dir).
+    argv: Callable[[ExternalLayout], list[str]]
+
+
+#: The external network's services, started in order by ``lab up``.
+SERVICES: list[ExternalService] = []
+
+
+def service_pid(ext: ExternalLayout, service: ExternalService) -> int | None:
+    """The pid of ``service`` if it runs in the external namespace."""
+    try:
+        pid = int((ext.run_dir / f"{service.name}.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid in ip.netns_pids(ext.netns) else None
+
+
+def start_services(ext: ExternalLayout) -> None:
+    """Start every registered service that is not running."""
+    ext.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for service in SERVICES:
+        if service_pid(ext, service) is not None:
+            continue
+        log.info("external: starting %s", service.name)
+        with open(ext.run_dir / f"{service.name}.log", "ab") as logfh:
+            proc = subprocess.Popen(
+                ip.ns_argv(ext.netns, service.argv(ext)), stdin=subprocess.DEVNULL,
+                stdout=logfh, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=str(ext.run_dir))
+        (ext.run_dir / f"{service.name}.pid").write_text(f"{proc.pid}\n")
+
+
+def stop_services(ext: ExternalLayout) -> None:
+    """Stop every process in the external namespace (services and anything else left there)."""
+    if ip.netns_exists(ext.netns):
+        ip.kill_pids(ip.netns_pids(ext.netns))
+    for service in SERVICES:
+        (ext.run_dir / f"{service.name}.pid").unlink(missing_ok=True)

@@ -1,0 +1,286 @@
+"""Bring the lab up, down, and report on it.
+
+``up`` is idempotent and repairs: every step checks before it changes, files are rewritten
+only when their content differs, and a stack is (re)started only when it is not running from
+this checkout with its current config. ``down`` removes everything ``up`` can make, whether
+or not this run made it, and is a no-op on a lab that is already gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmbusify.errors import LabError
+from vmbusify.lab import external
+from vmbusify.lab import netns as ip
+from vmbusify.lab import stack as stacks
+from vmbusify.lab.layout import (
+    ETC_NETNS, EXT_NETNS, MAX_VMS, PREFIX, SDN_IF, LabLayout, VMLayout, guest_config,
+    host_config, hosts_file, resolv_conf, supervisord_conf, venv_bin,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VMS = 2
+_VM_NETNS_RE = re.compile(rf"^{re.escape(PREFIX)}vm([1-9][0-9]*)$")
+#: Left in the lab root when ``up`` had to create /etc/netns, so ``down`` removes it again.
+_ETC_NETNS_MARKER = ".created-etc-netns"
+
+
+def require_root() -> None:
+    """LabError unless running as root (namespaces, links and /etc/netns need it)."""
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces): run it with sudo")
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+@dataclass
+class VMStatus:
+    """One VM as it is now."""
+
+    vmid: str
+    netns: str
+    sdn_ip: str
+    tunnel: str
+    run_dir: str
+    config: str
+    netns_present: bool
+    supervisord_pid: int | None
+
+
+@dataclass
+class ExternalStatus:
+    """The external network as it is now."""
+
+    netns: str
+    ip: str
+    host_if: str
+    host_ip: str
+    present: bool
+
+
+@dataclass
+class HostStatus:
+    """The host stack as it is now."""
+
+    config: str
+    run_dir: str
+    control: str
+    supervisord_pid: int | None
+
+
+@dataclass
+class LabStatus:
+    """What ``vmbusify lab status`` reports."""
+
+    root: str
+    vms: list[VMStatus]
+    external: ExternalStatus
+    host: HostStatus
+    up: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.up = bool(self.vms) and self.external.present and self.host.supervisord_pid is not None \
+            and all(vm.netns_present and vm.supervisord_pid is not None for vm in self.vms)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"vms": [{"vmid", "netns", "sdn_ip", ...}], "external": {"netns", "ip", ...}, ...}``."""
+        return asdict(self)
+
+    def render(self) -> str:
+        """The human form."""
+        if not self.vms and not self.external.present and self.host.supervisord_pid is None:
+            return "lab: down"
+        def pid(p: int | None) -> str:
+            return f"supervisord {p}" if p else "supervisord not running"
+        ext = self.external
+        lines = [
+            f"lab: {'up' if self.up else 'DEGRADED (run `vmbusify lab up` to repair)'}   ({self.root})",
+            f"  host      root netns  {ext.host_if} {ext.host_ip}  control {self.host.control}  "
+            f"{pid(self.host.supervisord_pid)}",
+            f"  external  {ext.netns:<10}  eth0 {ext.ip}" + ("" if ext.present else "  MISSING"),
+        ]
+        for vm in self.vms:
+            lines.append(
+                f"  {vm.vmid:<8}  {vm.netns:<10}  {SDN_IF} {vm.sdn_ip}  {pid(vm.supervisord_pid)}"
+                + ("" if vm.netns_present else "  NETNS MISSING"))
+        return "\n".join(lines)
+
+
+def existing_vms(layout: LabLayout) -> list[int]:
+    """Indexes of VMs with any trace: a namespace, a directory or an /etc/netns entry."""
+    found: set[int] = set()
+    names = list(ip.list_netns())
+    if ETC_NETNS.is_dir():
+        names += [p.name for p in ETC_NETNS.iterdir()]
+    if layout.root.is_dir():
+        names += [PREFIX + p.name for p in layout.root.iterdir() if p.is_dir()]
+    for name in names:
+        m = _VM_NETNS_RE.match(name)
+        if m and int(m.group(1)) <= MAX_VMS:
+            found.add(int(m.group(1)))
+    return sorted(found)
+
+
+def status(layout: LabLayout | None = None) -> LabStatus:
+    """The lab as it is now (reads only)."""
+    layout = layout or LabLayout()
+    namespaces = set(ip.list_netns())
+    vms = []
+    for k in existing_vms(layout):
+        vm = layout.vm(k)
+        proc = stacks.supervisord_process(stacks.stack_for(vm.vmid, layout))
+        vms.append(VMStatus(
+            vmid=vm.vmid, netns=vm.netns, sdn_ip=vm.sdn_ip, tunnel=str(vm.tunnel_path),
+            run_dir=str(vm.run_dir), config=str(vm.config_path),
+            netns_present=vm.netns in namespaces, supervisord_pid=proc.pid if proc else None))
+    ext = layout.external
+    host_proc = stacks.supervisord_process(stacks.stack_for("host", layout))
+    return LabStatus(
+        root=str(layout.root),
+        vms=vms,
+        external=ExternalStatus(
+            netns=ext.netns, ip=ext.ip, host_if=ext.host_if, host_ip=ext.host_ip,
+            present=ext.netns in namespaces and ip.link_exists(ext.host_if)),
+        host=HostStatus(
+            config=str(layout.host.config_path), run_dir=str(layout.host.run_dir),
+            control=layout.host.control, supervisord_pid=host_proc.pid if host_proc else None),
+    )
+
+
+# --- up -------------------------------------------------------------------------------------
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> bool:
+    """Write ``text`` to ``path`` unless it already holds exactly that; True if written."""
+    try:
+        if path.read_text() == text:
+            return False
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    tmp.replace(path)
+    return True
+
+
+def _write_etc(etc_dir: Path, layout: LabLayout, vm: VMLayout | None) -> None:
+    if not ETC_NETNS.exists():
+        ETC_NETNS.mkdir(mode=0o755)
+        (layout.root / _ETC_NETNS_MARKER).touch()
+    _write(etc_dir / "hosts", hosts_file(layout, vm))
+    _write(etc_dir / "resolv.conf", resolv_conf(layout))
+
+
+def _up_external(layout: LabLayout) -> None:
+    ext = layout.external
+    ip.ensure_netns(ext.netns)
+    ip.ensure_veth(ext.host_if, ext.netns, ext.ifname)
+    ip.ensure_addr(ext.host_if, ext.host_cidr)
+    ip.link_up(ext.host_if)
+    ip.ensure_addr(ext.ifname, ext.cidr, ext.netns)
+    ip.link_up(ext.ifname, ext.netns)
+    ip.ensure_default_route(ext.host_ip, ext.netns)
+    for d in (ext.dir, ext.run_dir):
+        d.mkdir(exist_ok=True, mode=0o700)
+    _write_etc(ext.etc_dir, layout, None)
+
+
+def _up_vm(layout: LabLayout, vm: VMLayout) -> bool:
+    """Make VM ``vm``'s namespace, link and files; True if its config changed."""
+    ip.ensure_netns(vm.netns)
+    ip.ensure_nowhere_link(SDN_IF, vm.netns)
+    ip.ensure_addr(SDN_IF, vm.sdn_cidr, vm.netns)
+    ip.link_up(SDN_IF, vm.netns)
+    for d in (vm.dir, vm.run_dir, vm.state_dir):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_etc(vm.etc_dir, layout, vm)
+    return _write(vm.config_path, guest_config(vm), 0o600)
+
+
+def _start(stack: stacks.Stack, config_changed: bool) -> None:
+    """Start ``stack``; if it was already running and its config changed, restart its programs."""
+    running = stacks.supervisord_process(stack)
+    if running is not None and stacks.is_current(stack, running):
+        if config_changed:
+            log.info("%s: config changed; restarting its programs", stack.name)
+            stacks.supervisorctl(stack, "restart", "all", check=False)
+        return
+    stacks.start(stack)
+
+
+def up(vms: int | None = None, layout: LabLayout | None = None) -> LabStatus:
+    """Bring the lab up with VMs 1..``vms``, or repair it; the resulting status.
+
+    ``vms`` None keeps the VMs there are (2 for a new lab); a number adds or removes VMs to
+    match it.
+    """
+    require_root()
+    layout = layout or LabLayout()
+    present = existing_vms(layout)
+    count = vms if vms is not None else (max(present) if present else DEFAULT_VMS)
+    if not 1 <= count <= MAX_VMS:
+        raise LabError(f"--vms must be between 1 and {MAX_VMS}, not {count}")
+    venv_bin()  # fail early, before touching anything, if the checkout is incomplete
+    supervisord_conf()
+
+    layout.root.mkdir(mode=0o700, exist_ok=True)
+    layout.root.chmod(0o700)
+    _up_external(layout)
+    _remove_vms(layout, [layout.vm(k) for k in present if k > count])
+    wanted = layout.vms(count)
+    changed = {vm.vmid: _up_vm(layout, vm) for vm in wanted}
+    host = layout.host
+    for d in (host.dir, host.run_dir, host.state_dir):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    host_changed = _write(host.config_path, host_config(layout, wanted), 0o600)
+
+    for vm in wanted:  # guests first: they listen, the host connects
+        _start(stacks.stack_for(vm.vmid, layout), changed[vm.vmid])
+    _start(stacks.stack_for("host", layout), host_changed)
+    external.start_services(layout.external)
+    return status(layout)
+
+
+# --- down -----------------------------------------------------------------------------------
+
+
+def _remove_vms(layout: LabLayout, vms: list[VMLayout]) -> None:
+    """Stop the VMs' stacks, then remove their namespaces and files."""
+    stacks.stop(*(stacks.stack_for(vm.vmid, layout) for vm in vms))
+    for vm in vms:
+        log.info("removing %s", vm.vmid)
+        ip.delete_netns(vm.netns)
+        shutil.rmtree(vm.etc_dir, ignore_errors=True)
+        shutil.rmtree(vm.dir, ignore_errors=True)
+
+
+def down(layout: LabLayout | None = None) -> None:
+    """Stop every lab stack and remove every namespace, link, file and directory of the lab."""
+    require_root()
+    layout = layout or LabLayout()
+    vms = [layout.vm(k) for k in existing_vms(layout)]
+    stacks.stop(stacks.stack_for("host", layout),
+                *(stacks.stack_for(vm.vmid, layout) for vm in vms))
+    _remove_vms(layout, vms)
+    ext = layout.external
+    external.stop_services(ext)
+    ip.delete_netns(EXT_NETNS)
+    ip.delete_link(ext.host_if)  # normally gone with its peer's namespace
+    shutil.rmtree(ext.etc_dir, ignore_errors=True)
+    if (layout.root / _ETC_NETNS_MARKER).exists() and ETC_NETNS.is_dir() \
+            and not any(ETC_NETNS.iterdir()):
+        ETC_NETNS.rmdir()
+    if layout.root.exists():
+        log.info("removing %s", layout.root)
+        shutil.rmtree(layout.root)

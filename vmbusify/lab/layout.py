@@ -1,0 +1,326 @@
+"""The lab's names, addresses, paths and generated files, computed and nothing else.
+
+Everything the lab creates is named here, so that ``lab up`` and ``lab down`` agree on it and
+tests can find it. Nothing in this module touches the system except the file-rendering
+helpers' callers; the functions here only compute.
+
+Layout (K = 1..N)::
+
+    netns vmbl-vmK      lo up, sdn0 = 198.19.K.10/24 (leads nowhere), no default route
+    netns vmbl-ext      eth0 = 198.18.0.2/24, default via 198.18.0.1
+    root netns          vmbl-ext0 = 198.18.0.1/24 (veth peer of vmbl-ext's eth0)
+    /run/vmbusify-lab/  (0700)
+        host/vmbusify.toml, host/run/, host/state/
+        vmK/vmbusify.toml, vmK/run/, vmK/state/, vmK/tunnel.sock
+        ext/run/        pid and log files of the external network's services
+    /etc/netns/vmbl-ext/{hosts,resolv.conf}, /etc/netns/vmbl-vmK/{hosts,resolv.conf}
+
+198.18.0.0/15 is the benchmarking range (RFC 2544): meant for labs, never routed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmbusify.config import DEFAULT_CONTROL_PORT
+from vmbusify.errors import LabError
+
+#: Where the lab keeps its configs, run and state directories (root-only).
+LAB_ROOT = Path("/run/vmbusify-lab")
+#: `ip netns exec NAME` bind-mounts ``/etc/netns/NAME/*`` over ``/etc/*``.
+ETC_NETNS = Path("/etc/netns")
+#: Every namespace and root-namespace link the lab makes starts with this.
+PREFIX = "vmbl-"
+MAX_VMS = 254
+
+EXT_NETNS = f"{PREFIX}ext"
+#: The host side of the veth pair to the external network (root namespace).
+EXT_HOST_IF = f"{PREFIX}ext0"
+#: The external namespace's side of that pair.
+EXT_IF = "eth0"
+EXT_HOST_IP = "198.18.0.1"
+EXT_IP = "198.18.0.2"
+EXT_PREFIXLEN = 24
+EXT_SUBNET = "198.18.0.0/24"
+#: Names the lab's hosts files give (resolved from files only, never through real DNS).
+EXT_NAME = "external.lab"
+HOST_NAME = "host.lab"
+
+#: The VM's stand-in for its SDN interface.
+SDN_IF = "sdn0"
+SDN_PREFIXLEN = 24
+
+_VMID_RE = re.compile(r"^vm([1-9][0-9]*)$")
+
+
+def vm_index(vmid: str) -> int:
+    """The K of ``vmK``; LabError for anything that is not a lab VM id."""
+    m = _VMID_RE.match(vmid)
+    if not m or int(m.group(1)) > MAX_VMS:
+        raise LabError(f"{vmid!r} is not a lab VM (expected vm1 .. vm{MAX_VMS})")
+    return int(m.group(1))
+
+
+@dataclass(frozen=True)
+class VMLayout:
+    """One simulated VM: its namespace, SDN address and files."""
+
+    index: int
+    root: Path
+
+    @property
+    def vmid(self) -> str:
+        return f"vm{self.index}"
+
+    @property
+    def netns(self) -> str:
+        return f"{PREFIX}{self.vmid}"
+
+    @property
+    def sdn_ip(self) -> str:
+        return f"198.19.{self.index}.10"
+
+    @property
+    def sdn_cidr(self) -> str:
+        """The address with its prefix length, as ``ip addr`` takes it."""
+        return f"{self.sdn_ip}/{SDN_PREFIXLEN}"
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.vmid
+
+    @property
+    def run_dir(self) -> Path:
+        return self.dir / "run"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "vmbusify.toml"
+
+    @property
+    def tunnel_path(self) -> Path:
+        """The Unix socket that stands in for the VM's vsock listener."""
+        return self.dir / "tunnel.sock"
+
+    @property
+    def tunnel_address(self) -> str:
+        return f"unix:{self.tunnel_path}"
+
+    @property
+    def etc_dir(self) -> Path:
+        return ETC_NETNS / self.netns
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """The simulated physical machine: the root namespace's files."""
+
+    root: Path
+
+    @property
+    def dir(self) -> Path:
+        return self.root / "host"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.dir / "run"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "vmbusify.toml"
+
+    @property
+    def control(self) -> str:
+        return f"127.0.0.1:{DEFAULT_CONTROL_PORT}"
+
+
+@dataclass(frozen=True)
+class ExternalLayout:
+    """The "external network": one namespace behind a veth pair, reachable from the host only."""
+
+    root: Path
+
+    netns: str = EXT_NETNS
+    ifname: str = EXT_IF
+    ip: str = EXT_IP
+    host_if: str = EXT_HOST_IF
+    host_ip: str = EXT_HOST_IP
+    subnet: str = EXT_SUBNET
+
+    @property
+    def cidr(self) -> str:
+        return f"{self.ip}/{EXT_PREFIXLEN}"
+
+    @property
+    def host_cidr(self) -> str:
+        return f"{self.host_ip}/{EXT_PREFIXLEN}"
+
+    @property
+    def dir(self) -> Path:
+        return self.root / "ext"
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid and log files of the external network's services (see lab/external.py)."""
+        return self.dir / "run"
+
+    @property
+    def etc_dir(self) -> Path:
+        return ETC_NETNS / self.netns
+
+
+@dataclass(frozen=True)
+class LabLayout:
+    """The whole lab under one root directory."""
+
+    root: Path = LAB_ROOT
+
+    def vm(self, index_or_vmid: int | str) -> VMLayout:
+        """The layout of VM ``K`` or ``"vmK"``."""
+        index = vm_index(index_or_vmid) if isinstance(index_or_vmid, str) else index_or_vmid
+        if not 1 <= index <= MAX_VMS:
+            raise LabError(f"VM index {index} out of range 1..{MAX_VMS}")
+        return VMLayout(index, self.root)
+
+    def vms(self, count: int) -> list[VMLayout]:
+        """VMs 1..count."""
+        return [self.vm(k) for k in range(1, count + 1)]
+
+    @property
+    def host(self) -> HostLayout:
+        return HostLayout(self.root)
+
+    @property
+    def external(self) -> ExternalLayout:
+        return ExternalLayout(self.root)
+
+
+# --- paths of this checkout ---------------------------------------------------------------
+
+
+def repo_root() -> Path:
+    """The checkout this package runs from (the lab needs its ``conf/supervisord.conf``)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def supervisord_conf() -> Path:
+    """The program set every lab supervisord runs."""
+    conf = repo_root() / "conf" / "supervisord.conf"
+    if not conf.is_file():
+        raise LabError(f"{conf} is missing: the lab runs from a source checkout only")
+    return conf
+
+
+def venv_bin() -> Path:
+    """The directory holding this interpreter's ``vmbusify`` and ``supervisord`` scripts."""
+    bindir = Path(sys.executable).parent
+    for script in ("vmbusify", "supervisord", "supervisorctl"):
+        if not (bindir / script).exists():
+            raise LabError(f"{bindir / script} is missing: install with `pip install -e .`")
+    return bindir
+
+
+# --- generated files --------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, list) and all(not isinstance(v, dict) for v in value):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as a TOML value")
+
+
+def toml_dumps(doc: dict[str, Any]) -> str:
+    """Write a small document: scalars, lists of scalars, tables and arrays of tables."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    arrays: list[tuple[str, list[dict[str, Any]]]] = []
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            arrays.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, table in tables:
+        lines += ["", f"[{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    for key, items in arrays:
+        for item in items:
+            lines += ["", f"[[{key}]]"] + [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+    return "\n".join(lines) + "\n"
+
+
+_HEADER = "# Written by `vmbusify lab up`; rewritten on every run, removed by `vmbusify lab down`.\n"
+
+
+def guest_config(vm: VMLayout) -> str:
+    """The guest stack's vmbusify.toml: it listens on the VM's tunnel socket."""
+    return _HEADER + toml_dumps({
+        "role": "guest",
+        "name": vm.vmid,
+        "run_dir": str(vm.run_dir),
+        "state_dir": str(vm.state_dir),
+        "tunnel": {"listen": vm.tunnel_address},
+    })
+
+
+def host_config(layout: LabLayout, vms: list[VMLayout]) -> str:
+    """The host stack's vmbusify.toml: every VM, and egress confined to the external network.
+
+    The proxy server may reach the external subnet only; the virtual subnet's NAT goes out of
+    the lab's veth and its DNS forwarder asks the external namespace, never the real network.
+    """
+    ext = layout.external
+    return _HEADER + toml_dumps({
+        "role": "host",
+        "name": "host",
+        "run_dir": str(layout.host.run_dir),
+        "state_dir": str(layout.host.state_dir),
+        "host": {"keep_connected": True},
+        "control": {"listen": layout.host.control},
+        "proxy": {"allow": [ext.subnet]},
+        "subnet": {"uplink": ext.host_if, "dns_upstream": [ext.ip]},
+        "vms": [{"vmid": vm.vmid, "address": vm.tunnel_address} for vm in vms],
+    })
+
+
+def hosts_file(layout: LabLayout, vm: VMLayout | None = None) -> str:
+    """/etc/hosts for a lab namespace: the lab's names only (``vm`` None: the external one)."""
+    ext = layout.external
+    lines = [
+        "# Written by `vmbusify lab up`: the lab's names; nothing here reaches the real network.",
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        f"{ext.ip}\t{EXT_NAME}",
+        f"{ext.host_ip}\t{HOST_NAME}",
+    ]
+    if vm is not None:
+        lines.append(f"{vm.sdn_ip}\t{vm.vmid}.lab {vm.vmid}")
+    return "\n".join(lines) + "\n"
+
+
+def resolv_conf(layout: LabLayout) -> str:
+    """/etc/resolv.conf for a lab namespace: only the external namespace's (future) DNS server."""
+    return (
+        "# Written by `vmbusify lab up`: lab namespaces never ask the machine's resolvers.\n"
+        f"nameserver {layout.external.ip}\n"
+        "options timeout:1 attempts:1\n"
+    )
