@@ -59,8 +59,6 @@ class TunnelConfig:
     connect_timeout: float = 5.0
     #: Largest payload accepted in one vmbus package; larger is a protocol error.
     max_payload: int = 1 << 20
-    #: Credit each stream's receiver grants up front (bytes).
-    stream_window: int = 4 << 20
     #: Reconnect backoff on the host: first delay and cap (seconds).
     backoff_initial: float = 0.2
     backoff_max: float = 5.0

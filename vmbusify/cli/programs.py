@@ -1,24 +1,73 @@
-"""The long-running programs supervisord starts: `vmbusify mux`, `control`, `worker NAME`."""
+"""The long-running programs supervisord starts: `vmbusify mux`, `control`, `worker NAME`.
+
+Each runs in the foreground, logs to stdout, exits 0 on SIGTERM and non-zero on a fault
+(so supervisord's ``autorestart=unexpected`` restarts it only when it crashed).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
 import click
 
+from vmbusify.config import Config, load_config
+from vmbusify.errors import VMBusifyError
+from vmbusify.logs import setup_logging
+
+#: Worker programs by name: module path and coroutine function taking a Config.
+WORKERS: dict[str, str] = {}
+
+config_option = click.option(
+    "--config", "config_path", envvar="VMBUSIFY_CONFIG", default=None,
+    help="Configuration file (default $VMBUSIFY_CONFIG or /etc/vmbusify/vmbusify.toml).")
+
+
+def run_program(program: str, config_path: str | None,
+                main: Callable[[Config], Coroutine[Any, Any, None]]) -> None:
+    """Load the config, set up logging and run ``main`` until it returns or is stopped."""
+    try:
+        config = load_config(config_path)
+    except VMBusifyError as exc:
+        click.echo(f"vmbusify {program}: {exc}", err=True)
+        sys.exit(2)
+    setup_logging(program, config.log_level)
+    try:
+        asyncio.run(main(config))
+    except VMBusifyError as exc:
+        click.echo(f"vmbusify {program}: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+
 
 @click.command()
-def mux() -> None:
+@config_option
+def mux(config_path: str | None) -> None:
     """Run the tunnel-mux (owns the hypervisor connections)."""
-    raise click.ClickException("not yet written")
+    from vmbusify.mux.main import run_mux
+    run_program("mux", config_path, run_mux)
 
 
 @click.command()
-def control() -> None:
+@config_option
+def control(config_path: str | None) -> None:
     """Run the command listener (HTTP on 127.0.0.1:6543)."""
-    raise click.ClickException("not yet written")
+    from vmbusify.control.server import run_control
+    run_program("control", config_path, run_control)
 
 
 @click.command()
 @click.argument("name")
-def worker(name: str) -> None:
+@config_option
+def worker(name: str, config_path: str | None) -> None:
     """Run one worker process (exec, proxy or subnet)."""
-    raise click.ClickException("not yet written")
+    import importlib
+    target = WORKERS.get(name)
+    if target is None:
+        known = ", ".join(sorted(WORKERS)) or "none yet"
+        raise click.UsageError(f"unknown worker {name!r} (known: {known})")
+    module, func = target.split(":")
+    run_program(name, config_path, getattr(importlib.import_module(module), func))

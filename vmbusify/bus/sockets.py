@@ -1,0 +1,50 @@
+"""ZeroMQ socket set-up: endpoints inside a root-only directory, no silent drops, no linger."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+
+def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and parents) if needed and make it 0700, so only root reaches inside."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(p, 0o700)
+    return p
+
+
+def bind_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+    """The mux's ROUTER: raises on unroutable peers (ROUTER_MANDATORY) instead of dropping.
+
+    High-water marks are off: every byte that can queue here is bounded by a stream's
+    flow-control window, and a full queue must never drop a package silently.
+    """
+    if endpoint.startswith("ipc://"):
+        ensure_private_dir(Path(endpoint[len("ipc://"):]).parent)
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    old = os.umask(0o177)
+    try:
+        sock.bind(endpoint)
+    finally:
+        os.umask(old)
+    return sock
+
+
+def connect_dealer(ctx: zmq.asyncio.Context, endpoint: str, name: str) -> zmq.asyncio.Socket:
+    """A worker's DEALER with a unique identity (name + random suffix, as circus does)."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.IDENTITY, f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}".encode())
+    sock.connect(endpoint)
+    return sock

@@ -1,0 +1,146 @@
+"""`vmbusifyctl`: the operator's view of the tunnels (through the command listener).
+
+Exit codes: 0 success, 1 the command failed (the reason is printed on one line), 2 usage.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from typing import Any
+
+import click
+
+from vmbusify.config import load_config
+from vmbusify.control.client import ControlClient, q
+from vmbusify.errors import VMBusifyError
+
+
+def _client(ctx: click.Context) -> ControlClient:
+    return ctx.obj["client"]  # type: ignore[no-any-return]
+
+
+def _fail(message: str) -> None:
+    click.echo(f"vmbusifyctl: {message}", err=True)
+    sys.exit(1)
+
+
+class _Group(click.Group):
+    """Turns every VMBusifyError into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VMBusifyError as exc:
+            _fail(str(exc))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", envvar="VMBUSIFY_CONFIG", default=None,
+              help="Configuration file (default $VMBUSIFY_CONFIG or /etc/vmbusify/vmbusify.toml).")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """Inspect and steer VMBusify tunnels."""
+    config = load_config(config_path)
+    ctx.obj = {"config": config, "client": ControlClient(config)}
+
+
+def _age(since: float | None) -> str:
+    if not since:
+        return "-"
+    secs = int(time.time() - since)
+    return str(datetime.timedelta(seconds=max(0, secs)))
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.1f}TiB"
+
+
+def render_status(st: dict[str, Any]) -> str:
+    """The human form of `vmbusifyctl status`."""
+    lines = [f"{st['role']} {st['name']} (vmbusify {st['version']}, mux pid {st['pid']}, "
+             f"up {_age(st['started'])})", ""]
+    header = f"{'VMID':<20} {'STATE':<13} {'RTT':>9} {'UP':>9} {'IN':>10} {'OUT':>10}  IPS"
+    lines.append(header)
+    for vm in st["vms"]:
+        rtt = f"{vm['rtt_ms']:.2f}ms" if vm.get("rtt_ms") is not None else "-"
+        up = _age(vm["connected_since"]) if vm["state"] == "connected" else "-"
+        lines.append(f"{vm['vmid']:<20} {vm['state']:<13} {rtt:>9} {up:>9} "
+                     f"{_bytes(vm['bytes_in']):>10} {_bytes(vm['bytes_out']):>10}  "
+                     f"{', '.join(vm['ips']) or '-'}")
+        if vm["state"] != "connected" and vm.get("last_error"):
+            lines.append(f"{'':<20} last error: {vm['last_error']}")
+    lines += ["", "workers:"]
+    for w in st.get("workers", []):
+        lines.append(f"  {w['name']:<10} pid {w['pid']:<8} {', '.join(w['entities'])}")
+    if not st.get("workers"):
+        lines.append("  (none registered)")
+    lines += ["", "programs:"]
+    for p in st.get("programs", []):
+        if "error" in p:
+            lines.append(f"  {p['error']}")
+        else:
+            lines.append(f"  {p['name']:<10} {p['state']:<10} pid {p['pid']}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the full status as JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """This endpoint's tunnels, workers and programs."""
+    st = _client(ctx).request("GET", "/v1/status")
+    click.echo(json.dumps(st, indent=2) if as_json else render_status(st))
+
+
+@main.command("list")
+@click.pass_context
+def list_vms(ctx: click.Context) -> None:
+    """One line per VM: vmid, state, addresses."""
+    for vm in _client(ctx).request("GET", "/v1/vms"):
+        click.echo(f"{vm['vmid']}\t{vm['state']}\t{','.join(vm['ips']) or '-'}")
+
+
+@main.command()
+@click.argument("vmid")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait.")
+@click.pass_context
+def connect(ctx: click.Context, vmid: str, timeout: float) -> None:
+    """Bring the tunnel to VMID up now."""
+    vm = _client(ctx).request("POST", f"/v1/vms/{q(vmid)}/connect?timeout={timeout}",
+                              timeout=timeout + 5)
+    click.echo(f"{vm['vmid']}: {vm['state']}")
+
+
+@main.command()
+@click.argument("vmid")
+@click.pass_context
+def disconnect(ctx: click.Context, vmid: str) -> None:
+    """Drop the tunnel to VMID and keep it down until it is needed again."""
+    vm = _client(ctx).request("POST", f"/v1/vms/{q(vmid)}/disconnect")
+    click.echo(f"{vm['vmid']}: {vm['state']}")
+
+
+@main.command()
+@click.argument("ip")
+@click.pass_context
+def vmid(ctx: click.Context, ip: str) -> None:
+    """Print the vmid of the VM that reported IP."""
+    click.echo(_client(ctx).request("GET", f"/v1/vmid/{q(ip)}")["vmid"])
+
+
+@main.command()
+@click.argument("vmid")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for a PONG.")
+@click.pass_context
+def ping(ctx: click.Context, vmid: str, timeout: float) -> None:
+    """Round-trip time of one PING through the tunnel to VMID."""
+    r = _client(ctx).request("POST", f"/v1/vms/{q(vmid)}/ping?timeout={timeout}",
+                             timeout=timeout + 5)
+    click.echo(f"{r['vmid']}: rtt {r['rtt_ms']:.3f} ms")

@@ -1,0 +1,60 @@
+"""Built-in commands of the command listener: status, list, connect, disconnect, vmid, ping."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from vmbusify.control.server import CTX_KEY, ControlContext
+from vmbusify.control.supervisor import program_states
+
+
+async def _mux(request: web.Request, cmd: str, **args: Any) -> Any:
+    ctx = request.app[CTX_KEY]
+    timeout = float(args.get("timeout", 10.0)) + 2.0
+    return await ctx.link.control({"cmd": cmd, **args}, timeout=timeout)
+
+
+async def status(request: web.Request) -> web.Response:
+    ctx = request.app[CTX_KEY]
+    result = await _mux(request, "status")
+    loop = asyncio.get_running_loop()
+    result["programs"] = await loop.run_in_executor(None, program_states, ctx.config)
+    result["listener"] = {"listen": ctx.config.control.listen, **ctx.extra.get("status", {})}
+    return web.json_response(result)
+
+
+async def vms(request: web.Request) -> web.Response:
+    return web.json_response(await _mux(request, "list"))
+
+
+async def connect(request: web.Request) -> web.Response:
+    timeout = float(request.query.get("timeout", "10"))
+    return web.json_response(
+        await _mux(request, "connect", vmid=request.match_info["vmid"], timeout=timeout))
+
+
+async def disconnect(request: web.Request) -> web.Response:
+    return web.json_response(await _mux(request, "disconnect", vmid=request.match_info["vmid"]))
+
+
+async def ping(request: web.Request) -> web.Response:
+    timeout = float(request.query.get("timeout", "5"))
+    return web.json_response(
+        await _mux(request, "ping", vmid=request.match_info["vmid"], timeout=timeout))
+
+
+async def vmid(request: web.Request) -> web.Response:
+    return web.json_response({"vmid": await _mux(request, "vmid", ip=request.match_info["ip"])})
+
+
+def setup(app: web.Application, ctx: ControlContext) -> None:
+    """Add the built-in routes."""
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/vms", vms)
+    app.router.add_post("/v1/vms/{vmid}/connect", connect)
+    app.router.add_post("/v1/vms/{vmid}/disconnect", disconnect)
+    app.router.add_post("/v1/vms/{vmid}/ping", ping)
+    app.router.add_get("/v1/vmid/{ip}", vmid)

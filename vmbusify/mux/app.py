@@ -1,0 +1,309 @@
+"""The tunnel-mux process: tunnels on one side, worker processes (over ZeroMQ) on the other.
+
+The mux never looks inside application payloads. It moves each package between a tunnel
+and the workers that registered its (source entity, message id), rewrites request ids so
+ACKs find the worker that asked, tells workers when tunnels come and go, and answers the
+built-in control commands (status, connect, ...). It never relays between two VMs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from vmbusify import __version__
+from vmbusify.bus.frames import BusKind, TunnelEvent
+from vmbusify.bus.sockets import bind_router, ensure_private_dir
+from vmbusify.config import Config, Role
+from vmbusify.errors import ProtocolError, TunnelError, UnknownVMError, VMBusifyError
+from vmbusify.mux.peer import MAX_WAITING, Peer, PeerState
+from vmbusify.mux.router import RouteTable
+from vmbusify.mux.tunnel import Tunnel
+from vmbusify.protocol.entities import entity_label
+from vmbusify.protocol.package import (
+    MAX_PAYLOAD_LIMIT, Package, PackageFlag, PackageType, decode_header, encode_header,
+)
+from vmbusify.protocol.serialize import dumps, loads_dict
+from vmbusify.protocol.tunnel import Hello
+
+log = logging.getLogger("vmbusify.mux")
+
+_BIG = 65536  # frames at least this large are sent zero-copy
+
+
+class MuxApp:
+    """The state shared by the host and guest sides of the mux."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.role = config.role
+        self.name = config.name or socket.gethostname()
+        self.mux_id = uuid.uuid4().hex
+        self.started = time.time()
+        self.routes = RouteTable()
+        self.peers: dict[str, Peer] = {}
+        self.side: Any = None  # HostSide or GuestSide, set by run_mux
+        self._ctx = zmq.asyncio.Context()
+        self._sock: zmq.asyncio.Socket | None = None
+
+    # -- bus -------------------------------------------------------------------------------
+    def bind(self) -> None:
+        ensure_private_dir(self.config.run_dir)
+        self._sock = bind_router(self._ctx, self.config.bus_endpoint)
+        log.info("bus listening at %s", self.config.bus_endpoint)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._ctx.term()
+
+    def to_worker(self, identity: bytes, frames: list[bytes]) -> bool:
+        """Send to one worker without ever blocking; a vanished worker is unregistered."""
+        assert self._sock is not None
+        fut = self._sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK,
+                                        copy=len(frames[-1]) < _BIG)
+        exc = fut.exception() if fut.done() else None
+        if exc is None:
+            return True
+        info = self.routes.by_identity(identity)
+        name = info.name if info else identity.decode(errors="replace")
+        log.warning("worker=%s unreachable (%s); unregistering it", name, exc)
+        if info is not None:
+            self.routes.unregister(info.name)
+        return False
+
+    def broadcast(self, event: TunnelEvent, vmid: str, **info: Any) -> None:
+        """Tell every worker that a tunnel came up or went down."""
+        body = dumps({"event": event.value, "vmid": vmid, **info})
+        for w in self.routes.workers():
+            self.to_worker(w.identity, [BusKind.EVT.value, body])
+
+    async def serve_bus(self) -> None:
+        """Receive from workers forever."""
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=True)
+            try:
+                await self._on_bus(frames)
+            except (ProtocolError, ValueError, IndexError, KeyError) as exc:
+                log.warning("malformed bus message dropped: %s", exc)
+
+    async def _on_bus(self, frames: list[bytes]) -> None:
+        identity, kind = frames[0], BusKind(frames[1])
+        if kind is BusKind.PKG:
+            if self.routes.by_identity(identity) is None:
+                self.to_worker(identity, [BusKind.REREG.value])
+            self.from_worker(identity, frames[2].decode(), frames[3], frames[4])
+        elif kind is BusKind.REG:
+            info, new = self.routes.register(identity, loads_dict(frames[2], "REG"))
+            if new:
+                log.info("worker=%s pid=%d registered: entities %s, routes %s", info.name,
+                         info.pid, [entity_label(e) for e in info.entities],
+                         [f"{entity_label(s)}:{m}" for s, m in info.routes])
+            self.to_worker(identity, [BusKind.REGOK.value,
+                                      dumps({"role": self.role.value, "mux_id": self.mux_id})])
+        elif kind is BusKind.CTL:
+            self._spawn_control(identity, frames[2], frames[3])
+
+    def _spawn_control(self, identity: bytes, call_id: bytes, body: bytes) -> None:
+        async def answer() -> None:
+            try:
+                result = await self.control(loads_dict(body, "CTL"))
+                reply = {"ok": True, "result": result}
+            except VMBusifyError as exc:
+                reply = {"ok": False, "error": str(exc)}
+            except Exception as exc:  # never let a control bug kill the mux
+                log.exception("control command failed")
+                reply = {"ok": False, "error": f"internal error: {exc}"}
+            self.to_worker(identity, [BusKind.CTL.value, call_id, dumps(reply)])
+
+        asyncio.ensure_future(answer())
+
+    # -- worker -> tunnel ------------------------------------------------------------------
+    def from_worker(self, identity: bytes, vmid: str, header: bytes, payload: bytes) -> None:
+        """Forward a worker's package to the tunnel of ``vmid``."""
+        h = decode_header(header, MAX_PAYLOAD_LIMIT)
+        peer = self.peers.get(vmid)
+        if peer is None:
+            self._fail(identity, vmid, h.type, h.id, h.message_id,
+                       f"unknown VM {vmid!r}")
+            return
+        tunnel = peer.tunnel
+        if tunnel is None:
+            if h.type in (PackageType.REQUEST, PackageType.MESSAGE) and self.side.can_wait(peer):
+                if len(peer.waiting) < MAX_WAITING:
+                    peer.waiting.append((header, payload, identity))
+                    self.side.connect_on_demand(peer)
+                    return
+            self._fail(identity, vmid, h.type, h.id, h.message_id,
+                       f"not connected: {vmid} is {peer.state.value}"
+                       + (f" ({peer.last_error})" if peer.last_error else ""))
+            return
+        if h.type is PackageType.REQUEST:
+            tid = tunnel.next_id()
+            self.routes.add_pending(vmid, tid, identity, h.id)
+            header = encode_header(h.type, h.entity, h.message_id, tid, h.stream, h.flags,
+                                   h.length)
+        tunnel.send_raw(header, payload, h.type, h.entity, h.stream)
+
+    def _fail(self, identity: bytes, vmid: str, ptype: PackageType, call_id: int,
+              message_id: int, reason: str) -> None:
+        """Answer a worker's REQUEST with an error ACK; other kinds are dropped with a log."""
+        if ptype is not PackageType.REQUEST:
+            log.debug("vm=%s: %s package dropped: %s", vmid, ptype.name, reason)
+            return
+        header = encode_header(PackageType.ACK, 0, message_id, call_id, 0, PackageFlag.ERROR,
+                               len(reason.encode()))
+        self.to_worker(identity, [BusKind.PKG.value, vmid.encode(), header, reason.encode()])
+
+    # -- tunnel -> workers -----------------------------------------------------------------
+    def from_tunnel(self, peer: Peer, tunnel: Tunnel, pkg: Package) -> None:
+        """Route a package from a tunnel to the workers that asked for it."""
+        vmid = peer.vmid.encode()
+        if pkg.type is PackageType.ACK:
+            pending = self.routes.pop_pending(peer.vmid, pkg.id)
+            if pending is None:
+                log.debug("vm=%s: ACK %d for no pending request dropped", peer.vmid, pkg.id)
+                return
+            header = encode_header(pkg.type, pkg.entity, pkg.message_id, pending.worker_call_id,
+                                   pkg.stream, pkg.flags, len(pkg.payload))
+            self.to_worker(pending.identity, [BusKind.PKG.value, vmid, header, pkg.payload])
+            return
+        workers = self.routes.destinations(pkg.entity, pkg.message_id)
+        if not workers:
+            log.info("vm=%s: no worker for %s message %d (%s)", peer.vmid,
+                     entity_label(pkg.entity), pkg.message_id, pkg.type.name)
+            if pkg.type is PackageType.REQUEST:
+                reason = (f"no worker on {self.name} handles {entity_label(pkg.entity)} "
+                          f"message {pkg.message_id}").encode()
+                tunnel.send_package(Package(PackageType.ACK, 0, pkg.message_id, pkg.id,
+                                            pkg.stream, PackageFlag.ERROR, reason))
+            return
+        header = pkg.header()
+        for w in list(workers):
+            self.to_worker(w.identity, [BusKind.PKG.value, vmid, header, pkg.payload])
+
+    # -- tunnel life -----------------------------------------------------------------------
+    def local_hello(self) -> Hello:
+        return Hello(role=self.role.value, hostname=self.name, software_version=__version__,
+                     ips=self.side.local_ips() if self.side else [])
+
+    def attach(self, peer: Peer, tunnel: Tunnel) -> None:
+        """A tunnel to ``peer`` completed its handshake."""
+        peer.tunnel = tunnel
+        peer.connects += 1
+        if tunnel.peer_hello is not None and tunnel.peer_hello.ips:
+            peer.ips = list(tunnel.peer_hello.ips)
+        tunnel.on_hello = lambda t, hello: self._on_hello(peer, hello)
+        peer.set_state(PeerState.CONNECTED)
+        peer.last_error = ""
+        hello = tunnel.peer_hello
+        log.info("vm=%s connected via %s (peer %s, version %s, ips %s)", peer.vmid,
+                 peer.address, hello.hostname if hello else "?",
+                 hello.software_version if hello else "?", ", ".join(peer.ips) or "none")
+        self.broadcast(TunnelEvent.UP, peer.vmid, ips=peer.ips)
+        waiting, peer.waiting = peer.waiting, []
+        for header, payload, identity in waiting:
+            self.from_worker(identity, peer.vmid, header, payload)
+
+    def _on_hello(self, peer: Peer, hello: Hello) -> None:
+        if hello.ips:
+            peer.ips = list(hello.ips)
+        self.broadcast(TunnelEvent.UP, peer.vmid, ips=peer.ips)
+
+    def detach(self, peer: Peer, tunnel: Tunnel, reason: str) -> None:
+        """The tunnel to ``peer`` ended."""
+        if peer.tunnel is not tunnel:
+            return
+        peer.bytes_in += tunnel.bytes_in
+        peer.bytes_out += tunnel.bytes_out
+        peer.tunnel = None
+        peer.set_state(PeerState.DISCONNECTED, reason)
+        log.warning("vm=%s disconnected: %s", peer.vmid, reason)
+        lost = f"not connected: tunnel to {peer.vmid} lost ({reason})".encode()
+        for call in self.routes.pending_for_vm(peer.vmid):
+            header = encode_header(PackageType.ACK, 0, 0, call.worker_call_id, 0,
+                                   PackageFlag.ERROR, len(lost))
+            self.to_worker(call.identity, [BusKind.PKG.value, peer.vmid.encode(), header, lost])
+        self.broadcast(TunnelEvent.DOWN, peer.vmid, reason=reason)
+
+    def fail_waiting(self, peer: Peer, reason: str) -> None:
+        """Connecting on demand failed: answer every held request."""
+        waiting, peer.waiting = peer.waiting, []
+        for header, _payload, identity in waiting:
+            h = decode_header(header, MAX_PAYLOAD_LIMIT)
+            self._fail(identity, peer.vmid, h.type, h.id, h.message_id,
+                       f"not connected: {peer.vmid}: {reason}")
+
+    # -- built-in commands -----------------------------------------------------------------
+    def peer(self, vmid: str) -> Peer:
+        """The peer with this vmid (or, on the host, any IP it reported)."""
+        p = self.peers.get(vmid)
+        if p is None:
+            p = self.peers.get(self.vmid_by_ip(vmid)) if vmid else None
+        if p is None:
+            raise UnknownVMError(f"unknown VM {vmid!r}")
+        return p
+
+    def vmid_by_ip(self, ip: str) -> str:
+        """The vmid whose guest reported ``ip`` (spec get_vmid_by_ip); raises UnknownVMError."""
+        for p in self.peers.values():
+            if ip in p.ips:
+                return p.vmid
+        raise UnknownVMError(f"no VM reported the address {ip}")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": self.role.value,
+            "name": self.name,
+            "version": __version__,
+            "pid": os.getpid(),
+            "mux_id": self.mux_id,
+            "started": self.started,
+            "vms": [p.status() for p in self.peers.values()],
+            "workers": [w.describe() for w in self.routes.workers()],
+        }
+
+    async def control(self, req: dict[str, Any]) -> Any:
+        """Answer one built-in command from vmbusifyctl (through the command listener)."""
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return self.status()
+        if cmd == "list":
+            return [{"vmid": p.vmid, "state": p.state.value, "ips": p.ips}
+                    for p in self.peers.values()]
+        if cmd == "vmid":
+            return self.vmid_by_ip(str(req.get("ip", "")))
+        if cmd == "ping":
+            p = self.peer(str(req.get("vmid", "")))
+            if p.tunnel is None:
+                raise TunnelError(f"{p.vmid} is {p.state.value}"
+                                  + (f": {p.last_error}" if p.last_error else ""))
+            rtt = await p.tunnel.ping(float(req.get("timeout", 5.0)))
+            return {"vmid": p.vmid, "rtt_ms": round(rtt, 3)}
+        if cmd in ("connect", "disconnect"):
+            if self.role is not Role.HOST:
+                raise TunnelError(f"{cmd} is a host command; the guest waits for its host")
+            p = self.peer(str(req.get("vmid", "")))
+            if cmd == "connect":
+                await self.side.connect(p, float(req.get("timeout", 10.0)))
+            else:
+                await self.side.disconnect(p)
+            return p.status()
+        raise VMBusifyError(f"unknown command {cmd!r}")
+
+    async def housekeeping(self) -> None:
+        """Periodic clean-up of stale pending requests."""
+        while True:
+            await asyncio.sleep(30)
+            n = self.routes.expire()
+            if n:
+                log.info("forgot %d requests that never got an ACK", n)

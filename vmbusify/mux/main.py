@@ -1,0 +1,45 @@
+"""Entry point of the tunnel-mux program (`vmbusify mux`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from vmbusify.config import Config, Role
+from vmbusify.mux.app import MuxApp
+from vmbusify.mux.guest import GuestSide
+from vmbusify.mux.host import HostSide
+
+log = logging.getLogger("vmbusify.mux")
+
+
+async def run_mux(config: Config, stop: asyncio.Event | None = None) -> None:
+    """Run the mux until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (tests)
+    app = MuxApp(config)
+    app.side = HostSide(app) if config.role is Role.HOST else GuestSide(app)
+    app.bind()
+    tasks = [asyncio.ensure_future(app.serve_bus()), asyncio.ensure_future(app.housekeeping())]
+    try:
+        await app.side.start()
+        log.info("%s mux %s ready (%d VMs configured)", config.role.value, app.name,
+                 len(config.vms))
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        for t in tasks:
+            t.cancel()
+        for p in app.peers.values():
+            if p.runner is not None:
+                p.runner.cancel()
+            if p.tunnel is not None:
+                await p.tunnel.abort("mux stopping")
+        await asyncio.gather(*tasks, return_exceptions=True)
+        app.close()

@@ -1,0 +1,72 @@
+"""A peer of the mux: on the host one per VM, on a guest the one host."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from vmbusify.mux.tunnel import Tunnel
+
+#: Packages held for a VM while the host connects to it on demand.
+MAX_WAITING = 1024
+
+
+class PeerState(str, Enum):
+    """Where a peer's tunnel is in its life."""
+
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    #: Waiting before the next reconnect attempt.
+    BACKOFF = "backoff"
+
+
+@dataclass
+class Peer:
+    """The mux's record of one peer and its current tunnel."""
+
+    vmid: str
+    address: str
+    state: PeerState = PeerState.DISCONNECTED
+    tunnel: Tunnel | None = None
+    last_error: str = ""
+    #: Every address the peer reported, kept after a disconnect for vmid-by-ip.
+    ips: list[str] = field(default_factory=list)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    connects: int = 0
+    #: An operator disconnected this VM: do not reconnect until asked.
+    manual_down: bool = False
+    runner: asyncio.Task[None] | None = None
+    #: (header, payload, sender identity) held while connecting on demand.
+    waiting: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
+    state_changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_state(self, state: PeerState, error: str = "") -> None:
+        self.state = state
+        if error:
+            self.last_error = error
+        self.state_changed.set()
+        self.state_changed = asyncio.Event()
+
+    def status(self) -> dict[str, Any]:
+        """The per-VM record of `vmbusifyctl status --json`."""
+        t = self.tunnel
+        hello = t.peer_hello if t else None
+        return {
+            "vmid": self.vmid,
+            "address": self.address,
+            "state": self.state.value,
+            "connected_since": t.connected_since if t else None,
+            "rtt_ms": round(t.rtt_ms, 3) if t and t.rtt_ms is not None else None,
+            "ips": list(self.ips),
+            "bytes_in": self.bytes_in + (t.bytes_in if t else 0),
+            "bytes_out": self.bytes_out + (t.bytes_out if t else 0),
+            "hostname": hello.hostname if hello else None,
+            "peer_version": hello.software_version if hello else None,
+            "connects": self.connects,
+            "last_error": self.last_error,
+            "queued_bytes": t.out.bytes_queued if t else 0,
+        }

@@ -1,0 +1,129 @@
+"""The application message route table (spec 4.1) and the registry of worker processes.
+
+    {<self-entity-name, {<message-source-entity-name, message-id, handler>}>}
+
+Here a "handler" is a worker process: a package from the tunnel is routed by its
+(source entity, message id) to every worker that registered that pair, in registration
+order. The same table remembers which worker is waiting for the ACK of each request the
+mux forwarded, so replies find their way back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmbusify.errors import RemoteProtocolError
+from vmbusify.protocol.entities import entity_label
+
+#: Seconds a forwarded request waits for its ACK before the mux forgets it.
+PENDING_TTL = 600.0
+
+
+@dataclass
+class WorkerInfo:
+    """A registered worker process."""
+
+    name: str
+    identity: bytes
+    pid: int
+    entities: list[int]
+    routes: list[tuple[int, int]]
+    registered_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "pid": self.pid,
+            "entities": [entity_label(e) for e in self.entities],
+            "routes": [f"{entity_label(s)}:{m}" for s, m in self.routes],
+            "registered_at": self.registered_at,
+        }
+
+
+@dataclass(frozen=True)
+class PendingCall:
+    """A request forwarded to the tunnel on behalf of a worker, waiting for its ACK."""
+
+    identity: bytes
+    worker_call_id: int
+    created: float
+
+
+class RouteTable:
+    """Which worker gets which (source entity, message id), and who awaits which ACK."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, WorkerInfo] = {}
+        self._by_identity: dict[bytes, WorkerInfo] = {}
+        self._routes: dict[tuple[int, int], list[WorkerInfo]] = {}
+        self._pending: dict[tuple[str, int], PendingCall] = {}
+
+    # -- registry --------------------------------------------------------------------------
+    def register(self, identity: bytes, body: dict[str, Any]) -> tuple[WorkerInfo, bool]:
+        """Record (or refresh) a worker's registration; returns (info, is_new)."""
+        try:
+            name = str(body["name"])
+            pid = int(body["pid"])
+            entities = [int(e) for e in body["entities"]]
+            routes = [(int(s), int(m)) for s, m in body["routes"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteProtocolError(f"malformed registration: {exc!r}") from None
+        known = self._by_identity.get(identity)
+        if known is not None and known.routes == routes:
+            known.last_seen = time.monotonic()
+            return known, False
+        self.unregister(name)
+        info = WorkerInfo(name, identity, pid, entities, routes)
+        self._workers[name] = info
+        self._by_identity[identity] = info
+        for key in routes:
+            self._routes.setdefault(key, []).append(info)
+        return info, True
+
+    def unregister(self, name: str) -> WorkerInfo | None:
+        """Forget a worker (it died or was replaced by a restarted copy)."""
+        info = self._workers.pop(name, None)
+        if info is None:
+            return None
+        self._by_identity.pop(info.identity, None)
+        for key in info.routes:
+            lst = self._routes.get(key, [])
+            if info in lst:
+                lst.remove(info)
+            if not lst:
+                self._routes.pop(key, None)
+        for k in [k for k, p in self._pending.items() if p.identity == info.identity]:
+            del self._pending[k]
+        return info
+
+    def by_identity(self, identity: bytes) -> WorkerInfo | None:
+        return self._by_identity.get(identity)
+
+    def workers(self) -> list[WorkerInfo]:
+        return list(self._workers.values())
+
+    def destinations(self, source: int, message_id: int) -> list[WorkerInfo]:
+        """Workers for this pair, in registration order."""
+        return self._routes.get((source, message_id), [])
+
+    # -- pending requests ------------------------------------------------------------------
+    def add_pending(self, vmid: str, tunnel_id: int, identity: bytes, call_id: int) -> None:
+        self._pending[(vmid, tunnel_id)] = PendingCall(identity, call_id, time.monotonic())
+
+    def pop_pending(self, vmid: str, tunnel_id: int) -> PendingCall | None:
+        return self._pending.pop((vmid, tunnel_id), None)
+
+    def pending_for_vm(self, vmid: str) -> list[PendingCall]:
+        """Remove and return every call waiting on a VM (its tunnel went down)."""
+        keys = [k for k in self._pending if k[0] == vmid]
+        return [self._pending.pop(k) for k in keys]
+
+    def expire(self, now: float | None = None) -> int:
+        """Forget requests older than PENDING_TTL; returns how many."""
+        now = time.monotonic() if now is None else now
+        old = [k for k, p in self._pending.items() if now - p.created > PENDING_TTL]
+        for k in old:
+            del self._pending[k]
+        return len(old)

@@ -1,0 +1,69 @@
+"""The order packages leave on a tunnel: control first, then streams in turn.
+
+One serialized tunnel carries every stream of every worker. Messages that are not stream
+data (requests, ACKs, pings, window updates) jump the queue; stream data is taken one
+package per stream in round-robin, so a bulk transfer cannot starve a small exec. How much
+can wait here is bounded by the streams' credit windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+Item = tuple[bytes, bytes]  # (header, payload)
+StreamKey = tuple[int, int]  # (sending entity, stream id)
+
+
+class OutQueue:
+    """A fair queue of packages waiting for the tunnel's socket."""
+
+    def __init__(self) -> None:
+        self._control: collections.deque[Item] = collections.deque()
+        self._streams: collections.OrderedDict[StreamKey, collections.deque[Item]] = (
+            collections.OrderedDict())
+        self._ready = asyncio.Event()
+        self.bytes_queued = 0
+
+    def __len__(self) -> int:
+        return len(self._control) + sum(len(q) for q in self._streams.values())
+
+    def put_control(self, item: Item) -> None:
+        """Queue a package that is not stream data."""
+        self._control.append(item)
+        self.bytes_queued += len(item[0]) + len(item[1])
+        self._ready.set()
+
+    def put_stream(self, key: StreamKey, item: Item) -> None:
+        """Queue one DATA package of a stream."""
+        q = self._streams.get(key)
+        if q is None:
+            q = self._streams[key] = collections.deque()
+        q.append(item)
+        self.bytes_queued += len(item[0]) + len(item[1])
+        self._ready.set()
+
+    def pop(self) -> Item | None:
+        """The next package to send, or None when empty."""
+        if self._control:
+            item = self._control.popleft()
+        elif self._streams:
+            key, q = next(iter(self._streams.items()))
+            item = q.popleft()
+            if q:
+                self._streams.move_to_end(key)
+            else:
+                del self._streams[key]
+        else:
+            return None
+        self.bytes_queued -= len(item[0]) + len(item[1])
+        return item
+
+    async def get(self) -> Item:
+        """Wait for the next package."""
+        while True:
+            item = self.pop()
+            if item is not None:
+                return item
+            self._ready.clear()
+            await self._ready.wait()

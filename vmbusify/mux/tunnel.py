@@ -1,0 +1,256 @@
+"""One live tunnel: a hypervisor socket carrying vmbus packages, with HELLO and liveness.
+
+The Tunnel reads packages with the sans-I/O decoder and hands application packages to the
+mux; it writes from a fair OutQueue. Tunnel-level messages (HELLO, PING, PONG, BYE) are
+handled here. vsock has no keepalive, so both ends ping every ``ping_interval`` and a peer
+silent for ``dead_after`` seconds is declared dead; a malformed package closes the tunnel
+with a logged reason and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from enum import Enum
+
+from vmbusify.config import TunnelConfig
+from vmbusify.errors import ProtocolError, TunnelError
+from vmbusify.mux.scheduler import OutQueue
+from vmbusify.protocol.entities import Entity, TunnelMessage
+from vmbusify.protocol.package import Package, PackageDecoder, PackageType
+from vmbusify.protocol.tunnel import Bye, Hello, Ping, Pong
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 20
+#: Transport write buffer above which the writer waits for the socket to drain.
+WRITE_HIGH_WATER = 1 << 20
+
+
+class CloseReason(str, Enum):
+    """Why a tunnel ended (for logs and status)."""
+
+    EOF = "peer closed the connection"
+    PROTOCOL = "protocol error"
+    DEAD = "peer stopped answering"
+    BYE = "peer said goodbye"
+    LOCAL = "closed by this end"
+    ERROR = "socket error"
+
+
+class Tunnel:
+    """A connected tunnel to one peer (the host's view of a VM, or the guest's of its host)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 config: TunnelConfig, label: str,
+                 on_package: Callable[[Tunnel, Package], None]) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.config = config
+        self.label = label
+        self.on_package = on_package
+        self.on_hello: Callable[[Tunnel, Hello], None] | None = None
+        self.peer_hello: Hello | None = None
+        self.connected_since = time.time()
+        self.rtt_ms: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.close_reason = ""
+        self.closed = asyncio.Event()
+        self.out = OutQueue()
+        self._decoder = PackageDecoder(config.max_payload)
+        self._ids = itertools.count(1)
+        self._last_recv = time.monotonic()
+        self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
+        self._nonce = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- life ------------------------------------------------------------------------------
+    async def handshake(self, hello: Hello, timeout: float) -> Hello:
+        """Send our HELLO and wait for the peer's; a BYE instead raises TunnelError."""
+        self.send_package(hello.package())
+        self._tasks.append(asyncio.ensure_future(self._write_loop()))
+        try:
+            pkg = await asyncio.wait_for(self._first_package(), timeout)
+        except TimeoutError:
+            raise TunnelError(f"{self.label}: no HELLO within {timeout:g}s") from None
+        if pkg.entity == Entity.TUNNEL and pkg.message_id == TunnelMessage.BYE:
+            raise TunnelError(f"{self.label}: peer refused: {Bye.decode(pkg.payload).reason}")
+        if pkg.entity != Entity.TUNNEL or pkg.message_id != TunnelMessage.HELLO:
+            raise ProtocolError(f"{self.label}: first package is not a HELLO")
+        self.peer_hello = Hello.decode(pkg.payload)
+        if self.peer_hello.protocol_version != hello.protocol_version:
+            raise ProtocolError(f"{self.label}: peer speaks protocol "
+                                f"{self.peer_hello.protocol_version}, we speak "
+                                f"{hello.protocol_version}")
+        return self.peer_hello
+
+    async def _first_package(self) -> Package:
+        while True:
+            pkg = self._decoder.next_package()
+            if pkg is not None:
+                return pkg
+            data = await self.reader.read(READ_SIZE)
+            if not data:
+                raise TunnelError(f"{self.label}: connection closed during HELLO")
+            self.bytes_in += len(data)
+            self._decoder.receive_data(data)
+
+    async def run(self) -> str:
+        """Serve the tunnel until it ends; returns why it ended. Call after handshake()."""
+        self._tasks.append(asyncio.ensure_future(self._ping_loop()))
+        try:
+            for pkg in self._decoder.packages():  # anything that came with the HELLO
+                self._handle(pkg)
+            await self._read_loop()
+        except ProtocolError as exc:
+            self._set_reason(f"{CloseReason.PROTOCOL.value}: {exc}")
+        except (ConnectionError, OSError) as exc:
+            self._set_reason(f"{CloseReason.ERROR.value}: {exc}")
+        except asyncio.CancelledError:
+            self._set_reason(CloseReason.LOCAL.value)
+            raise
+        finally:
+            await self._teardown()
+        return self.close_reason
+
+    async def _read_loop(self) -> None:
+        while not self.closed.is_set():
+            data = await self.reader.read(READ_SIZE)
+            if not data:
+                self._set_reason(CloseReason.EOF.value)
+                return
+            self._last_recv = time.monotonic()
+            self.bytes_in += len(data)
+            self._decoder.receive_data(data)
+            while (pkg := self._decoder.next_package()) is not None:
+                self._handle(pkg)
+
+    async def _write_loop(self) -> None:
+        writer = self.writer
+        transport = writer.transport
+        try:
+            while True:
+                header, payload = await self.out.get()
+                writer.write(header)
+                if payload:
+                    writer.write(payload)
+                self.bytes_out += len(header) + len(payload)
+                if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                    await writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self._set_reason(f"{CloseReason.ERROR.value}: {exc}")
+            self.close()
+
+    async def _ping_loop(self) -> None:
+        interval = max(0.05, self.config.ping_interval)
+        while True:
+            await asyncio.sleep(interval)
+            silent = time.monotonic() - self._last_recv
+            if silent > self.config.dead_after:
+                self._set_reason(f"{CloseReason.DEAD.value} for {silent:.1f}s")
+                self.close()
+                return
+            nonce = next(self._nonce)
+            fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+            self._pings[nonce] = (time.monotonic(), fut)
+            self.send_package(Ping(nonce).package())
+            for old in [n for n in self._pings if n < nonce - 10]:
+                self._pings.pop(old)
+
+    def _set_reason(self, reason: str) -> None:
+        if not self.close_reason:
+            self.close_reason = reason
+
+    def close(self, reason: str = "") -> None:
+        """Ask the tunnel to end (run() returns soon after)."""
+        if reason:
+            self._set_reason(reason)
+        self._set_reason(CloseReason.LOCAL.value)
+        self.closed.set()
+        self.writer.close()
+
+    async def refuse(self, reason: str) -> None:
+        """Turn a new connection away: a BYE with the reason instead of a HELLO, then close."""
+        try:
+            self.writer.write(Bye(reason).package().encode())
+            await asyncio.wait_for(self.writer.drain(), 2.0)
+        except (OSError, TimeoutError):
+            pass
+        await self.abort(reason)
+
+    async def abort(self, reason: str = "") -> None:
+        """Close now and wait for every task of this tunnel to finish."""
+        self.close(reason)
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        self.closed.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(TunnelError(f"{self.label}: tunnel closed"))
+        self.writer.close()
+
+    # -- traffic ---------------------------------------------------------------------------
+    def next_id(self) -> int:
+        """A fresh package id (the spec's per-sender counter)."""
+        return next(self._ids) & 0xFFFFFFFF or next(self._ids)
+
+    def send_package(self, pkg: Package) -> None:
+        """Queue a whole package (control priority unless it is stream DATA)."""
+        self.send_raw(pkg.header(), pkg.payload, pkg.type, pkg.entity, pkg.stream)
+
+    def send_raw(self, header: bytes, payload: bytes, ptype: PackageType, entity: int,
+                 stream: int) -> None:
+        """Queue an encoded package; DATA goes in its stream's round-robin slot."""
+        if self.closed.is_set():
+            return
+        if ptype is PackageType.DATA:
+            self.out.put_stream((entity, stream), (header, payload))
+        else:
+            self.out.put_control((header, payload))
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Round-trip time of one PING, in milliseconds."""
+        nonce = next(self._nonce)
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pings[nonce] = (time.monotonic(), fut)
+        self.send_package(Ping(nonce).package())
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise TunnelError(f"{self.label}: no PONG within {timeout:g}s") from None
+        finally:
+            self._pings.pop(nonce, None)
+
+    def _handle(self, pkg: Package) -> None:
+        if pkg.entity != Entity.TUNNEL:
+            self.on_package(self, pkg)
+            return
+        if pkg.type is not PackageType.MESSAGE:
+            raise ProtocolError(f"tunnel message of type {pkg.type.name}")
+        if pkg.message_id == TunnelMessage.PING:
+            self.send_package(Pong(Ping.decode(pkg.payload).nonce).package())
+        elif pkg.message_id == TunnelMessage.PONG:
+            entry = self._pings.pop(Pong.decode(pkg.payload).nonce, None)
+            if entry is not None:
+                rtt = (time.monotonic() - entry[0]) * 1000
+                self.rtt_ms = rtt
+                if not entry[1].done():
+                    entry[1].set_result(rtt)
+        elif pkg.message_id == TunnelMessage.HELLO:
+            self.peer_hello = Hello.decode(pkg.payload)
+            log.info("%s: peer addresses now %s", self.label, ", ".join(self.peer_hello.ips))
+            if self.on_hello is not None:
+                self.on_hello(self, self.peer_hello)
+        elif pkg.message_id == TunnelMessage.BYE:
+            self._set_reason(f"{CloseReason.BYE.value}: {Bye.decode(pkg.payload).reason}")
+            self.close()
+        else:
+            raise ProtocolError(f"unknown tunnel message {pkg.message_id}")

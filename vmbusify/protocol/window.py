@@ -1,0 +1,78 @@
+"""Per-stream flow-control credit (sans-I/O), as SSH channels and HTTP/2 streams do it.
+
+The receiver of a stream grants the sender ``INITIAL_WINDOW`` bytes up front. The sender
+never has more unacknowledged bytes in flight than its window; the receiver returns credit
+(a WINDOW package) once the application has *consumed* half a window. So a reader that stops
+reading stops its own stream, and only its own: every other stream keeps its credit, and
+nothing anywhere buffers more than one window per stream.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from vmbusify.errors import FlowControlError, RemoteProtocolError
+
+#: Credit each receiver grants at open. Big enough to keep a fast local tunnel busy.
+INITIAL_WINDOW = 4 << 20
+#: Largest DATA payload a sender puts in one package.
+MAX_CHUNK = 256 << 10
+_INCREMENT = struct.Struct(">I")
+
+
+def encode_increment(n: int) -> bytes:
+    """Payload of a WINDOW package granting ``n`` more bytes."""
+    return _INCREMENT.pack(n)
+
+
+def decode_increment(payload: bytes) -> int:
+    """The credit a WINDOW package grants; raises RemoteProtocolError if malformed."""
+    if len(payload) != _INCREMENT.size:
+        raise RemoteProtocolError(f"WINDOW payload must be 4 bytes, got {len(payload)}")
+    (n,) = _INCREMENT.unpack(payload)
+    if n == 0:
+        raise RemoteProtocolError("WINDOW increment of 0")
+    return n
+
+
+class SendWindow:
+    """How many bytes this end may still send on a stream."""
+
+    def __init__(self, initial: int = INITIAL_WINDOW) -> None:
+        self.available = initial
+
+    def take(self, wanted: int) -> int:
+        """Reserve up to ``wanted`` bytes of credit (capped at MAX_CHUNK); 0 means wait."""
+        n = min(wanted, self.available, MAX_CHUNK)
+        self.available -= n
+        return n
+
+    def grant(self, n: int) -> None:
+        """Credit returned by the peer; raises RemoteProtocolError on overflow past 2**32."""
+        if self.available + n > 0xFFFFFFFF:
+            raise RemoteProtocolError("WINDOW credit overflow")
+        self.available += n
+
+
+class ReceiveWindow:
+    """Credit this end granted the peer, and when to grant more."""
+
+    def __init__(self, size: int = INITIAL_WINDOW) -> None:
+        self.size = size
+        self.outstanding = size  # bytes the peer may still send
+        self._consumed = 0       # consumed by the application, not yet returned as credit
+
+    def on_data(self, n: int) -> None:
+        """The peer sent ``n`` bytes; raises FlowControlError if it overran its window."""
+        if n > self.outstanding:
+            raise FlowControlError(f"peer sent {n} bytes with only {self.outstanding} of credit")
+        self.outstanding -= n
+
+    def on_consumed(self, n: int) -> int:
+        """The application consumed ``n`` bytes; returns the credit to grant now (0: not yet)."""
+        self._consumed += n
+        if self._consumed < self.size // 2:
+            return 0
+        grant, self._consumed = self._consumed, 0
+        self.outstanding += grant
+        return grant
