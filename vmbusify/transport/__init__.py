@@ -1,0 +1,36 @@
+"""Hypervisor sockets: one address syntax, and asyncio streams over each kind.
+
+``parse_address`` reads ``vsock:``, ``hyperv:``, ``fc:``, ``unix:`` and ``tcp:`` addresses;
+``connect`` and ``listen`` open them. Every failure is a TransportError (AddressError for a
+malformed address) carrying a one-line reason that names the address.
+"""
+
+from vmbusify.transport._streams import STREAM_LIMIT, ClientConnected, Streams
+from vmbusify.transport.address import (
+    HV_GUID_CHILDREN,
+    HV_GUID_LOOPBACK,
+    HV_GUID_PARENT,
+    HV_GUID_WILDCARD,
+    VMADDR_CID_ANY,
+    VMADDR_CID_HOST,
+    Address,
+    FirecrackerAddress,
+    HypervAddress,
+    TcpAddress,
+    TransportKind,
+    UnixAddress,
+    VsockAddress,
+    as_address,
+    parse_address,
+    service_guid,
+)
+from vmbusify.transport.sockets import connect, listen
+from vmbusify.transport.vsock import local_cid
+
+__all__ = [
+    "HV_GUID_CHILDREN", "HV_GUID_LOOPBACK", "HV_GUID_PARENT", "HV_GUID_WILDCARD",
+    "STREAM_LIMIT", "VMADDR_CID_ANY", "VMADDR_CID_HOST",
+    "Address", "ClientConnected", "FirecrackerAddress", "HypervAddress", "Streams",
+    "TcpAddress", "TransportKind", "UnixAddress", "VsockAddress",
+    "as_address", "connect", "listen", "local_cid", "parse_address", "service_guid",
+]
