@@ -230,7 +230,8 @@ class Tunnel:
             self._pings.pop(nonce, None)
 
     def _handle(self, pkg: Package) -> None:
-        if pkg.entity != Entity.TUNNEL:
+        if pkg.entity != Entity.TUNNEL or pkg.type is PackageType.ACK:
+            # ACKs the mux itself sends (e.g. "no worker handles this") carry entity 0.
             self.on_package(self, pkg)
             return
         if pkg.type is not PackageType.MESSAGE:

@@ -1,0 +1,141 @@
+"""A host mux and a guest mux as real processes joined by a Unix socket (no root needed).
+
+The test process plays the workers, with the real WorkerLink over the real ZeroMQ bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from vmbusify.bus.link import WorkerLink
+from vmbusify.config import Config, load_config
+from vmbusify.protocol.entities import Entity
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class MuxProc:
+    """One mux process and its config file."""
+
+    name: str
+    config_path: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [str(BIN / "vmbusify"), "mux", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.extra_env})
+        log.close()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                self.proc.wait(10)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@dataclass
+class Pair:
+    """A connected host/guest mux pair in a temporary directory."""
+
+    root: Path
+    host: MuxProc
+    guest: MuxProc
+    tunnel_path: Path
+
+    def stop(self) -> None:
+        for m in (self.host, self.guest):
+            m.kill(signal.SIGTERM) if m.proc and m.proc.poll() is None else None
+
+
+def make_pair(root: Path, ping_interval: float = 0.5, dead_after: float = 3.0,
+              keep_connected: bool = True) -> Pair:
+    tunnel = root / "vm1.sock"
+    tun = (f"ping_interval = {ping_interval}\ndead_after = {dead_after}\n"
+           f"backoff_initial = 0.1\nbackoff_max = 1.0\n")
+    g = write_config(root / "guest.toml", (
+        f'role = "guest"\nname = "guest1"\nrun_dir = "{root}/guest-run"\n'
+        f'state_dir = "{root}/guest-state"\n'
+        f'[tunnel]\nlisten = "unix:{tunnel}"\n{tun}'
+        f'[control]\nlisten = "127.0.0.1:{free_port()}"\n'))
+    h = write_config(root / "host.toml", (
+        f'role = "host"\nname = "host"\nrun_dir = "{root}/host-run"\n'
+        f'state_dir = "{root}/host-state"\n'
+        f'[tunnel]\n{tun}'
+        f'[host]\nkeep_connected = {"true" if keep_connected else "false"}\n'
+        f'[[vms]]\nvmid = "vm1"\naddress = "unix:{tunnel}"\n'
+        f'[control]\nlisten = "127.0.0.1:{free_port()}"\n'))
+    pair = Pair(root, MuxProc("host", h, root / "host.log"),
+                MuxProc("guest", g, root / "guest.log"), tunnel)
+    pair.guest.start()
+    pair.host.start()
+    return pair
+
+
+async def link_for(mux: MuxProc, name: str, entities: list[Entity],
+                   routes: list[tuple[Entity, int, Any]] | None = None) -> WorkerLink:
+    """A started WorkerLink on ``mux``'s bus with the given routes."""
+    link = WorkerLink(mux.config, name, list(entities))
+    for source, message_id, handler in routes or []:
+        link.route(source, message_id, handler)
+    await link.start(wait=15)
+    return link
+
+
+async def wait_state(link: WorkerLink, vmid: str, state: str, timeout: float = 20.0
+                     ) -> dict[str, Any]:
+    """Poll the mux status until ``vmid`` is in ``state``; returns its record."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            st = await link.control({"cmd": "status"}, timeout=2)
+            last = next(v for v in st["vms"] if v["vmid"] == vmid)
+            if last["state"] == state:
+                return last
+        except Exception:  # the mux may be restarting
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{vmid} not {state} after {timeout}s; last: {last}")

@@ -1,0 +1,343 @@
+"""The tunnel between two real mux processes, with workers on the real ZeroMQ bus."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.harness import Pair, link_for, make_pair, wait_state
+from vmbusify.bus.link import Inbound, WorkerLink
+from vmbusify.errors import RequestTimeout, TunnelError
+from vmbusify.protocol.entities import Entity
+from vmbusify.protocol.package import Package, PackageDecoder, PackageType
+from vmbusify.protocol.tunnel import Bye, Hello
+from vmbusify.protocol.window import INITIAL_WINDOW
+
+ECHO = 901
+OPEN = 902
+DATA = 903
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    p = make_pair(tmp_path)
+    yield p
+    p.stop()
+
+
+async def echo(msg: Inbound) -> Any:
+    return {"echo": msg.body, "from": msg.vmid}
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def test_connects_and_reports_status(pair: Pair) -> None:
+    async def scenario() -> None:
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+        vm = await wait_state(host, "vm1", "connected")
+        assert vm["rtt_ms"] is None or vm["rtt_ms"] >= 0
+        await asyncio.sleep(1.2)  # a couple of pings
+        vm = await wait_state(host, "vm1", "connected")
+        assert vm["rtt_ms"] is not None and vm["rtt_ms"] > 0
+        assert vm["hostname"] == "guest1"
+        assert vm["bytes_in"] > 0 and vm["bytes_out"] > 0
+        for ip in vm["ips"]:
+            assert await host.control({"cmd": "vmid", "ip": ip}) == "vm1"
+        with pytest.raises(Exception, match="no VM reported"):
+            await host.control({"cmd": "vmid", "ip": "192.0.2.99"})
+        ping = await host.control({"cmd": "ping", "vmid": "vm1"})
+        assert ping["rtt_ms"] > 0
+        guest = await link_for(pair.guest, "t-guest", [Entity.CMD_EXECUTOR])
+        st = await guest.control({"cmd": "status"})
+        assert st["role"] == "guest" and st["vms"][0]["state"] == "connected"
+        assert {w["name"] for w in st["workers"]} == {"t-guest"}
+        await host.close()
+        await guest.close()
+
+    run(scenario())
+
+
+def test_sync_and_async_send_both_ways(pair: Pair) -> None:
+    async def scenario() -> None:
+        got: asyncio.Queue[Inbound] = asyncio.Queue()
+
+        async def collect(msg: Inbound) -> None:
+            await got.put(msg)
+
+        guest = await link_for(pair.guest, "t-guest", [Entity.CMD_EXECUTOR],
+                               [(Entity.CMD_LISTENER, ECHO, echo),
+                                (Entity.CMD_LISTENER, ECHO + 1, collect)])
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER],
+                              [(Entity.CMD_EXECUTOR, ECHO, echo)])
+        await wait_state(host, "vm1", "connected")
+        reply = await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, {"x": 1})
+        assert reply == {"echo": {"x": 1}, "from": "host"}
+        reply = await guest.sync_send(None, Entity.CMD_EXECUTOR, ECHO, [1, 2])
+        assert reply == {"echo": [1, 2], "from": "vm1"}
+        await host.async_send("vm1", Entity.CMD_LISTENER, ECHO + 1, "hi")
+        msg = await asyncio.wait_for(got.get(), 5)
+        assert msg.body == "hi" and msg.vmid == "host"
+        # nobody handles this one: a clear error, not a hang
+        with pytest.raises(TunnelError, match="no worker"):
+            await host.sync_send("vm1", Entity.CMD_LISTENER, 4242, None, timeout=5)
+        with pytest.raises(TunnelError, match="unknown VM"):
+            await host.sync_send("nope", Entity.CMD_LISTENER, ECHO, None, timeout=5)
+        await host.close()
+        await guest.close()
+
+    run(scenario())
+
+
+def test_handlers_run_in_registration_order_across_workers(pair: Pair) -> None:
+    async def scenario() -> None:
+        order: list[str] = []
+
+        def handler(name: str) -> Any:
+            async def h(msg: Inbound) -> Any:
+                order.append(name)
+                return name
+            return h
+
+        first = await link_for(pair.guest, "first", [Entity.CMD_EXECUTOR],
+                               [(Entity.CMD_LISTENER, ECHO, handler("first"))])
+        second = await link_for(pair.guest, "second", [Entity.CMD_EXECUTOR],
+                                [(Entity.CMD_LISTENER, ECHO, handler("second"))])
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+        await wait_state(host, "vm1", "connected")
+        assert await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, None) == "first"
+        await asyncio.sleep(0.2)
+        assert order == ["first", "second"]
+        for link in (first, second, host):
+            await link.close()
+
+    run(scenario())
+
+
+async def _stream_pair(host: WorkerLink, guest: WorkerLink, accepted: asyncio.Queue[Any]
+                       ) -> Any:
+    s = await host.open_stream("vm1", Entity.PROXY_CLIENT, Entity.PROXY_SERVER, DATA)
+    await host.sync_send("vm1", Entity.PROXY_CLIENT, OPEN, {}, stream=s.id)
+    return s, await asyncio.wait_for(accepted.get(), 5)
+
+
+def test_no_head_of_line_blocking(pair: Pair) -> None:
+    """A stream whose reader never reads stalls itself only; other round trips keep speed."""
+
+    async def scenario() -> None:
+        accepted: asyncio.Queue[Any] = asyncio.Queue()
+        guest: WorkerLink
+
+        async def on_open(msg: Inbound) -> Any:
+            stream = guest.streams.accept(msg.vmid, Entity.PROXY_SERVER, msg.package, DATA)
+            await accepted.put(stream)
+            return {"ok": True}
+
+        guest = await link_for(pair.guest, "t-guest", [Entity.PROXY_SERVER],
+                               [(Entity.PROXY_CLIENT, OPEN, on_open),
+                                (Entity.PROXY_CLIENT, DATA, None),
+                                (Entity.PROXY_CLIENT, ECHO, echo)])
+        host = await link_for(pair.host, "t-host", [Entity.PROXY_CLIENT],
+                              [(Entity.PROXY_SERVER, DATA, None)])
+        await wait_state(host, "vm1", "connected")
+
+        async def round_trips(n: int) -> list[float]:
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await host.sync_send("vm1", Entity.PROXY_CLIENT, ECHO, b"x" * 64)
+                times.append(time.perf_counter() - t0)
+            return times
+
+        idle = statistics.median(await round_trips(200))
+        # an echo stream that is read keeps working alongside
+        live_h, live_g = await _stream_pair(host, guest, accepted)
+        # the stalled stream: its guest end never reads
+        stalled_h, stalled_g = await _stream_pair(host, guest, accepted)
+        blob = b"z" * (256 << 10)
+
+        async def flood() -> int:
+            sent = 0
+            while True:
+                await stalled_h.write(blob)
+                sent += len(blob)
+
+        flooder = asyncio.ensure_future(flood())
+        await asyncio.sleep(1.0)
+        assert not flooder.done()
+        # the window caps what is in flight, and the guest holds no more than one window
+        assert stalled_h.bytes_out <= INITIAL_WINDOW
+        assert stalled_g.buffered <= INITIAL_WINDOW
+        busy = statistics.median(await round_trips(200))
+        # the live stream still moves data both ways
+        await live_h.write(b"ping" * 1000)
+        got = b""
+        while len(got) < 4000:
+            got += await asyncio.wait_for(live_g.read(), 5)
+        assert got == b"ping" * 1000
+        flooder.cancel()
+        assert busy <= 3 * idle + 0.002, (idle, busy)
+        # reading the stalled stream releases the writer: credit flows again
+        total = 0
+        while total < INITIAL_WINDOW:
+            total += len(await asyncio.wait_for(stalled_g.read(), 5))
+        await host.close()
+        await guest.close()
+
+    run(scenario())
+
+
+def test_stream_bytes_arrive_intact_with_half_close(pair: Pair) -> None:
+    async def scenario() -> None:
+        accepted: asyncio.Queue[Any] = asyncio.Queue()
+        guest: WorkerLink
+
+        async def on_open(msg: Inbound) -> Any:
+            await accepted.put(guest.streams.accept(msg.vmid, Entity.PROXY_SERVER,
+                                                    msg.package, DATA))
+            return True
+
+        guest = await link_for(pair.guest, "t-guest", [Entity.PROXY_SERVER],
+                               [(Entity.PROXY_CLIENT, OPEN, on_open),
+                                (Entity.PROXY_CLIENT, DATA, None)])
+        host = await link_for(pair.host, "t-host", [Entity.PROXY_CLIENT],
+                              [(Entity.PROXY_SERVER, DATA, None)])
+        await wait_state(host, "vm1", "connected")
+        h, g = await _stream_pair(host, guest, accepted)
+        payload = bytes(range(256)) * 40000  # ~10 MiB, more than two windows
+
+        async def send() -> None:
+            await h.write(payload)
+            await h.write_eof()
+
+        sender = asyncio.ensure_future(send())
+        got = bytearray()
+        while chunk := await asyncio.wait_for(g.read(), 10):
+            got += chunk
+        await sender
+        assert bytes(got) == payload
+        # half-closed: the guest can still answer
+        await g.write(b"reply")
+        await g.write_eof()
+        assert await asyncio.wait_for(h.read(), 5) == b"reply"
+        assert await asyncio.wait_for(h.read(), 5) == b""
+        await host.close()
+        await guest.close()
+
+    run(scenario())
+
+
+def _raw_connect(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(path))
+    return s
+
+
+def _read_packages(s: socket.socket) -> list[Package]:
+    dec = PackageDecoder()
+    out: list[Package] = []
+    while True:
+        try:
+            data = s.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not data:
+            break
+        dec.receive_data(data)
+        out.extend(dec.packages())
+    return out
+
+
+def test_second_host_connection_is_refused(pair: Pair) -> None:
+    async def scenario() -> None:
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+        await wait_state(host, "vm1", "connected")
+        s = _raw_connect(pair.tunnel_path)
+        s.sendall(Hello("host", "intruder", "0").package().encode())
+        pkgs = await asyncio.to_thread(_read_packages, s)
+        s.close()
+        assert pkgs and pkgs[0].type is PackageType.MESSAGE
+        assert "another host connection is live" in Bye.decode(pkgs[0].payload).reason
+        await wait_state(host, "vm1", "connected")  # the first one is untouched
+        await host.close()
+
+    run(scenario())
+
+
+def test_garbage_is_dropped_and_the_guest_keeps_serving(pair: Pair) -> None:
+    async def scenario() -> None:
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+        await wait_state(host, "vm1", "connected")
+        await host.control({"cmd": "disconnect", "vmid": "vm1"})
+        rss_before = pair.guest.rss()
+        bad_header = bytearray(Hello("host", "x", "0").package().encode()[:24])
+        bad_sig = b"XXXX" + bytes(bad_header[4:])
+        huge = bytes(bad_header[:20]) + (0xFFFFFFFF).to_bytes(4, "big")
+        for junk in (b"GET / HTTP/1.1\r\n\r\n" * 100, bad_sig, huge + b"\0" * 65536):
+            s = _raw_connect(pair.tunnel_path)
+            try:
+                s.sendall(junk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            await asyncio.to_thread(_read_packages, s)  # returns once the guest hangs up
+            s.close()
+        await asyncio.sleep(0.5)
+        log = pair.guest.log()
+        assert "bad signature" in log and "exceeds the maximum" in log
+        assert pair.guest.proc is not None and pair.guest.proc.poll() is None
+        assert pair.guest.rss() < rss_before + 8 * 1024 * 1024
+        await host.control({"cmd": "connect", "vmid": "vm1", "timeout": 10}, timeout=15)
+        await wait_state(host, "vm1", "connected")
+        await host.close()
+
+    run(scenario())
+
+
+def test_tunnel_comes_back_after_either_mux_is_killed(pair: Pair) -> None:
+    async def scenario() -> None:
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+        await wait_state(host, "vm1", "connected")
+        pair.guest.kill()
+        pair.guest.start()
+        await wait_state(host, "vm1", "connected", timeout=20)
+        await host.close()
+        pair.host.kill()
+        pair.host.start()
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+        await wait_state(host, "vm1", "connected", timeout=20)
+        await host.close()
+
+    run(scenario())
+
+
+def test_a_frozen_guest_is_noticed_and_the_pending_call_fails(pair: Pair) -> None:
+    import signal
+
+    async def scenario() -> None:
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+        await wait_state(host, "vm1", "connected")
+        pair.guest.kill(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises((TunnelError, RequestTimeout)):
+                await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, None, timeout=30)
+            # dead_after is 3 s in this pair
+            assert time.monotonic() - t0 < 10
+            st = await host.control({"cmd": "status"})
+            assert st["vms"][0]["state"] != "connected"
+            assert "stopped answering" in pair.host.log()
+        finally:
+            pair.guest.kill(signal.SIGCONT)
+        await wait_state(host, "vm1", "connected", timeout=20)
+        await host.close()
+
+    run(scenario())
