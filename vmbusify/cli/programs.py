@@ -17,8 +17,8 @@ from vmbusify.config import Config, load_config
 from vmbusify.errors import VMBusifyError
 from vmbusify.logs import setup_logging
 
-#: Worker programs by name: module path and coroutine function taking a Config.
-WORKERS: dict[str, str] = {}
+#: Worker programs: `vmbusify worker NAME` runs ``vmbusify.workers.NAME.main:run(config)``.
+WORKERS = ("exec", "proxy", "subnet")
 
 config_option = click.option(
     "--config", "config_path", envvar="VMBUSIFY_CONFIG", default=None,
@@ -65,9 +65,10 @@ def control(config_path: str | None) -> None:
 def worker(name: str, config_path: str | None) -> None:
     """Run one worker process (exec, proxy or subnet)."""
     import importlib
-    target = WORKERS.get(name)
-    if target is None:
-        known = ", ".join(sorted(WORKERS)) or "none yet"
-        raise click.UsageError(f"unknown worker {name!r} (known: {known})")
-    module, func = target.split(":")
-    run_program(name, config_path, getattr(importlib.import_module(module), func))
+    if name not in WORKERS:
+        raise click.UsageError(f"unknown worker {name!r} (known: {', '.join(WORKERS)})")
+    try:
+        module = importlib.import_module(f"vmbusify.workers.{name}.main")
+    except ModuleNotFoundError:
+        raise click.ClickException(f"the {name} worker is not installed") from None
+    run_program(name, config_path, module.run)
