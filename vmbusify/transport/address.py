@@ -251,7 +251,7 @@ def _parse_int(text: str, what: str) -> int:
 def _parse_vsock(rest: str) -> VsockAddress:
     parts = rest.split(":")
     if len(parts) > 2:
-        raise AddressError(f"trailing {':'.join(parts[2:])!r} after the port")
+        raise AddressError(f"trailing {':' + ':'.join(parts[2:])!r} after the port")
     cid_text = parts[0]
     port = _parse_int(parts[1], "vsock port") if len(parts) == 2 else DEFAULT_TUNNEL_PORT
     name = cid_text.lower()
@@ -274,7 +274,7 @@ def _parse_vsock(rest: str) -> VsockAddress:
 def _parse_hyperv(rest: str) -> HypervAddress:
     parts = rest.split(":")
     if len(parts) > 2:
-        raise AddressError(f"trailing {':'.join(parts[2:])!r} after the port")
+        raise AddressError(f"trailing {':' + ':'.join(parts[2:])!r} after the port")
     vmid_text = parts[0]
     port = _parse_int(parts[1], "hyperv port") if len(parts) == 2 else DEFAULT_TUNNEL_PORT
     vmid = HV_VMID_NAMES.get(vmid_text.lower())
@@ -297,6 +297,13 @@ def _parse_fc(rest: str) -> FirecrackerAddress:
     return FirecrackerAddress(parts[0], port)
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
+
+
 def _parse_tcp(rest: str) -> TcpAddress:
     if rest.startswith("["):
         close = rest.find("]")
@@ -306,15 +313,15 @@ def _parse_tcp(rest: str) -> TcpAddress:
         if not after.startswith(":"):
             junk = f"trailing {after!r} after the host" if after else "tcp needs a port"
             raise AddressError(junk)
-        try:
-            if ipaddress.ip_address(host).version != 6:
-                raise ValueError
-        except ValueError:
-            raise AddressError(f"tcp host [{host}] is not an IPv6 address") from None
+        if not _is_ipv6(host):
+            raise AddressError(f"tcp host [{host}] is not an IPv6 address")
         port_text = after[1:]
     else:
         if rest.count(":") > 1:
-            raise AddressError("tcp IPv6 hosts need brackets, as in tcp:[::1]:PORT")
+            if _is_ipv6(rest.rpartition(":")[0]) or _is_ipv6(rest):
+                raise AddressError("tcp IPv6 hosts need brackets, as in tcp:[::1]:PORT")
+            host, _, tail = rest.partition(":")
+            raise AddressError(f"trailing {':' + tail.partition(':')[2]!r} after the port")
         host, sep, port_text = rest.partition(":")
         if not sep:
             raise AddressError("tcp needs a port, as in tcp:127.0.0.1:PORT")
