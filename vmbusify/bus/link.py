@@ -209,6 +209,10 @@ class WorkerLink:
             raise ControlError(str(reply.get("error", "failed")))
         return reply.get("result")
 
+    async def report(self, stats: dict[str, Any]) -> None:
+        """Publish this worker's counters; `vmbusifyctl status` shows them under its name."""
+        await self.control({"cmd": "report", "worker": self.name, "stats": stats})
+
     async def open_stream(self, vmid: str | None, local: int, peer: int, message_id: int
                           ) -> Stream:
         """A new stream to ``peer`` on ``vmid``; announce it with a sync_send(stream=s.id)."""

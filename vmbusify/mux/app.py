@@ -280,6 +280,13 @@ class MuxApp:
         if cmd == "list":
             return [{"vmid": p.vmid, "state": p.state.value, "ips": p.ips}
                     for p in self.peers.values()]
+        if cmd == "report":
+            worker = self.routes.by_name(str(req.get("worker", "")))
+            stats = req.get("stats")
+            if worker is None or not isinstance(stats, dict):
+                raise VMBusifyError("report from an unregistered worker, or without stats")
+            worker.stats = stats
+            return None
         if cmd == "vmid":
             return self.vmid_by_ip(str(req.get("ip", "")))
         if cmd == "ping":

@@ -32,6 +32,8 @@ class WorkerInfo:
     routes: list[tuple[int, int]]
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
+    #: Counters the worker published with WorkerLink.report().
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -39,6 +41,7 @@ class WorkerInfo:
             "entities": [entity_label(e) for e in self.entities],
             "routes": [f"{entity_label(s)}:{m}" for s, m in self.routes],
             "registered_at": self.registered_at,
+            "stats": self.stats,
         }
 
 
@@ -100,6 +103,9 @@ class RouteTable:
 
     def by_identity(self, identity: bytes) -> WorkerInfo | None:
         return self._by_identity.get(identity)
+
+    def by_name(self, name: str) -> WorkerInfo | None:
+        return self._workers.get(name)
 
     def workers(self) -> list[WorkerInfo]:
         return list(self._workers.values())
