@@ -13,9 +13,9 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import pytest
 
@@ -24,13 +24,13 @@ from vmbusify.transport import (
     STREAM_LIMIT,
     FirecrackerAddress,
     HypervAddress,
-    UnixAddress,
     connect,
+    firecracker,
+    hyperv,
     listen,
     local_cid,
     service_guid,
 )
-from vmbusify.transport import firecracker, hyperv
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -279,7 +279,7 @@ class StandInVmm:
         writer.write(self.reply)
         await echo(reader, writer)
 
-    async def __aenter__(self) -> StandInVmm:
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_unix_server(self.handle, str(self.path))
         return self
 
@@ -427,6 +427,7 @@ def test_vsock_bind_and_listen_on_any() -> None:
     async def main() -> tuple[int, int, int]:
         server = await listen(f"vsock:any:{VSOCK_TEST_PORT}", echo)
         try:
+            assert isinstance(server, asyncio.Server)
             sock = server.sockets[0]
             cid, port = sock.getsockname()
             # The buffers were sized before listen() (hv_sock sizes its rings from them).
@@ -543,7 +544,7 @@ class FakeHvSocket(socket.socket):
 
 
 @pytest.fixture
-def fake_hyperv(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+def fake_hyperv(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """Make hyperv.py believe it runs on Windows; its sockets are socketpair ends."""
     state: dict[str, Any] = {"log": [], "peers": [], "cls": FakeHvSocket}
 
@@ -551,7 +552,8 @@ def fake_hyperv(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         ours, theirs = socket.socketpair()
         state["peers"].append(theirs)
         fd = ours.detach()
-        return state["cls"](fd, state["log"])
+        made: socket.socket = state["cls"](fd, state["log"])
+        return made
 
     monkeypatch.setattr(hyperv, "available", lambda: True)
     monkeypatch.setattr(hyperv, "_open_socket", open_socket)
@@ -563,7 +565,7 @@ def fake_hyperv(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 def test_hyperv_connect_logic_on_a_fake_socket(fake_hyperv: dict[str, Any]) -> None:
     async def main() -> bytes:
         reader, writer = await connect(HypervAddress(VMID, 6541), timeout=2.5)
-        peer = fake_hyperv["peers"][0]
+        peer: socket.socket = fake_hyperv["peers"][0]
         writer.write(b"to the guest")
         await writer.drain()
         got = peer.recv(100)

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar, Union
+from typing import ClassVar
 
 from vmbusify.config import DEFAULT_TUNNEL_PORT
 from vmbusify.errors import AddressError
@@ -215,8 +216,8 @@ class TcpAddress:
         return f"tcp:{host}:{self.port}"
 
 
-Address = Union[VsockAddress, HypervAddress, FirecrackerAddress, UnixAddress, TcpAddress]
-_ADDRESS_TYPES = (VsockAddress, HypervAddress, FirecrackerAddress, UnixAddress, TcpAddress)
+#: Any parsed address; ``address.kind`` says which.
+Address = VsockAddress | HypervAddress | FirecrackerAddress | UnixAddress | TcpAddress
 
 
 def _normalise_host(host: str) -> str:
@@ -328,7 +329,7 @@ def _parse_tcp(rest: str) -> TcpAddress:
     return TcpAddress(host, _parse_int(port_text, "tcp port"))
 
 
-_PARSERS = {
+_PARSERS: dict[TransportKind, Callable[[str], Address]] = {
     TransportKind.VSOCK: _parse_vsock,
     TransportKind.HYPERV: _parse_hyperv,
     TransportKind.FC: _parse_fc,
@@ -366,6 +367,6 @@ def as_address(address: Address | str) -> Address:
     """Return ``address`` parsed if it is a string, unchanged if it is already parsed."""
     if isinstance(address, str):
         return parse_address(address)
-    if isinstance(address, _ADDRESS_TYPES):
+    if isinstance(address, Address):
         return address
     raise AddressError(f"not an address: {address!r}")

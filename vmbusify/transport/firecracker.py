@@ -19,9 +19,9 @@ import re
 
 from vmbusify.errors import TransportError
 from vmbusify.transport._streams import (
+    STREAM_LIMIT,
     ClientConnected,
     Streams,
-    STREAM_LIMIT,
     check_timeout,
     serve,
     timeout_error,

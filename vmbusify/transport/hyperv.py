@@ -48,7 +48,9 @@ def available() -> bool:
 
 def _open_socket() -> socket.socket:
     """A new blocking AF_HYPERV stream socket (the tests replace this)."""
-    return socket.socket(socket.AF_HYPERV, socket.SOCK_STREAM, HV_PROTOCOL_RAW)
+    # AF_HYPERV exists only on Windows builds (and stubs) of Python 3.12+.
+    family = socket.AF_HYPERV  # type: ignore[attr-defined,unused-ignore]
+    return socket.socket(family, socket.SOCK_STREAM, HV_PROTOCOL_RAW)
 
 
 def _blocking_connect(sock: socket.socket, sockaddr: tuple[str, str], timeout: float) -> None:

@@ -6,9 +6,9 @@ import asyncio
 import errno
 
 from vmbusify.transport._streams import (
+    STREAM_LIMIT,
     ClientConnected,
     Streams,
-    STREAM_LIMIT,
     check_timeout,
     timeout_error,
     transport_error,

@@ -13,9 +13,9 @@ import socket
 import stat
 
 from vmbusify.transport._streams import (
+    STREAM_LIMIT,
     ClientConnected,
     Streams,
-    STREAM_LIMIT,
     check_timeout,
     serve,
     timeout_error,
