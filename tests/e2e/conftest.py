@@ -5,7 +5,8 @@
 ``lab``     (session) ``lab_up``, and the host's ``vmbusifyctl status --json`` shows vm1
             and vm2 "connected" (within 60 s). Use it to test VMBusify across the tunnel.
 
-Both yield a ``LabHandle``. A lab already up is reused and left up; a lab the session brought
+Both yield a ``LabHandle``. Test sessions that use the lab take turns (a lock in /run/lock).
+A lab already up is reused and left up; a lab the session brought
 up (or repaired from a half-up state) is brought down when the session ends. Tests using
 either fixture are marked ``lab`` (tests/conftest.py), so they are skipped without root.
 
@@ -15,19 +16,45 @@ names through the machine's real DNS (inside the lab, /etc/hosts and resolv.conf
 
 from __future__ import annotations
 
+import fcntl
 import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from vmbusify.lab.testing import LAB_VMS, LabHandle, lab_status, vmbusify
 
 
+#: Held for a whole session that uses the lab, so two test sessions on one machine (two
+#: checkouts, or a developer and CI) take turns instead of taking the lab down under each other.
+SESSION_LOCK = Path("/run/lock/vmbusify-lab-tests.lock")
+SESSION_LOCK_WAIT = 900.0
+
+
 @pytest.fixture(scope="session")
-def lab_up() -> Iterator[LabHandle]:
-    """The lab with at least ``LAB_VMS`` VMs, up (reused if it already was)."""
+def _lab_session_lock() -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces)")
+    SESSION_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(SESSION_LOCK, "a") as fh:
+        deadline = time.monotonic() + SESSION_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    pytest.fail(f"another test session held {SESSION_LOCK} for "
+                                f"{SESSION_LOCK_WAIT:g} s", pytrace=False)
+                time.sleep(1.0)
+        yield
+
+
+@pytest.fixture(scope="session")
+def lab_up(_lab_session_lock: None) -> Iterator[LabHandle]:
+    """The lab with at least ``LAB_VMS`` VMs, up (reused if it already was)."""
     before = lab_status()
     reuse = before["up"] and len(before["vms"]) >= LAB_VMS
     # Always run `up`: on a lab that is up it changes nothing, on a half-up one it repairs.

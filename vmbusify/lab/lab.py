@@ -8,10 +8,14 @@ or not this run made it, and is a no-op on a lab that is already gone.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,29 @@ DEFAULT_VMS = 2
 _VM_NETNS_RE = re.compile(rf"^{re.escape(PREFIX)}vm([1-9][0-9]*)$")
 #: Left in the lab root when ``up`` had to create /etc/netns, so ``down`` removes it again.
 _ETC_NETNS_MARKER = ".created-etc-netns"
+
+
+@contextmanager
+def locked(layout: LabLayout, timeout: float = 300.0) -> Iterator[None]:
+    """Hold the lab's lock: one ``up`` or ``down`` at a time on this machine.
+
+    The lock is an flock on the lab root's parent directory (``/run``), so it leaves no file.
+    """
+    fd = os.open(layout.root.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LabError(f"another `vmbusify lab` command held the lab for "
+                                   f"{timeout:g} s") from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)
 
 
 def require_root() -> None:
@@ -227,6 +254,11 @@ def up(vms: int | None = None, layout: LabLayout | None = None) -> LabStatus:
     """
     require_root()
     layout = layout or LabLayout()
+    with locked(layout):
+        return _up(layout, vms)
+
+
+def _up(layout: LabLayout, vms: int | None) -> LabStatus:
     present = existing_vms(layout)
     count = vms if vms is not None else (max(present) if present else DEFAULT_VMS)
     if not 1 <= count <= MAX_VMS:
@@ -269,6 +301,11 @@ def down(layout: LabLayout | None = None) -> None:
     """Stop every lab stack and remove every namespace, link, file and directory of the lab."""
     require_root()
     layout = layout or LabLayout()
+    with locked(layout):
+        _down(layout)
+
+
+def _down(layout: LabLayout) -> None:
     vms = [layout.vm(k) for k in existing_vms(layout)]
     stacks.stop(stacks.stack_for("host", layout),
                 *(stacks.stack_for(vm.vmid, layout) for vm in vms))
