@@ -1,0 +1,112 @@
+#!/bin/sh
+# Install VMBusify for one role on this machine (a Linux host or a Linux guest).
+#
+#   packaging/install.sh host|guest [--source DIR] [--python PY] [--now] [--dry-run]
+#
+# It makes /opt/vmbusify/venv and installs VMBusify (and supervisor) into it, puts
+# conf/supervisord.conf and the role's example config into /etc/vmbusify (an existing
+# vmbusify.toml is kept), installs vmbusify-ROLE.service and enables it (--now: starts it
+# too). --dry-run prints the commands instead of running them, and needs no root.
+set -eu
+
+usage() {
+    echo "usage: $0 host|guest [--source DIR] [--python PY] [--now] [--dry-run]" >&2
+    exit 2
+}
+
+here=$(cd "$(dirname "$0")" && pwd)
+source_dir=$(dirname "$here")
+python=python3
+now=""
+dry_run=0
+role=""
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        host|guest) [ -z "$role" ] || usage; role=$1 ;;
+        --source) [ $# -ge 2 ] || usage; source_dir=$2; shift ;;
+        --python) [ $# -ge 2 ] || usage; python=$2; shift ;;
+        --now) now="--now" ;;
+        --dry-run) dry_run=1 ;;
+        -h|--help) usage ;;
+        *) echo "$0: unknown argument: $1" >&2; usage ;;
+    esac
+    shift
+done
+[ -n "$role" ] || usage
+
+prefix=/opt/vmbusify
+venv=$prefix/venv
+etc=/etc/vmbusify
+unit=vmbusify-$role.service
+unit_dir=/etc/systemd/system
+other=vmbusify-host.service
+[ "$role" = host ] && other=vmbusify-guest.service
+
+run() {
+    if [ "$dry_run" = 1 ]; then
+        echo "+ $*"
+    else
+        "$@"
+    fi
+}
+
+die() {
+    echo "$0: $*" >&2
+    exit 1
+}
+
+for f in "$source_dir/pyproject.toml" "$source_dir/conf/supervisord.conf" \
+         "$source_dir/packaging/$role.toml" "$source_dir/packaging/$unit"; do
+    [ -f "$f" ] || die "missing $f (is --source a VMBusify checkout?)"
+done
+if [ "$dry_run" = 0 ]; then
+    [ "$(id -u)" = 0 ] || die "run as root (or try --dry-run)"
+    command -v systemctl >/dev/null || die "systemctl not found: this installs a systemd unit"
+    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+        die "$python is older than Python 3.11"
+fi
+
+# 1. The virtualenv, with VMBusify and its dependencies (supervisor included).
+if [ ! -x "$venv/bin/python" ]; then
+    run install -d -m 0755 "$prefix"
+    run "$python" -m venv "$venv"
+fi
+run "$venv/bin/pip" install --upgrade "$source_dir"
+if [ -f "$source_dir/docs/deploy.md" ]; then
+    run install -D -m 0644 "$source_dir/docs/deploy.md" "$prefix/docs/deploy.md"
+fi
+
+# 2. Configuration: root only, since it may hold proxy credentials.
+run install -d -m 0700 "$etc"
+run install -m 0644 "$source_dir/conf/supervisord.conf" "$etc/supervisord.conf"
+if [ -e "$etc/vmbusify.toml" ]; then
+    echo "keeping the existing $etc/vmbusify.toml"
+else
+    run install -m 0600 "$source_dir/packaging/$role.toml" "$etc/vmbusify.toml"
+    echo "installed $etc/vmbusify.toml from packaging/$role.toml: edit it before starting"
+fi
+# Check it loads and that every address in it parses, without a traceback.
+run "$venv/bin/python" -c '
+import sys
+from vmbusify.config import load_config
+from vmbusify.errors import VMBusifyError
+from vmbusify.transport import parse_address
+try:
+    config = load_config(sys.argv[1])
+    for address in [config.tunnel.listen] + [vm.address for vm in config.vms]:
+        parse_address(address)
+except VMBusifyError as exc:
+    sys.exit(f"invalid configuration: {exc}")
+' "$etc/vmbusify.toml"
+
+# 3. The systemd unit.
+run install -m 0644 "$source_dir/packaging/$unit" "$unit_dir/$unit"
+run systemctl daemon-reload
+if [ "$dry_run" = 0 ] && systemctl is-enabled --quiet "$other" 2>/dev/null; then
+    echo "warning: $other is enabled too; one machine should run one role" >&2
+fi
+# $now is empty or --now; left unquoted on purpose so that empty means no argument.
+# shellcheck disable=SC2086
+run systemctl enable $now "$unit"
+echo "done: $unit is enabled${now:+ and started}"

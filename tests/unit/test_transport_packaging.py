@@ -1,0 +1,118 @@
+"""packaging/: the example configs load, the units say what supervisord needs, the Hyper-V
+registration script uses the same service GUID as the code, and install.sh's plan is sane."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmbusify.config import DEFAULT_TUNNEL_PORT, Role, load_config
+from vmbusify.transport import TransportKind, parse_address, service_guid
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGING = ROOT / "packaging"
+
+
+@pytest.mark.parametrize("role", ["host", "guest"])
+def test_example_config_loads_and_its_addresses_parse(role: str) -> None:
+    config = load_config(PACKAGING / f"{role}.toml")
+    assert config.role is Role(role)
+    assert config.run_dir == "/run/vmbusify"
+    listen = parse_address(config.tunnel.listen)
+    assert str(listen) == f"vsock:any:{DEFAULT_TUNNEL_PORT}"
+    for vm in config.vms:
+        parse_address(vm.address)
+
+
+def test_host_example_shows_vsock_and_firecracker() -> None:
+    config = load_config(PACKAGING / "host.toml")
+    kinds = {parse_address(vm.address).kind for vm in config.vms}
+    assert {TransportKind.VSOCK, TransportKind.FC} <= kinds
+    assert config.host.keep_connected
+
+
+def _unit(path: Path) -> dict[str, list[str]]:
+    """A systemd unit as {"Section.Key": [values]} (keys may repeat, like Environment=)."""
+    entries: dict[str, list[str]] = {}
+    section = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: not key=value: {line!r}"
+        entries.setdefault(f"{section}.{key}", []).append(value)
+    return entries
+
+
+@pytest.mark.parametrize("role", ["host", "guest"])
+def test_systemd_unit(role: str) -> None:
+    unit = _unit(PACKAGING / f"vmbusify-{role}.service")
+    assert unit["Service.ExecStart"] == [
+        "/opt/vmbusify/venv/bin/supervisord -n -c /etc/vmbusify/supervisord.conf"]
+    assert sorted(unit["Service.Environment"]) == [
+        "VMBUSIFY_BIN=/opt/vmbusify/venv/bin",
+        "VMBUSIFY_CONFIG=/etc/vmbusify/vmbusify.toml",
+        "VMBUSIFY_RUN_DIR=/run/vmbusify",
+    ]
+    assert unit["Service.RuntimeDirectory"] == ["vmbusify"]
+    assert unit["Service.RuntimeDirectoryMode"] == ["0700"]
+    assert unit["Install.WantedBy"] == ["multi-user.target"]
+
+
+def test_units_supply_what_supervisord_conf_expects() -> None:
+    conf = (ROOT / "conf" / "supervisord.conf").read_text()
+    wanted = set(re.findall(r"%\(ENV_(\w+)\)s", conf))
+    for role in ("host", "guest"):
+        unit = _unit(PACKAGING / f"vmbusify-{role}.service")
+        provided = {e.partition("=")[0] for e in unit["Service.Environment"]}
+        assert wanted <= provided, f"{role}: missing {wanted - provided}"
+
+
+def test_hyperv_register_script_uses_the_same_guid_mapping() -> None:
+    script = (PACKAGING / "hyperv-register.ps1").read_text()
+    match = re.search(r"'\{0:X8\}(-FACB-11E6-BD58-64006A7986D3)'", script)
+    assert match, "the script's GUID template changed"
+    assert service_guid(DEFAULT_TUNNEL_PORT).endswith(match.group(1))
+    assert f"{DEFAULT_TUNNEL_PORT:08X}{match.group(1)}" == service_guid(DEFAULT_TUNNEL_PORT)
+    assert f"@({DEFAULT_TUNNEL_PORT})" in script
+    assert "GuestCommunicationServices" in script
+    assert "ElementName" in script
+
+
+def _install(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(PACKAGING / "install.sh"), *args],
+                          check=False, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no POSIX shell")
+@pytest.mark.parametrize("role", ["host", "guest"])
+def test_install_dry_run_plan(role: str) -> None:
+    done = _install(role, "--dry-run", "--source", str(ROOT))
+    assert done.returncode == 0, done.stderr
+    plan = done.stdout
+    assert f"/opt/vmbusify/venv/bin/pip install --upgrade {ROOT}" in plan
+    assert f"{ROOT}/conf/supervisord.conf /etc/vmbusify/supervisord.conf" in plan
+    assert f"/etc/systemd/system/vmbusify-{role}.service" in plan
+    assert f"+ systemctl enable vmbusify-{role}.service" in plan
+    if not Path("/etc/vmbusify/vmbusify.toml").exists():
+        assert f"install -m 0600 {ROOT}/packaging/{role}.toml /etc/vmbusify/vmbusify.toml" in plan
+
+
+def test_install_rejects_a_bad_role() -> None:
+    done = _install("hypervisor", "--dry-run")
+    assert done.returncode == 2
+    assert "usage:" in done.stderr
+
+
+def test_install_script_parses() -> None:
+    for shell in ("sh", "bash"):
+        if shutil.which(shell):
+            subprocess.run([shell, "-n", str(PACKAGING / "install.sh")], check=True)
