@@ -26,7 +26,6 @@ import pytest
 
 from vmbusify.lab.testing import LAB_VMS, LabHandle, lab_status, vmbusify
 
-
 #: Held for a whole session that uses the lab, so two test sessions on one machine (two
 #: checkouts, or a developer and CI) take turns instead of taking the lab down under each other.
 SESSION_LOCK = Path("/run/lock/vmbusify-lab-tests.lock")

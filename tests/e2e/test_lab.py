@@ -24,10 +24,17 @@ from click.testing import CliRunner
 from vmbusify.cli.main import main
 from vmbusify.config import Role, load_config
 from vmbusify.lab import program_pid, run_in_vm, stack_for, stack_processes, supervisorctl_command
-from vmbusify.lab.testing import BIN, LabHandle, lab_status, vm_states, vmbusify
 from vmbusify.lab.layout import (
-    ETC_NETNS, LAB_ROOT, LabLayout, guest_config, host_config, hosts_file, resolv_conf, toml_dumps,
+    ETC_NETNS,
+    LAB_ROOT,
+    LabLayout,
+    guest_config,
+    host_config,
+    hosts_file,
+    resolv_conf,
+    toml_dumps,
 )
+from vmbusify.lab.testing import BIN, LabHandle, lab_status, vm_states, vmbusify
 
 LAB_NETNS = ["vmbl-ext", "vmbl-vm1", "vmbl-vm2"]
 
@@ -87,7 +94,8 @@ def test_lab_refuses_a_real_non_root_user() -> None:
         pytest.skip("setpriv (util-linux) is not installed")
     proc = subprocess.run(
         [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", str(BIN / "vmbusify"),
-         "lab", "up"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+         "lab", "up"], check=False, capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL)
     assert proc.returncode == 1, proc
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
@@ -112,7 +120,8 @@ def _ip_json(*args: str) -> list[dict]:
 
 def _addrs(netns: str | None, ifname: str) -> list[str]:
     where = ["-n", netns] if netns else []
-    return [f"{a['local']}/{a['prefixlen']}" for link in _ip_json(*where, "addr", "show", "dev", ifname)
+    links = _ip_json(*where, "addr", "show", "dev", ifname)
+    return [f"{a['local']}/{a['prefixlen']}" for link in links
             for a in link["addr_info"] if a["family"] == "inet"]
 
 
@@ -140,13 +149,13 @@ def test_vms_have_no_route_out(lab_up: LabHandle) -> None:
         assert _ip_json("-n", ns, "route", "show", "default") == []
         for dst in ("198.18.0.2", "198.18.0.1", "192.0.2.1"):  # routing lookups: nothing is sent
             proc = subprocess.run(["ip", "netns", "exec", ns, "ip", "route", "get", dst],
-                                  capture_output=True, text=True)
+                                  check=False, capture_output=True, text=True)
             assert proc.returncode != 0, f"{ns} has a route to {dst}: {proc.stdout}"
             assert "unreachable" in proc.stderr
         # The other VM's SDN address is unreachable too.
         other = "198.19.2.10" if vmid == "vm1" else "198.19.1.10"
         assert subprocess.run(["ip", "netns", "exec", ns, "ip", "route", "get", other],
-                              capture_output=True).returncode != 0
+                              check=False, capture_output=True).returncode != 0
 
 
 def test_host_reaches_the_external_network_only_by_its_veth(lab_up: LabHandle) -> None:
@@ -313,7 +322,7 @@ def test_down_leaves_nothing_behind(lab_up: LabHandle, restore_lab: None) -> Non
 
     assert not [ns for ns in _netns() if ns.startswith("vmbl-")]
     assert subprocess.run(["ip", "link", "show", "dev", "vmbl-ext0"],
-                          capture_output=True).returncode != 0
+                          check=False, capture_output=True).returncode != 0
     assert not LAB_ROOT.exists()
     assert not list(ETC_NETNS.glob("vmbl-*"))
     supervisords = [p for p in psutil.process_iter(["cmdline"])

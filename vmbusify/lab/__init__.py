@@ -25,7 +25,12 @@ from vmbusify.lab.lab import LabStatus, down, status, up
 from vmbusify.lab.layout import LAB_ROOT, LabLayout
 from vmbusify.lab.netns import ns_argv, run_in_netns
 from vmbusify.lab.stack import (
-    Stack, program_pid, stack_for, stack_processes, supervisorctl, supervisorctl_command,
+    Stack,
+    program_pid,
+    stack_for,
+    stack_processes,
+    supervisorctl,
+    supervisorctl_command,
 )
 
 __all__ = [

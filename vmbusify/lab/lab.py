@@ -25,8 +25,19 @@ from vmbusify.lab import external
 from vmbusify.lab import netns as ip
 from vmbusify.lab import stack as stacks
 from vmbusify.lab.layout import (
-    ETC_NETNS, EXT_NETNS, MAX_VMS, PREFIX, SDN_IF, LabLayout, VMLayout, guest_config,
-    host_config, hosts_file, resolv_conf, supervisord_conf, venv_bin,
+    ETC_NETNS,
+    EXT_NETNS,
+    MAX_VMS,
+    PREFIX,
+    SDN_IF,
+    LabLayout,
+    VMLayout,
+    guest_config,
+    host_config,
+    hosts_file,
+    resolv_conf,
+    supervisord_conf,
+    venv_bin,
 )
 
 log = logging.getLogger(__name__)
@@ -115,11 +126,13 @@ class LabStatus:
     up: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.up = bool(self.vms) and self.external.present and self.host.supervisord_pid is not None \
-            and all(vm.netns_present and vm.supervisord_pid is not None for vm in self.vms)
+        self.up = (bool(self.vms) and self.external.present
+                   and self.host.supervisord_pid is not None
+                   and all(vm.netns_present and vm.supervisord_pid is not None for vm in self.vms))
 
     def to_json(self) -> dict[str, Any]:
-        """``{"vms": [{"vmid", "netns", "sdn_ip", ...}], "external": {"netns", "ip", ...}, ...}``."""
+        """``{"vms": [{"vmid", "netns", "sdn_ip", ...}], "external": {"netns", "ip", ...},
+        "host": {...}, "root", "up"}``."""
         return asdict(self)
 
     def render(self) -> str:
@@ -129,10 +142,11 @@ class LabStatus:
         def pid(p: int | None) -> str:
             return f"supervisord {p}" if p else "supervisord not running"
         ext = self.external
+        state = "up" if self.up else "DEGRADED (`vmbusify lab up` repairs it)"
+        host = f"{ext.host_if} {ext.host_ip}  control {self.host.control}"
         lines = [
-            f"lab: {'up' if self.up else 'DEGRADED (run `vmbusify lab up` to repair)'}   ({self.root})",
-            f"  host      root netns  {ext.host_if} {ext.host_ip}  control {self.host.control}  "
-            f"{pid(self.host.supervisord_pid)}",
+            f"lab: {state}   ({self.root})",
+            f"  host      root netns  {host}  {pid(self.host.supervisord_pid)}",
             f"  external  {ext.netns:<10}  eth0 {ext.ip}" + ("" if ext.present else "  MISSING"),
         ]
         for vm in self.vms:

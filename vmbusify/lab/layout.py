@@ -268,7 +268,7 @@ def toml_dumps(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_HEADER = "# Written by `vmbusify lab up`; rewritten on every run, removed by `vmbusify lab down`.\n"
+_HEADER = "# Written by `vmbusify lab up` (on every run); `vmbusify lab down` removes it.\n"
 
 
 def guest_config(vm: VMLayout) -> str:

@@ -30,7 +30,7 @@ def run(
     """Run ``argv`` and capture its output; with ``check``, a failure raises LabError."""
     try:
         proc = subprocess.run(
-            list(argv), input=input, capture_output=True, text=True, timeout=timeout,
+            list(argv), check=False, input=input, capture_output=True, text=True, timeout=timeout,
             env=dict(env) if env is not None else None,
             stdin=None if input is not None else subprocess.DEVNULL,
         )
@@ -49,7 +49,9 @@ def ns_argv(netns: str | None, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
 
 
-def run_in_netns(netns: str | None, argv: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+def run_in_netns(
+    netns: str | None, argv: Sequence[str], **kwargs: object,
+) -> subprocess.CompletedProcess[str]:
     """``run(argv)`` inside ``netns`` (None: the root namespace); keywords as for run()."""
     return run(ns_argv(netns, argv), **kwargs)  # type: ignore[arg-type]
 

@@ -27,10 +27,12 @@ LAB_VMS = 2
 CONNECT_TIMEOUT = 60.0
 
 
-def vmbusify(*args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+def vmbusify(
+    *args: str, check: bool = True, timeout: float = 120.0,
+) -> subprocess.CompletedProcess[str]:
     """Run the ``vmbusify`` CLI of this venv and capture its output."""
-    proc = subprocess.run([str(BIN / "vmbusify"), *args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run([str(BIN / "vmbusify"), *args], check=False, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise LabError(f"vmbusify {' '.join(args)} exited {proc.returncode}: "
                        f"{proc.stdout}{proc.stderr}".strip())
@@ -78,8 +80,10 @@ class LabHandle:
         self.status = lab_status()
         return self.status
 
-    def run_in_vm(self, vmid: str, argv: Sequence[str], *, check: bool = True,
-                  input: str | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def run_in_vm(
+        self, vmid: str, argv: Sequence[str], *, check: bool = True,
+        input: str | None = None, timeout: float = 60.0,
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside VM ``vmid`` (its namespace and VMBusify environment)."""
         return run_on(vmid, argv, check=check, input=input, timeout=timeout)
 
