@@ -71,7 +71,7 @@ def lab_up(_lab_session_lock: None) -> Iterator[LabHandle]:
 def lab(lab_up: LabHandle) -> LabHandle:
     """The lab with vm1 and vm2 connected to the host."""
     try:
-        lab_up.wait_connected()
+        lab_up.wait_connected([f"vm{k}" for k in range(1, LAB_VMS + 1)])
     except TimeoutError as exc:
         pytest.fail(str(exc), pytrace=False)
     return lab_up
