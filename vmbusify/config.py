@@ -98,6 +98,12 @@ class ProxyConfig:
     username: str = ""
     password: str = ""
     connect_timeout: float = 10.0
+    #: Refuse link-local / cloud-metadata addresses (and, on the host, its own loopback)
+    #: before any allow rule is looked at (see vmbusify/workers/proxy/policy.py).
+    default_deny: bool = True
+    #: Resolve names for the proxy server from this hosts file only ("" = the system's
+    #: resolver). The lab points the host at its own names so nothing asks real DNS.
+    hosts_file: str = ""
 
 
 @dataclass
