@@ -60,5 +60,9 @@ class ControlError(VMBusifyError):
     """The command listener refused or failed a request."""
 
 
+class SubnetError(VMBusifyError):
+    """The virtual subnet could not set up (or tear down) its interface, routes or NAT."""
+
+
 class LabError(VMBusifyError):
     """The lab could not be brought up or down."""
