@@ -111,10 +111,19 @@ class SubnetConfig:
     """The virtual subnet worker."""
 
     enabled: bool = True
+    #: IPv4 subnet (the host is .1). 100.64.0.0/10 is carrier-grade NAT space: seldom on a LAN.
     cidr: str = "100.77.0.0/24"
+    #: IPv6 ULA prefix ("" = no IPv6); used only where the host has IPv6.
     cidr6: str = "fd77:7662:7573::/64"
     mtu: int = 65000
+    #: The TUN interface on both ends (unique per lab instance).
     ifname: str = "vmbus0"
+    #: Host only: the nftables table (family inet) holding every rule of the subnet.
+    table: str = "vmbusify"
+    #: Hand 64 KiB TCP segments across the tunnel (TUN offloads); see docs/subnet.md.
+    offload: bool = True
+    #: Guest only: metric of the default routes via the host (any SDN route's lower metric wins).
+    route_metric: int = 65000
     allow_vm_to_vm: bool = False
     #: Host only: the interface NAT masquerades out of ("" = the default route's).
     uplink: str = ""
