@@ -326,8 +326,8 @@ def _down(layout: LabLayout) -> None:
     _remove_vms(layout, vms)
     ext = layout.external
     external.stop_services(ext)
+    ip.delete_link(ext.host_if)  # takes its peer in vmbl-ext with it
     ip.delete_netns(EXT_NETNS)
-    ip.delete_link(ext.host_if)  # normally gone with its peer's namespace
     shutil.rmtree(ext.etc_dir, ignore_errors=True)
     if (layout.root / _ETC_NETNS_MARKER).exists() and ETC_NETNS.is_dir() \
             and not any(ETC_NETNS.iterdir()):

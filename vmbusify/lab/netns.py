@@ -135,9 +135,12 @@ def link_exists(ifname: str, netns: str | None = None) -> bool:
 
 
 def delete_link(ifname: str, netns: str | None = None) -> None:
-    """Delete link ``ifname``; nothing if it does not exist."""
+    """Delete link ``ifname``; nothing if it does not exist (or vanishes meanwhile: the kernel
+    removes a veth whose peer's namespace is going away in the background)."""
     if link_exists(ifname, netns):
-        _ip(netns, "link", "delete", "dev", ifname)
+        proc = _ip(netns, "link", "delete", "dev", ifname, check=False)
+        if proc.returncode != 0 and link_exists(ifname, netns):
+            raise LabError(f"`ip link delete dev {ifname}` failed: {proc.stderr.strip()}")
 
 
 def link_up(ifname: str, netns: str | None = None) -> None:
