@@ -24,14 +24,14 @@ def test_chunks_are_capped() -> None:
     assert SendWindow(10 * MAX_CHUNK).take(10 * MAX_CHUNK) == MAX_CHUNK
 
 
-def test_receiver_grants_after_half_a_window_consumed() -> None:
+def test_receiver_grants_after_a_quarter_window_consumed() -> None:
     r = ReceiveWindow(1000)
     r.on_data(1000)
     with pytest.raises(FlowControlError):
         r.on_data(1)
-    assert r.on_consumed(400) == 0
-    assert r.on_consumed(100) == 500
-    r.on_data(500)
+    assert r.on_consumed(200) == 0
+    assert r.on_consumed(100) == 300
+    r.on_data(300)
     with pytest.raises(FlowControlError):
         r.on_data(1)
 

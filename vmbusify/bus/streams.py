@@ -90,6 +90,9 @@ class Stream:
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send bytes, waiting for credit as needed; raises StreamReset if aborted."""
         view = memoryview(data)
+        # Slices of immutable bytes go to ZeroMQ without a copy; anything mutable is copied,
+        # since the caller may reuse its buffer before the bytes leave.
+        immutable = isinstance(data, bytes)
         while view:
             self._check_writable()
             n = self._send.take(len(view))
@@ -97,7 +100,7 @@ class Stream:
                 self._credit.clear()
                 await self._credit.wait()
                 continue
-            chunk, view = bytes(view[:n]), view[n:]
+            chunk, view = (view[:n] if immutable else bytes(view[:n])), view[n:]
             self.bytes_out += n
             await self._table.send(self.vmid, self._package(PackageType.DATA, chunk))
 

@@ -25,6 +25,15 @@ config_option = click.option(
     help="Configuration file (default $VMBUSIFY_CONFIG or /etc/vmbusify/vmbusify.toml).")
 
 
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine on uvloop (a faster event loop, same semantics) or plain asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def run_program(program: str, config_path: str | None,
                 main: Callable[[Config], Coroutine[Any, Any, None]]) -> None:
     """Load the config, set up logging and run ``main`` until it returns or is stopped."""
@@ -35,7 +44,7 @@ def run_program(program: str, config_path: str | None,
         sys.exit(2)
     setup_logging(program, config.log_level)
     try:
-        asyncio.run(main(config))
+        run_async(main(config))
     except VMBusifyError as exc:
         click.echo(f"vmbusify {program}: {exc}", err=True)
         sys.exit(1)

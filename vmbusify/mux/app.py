@@ -90,13 +90,15 @@ class MuxApp:
         """Receive from workers forever."""
         assert self._sock is not None
         while True:
-            frames = await self._sock.recv_multipart(copy=True)
+            # Zero-copy receive: a big payload goes to the tunnel as a view of the frame.
+            raw = await self._sock.recv_multipart(copy=False)
+            frames = [f.buffer if len(f) >= _BIG else f.bytes for f in raw]
             try:
                 await self._on_bus(frames)
             except (ProtocolError, ValueError, IndexError, KeyError) as exc:
                 log.warning("malformed bus message dropped: %s", exc)
 
-    async def _on_bus(self, frames: list[bytes]) -> None:
+    async def _on_bus(self, frames: list[Any]) -> None:
         identity, kind = frames[0], BusKind(frames[1])
         if kind is BusKind.PKG:
             if self.routes.by_identity(identity) is None:
@@ -128,7 +130,8 @@ class MuxApp:
         asyncio.ensure_future(answer())
 
     # -- worker -> tunnel ------------------------------------------------------------------
-    def from_worker(self, identity: bytes, vmid: str, header: bytes, payload: bytes) -> None:
+    def from_worker(self, identity: bytes, vmid: str, header: bytes,
+                    payload: bytes | memoryview) -> None:
         """Forward a worker's package to the tunnel of ``vmid``."""
         h = decode_header(header, MAX_PAYLOAD_LIMIT)
         peer = self.peers.get(vmid)

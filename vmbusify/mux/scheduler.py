@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-Item = tuple[bytes, bytes]  # (header, payload)
+Item = tuple[bytes, bytes | memoryview]  # (header, payload)
 StreamKey = tuple[int, int]  # (sending entity, stream id)
 
 

@@ -61,7 +61,7 @@ class Tunnel:
         self.close_reason = ""
         self.closed = asyncio.Event()
         self.out = OutQueue()
-        self._decoder = PackageDecoder(config.max_payload)
+        self._decoder = PackageDecoder(config.max_payload, zero_copy=True)
         self._ids = itertools.count(1)
         self._last_recv = time.monotonic()
         self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
@@ -206,8 +206,8 @@ class Tunnel:
         """Queue a whole package (control priority unless it is stream DATA)."""
         self.send_raw(pkg.header(), pkg.payload, pkg.type, pkg.entity, pkg.stream)
 
-    def send_raw(self, header: bytes, payload: bytes, ptype: PackageType, entity: int,
-                 stream: int) -> None:
+    def send_raw(self, header: bytes, payload: bytes | memoryview, ptype: PackageType,
+                 entity: int, stream: int) -> None:
         """Queue an encoded package; DATA goes in its stream's round-robin slot."""
         if self.closed.is_set():
             return

@@ -81,7 +81,7 @@ class Package:
     id: int = 0
     stream: int = 0
     flags: PackageFlag = PackageFlag.NONE
-    payload: bytes = b""
+    payload: bytes | memoryview = b""
 
     def header(self) -> bytes:
         """The 24-byte header of this package (payload not included)."""
@@ -92,7 +92,7 @@ class Package:
 
     def encode(self) -> bytes:
         """Header and payload as one bytes object."""
-        return self.header() + self.payload
+        return self.header() + bytes(self.payload)
 
 
 def encode_header(
@@ -141,31 +141,76 @@ class PackageDecoder:
 
     Feed bytes with ``receive_data`` and drain with ``next_package`` until it returns None.
     After a RemoteProtocolError the decoder is dead: the connection must be closed.
+
+    With ``zero_copy`` a package lying whole inside one immutable chunk fed in gets a
+    memoryview of that chunk as its payload instead of a copy (the mux's data path hands it
+    straight to ZeroMQ); only bytes that straddle chunks are copied into an internal buffer.
     """
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD, zero_copy: bool = False) -> None:
         if not 0 < max_payload <= MAX_PAYLOAD_LIMIT:
             raise LocalProtocolError(f"max_payload must be in 1..{MAX_PAYLOAD_LIMIT}")
         self.max_payload = max_payload
-        self._buf = bytearray()
+        self.zero_copy = zero_copy
+        self._buf = bytearray()          # bytes that straddle chunks
+        self._chunk = memoryview(b"")    # the unparsed rest of the last immutable chunk
         self._header: Header | None = None
         self._error: RemoteProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet form a whole package."""
-        return len(self._buf)
+        return len(self._buf) + len(self._chunk)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes read from the peer."""
         if self._error is not None:
             raise self._error
-        self._buf += data
+        if self._chunk:
+            self._buf += self._chunk
+            self._chunk = memoryview(b"")
+        if self._buf or not isinstance(data, bytes):
+            self._buf += data
+        else:
+            self._chunk = memoryview(data)
+
+    def _fail(self, exc: RemoteProtocolError) -> RemoteProtocolError:
+        self._error = exc
+        self._buf = bytearray()
+        self._chunk = memoryview(b"")
+        return exc
 
     def next_package(self) -> Package | None:
         """The next whole package, or None when more bytes are needed."""
         if self._error is not None:
             raise self._error
+        if self._buf:
+            return self._from_buffer()
+        chunk = self._chunk
+        if self._header is None:
+            if len(chunk) < HEADER_SIZE:
+                if chunk:  # keep the fragment where later bytes can join it
+                    self._buf += chunk
+                    self._chunk = memoryview(b"")
+                return None
+            try:
+                self._header = decode_header(chunk, self.max_payload)
+            except RemoteProtocolError as exc:
+                raise self._fail(exc) from None
+        head = self._header
+        end = HEADER_SIZE + head.length
+        if len(chunk) < end:
+            self._buf += chunk
+            self._chunk = memoryview(b"")
+            return None
+        view = chunk[HEADER_SIZE:end]
+        self._chunk = chunk[end:]
+        self._header = None
+        payload = view if self.zero_copy else bytes(view)
+        return Package(head.type, head.entity, head.message_id, head.id, head.stream,
+                       head.flags, payload)
+
+    def _from_buffer(self) -> Package | None:
         buf = self._buf
         if self._header is None:
             if len(buf) < HEADER_SIZE:
@@ -173,14 +218,13 @@ class PackageDecoder:
             try:
                 self._header = decode_header(buf, self.max_payload)
             except RemoteProtocolError as exc:
-                self._error = exc
-                self._buf = bytearray()
-                raise
+                raise self._fail(exc) from None
         head = self._header
         end = HEADER_SIZE + head.length
         if len(buf) < end:
             return None
-        payload = bytes(buf[HEADER_SIZE:end])
+        with memoryview(buf) as mv:
+            payload = bytes(mv[HEADER_SIZE:end])
         del buf[:end]
         self._header = None
         return Package(

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Tunnel benchmark: ping round trip, and one stream's throughput host -> guest.
+
+The stream goes worker -> host mux -> tunnel (a Unix socket, as in the lab) -> guest mux ->
+worker, each a process of its own. Beside it, in the same run, socat moves the same number of
+bytes over the same kind of Unix socket. Prints the figures and the ratio.
+
+    .venv/bin/python bench/tunnel.py [--mib 1024] [--pings 2000]
+
+Workers and muxes run on uvloop, as `vmbusify` programs do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.integration.harness import link_for, make_pair, wait_state  # noqa: E402
+from vmbusify.bus.link import Inbound, WorkerLink  # noqa: E402
+from vmbusify.cli.programs import run_async  # noqa: E402
+from vmbusify.protocol.entities import Entity  # noqa: E402
+
+OPEN, DATA = 911, 912
+CHUNK = 256 << 10
+
+
+async def sink_worker(config_path: str) -> None:
+    """Guest side: accept one stream, count its bytes, answer the count."""
+    from vmbusify.config import load_config
+    link: WorkerLink
+
+    async def on_open(msg: Inbound) -> object:
+        stream = link.streams.accept(msg.vmid, Entity.PROXY_SERVER, msg.package, DATA)
+
+        async def drain() -> None:
+            total = 0
+            while chunk := await stream.read():
+                total += len(chunk)
+            await stream.write(str(total).encode())
+            await stream.write_eof()
+
+        asyncio.ensure_future(drain())
+        return True
+
+    link = WorkerLink(load_config(config_path), "bench-sink", [Entity.PROXY_SERVER])
+    link.route(Entity.PROXY_CLIENT, OPEN, on_open)
+    link.route(Entity.PROXY_CLIENT, DATA, None)
+    await link.start()
+    await asyncio.Event().wait()
+
+
+async def tunnel_figures(root: Path, mib: int, pings: int) -> dict[str, float]:
+    pair = make_pair(root, ping_interval=5.0, dead_after=30.0)
+    sink = subprocess.Popen([sys.executable, __file__, "--sink", str(pair.guest.config_path)])
+    try:
+        host = await link_for(pair.host, "bench-src", [Entity.PROXY_CLIENT],
+                              [(Entity.PROXY_SERVER, DATA, None)])
+        await wait_state(host, "vm1", "connected")
+        for _ in range(50):  # warm up
+            await host.control({"cmd": "ping", "vmid": "vm1"})
+        rtts = [(await host.control({"cmd": "ping", "vmid": "vm1"}))["rtt_ms"]
+                for _ in range(pings)]
+        # wait for the sink to register
+        guest_link = await link_for(pair.guest, "bench-probe", [])
+        for _ in range(600):
+            st = await guest_link.control({"cmd": "status"})
+            if any(w["name"] == "bench-sink" for w in st["workers"]):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise SystemExit("the sink worker did not register within 60 s")
+        await guest_link.close()
+        stream = await host.open_stream("vm1", Entity.PROXY_CLIENT, Entity.PROXY_SERVER, DATA)
+        await host.sync_send("vm1", Entity.PROXY_CLIENT, OPEN, {}, stream=stream.id)
+        block = b"\0" * CHUNK
+        total = mib << 20
+        t0 = time.perf_counter()
+        sent = 0
+        while sent < total:
+            await stream.write(block)
+            sent += len(block)
+        await stream.write_eof()
+        count = int((await stream.read()).decode())
+        elapsed = time.perf_counter() - t0
+        assert count == total, (count, total)
+        await host.close()
+        return {"rtt_median_ms": statistics.median(rtts),
+                "rtt_p99_ms": sorted(rtts)[int(len(rtts) * 0.99) - 1],
+                "ours_mb_s": total / elapsed / 1e6}
+    finally:
+        sink.kill()
+        pair.stop()
+
+
+def socat_figure(root: Path, mib: int, block: int | None = None) -> float:
+    """socat reading /dev/zero into a Unix socket and a second socat draining it."""
+    sock = root / "socat.sock"
+    sock.unlink(missing_ok=True)
+    opts = ["-b", str(block)] if block else []
+    receiver = subprocess.Popen(["socat", "-u", *opts, f"UNIX-LISTEN:{sock}", "OPEN:/dev/null"])
+    for _ in range(100):
+        if sock.exists():
+            break
+        time.sleep(0.02)
+    t0 = time.perf_counter()
+    subprocess.run(["socat", "-u", *opts, f"OPEN:/dev/zero,readbytes={mib << 20}",
+                    f"UNIX-CONNECT:{sock}"], check=True)
+    receiver.wait(60)
+    return (mib << 20) / (time.perf_counter() - t0) / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--pings", type=int, default=2000)
+    ap.add_argument("--sink", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.sink:
+        run_async(sink_worker(args.sink))
+        return
+    if not shutil.which("socat"):
+        sys.exit("bench/tunnel.py needs socat (bin/setup installs it)")
+    root = Path(tempfile.mkdtemp(prefix="vmbusify-bench-"))
+    try:
+        ours = run_async(tunnel_figures(root, args.mib, args.pings))
+        socat = max(socat_figure(root, args.mib) for _ in range(3))
+        socat_big = max(socat_figure(root, args.mib, CHUNK) for _ in range(3))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"tunnel benchmark on {os.cpu_count()} cores, {args.mib} MiB, {args.pings} pings")
+    print(f"  ping round trip (mux to mux): median {ours['rtt_median_ms']:.3f} ms, "
+          f"p99 {ours['rtt_p99_ms']:.3f} ms")
+    print(f"  one stream host->guest (worker, mux, tunnel, mux, worker): "
+          f"{ours['ours_mb_s']:.0f} MB/s")
+    print(f"  socat over a Unix socket, same bytes (default 8 KiB blocks): {socat:.0f} MB/s")
+    print(f"  socat with 256 KiB blocks (-b 262144):                     {socat_big:.0f} MB/s")
+    print(f"  ratio ours/socat: {ours['ours_mb_s'] / socat:.2f} (goal >= 0.80); "
+          f"ours/socat -b 256K: {ours['ours_mb_s'] / socat_big:.2f}")
+
+
+if __name__ == "__main__":
+    main()

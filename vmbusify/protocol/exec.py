@@ -1,0 +1,316 @@
+"""Command execution messages (spec 4.2): command listener <-> command executor, and the
+channels vmbusifyexec speaks to the listener. Sans-I/O, standard library only, so the
+``vmbusifyexec`` client can import it without paying for msgpack or ZeroMQ.
+
+Theory of operation
+-------------------
+The listener (host, Entity.CMD_LISTENER) opens two streams to the executor (guest,
+Entity.CMD_EXECUTOR): *main* (stdin down, stdout or the pty up) and, without a TTY, *err*
+(stderr up). It announces both with one START request whose package header carries the main
+stream's id and whose body (``ExecSpec.to_body``) names the err stream. The executor answers
+with ``StartReply``: the pid, or why the program could not start (exit code 126/127).
+
+While the program runs, SIGNAL and RESIZE messages go down (one-way, MESSAGE). When it has
+ended and both output streams reached EOF, one EXIT message comes up (``ExitStatus``). EXIT is
+a control message and may overtake the last DATA packages on the tunnel, so the listener
+reports the status only after both output streams ended. An exec is named on both ends by
+its main stream id. A reset main stream (client gone, tunnel lost) makes the executor kill
+the whole process tree.
+
+Exit codes (what vmbusifyexec exits with)::
+
+    0..125   the program's own exit status
+    124      --timeout expired: the whole remote process tree was killed
+    126      the program could not be started (not executable, bad -w or -u)
+    127      the program was not found
+    128+N    the program died of signal N
+    255      vmbusifyexec itself failed: usage, the command listener, unknown/unreachable/lost VM
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+from typing import Any
+
+from vmbusify.errors import RemoteProtocolError
+
+EXIT_TIMEOUT = 124
+EXIT_CANNOT_RUN = 126
+EXIT_NOT_FOUND = 127
+SIGNAL_BASE = 128
+EXIT_FAILURE = 255
+
+#: Limits on what one exec request may carry (the listener refuses more).
+MAX_ARGS = 4096
+MAX_ENV = 4096
+MAX_STRING = 128 << 10
+MAX_TIMEOUT = 366 * 86400.0
+#: Signals a client may forward (by name, so the two ends need not agree on numbers).
+FORWARDABLE = ("INT", "TERM", "HUP", "QUIT", "KILL", "USR1", "USR2", "WINCH", "CONT", "STOP")
+
+
+class ExecMessage(IntEnum):
+    """Message ids of the command listener and the command executor."""
+
+    #: REQUEST listener -> executor: start a program; header stream = the main stream.
+    START = 1
+    #: DATA / WINDOW of the exec streams (both directions).
+    DATA = 2
+    #: MESSAGE listener -> executor: deliver a signal to the running program.
+    SIGNAL = 3
+    #: MESSAGE listener -> executor: the client's terminal changed size.
+    RESIZE = 4
+    #: MESSAGE executor -> listener: the program ended (ExitStatus).
+    EXIT = 5
+
+
+class ExitReason(str, Enum):
+    """Why an exec ended."""
+
+    EXITED = "exited"
+    SIGNALED = "signaled"
+    TIMEOUT = "timeout"
+    NOT_FOUND = "not-found"
+    CANNOT_RUN = "cannot-run"
+    #: The tunnel, the listener or the client went away.
+    LOST = "lost"
+
+
+class Channel(IntEnum):
+    """First byte of every binary WebSocket message between vmbusifyexec and the listener."""
+
+    #: client -> listener: bytes for the program's stdin.
+    STDIN = 0
+    #: listener -> client: the program's stdout (or its pty, with a TTY).
+    STDOUT = 1
+    #: listener -> client: the program's stderr.
+    STDERR = 2
+    #: listener -> client: JSON ``{"exit_code": N, "reason": ..., "message": ...}``, then close.
+    STATUS = 3
+    #: client -> listener: JSON ``{"rows": R, "cols": C}``.
+    RESIZE = 4
+    #: client -> listener: JSON ``{"signal": "INT"}``.
+    SIGNAL = 5
+    #: client -> listener: ``b"\\xff\\x00"``: stdin reached EOF (close the remote stdin).
+    CLOSE = 255
+
+
+def _want(d: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str,
+          default: Any = None) -> Any:
+    """``d[key]`` checked against ``kind``; ``default`` when missing or null."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        raise RemoteProtocolError(f"{what}: {key!r} must be {_kind_name(kind)}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return "a number"
+    names = {str: "a string", bool: "true or false", int: "an integer", dict: "a map"}
+    return names.get(kind, kind.__name__)
+
+
+def _string(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise RemoteProtocolError(f"{what} must be a string")
+    if "\0" in value:
+        raise RemoteProtocolError(f"{what} contains a NUL byte")
+    if len(value) > MAX_STRING:
+        raise RemoteProtocolError(f"{what} is longer than {MAX_STRING} characters")
+    return value
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    """What to run, and how: the client's request, and the body of START."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = ""
+    user: str = ""
+    tty: bool = False
+    stdin: bool = False
+    #: Seconds before the whole process tree is killed (exit 124); None: no limit.
+    timeout: float | None = None
+    detach: bool = False
+    rows: int = 0
+    cols: int = 0
+    #: TERM for the remote pty (from the client's environment).
+    term: str = ""
+    #: START only: the id of the stderr stream (0 with a TTY or when detached).
+    err_stream: int = 0
+
+    def to_body(self) -> dict[str, Any]:
+        """The plain-data form (JSON for the client's request, msgpack in START)."""
+        body: dict[str, Any] = {"argv": list(self.argv)}
+        for key in ("env", "cwd", "user", "tty", "stdin", "timeout", "detach", "rows", "cols",
+                    "term", "err_stream"):
+            value = getattr(self, key)
+            if value:
+                body[key] = value
+        return body
+
+    @classmethod
+    def from_body(cls, d: Any, what: str = "exec request") -> ExecSpec:
+        """Validate a request; RemoteProtocolError with a one-line reason if it is malformed."""
+        if not isinstance(d, dict):
+            raise RemoteProtocolError(f"{what}: expected a JSON object")
+        unknown = set(d) - {"argv", "env", "cwd", "user", "tty", "stdin", "timeout", "detach",
+                            "rows", "cols", "term", "err_stream"}
+        if unknown:
+            raise RemoteProtocolError(f"{what}: unknown field {sorted(unknown)[0]!r}")
+        argv = d.get("argv")
+        if not isinstance(argv, list) or not argv:
+            raise RemoteProtocolError(f"{what}: 'argv' must be a non-empty list of strings")
+        if len(argv) > MAX_ARGS:
+            raise RemoteProtocolError(f"{what}: more than {MAX_ARGS} arguments")
+        argv = [_string(a, f"{what}: argument {i}") for i, a in enumerate(argv)]
+        if not argv[0]:
+            raise RemoteProtocolError(f"{what}: the program name is empty")
+        env = _want(d, "env", dict, what, {}) or {}
+        if len(env) > MAX_ENV:
+            raise RemoteProtocolError(f"{what}: more than {MAX_ENV} environment variables")
+        for k, v in env.items():
+            _string(k, f"{what}: environment name")
+            _string(v, f"{what}: environment value of {k}")
+            if not k or "=" in k:
+                raise RemoteProtocolError(f"{what}: bad environment name {k!r}")
+        timeout = _want(d, "timeout", (int, float), what)
+        if timeout is not None and not (0 < timeout <= MAX_TIMEOUT and math.isfinite(timeout)):
+            raise RemoteProtocolError(f"{what}: 'timeout' must be a number of seconds > 0")
+        rows = _want(d, "rows", int, what, 0) or 0
+        cols = _want(d, "cols", int, what, 0) or 0
+        if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
+            raise RemoteProtocolError(f"{what}: 'rows' and 'cols' must be in 0..65535")
+        err_stream = _want(d, "err_stream", int, what, 0) or 0
+        if not 0 <= err_stream <= 0xFFFFFFFF:
+            raise RemoteProtocolError(f"{what}: bad 'err_stream'")
+        spec = cls(
+            argv=argv, env=dict(env), cwd=_string(d.get("cwd") or "", f"{what}: 'cwd'"),
+            user=_string(d.get("user") or "", f"{what}: 'user'"),
+            tty=bool(_want(d, "tty", bool, what, False)),
+            stdin=bool(_want(d, "stdin", bool, what, False)),
+            timeout=float(timeout) if timeout is not None else None,
+            detach=bool(_want(d, "detach", bool, what, False)), rows=rows, cols=cols,
+            term=_string(d.get("term") or "", f"{what}: 'term'")[:64], err_stream=err_stream,
+        )
+        if spec.detach and (spec.tty or spec.stdin):
+            raise RemoteProtocolError(f"{what}: a detached exec takes no stdin and no TTY")
+        return spec
+
+
+@dataclass(frozen=True)
+class StartReply:
+    """The executor's answer to START: the pid, or why the program did not start."""
+
+    pid: int = 0
+    exit_code: int = 0
+    message: str = ""
+
+    @property
+    def started(self) -> bool:
+        return self.pid > 0
+
+    def to_body(self) -> dict[str, Any]:
+        if self.started:
+            return {"pid": self.pid}
+        return {"exit_code": self.exit_code, "message": self.message}
+
+    @classmethod
+    def from_body(cls, d: Any) -> StartReply:
+        if not isinstance(d, dict):
+            raise RemoteProtocolError("START reply: expected a map")
+        if "pid" in d:
+            pid = _want(d, "pid", int, "START reply")
+            if pid <= 0:
+                raise RemoteProtocolError("START reply: bad pid")
+            return cls(pid=pid)
+        code = _want(d, "exit_code", int, "START reply", EXIT_FAILURE)
+        return cls(exit_code=code, message=str(d.get("message", ""))[:2000])
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How an exec ended (the EXIT message, and the STATUS channel to the client)."""
+
+    exit_code: int
+    reason: ExitReason
+    message: str = ""
+    #: The exec's main stream id (EXIT only).
+    id: int = 0
+    #: The signal that killed the program, if any.
+    signal: int = 0
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"exit_code": self.exit_code, "reason": self.reason.value}
+        if self.message:
+            body["message"] = self.message
+        if self.id:
+            body["id"] = self.id
+        if self.signal:
+            body["signal"] = self.signal
+        return body
+
+    @classmethod
+    def from_body(cls, d: Any, what: str = "EXIT") -> ExitStatus:
+        if not isinstance(d, dict):
+            raise RemoteProtocolError(f"{what}: expected a map")
+        code = _want(d, "exit_code", int, what)
+        if code is None or not 0 <= code <= 255:
+            raise RemoteProtocolError(f"{what}: 'exit_code' must be in 0..255")
+        try:
+            reason = ExitReason(d.get("reason"))
+        except ValueError:
+            raise RemoteProtocolError(f"{what}: unknown reason {d.get('reason')!r}") from None
+        return cls(code, reason, str(d.get("message", ""))[:2000],
+                   _want(d, "id", int, what, 0) or 0, _want(d, "signal", int, what, 0) or 0)
+
+
+def status_from_returncode(returncode: int, exec_id: int = 0) -> ExitStatus:
+    """The ExitStatus of a program that ended with ``returncode`` (negative: killed by -N)."""
+    if returncode < 0:
+        sig = -returncode
+        return ExitStatus(SIGNAL_BASE + sig, ExitReason.SIGNALED, f"killed by {signal_name(sig)}",
+                          exec_id, sig)
+    return ExitStatus(returncode & 0xFF, ExitReason.EXITED, "", exec_id)
+
+
+def signal_name(signum: int) -> str:
+    """``SIGINT`` for 2; ``signal 99`` for numbers without a name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def parse_signal(name: Any) -> signal.Signals:
+    """A forwardable signal by name (``INT`` or ``SIGINT``); RemoteProtocolError otherwise."""
+    if not isinstance(name, str):
+        raise RemoteProtocolError("signal: expected a name like 'INT'")
+    short = name.upper().removeprefix("SIG")
+    if short not in FORWARDABLE:
+        raise RemoteProtocolError(f"signal {name!r} cannot be forwarded")
+    return signal.Signals[f"SIG{short}"]
+
+
+@dataclass(frozen=True)
+class Resize:
+    """A terminal size change."""
+
+    rows: int
+    cols: int
+
+    @classmethod
+    def from_body(cls, d: Any, what: str = "RESIZE") -> Resize:
+        if not isinstance(d, dict):
+            raise RemoteProtocolError(f"{what}: expected a map")
+        rows, cols = _want(d, "rows", int, what, 0), _want(d, "cols", int, what, 0)
+        if not (0 < rows <= 0xFFFF and 0 < cols <= 0xFFFF):
+            raise RemoteProtocolError(f"{what}: 'rows' and 'cols' must be in 1..65535")
+        return cls(rows, cols)
