@@ -24,11 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from vmbusify.lab.layout import INSTANCE
 from vmbusify.lab.testing import LAB_VMS, LabHandle, lab_status, vmbusify
 
 #: Held for a whole session that uses the lab, so two test sessions on one machine (two
 #: checkouts, or a developer and CI) take turns instead of taking the lab down under each other.
-SESSION_LOCK = Path("/run/lock/vmbusify-lab-tests.lock")
+SESSION_LOCK = Path(f"/run/lock/vmbusify-lab-tests{'-' + INSTANCE if INSTANCE else ''}.lock")
 SESSION_LOCK_WAIT = 900.0
 
 

@@ -36,6 +36,11 @@ from vmbusify.lab.layout import (
 )
 from vmbusify.lab.testing import BIN, LabHandle, lab_status, vm_states, vmbusify
 
+from vmbusify.lab.layout import INSTANCE as _INSTANCE
+
+# These tests check the documented names of the default lab (the one CI and bin/lab use).
+pytestmark = pytest.mark.skipif(bool(_INSTANCE), reason="checks the default lab instance only")
+
 LAB_NETNS = ["vmbl-ext", "vmbl-vm1", "vmbl-vm2"]
 
 

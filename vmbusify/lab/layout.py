@@ -21,21 +21,41 @@ Layout (K = 1..N)::
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmbusify.config import DEFAULT_CONTROL_PORT
+from vmbusify.config import DEFAULT_CONTROL_PORT, DEFAULT_PROXY_PORT
 from vmbusify.errors import LabError
 
+def _instance() -> tuple[str, int]:
+    """The lab instance named by ``$VMBUSIFY_LAB_INSTANCE`` ("" = the default lab) and its number.
+
+    Several engineers on one machine each get a lab of their own: an instance shifts every
+    name, address, path and port the lab uses, so two instances never touch each other.
+    CI and `bin/lab` use the default instance, whose names are the ones documented above.
+    """
+    name = os.environ.get("VMBUSIFY_LAB_INSTANCE", "").strip()
+    if not name:
+        return "", 0
+    if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", name):
+        raise LabError("VMBUSIFY_LAB_INSTANCE must be 1-6 lower-case letters or digits, "
+                       f"starting with a letter (got {name!r})")
+    return name, 1 + zlib.crc32(name.encode()) % 200
+
+
+INSTANCE, INSTANCE_NUMBER = _instance()
+
 #: Where the lab keeps its configs, run and state directories (root-only).
-LAB_ROOT = Path("/run/vmbusify-lab")
+LAB_ROOT = Path("/run/vmbusify-lab" + (f"-{INSTANCE}" if INSTANCE else ""))
 #: `ip netns exec NAME` bind-mounts ``/etc/netns/NAME/*`` over ``/etc/*``.
 ETC_NETNS = Path("/etc/netns")
 #: Every namespace and root-namespace link the lab makes starts with this.
-PREFIX = "vmbl-"
+PREFIX = f"vb{INSTANCE}-" if INSTANCE else "vmbl-"
 MAX_VMS = 254
 
 EXT_NETNS = f"{PREFIX}ext"
@@ -43,10 +63,15 @@ EXT_NETNS = f"{PREFIX}ext"
 EXT_HOST_IF = f"{PREFIX}ext0"
 #: The external namespace's side of that pair.
 EXT_IF = "eth0"
-EXT_HOST_IP = "198.18.0.1"
-EXT_IP = "198.18.0.2"
+EXT_HOST_IP = f"198.18.{INSTANCE_NUMBER}.1"
+EXT_IP = f"198.18.{INSTANCE_NUMBER}.2"
 EXT_PREFIXLEN = 24
-EXT_SUBNET = "198.18.0.0/24"
+EXT_SUBNET = f"198.18.{INSTANCE_NUMBER}.0/24"
+#: The host stack's command listener and proxy ports (shifted per instance).
+CONTROL_PORT = DEFAULT_CONTROL_PORT + 10 * INSTANCE_NUMBER
+PROXY_PORT = DEFAULT_PROXY_PORT + 10 * INSTANCE_NUMBER
+#: The host's virtual-subnet interface name (per instance, so instances never share one).
+SUBNET_IF = f"{PREFIX}sub0" if INSTANCE else "vmbus0"
 #: Names the lab's hosts files give (resolved from files only, never through real DNS).
 EXT_NAME = "external.lab"
 HOST_NAME = "host.lab"
@@ -144,7 +169,11 @@ class HostLayout:
 
     @property
     def control(self) -> str:
-        return f"127.0.0.1:{DEFAULT_CONTROL_PORT}"
+        return f"127.0.0.1:{CONTROL_PORT}"
+
+    @property
+    def proxy(self) -> str:
+        return f"127.0.0.1:{PROXY_PORT}"
 
 
 @dataclass(frozen=True)
@@ -296,8 +325,8 @@ def host_config(layout: LabLayout, vms: list[VMLayout]) -> str:
         "state_dir": str(layout.host.state_dir),
         "host": {"keep_connected": True},
         "control": {"listen": layout.host.control},
-        "proxy": {"allow": [ext.subnet]},
-        "subnet": {"uplink": ext.host_if, "dns_upstream": [ext.ip]},
+        "proxy": {"listen": layout.host.proxy, "allow": [ext.subnet]},
+        "subnet": {"uplink": ext.host_if, "dns_upstream": [ext.ip], "ifname": SUBNET_IF},
         "vms": [{"vmid": vm.vmid, "address": vm.tunnel_address} for vm in vms],
     })
 
