@@ -72,6 +72,11 @@ CONTROL_PORT = DEFAULT_CONTROL_PORT + 10 * INSTANCE_NUMBER
 PROXY_PORT = DEFAULT_PROXY_PORT + 10 * INSTANCE_NUMBER
 #: The host's virtual-subnet interface name (per instance, so instances never share one).
 SUBNET_IF = f"{PREFIX}sub0" if INSTANCE else "vmbus0"
+#: The virtual subnet's nftables table and addresses (per instance: the host stacks of all
+#: instances share the root namespace, so their tables and connected routes must differ).
+SUBNET_TABLE = f"vmbusify-{INSTANCE}" if INSTANCE else "vmbusify"
+SUBNET_CIDR = f"100.77.{INSTANCE_NUMBER}.0/24"
+SUBNET_CIDR6 = f"fd77:7662:7573:{INSTANCE_NUMBER:x}::/64"
 #: Names the lab's hosts files give (resolved from files only, never through real DNS).
 EXT_NAME = "external.lab"
 HOST_NAME = "host.lab"
@@ -326,7 +331,8 @@ def host_config(layout: LabLayout, vms: list[VMLayout]) -> str:
         "host": {"keep_connected": True},
         "control": {"listen": layout.host.control},
         "proxy": {"listen": layout.host.proxy, "allow": [ext.subnet]},
-        "subnet": {"uplink": ext.host_if, "dns_upstream": [ext.ip], "ifname": SUBNET_IF},
+        "subnet": {"uplink": ext.host_if, "dns_upstream": [ext.ip], "ifname": SUBNET_IF,
+                   "table": SUBNET_TABLE, "cidr": SUBNET_CIDR, "cidr6": SUBNET_CIDR6},
         "vms": [{"vmid": vm.vmid, "address": vm.tunnel_address} for vm in vms],
     })
 
