@@ -1,0 +1,272 @@
+"""The proxy client (spec 4.3.1): SOCKS5, SOCKS4/4a and HTTP proxy on 127.0.0.1:6542.
+
+Per user connection: read the handshake (protocol/socks.py), pick the VM (route.py), open a
+stream and send PROXY-OPEN, wait for PROXY-OPEN-ACK, answer the user with the far side's
+real outcome, then relay (relay.py). UDP ASSOCIATE gets a UDP socket on the listen address
+(udp_client.py). Nothing a user sends can raise out of ``serve``: bad input is answered in
+its protocol when possible, then the connection is closed, and the log says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import socket
+from typing import Any
+
+from vmbusify.bus.link import WorkerLink
+from vmbusify.bus.streams import Stream
+from vmbusify.config import ProxyConfig, Role
+from vmbusify.control.client import split_listen
+from vmbusify.errors import NotConnectedError, ProtocolError, RequestTimeout, TunnelError
+from vmbusify.protocol.entities import Entity
+from vmbusify.protocol.httpproxy import http_auth_required
+from vmbusify.protocol.proxy import Command, OpenAck, ProxyMessage, ProxyOpen, ReplyCode
+from vmbusify.protocol.socks import (
+    Handshake, HandshakeError, ProxyKind, Socks5Auth, Socks5Greeting, TargetRequest,
+)
+from vmbusify.workers.proxy.relay import abort_socket, relay, tune
+from vmbusify.workers.proxy.route import Route, RouteError, Router
+from vmbusify.workers.proxy.stats import ConnStats
+from vmbusify.workers.proxy.udp_client import UdpAssociation
+
+log = logging.getLogger("vmbusify.proxy.client")
+
+#: Seconds a user has to finish the handshake.
+HANDSHAKE_TIMEOUT = 30.0
+#: Extra seconds the client waits for PROXY-OPEN-ACK beyond the far side's connect timeout.
+ACK_MARGIN = 5.0
+
+
+class ProxyClient:
+    """Accepts users' proxy connections and carries them through the tunnel."""
+
+    def __init__(self, link: WorkerLink, cfg: ProxyConfig, role: Role, stats: ConnStats) -> None:
+        self.link = link
+        self.cfg = cfg
+        self.role = role
+        self.stats = stats
+        self.router = Router(link, role)
+        self._sock: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._next_conn = 0
+
+    def install(self) -> None:
+        """Register the route for the server's PROXY-DATA."""
+        self.link.route(Entity.PROXY_SERVER, ProxyMessage.DATA, None)
+
+    def listen(self) -> socket.socket:
+        """Bind the listening socket (raises OSError)."""
+        host, port = split_listen(self.cfg.listen)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(1024)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self._sock = sock
+        return sock
+
+    async def serve_forever(self) -> None:
+        """Accept users until cancelled."""
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self._sock)
+            except OSError as exc:  # EMFILE and friends: wait, do not spin
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            self._next_conn += 1
+            task = asyncio.ensure_future(self.serve(conn, f"conn={self._next_conn}"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- one connection --------------------------------------------------------------------
+    async def serve(self, conn: socket.socket, label: str) -> None:
+        """Handle one user connection to its end. Never raises (but for cancellation)."""
+        tune(conn)
+        hs = Handshake(require_auth=bool(self.cfg.username))
+        try:
+            req = await asyncio.wait_for(self._handshake(conn, hs, label), HANDSHAKE_TIMEOUT)
+        except TimeoutError:
+            log.info("%s: handshake not finished in %gs; closed", label, HANDSHAKE_TIMEOUT)
+            req = None
+        except HandshakeError as exc:
+            log.info("%s: bad handshake: %s", label, exc)
+            if exc.reply is not None:
+                await self._send_quietly(conn, hs.error_reply(exc.reply, str(exc)))
+            req = None
+        except OSError as exc:
+            log.debug("%s: connection lost during the handshake: %s", label, exc)
+            req = None
+        if req is None:
+            conn.close()
+            return
+        try:
+            await self._proxy(conn, hs, req, f"{label} target={req.host}:{req.port}")
+        except OSError as exc:
+            log.debug("%s: user connection lost: %s", label, exc)
+            conn.close()
+
+    async def _send_quietly(self, conn: socket.socket, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(conn, data), 5)
+        except (OSError, TimeoutError):
+            pass
+
+    async def _handshake(self, conn: socket.socket, hs: Handshake, label: str
+                         ) -> TargetRequest | None:
+        loop = asyncio.get_running_loop()
+        while True:
+            event = hs.next_event()
+            if event is None:
+                data = await loop.sock_recv(conn, 4096)
+                if not data:
+                    log.debug("%s: closed during the handshake", label)
+                    return None
+                hs.receive_data(data)
+            elif isinstance(event, Socks5Greeting):
+                try:
+                    answer = hs.select_method(event.methods)
+                except HandshakeError:
+                    await loop.sock_sendall(conn, hs.no_acceptable_method())
+                    raise
+                await loop.sock_sendall(conn, answer)
+            elif isinstance(event, Socks5Auth):
+                ok = self._credentials_ok(event.username, event.password)
+                await loop.sock_sendall(conn, hs.auth_result(ok))
+                if not ok:
+                    log.warning("%s: SOCKS5 authentication failed for user %r", label,
+                                event.username)
+                    return None
+            else:
+                return await self._check_request_auth(conn, hs, event, label)
+
+    def _credentials_ok(self, username: str, password: str) -> bool:
+        return hmac.compare_digest(username.encode(), self.cfg.username.encode()) and \
+            hmac.compare_digest(password.encode(), self.cfg.password.encode())
+
+    async def _check_request_auth(self, conn: socket.socket, hs: Handshake, req: TargetRequest,
+                                  label: str) -> TargetRequest | None:
+        if not self.cfg.username or req.kind is ProxyKind.SOCKS5:
+            return req
+        loop = asyncio.get_running_loop()
+        if req.kind is ProxyKind.SOCKS4:
+            log.warning("%s: SOCKS4 refused: this proxy requires a password", label)
+            await loop.sock_sendall(conn, hs.error_reply(ReplyCode.NOT_ALLOWED))
+            return None
+        creds = req.http.credentials() if req.http else None
+        if creds is None or not self._credentials_ok(*creds):
+            log.warning("%s: HTTP proxy request without valid credentials", label)
+            await loop.sock_sendall(conn, http_auth_required())
+            return None
+        return req
+
+    async def open_far(self, route: Route, command: Command, label: str
+                       ) -> tuple[OpenAck, Stream | None]:
+        """Open a stream and send PROXY-OPEN; the ACK and the stream (None on failure)."""
+        stream = await self.link.open_stream(route.vmid, Entity.PROXY_CLIENT,
+                                             Entity.PROXY_SERVER, ProxyMessage.DATA)
+        body = ProxyOpen(route.host, route.port, command).encode()
+        try:
+            raw = await self.link.sync_send(route.vmid, Entity.PROXY_CLIENT, ProxyMessage.OPEN,
+                                            body, stream=stream.id,
+                                            timeout=self.cfg.connect_timeout + ACK_MARGIN)
+            ack = OpenAck.decode(raw)
+        except RequestTimeout as exc:
+            ack = OpenAck(ReplyCode.TTL_EXPIRED, reason=str(exc))
+        except NotConnectedError as exc:
+            ack = OpenAck(ReplyCode.NETWORK_UNREACHABLE, reason=str(exc))
+        except TunnelError as exc:
+            ack = OpenAck(ReplyCode.NETWORK_UNREACHABLE
+                          if "unknown VM" in str(exc) or "not connected" in str(exc)
+                          else ReplyCode.GENERAL_FAILURE, reason=str(exc))
+        except ProtocolError as exc:
+            ack = OpenAck(ReplyCode.GENERAL_FAILURE, reason=str(exc))
+        if not ack.ok:
+            self.link.streams.forget(stream)
+            return ack, None
+        return ack, stream
+
+    async def _proxy(self, conn: socket.socket, hs: Handshake, req: TargetRequest,
+                     label: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            route = await self.router.route(req.host, req.port)
+        except RouteError as exc:
+            log.info("%s: no route (%d): %s", label, exc.reply, exc)
+            await loop.sock_sendall(conn, hs.error_reply(exc.reply, str(exc)))
+            conn.close()
+            return
+        label = f"vm={route.vmid} {label}"
+        if req.command is Command.UDP:
+            await self._udp(conn, hs, route, label)
+            return
+        ack, stream = await self.open_far(route, Command.CONNECT, label)
+        if stream is None:
+            log.info("%s: refused by the far side (%d %s): %s", label, ack.reply,
+                     ack.reply.text, ack.reason)
+            self.stats.refused(route.vmid)
+            await loop.sock_sendall(conn, hs.error_reply(ack.reply, ack.reason))
+            conn.close()
+            return
+        self.stats.opened(stream)
+        label = f"{label} stream={stream.id}"
+        log.debug("%s: open", label)
+        try:
+            await loop.sock_sendall(conn, hs.success_reply(ack.bound_host, ack.bound_port))
+            first = hs.trailing
+            if req.http is not None and not req.http.is_connect:
+                first = req.http.forward_head() + first
+            if first:
+                await stream.write(first)
+        except BaseException:
+            await stream.reset("user connection lost")
+            self.stats.closed(stream)
+            abort_socket(conn)
+            raise
+        try:
+            await relay(conn, stream, label)
+        finally:
+            self.stats.closed(stream)
+
+    async def _udp(self, conn: socket.socket, hs: Handshake, route: Route, label: str) -> None:
+        loop = asyncio.get_running_loop()
+        if self.role is Role.HOST:
+            log.info("%s: UDP ASSOCIATE refused: offered inside VMs only", label)
+            await loop.sock_sendall(conn, hs.error_reply(ReplyCode.COMMAND_NOT_SUPPORTED))
+            conn.close()
+            return
+        ack, stream = await self.open_far(route, Command.UDP, label)
+        if stream is None:
+            self.stats.refused(route.vmid)
+            await loop.sock_sendall(conn, hs.error_reply(ack.reply, ack.reason))
+            conn.close()
+            return
+        self.stats.opened(stream)
+        assoc = UdpAssociation(conn, stream, f"{label} stream={stream.id}")
+        try:
+            host, port = await assoc.open(conn.getsockname()[0])
+            await loop.sock_sendall(conn, hs.success_reply(host, port))
+            await assoc.run()
+        finally:
+            self.stats.closed(stream)
+
+    def describe(self) -> dict[str, Any]:
+        return {"listen": self.cfg.listen, "auth": bool(self.cfg.username)}

@@ -1,0 +1,166 @@
+"""The proxy server (spec 4.3.2): answers PROXY-OPEN by connecting to the target.
+
+Resolve, check the egress policy on every resolved address, connect, and only then answer
+PROXY-OPEN-ACK, so the reply code is the real outcome. The stream is accepted only on
+success; a refusal is logged with the VM and the rule that refused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+from vmbusify.bus.link import Inbound, WorkerLink
+from vmbusify.config import ProxyConfig, Role
+from vmbusify.errors import ProtocolError
+from vmbusify.protocol.entities import Entity
+from vmbusify.protocol.proxy import Command, OpenAck, ProxyMessage, ProxyOpen, ReplyCode
+from vmbusify.protocol.proxy import reply_for_errno
+from vmbusify.workers.proxy.policy import EgressPolicy
+from vmbusify.workers.proxy.relay import relay, tune
+from vmbusify.workers.proxy.resolve import NameNotFound, Resolver
+from vmbusify.workers.proxy.stats import ConnStats
+from vmbusify.workers.proxy.udp import UdpRelay
+
+log = logging.getLogger("vmbusify.proxy.server")
+
+
+class ProxyServer:
+    """Connects to targets on behalf of the peer's proxy client."""
+
+    def __init__(self, link: WorkerLink, cfg: ProxyConfig, role: Role, stats: ConnStats) -> None:
+        self.link = link
+        self.cfg = cfg
+        self.policy = EgressPolicy.from_config(cfg, role)
+        self.resolver = Resolver(cfg.hosts_file)
+        self.stats = stats
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def install(self) -> None:
+        """Register the routes: PROXY-OPEN requests and the client's PROXY-DATA."""
+        self.link.route(Entity.PROXY_CLIENT, ProxyMessage.OPEN, self.on_open)
+        self.link.route(Entity.PROXY_CLIENT, ProxyMessage.DATA, None)
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def on_open(self, msg: Inbound) -> dict[str, Any]:
+        """Handle one PROXY-OPEN; the return value is the PROXY-OPEN-ACK."""
+        label = f"vm={msg.vmid} stream={msg.stream}"
+        try:
+            req = ProxyOpen.decode(msg.body)
+        except ProtocolError as exc:
+            log.warning("%s: bad PROXY-OPEN: %s", label, exc)
+            self.stats.refused(msg.vmid)
+            return OpenAck(ReplyCode.GENERAL_FAILURE, reason=str(exc)).encode()
+        label += f" target={req.host}:{req.port}"
+        if req.command is Command.UDP:
+            return await self._open_udp(msg, label)
+        if req.command is not Command.CONNECT:
+            return self._refuse(msg.vmid, label, ReplyCode.COMMAND_NOT_SUPPORTED,
+                                f"command {req.command.name} not supported")
+        ack, sock = await self.connect(req.host, req.port, label)
+        if sock is None:
+            self.stats.refused(msg.vmid)
+            return ack.encode()
+        try:
+            stream = self.link.streams.accept(msg.vmid, Entity.PROXY_SERVER, msg.package,
+                                              ProxyMessage.DATA)
+        except ProtocolError as exc:
+            sock.close()
+            return self._refuse(msg.vmid, label, ReplyCode.GENERAL_FAILURE, str(exc))
+        self.stats.opened(stream)
+        log.debug("%s: connected", label)
+        self._spawn(self._relay(sock, stream, label))
+        return ack.encode()
+
+    async def _relay(self, sock: socket.socket, stream: Any, label: str) -> None:
+        try:
+            await relay(sock, stream, label)
+        finally:
+            self.stats.closed(stream)
+
+    def _refuse(self, vmid: str, label: str, code: ReplyCode, reason: str) -> dict[str, Any]:
+        log.info("%s: refused (%d %s): %s", label, code, code.text, reason)
+        self.stats.refused(vmid)
+        return OpenAck(code, reason=reason).encode()
+
+    async def allowed_addresses(self, host: str, port: int, label: str,
+                                kind: int = socket.SOCK_STREAM) -> tuple[list[str], OpenAck]:
+        """Resolved addresses the policy allows, or none and the refusal to send."""
+        try:
+            addrs = await self.resolver.resolve(host, port, kind)
+        except NameNotFound as exc:
+            log.info("%s: refused (4): %s", label, exc)
+            return [], OpenAck(ReplyCode.HOST_UNREACHABLE, reason=str(exc))
+        allowed: list[str] = []
+        last = ""
+        for addr in addrs:
+            decision = self.policy.check(addr, port)
+            if decision.allowed:
+                allowed.append(addr)
+            else:
+                log.warning("%s: egress refused by policy: %s", label, decision.reason)
+                last = decision.reason
+        if not allowed:
+            return [], OpenAck(ReplyCode.NOT_ALLOWED, reason=last)
+        return allowed, OpenAck(ReplyCode.SUCCEEDED)
+
+    async def connect(self, host: str, port: int, label: str
+                      ) -> tuple[OpenAck, socket.socket | None]:
+        """Resolve, check and connect; the ACK to send and the socket (None on failure)."""
+        addrs, refusal = await self.allowed_addresses(host, port, label)
+        if not addrs:
+            return refusal, None
+        loop = asyncio.get_running_loop()
+        ack = OpenAck(ReplyCode.GENERAL_FAILURE, reason="no address to try")
+        for addr in addrs:
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            tune(sock)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, (addr, port)),
+                                       self.cfg.connect_timeout)
+            except TimeoutError:
+                sock.close()
+                ack = OpenAck(ReplyCode.TTL_EXPIRED,
+                              reason=f"connect to {addr}:{port} timed out")
+                continue
+            except OSError as exc:
+                sock.close()
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                ack = OpenAck(reply_for_errno(exc.errno), reason=f"connect to {addr}:{port}: {why}")
+                continue
+            bound = sock.getsockname()
+            return OpenAck(ReplyCode.SUCCEEDED, bound[0], bound[1]), sock
+        log.info("%s: failed (%d %s): %s", label, ack.reply, ack.reply.text, ack.reason)
+        return ack, None
+
+    async def _open_udp(self, msg: Inbound, label: str) -> dict[str, Any]:
+        stream = self.link.streams.accept(msg.vmid, Entity.PROXY_SERVER, msg.package,
+                                          ProxyMessage.DATA)
+        udp = UdpRelay(self, stream, label)
+        try:
+            await udp.start()
+        except OSError as exc:
+            await stream.reset(str(exc))
+            return self._refuse(msg.vmid, label, reply_for_errno(exc.errno), str(exc))
+        self.stats.opened(stream)
+        self._spawn(self._run_udp(udp, stream))
+        return OpenAck(ReplyCode.SUCCEEDED).encode()
+
+    async def _run_udp(self, udp: UdpRelay, stream: Any) -> None:
+        try:
+            await udp.run()
+        finally:
+            self.stats.closed(stream)
