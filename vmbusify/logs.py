@@ -8,6 +8,9 @@ import sys
 
 def setup_logging(program: str, level: str = "INFO") -> None:
     """Log to stdout as ``time level program: message`` (context like vm=... in the message)."""
+    # supervisord reads our stdout through a pipe: flush every line, or logs lag behind.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(
         f"%(asctime)s %(levelname)s {program}[%(process)d] %(name)s: %(message)s"))

@@ -251,9 +251,11 @@ class MuxApp:
         """The peer with this vmid (or, on the host, any IP it reported)."""
         p = self.peers.get(vmid)
         if p is None:
-            p = self.peers.get(self.vmid_by_ip(vmid)) if vmid else None
-        if p is None:
-            raise UnknownVMError(f"unknown VM {vmid!r}")
+            try:
+                p = self.peers[self.vmid_by_ip(vmid)]
+            except (UnknownVMError, KeyError):
+                raise UnknownVMError(f"unknown VM {vmid!r}: neither a configured vmid nor an "
+                                     "address a VM reported") from None
         return p
 
     def vmid_by_ip(self, ip: str) -> str:

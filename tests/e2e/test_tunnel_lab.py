@@ -1,0 +1,205 @@
+"""The tunnel in the lab: real supervisord stacks on host and simulated VMs (needs root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import psutil
+
+from vmbusify.config import load_config
+from vmbusify.lab.testing import LabHandle
+from vmbusify.protocol.package import PackageDecoder
+from vmbusify.protocol.tunnel import Bye, Hello
+
+RECOVERY = 20.0
+
+
+def status(lab: LabHandle, target: str = "host") -> dict[str, Any]:
+    return json.loads(lab.ctl("status", "--json", target=target).stdout)
+
+
+def vm(doc: dict[str, Any], vmid: str) -> dict[str, Any]:
+    return next(v for v in doc["vms"] if v["vmid"] == vmid)
+
+
+def wait_for(pred: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = pred()
+        except Exception:  # the thing being waited for may be restarting
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g}s")
+        time.sleep(0.25)
+
+
+def connected_with_rtt(lab: LabHandle, vmid: str) -> bool:
+    rec = vm(status(lab), vmid)
+    return rec["state"] == "connected" and rec["rtt_ms"] is not None
+
+
+def test_status_shows_both_vms_connected_with_rtt(lab: LabHandle) -> None:
+    wait_for(lambda: all(connected_with_rtt(lab, v) for v in ("vm1", "vm2")), 30,
+             "both VMs connected with an rtt")
+    doc = status(lab)
+    for rec in doc["vms"]:
+        for key in ("vmid", "address", "state", "connected_since", "rtt_ms", "ips",
+                    "bytes_in", "bytes_out"):
+            assert key in rec, key
+    assert {w["name"] for w in doc["workers"]} >= {"control"}
+    assert {p["name"]: p["state"] for p in doc["programs"]}["mux"] == "RUNNING"
+    human = lab.ctl("status").stdout
+    assert "vm1" in human and "connected" in human
+
+
+def test_vmid_by_sdn_ip(lab: LabHandle) -> None:
+    for rec in lab.status["vms"]:
+        assert lab.ctl("vmid", rec["sdn_ip"]).stdout.strip() == rec["vmid"]
+    bad = lab.ctl("vmid", "192.0.2.77", check=False)
+    assert bad.returncode == 1 and "no VM reported" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_ping_list_and_guest_view(lab: LabHandle) -> None:
+    out = lab.ctl("ping", "vm1").stdout
+    assert out.startswith("vm1: rtt ")
+    assert "vm1\tconnected" in lab.ctl("list").stdout
+    guest = status(lab, target="vm1")
+    assert guest["role"] == "guest" and guest["vms"][0]["state"] == "connected"
+
+
+def test_unauthenticated_requests_get_401(lab: LabHandle) -> None:
+    cfg = load_config(f"{lab.layout.host.config_path}")
+    host, port = cfg.control.listen.rsplit(":", 1)
+    import http.client
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
+        conn = http.client.HTTPConnection(host, int(port), timeout=5)
+        conn.request("GET", "/v1/status", headers=headers)
+        resp = conn.getresponse()
+        assert resp.status == 401
+        assert "error" in json.loads(resp.read())
+        conn.close()
+    st = os.stat(cfg.token_path)
+    assert st.st_mode & 0o077 == 0 and st.st_uid == 0
+
+
+def test_disconnect_and_connect(lab: LabHandle) -> None:
+    assert "vm2: disconnected" in lab.ctl("disconnect", "vm2").stdout
+    time.sleep(1.0)
+    assert vm(status(lab), "vm2")["state"] == "disconnected"  # stays down: keep_connected waits
+    assert "vm2: connected" in lab.ctl("connect", "vm2").stdout
+    unknown = lab.ctl("connect", "vm99", check=False)
+    assert unknown.returncode == 1 and "unknown VM" in unknown.stderr
+
+
+def _kill_and_wait(lab: LabHandle, target: str, program: str) -> float:
+    pid = lab.program_pid(target, program)
+    assert pid, f"{program} not running on {target}"
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: lab.program_pid(target, program) not in (None, pid), RECOVERY,
+             f"{target} {program} restarted")
+    wait_for(lambda: connected_with_rtt(lab, "vm1"), RECOVERY, "vm1 connected again")
+    return time.monotonic() - t0
+
+
+def test_kill_guest_mux_tunnel_back(lab: LabHandle) -> None:
+    before = vm(status(lab), "vm1")["connects"]
+    took = _kill_and_wait(lab, "vm1", "mux")
+    assert took < RECOVERY
+    assert vm(status(lab), "vm1")["connects"] > before
+
+
+def test_kill_host_mux_tunnel_back(lab: LabHandle) -> None:
+    took = _kill_and_wait(lab, "host", "mux")
+    assert took < RECOVERY
+    wait_for(lambda: all(connected_with_rtt(lab, v) for v in ("vm1", "vm2")), RECOVERY,
+             "both VMs back")
+    # the workers registered again with the new mux
+    wait_for(lambda: "control" in {w["name"] for w in status(lab)["workers"]}, 10,
+             "control registered with the new mux")
+
+
+def test_kill_worker_restarted_and_registered_tunnel_untouched(lab: LabHandle) -> None:
+    since = vm(status(lab), "vm1")["connected_since"]
+    pid = lab.program_pid("vm1", "control")
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+
+    def registered_again() -> bool:
+        new = lab.program_pid("vm1", "control")
+        workers = {w["name"]: w["pid"] for w in status(lab, target="vm1")["workers"]}
+        return new not in (None, pid) and workers.get("control") == new
+
+    wait_for(registered_again, RECOVERY, "the guest's control worker restarted and registered")
+    assert vm(status(lab), "vm1")["connected_since"] == since  # the tunnel never dropped
+
+
+def test_guest_stack_restart_like_a_reboot(lab: LabHandle) -> None:
+    lab.supervisorctl("vm2", "stop", "all")
+    wait_for(lambda: vm(status(lab), "vm2")["state"] != "connected", RECOVERY, "vm2 seen down")
+    t0 = time.monotonic()
+    lab.supervisorctl("vm2", "start", "all")
+    wait_for(lambda: connected_with_rtt(lab, "vm2"), RECOVERY, "vm2 back after its start")
+    assert time.monotonic() - t0 < RECOVERY
+
+
+def _tunnel_path(lab: LabHandle, vmid: str) -> str:
+    return str(lab.layout.vm(vmid).tunnel_path)
+
+
+def _exchange(path: str, data: bytes) -> list[Any]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    try:
+        s.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    dec = PackageDecoder()
+    out: list[Any] = []
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        dec.receive_data(chunk)
+        out.extend(dec.packages())
+    s.close()
+    return out
+
+
+def test_second_host_connection_refused(lab: LabHandle) -> None:
+    pkgs = _exchange(_tunnel_path(lab, "vm1"), Hello("host", "intruder", "0").package().encode())
+    assert pkgs and "another host connection is live" in Bye.decode(pkgs[0].payload).reason
+    assert connected_with_rtt(lab, "vm1")
+
+
+def test_garbage_dropped_guest_keeps_serving(lab: LabHandle) -> None:
+    lab.ctl("disconnect", "vm1")
+    mux = psutil.Process(lab.program_pid("vm1", "mux"))
+    rss = mux.memory_info().rss
+    hello = Hello("host", "x", "0").package().encode()
+    for junk in (os.urandom(4096), b"XXXX" + hello[4:24],
+                 hello[:20] + (0xFFFFFFFF).to_bytes(4, "big") + b"\0" * 65536):
+        _exchange(_tunnel_path(lab, "vm1"), junk)
+    log = (lab.layout.vm("vm1").run_dir / "mux.log").read_text(errors="replace")
+    assert "bad signature" in log and "exceeds the maximum" in log
+    assert mux.is_running() and mux.memory_info().rss < rss + 8 * 1024 * 1024
+    lab.ctl("connect", "vm1")
+    wait_for(lambda: connected_with_rtt(lab, "vm1"), RECOVERY, "vm1 back")
+
+
+def test_supervisorctl_status_lists_programs(lab: LabHandle) -> None:
+    out = lab.supervisorctl("host", "status")
+    assert "mux" in out and "RUNNING" in out
