@@ -181,7 +181,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-_SIMPLE = {"str": str, "float": (int, float), "int": int, "bool": bool}
+_SIMPLE: dict[str, type | tuple[type, ...]] = {
+    "str": str, "float": (int, float), "int": int, "bool": bool,
+}
 
 
 def _convert(type_name: Any, value: Any, where: str) -> Any:

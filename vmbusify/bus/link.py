@@ -32,11 +32,21 @@ from vmbusify.bus.sockets import connect_dealer
 from vmbusify.bus.streams import Stream, StreamTable
 from vmbusify.config import Config, Role
 from vmbusify.errors import (
-    ControlError, NotConnectedError, ProtocolError, RequestTimeout, TunnelError, VMBusifyError,
+    ControlError,
+    NotConnectedError,
+    ProtocolError,
+    RequestTimeout,
+    TunnelError,
+    VMBusifyError,
 )
 from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.package import (
-    MAX_PAYLOAD_LIMIT, Package, PackageFlag, PackageType, decode_header,
+    MAX_PAYLOAD_LIMIT,
+    Package,
+    PackageFlag,
+    PackageType,
+    Payload,
+    decode_header,
 )
 from vmbusify.protocol.serialize import dumps, loads, loads_dict
 
@@ -146,7 +156,7 @@ class WorkerLink:
             raise TunnelError("the host must name the target vmid")
         return vmid
 
-    async def _send_frames(self, frames: list[bytes]) -> None:
+    async def _send_frames(self, frames: list[Payload]) -> None:
         assert self._sock is not None, "start() first"
         async with self._send_lock:
             await self._sock.send_multipart(frames, copy=len(frames[-1]) < 65536)
@@ -185,7 +195,7 @@ class WorkerLink:
         finally:
             self._calls.pop(call_id, None)
         if ack.flags & PackageFlag.ERROR:
-            reason = ack.payload.decode("utf-8", "replace")
+            reason = bytes(ack.payload).decode("utf-8", "replace")
             if reason.startswith("not connected:"):
                 raise NotConnectedError(reason)
             raise TunnelError(reason)

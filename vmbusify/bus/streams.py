@@ -17,9 +17,13 @@ from enum import Enum
 
 from vmbusify.errors import FlowControlError, ProtocolError, VMBusifyError
 from vmbusify.protocol.entities import entity_label
-from vmbusify.protocol.package import Package, PackageFlag, PackageType
+from vmbusify.protocol.package import Package, PackageFlag, PackageType, Payload
 from vmbusify.protocol.window import (
-    INITIAL_WINDOW, ReceiveWindow, SendWindow, decode_increment, encode_increment,
+    INITIAL_WINDOW,
+    ReceiveWindow,
+    SendWindow,
+    decode_increment,
+    encode_increment,
 )
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,7 @@ class Stream:
         self.bytes_out = 0
         self._send = SendWindow(INITIAL_WINDOW)
         self._recv = ReceiveWindow(INITIAL_WINDOW)
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks: collections.deque[Payload] = collections.deque()
         self._readable = asyncio.Event()
         self._credit = asyncio.Event()
         self._remote_eof = False
@@ -77,7 +81,7 @@ class Stream:
                 f" id={self.id} {self.state.value}>")
 
     # -- sending ---------------------------------------------------------------------------
-    def _package(self, ptype: PackageType, payload: bytes = b"",
+    def _package(self, ptype: PackageType, payload: Payload = b"",
                  flags: PackageFlag = PackageFlag.NONE) -> Package:
         return Package(ptype, self.local, self.message_id, 0, self.id, flags, payload)
 
@@ -123,7 +127,7 @@ class Stream:
         )
 
     # -- receiving -------------------------------------------------------------------------
-    async def read(self) -> bytes:
+    async def read(self) -> Payload:
         """The next chunk of bytes; b"" once the peer sent EOF. Raises StreamReset."""
         while not self._chunks:
             if self.state is StreamState.RESET:
@@ -151,7 +155,7 @@ class Stream:
             self._credit.set()
             return
         if pkg.flags & PackageFlag.RESET:
-            self._abort(pkg.payload.decode("utf-8", "replace") or "reset by peer")
+            self._abort(bytes(pkg.payload).decode("utf-8", "replace") or "reset by peer")
             return
         if pkg.payload:
             if self._remote_eof:

@@ -64,8 +64,9 @@ def _bytes(n: int) -> str:
 
 def render_status(st: dict[str, Any]) -> str:
     """The human form of `vmbusifyctl status`."""
-    lines = [f"{st['role']} {st['name']} (vmbusify {st['version']}, mux pid {st['pid']}, "
-             f"up {_age(st['started'])})", ""]
+    title = (f"{st['role']} {st['name']} (vmbusify {st['version']}, mux pid {st['pid']}, "
+             f"up {_age(st['started'])})")
+    lines = [title, ""]
     header = f"{'VMID':<20} {'STATE':<13} {'RTT':>9} {'UP':>9} {'IN':>10} {'OUT':>10}  IPS"
     lines.append(header)
     for vm in st["vms"]:

@@ -23,14 +23,19 @@ from vmbusify.config import Config
 from vmbusify.control.client import split_listen
 from vmbusify.control.token import ensure_token, token_matches
 from vmbusify.errors import (
-    ControlError, NotConnectedError, RequestTimeout, TunnelError, UnknownVMError, VMBusifyError,
+    ControlError,
+    NotConnectedError,
+    RequestTimeout,
+    TunnelError,
+    UnknownVMError,
+    VMBusifyError,
 )
 from vmbusify.protocol.entities import Entity
 
 log = logging.getLogger("vmbusify.control")
 
 #: Modules with a ``setup(app: web.Application, ctx: ControlContext) -> None`` adding routes.
-ROUTE_MODULES = ["vmbusify.control.builtin"]
+ROUTE_MODULES = ["vmbusify.control.builtin", "vmbusify.control.exec"]
 
 
 @dataclass

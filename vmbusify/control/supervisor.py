@@ -22,7 +22,7 @@ def program_states(config: Config) -> list[dict[str, Any]]:
     transport = SupervisorTransport(None, None, url)
     proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
     try:
-        infos = proxy.supervisor.getAllProcessInfo()
+        infos: list[dict[str, Any]] = proxy.supervisor.getAllProcessInfo()  # type: ignore[assignment]
     except (OSError, xmlrpc.client.Error) as exc:
         return [{"error": f"supervisord at {url}: {exc}"}]
     finally:

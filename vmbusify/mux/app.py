@@ -29,7 +29,13 @@ from vmbusify.mux.router import RouteTable
 from vmbusify.mux.tunnel import Tunnel
 from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.package import (
-    MAX_PAYLOAD_LIMIT, Package, PackageFlag, PackageType, decode_header, encode_header,
+    MAX_PAYLOAD_LIMIT,
+    Package,
+    PackageFlag,
+    PackageType,
+    Payload,
+    decode_header,
+    encode_header,
 )
 from vmbusify.protocol.serialize import dumps, loads_dict
 from vmbusify.protocol.tunnel import Hello
@@ -65,11 +71,11 @@ class MuxApp:
             self._sock.close(linger=0)
         self._ctx.term()
 
-    def to_worker(self, identity: bytes, frames: list[bytes]) -> bool:
+    def to_worker(self, identity: bytes, frames: list[Payload]) -> bool:
         """Send to one worker without ever blocking; a vanished worker is unregistered."""
         assert self._sock is not None
-        fut = self._sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK,
-                                        copy=len(frames[-1]) < _BIG)
+        fut: Any = self._sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK,
+                                             copy=len(frames[-1]) < _BIG)
         exc = fut.exception() if fut.done() else None
         if exc is None:
             return True
@@ -141,11 +147,11 @@ class MuxApp:
             return
         tunnel = peer.tunnel
         if tunnel is None:
-            if h.type in (PackageType.REQUEST, PackageType.MESSAGE) and self.side.can_wait(peer):
-                if len(peer.waiting) < MAX_WAITING:
-                    peer.waiting.append((header, payload, identity))
-                    self.side.connect_on_demand(peer)
-                    return
+            may_wait = h.type in (PackageType.REQUEST, PackageType.MESSAGE)
+            if may_wait and self.side.can_wait(peer) and len(peer.waiting) < MAX_WAITING:
+                peer.waiting.append((header, payload, identity))
+                self.side.connect_on_demand(peer)
+                return
             self._fail(identity, vmid, h.type, h.id, h.message_id,
                        f"not connected: {vmid} is {peer.state.value}"
                        + (f" ({peer.last_error})" if peer.last_error else ""))

@@ -8,6 +8,7 @@ from enum import Enum
 from typing import Any
 
 from vmbusify.mux.tunnel import Tunnel
+from vmbusify.protocol.package import Payload
 
 #: Packages held for a VM while the host connects to it on demand.
 MAX_WAITING = 1024
@@ -41,7 +42,7 @@ class Peer:
     manual_down: bool = False
     runner: asyncio.Task[None] | None = None
     #: (header, payload, sender identity) held while connecting on demand.
-    waiting: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
+    waiting: list[tuple[bytes, Payload, bytes]] = field(default_factory=list)
     state_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def set_state(self, state: PeerState, error: str = "") -> None:

@@ -38,6 +38,8 @@ HEADER_SIZE = HEADER.size  # 24
 DEFAULT_MAX_PAYLOAD = 1 << 20
 MAX_PAYLOAD_LIMIT = 16 << 20
 MAX_ID = 0xFFFFFFFF
+#: A payload: bytes, or (on the mux's zero-copy path) a view of a received chunk.
+Payload = bytes | memoryview
 
 
 class PackageType(IntEnum):
@@ -81,7 +83,7 @@ class Package:
     id: int = 0
     stream: int = 0
     flags: PackageFlag = PackageFlag.NONE
-    payload: bytes | memoryview = b""
+    payload: Payload = b""
 
     def header(self) -> bytes:
         """The 24-byte header of this package (payload not included)."""

@@ -20,7 +20,7 @@ def dumps(obj: Any) -> bytes:
         raise LocalProtocolError(f"cannot encode message: {exc}") from exc
 
 
-def loads(data: bytes) -> Any:
+def loads(data: bytes | memoryview) -> Any:
     """Decode an application message from a peer; raises RemoteProtocolError if invalid."""
     try:
         return msgpack.unpackb(
@@ -32,7 +32,7 @@ def loads(data: bytes) -> Any:
         raise RemoteProtocolError(f"malformed application message: {exc}") from None
 
 
-def loads_dict(data: bytes, what: str) -> dict[str, Any]:
+def loads_dict(data: bytes | memoryview, what: str) -> dict[str, Any]:
     """Decode a message that must be a map; raises RemoteProtocolError otherwise."""
     obj = loads(data)
     if not isinstance(obj, dict):

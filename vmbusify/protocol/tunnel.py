@@ -8,7 +8,7 @@ from typing import Any
 
 from vmbusify.errors import RemoteProtocolError
 from vmbusify.protocol.entities import Entity, TunnelMessage
-from vmbusify.protocol.package import PROTOCOL_VERSION, Package, PackageType
+from vmbusify.protocol.package import PROTOCOL_VERSION, Package, PackageType, Payload
 from vmbusify.protocol.serialize import dumps, loads_dict
 
 
@@ -34,7 +34,7 @@ class Hello:
                        payload=dumps(asdict(self)))
 
     @classmethod
-    def decode(cls, payload: bytes) -> Hello:
+    def decode(cls, payload: Payload) -> Hello:
         d = loads_dict(payload, "HELLO")
         ips = _require(d, "ips", list, "HELLO")
         for ip in ips:
@@ -65,7 +65,7 @@ class Ping:
                        payload=dumps({"nonce": self.nonce}))
 
     @classmethod
-    def decode(cls, payload: bytes) -> Ping:
+    def decode(cls, payload: Payload) -> Ping:
         return cls(_require(loads_dict(payload, "PING"), "nonce", int, "PING"))
 
 
@@ -80,7 +80,7 @@ class Pong:
                        payload=dumps({"nonce": self.nonce}))
 
     @classmethod
-    def decode(cls, payload: bytes) -> Pong:
+    def decode(cls, payload: Payload) -> Pong:
         return cls(_require(loads_dict(payload, "PONG"), "nonce", int, "PONG"))
 
 
@@ -95,5 +95,5 @@ class Bye:
                        payload=dumps({"reason": self.reason}))
 
     @classmethod
-    def decode(cls, payload: bytes) -> Bye:
+    def decode(cls, payload: Payload) -> Bye:
         return cls(_require(loads_dict(payload, "BYE"), "reason", str, "BYE")[:500])

@@ -27,7 +27,7 @@ def encode_increment(n: int) -> bytes:
     return _INCREMENT.pack(n)
 
 
-def decode_increment(payload: bytes) -> int:
+def decode_increment(payload: bytes | memoryview) -> int:
     """The credit a WINDOW package grants; raises RemoteProtocolError if malformed."""
     if len(payload) != _INCREMENT.size:
         raise RemoteProtocolError(f"WINDOW payload must be 4 bytes, got {len(payload)}")
