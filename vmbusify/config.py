@@ -213,7 +213,7 @@ def _convert(type_name: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {type_name}, got a boolean")
         if not isinstance(value, expected):
             raise ConfigError(f"{where}: expected {type_name}, got {type(value).__name__}")
-        return float(value) if type_name == "float" else value
+        return float(value) if type_name == "float" else value  # type: ignore[arg-type]
     raise ConfigError(f"{where}: unsupported type {type_name}")  # pragma: no cover
 
 
