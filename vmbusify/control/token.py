@@ -7,12 +7,13 @@ import os
 import secrets
 from pathlib import Path
 
-from vmbusify.bus.sockets import ensure_private_dir
 from vmbusify.errors import ControlError
 
 
 def ensure_token(path: Path) -> str:
     """Return the token at ``path``, creating it (mode 0600, dir 0700) if it does not exist."""
+    from vmbusify.bus.sockets import ensure_private_dir  # here: clients must not load ZeroMQ
+
     ensure_private_dir(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -164,7 +164,7 @@ class ExecSpec:
         unknown = set(d) - {"argv", "env", "cwd", "user", "tty", "stdin", "timeout", "detach",
                             "rows", "cols", "term", "err_stream"}
         if unknown:
-            raise RemoteProtocolError(f"{what}: unknown field {sorted(unknown)[0]!r}")
+            raise RemoteProtocolError(f"{what}: unknown field {min(unknown)!r}")
         argv = d.get("argv")
         if not isinstance(argv, list) or not argv:
             raise RemoteProtocolError(f"{what}: 'argv' must be a non-empty list of strings")

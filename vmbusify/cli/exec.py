@@ -1,0 +1,477 @@
+"""`vmbusifyexec`: run a program on a VM through the command listener (spec 3.1, 4.2.1).
+
+    vmbusifyexec [OPTIONS] VMID [OPTIONS] [--] PROGRAM [ARGS...]
+
+It is started once per command, so it imports only the standard library and VMBusify's
+light modules (no asyncio, aiohttp, ZeroMQ or msgpack) and makes one connection: a WebSocket
+to the listener whose opening request carries the exec right behind the handshake.
+
+Threads: the main thread reads the socket and writes stdout/stderr (a slow local reader
+stops it, and with it the whole chain back to the remote program). A stdin thread (``-i``)
+sends stdin. Signal handlers only queue a frame; a sender thread sends queued frames. Both
+sending threads share one lock, so frames never interleave; the other threads block the
+forwarded signals, so a signal always interrupts the main thread.
+"""
+
+from __future__ import annotations
+
+import getopt
+import json
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import NoReturn
+from urllib.parse import quote
+
+from vmbusify.errors import RemoteProtocolError, VMBusifyError
+from vmbusify.protocol.exec import (
+    EXIT_FAILURE, EXIT_NOT_FOUND, SIGNAL_BASE, Channel, ExecSpec, ExitStatus,
+)
+from vmbusify.protocol.websocket import (
+    FrameDecoder, Opcode, close_payload, encode_frame, expected_accept, handshake_key,
+)
+
+PROG = "vmbusifyexec"
+USAGE = f"""\
+Usage: {PROG} [OPTIONS] VMID [OPTIONS] [--] PROGRAM [ARGS...]
+
+Run PROGRAM on the VM VMID (its vmid, or any IP address it reported) and relay its
+stdout, stderr and exit status; with -i also stdin.
+
+Options:
+  -i, --interactive      send stdin to the program (EOF closes its stdin)
+  -t, --tty              run it on a pseudo-terminal (local terminal in raw mode)
+  -e, --env KEY=VAL      set an environment variable (repeatable; KEY alone: local value)
+  -w, --workdir DIR      working directory (default: the user's home)
+  -u, --user USER        run as USER (name or uid)
+      --timeout SECONDS  kill the whole remote process tree after SECONDS (exit 124)
+  -d, --detach           start it in the background, print its pid and return
+      --config FILE      configuration file (default $VMBUSIFY_CONFIG)
+  -h, --help             show this help
+
+Exit status: the program's own; 128+N if it died of signal N; 124 --timeout expired;
+126 it could not be started; 127 not found; 255 {PROG} failed (usage, command listener,
+unknown, unreachable or lost VM). Ctrl-C, SIGTERM and SIGHUP are forwarded; three Ctrl-C
+within 3 seconds give up (the remote process tree is killed).
+"""
+_SHORT = "ite:w:u:dh"
+_LONG = ["interactive", "tty", "env=", "workdir=", "user=", "timeout=", "detach", "config=",
+         "help"]
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+READ_SIZE = 1 << 20
+STDIN_CHUNK = 256 << 10
+#: Ctrl-C this many times within GIVE_UP_WINDOW seconds: stop waiting for the program.
+GIVE_UP_AFTER = 3
+GIVE_UP_WINDOW = 3.0
+
+
+class UsageError(Exception):
+    """A bad command line."""
+
+
+class Failure(Exception):
+    """vmbusifyexec cannot go on; ``str()`` is the one-line reason, ``code`` the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Options:
+    """The parsed command line."""
+
+    vmid: str = ""
+    argv: list[str] = field(default_factory=list)
+    interactive: bool = False
+    tty: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = ""
+    user: str = ""
+    timeout: float | None = None
+    detach: bool = False
+    config: str | None = None
+    help: bool = False
+
+    def spec(self, rows: int = 0, cols: int = 0) -> ExecSpec:
+        """The request to send."""
+        return ExecSpec(argv=self.argv, env=self.env, cwd=self.workdir, user=self.user,
+                        tty=self.tty, stdin=self.interactive, timeout=self.timeout,
+                        detach=self.detach, rows=rows, cols=cols,
+                        term=os.environ.get("TERM", "") if self.tty else "")
+
+
+def _apply(opts: Options, pairs: list[tuple[str, str]]) -> None:
+    for name, value in pairs:
+        if name in ("-i", "--interactive"):
+            opts.interactive = True
+        elif name in ("-t", "--tty"):
+            opts.tty = True
+        elif name in ("-d", "--detach"):
+            opts.detach = True
+        elif name in ("-h", "--help"):
+            opts.help = True
+        elif name in ("-e", "--env"):
+            key, eq, val = value.partition("=")
+            if not key:
+                raise UsageError(f"bad environment assignment {value!r} (expected KEY=VAL)")
+            if eq:
+                opts.env[key] = val
+            elif key in os.environ:
+                opts.env[key] = os.environ[key]
+        elif name in ("-w", "--workdir"):
+            opts.workdir = value
+        elif name in ("-u", "--user"):
+            opts.user = value
+        elif name == "--config":
+            opts.config = value
+        elif name == "--timeout":
+            try:
+                opts.timeout = float(value)
+            except ValueError:
+                raise UsageError(f"--timeout wants a number of seconds, not {value!r}") from None
+            if not 0 < opts.timeout < float("inf"):
+                raise UsageError("--timeout must be more than 0 seconds")
+
+
+def parse_args(args: list[str]) -> Options:
+    """Options may come before and after VMID; the first word after them is the program."""
+    opts = Options()
+    try:
+        pairs, rest = getopt.getopt(args, _SHORT, _LONG)
+        _apply(opts, pairs)
+        if opts.help:
+            return opts
+        if not rest:
+            raise UsageError("missing VMID and PROGRAM")
+        opts.vmid = rest[0]
+        pairs, rest = getopt.getopt(rest[1:], _SHORT, _LONG)
+        _apply(opts, pairs)
+    except getopt.GetoptError as exc:
+        raise UsageError(str(exc)) from None
+    if opts.help:
+        return opts
+    if not opts.vmid:
+        raise UsageError("VMID is empty")
+    if not rest:
+        raise UsageError("missing PROGRAM")
+    opts.argv = rest
+    if opts.detach and (opts.interactive or opts.tty):
+        raise UsageError("-d cannot be combined with -i or -t")
+    return opts
+
+
+# -- connection --------------------------------------------------------------------------------
+
+def _listener(config_path: str | None) -> tuple[str, int, str]:
+    """(host, port, token) of this machine's command listener."""
+    from vmbusify.config import load_config
+    from vmbusify.control.client import split_listen
+    from vmbusify.control.token import read_token
+
+    config = load_config(config_path)
+    host, port = split_listen(config.control.listen)
+    return host, port, read_token(config.token_path)
+
+
+def _connect(host: str, port: int) -> socket.socket:
+    try:
+        sock = socket.create_connection((host, port), timeout=10)
+    except ConnectionRefusedError:
+        raise Failure(f"the command listener at {host}:{port} is not running "
+                      "(check: supervisorctl status control)") from None
+    except OSError as exc:
+        raise Failure(f"cannot reach the command listener at {host}:{port}: "
+                      f"{exc.strerror or exc}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and the bytes after them."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise Failure("the command listener closed the connection")
+        buf += chunk
+        if len(buf) > 65536:
+            raise Failure("the command listener sent an oversized answer")
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split(" ", 2)[1])
+    except (IndexError, ValueError):
+        raise Failure(f"the command listener sent a bad status line {lines[0][:80]!r}") from None
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, rest
+
+
+def _http_error(sock: socket.socket, status: int, headers: dict[str, str], rest: bytes
+                ) -> Failure:
+    """The Failure for a non-101 answer, with the listener's own reason."""
+    length = int(headers.get("content-length", "0") or 0)
+    sock.settimeout(5)
+    try:
+        while len(rest) < min(length, 65536):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+    except OSError:
+        pass
+    try:
+        doc = json.loads(rest[:length])
+    except ValueError:
+        doc = None
+    reason = doc.get("error") if isinstance(doc, dict) else None
+    code = doc.get("exit_code") if isinstance(doc, dict) else None
+    return Failure(str(reason or f"HTTP {status}"),
+                   code if isinstance(code, int) and 0 < code < 256 else EXIT_FAILURE)
+
+
+def _request(host: str, port: int, token: str, method: str, path: str, extra: str = "",
+             body: bytes = b"") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {token}\r\n{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n" if method == "POST" else
+            f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {token}\r\n{extra}\r\n").encode() + body
+
+
+def run_detached(opts: Options) -> int:
+    """-d: POST the request, print the pid."""
+    host, port, token = _listener(opts.config)
+    sock = _connect(host, port)
+    body = json.dumps(opts.spec().to_body()).encode()
+    sock.sendall(_request(host, port, token, "POST", f"/v1/vms/{quote(opts.vmid, safe='')}/exec",
+                          "Content-Type: application/json\r\nConnection: close\r\n", body))
+    status, headers, rest = _read_head(sock)
+    if status != 200:
+        raise _http_error(sock, status, headers, rest)
+    length = int(headers.get("content-length", "0") or 0)
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    sock.close()
+    print(json.loads(rest)["pid"])
+    return 0
+
+
+# -- the attached session -----------------------------------------------------------------------
+
+class Session:
+    """One attached exec over one WebSocket."""
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.sock: socket.socket | None = None
+        self.decoder = FrameDecoder()
+        self._send_lock = threading.Lock()
+        self._control: queue.SimpleQueue[tuple[Opcode, bytes] | None] = queue.SimpleQueue()
+        self._interrupts: list[float] = []
+        self._saved_tty: list | None = None  # type: ignore[type-arg]
+        self.gave_up = False
+
+    # -- sending (stdin thread and control thread) -------------------------------------------
+    def send(self, payload: bytes, opcode: Opcode = Opcode.BINARY) -> None:
+        frame = encode_frame(opcode, payload)
+        with self._send_lock:
+            assert self.sock is not None
+            self.sock.sendall(frame)
+
+    def _control_loop(self) -> None:
+        _block_forwarded()
+        while (item := self._control.get()) is not None:
+            try:
+                self.send(item[1], item[0])
+            except OSError:
+                return
+
+    def _stdin_loop(self) -> None:
+        _block_forwarded()
+        try:
+            while chunk := os.read(0, STDIN_CHUNK):
+                self.send(bytes([Channel.STDIN]) + chunk)
+            self.send(bytes([Channel.CLOSE, Channel.STDIN]))
+        except OSError:
+            pass  # the connection is gone: the main thread reports it
+
+    # -- signals ---------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGWINCH:
+            size = _term_size()
+            if size:
+                self._control.put((Opcode.BINARY, bytes([Channel.RESIZE]) + json.dumps(
+                    {"rows": size[0], "cols": size[1]}).encode()))
+            return
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            self._interrupts = [t for t in self._interrupts if now - t < GIVE_UP_WINDOW] + [now]
+            if len(self._interrupts) >= GIVE_UP_AFTER:
+                self.gave_up = True
+                if self.sock is not None:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                return
+        name = signal.Signals(signum).name[3:]
+        self._control.put((Opcode.BINARY,
+                           bytes([Channel.SIGNAL]) + json.dumps({"signal": name}).encode()))
+
+    # -- life ------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Connect, upgrade and send the request (one write, no wait in between)."""
+        host, port, token = _listener(self.opts.config)
+        self.sock = _connect(host, port)
+        size = _term_size() if self.opts.tty else None
+        spec = self.opts.spec(*(size or (0, 0)))
+        key = handshake_key()
+        hello = _request(host, port, token, "GET", f"/v1/vms/{quote(self.opts.vmid, safe='')}/exec",
+                         f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n")
+        self.sock.sendall(hello + encode_frame(Opcode.TEXT, json.dumps(spec.to_body()).encode()))
+        self.sock.settimeout(None)
+        status, headers, rest = _read_head(self.sock)
+        if status != 101:
+            raise _http_error(self.sock, status, headers, rest)
+        if headers.get("sec-websocket-accept") != expected_accept(key):
+            raise Failure("the command listener answered the upgrade wrongly")
+        self.decoder.receive_data(rest)
+
+    def run(self) -> int:
+        """Relay until the STATUS message; returns the exit status."""
+        self.open()
+        for sig in FORWARDED:
+            signal.signal(sig, self._on_signal)
+        if self.opts.tty:
+            signal.signal(signal.SIGWINCH, self._on_signal)
+        threading.Thread(target=self._control_loop, daemon=True, name="control").start()
+        if self.opts.interactive:
+            if self.opts.tty and os.isatty(0):
+                self._raw_mode()
+            threading.Thread(target=self._stdin_loop, daemon=True, name="stdin").start()
+        try:
+            return self._receive_loop()
+        finally:
+            self._restore_tty()
+
+    def _receive_loop(self) -> int:
+        sock = self.sock
+        assert sock is not None
+        decoder = self.decoder
+        while True:
+            while (frame := decoder.next_frame()) is not None:
+                status = self._on_frame(frame.opcode, frame.payload)
+                if status is not None:
+                    return status
+            try:
+                data = sock.recv(READ_SIZE)
+            except OSError:
+                data = b""
+            if not data:
+                if self.gave_up:
+                    raise Failure("interrupted: gave up waiting; the remote process tree is "
+                                  "killed", SIGNAL_BASE + signal.SIGINT)
+                raise Failure("lost the connection to the command listener")
+            decoder.receive_data(data)
+
+    def _on_frame(self, opcode: Opcode, payload: bytes) -> int | None:
+        if opcode is Opcode.BINARY and payload:
+            channel = payload[0]
+            if channel == Channel.STDOUT:
+                _write_all(1, memoryview(payload)[1:])
+            elif channel == Channel.STDERR:
+                _write_all(2, memoryview(payload)[1:])
+            elif channel == Channel.STATUS:
+                status = ExitStatus.from_body(json.loads(payload[1:]), "status")
+                if status.exit_code in (EXIT_FAILURE, EXIT_NOT_FOUND, 126) and status.message:
+                    self._restore_tty()
+                    _err(status.message)
+                return status.exit_code
+        elif opcode is Opcode.PING:
+            self._control.put((Opcode.PONG, payload))
+        elif opcode is Opcode.CLOSE:
+            code, reason = close_payload(payload)
+            raise Failure(f"the command listener closed the exec ({code}"
+                          f"{': ' + reason if reason else ''})")
+        return None
+
+    def _raw_mode(self) -> None:
+        import termios
+        import tty
+        self._saved_tty = termios.tcgetattr(0)
+        tty.setraw(0, termios.TCSANOW)
+
+    def _restore_tty(self) -> None:
+        if self._saved_tty is not None:
+            import termios
+            termios.tcsetattr(0, termios.TCSADRAIN, self._saved_tty)
+            self._saved_tty = None
+
+
+def _block_forwarded() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, [*FORWARDED, signal.SIGWINCH])
+
+
+def _term_size() -> tuple[int, int] | None:
+    for fd in (0, 1, 2):
+        try:
+            size = os.get_terminal_size(fd)
+            return size.lines, size.columns
+        except OSError:
+            continue
+    return None
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _err(message: str) -> None:
+    try:
+        os.write(2, f"{PROG}: {message}\n".encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point of the console script."""
+    try:
+        opts = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        _err(f"{exc}\nTry '{PROG} --help'.")
+        sys.exit(EXIT_FAILURE)
+    if opts.help:
+        sys.stdout.write(USAGE)
+        sys.exit(0)
+    try:
+        code = run_detached(opts) if opts.detach else Session(opts).run()
+    except Failure as exc:
+        _err(str(exc))
+        code = exc.code
+    except BrokenPipeError:
+        code = SIGNAL_BASE + signal.SIGPIPE  # our stdout went away: stop, as a shell pipe does
+    except (VMBusifyError, RemoteProtocolError) as exc:
+        _err(str(exc))
+        code = EXIT_FAILURE
+    except KeyboardInterrupt:
+        code = SIGNAL_BASE + signal.SIGINT
+    except OSError as exc:
+        _err(f"{exc.strerror or exc}")
+        code = EXIT_FAILURE
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            pass
+    os._exit(code)  # daemon threads may sit in read(0): no interpreter teardown to wait for

@@ -1,0 +1,331 @@
+"""The command listener's exec API (spec 4.2.2): runs vmbusifyexec's programs on a VM.
+
+Routes (every request carries the bearer token; see docs/exec.md)::
+
+    GET  /v1/vms/{vmid}/exec    WebSocket: first message the JSON ExecSpec, then binary
+                                messages whose first byte is a Channel (stdin, stdout, ...)
+    POST /v1/vms/{vmid}/exec    JSON ExecSpec with "detach": true -> {"vmid", "pid"}
+
+``vmid`` is a vmid or any IP address the VM reported. For each attached exec the listener
+opens two streams to the VM's command executor (main: stdin down, stdout up; err: stderr
+up), sends START, and then relays: WebSocket -> streams for stdin, signals and resizes,
+streams -> WebSocket for output. When both output streams ended and the EXIT message came,
+it sends the STATUS message and closes. A client that goes away resets the streams, which
+makes the executor kill the remote process tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from vmbusify.bus.frames import TunnelEvent
+from vmbusify.bus.link import Inbound, WorkerLink
+from vmbusify.bus.streams import Stream, StreamReset
+from vmbusify.control.server import CTX_KEY, ControlContext
+from vmbusify.errors import ControlError, ProtocolError, TunnelError, VMBusifyError
+from vmbusify.protocol.entities import Entity
+from vmbusify.protocol.exec import (
+    EXIT_FAILURE, Channel, ExecMessage, ExecSpec, ExitReason, ExitStatus, Resize, StartReply,
+    parse_signal,
+)
+from vmbusify.protocol.window import MAX_CHUNK
+
+log = logging.getLogger("vmbusify.control.exec")
+
+#: Seconds a client has to send its request once the WebSocket is open.
+REQUEST_TIMEOUT = 10.0
+#: Seconds START may take (includes bringing the VM's tunnel up on demand).
+START_TIMEOUT = 20.0
+_CLOSE_CHANNEL = bytes([Channel.CLOSE, Channel.STDIN])
+
+
+@dataclass
+class Relay:
+    """One attached exec as the listener sees it."""
+
+    vmid: str
+    spec: ExecSpec
+    main: Stream
+    err: Stream | None
+    exit: asyncio.Future[ExitStatus] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+    pid: int = 0
+
+    @property
+    def ctx(self) -> str:
+        return f"vm={self.vmid} stream={self.main.id}"
+
+    def lost(self, reason: str) -> None:
+        """End the exec with 255 and ``reason`` (tunnel down)."""
+        if not self.exit.done():
+            self.exit.set_result(ExitStatus(EXIT_FAILURE, ExitReason.LOST, reason, self.main.id))
+
+
+class ExecService:
+    """Starts execs on VMs and tracks the running ones."""
+
+    def __init__(self, link: WorkerLink) -> None:
+        self.link = link
+        self.relays: dict[tuple[str, int], Relay] = {}
+        self.started = 0
+
+    def install(self) -> None:
+        """Routes on the worker link (before it starts)."""
+        self.link.route(Entity.CMD_EXECUTOR, ExecMessage.DATA, None)
+        self.link.route(Entity.CMD_EXECUTOR, ExecMessage.EXIT, self.on_exit)
+        self.link.on_event(self.on_event)
+
+    async def on_exit(self, msg: Inbound) -> None:
+        try:
+            status = ExitStatus.from_body(msg.body)
+        except ProtocolError as exc:
+            log.warning("vm=%s: bad EXIT dropped: %s", msg.vmid, exc)
+            return
+        relay = self.relays.get((msg.vmid, status.id))
+        if relay is not None and not relay.exit.done():
+            relay.exit.set_result(status)
+
+    async def on_event(self, event: TunnelEvent, vmid: str, info: dict[str, Any]) -> None:
+        if event is TunnelEvent.DOWN:
+            for relay in [r for r in self.relays.values() if r.vmid == vmid]:
+                relay.lost(f"tunnel to {vmid} lost ({info.get('reason', 'down')})")
+
+    async def resolve(self, target: str) -> str:
+        """The vmid for ``target``: itself, or the VM that reported it as an IP address."""
+        try:
+            ipaddress.ip_address(target)
+        except ValueError:
+            return target
+        return str(await self.link.control({"cmd": "vmid", "ip": target}))
+
+    async def start(self, target: str, spec: ExecSpec) -> Relay | StartReply:
+        """Start ``spec`` on ``target``: the Relay of a started attached exec, else the reply."""
+        vmid = await self.resolve(target)
+        if spec.detach:
+            reply = await self.link.sync_send(vmid, Entity.CMD_LISTENER, ExecMessage.START,
+                                              spec.to_body(), timeout=START_TIMEOUT)
+            return StartReply.from_body(reply)
+        main = await self.link.open_stream(vmid, Entity.CMD_LISTENER, Entity.CMD_EXECUTOR,
+                                           ExecMessage.DATA)
+        err = None
+        if not spec.tty:
+            err = await self.link.open_stream(vmid, Entity.CMD_LISTENER, Entity.CMD_EXECUTOR,
+                                              ExecMessage.DATA)
+            spec = dataclasses.replace(spec, err_stream=err.id)
+        relay = Relay(vmid, spec, main, err)
+        self.relays[(vmid, main.id)] = relay
+        try:
+            body = await self.link.sync_send(vmid, Entity.CMD_LISTENER, ExecMessage.START,
+                                             spec.to_body(), stream=main.id,
+                                             timeout=START_TIMEOUT)
+            reply = StartReply.from_body(body)
+        except BaseException:
+            self._forget(relay)
+            raise
+        if not reply.started:
+            self._forget(relay)
+            return reply
+        relay.pid = reply.pid
+        self.started += 1
+        if err is not None:
+            await err.write_eof()  # nothing goes down the stderr stream
+        if not spec.stdin:
+            await main.write_eof()
+        return relay
+
+    def _forget(self, relay: Relay) -> None:
+        self.relays.pop((relay.vmid, relay.main.id), None)
+        for s in (relay.main, relay.err):
+            if s is not None:
+                self.link.streams.forget(s)
+
+    async def finish(self, relay: Relay, reason: str = "") -> None:
+        """Drop a relay; ``reason``: abort it (the executor kills the remote tree)."""
+        self.relays.pop((relay.vmid, relay.main.id), None)
+        for s in (relay.main, relay.err):
+            if s is None:
+                continue
+            if reason:
+                await s.reset(reason)
+            else:
+                await s.write_eof()
+                self.link.streams.forget(s)
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+
+def _service(request: web.Request) -> ExecService:
+    return request.app[CTX_KEY].extra["exec"]  # type: ignore[no-any-return]
+
+
+def _status_message(status: ExitStatus) -> bytes:
+    return bytes([Channel.STATUS]) + json.dumps(status.to_body()).encode()
+
+
+async def exec_detached(request: web.Request) -> web.Response:
+    """POST: start a detached program; answers ``{"vmid", "pid"}``."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ControlError("the exec request is not JSON") from None
+    try:
+        spec = ExecSpec.from_body(body)
+    except ProtocolError as exc:
+        raise ControlError(str(exc)) from None
+    if not spec.detach:
+        raise ControlError("POST runs detached execs only (\"detach\": true); "
+                           "attached execs use a WebSocket on GET")
+    service = _service(request)
+    vmid = await service.resolve(request.match_info["vmid"])
+    reply = await service.start(vmid, spec)
+    assert isinstance(reply, StartReply)
+    if not reply.started:
+        return web.json_response({"error": reply.message, "exit_code": reply.exit_code},
+                                 status=422)
+    log.info("vm=%s pid=%d: detached exec %s", vmid, reply.pid, spec.argv[0])
+    return web.json_response({"vmid": vmid, "pid": reply.pid})
+
+
+async def exec_attached(request: web.Request) -> web.StreamResponse:
+    """GET: the WebSocket of an attached exec (see the module docstring and docs/exec.md)."""
+    ws = web.WebSocketResponse(max_msg_size=MAX_CHUNK + 1024, compress=False, autoping=True)
+    if not ws.can_prepare(request).ok:
+        raise ControlError("an attached exec needs a WebSocket upgrade "
+                           "(or POST with \"detach\": true)")
+    await ws.prepare(request)
+    service = _service(request)
+    target = request.match_info["vmid"]
+    try:
+        relay = await _start(ws, service, target)
+    except VMBusifyError as exc:
+        await _send_status(ws, ExitStatus(EXIT_FAILURE, ExitReason.LOST, str(exc)))
+        return ws
+    if isinstance(relay, StartReply):
+        reason = ExitReason.NOT_FOUND if relay.exit_code == 127 else ExitReason.CANNOT_RUN
+        await _send_status(ws, ExitStatus(relay.exit_code, reason, relay.message))
+        return ws
+    log.info("%s pid=%d: exec %s", relay.ctx, relay.pid, relay.spec.argv[0])
+    await _relay(ws, service, relay)
+    return ws
+
+
+async def _start(ws: web.WebSocketResponse, service: ExecService, target: str
+                 ) -> Relay | StartReply:
+    try:
+        msg = await ws.receive(timeout=REQUEST_TIMEOUT)
+    except TimeoutError:
+        raise ControlError(f"no exec request within {REQUEST_TIMEOUT:g}s") from None
+    if msg.type is not WSMsgType.TEXT:
+        raise ControlError("the first message must be the JSON exec request")
+    try:
+        spec = ExecSpec.from_body(json.loads(msg.data))
+    except ValueError:
+        raise ControlError("the exec request is not JSON") from None
+    except ProtocolError as exc:
+        raise ControlError(str(exc)) from None
+    if spec.detach:
+        raise ControlError("a detached exec is a POST, not a WebSocket")
+    result = await service.start(target, spec)
+    return result
+
+
+async def _send_status(ws: web.WebSocketResponse, status: ExitStatus) -> None:
+    try:
+        await ws.send_bytes(_status_message(status))
+        await ws.close()
+    except (ConnectionError, RuntimeError):
+        pass
+
+
+async def _relay(ws: web.WebSocketResponse, service: ExecService, relay: Relay) -> None:
+    """Both directions until the exec ended or the client left."""
+    outputs: list[asyncio.Future[str]] = [
+        asyncio.ensure_future(_pump_out(ws, relay.main, Channel.STDOUT))]
+    if relay.err is not None:
+        outputs.append(asyncio.ensure_future(_pump_out(ws, relay.err, Channel.STDERR)))
+    upstream = asyncio.ensure_future(_pump_in(ws, service, relay))
+    abort = ""
+    try:
+        all_out: asyncio.Future[list[str]] = asyncio.gather(*outputs)
+        waits: list[asyncio.Future[Any]] = [upstream, all_out]
+        done, _ = await asyncio.wait(waits,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if upstream in done:
+            abort = upstream.result()
+            if abort:  # the client left: nothing to wait for
+                return
+        results = await asyncio.gather(*outputs)
+        abort = next((r for r in results if r), "")
+        if abort:
+            relay.lost(abort)
+        status = await relay.exit
+        log.info("%s: %s", relay.ctx, status.message or f"exit {status.exit_code}")
+        await _send_status(ws, status)
+    finally:
+        upstream.cancel()
+        for t in outputs:
+            t.cancel()
+        await service.finish(relay, abort)
+
+
+async def _pump_out(ws: web.WebSocketResponse, stream: Stream, channel: Channel) -> str:
+    """Stream -> client; returns "" at EOF, else why it stopped."""
+    prefix = bytes([channel])
+    try:
+        while chunk := await stream.read():
+            await ws.send_bytes(prefix + chunk)
+    except StreamReset as exc:
+        return str(exc) or "stream reset"
+    except (ConnectionError, RuntimeError) as exc:
+        return f"client gone: {exc}"
+    return ""
+
+
+async def _pump_in(ws: web.WebSocketResponse, service: ExecService, relay: Relay) -> str:
+    """Client -> stdin stream, signals and resizes; returns why the client left ("" never)."""
+    link, body_id = service.link, relay.main.id
+    async for msg in ws:
+        if msg.type is not WSMsgType.BINARY or not msg.data:
+            continue
+        channel, data = msg.data[0], msg.data[1:]
+        try:
+            if channel == Channel.STDIN:
+                if relay.spec.stdin and data:
+                    await relay.main.write(data)
+            elif msg.data == _CLOSE_CHANNEL:
+                if relay.spec.stdin:
+                    await relay.main.write_eof()
+            elif channel == Channel.SIGNAL:
+                sig = parse_signal(json.loads(data).get("signal"))
+                await link.async_send(relay.vmid, Entity.CMD_LISTENER, ExecMessage.SIGNAL,
+                                      {"id": body_id, "signal": sig.name[3:]})
+            elif channel == Channel.RESIZE:
+                r = Resize.from_body(json.loads(data))
+                await link.async_send(relay.vmid, Entity.CMD_LISTENER, ExecMessage.RESIZE,
+                                      {"id": body_id, "rows": r.rows, "cols": r.cols})
+        except (ValueError, AttributeError, ProtocolError) as exc:
+            log.warning("%s: bad client message ignored: %s", relay.ctx, exc)
+        except StreamReset:
+            pass  # the output side reports it
+        except TunnelError as exc:
+            log.info("%s: %s", relay.ctx, exc)
+    if relay.exit.done():
+        return ""
+    return "the client went away"
+
+
+def setup(app: web.Application, ctx: ControlContext) -> None:
+    """Add the exec routes and the exec service."""
+    service = ExecService(ctx.link)
+    service.install()
+    ctx.extra["exec"] = service
+    app.router.add_get("/v1/vms/{vmid}/exec", exec_attached)
+    app.router.add_post("/v1/vms/{vmid}/exec", exec_detached)

@@ -1,0 +1,184 @@
+"""The command executor (spec 4.2.3): the `exec` program, which runs programs for the host.
+
+On a guest it registers Entity.CMD_EXECUTOR and serves START, SIGNAL and RESIZE from the
+command listener. On the host the same program set runs, but execs start from the command
+listener (the `control` program), so here the program only waits for SIGTERM: it stays
+RUNNING under supervisord and holds no socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+from typing import Any
+
+from vmbusify.bus.frames import TunnelEvent
+from vmbusify.bus.link import Inbound, WorkerLink
+from vmbusify.config import Config, Role
+from vmbusify.errors import ProtocolError, VMBusifyError
+from vmbusify.protocol.entities import Entity
+from vmbusify.protocol.exec import (
+    ExecMessage, ExecSpec, ExitStatus, Resize, StartReply, parse_signal,
+)
+from vmbusify.workers.exec.process import CannotStart, spawn
+from vmbusify.workers.exec.session import ExecSession
+
+log = logging.getLogger("vmbusify.exec")
+
+#: Seconds between counter reports (only when they changed).
+REPORT_INTERVAL = 5.0
+
+
+class Executor:
+    """Every exec running on this guest, keyed by (vmid, main stream id)."""
+
+    def __init__(self, link: WorkerLink) -> None:
+        self.link = link
+        self.sessions: dict[tuple[str, int], ExecSession] = {}
+        self.started = 0
+        self.failed = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def install(self) -> None:
+        """Declare the routes (before link.start())."""
+        link = self.link
+        link.route(Entity.CMD_LISTENER, ExecMessage.START, self.on_start)
+        link.route(Entity.CMD_LISTENER, ExecMessage.DATA, None)
+        link.route(Entity.CMD_LISTENER, ExecMessage.SIGNAL, self.on_signal)
+        link.route(Entity.CMD_LISTENER, ExecMessage.RESIZE, self.on_resize)
+        link.on_event(self.on_event)
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self.sessions), "started": self.started, "failed": self.failed}
+
+    # -- handlers --------------------------------------------------------------------------
+    async def on_start(self, msg: Inbound) -> dict[str, Any]:
+        """START: accept the streams, start the program, answer with its pid or the failure."""
+        spec = ExecSpec.from_body(msg.body, "START")
+        ctx = f"vm={msg.vmid} stream={msg.stream}"
+        main = err = None
+        if not spec.detach:
+            main = self.link.streams.accept(msg.vmid, Entity.CMD_EXECUTOR, msg.package,
+                                            ExecMessage.DATA)
+            if spec.err_stream and not spec.tty:
+                err = self.link.streams.accept(
+                    msg.vmid, Entity.CMD_EXECUTOR,
+                    dataclasses.replace(msg.package, stream=spec.err_stream), ExecMessage.DATA)
+        try:
+            child = await spawn(spec)
+        except CannotStart as exc:
+            self.failed += 1
+            log.info("%s: %s: %s", ctx, spec.argv[0], exc)
+            for s in (main, err):
+                if s is not None:
+                    self.link.streams.forget(s)
+            return StartReply(exit_code=exc.exit_code, message=str(exc)).to_body()
+        self.started += 1
+        log.info("%s pid=%d: started %s%s%s", ctx, child.pid, spec.argv[0],
+                 " (tty)" if spec.tty else "", " (detached)" if spec.detach else "")
+        if main is None:
+            self._spawn(self._reap(child.proc, ctx))
+        else:
+            session = ExecSession(spec, child, main, err, self._send_exit)
+            self.sessions[(msg.vmid, main.id)] = session
+            self._spawn(self._run(session))
+        return StartReply(pid=child.pid).to_body()
+
+    async def on_signal(self, msg: Inbound) -> None:
+        session = self._session(msg)
+        if session is not None:
+            try:
+                session.signal(parse_signal(msg.body.get("signal")))
+            except ProtocolError as exc:
+                log.warning("%s: %s", session.ctx, exc)
+
+    async def on_resize(self, msg: Inbound) -> None:
+        session = self._session(msg)
+        if session is not None:
+            try:
+                r = Resize.from_body(msg.body)
+            except ProtocolError as exc:
+                log.warning("%s: %s", session.ctx, exc)
+                return
+            session.resize(r.rows, r.cols)
+
+    async def on_event(self, event: TunnelEvent, vmid: str, info: dict[str, Any]) -> None:
+        """The tunnel went down: kill every exec it carried."""
+        if event is TunnelEvent.DOWN:
+            for (v, _), session in list(self.sessions.items()):
+                if v == vmid:
+                    session.abort(f"tunnel lost ({info.get('reason', 'down')})")
+
+    def _session(self, msg: Inbound) -> ExecSession | None:
+        exec_id = msg.body.get("id") if isinstance(msg.body, dict) else None
+        session = self.sessions.get((msg.vmid, exec_id)) if isinstance(exec_id, int) else None
+        if session is None:
+            log.debug("vm=%s: message %d for no running exec %r", msg.vmid, msg.message_id,
+                      exec_id)
+        return session
+
+    # -- life ------------------------------------------------------------------------------
+    async def _send_exit(self, status: ExitStatus) -> None:
+        await self.link.async_send(None, Entity.CMD_EXECUTOR, ExecMessage.EXIT,
+                                   status.to_body())
+
+    async def _run(self, session: ExecSession) -> None:
+        try:
+            await session.run()
+        finally:
+            self.sessions.pop((session.vmid, session.id), None)
+
+    async def _reap(self, proc: asyncio.subprocess.Process, ctx: str) -> None:
+        code = await proc.wait()
+        log.info("%s pid=%d: detached program ended (%d)", ctx, proc.pid, code)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self) -> None:
+        """SIGTERM: kill every attached exec's tree (detached ones live on)."""
+        for session in list(self.sessions.values()):
+            session.abort("the command executor is stopping")
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+    async def report_loop(self) -> None:
+        """Publish counters for `vmbusifyctl status` when they change."""
+        last: dict[str, int] = {}
+        while True:
+            now = self.stats()
+            if now != last:
+                try:
+                    await self.link.report(now)
+                    last = now
+                except VMBusifyError as exc:  # the mux may be restarting: try again later
+                    log.debug("report failed: %s", exc)
+            await asyncio.sleep(REPORT_INTERVAL)
+
+
+async def run(config: Config) -> None:
+    """Run the command executor until SIGTERM (on the host: just wait)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if config.role is Role.HOST:
+        log.info("host: execs start from the command listener; nothing to serve here")
+        await stop.wait()
+        return
+    link = WorkerLink(config, "exec", [Entity.CMD_EXECUTOR])
+    executor = Executor(link)
+    executor.install()
+    await link.start()
+    log.info("command executor ready")
+    reporter = asyncio.ensure_future(executor.report_loop())
+    try:
+        await stop.wait()
+    finally:
+        reporter.cancel()
+        await executor.shutdown()
+        await link.close()

@@ -1,0 +1,274 @@
+"""Starting a program for an exec, and ending its whole process tree.
+
+Every exec runs in a session of its own (``setsid``): its pid is the session id and the
+process group id, so a signal can reach the whole foreground group and ``kill_tree`` can find
+every process it started, even those reparented to init after their parent died. With a TTY
+the program gets a fresh pty as its controlling terminal (stdin, stdout and stderr).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import pty
+import pwd
+import signal
+import struct
+import termios
+from dataclasses import dataclass
+
+import psutil
+
+from vmbusify.protocol.exec import EXIT_CANNOT_RUN, EXIT_NOT_FOUND, ExecSpec
+from vmbusify.protocol.window import MAX_CHUNK
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class CannotStart(Exception):
+    """The program could not be started; ``exit_code`` is 126 or 127."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+#: Pipe capacity asked for the program's stdout and stderr: a 64 KiB pipe caps every read
+#: (and so every DATA package) at 64 KiB; 1 MiB lets reads reach MAX_CHUNK.
+PIPE_SIZE = 1 << 20
+
+
+@dataclass
+class Child:
+    """A started program: the asyncio process, and the fds we read its output from.
+
+    ``master`` is the pty master with a TTY (output and input); otherwise ``stdout`` and
+    ``stderr`` are the read ends of its output pipes.
+    """
+
+    proc: asyncio.subprocess.Process
+    master: int | None = None
+    stdout: int | None = None
+    stderr: int | None = None
+
+    def close(self) -> None:
+        """Close every fd we hold (idempotent)."""
+        for name in ("master", "stdout", "stderr"):
+            _close(getattr(self, name))
+            setattr(self, name, None)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def _account(user: str) -> pwd.struct_passwd:
+    try:
+        if user.isdigit():
+            return pwd.getpwuid(int(user))
+        return pwd.getpwnam(user or pwd.getpwuid(os.getuid()).pw_name)
+    except KeyError:
+        raise CannotStart(EXIT_CANNOT_RUN, f"no such user: {user}") from None
+
+
+def build_env(spec: ExecSpec, account: pwd.struct_passwd) -> dict[str, str]:
+    """A login-like environment (as sshd gives), then the client's ``-e`` on top.
+
+    Nothing of the executor's own environment leaks in (supervisord's, VMBusify's).
+    """
+    env = {
+        "PATH": DEFAULT_PATH, "HOME": account.pw_dir, "USER": account.pw_name,
+        "LOGNAME": account.pw_name, "SHELL": account.pw_shell or "/bin/sh",
+    }
+    for key in ("LANG", "LC_ALL", "TZ"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    if spec.tty:
+        env["TERM"] = spec.term or "xterm"
+    env.update(spec.env)
+    return env
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    """Set a pty's window size (the kernel sends SIGWINCH to its foreground group)."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _controlling_tty() -> None:  # runs in the child, after setsid
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+async def spawn(spec: ExecSpec) -> Child:
+    """Start ``spec.argv``; raises CannotStart (exit code 127 or 126) with a one-line reason."""
+    account = _account(spec.user)
+    cwd = spec.cwd or account.pw_dir
+    if not spec.cwd and not os.path.isdir(cwd):
+        cwd = "/"
+    if not os.path.isdir(cwd):
+        raise CannotStart(EXIT_CANNOT_RUN, f"no such directory: {cwd}")
+    kwargs: dict = {"env": build_env(spec, account), "cwd": cwd, "start_new_session": True}
+    if spec.user and account.pw_uid != os.getuid():
+        kwargs.update(user=account.pw_uid, group=account.pw_gid,
+                      extra_groups=os.getgrouplist(account.pw_name, account.pw_gid))
+    master = slave = None
+    if spec.tty:
+        master, slave = pty.openpty()
+        if spec.rows and spec.cols:
+            set_winsize(master, spec.rows, spec.cols)
+        os.set_blocking(master, False)
+        kwargs.update(stdin=slave, stdout=slave, stderr=slave, preexec_fn=_controlling_tty)
+    elif spec.detach:
+        kwargs.update(stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                      stderr=asyncio.subprocess.DEVNULL)
+    ours: list[int] = []  # read ends we keep
+    theirs: list[int] = []  # write ends the child gets, closed here after the spawn
+    if not spec.tty and not spec.detach:
+        for _ in ("stdout", "stderr"):
+            r, w = _pipe()
+            ours.append(r)
+            theirs.append(w)
+        kwargs.update(stdin=asyncio.subprocess.PIPE if spec.stdin else asyncio.subprocess.DEVNULL,
+                      stdout=theirs[0], stderr=theirs[1])
+    program = spec.argv[0]
+    try:
+        proc = await asyncio.create_subprocess_exec(*spec.argv, **kwargs)
+    except BaseException as exc:
+        for fd in [master, *ours]:
+            _close(fd)
+        if isinstance(exc, FileNotFoundError):
+            raise CannotStart(EXIT_NOT_FOUND, f"{program}: command not found") from None
+        if isinstance(exc, PermissionError):
+            raise CannotStart(EXIT_CANNOT_RUN, f"{program}: permission denied") from None
+        if isinstance(exc, OSError):
+            raise CannotStart(EXIT_CANNOT_RUN, f"{program}: {exc.strerror or exc}") from None
+        raise
+    finally:
+        for fd in [slave, *theirs]:
+            _close(fd)
+    if ours:
+        return Child(proc, stdout=ours[0], stderr=ours[1])
+    return Child(proc, master)
+
+
+def _pipe() -> tuple[int, int]:
+    """A pipe (read end non-blocking, both close-on-exec) of PIPE_SIZE if the kernel allows."""
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # over /proc/sys/fs/pipe-max-size: keep the default
+    os.set_blocking(r, False)
+    return r, w
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def tree(pid: int, leader_alive: bool = True) -> set[psutil.Process]:
+    """Every live process an exec started: ``pid``'s descendants and its session's members.
+
+    The session catches processes whose parent died (reparented to init); the kernel never
+    hands a session id out as a new pid while the session exists, so nothing foreign matches.
+    """
+    found: set[psutil.Process] = set()
+    if leader_alive:
+        try:
+            root = psutil.Process(pid)
+            found.add(root)
+            found.update(root.children(recursive=True))
+        except psutil.Error:
+            pass
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == pid:
+                found.add(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def kill_tree(pid: int, leader_alive: bool = True, sig: int = signal.SIGKILL) -> int:
+    """Send ``sig`` to the whole tree of exec ``pid`` (see ``tree``); how many got it."""
+    hit = 0
+    for _ in range(3):  # a process forking while we kill: look again
+        procs = tree(pid, leader_alive)
+        procs = {p for p in procs if p.pid != os.getpid()}
+        if not procs:
+            break
+        for p in procs:
+            try:
+                p.send_signal(sig)
+                hit += 1
+            except psutil.Error:
+                pass
+        if sig != signal.SIGKILL:
+            break
+    return hit
+
+
+def signal_group(child: Child, sig: int) -> None:
+    """Deliver a forwarded signal as a terminal would: to the foreground process group."""
+    pgid = child.pid
+    if child.master is not None:
+        try:
+            pgid = os.tcgetpgrp(child.master)
+        except OSError:
+            pass
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:
+        log.warning("pid=%d: cannot signal group %d: %s", child.pid, pgid, exc)
+
+
+class FdIO:
+    """Non-blocking reads and writes on a pipe or pty master, driven by the event loop."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._loop = asyncio.get_running_loop()
+
+    async def read(self, n: int = MAX_CHUNK) -> bytes:
+        """Up to ``n`` bytes; b"" at EOF (for a pty master: the slave closed everywhere, EIO)."""
+        while True:
+            try:
+                return os.read(self.fd, n)
+            except BlockingIOError:
+                await self._wait(self._loop.add_reader, self._loop.remove_reader)
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    return b""
+                raise
+
+    async def write(self, data: bytes | memoryview) -> None:
+        """Write all of ``data``."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            except BlockingIOError:
+                await self._wait(self._loop.add_writer, self._loop.remove_writer)
+
+    async def _wait(self, add, remove) -> None:  # type: ignore[no-untyped-def]
+        fut = self._loop.create_future()
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        add(self.fd, ready)
+        try:
+            await fut
+        finally:
+            remove(self.fd)

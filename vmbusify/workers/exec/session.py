@@ -1,0 +1,191 @@
+"""One running exec on the guest: the program, its streams, its end.
+
+Output is read in chunks of up to MAX_CHUNK and written to the stream, which waits for
+credit: a slow reader on the host stops our reads, the pipe fills and the program blocks.
+Nothing here buffers more than one chunk per direction.
+
+The end: the program exits (or ``--timeout`` kills the tree, 124); its output is drained to
+EOF, allowing ``DRAIN_GRACE`` seconds for background processes that still hold the pipes,
+after which whatever is left of the tree is killed. Then EOF on both streams and one EXIT
+message. A reset stream or a lost tunnel kills the tree at once: no orphans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from vmbusify.bus.streams import Stream, StreamReset
+from vmbusify.protocol.exec import (
+    EXIT_TIMEOUT, ExecSpec, ExitReason, ExitStatus, status_from_returncode,
+)
+from vmbusify.protocol.window import MAX_CHUNK
+from vmbusify.workers.exec.process import Child, FdIO, kill_tree, set_winsize, signal_group
+
+log = logging.getLogger(__name__)
+
+#: Seconds the output may stay open after the program exited (background children).
+DRAIN_GRACE = 1.0
+#: Seconds to wait, after the exit, for the listener to end the stdin stream (it does so once
+#: the client has read all output; a slow client may take long, a vanished one is a reset).
+STDIN_LINGER = 3600.0
+
+SendExit = Callable[[ExitStatus], Awaitable[None]]
+
+
+class ExecSession:
+    """Runs one started program to its end."""
+
+    def __init__(self, spec: ExecSpec, child: Child, main: Stream, err: Stream | None,
+                 send_exit: SendExit) -> None:
+        self.spec = spec
+        self.child = child
+        self.main = main
+        self.err = err
+        self.send_exit = send_exit
+        self.vmid = main.vmid
+        self.id = main.id
+        self._pty = FdIO(child.master) if child.master is not None else None
+        self._aborted: str = ""
+        self._abort_event = asyncio.Event()
+        self._exited = False
+
+    @property
+    def ctx(self) -> str:
+        return f"vm={self.vmid} stream={self.id} pid={self.child.pid}"
+
+    # -- control ---------------------------------------------------------------------------
+    def signal(self, sig: int) -> None:
+        """Deliver a signal the client forwarded."""
+        log.info("%s: forwarding %s", self.ctx, signal.Signals(sig).name)
+        signal_group(self.child, sig)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """The client's terminal changed size."""
+        if self.child.master is not None:
+            set_winsize(self.child.master, rows, cols)
+
+    def abort(self, reason: str) -> None:
+        """The client, the listener or the tunnel went away: kill the tree now."""
+        if self._aborted or self._exited:
+            return
+        self._aborted = reason
+        n = kill_tree(self.child.pid, self.child.proc.returncode is None)
+        log.warning("%s: %s; killed %d processes", self.ctx, reason, n)
+        self._abort_event.set()
+
+    # -- life ------------------------------------------------------------------------------
+    async def run(self) -> ExitStatus:
+        """Pump streams until the program ended; returns (and has sent) its status."""
+        pumps = [asyncio.ensure_future(self._pump_out(self._stdout_reader(), self.main))]
+        if self.child.stderr is not None:  # without an err stream (no TTY): read, discard
+            pumps.append(asyncio.ensure_future(
+                self._pump_out(FdIO(self.child.stderr).read, self.err)))
+        stdin_task = asyncio.ensure_future(self._pump_in())
+        status = await self._wait_exit()
+        try:
+            _, pending = await asyncio.wait(pumps, timeout=DRAIN_GRACE)
+            if pending:
+                n = kill_tree(self.child.pid, leader_alive=False)
+                log.info("%s: output still open %.1fs after the exit; killed %d leftover "
+                         "processes", self.ctx, DRAIN_GRACE, n)
+                await asyncio.wait(pending, timeout=5)
+            for p in pumps:
+                p.cancel()
+            if not self._aborted:
+                await self.send_exit(status)
+                try:
+                    await asyncio.wait_for(asyncio.shield(stdin_task), STDIN_LINGER)
+                except TimeoutError:
+                    pass
+        finally:
+            stdin_task.cancel()
+            self._close_fds()
+            if self._aborted:
+                await self.main.reset(self._aborted)
+                if self.err is not None:
+                    await self.err.reset(self._aborted)
+            elif self.main.state.value not in ("closed", "reset"):
+                await self.main.reset("exec finished")
+        return status
+
+    async def _wait_exit(self) -> ExitStatus:
+        wait = asyncio.ensure_future(self.child.proc.wait())
+        aborted = asyncio.ensure_future(self._abort_event.wait())
+        try:
+            done, _ = await asyncio.wait({wait, aborted}, timeout=self.spec.timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if wait in done:
+                self._exited = True
+                status = status_from_returncode(wait.result(), self.id)
+                log.info("%s: %s (exit %d)", self.ctx, status.message or "exited",
+                         status.exit_code)
+                return status
+            if aborted in done:
+                await wait
+                return ExitStatus(255, ExitReason.LOST, self._aborted, self.id)
+            n = kill_tree(self.child.pid)
+            await wait
+            self._exited = True
+            log.info("%s: timeout after %gs; killed %d processes", self.ctx,
+                     self.spec.timeout, n)
+            return ExitStatus(EXIT_TIMEOUT, ExitReason.TIMEOUT,
+                              f"timed out after {self.spec.timeout:g}s; process tree killed",
+                              self.id, signal.SIGKILL)
+        finally:
+            aborted.cancel()
+
+    def _stdout_reader(self) -> Callable[[int], Awaitable[bytes]]:
+        if self._pty is not None:
+            return self._pty.read
+        assert self.child.stdout is not None
+        return FdIO(self.child.stdout).read
+
+    async def _pump_out(self, read: Callable[[int], Awaitable[bytes]],
+                        stream: Stream | None) -> None:
+        try:
+            while True:
+                chunk = await read(MAX_CHUNK)
+                if not chunk:
+                    break
+                if stream is not None:
+                    await stream.write(chunk)
+        except StreamReset as exc:
+            self.abort(f"output stream reset: {exc}")
+            return
+        except OSError as exc:
+            log.warning("%s: reading output failed: %s", self.ctx, exc)
+        if stream is not None:
+            try:
+                await stream.write_eof()
+            except StreamReset:
+                pass
+
+    async def _pump_in(self) -> None:
+        """Client stdin to the program; after the exit, drain to EOF and discard."""
+        writer = self.child.proc.stdin
+        try:
+            while True:
+                chunk = await self.main.read()
+                if not chunk:
+                    break
+                if self._pty is not None and not self._exited:
+                    await self._pty.write(chunk)
+                elif writer is not None and not writer.is_closing():
+                    try:
+                        writer.write(chunk)
+                        await writer.drain()
+                    except (BrokenPipeError, ConnectionResetError):
+                        writer.close()  # the program closed its stdin: discard the rest
+        except StreamReset as exc:
+            self.abort(f"stream reset: {exc}")
+            return
+        except OSError as exc:
+            log.info("%s: writing stdin failed: %s", self.ctx, exc)
+        if writer is not None and not writer.is_closing():
+            writer.close()
+
+    def _close_fds(self) -> None:
+        self.child.close()
