@@ -341,3 +341,50 @@ def test_a_frozen_guest_is_noticed_and_the_pending_call_fails(pair: Pair) -> Non
         await host.close()
 
     run(scenario())
+
+
+def test_on_demand_connect_when_a_vm_is_first_addressed(tmp_path: Path) -> None:
+    pair = make_pair(tmp_path, keep_connected=False)
+
+    async def scenario() -> None:
+        guest = await link_for(pair.guest, "t-guest", [Entity.CMD_EXECUTOR],
+                               [(Entity.CMD_LISTENER, ECHO, echo)])
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+        await asyncio.sleep(1.0)
+        st = await host.control({"cmd": "status"})
+        assert st["vms"][0]["state"] == "disconnected"  # nobody asked for vm1 yet
+        reply = await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, "first", timeout=10)
+        assert reply == {"echo": "first", "from": "host"}
+        await wait_state(host, "vm1", "connected")
+        await host.close()
+        await guest.close()
+
+    try:
+        run(scenario())
+    finally:
+        pair.stop()
+
+
+def test_dead_peer_noticed_within_dead_after(tmp_path: Path) -> None:
+    import signal
+    pair = make_pair(tmp_path, ping_interval=1.0, dead_after=2.0)
+
+    async def scenario() -> None:
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+        await wait_state(host, "vm1", "connected")
+        pair.guest.kill(signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            while (await host.control({"cmd": "status"}))["vms"][0]["state"] == "connected":
+                assert time.monotonic() - t0 < 10, "the frozen guest was never noticed"
+                await asyncio.sleep(0.05)
+            # the guest's last byte came at most one ping interval before the freeze
+            assert time.monotonic() - t0 < 2.0 + 1.0
+        finally:
+            pair.guest.kill(signal.SIGCONT)
+        await host.close()
+
+    try:
+        run(scenario())
+    finally:
+        pair.stop()

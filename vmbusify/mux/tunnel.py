@@ -146,14 +146,21 @@ class Tunnel:
             self.close()
 
     async def _ping_loop(self) -> None:
+        """Ping every ``ping_interval``; declare the peer dead exactly ``dead_after`` seconds
+        after the last byte it sent (not at the next ping), so detection time is the setting."""
         interval = max(0.05, self.config.ping_interval)
+        next_ping = time.monotonic() + interval
         while True:
-            await asyncio.sleep(interval)
-            silent = time.monotonic() - self._last_recv
-            if silent > self.config.dead_after:
-                self._set_reason(f"{CloseReason.DEAD.value} for {silent:.1f}s")
+            now = time.monotonic()
+            deadline = self._last_recv + self.config.dead_after
+            if now >= deadline:
+                self._set_reason(f"{CloseReason.DEAD.value} for {now - self._last_recv:.1f}s")
                 self.close()
                 return
+            if now < next_ping:
+                await asyncio.sleep(min(next_ping, deadline) - now)
+                continue
+            next_ping = now + interval
             nonce = next(self._nonce)
             fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
             self._pings[nonce] = (time.monotonic(), fut)
