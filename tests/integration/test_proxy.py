@@ -1,0 +1,454 @@
+"""The proxy worker on both ends of a real tunnel (two muxes, two proxy workers; no root).
+
+The "guest" and "host" are processes on this machine joined by a Unix socket, so both
+proxy servers reach targets on loopback: the host's built-in loopback denial is lifted
+here (the lab tests keep it and check it), and every target is a server this test runs on
+127.0.0.1. Clients are the real ones: curl, ncat, and Python sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.server
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import BIN, Pair, free_port, link_for, make_pair, wait_state
+from vmbusify.protocol.entities import Entity
+
+CURL = shutil.which("curl")
+NCAT = shutil.which("ncat")
+
+
+@dataclass
+class ProxyPair:
+    pair: Pair
+    guest_port: int
+    host_port: int
+    workers: list[subprocess.Popen[bytes]]
+
+    def logs(self) -> str:
+        return "".join(p.read_text(errors="replace")
+                       for p in sorted(self.pair.root.glob("*-proxy.log")))
+
+
+def start_proxies(root: Path, guest_extra: str = "", host_extra: str = "",
+                  auth: tuple[str, str] | None = None) -> ProxyPair:
+    """A mux pair with a proxy worker on each end; returns once both proxies answer."""
+    pair = make_pair(root)
+    guest_port, host_port = free_port(), free_port()
+    for mux, port, extra in ((pair.guest, guest_port, guest_extra),
+                             (pair.host, host_port, host_extra)):
+        with open(mux.config_path, "a") as fh:
+            fh.write(f'[proxy]\nlisten = "127.0.0.1:{port}"\ndefault_deny = false\n'
+                     f'connect_timeout = 3.0\n{extra}')
+    workers = [subprocess.Popen([str(BIN / "vmbusify"), "worker", "proxy", "--config",
+                                 str(m.config_path)],
+                                stdout=open(root / f"{m.name}-proxy.log", "ab"),
+                                stderr=subprocess.STDOUT) for m in (pair.guest, pair.host)]
+    pp = ProxyPair(pair, guest_port, host_port, workers)
+    # Ready when a request through the guest reaches the host's proxy server.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            s, code, _ = socks5_open(guest_port, "127.0.0.1", 1, auth=auth)
+            s.close()
+        except OSError:
+            code = -1
+        if code == 5:  # the far side really tried: both workers are registered
+            return pp
+        if time.monotonic() > deadline:
+            stop_proxies(pp)
+            raise AssertionError(f"proxies not ready (last reply {code}):\n{pp.logs()}")
+        time.sleep(0.2)
+
+
+def stop_proxies(pp: ProxyPair) -> None:
+    for w in pp.workers:
+        if w.poll() is None:
+            w.terminate()
+    codes = [w.wait(10) for w in pp.workers]
+    pp.pair.stop()
+    assert codes == [0, 0], f"proxy workers exited {codes} on SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def proxies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyPair]:
+    pp = start_proxies(tmp_path_factory.mktemp("proxy"),
+                       host_extra='deny = ["127.0.0.2"]\n')
+    yield pp
+    log = pp.logs()
+    stop_proxies(pp)
+    assert "Traceback" not in log, log
+
+
+# -- targets ----------------------------------------------------------------------------------
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, bytes]]:
+    """An HTTP server on 127.0.0.1 serving /blob (random bytes)."""
+    d = tmp_path_factory.mktemp("www")
+    blob = os.urandom(3 << 20)
+    (d / "blob").write_bytes(blob)
+    srv = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a: _Quiet(*a, directory=str(d)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1], blob
+    srv.shutdown()
+
+
+def start_reply_server(reply: str = "sha") -> tuple[socket.socket, int]:
+    """Reads to EOF, then answers with the sha256 of what it read (and a size), and closes."""
+    srv = socket.create_server(("127.0.0.1", 0), backlog=1024)
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            h, n = hashlib.sha256(), 0
+            while chunk := conn.recv(1 << 20):
+                h.update(chunk)
+                n += len(chunk)
+            conn.sendall(f"{n} {h.hexdigest()}\n".encode() * (1 if reply == "sha" else 1000))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+# -- a small SOCKS5 client ----------------------------------------------------------------------
+def _exact(s: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError(f"closed after {out!r}")
+        out += chunk
+    return out
+
+
+def socks5_open(proxy: int, host: str, port: int, auth: tuple[str, str] | None = None,
+                cmd: int = 1) -> tuple[socket.socket, int, bytes]:
+    """(socket, reply code, bound address bytes) after a SOCKS5 request."""
+    s = socket.create_connection(("127.0.0.1", proxy), timeout=30)
+    s.sendall(b"\x05\x01" + (b"\x02" if auth else b"\x00"))
+    method = _exact(s, 2)
+    if auth:
+        assert method == b"\x05\x02"
+        u, p = auth[0].encode(), auth[1].encode()
+        s.sendall(b"\x01" + bytes([len(u)]) + u + bytes([len(p)]) + p)
+        if _exact(s, 2) != b"\x01\x00":
+            return s, -2, b""
+    else:
+        assert method == b"\x05\x00", method
+    try:
+        addr = b"\x01" + socket.inet_aton(host)
+    except OSError:
+        addr = b"\x03" + bytes([len(host)]) + host.encode()
+    s.sendall(b"\x05" + bytes([cmd]) + b"\x00" + addr + struct.pack(">H", port))
+    head = _exact(s, 4)
+    bound = _exact(s, {1: 4, 4: 16}.get(head[3], 0) + 2 + (0 if head[3] != 3 else 0))
+    return s, head[1], bound
+
+
+def socks5_reply(proxy: int, host: str, port: int) -> int:
+    s, code, _ = socks5_open(proxy, host, port)
+    s.close()
+    return code
+
+
+def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    assert CURL, "curl is needed (bin/setup installs it)"
+    return subprocess.run([CURL, "-sS", "--max-time", str(timeout), *args],
+                          capture_output=True, timeout=timeout + 10)
+
+
+# -- tests --------------------------------------------------------------------------------------
+def test_curl_through_every_protocol_guest_to_host(proxies: ProxyPair,
+                                                    web: tuple[int, bytes]) -> None:
+    port, blob = web
+    url = f"http://localhost:{port}/blob"
+    gp = proxies.guest_port
+    for opts in (["--socks5-hostname", f"127.0.0.1:{gp}"],
+                 ["--socks5", f"127.0.0.1:{gp}"],
+                 ["-x", f"socks4a://127.0.0.1:{gp}"],
+                 ["-x", f"socks4://127.0.0.1:{gp}"],
+                 ["-x", f"http://127.0.0.1:{gp}"],
+                 ["-p", "-x", f"http://127.0.0.1:{gp}"]):  # -p: CONNECT
+        out = curl(*opts, url)
+        assert out.returncode == 0, (opts, out.stderr)
+        assert out.stdout == blob, opts
+
+
+def test_host_reaches_a_guest_loopback_service_by_vmid(proxies: ProxyPair,
+                                                      web: tuple[int, bytes]) -> None:
+    port, blob = web
+    out = curl("--socks5-hostname", f"127.0.0.1:{proxies.host_port}",
+               f"http://vm1.vmbusify:{port}/blob")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == blob
+    out = curl("--socks5-hostname", f"127.0.0.1:{proxies.host_port}",
+               f"http://127.0.0.1.vm1.vmbusify:{port}/blob")
+    assert out.returncode == 0 and out.stdout == blob, out.stderr
+    # a name with no VM behind it: reply 4, said at once
+    out = curl("--socks5-hostname", f"127.0.0.1:{proxies.host_port}",
+               f"http://vm9.vmbusify:{port}/")
+    assert out.returncode == 97 and b"(4)" in out.stderr, out.stderr
+    out = curl("--socks5", f"127.0.0.1:{proxies.host_port}", "http://192.0.2.7/")
+    assert out.returncode == 97 and b"(4)" in out.stderr, out.stderr
+
+
+def test_reply_codes_are_the_far_sides_outcome(proxies: ProxyPair) -> None:
+    gp = proxies.guest_port
+    closed = free_port()
+    assert socks5_reply(gp, "127.0.0.1", closed) == 5
+    assert socks5_reply(gp, "127.0.0.2", 80) == 2           # host's deny rule
+    assert socks5_reply(gp, "no-such-name.invalid", 80) == 4
+    out = curl("--socks5", f"127.0.0.1:{gp}", f"http://127.0.0.1:{closed}/")
+    assert out.returncode == 97 and b"(5)" in out.stderr, out.stderr
+    out = curl("-x", f"http://127.0.0.1:{gp}", f"http://127.0.0.1:{closed}/", "-w",
+               "%{http_code}")
+    assert out.stdout.endswith(b"502"), out.stdout
+    out = curl("-x", f"http://127.0.0.1:{gp}", "http://127.0.0.2/", "-w", "%{http_code}")
+    assert out.stdout.endswith(b"403"), out.stdout
+    assert "egress refused by policy" in proxies.logs()
+    # BIND: command not supported (7), said before anything is opened
+    s, code, _ = socks5_open(gp, "127.0.0.1", 80, cmd=2)
+    s.close()
+    assert code == 7
+
+
+@pytest.mark.parametrize("direction", ["guest-to-host", "host-to-guest"])
+def test_half_close_carries_the_whole_reply(proxies: ProxyPair, direction: str) -> None:
+    srv, port = start_reply_server(reply="big")
+    try:
+        proxy, host = ((proxies.guest_port, "127.0.0.1") if direction == "guest-to-host"
+                       else (proxies.host_port, "vm1.vmbusify"))
+        s, code, _ = socks5_open(proxy, host, port)
+        assert code == 0
+        payload = os.urandom(5 << 20)
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)  # half-close: the server answers only after EOF
+        got = b""
+        while chunk := s.recv(1 << 16):
+            got += chunk
+        s.close()
+        line = f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+        assert got == line * 1000
+    finally:
+        srv.close()
+
+
+def test_bulk_both_ways_sha256(proxies: ProxyPair) -> None:
+    """64 MiB up and 64 MiB down on one connection at once, checked by sha256."""
+    size = 64 << 20
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    down = os.urandom(1 << 20)
+    result: dict[str, str] = {}
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            def send() -> None:
+                for _ in range(size >> 20):
+                    conn.sendall(down)
+                conn.shutdown(socket.SHUT_WR)
+            t = threading.Thread(target=send)
+            t.start()
+            h = hashlib.sha256()
+            while chunk := conn.recv(1 << 20):
+                h.update(chunk)
+            result["up"] = h.hexdigest()
+            t.join()
+
+    threading.Thread(target=serve, daemon=True).start()
+    s, code, _ = socks5_open(proxies.guest_port, "127.0.0.1", port)
+    assert code == 0
+    up = os.urandom(1 << 20)
+
+    def send_up() -> None:
+        for _ in range(size >> 20):
+            s.sendall(up)
+        s.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=send_up)
+    t.start()
+    h = hashlib.sha256()
+    while chunk := s.recv(1 << 20):
+        h.update(chunk)
+    t.join()
+    s.close()
+    srv.close()
+    time.sleep(0.2)
+    assert h.hexdigest() == hashlib.sha256(down * (size >> 20)).hexdigest()
+    assert result["up"] == hashlib.sha256(up * (size >> 20)).hexdigest()
+
+
+def test_500_connections_at_once(proxies: ProxyPair) -> None:
+    srv, port = start_reply_server()
+
+    async def one(i: int) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxies.guest_port)
+        writer.write(b"\x05\x01\x00")
+        assert await reader.readexactly(2) == b"\x05\x00"
+        writer.write(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", port))
+        head = await reader.readexactly(10)
+        assert head[1] == 0, head
+        data = (b"%d." % i) * 1000
+        writer.write(data)
+        writer.write_eof()
+        answer = await reader.read()
+        writer.close()
+        return answer == f"{len(data)} {hashlib.sha256(data).hexdigest()}\n".encode()
+
+    async def all_at_once() -> list[bool]:
+        return await asyncio.gather(*(one(i) for i in range(500)))
+
+    try:
+        results = asyncio.run(asyncio.wait_for(all_at_once(), 120))
+    finally:
+        srv.close()
+    assert sum(results) == 500
+
+
+def test_garbage_and_truncated_handshakes_never_hurt_others(proxies: ProxyPair,
+                                                             web: tuple[int, bytes]) -> None:
+    """Fuzzed handshakes get a reply or a close; a transfer alongside completes."""
+    port, blob = web
+    rng = random.Random(4)
+    seeds = [b"\x05", b"\x05\x01\x00", b"\x05\x01\x00\x05\x01\x00\x03", b"\x04\x01",
+             b"CONNECT ", b"GET http://", b"\x05\x00", b"\x05\xff" + bytes(255), b"\x16\x03"]
+    url = f"http://127.0.0.1:{port}/blob"
+    fetch = subprocess.Popen([CURL or "curl", "-sS", "--limit-rate", "2M", "--socks5",
+                              f"127.0.0.1:{proxies.guest_port}", url], stdout=subprocess.PIPE)
+
+    def attack(i: int) -> None:
+        payload = rng.choice(seeds) + rng.randbytes(rng.randrange(0, 300))
+        with socket.create_connection(("127.0.0.1", proxies.guest_port), timeout=10) as s:
+            try:
+                s.sendall(payload[: rng.randrange(0, len(payload) + 1)])
+                if i % 2:
+                    s.shutdown(socket.SHUT_WR)  # truncated: the proxy must not wait forever
+                    while s.recv(4096):
+                        pass
+            except OSError:
+                pass  # the proxy may reset a connection it refused
+
+    threads = [threading.Thread(target=attack, args=(i,)) for i in range(300)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    out, _ = fetch.communicate(timeout=60)
+    assert fetch.returncode == 0 and out == blob
+    assert all(w.poll() is None for w in proxies.workers)
+    assert socks5_reply(proxies.guest_port, "127.0.0.1", free_port()) == 5
+
+
+def test_udp_associate_round_trip(proxies: ProxyPair) -> None:
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.settimeout(10)
+    eport = echo.getsockname()[1]
+
+    def serve() -> None:
+        try:
+            while True:
+                data, addr = echo.recvfrom(65535)
+                echo.sendto(b"echo:" + data, addr)
+        except OSError:
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    ctl, code, bound = socks5_open(proxies.guest_port, "0.0.0.0", 0, cmd=3)
+    assert code == 0
+    relay = (socket.inet_ntoa(bound[:4]), struct.unpack(">H", bound[4:6])[0])
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(10)
+    header = b"\0\0\0\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", eport)
+    for i in range(5):
+        u.sendto(header + b"q%d" % i, relay)
+        data, _ = u.recvfrom(65535)
+        assert data == header + b"echo:q%d" % i
+    ctl.close()
+    u.close()
+    echo.close()
+
+
+def test_status_shows_connections_and_bytes_per_vm(proxies: ProxyPair,
+                                                    web: tuple[int, bytes]) -> None:
+    port, _ = web
+    s, code, _ = socks5_open(proxies.host_port, "vm1.vmbusify", port)
+    assert code == 0
+    s.sendall(b"GET /blob HTTP/1.0\r\n\r\n")
+    s.recv(100)
+
+    async def status() -> dict[str, object]:
+        link = await link_for(proxies.pair.host, "t-status", [])
+        await wait_state(link, "vm1", "connected")
+        deadline = time.monotonic() + 10
+        while True:
+            st = await link.control({"cmd": "status"})
+            proxy = next(w for w in st["workers"] if w["name"] == "proxy")
+            vm = proxy["stats"].get("vms", {}).get("vm1", {})
+            if vm.get("open", 0) >= 1 or time.monotonic() > deadline:
+                await link.close()
+                return proxy["stats"]
+            await asyncio.sleep(0.3)
+
+    stats = asyncio.run(status())
+    s.close()
+    vm = stats["vms"]["vm1"]  # type: ignore[index]
+    assert vm["open"] >= 1 and vm["opened"] >= 1 and vm["bytes_in"] > 0, stats
+    ctl = subprocess.run([str(BIN / "vmbusifyctl"), "--config",
+                          str(proxies.pair.host.config_path), "status", "--json"],
+                         capture_output=True, text=True, timeout=30)
+    if ctl.returncode == 0:  # the command listener is not part of this pair
+        assert "proxy" in json.dumps(json.loads(ctl.stdout))
+
+
+@pytest.mark.skipif(NCAT is None, reason="ncat missing")
+def test_auth_required_when_configured(tmp_path: Path, web: tuple[int, bytes]) -> None:
+    port, blob = web
+    pp = start_proxies(tmp_path, guest_extra='username = "bob"\npassword = "s3cret"\n',
+                       auth=("bob", "s3cret"))
+    try:
+        gp = pp.guest_port
+        assert socks5_open(gp, "127.0.0.1", port, auth=("bob", "s3cret"))[1] == 0
+        assert socks5_open(gp, "127.0.0.1", port, auth=("bob", "wrong"))[1] == -2
+        url = f"http://127.0.0.1:{port}/blob"
+        out = curl("--socks5", f"127.0.0.1:{gp}", "--proxy-user", "bob:s3cret", url)
+        assert out.returncode == 0 and out.stdout == blob, out.stderr
+        out = curl("--socks5", f"127.0.0.1:{gp}", url)
+        assert out.returncode != 0
+        out = curl("-x", f"http://127.0.0.1:{gp}", "-w", "%{http_code}", url)
+        assert out.stdout.endswith(b"407")
+        out = curl("-x", f"http://bob:s3cret@127.0.0.1:{gp}", url)
+        assert out.returncode == 0 and out.stdout == blob
+        out = curl("-x", f"socks4://127.0.0.1:{gp}", url)
+        assert out.returncode != 0
+    finally:
+        stop_proxies(pp)
