@@ -1,12 +1,11 @@
 """Services of the lab's "external network" (namespace ``vmbl-ext``, 198.18.0.2).
 
 HOOK: the lab starts every entry of ``SERVICES`` inside ``vmbl-ext`` after the namespace is
-up, and ``lab down`` stops them. None is registered yet. The lab's DNS server (answering
-``external.lab`` and whatever names the proxy and subnet tests need; ``/etc/netns/*/resolv.conf``
-already point at 198.18.0.2) belongs here, e.g.::
+up, and ``lab down`` stops them. The lab's DNS server (dnsmasq, below) is one; the
+``/etc/netns/*/resolv.conf`` files point at it. Another service would be added like this::
 
     SERVICES.append(ExternalService(
-        "dns", lambda ext: [sys.executable, "-m", "vmbusify.lab.dns", "--listen", ext.ip]))
+        "web", lambda ext: [sys.executable, "-m", "http.server", "--bind", ext.ip, "80"]))
 
 A service runs in the foreground; the lab detaches it (its own session), writes its pid to
 ``<lab>/ext/run/NAME.pid`` and its output to ``NAME.log``, and restarts it on ``lab up`` when
@@ -37,6 +36,13 @@ class ExternalService:
 
 #: The external network's services, started in order by ``lab up``.
 SERVICES: list[ExternalService] = []
+
+#: The lab's DNS server (the upstream of the subnet's DNS forwarder): dnsmasq answering from
+#: the external namespace's hosts file (``external.lab``, ``host.lab``) and refusing every
+#: other name. It has no upstream at all, so no query ever reaches a real resolver.
+SERVICES.append(ExternalService("dns", lambda ext: [
+    "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-poll",
+    f"--listen-address={ext.ip}", "--bind-interfaces", "--pid-file=", "--log-facility=-"]))
 
 
 def service_pid(ext: ExternalLayout, service: ExternalService) -> int | None:
