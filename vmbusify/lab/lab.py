@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmbusify.errors import LabError
+from vmbusify.errors import LabError, SubnetError
 from vmbusify.lab import external
 from vmbusify.lab import netns as ip
 from vmbusify.lab import stack as stacks
@@ -30,6 +30,7 @@ from vmbusify.lab.layout import (
     MAX_VMS,
     PREFIX,
     SDN_IF,
+    SUBNET_TABLE,
     LabLayout,
     VMLayout,
     guest_config,
@@ -39,6 +40,7 @@ from vmbusify.lab.layout import (
     supervisord_conf,
     venv_bin,
 )
+from vmbusify.workers.subnet import nat as subnet_nat
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +325,11 @@ def _down(layout: LabLayout) -> None:
     vms = [layout.vm(k) for k in existing_vms(layout)]
     stacks.stop(stacks.stack_for("host", layout),
                 *(stacks.stack_for(vm.vmid, layout) for vm in vms))
+    # The subnet worker removes its nftables table on stop; after a kill -9 it is still here.
+    try:
+        subnet_nat.remove(SUBNET_TABLE)
+    except SubnetError as exc:
+        log.warning("%s", exc)
     _remove_vms(layout, vms)
     ext = layout.external
     external.stop_services(ext)

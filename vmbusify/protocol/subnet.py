@@ -140,7 +140,7 @@ class Lease:
 def _str(body: dict[str, Any], key: str, default: str | None = None) -> str:
     value = body.get(key, default)
     if not isinstance(value, str):
-        raise ValueError(f"{key} must be a string")
+        raise TypeError(f"{key} must be a string")
     return value
 
 
@@ -186,7 +186,7 @@ class FrameDecoder:
         """Bytes of an incomplete frame held back."""
         return len(self._buf)
 
-    def feed(self, chunk: bytes) -> list[memoryview]:
+    def feed(self, chunk: bytes | bytearray | memoryview) -> list[memoryview]:
         """Frames completed by ``chunk``; RemoteProtocolError for a bad length."""
         if self._buf:
             self._buf += chunk

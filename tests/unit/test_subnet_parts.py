@@ -1,0 +1,245 @@
+"""The subnet worker's parts that need no root: leases, the nft ruleset, forwarding records,
+resolv.conf handling, the outbox, and the DNS forwarder against a loopback upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmbusify.errors import SubnetError
+from vmbusify.protocol.subnet import PLAIN_VNET_HDR, iter_frames
+from vmbusify.workers.subnet import nat
+from vmbusify.workers.subnet.bearer import Outbox
+from vmbusify.workers.subnet.dns import DnsForwarder, resolv_conf_servers
+from vmbusify.workers.subnet.leases import LeaseTable
+from vmbusify.workers.subnet.routes import ResolvConf
+from vmbusify.workers.subnet.tun import check_ifname
+
+NET = ipaddress.IPv4Network("100.77.0.0/24")
+NET6 = ipaddress.IPv6Network("fd77:7662:7573::/64")
+
+
+# --- leases -----------------------------------------------------------------------------------
+
+
+def test_leases_are_stable_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "leases.json"
+    table = LeaseTable(path, NET, NET6)
+    assert [table.index_for(v) for v in ("vm1", "vm2", "vm1")] == [2, 3, 2]
+    again = LeaseTable(path, NET, NET6)  # the worker restarted
+    assert again.index_for("vm2") == 3 and again.index_for("vm3") == 4
+    assert str(again.address(3)) == "100.77.0.3"
+    assert str(again.address6(3)) == "fd77:7662:7573::3"
+    assert again.packed_addresses("vm1") == [ipaddress.ip_address("100.77.0.2").packed,
+                                             ipaddress.ip_address("fd77:7662:7573::2").packed]
+
+
+def test_a_full_subnet_is_a_clear_error(tmp_path: Path) -> None:
+    table = LeaseTable(tmp_path / "l.json", ipaddress.IPv4Network("10.9.0.0/30"))
+    assert table.index_for("a") == 2
+    with pytest.raises(SubnetError, match="is full"):
+        table.index_for("b")
+
+
+def test_corrupt_or_hostile_lease_file_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "l.json"
+    path.write_text("{not json")
+    assert LeaseTable(path, NET).index_for("vm1") == 2
+    path.write_text(json.dumps({"leases": {"a": 1, "b": 255, "c": 7, "d": 7, "e": "x"}}))
+    table = LeaseTable(path, NET)
+    assert table.items() == {"c": 7}  # gateway, broadcast, duplicates and junk dropped
+
+
+# --- nftables ---------------------------------------------------------------------------------
+
+
+def policy(**over: object) -> nat.NatPolicy:
+    kw: dict[str, object] = {"table": "vmbusify", "tun": "vmbus0", "cidr": str(NET),
+                             "uplink": "eth0"}
+    kw.update(over)
+    return nat.NatPolicy(**kw)  # type: ignore[arg-type]
+
+
+def test_ruleset_replaces_its_own_table_atomically() -> None:
+    text = nat.ruleset(policy())
+    assert text.startswith("add table inet vmbusify\ndelete table inet vmbusify\n")
+    assert 'oifname "eth0" ip saddr 100.77.0.0/24 masquerade' in text
+    assert "maxseg size set rt mtu" in text
+    assert 'iifname "vmbus0" oifname "vmbus0" drop' in text
+    assert 'iifname "eth0" oifname "vmbus0" ct state established,related accept' in text
+    assert "ip6 saddr" not in text
+    # Nothing outside our own table is named.
+    assert all(line.startswith(("add table inet vmbusify", "delete table inet vmbusify",
+                                "table inet vmbusify", " ", "}"))
+               for line in text.splitlines())
+
+
+def test_vm_to_vm_allowed_by_config_and_ipv6_masquerade() -> None:
+    text = nat.ruleset(policy(allow_vm_to_vm=True, cidr6=str(NET6)))
+    assert 'iifname "vmbus0" oifname "vmbus0" accept' in text
+    assert f'oifname "eth0" ip6 saddr {NET6} masquerade' in text
+
+
+def test_without_uplink_nothing_is_forwarded_out() -> None:
+    text = nat.ruleset(policy(uplink=""))
+    forward = text.split("chain forward {")[1].split("}")[0]
+    assert "masquerade" not in text
+    assert [r for r in forward.splitlines() if r.strip().endswith("accept")] == []
+
+
+@pytest.mark.parametrize("name", ["", "1abc", "a b", 'x"; flush ruleset', "a" * 40])
+def test_table_names_that_could_escape_are_refused(name: str) -> None:
+    with pytest.raises(SubnetError, match="invalid nftables table name"):
+        policy(table=name)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "x" * 16, "a b", "..", "a:b"])
+def test_bad_interface_names_are_refused(name: str) -> None:
+    with pytest.raises(SubnetError, match="invalid interface name"):
+        check_ifname(name)
+
+
+@pytest.mark.root
+def test_nft_accepts_the_ruleset() -> None:
+    """`nft -c` checks the script in the kernel without applying anything."""
+    for p in (policy(), policy(allow_vm_to_vm=True, cidr6=str(NET6)), policy(uplink="")):
+        proc = subprocess.run(["nft", "-c", "-f", "-"], input=nat.ruleset(p), text=True,
+                              capture_output=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+
+
+# --- forwarding -------------------------------------------------------------------------------
+
+
+def fake_sysctl(root: Path, flags: dict[str, str]) -> Path:
+    for ifname, value in flags.items():
+        d = root / "ipv4" / "conf" / ifname
+        d.mkdir(parents=True)
+        (d / "forwarding").write_text(value + "\n")
+    return root
+
+
+def flag(root: Path, ifname: str) -> str:
+    return (root / "ipv4" / "conf" / ifname / "forwarding").read_text().strip()
+
+
+def test_forwarding_restored_only_where_we_changed_it(tmp_path: Path) -> None:
+    root = fake_sysctl(tmp_path / "sys", {"all": "0", "tun0": "0", "up0": "0", "up1": "1"})
+    fwd = nat.Forwarding(str(tmp_path / "state"), sysctl=root)
+    for ifname in ("tun0", "up0", "up1"):
+        fwd.enable("ipv4", ifname)
+    assert [flag(root, i) for i in ("tun0", "up0", "up1")] == ["1", "1", "1"]
+    # kill -9 and a new worker: the record still says what the values were before us.
+    fwd2 = nat.Forwarding(str(tmp_path / "state"), sysctl=root)
+    fwd2.enable("ipv4", "up0")
+    fwd2.restore()
+    assert [flag(root, i) for i in ("tun0", "up0", "up1")] == ["0", "0", "1"]
+    assert not fwd2.record.exists()
+
+
+def test_forwarding_left_on_when_someone_turned_it_on_for_all(tmp_path: Path) -> None:
+    root = fake_sysctl(tmp_path / "sys", {"all": "0", "up0": "0"})
+    fwd = nat.Forwarding(str(tmp_path / "state"), sysctl=root)
+    fwd.enable("ipv4", "up0")
+    (root / "ipv4" / "conf" / "all" / "forwarding").write_text("1\n")  # e.g. docker started
+    fwd.restore()
+    assert flag(root, "up0") == "1"
+
+
+# --- resolv.conf --------------------------------------------------------------------------------
+
+
+def test_resolv_conf_is_rewritten_in_place_and_restored(tmp_path: Path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 198.18.0.2\n")
+    inode = conf.stat().st_ino
+    rc = ResolvConf(str(tmp_path / "state"), path=conf)
+    rc.apply(["100.77.0.1"])
+    rc.apply(["100.77.0.1"])  # a re-attach must not save our own file as the original
+    assert conf.read_text().endswith("nameserver 100.77.0.1\n")
+    assert conf.stat().st_ino == inode  # written in place: a bind mount stays valid
+    assert resolv_conf_servers(conf) == ["100.77.0.1"]
+    rc.restore()
+    assert conf.read_text() == "nameserver 198.18.0.2\n"
+    rc.restore()  # a second stop changes nothing
+    assert conf.read_text() == "nameserver 198.18.0.2\n"
+
+
+def test_resolv_conf_symlink_is_put_back(tmp_path: Path) -> None:
+    target = tmp_path / "stub-resolv.conf"
+    target.write_text("nameserver 127.0.0.53\n")
+    conf = tmp_path / "resolv.conf"
+    conf.symlink_to(target)
+    rc = ResolvConf(str(tmp_path / "state"), path=conf)
+    rc.apply(["100.77.0.1"])
+    assert not conf.is_symlink() and target.read_text() == "nameserver 127.0.0.53\n"
+    rc.restore()
+    assert conf.is_symlink() and conf.resolve() == target
+
+
+# --- outbox -------------------------------------------------------------------------------------
+
+
+def test_outbox_batches_and_drops_when_full() -> None:
+    box = Outbox(limit=3000)
+    frames = [PLAIN_VNET_HDR + bytes([0x45]) + bytes(989) for _ in range(4)]  # 1000 bytes each
+    assert [box.put(f) for f in frames] == [True, True, True, False]
+    assert box.dropped == 1
+    batch, count = box.take_batch(max_bytes=2008)
+    assert count == 2 and [bytes(f) for f in iter_frames(batch)] == frames[:2]
+    batch, count = box.take_batch(max_bytes=10)  # at least one frame, whatever the limit
+    assert count == 1 and len(box) == 0 and box.bytes == 0
+
+
+# --- DNS forwarder ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EchoResolver(asyncio.DatagramProtocol):
+    """Answers every query with the query itself plus a marker (a stand-in upstream)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(b"\xff\xff" + data[2:] + b"!", addr)  # wrong id first
+        self.transport.sendto(data + b"!", addr)  # type: ignore[attr-defined]
+
+
+async def _dns_round_trip() -> tuple[bytes, int]:
+    loop = asyncio.get_running_loop()
+    up_port, port = free_port(), free_port()
+    upstream, _ = await loop.create_datagram_endpoint(EchoResolver,
+                                                      local_addr=("127.0.0.1", up_port))
+    fwd = DnsForwarder(["127.0.0.1"], ["127.0.0.1"], port=port, upstream_port=up_port)
+    await fwd.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.setblocking(False)
+            client.connect(("127.0.0.1", port))
+            query = b"\x12\x34" + bytes(10) + b"query"
+            await loop.sock_sendall(client, query)
+            answer = await asyncio.wait_for(loop.sock_recv(client, 512), 5)
+            await loop.sock_sendall(client, b"short")  # malformed: dropped, no answer
+            await asyncio.sleep(0.1)
+        return answer, fwd.dropped
+    finally:
+        await fwd.close()
+        upstream.close()
+
+
+def test_dns_forwarder_relays_the_matching_answer() -> None:
+    answer, dropped = asyncio.run(_dns_round_trip())
+    assert answer == b"\x12\x34" + bytes(10) + b"query!"
+    assert dropped == 1

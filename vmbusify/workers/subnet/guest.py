@@ -1,0 +1,173 @@
+"""The guest's side of the subnet: attach to the host, configure the TUN, carry packets.
+
+The guest keeps one bearer stream to the host and re-attaches, with nobody acting, whenever it
+ends: the tunnel dropped (the link resets its streams), the host's worker restarted (it sends
+HOST_READY; a KEEPALIVE answered with an error says the same), or the mux restarted. Each
+attach gets the same lease back, so addresses and routes stay as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+from vmbusify.bus.frames import TunnelEvent
+from vmbusify.bus.link import Inbound, WorkerLink
+from vmbusify.config import Config
+from vmbusify.errors import ProtocolError, RequestTimeout, TunnelError, VMBusifyError
+from vmbusify.protocol.entities import Entity
+from vmbusify.protocol.subnet import Attach, Lease, SubnetMessage
+from vmbusify.workers.subnet import routes
+from vmbusify.workers.subnet.bearer import Bearer, TunReader
+from vmbusify.workers.subnet.tun import TunDevice
+
+log = logging.getLogger("vmbusify.subnet")
+
+KEEPALIVE_INTERVAL = 5.0
+#: Keepalives that may time out in a row before the guest attaches again.
+KEEPALIVE_MISSES = 3
+BACKOFF_INITIAL = 0.2
+BACKOFF_MAX = 5.0
+
+
+class SubnetGuest:
+    """Everything the guest's subnet worker holds."""
+
+    def __init__(self, config: Config, link: WorkerLink) -> None:
+        self.config = config
+        self.sub = config.subnet
+        self.link = link
+        self.tun: TunDevice | None = None
+        self.reader: TunReader | None = None
+        self.bearer: Bearer | None = None
+        self.lease: Lease | None = None
+        self.resolv = routes.ResolvConf(config.state_dir)
+        self.attaches = 0
+        self.dropped_detached = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Create the TUN and start attaching (returns at once; attaching goes on forever)."""
+        self.tun = TunDevice.open(self.sub.ifname, self.sub.offload)
+        self.reader = TunReader(self.tun, self._route_from_kernel)
+        self.reader.start()
+        link = self.link
+        link.route(Entity.IP_BEARER, SubnetMessage.HOST_READY, self._on_host_ready)
+        link.route(Entity.IP_BEARER, SubnetMessage.DATA, None)
+        link.on_event(self._on_event)
+        await link.start()
+        self._task = asyncio.ensure_future(self._attach_forever())
+
+    async def stop(self) -> None:
+        """Detach and undo: the TUN (with its addresses and routes) and resolv.conf."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.bearer is not None:
+            await self.bearer.close("guest subnet worker stopping")
+        if self.reader is not None:
+            self.reader.stop()
+        if self.tun is not None:
+            self.tun.close()
+        if self.sub.manage_resolv_conf:
+            self.resolv.restore()
+
+    # -- packets -----------------------------------------------------------------------------
+    def _route_from_kernel(self, frame: bytes) -> None:
+        bearer = self.bearer
+        if bearer is None or bearer.closed.is_set():
+            self.dropped_detached += 1
+            return
+        bearer.outbox.put(frame)
+
+    # -- attaching ---------------------------------------------------------------------------
+    async def _on_host_ready(self, msg: Inbound) -> None:
+        log.info("the host's subnet worker (re)started; attaching again")
+        if self.bearer is not None:
+            self.bearer.closed.set()
+        self._wake.set()
+
+    async def _on_event(self, event: TunnelEvent, vmid: str, info: dict[str, Any]) -> None:
+        if event is TunnelEvent.UP:
+            self._wake.set()
+
+    async def _attach_forever(self) -> None:
+        delay = BACKOFF_INITIAL
+        while True:
+            self._wake.clear()
+            try:
+                bearer = await self._attach()
+            except (TunnelError, ProtocolError) as exc:
+                log.info("attach failed: %s; again in %.1fs", exc, delay)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            delay = BACKOFF_INITIAL
+            self.bearer = bearer
+            keepalive = asyncio.ensure_future(self._keepalive(bearer))
+            await bearer.closed.wait()
+            keepalive.cancel()
+            await bearer.close(bearer.reason or "re-attaching")
+            self.bearer = None
+
+    async def _attach(self) -> Bearer:
+        assert self.tun is not None
+        stream = await self.link.open_stream(None, Entity.IP_BEARER, Entity.IP_BEARER,
+                                             SubnetMessage.DATA)
+        try:
+            reply = await self.link.sync_send(
+                None, Entity.IP_BEARER, SubnetMessage.ATTACH,
+                Attach(self.config.name or socket.gethostname(), self.sub.offload).to_body(), stream=stream.id,
+                timeout=10.0)
+            lease = Lease.from_body(reply)
+        except VMBusifyError:
+            self.link.streams.forget(stream)
+            raise
+        routes.configure_guest(self.sub.ifname, lease)
+        if self.sub.manage_resolv_conf:
+            self.resolv.apply(lease.dns)
+        if self.lease != lease:
+            log.info("lease: %s/%d%s via %s, mtu %d", lease.address, lease.prefixlen,
+                     f", {lease.address6}/{lease.prefixlen6}" if lease.address6 else "",
+                     lease.gateway, lease.mtu)
+        self.lease = lease
+        self.attaches += 1
+        bearer = Bearer(stream, self.tun.write_frame, "host")
+        bearer.start()
+        log.info("attached to the host (stream=%d, attach #%d)", stream.id, self.attaches)
+        return bearer
+
+    async def _keepalive(self, bearer: Bearer) -> None:
+        misses = 0
+        while not bearer.closed.is_set():
+            await asyncio.sleep(KEEPALIVE_INTERVAL)
+            try:
+                await self.link.sync_send(None, Entity.IP_BEARER, SubnetMessage.KEEPALIVE,
+                                          {"stream": bearer.stream.id}, timeout=KEEPALIVE_INTERVAL)
+                misses = 0
+            except RequestTimeout:
+                misses += 1
+                if misses < KEEPALIVE_MISSES:
+                    continue
+                bearer.reason = f"{misses} keepalives unanswered"
+                bearer.closed.set()
+            except VMBusifyError as exc:
+                bearer.reason = f"the host forgot us ({exc})"
+                bearer.closed.set()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for `vmbusifyctl status`."""
+        return {
+            "role": "guest", "ifname": self.sub.ifname,
+            "lease": self.lease.to_body() if self.lease else None,
+            "attached": self.bearer is not None and not self.bearer.closed.is_set(),
+            "attaches": self.attaches, "dropped_detached": self.dropped_detached,
+            "bearer": self.bearer.stats() if self.bearer else None,
+            "tun_write_errors": self.tun.write_errors if self.tun else 0,
+        }
