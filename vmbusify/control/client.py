@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import http.client
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from vmbusify.config import Config
 from vmbusify.control.token import read_token
 from vmbusify.errors import ControlError
+
+if TYPE_CHECKING:
+    import http.client
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -31,6 +33,8 @@ class ControlClient:
 
     def connection(self, timeout: float | None = None) -> http.client.HTTPConnection:
         """A new HTTP connection to the listener."""
+        import http.client  # here: vmbusifyexec imports this module for split_listen only
+
         return http.client.HTTPConnection(self.host, self.port,
                                           timeout=timeout or self.timeout)
 
