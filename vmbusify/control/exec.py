@@ -150,6 +150,12 @@ class ExecService:
     async def finish(self, relay: Relay, reason: str = "") -> None:
         """Drop a relay; ``reason``: abort it (the executor kills the remote tree)."""
         self.relays.pop((relay.vmid, relay.main.id), None)
+        if reason:
+            try:
+                await self.link.async_send(relay.vmid, Entity.CMD_LISTENER, ExecMessage.KILL,
+                                           {"id": relay.main.id, "reason": reason})
+            except TunnelError:
+                pass  # the tunnel is gone: the executor kills the tree on its own
         for s in (relay.main, relay.err):
             if s is None:
                 continue
@@ -255,6 +261,7 @@ async def _relay(ws: web.WebSocketResponse, service: ExecService, relay: Relay) 
     abort = ""
     try:
         all_out: asyncio.Future[list[str]] = asyncio.gather(*outputs)
+        all_out.add_done_callback(lambda f: f.cancelled() or f.exception())
         waits: list[asyncio.Future[Any]] = [upstream, all_out]
         done, _ = await asyncio.wait(waits,
                                      return_when=asyncio.FIRST_COMPLETED)

@@ -10,12 +10,13 @@ Entity.CMD_EXECUTOR): *main* (stdin down, stdout or the pty up) and, without a T
 stream's id and whose body (``ExecSpec.to_body``) names the err stream. The executor answers
 with ``StartReply``: the pid, or why the program could not start (exit code 126/127).
 
-While the program runs, SIGNAL and RESIZE messages go down (one-way, MESSAGE). When it has
+While the program runs, SIGNAL, RESIZE and KILL messages go down (one-way, MESSAGE). KILL
+(the client went away) comes with a reset of both streams. When the program has
 ended and both output streams reached EOF, one EXIT message comes up (``ExitStatus``). EXIT is
 a control message and may overtake the last DATA packages on the tunnel, so the listener
 reports the status only after both output streams ended. An exec is named on both ends by
-its main stream id. A reset main stream (client gone, tunnel lost) makes the executor kill
-the whole process tree.
+its main stream id. KILL, a reset stream or a lost tunnel makes the executor kill the whole
+process tree.
 
 Exit codes (what vmbusifyexec exits with)::
 
@@ -65,6 +66,8 @@ class ExecMessage(IntEnum):
     RESIZE = 4
     #: MESSAGE executor -> listener: the program ended (ExitStatus).
     EXIT = 5
+    #: MESSAGE listener -> executor: the client went away: kill the whole process tree.
+    KILL = 6
 
 
 class ExitReason(str, Enum):

@@ -48,6 +48,7 @@ class Executor:
         link.route(Entity.CMD_LISTENER, ExecMessage.DATA, None)
         link.route(Entity.CMD_LISTENER, ExecMessage.SIGNAL, self.on_signal)
         link.route(Entity.CMD_LISTENER, ExecMessage.RESIZE, self.on_resize)
+        link.route(Entity.CMD_LISTENER, ExecMessage.KILL, self.on_kill)
         link.on_event(self.on_event)
 
     def stats(self) -> dict[str, int]:
@@ -103,6 +104,11 @@ class Executor:
                 log.warning("%s: %s", session.ctx, exc)
                 return
             session.resize(r.rows, r.cols)
+
+    async def on_kill(self, msg: Inbound) -> None:
+        session = self._session(msg)
+        if session is not None:
+            session.abort(str(msg.body.get("reason", "killed by the listener"))[:200])
 
     async def on_event(self, event: TunnelEvent, vmid: str, info: dict[str, Any]) -> None:
         """The tunnel went down: kill every exec it carried."""

@@ -18,6 +18,7 @@ import pwd
 import signal
 import struct
 import termios
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -99,8 +100,16 @@ def set_winsize(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _controlling_tty() -> None:  # runs in the child, after setsid
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+def _session_with_tty(path: str) -> Callable[[], None]:
+    """preexec_fn: a new session whose controlling terminal is the pty at ``path``.
+
+    Done here rather than with start_new_session + TIOCSCTTY on fd 0, because event loops
+    differ in when they set up the child's stdio (uvloop does it after preexec_fn).
+    """
+    def child() -> None:
+        os.setsid()
+        os.close(os.open(path, os.O_RDWR))  # a session leader's first tty becomes its own
+    return child
 
 
 async def spawn(spec: ExecSpec) -> Child:
@@ -121,7 +130,8 @@ async def spawn(spec: ExecSpec) -> Child:
         if spec.rows and spec.cols:
             set_winsize(master, spec.rows, spec.cols)
         os.set_blocking(master, False)
-        kwargs.update(stdin=slave, stdout=slave, stderr=slave, preexec_fn=_controlling_tty)
+        kwargs.update(stdin=slave, stdout=slave, stderr=slave, start_new_session=False,
+                      preexec_fn=_session_with_tty(os.ttyname(slave)))
     elif spec.detach:
         kwargs.update(stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                       stderr=asyncio.subprocess.DEVNULL)
@@ -199,21 +209,21 @@ def tree(pid: int, leader_alive: bool = True) -> set[psutil.Process]:
 
 def kill_tree(pid: int, leader_alive: bool = True, sig: int = signal.SIGKILL) -> int:
     """Send ``sig`` to the whole tree of exec ``pid`` (see ``tree``); how many got it."""
-    hit = 0
+    hit: set[int] = set()
     for _ in range(3):  # a process forking while we kill: look again
-        procs = tree(pid, leader_alive)
-        procs = {p for p in procs if p.pid != os.getpid()}
+        procs = {p for p in tree(pid, leader_alive)
+                 if p.pid != os.getpid() and p.pid not in hit}
         if not procs:
             break
         for p in procs:
             try:
                 p.send_signal(sig)
-                hit += 1
+                hit.add(p.pid)
             except psutil.Error:
                 pass
         if sig != signal.SIGKILL:
             break
-    return hit
+    return len(hit)
 
 
 def signal_group(child: Child, sig: int) -> None:
