@@ -80,6 +80,11 @@ def render_status(st: dict[str, Any]) -> str:
     lines += ["", "workers:"]
     for w in st.get("workers", []):
         lines.append(f"  {w['name']:<10} pid {w['pid']:<8} {', '.join(w['entities'])}")
+        # per-VM counters a worker publishes as stats["vms"] (the proxy's connections, ...)
+        for vmid, counters in ((w.get("stats") or {}).get("vms") or {}).items():
+            lines.append(f"    {vmid}: " + ", ".join(
+                f"{k.removeprefix('bytes_')} {_bytes(v)}" if k.startswith("bytes_")
+                else f"{v} {k}" for k, v in counters.items()))
     if not st.get("workers"):
         lines.append("  (none registered)")
     lines += ["", "programs:"]
@@ -145,3 +150,8 @@ def ping(ctx: click.Context, vmid: str, timeout: float) -> None:
     r = _client(ctx).request("POST", f"/v1/vms/{q(vmid)}/ping?timeout={timeout}",
                              timeout=timeout + 5)
     click.echo(f"{r['vmid']}: rtt {r['rtt_ms']:.3f} ms")
+
+
+from vmbusify.cli.forward import forward  # noqa: E402  (a command of its own module)
+
+main.add_command(forward)

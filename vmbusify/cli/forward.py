@@ -1,0 +1,168 @@
+"""`vmbusifyctl forward VMID [BIND:]PORT:TARGET:TARGET_PORT`, as ``ssh -L`` and
+``kubectl port-forward`` do, for programs that cannot speak SOCKS.
+
+It listens on BIND:PORT (127.0.0.1 unless given) and carries every connection through this
+endpoint's proxy client (``[proxy] listen``) to TARGET:TARGET_PORT as seen from VMID: on the
+host, ``localhost``/``127.0.0.1``/``::1`` mean the VM's own loopback (``VMID.vmbusify``) and
+any other TARGET is resolved inside the VM (``TARGET.VMID.vmbusify``); on a guest VMID is
+``host`` and TARGET is reached from the host. Runs in the foreground until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from dataclasses import dataclass
+
+import click
+
+from vmbusify.bus.frames import HOST_VMID
+from vmbusify.config import Config, Role
+from vmbusify.control.client import split_listen
+from vmbusify.errors import ControlError
+from vmbusify.protocol.proxy import ReplyCode
+from vmbusify.protocol.socks import encode_addr
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    """A parsed ``[BIND:]PORT:TARGET:TARGET_PORT``."""
+
+    bind: str
+    port: int
+    target: str
+    target_port: int
+
+
+def _fields(text: str) -> list[str]:
+    """Split on ':' outside brackets (``[::1]:80`` style IPv6)."""
+    out, cur, depth = [], "", 0
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == ":" and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [f[1:-1] if f.startswith("[") and f.endswith("]") else f for f in out]
+
+
+def _port(text: str, what: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise ControlError(f"forward: {what} {text!r} is not a port (1-65535)")
+    return int(text)
+
+
+def parse_spec(text: str) -> ForwardSpec:
+    """Parse the forwarding spec; ControlError with a one-line reason if malformed."""
+    parts = _fields(text)
+    if len(parts) == 3:
+        parts.insert(0, "127.0.0.1")
+    if len(parts) != 4 or not parts[0] or not parts[2] or len(parts[2]) > 200:
+        raise ControlError(f"forward: expected [BIND:]PORT:TARGET:TARGET_PORT, not {text!r}")
+    return ForwardSpec(parts[0], _port(parts[1], "PORT"), parts[2],
+                       _port(parts[3], "TARGET_PORT"))
+
+
+def socks_target(config: Config, vmid: str, target: str) -> str:
+    """The host name to ask this endpoint's proxy client for."""
+    if config.role is Role.GUEST:
+        if vmid != HOST_VMID:
+            raise ControlError(f"forward: on a guest the only peer is {HOST_VMID!r}")
+        return target
+    if target.lower() in LOOPBACK_NAMES:
+        return f"{vmid}.vmbusify"
+    return f"{target}.{vmid}.vmbusify"
+
+
+async def _socks_open(config: Config, host: str, port: int
+                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    phost, pport = split_listen(config.proxy.listen)
+    reader, writer = await asyncio.open_connection(phost, pport)
+    cfg = config.proxy
+    writer.write(b"\x05\x01" + (b"\x02" if cfg.username else b"\x00"))
+    method = await reader.readexactly(2)
+    if cfg.username:
+        if method != b"\x05\x02":
+            raise ControlError("forward: the proxy refused user/password authentication")
+        u, p = cfg.username.encode(), cfg.password.encode()
+        writer.write(b"\x01" + bytes([len(u)]) + u + bytes([len(p)]) + p)
+        if (await reader.readexactly(2))[1] != 0:
+            raise ControlError("forward: the proxy refused the configured credentials")
+    elif method != b"\x05\x00":
+        raise ControlError("forward: the proxy wants authentication (set [proxy] username)")
+    writer.write(b"\x05\x01\x00" + encode_addr(host, port))
+    head = await reader.readexactly(4)
+    if head[3] == 3:
+        await reader.readexactly((await reader.readexactly(1))[0] + 2)
+    else:
+        await reader.readexactly({1: 4, 4: 16}.get(head[3], 0) + 2)
+    if head[1] != 0:
+        code = ReplyCode(head[1]) if head[1] in ReplyCode._value2member_map_ else None
+        raise ControlError(f"forward: {host}:{port}: reply {head[1]}"
+                           + (f" ({code.text})" if code else ""))
+    return reader, writer
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(1 << 18):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        writer.transport.abort()
+
+
+async def _serve_one(config: Config, host: str, port: int, c_reader: asyncio.StreamReader,
+                     c_writer: asyncio.StreamWriter) -> None:
+    try:
+        p_reader, p_writer = await _socks_open(config, host, port)
+    except (ControlError, OSError, asyncio.IncompleteReadError) as exc:
+        click.echo(f"vmbusifyctl forward: {exc or 'the proxy closed the connection'}",
+                   err=True)
+        c_writer.close()
+        return
+    await asyncio.gather(_pipe(c_reader, p_writer), _pipe(p_reader, c_writer))
+    p_writer.close()
+    c_writer.close()
+
+
+async def run_forward(config: Config, vmid: str, spec: ForwardSpec) -> None:
+    """Listen and forward until SIGINT/SIGTERM."""
+    host = socks_target(config, vmid, spec.target)
+    try:
+        server = await asyncio.start_server(
+            lambda r, w: _serve_one(config, host, spec.target_port, r, w), spec.bind, spec.port)
+    except OSError as exc:
+        raise ControlError(f"forward: cannot listen on {spec.bind}:{spec.port}: "
+                           f"{exc.strerror or exc}") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    click.echo(f"forwarding {spec.bind}:{spec.port} -> {spec.target}:{spec.target_port} "
+               f"in {vmid} (Ctrl-C to stop)", err=True)
+    async with server:
+        await stop.wait()
+
+
+@click.command()
+@click.argument("vmid")
+@click.argument("spec", metavar="[BIND:]PORT:TARGET:TARGET_PORT")
+@click.pass_context
+def forward(ctx: click.Context, vmid: str, spec: str) -> None:
+    """Forward a local port to TARGET:TARGET_PORT as seen from VMID (like ssh -L)."""
+    config: Config = ctx.obj["config"]
+    parsed = parse_spec(spec)
+    socks_target(config, vmid, parsed.target)  # refuse a bad VMID before listening
+    asyncio.run(run_forward(config, vmid, parsed))
+    sys.exit(0)
