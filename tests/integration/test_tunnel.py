@@ -388,3 +388,33 @@ def test_dead_peer_noticed_within_dead_after(tmp_path: Path) -> None:
         run(scenario())
     finally:
         pair.stop()
+
+
+def test_streams_of_a_dead_peer_worker_are_reset(pair: Pair) -> None:
+    """A worker that dies without a word: the far side's streams with it are reset."""
+    from vmbusify.bus.streams import StreamReset
+
+    async def scenario() -> None:
+        accepted: asyncio.Queue[Any] = asyncio.Queue()
+        guest: WorkerLink
+
+        async def on_open(msg: Inbound) -> Any:
+            await accepted.put(guest.streams.accept(msg.vmid, Entity.PROXY_SERVER,
+                                                    msg.package, DATA))
+            return True
+
+        guest = await link_for(pair.guest, "t-guest", [Entity.PROXY_SERVER],
+                               [(Entity.PROXY_CLIENT, OPEN, on_open),
+                                (Entity.PROXY_CLIENT, DATA, None)])
+        host = await link_for(pair.host, "t-host", [Entity.PROXY_CLIENT],
+                              [(Entity.PROXY_SERVER, DATA, None)])
+        await wait_state(host, "vm1", "connected")
+        _h, g = await _stream_pair(host, guest, accepted)
+        await host.close()  # gone: no more heartbeats, no goodbye
+        t0 = time.monotonic()
+        with pytest.raises(StreamReset, match="went away"):
+            await asyncio.wait_for(g.read(), 15)
+        assert time.monotonic() - t0 < 10
+        await guest.close()
+
+    run(scenario())

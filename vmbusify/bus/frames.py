@@ -9,7 +9,7 @@ are never re-encoded between tunnel and worker (pyzmq's metadata-frame + data-fr
     REREG  mux -> worker   [b"REREG"]                 the mux does not know this worker
     PKG    both ways       [b"PKG", vmid, header, payload]
     CTL    both ways       [b"CTL", call_id, msgpack{cmd, ...} | msgpack{ok, result|error}]
-    EVT    mux -> worker   [b"EVT", msgpack{event: "up"|"down", vmid, ...}]
+    EVT    mux -> worker   [b"EVT", msgpack{event: "up"|"down"|"peer-lost", vmid, ...}]
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class TunnelEvent(str, Enum):
 
     UP = "up"
     DOWN = "down"
+    #: A worker on the far side died or restarted (``entities`` says which).
+    PEER_LOST = "peer-lost"
 
 
 #: On the guest, the one peer a worker can address.

@@ -261,6 +261,12 @@ class WorkerLink:
             event, vmid = TunnelEvent(info["event"]), str(info["vmid"])
             if event is TunnelEvent.DOWN:
                 self._on_tunnel_down(vmid, str(info.get("reason", "tunnel down")))
+            elif event is TunnelEvent.PEER_LOST:
+                entities = [int(e) for e in info.get("entities", [])]
+                n = self.streams.drop_peer(vmid, entities, "the peer's worker went away")
+                if n:
+                    log.info("worker=%s vm=%s: %d streams reset: the peer's %s went away",
+                             self.name, vmid, n, ", ".join(entity_label(e) for e in entities))
             for handler in self._event_handlers:
                 await handler(event, vmid, info)
 

@@ -244,6 +244,13 @@ class StreamTable:
             log.warning("vm=%s stream=%d: %s; resetting the stream", vmid, pkg.stream, exc)
             await stream.reset(str(exc))
 
+    def drop_peer(self, vmid: str, entities: list[int], reason: str) -> int:
+        """Abort every stream of a VM whose far end belongs to one of ``entities``."""
+        lost = [s for s in self._streams.values() if s.vmid == vmid and s.peer in entities]
+        for s in lost:
+            s._abort(reason)
+        return len(lost)
+
     def drop_vm(self, vmid: str, reason: str) -> int:
         """Abort every stream of a VM whose tunnel went down; returns how many."""
         lost = [s for s in self._streams.values() if s.vmid == vmid]

@@ -21,11 +21,12 @@ import zmq.asyncio
 
 from vmbusify import __version__
 from vmbusify.bus.frames import BusKind, TunnelEvent
+from vmbusify.bus.link import REGISTER_INTERVAL
 from vmbusify.bus.sockets import bind_router, ensure_private_dir
 from vmbusify.config import Config, Role
 from vmbusify.errors import ProtocolError, TunnelError, UnknownVMError, VMBusifyError
 from vmbusify.mux.peer import MAX_WAITING, Peer, PeerState
-from vmbusify.mux.router import RouteTable
+from vmbusify.mux.router import RouteTable, WorkerInfo
 from vmbusify.mux.tunnel import Tunnel
 from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.package import (
@@ -38,11 +39,13 @@ from vmbusify.protocol.package import (
     encode_header,
 )
 from vmbusify.protocol.serialize import dumps, loads_dict
-from vmbusify.protocol.tunnel import Hello
+from vmbusify.protocol.tunnel import Hello, WorkerLost
 
 log = logging.getLogger("vmbusify.mux")
 
 _BIG = 65536  # frames at least this large are sent zero-copy
+#: A worker that missed this many seconds of heartbeats (REG) is taken for dead.
+WORKER_SILENT_AFTER = 3 * REGISTER_INTERVAL
 
 
 class MuxApp:
@@ -83,7 +86,7 @@ class MuxApp:
         name = info.name if info else identity.decode(errors="replace")
         log.warning("worker=%s unreachable (%s); unregistering it", name, exc)
         if info is not None:
-            self.routes.unregister(info.name)
+            self.worker_lost(info, "unreachable")
         return False
 
     def broadcast(self, event: TunnelEvent, vmid: str, **info: Any) -> None:
@@ -111,8 +114,10 @@ class MuxApp:
                 self.to_worker(identity, [BusKind.REREG.value])
             self.from_worker(identity, frames[2].decode(), frames[3], frames[4])
         elif kind is BusKind.REG:
-            info, new = self.routes.register(identity, loads_dict(frames[2], "REG"))
-            if new:
+            info, previous = self.routes.register(identity, loads_dict(frames[2], "REG"))
+            if previous is not info and previous is not None:
+                self.announce_lost(previous, "restarted")
+            if previous is not info:
                 log.info("worker=%s pid=%d registered: entities %s, routes %s", info.name,
                          info.pid, [entity_label(e) for e in info.entities],
                          [f"{entity_label(s)}:{m}" for s, m in info.routes])
@@ -212,6 +217,7 @@ class MuxApp:
         if tunnel.peer_hello is not None and tunnel.peer_hello.ips:
             peer.ips = list(tunnel.peer_hello.ips)
         tunnel.on_hello = lambda t, hello: self._on_hello(peer, hello)
+        tunnel.on_worker_lost = lambda t, lost: self._on_worker_lost(peer, lost)
         peer.set_state(PeerState.CONNECTED)
         peer.last_error = ""
         hello = tunnel.peer_hello
@@ -318,10 +324,36 @@ class MuxApp:
             return p.status()
         raise VMBusifyError(f"unknown command {cmd!r}")
 
+    def worker_lost(self, info: WorkerInfo, why: str) -> None:
+        """Forget a worker that died, and tell the far side its streams are gone."""
+        self.routes.unregister(info.name)
+        self.announce_lost(info, why)
+
+    def announce_lost(self, info: WorkerInfo, why: str) -> None:
+        """Tell every peer that ``info``'s entities lost their state (streams, requests)."""
+        log.warning("worker=%s pid=%d %s; telling the peers its streams are gone",
+                    info.name, info.pid, why)
+        if not info.entities:
+            return
+        lost = WorkerLost(list(info.entities)).package()
+        for peer in self.peers.values():
+            if peer.tunnel is not None:
+                peer.tunnel.send_package(lost)
+
+    def _on_worker_lost(self, peer: Peer, lost: WorkerLost) -> None:
+        log.info("vm=%s: a worker of the peer (%s) went away", peer.vmid,
+                 ", ".join(entity_label(e) for e in lost.entities))
+        self.broadcast(TunnelEvent.PEER_LOST, peer.vmid, entities=lost.entities)
+
     async def housekeeping(self) -> None:
-        """Periodic clean-up of stale pending requests."""
+        """Periodic clean-up: silent workers, stale pending requests."""
+        ticks = 0
         while True:
-            await asyncio.sleep(30)
-            n = self.routes.expire()
-            if n:
-                log.info("forgot %d requests that never got an ACK", n)
+            await asyncio.sleep(REGISTER_INTERVAL)
+            for info in self.routes.silent(WORKER_SILENT_AFTER):
+                self.worker_lost(info, f"silent for {WORKER_SILENT_AFTER:g}s")
+            ticks += 1
+            if ticks % 15 == 0:
+                n = self.routes.expire()
+                if n:
+                    log.info("forgot %d requests that never got an ACK", n)

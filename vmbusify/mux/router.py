@@ -64,8 +64,13 @@ class RouteTable:
         self._pending: dict[tuple[str, int], PendingCall] = {}
 
     # -- registry --------------------------------------------------------------------------
-    def register(self, identity: bytes, body: dict[str, Any]) -> tuple[WorkerInfo, bool]:
-        """Record (or refresh) a worker's registration; returns (info, is_new)."""
+    def register(self, identity: bytes, body: dict[str, Any]
+                 ) -> tuple[WorkerInfo, WorkerInfo | None]:
+        """Record (or refresh) a worker's registration.
+
+        Returns the worker and, when this registration replaces a different process of the
+        same name (it was restarted), the one it replaced; (info, info) for a refresh.
+        """
         try:
             name = str(body["name"])
             pid = int(body["pid"])
@@ -76,14 +81,15 @@ class RouteTable:
         known = self._by_identity.get(identity)
         if known is not None and known.routes == routes:
             known.last_seen = time.monotonic()
-            return known, False
-        self.unregister(name)
+            return known, known
+        old = self.unregister(name)
+        replaced = old if old is not None and old.pid != pid else None
         info = WorkerInfo(name, identity, pid, entities, routes)
         self._workers[name] = info
         self._by_identity[identity] = info
         for key in routes:
             self._routes.setdefault(key, []).append(info)
-        return info, True
+        return info, replaced
 
     def unregister(self, name: str) -> WorkerInfo | None:
         """Forget a worker (it died or was replaced by a restarted copy)."""
@@ -106,6 +112,11 @@ class RouteTable:
 
     def by_name(self, name: str) -> WorkerInfo | None:
         return self._workers.get(name)
+
+    def silent(self, max_age: float, now: float | None = None) -> list[WorkerInfo]:
+        """Workers that have not registered (their heartbeat) for ``max_age`` seconds."""
+        now = time.monotonic() if now is None else now
+        return [w for w in self._workers.values() if now - w.last_seen > max_age]
 
     def workers(self) -> list[WorkerInfo]:
         return list(self._workers.values())

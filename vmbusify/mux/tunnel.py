@@ -21,7 +21,7 @@ from vmbusify.errors import ProtocolError, TunnelError
 from vmbusify.mux.scheduler import OutQueue
 from vmbusify.protocol.entities import Entity, TunnelMessage
 from vmbusify.protocol.package import Package, PackageDecoder, PackageType
-from vmbusify.protocol.tunnel import Bye, Hello, Ping, Pong
+from vmbusify.protocol.tunnel import Bye, Hello, Ping, Pong, WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class Tunnel:
         self.label = label
         self.on_package = on_package
         self.on_hello: Callable[[Tunnel, Hello], None] | None = None
+        self.on_worker_lost: Callable[[Tunnel, WorkerLost], None] | None = None
         self.peer_hello: Hello | None = None
         self.connected_since = time.time()
         self.rtt_ms: float | None = None
@@ -257,6 +258,10 @@ class Tunnel:
             log.info("%s: peer addresses now %s", self.label, ", ".join(self.peer_hello.ips))
             if self.on_hello is not None:
                 self.on_hello(self, self.peer_hello)
+        elif pkg.message_id == TunnelMessage.WORKER_LOST:
+            lost = WorkerLost.decode(pkg.payload)
+            if self.on_worker_lost is not None:
+                self.on_worker_lost(self, lost)
         elif pkg.message_id == TunnelMessage.BYE:
             self._set_reason(f"{CloseReason.BYE.value}: {Bye.decode(pkg.payload).reason}")
             self.close()

@@ -52,3 +52,5 @@ class TunnelMessage(IntEnum):
     PONG = 3
     #: The sender is closing the tunnel; payload says why (e.g. another host is connected).
     BYE = 4
+    #: A worker on the sender's side died or restarted: streams with its entities are gone.
+    WORKER_LOST = 5

@@ -85,6 +85,24 @@ class Pong:
 
 
 @dataclass(frozen=True)
+class WorkerLost:
+    """A worker process on the sender's side went away; its entities' streams are gone."""
+
+    entities: list[int]
+
+    def package(self) -> Package:
+        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.WORKER_LOST,
+                       payload=dumps({"entities": list(self.entities)}))
+
+    @classmethod
+    def decode(cls, payload: Payload) -> WorkerLost:
+        entities = _require(loads_dict(payload, "WORKER_LOST"), "entities", list, "WORKER_LOST")
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in entities):
+            raise RemoteProtocolError("WORKER_LOST: entities must be integers")
+        return cls(entities[:64])
+
+
+@dataclass(frozen=True)
 class Bye:
     """The sender closes the tunnel, and says why."""
 
