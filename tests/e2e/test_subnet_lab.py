@@ -38,7 +38,7 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str) -> Any:
     while True:
         try:
             result = pred()
-        except Exception as exc:  # the thing waited for may be restarting
+        except Exception as exc:  # noqa: BLE001 (the thing waited for may be restarting)
             result, last = None, exc
         if result:
             return result
