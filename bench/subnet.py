@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vmbusify.config import load_config  # noqa: E402
-from vmbusify.lab import netns as ip  # noqa: E402
-from vmbusify.lab.layout import LabLayout  # noqa: E402
+from vmbusify.config import load_config
+from vmbusify.lab import netns as ip
+from vmbusify.lab.layout import LabLayout
 
 PORT = 5201
 
