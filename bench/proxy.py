@@ -39,6 +39,8 @@ from tests.integration.harness import BIN, free_port, make_pair  # noqa: E402
 
 BLOCK = 1 << 20
 MB = 1_000_000
+#: Processes of the VMBusify path, for its CPU cost per GB (name -> pid).
+VMBUSIFY_PIDS: dict[str, int] = {}
 
 
 # -- the sink (a process of its own) ----------------------------------------------------------
@@ -136,6 +138,19 @@ def first_byte_ms(connect: Connect, n: int) -> float:
     return statistics.median(times)
 
 
+def cpu_seconds() -> dict[str, float]:
+    """user+system CPU seconds so far of each process of the VMBusify path."""
+    import psutil
+    out = {}
+    for name, pid in VMBUSIFY_PIDS.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[name] = t.user + t.system
+    return out
+
+
 def wait_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -161,6 +176,8 @@ def vmbusify_path(root: Path) -> Iterator[int]:
                                  str(m.config_path)],
                                 stdout=open(root / f"{m.name}-proxy.log", "ab"),
                                 stderr=subprocess.STDOUT) for m in (pair.guest, pair.host)]
+    VMBUSIFY_PIDS.update({"guest mux": pair.guest.pid, "host mux": pair.host.pid,
+                          "guest proxy": workers[0].pid, "host proxy": workers[1].pid})
     try:
         wait_port(guest_port)
         yield guest_port
@@ -267,11 +284,17 @@ def main() -> None:
                         if attempt == 99:
                             raise
                         time.sleep(0.2)
+                cpu0 = cpu_seconds()
                 mbps = throughput(connect, args.mib)
+                cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_seconds().items()}
                 latency = first_byte_ms(connect, args.connects)
                 results[name] = (mbps, latency)
                 print(f"{name:<9} {mbps:8.0f} MB/s   connect-to-first-byte {latency:6.2f} ms "
                       "(median)", flush=True)
+                if name == "vmbusify":
+                    gb = args.mib * BLOCK / 1e9
+                    print("          CPU seconds per GB: " + ", ".join(
+                        f"{k} {v / gb:.2f}" for k, v in cpu.items()), flush=True)
     finally:
         sink.terminate()
         sink.wait(10)
