@@ -200,6 +200,9 @@ class ProxyClient:
         except ProtocolError as exc:
             ack = OpenAck(ReplyCode.GENERAL_FAILURE, reason=str(exc))
         if not ack.ok:
+            if ack.reply is ReplyCode.TTL_EXPIRED:
+                # the far side may yet connect: tell it to drop the connection
+                await stream.reset("PROXY-OPEN-ACK never came")
             self.link.streams.forget(stream)
             return ack, None
         return ack, stream
