@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 from vmbusify.errors import RemoteProtocolError, VMBusifyError
 from vmbusify.protocol.exec import (
-    EXIT_FAILURE, EXIT_NOT_FOUND, SIGNAL_BASE, Channel, ExecSpec, ExitStatus,
+    EXIT_FAILURE, SIGNAL_BASE, Channel, ExecSpec, ExitReason, ExitStatus,
 )
 from vmbusify.protocol.websocket import (
     FrameDecoder, Opcode, close_payload, encode_frame, expected_accept, handshake_key,
@@ -68,6 +68,10 @@ STDIN_CHUNK = 256 << 10
 #: Ctrl-C this many times within GIVE_UP_WINDOW seconds: stop waiting for the program.
 GIVE_UP_AFTER = 3
 GIVE_UP_WINDOW = 3.0
+
+
+#: Endings that are the program's own: its status says it all, no message on stderr.
+_QUIET = (ExitReason.EXITED, ExitReason.SIGNALED)
 
 
 class UsageError(Exception):
@@ -393,7 +397,7 @@ class Session:
                 _write_all(2, memoryview(payload)[1:])
             elif channel == Channel.STATUS:
                 status = ExitStatus.from_body(json.loads(payload[1:]), "status")
-                if status.exit_code in (EXIT_FAILURE, EXIT_NOT_FOUND, 126) and status.message:
+                if status.reason not in _QUIET and status.message:
                     self._restore_tty()
                     _err(status.message)
                 return status.exit_code

@@ -7,8 +7,8 @@ Routes (every request carries the bearer token; see docs/exec.md)::
     POST /v1/vms/{vmid}/exec    JSON ExecSpec with "detach": true -> {"vmid", "pid"}
 
 ``vmid`` is a vmid or any IP address the VM reported. For each attached exec the listener
-opens two streams to the VM's command executor (main: stdin down, stdout up; err: stderr
-up), sends START, and then relays: WebSocket -> streams for stdin, signals and resizes,
+opens two streams to the VM's command executor (main: stdin down, stdout up; side: stderr
+up, and down only its EOF when the exec is over), sends START, and then relays: WebSocket -> streams for stdin, signals and resizes,
 streams -> WebSocket for output. When both output streams ended and the EXIT message came,
 it sends the STATUS message and closes. A client that goes away resets the streams, which
 makes the executor kill the remote process tree.
@@ -54,7 +54,7 @@ class Relay:
     vmid: str
     spec: ExecSpec
     main: Stream
-    err: Stream | None
+    side: Stream
     exit: asyncio.Future[ExitStatus] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
     pid: int = 0
@@ -115,12 +115,10 @@ class ExecService:
             return StartReply.from_body(reply)
         main = await self.link.open_stream(vmid, Entity.CMD_LISTENER, Entity.CMD_EXECUTOR,
                                            ExecMessage.DATA)
-        err = None
-        if not spec.tty:
-            err = await self.link.open_stream(vmid, Entity.CMD_LISTENER, Entity.CMD_EXECUTOR,
-                                              ExecMessage.DATA)
-            spec = dataclasses.replace(spec, err_stream=err.id)
-        relay = Relay(vmid, spec, main, err)
+        side = await self.link.open_stream(vmid, Entity.CMD_LISTENER, Entity.CMD_EXECUTOR,
+                                           ExecMessage.DATA)
+        spec = dataclasses.replace(spec, side_stream=side.id)
+        relay = Relay(vmid, spec, main, side)
         self.relays[(vmid, main.id)] = relay
         try:
             body = await self.link.sync_send(vmid, Entity.CMD_LISTENER, ExecMessage.START,
@@ -135,30 +133,31 @@ class ExecService:
             return reply
         relay.pid = reply.pid
         self.started += 1
-        if err is not None:
-            await err.write_eof()  # nothing goes down the stderr stream
         if not spec.stdin:
             await main.write_eof()
         return relay
 
+    async def shutdown(self, _app: web.Application | None = None) -> None:
+        """The listener is stopping: abort every exec (clients get 255 and the reason)."""
+        for relay in list(self.relays.values()):
+            await self.finish(relay, "the command listener is stopping")
+
     def _forget(self, relay: Relay) -> None:
         self.relays.pop((relay.vmid, relay.main.id), None)
-        for s in (relay.main, relay.err):
-            if s is not None:
-                self.link.streams.forget(s)
+        for s in (relay.main, relay.side):
+            self.link.streams.forget(s)
 
     async def finish(self, relay: Relay, reason: str = "") -> None:
         """Drop a relay; ``reason``: abort it (the executor kills the remote tree)."""
-        self.relays.pop((relay.vmid, relay.main.id), None)
+        if self.relays.pop((relay.vmid, relay.main.id), None) is None:
+            return  # finished already
         if reason:
             try:
                 await self.link.async_send(relay.vmid, Entity.CMD_LISTENER, ExecMessage.KILL,
                                            {"id": relay.main.id, "reason": reason})
             except TunnelError:
                 pass  # the tunnel is gone: the executor kills the tree on its own
-        for s in (relay.main, relay.err):
-            if s is None:
-                continue
+        for s in (relay.main, relay.side):
             if reason:
                 await s.reset(reason)
             else:
@@ -255,8 +254,8 @@ async def _relay(ws: web.WebSocketResponse, service: ExecService, relay: Relay) 
     """Both directions until the exec ended or the client left."""
     outputs: list[asyncio.Future[str]] = [
         asyncio.ensure_future(_pump_out(ws, relay.main, Channel.STDOUT))]
-    if relay.err is not None:
-        outputs.append(asyncio.ensure_future(_pump_out(ws, relay.err, Channel.STDERR)))
+    if not relay.spec.tty:
+        outputs.append(asyncio.ensure_future(_pump_out(ws, relay.side, Channel.STDERR)))
     upstream = asyncio.ensure_future(_pump_in(ws, service, relay))
     abort = ""
     try:
@@ -272,7 +271,7 @@ async def _relay(ws: web.WebSocketResponse, service: ExecService, relay: Relay) 
         results = await asyncio.gather(*outputs)
         abort = next((r for r in results if r), "")
         if abort:
-            relay.lost(abort)
+            relay.lost(f"exec on {relay.vmid} lost: {abort}")
         status = await relay.exit
         log.info("%s: %s", relay.ctx, status.message or f"exit {status.exit_code}")
         await _send_status(ws, status)
@@ -334,5 +333,6 @@ def setup(app: web.Application, ctx: ControlContext) -> None:
     service = ExecService(ctx.link)
     service.install()
     ctx.extra["exec"] = service
+    app.on_shutdown.append(service.shutdown)
     app.router.add_get("/v1/vms/{vmid}/exec", exec_attached)
     app.router.add_post("/v1/vms/{vmid}/exec", exec_detached)

@@ -5,9 +5,11 @@ channels vmbusifyexec speaks to the listener. Sans-I/O, standard library only, s
 Theory of operation
 -------------------
 The listener (host, Entity.CMD_LISTENER) opens two streams to the executor (guest,
-Entity.CMD_EXECUTOR): *main* (stdin down, stdout or the pty up) and, without a TTY, *err*
-(stderr up). It announces both with one START request whose package header carries the main
-stream's id and whose body (``ExecSpec.to_body``) names the err stream. The executor answers
+Entity.CMD_EXECUTOR): *main* (stdin down, stdout or the pty up) and *side* (stderr up; down,
+nothing but the EOF at the very end, so the executor's read of it fails the moment the exec is
+aborted, whether by a reset, a lost tunnel or a restarted mux). It announces both with one
+START request whose package header carries the main stream's id and whose body
+(``ExecSpec.to_body``) names the side stream. The executor answers
 with ``StartReply``: the pid, or why the program could not start (exit code 126/127).
 
 While the program runs, SIGNAL, RESIZE and KILL messages go down (one-way, MESSAGE). KILL
@@ -146,14 +148,14 @@ class ExecSpec:
     cols: int = 0
     #: TERM for the remote pty (from the client's environment).
     term: str = ""
-    #: START only: the id of the stderr stream (0 with a TTY or when detached).
-    err_stream: int = 0
+    #: START only: the id of the side stream (stderr up, lifeline down); 0 when detached.
+    side_stream: int = 0
 
     def to_body(self) -> dict[str, Any]:
         """The plain-data form (JSON for the client's request, msgpack in START)."""
         body: dict[str, Any] = {"argv": list(self.argv)}
         for key in ("env", "cwd", "user", "tty", "stdin", "timeout", "detach", "rows", "cols",
-                    "term", "err_stream"):
+                    "term", "side_stream"):
             value = getattr(self, key)
             if value:
                 body[key] = value
@@ -165,7 +167,7 @@ class ExecSpec:
         if not isinstance(d, dict):
             raise RemoteProtocolError(f"{what}: expected a JSON object")
         unknown = set(d) - {"argv", "env", "cwd", "user", "tty", "stdin", "timeout", "detach",
-                            "rows", "cols", "term", "err_stream"}
+                            "rows", "cols", "term", "side_stream"}
         if unknown:
             raise RemoteProtocolError(f"{what}: unknown field {min(unknown)!r}")
         argv = d.get("argv")
@@ -191,9 +193,9 @@ class ExecSpec:
         cols = _want(d, "cols", int, what, 0) or 0
         if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
             raise RemoteProtocolError(f"{what}: 'rows' and 'cols' must be in 0..65535")
-        err_stream = _want(d, "err_stream", int, what, 0) or 0
-        if not 0 <= err_stream <= 0xFFFFFFFF:
-            raise RemoteProtocolError(f"{what}: bad 'err_stream'")
+        side_stream = _want(d, "side_stream", int, what, 0) or 0
+        if not 0 <= side_stream <= 0xFFFFFFFF:
+            raise RemoteProtocolError(f"{what}: bad 'side_stream'")
         spec = cls(
             argv=argv, env=dict(env), cwd=_string(d.get("cwd") or "", f"{what}: 'cwd'"),
             user=_string(d.get("user") or "", f"{what}: 'user'"),
@@ -201,7 +203,7 @@ class ExecSpec:
             stdin=bool(_want(d, "stdin", bool, what, False)),
             timeout=float(timeout) if timeout is not None else None,
             detach=bool(_want(d, "detach", bool, what, False)), rows=rows, cols=cols,
-            term=_string(d.get("term") or "", f"{what}: 'term'")[:64], err_stream=err_stream,
+            term=_string(d.get("term") or "", f"{what}: 'term'")[:64], side_stream=side_stream,
         )
         if spec.detach and (spec.tty or spec.stdin):
             raise RemoteProtocolError(f"{what}: a detached exec takes no stdin and no TTY")

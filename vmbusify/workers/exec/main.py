@@ -17,7 +17,7 @@ from typing import Any
 from vmbusify.bus.frames import TunnelEvent
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.config import Config, Role
-from vmbusify.errors import ProtocolError, VMBusifyError
+from vmbusify.errors import ProtocolError, RemoteProtocolError, VMBusifyError
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.exec import (
     ExecMessage, ExecSpec, ExitStatus, Resize, StartReply, parse_signal,
@@ -59,30 +59,31 @@ class Executor:
         """START: accept the streams, start the program, answer with its pid or the failure."""
         spec = ExecSpec.from_body(msg.body, "START")
         ctx = f"vm={msg.vmid} stream={msg.stream}"
-        main = err = None
+        main = side = None
         if not spec.detach:
+            if not spec.side_stream:
+                raise RemoteProtocolError("START: an attached exec needs a side stream")
             main = self.link.streams.accept(msg.vmid, Entity.CMD_EXECUTOR, msg.package,
                                             ExecMessage.DATA)
-            if spec.err_stream and not spec.tty:
-                err = self.link.streams.accept(
-                    msg.vmid, Entity.CMD_EXECUTOR,
-                    dataclasses.replace(msg.package, stream=spec.err_stream), ExecMessage.DATA)
+            side = self.link.streams.accept(
+                msg.vmid, Entity.CMD_EXECUTOR,
+                dataclasses.replace(msg.package, stream=spec.side_stream), ExecMessage.DATA)
         try:
             child = await spawn(spec)
         except CannotStart as exc:
             self.failed += 1
             log.info("%s: %s: %s", ctx, spec.argv[0], exc)
-            for s in (main, err):
+            for s in (main, side):
                 if s is not None:
                     self.link.streams.forget(s)
             return StartReply(exit_code=exc.exit_code, message=str(exc)).to_body()
         self.started += 1
         log.info("%s pid=%d: started %s%s%s", ctx, child.pid, spec.argv[0],
                  " (tty)" if spec.tty else "", " (detached)" if spec.detach else "")
-        if main is None:
+        if main is None or side is None:
             self._spawn(self._reap(child.proc, ctx))
         else:
-            session = ExecSession(spec, child, main, err, self._send_exit)
+            session = ExecSession(spec, child, main, side, self._send_exit)
             self.sessions[(msg.vmid, main.id)] = session
             self._spawn(self._run(session))
         return StartReply(pid=child.pid).to_body()

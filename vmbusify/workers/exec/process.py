@@ -1,9 +1,11 @@
 """Starting a program for an exec, and ending its whole process tree.
 
 Every exec runs in a session of its own (``setsid``): its pid is the session id and the
-process group id, so a signal can reach the whole foreground group and ``kill_tree`` can find
-every process it started, even those reparented to init after their parent died. With a TTY
-the program gets a fresh pty as its controlling terminal (stdin, stdout and stderr).
+process group id, so a signal can reach the whole foreground group. Its environment carries
+``VMBUSIFY_EXEC_ID``, a tag each descendant inherits, so ``kill_tree`` finds every process it
+started: descendants, session members, and those that left the session and were reparented
+to init (``setsid sleep &``). With a TTY the program gets a fresh pty as its controlling
+terminal (stdin, stdout and stderr).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pwd
 import signal
 import struct
 import termios
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +32,8 @@ from vmbusify.protocol.window import MAX_CHUNK
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: The environment variable that tags every process of one exec.
+TAG_VAR = "VMBUSIFY_EXEC_ID"
 
 
 class CannotStart(Exception):
@@ -53,6 +58,7 @@ class Child:
     """
 
     proc: asyncio.subprocess.Process
+    tag: str = ""
     master: int | None = None
     stdout: int | None = None
     stderr: int | None = None
@@ -120,7 +126,10 @@ async def spawn(spec: ExecSpec) -> Child:
         cwd = "/"
     if not os.path.isdir(cwd):
         raise CannotStart(EXIT_CANNOT_RUN, f"no such directory: {cwd}")
-    kwargs: dict = {"env": build_env(spec, account), "cwd": cwd, "start_new_session": True}
+    tag = uuid.uuid4().hex
+    env = build_env(spec, account)
+    env[TAG_VAR] = tag
+    kwargs: dict = {"env": env, "cwd": cwd, "start_new_session": True}
     if spec.user and account.pw_uid != os.getuid():
         kwargs.update(user=account.pw_uid, group=account.pw_gid,
                       extra_groups=os.getgrouplist(account.pw_name, account.pw_gid))
@@ -161,8 +170,8 @@ async def spawn(spec: ExecSpec) -> Child:
         for fd in [slave, *theirs]:
             _close(fd)
     if ours:
-        return Child(proc, stdout=ours[0], stderr=ours[1])
-    return Child(proc, master)
+        return Child(proc, tag, stdout=ours[0], stderr=ours[1])
+    return Child(proc, tag, master)
 
 
 def _pipe() -> tuple[int, int]:
@@ -184,11 +193,13 @@ def _close(fd: int | None) -> None:
             pass
 
 
-def tree(pid: int, leader_alive: bool = True) -> set[psutil.Process]:
-    """Every live process an exec started: ``pid``'s descendants and its session's members.
+def tree(pid: int, tag: str = "", leader_alive: bool = True) -> set[psutil.Process]:
+    """Every live process an exec started: ``pid``'s descendants, its session's members, and
+    every process whose environment carries the exec's ``tag``.
 
-    The session catches processes whose parent died (reparented to init); the kernel never
-    hands a session id out as a new pid while the session exists, so nothing foreign matches.
+    The session and the tag catch processes whose parent died (reparented to init); the
+    kernel never hands a session id out as a new pid while the session exists, and the tag is
+    a random 128-bit value, so nothing foreign matches.
     """
     found: set[psutil.Process] = set()
     if leader_alive:
@@ -200,18 +211,19 @@ def tree(pid: int, leader_alive: bool = True) -> set[psutil.Process]:
             pass
     for proc in psutil.process_iter():
         try:
-            if os.getsid(proc.pid) == pid:
+            if os.getsid(proc.pid) == pid or (tag and proc.environ().get(TAG_VAR) == tag):
                 found.add(proc)
         except (OSError, psutil.Error):
             continue
     return found
 
 
-def kill_tree(pid: int, leader_alive: bool = True, sig: int = signal.SIGKILL) -> int:
-    """Send ``sig`` to the whole tree of exec ``pid`` (see ``tree``); how many got it."""
+def kill_tree(child: Child, sig: int = signal.SIGKILL) -> int:
+    """Send ``sig`` to every process of ``child``'s exec (see ``tree``); how many got it."""
     hit: set[int] = set()
     for _ in range(3):  # a process forking while we kill: look again
-        procs = {p for p in tree(pid, leader_alive)
+        leader_alive = child.proc.returncode is None
+        procs = {p for p in tree(child.pid, child.tag, leader_alive)
                  if p.pid != os.getpid() and p.pid not in hit}
         if not procs:
             break

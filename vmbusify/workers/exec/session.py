@@ -17,7 +17,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
-from vmbusify.bus.streams import Stream, StreamReset
+from vmbusify.bus.streams import Stream, StreamReset, StreamState
 from vmbusify.protocol.exec import (
     EXIT_TIMEOUT, ExecSpec, ExitReason, ExitStatus, status_from_returncode,
 )
@@ -38,12 +38,12 @@ SendExit = Callable[[ExitStatus], Awaitable[None]]
 class ExecSession:
     """Runs one started program to its end."""
 
-    def __init__(self, spec: ExecSpec, child: Child, main: Stream, err: Stream | None,
+    def __init__(self, spec: ExecSpec, child: Child, main: Stream, side: Stream,
                  send_exit: SendExit) -> None:
         self.spec = spec
         self.child = child
         self.main = main
-        self.err = err
+        self.side = side
         self.send_exit = send_exit
         self.vmid = main.vmid
         self.id = main.id
@@ -72,7 +72,7 @@ class ExecSession:
         if self._aborted or self._exited:
             return
         self._aborted = reason
-        n = kill_tree(self.child.pid, self.child.proc.returncode is None)
+        n = kill_tree(self.child)
         log.warning("%s: %s; killed %d processes", self.ctx, reason, n)
         self._abort_event.set()
 
@@ -80,35 +80,37 @@ class ExecSession:
     async def run(self) -> ExitStatus:
         """Pump streams until the program ended; returns (and has sent) its status."""
         pumps = [asyncio.ensure_future(self._pump_out(self._stdout_reader(), self.main))]
-        if self.child.stderr is not None:  # without an err stream (no TTY): read, discard
+        if self.child.stderr is not None:
             pumps.append(asyncio.ensure_future(
-                self._pump_out(FdIO(self.child.stderr).read, self.err)))
+                self._pump_out(FdIO(self.child.stderr).read, self.side)))
+        else:  # a TTY: nothing goes up the side stream
+            await self.side.write_eof()
         stdin_task = asyncio.ensure_future(self._pump_in())
+        lifeline = asyncio.ensure_future(self._watch_side())
         status = await self._wait_exit()
         try:
             _, pending = await asyncio.wait(pumps, timeout=DRAIN_GRACE)
             if pending:
-                n = kill_tree(self.child.pid, leader_alive=False)
+                n = kill_tree(self.child)
                 log.info("%s: output still open %.1fs after the exit; killed %d leftover "
                          "processes", self.ctx, DRAIN_GRACE, n)
                 await asyncio.wait(pending, timeout=5)
             for p in pumps:
                 p.cancel()
+            for stream in (self.main, self.side):
+                if stream.state is not StreamState.RESET:
+                    await stream.write_eof()  # idempotent; a cancelled pump may not have
             if not self._aborted:
                 await self.send_exit(status)
-                try:
-                    await asyncio.wait_for(asyncio.shield(stdin_task), STDIN_LINGER)
-                except TimeoutError:
-                    pass
+                # The listener ends both streams once the client has all the output.
+                await asyncio.wait([stdin_task, lifeline], timeout=STDIN_LINGER)
         finally:
             stdin_task.cancel()
+            lifeline.cancel()
             self._close_fds()
-            if self._aborted:
-                await self.main.reset(self._aborted)
-                if self.err is not None:
-                    await self.err.reset(self._aborted)
-            elif self.main.state.value not in ("closed", "reset"):
-                await self.main.reset("exec finished")
+            for stream in (self.main, self.side):
+                if stream.state is not StreamState.CLOSED:
+                    await stream.reset(self._aborted or "exec finished")
         return status
 
     async def _wait_exit(self) -> ExitStatus:
@@ -126,7 +128,7 @@ class ExecSession:
             if aborted in done:
                 await wait
                 return ExitStatus(255, ExitReason.LOST, self._aborted, self.id)
-            n = kill_tree(self.child.pid)
+            n = kill_tree(self.child)
             await wait
             self._exited = True
             log.info("%s: timeout after %gs; killed %d processes", self.ctx,
@@ -162,6 +164,14 @@ class ExecSession:
                 await stream.write_eof()
             except StreamReset:
                 pass
+
+    async def _watch_side(self) -> None:
+        """The side stream's down direction carries only the final EOF: a reset means abort."""
+        try:
+            while await self.side.read():
+                pass
+        except StreamReset as exc:
+            self.abort(f"exec aborted: {exc}")
 
     async def _pump_in(self) -> None:
         """Client stdin to the program; after the exit, drain to EOF and discard."""

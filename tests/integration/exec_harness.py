@@ -1,0 +1,75 @@
+"""A host (mux + command listener) and a guest (mux + exec worker) as real processes, for
+tests and benchmarks of vmbusifyexec without root (see tests/integration/harness.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.integration.harness import BIN, Pair, make_pair
+from vmbusify.config import load_config
+from vmbusify.control.client import split_listen
+from vmbusify.control.token import read_token
+
+EXEC = str(BIN / "vmbusifyexec")
+
+
+@dataclass
+class ExecStack:
+    """A host (mux + command listener) and a guest (mux + exec worker)."""
+
+    pair: Pair
+    control: subprocess.Popen[bytes]
+    worker: subprocess.Popen[bytes]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "VMBUSIFY_CONFIG": str(self.pair.host.config_path)}
+
+    def run(self, *args: str, input: bytes | None = None, timeout: float = 60
+            ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([EXEC, *args], input=input, capture_output=True, check=False,
+                              env=self.env, timeout=timeout,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+
+    def popen(self, *args: str, **kw: object) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([EXEC, *args], env=self.env, **kw)  # type: ignore[call-overload]
+
+    def listener(self) -> tuple[str, int, str]:
+        config = load_config(self.pair.host.config_path)
+        host, port = split_listen(config.control.listen)
+        return host, port, read_token(config.token_path)
+
+    def stop(self) -> None:
+        for p in (self.control, self.worker):
+            if p.poll() is None:
+                p.terminate()
+                p.wait(15)
+        self.pair.stop()
+
+
+def start_stack(root: Path) -> ExecStack:
+    """Start the four processes under ``root``; returns once `vmbusifyexec vm1 true` works."""
+    pair = make_pair(root)
+    vmbusify = str(BIN / "vmbusify")
+    with open(root / "control.log", "ab") as log:
+        control = subprocess.Popen(
+            [vmbusify, "control", "--config", str(pair.host.config_path)],
+            stdout=log, stderr=subprocess.STDOUT)
+    with open(root / "exec.log", "ab") as log:
+        worker = subprocess.Popen(
+            [vmbusify, "worker", "exec", "--config", str(pair.guest.config_path)],
+            stdout=log, stderr=subprocess.STDOUT)
+    stack = ExecStack(pair, control, worker)
+    deadline = time.monotonic() + 60
+    while True:
+        proc = stack.run("vm1", "--", "true", timeout=30)
+        if proc.returncode == 0:
+            return stack
+        if time.monotonic() > deadline:
+            stack.stop()
+            raise AssertionError(f"exec never worked: {proc.stderr!r}")
+        time.sleep(0.3)

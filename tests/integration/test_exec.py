@@ -1,0 +1,368 @@
+"""vmbusifyexec end to end without root: real muxes, the real command listener, the real
+exec worker, and the real `vmbusifyexec` client (host and guest on this machine).
+
+Processes started remotely run on this machine too, so psutil can check that none is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.integration.exec_harness import ExecStack, start_stack
+from tests.integration.harness import BIN
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExecStack]:
+    s = start_stack(tmp_path_factory.mktemp("exec"))
+    yield s
+    s.stop()
+
+
+def marked(tag: str) -> list[psutil.Process]:
+    """Live processes whose command line contains ``tag`` (and are not this test's clients)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "name"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if tag in cmd and "vmbusifyexec" not in cmd and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_gone(tag: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while marked(tag):
+        assert time.monotonic() < deadline, f"left running: {[p.cmdline() for p in marked(tag)]}"
+        time.sleep(0.1)
+
+
+def test_stdout_stderr_and_exit_status(stack: ExecStack) -> None:
+    p = stack.run("vm1", "--", "sh", "-c", "echo out; echo err >&2; printf '\\000\\377'; exit 3")
+    assert p.returncode == 3
+    assert p.stdout == b"out\n\x00\xff"
+    assert p.stderr == b"err\n"
+
+
+def test_stdin_eof_closes_remote_stdin(stack: ExecStack) -> None:
+    p = stack.run("-i", "vm1", "--", "sort", input=b"b\na\n", timeout=20)
+    assert (p.returncode, p.stdout, p.stderr) == (0, b"a\nb\n", b"")
+
+
+def test_stdin_large_and_binary(stack: ExecStack) -> None:
+    data = os.urandom(20 << 20)
+    p = stack.run("-i", "vm1", "--", "sha256sum", input=data, timeout=60)
+    assert p.returncode == 0
+    assert p.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_options_after_vmid_env_workdir(stack: ExecStack, tmp_path: Path) -> None:
+    p = stack.run("vm1", "-e", "A=1", "--env", "B=two words", "-w", str(tmp_path), "--",
+                  "sh", "-c", 'echo "$A|$B|$(pwd)|$VMBUSIFY_CONFIG"')
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode() == f"1|two words|{tmp_path}|\n"  # the executor's env stays out
+
+
+def test_output_arrives_while_running(stack: ExecStack) -> None:
+    proc = stack.popen("vm1", "--", "sh", "-c", "echo first; sleep 5; echo second",
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    start = time.monotonic()
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"first\n"
+    assert time.monotonic() - start < 4
+    assert proc.wait(20) == 0
+    assert proc.stdout.read() == b"second\n"
+
+
+@pytest.mark.parametrize(("script", "code"), [
+    ("kill -TERM $$", 128 + signal.SIGTERM),
+    ("kill -KILL $$", 128 + signal.SIGKILL),
+    ("exit 0", 0),
+    ("exit 255", 255),
+])
+def test_exit_codes(stack: ExecStack, script: str, code: int) -> None:
+    assert stack.run("vm1", "--", "sh", "-c", script).returncode == code
+
+
+def test_not_found_and_not_executable(stack: ExecStack, tmp_path: Path) -> None:
+    p = stack.run("vm1", "--", "no-such-program-xyz")
+    assert p.returncode == 127
+    assert p.stderr == b"vmbusifyexec: no-such-program-xyz: command not found\n"
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    p = stack.run("vm1", "--", str(script))
+    assert p.returncode == 126 and b"permission denied" in p.stderr
+    p = stack.run("-w", "/no/such/dir", "vm1", "--", "true")
+    assert p.returncode == 126 and b"no such directory" in p.stderr
+
+
+def test_timeout_kills_the_whole_tree(stack: ExecStack) -> None:
+    tag = f"{uuid.uuid4().int % 10**6 + 1000}.5"  # a unique sleep duration to find them by
+    start = time.monotonic()
+    p = stack.run("--timeout", "1", "vm1", "--", "sh", "-c",
+                  f"sleep {tag} & (setsid sleep {tag} &); sleep {tag}")
+    assert p.returncode == 124
+    assert b"timed out" in p.stderr
+    assert time.monotonic() - start < 10
+    wait_gone(tag, 3)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signals_are_forwarded(stack: ExecStack, sig: signal.Signals) -> None:
+    name = sig.name[3:]
+    proc = stack.popen("vm1", "--", "sh", "-c",
+                       f'trap "echo got {name}; exit 7" {name}; echo ready; '
+                       f'while :; do sleep 0.1; done',
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    proc.send_signal(sig)
+    assert proc.wait(20) == 7
+    assert proc.stdout.read() == f"got {name}\n".encode()
+
+
+def test_unhandled_interrupt_gives_130(stack: ExecStack) -> None:
+    proc = stack.popen("vm1", "--", "sh", "-c", "echo ready; exec sleep 100",
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(20) == 130
+
+
+def test_client_killed_kills_remote_tree(stack: ExecStack) -> None:
+    tag = f"{uuid.uuid4().int % 10**6 + 1000}.25"
+    proc = stack.popen("vm1", "--", "sh", "-c",
+                       f"sleep {tag} & (setsid sleep {tag} &); echo ready; sleep {tag}",
+                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    deadline = time.monotonic() + 5
+    while len(marked(tag)) < 4 and time.monotonic() < deadline:  # sh + 3 sleeps
+        time.sleep(0.05)
+    assert len(marked(tag)) >= 4
+    proc.kill()
+    proc.wait()
+    wait_gone(tag, 5)
+
+
+def test_many_execs_at_once(stack: ExecStack) -> None:
+    def one(i: int) -> tuple[int, bytes]:
+        p = stack.run("vm1", "--", "sh", "-c", f"sleep 0.2; echo {i}; echo e{i} >&2; exit {i}")
+        assert p.stderr == f"e{i}\n".encode()
+        return p.returncode, p.stdout
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(one, range(24)))
+    assert results == [(i, f"{i}\n".encode()) for i in range(24)]
+
+
+def test_large_output_intact_with_a_slow_reader(stack: ExecStack, tmp_path: Path) -> None:
+    """256 MiB through a reader that pauses: intact, and no process buffers it."""
+    blob = tmp_path / "blob"
+    with open(blob, "wb") as fh:
+        fh.writelines(os.urandom(4 << 20) for _ in range(64))
+    want = hashlib.sha256(blob.read_bytes()).hexdigest()
+    procs = {"control": stack.control.pid, "exec": stack.worker.pid,
+             "host mux": stack.pair.host.pid, "guest mux": stack.pair.guest.pid}
+    before = {k: psutil.Process(pid).memory_info().rss for k, pid in procs.items()}
+    client = stack.popen("vm1", "--", "cat", str(blob), stdout=subprocess.PIPE)
+    assert client.stdout is not None
+    digest = hashlib.sha256()
+    peak = dict(before)
+    peak["client"] = 0
+    got = 0
+    while chunk := client.stdout.read(1 << 20):
+        digest.update(chunk)
+        got += len(chunk)
+        if got % (32 << 20) < (1 << 20):  # now and then: stall, and look at everyone's memory
+            time.sleep(0.5)
+            for k, pid in [*procs.items(), ("client", client.pid)]:
+                peak[k] = max(peak[k], psutil.Process(pid).memory_info().rss)
+    assert client.wait(30) == 0
+    assert got == 64 * (4 << 20)
+    assert digest.hexdigest() == want
+    assert peak["client"] < 64 << 20, peak
+    for k in procs:
+        assert peak[k] - before[k] < 48 << 20, (k, peak[k] - before[k])
+
+
+def test_detach_returns_the_pid(stack: ExecStack) -> None:
+    tag = f"{uuid.uuid4().int % 10**6 + 1000}.75"
+    p = stack.run("-d", "vm1", "--", "sleep", tag)
+    assert p.returncode == 0, p.stderr
+    pid = int(p.stdout)
+    assert psutil.Process(pid).cmdline() == ["sleep", tag]
+    psutil.Process(pid).kill()
+    p = stack.run("-d", "vm1", "--", "no-such-program-xyz")
+    assert p.returncode == 127 and b"command not found" in p.stderr
+
+
+def test_tty_gets_a_pty(stack: ExecStack) -> None:
+    p = stack.run("-t", "vm1", "--", "sh", "-c", "tty; echo $TERM; exit 4")
+    assert p.returncode == 4
+    lines = p.stdout.decode().splitlines()
+    assert lines[0].startswith("/dev/pts/"), lines
+    assert p.stderr == b""
+
+
+def test_vm_by_ip_and_unknown_vm(stack: ExecStack) -> None:
+    ip = json.loads(subprocess.run([str(BIN / "vmbusifyctl"), "status", "--json"], env=stack.env,
+                                   capture_output=True, check=True).stdout)["vms"][0]["ips"][0]
+    p = stack.run(ip, "--", "echo", "by-ip")
+    assert (p.returncode, p.stdout) == (0, b"by-ip\n")
+    p = stack.run("vm9", "--", "true")
+    assert p.returncode == 255
+    assert p.stderr == b"vmbusifyexec: unknown VM 'vm9'\n"
+    p = stack.run("192.0.2.199", "--", "true")
+    assert p.returncode == 255 and p.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--bogus", "vm1", "true"], b"option --bogus not recognized"),
+    (["vm1"], b"missing PROGRAM"),
+    ([], b"missing VMID"),
+    (["-e", "=x", "vm1", "true"], b"bad environment assignment"),
+    (["--timeout", "soon", "vm1", "true"], b"--timeout wants a number"),
+    (["--timeout", "-1", "vm1", "true"], b"more than 0"),
+    (["-d", "-i", "vm1", "true"], b"cannot be combined"),
+])
+def test_usage_errors(stack: ExecStack, args: list[str], message: bytes) -> None:
+    p = stack.run(*args)
+    assert p.returncode == 255
+    assert message in p.stderr and b"Traceback" not in p.stderr
+    assert p.stderr.count(b"\n") == 2  # the reason and "Try --help"
+
+
+def test_help(stack: ExecStack) -> None:
+    p = stack.run("--help")
+    assert p.returncode == 0 and b"Usage: vmbusifyexec" in p.stdout
+
+
+def _http(stack: ExecStack, method: str, path: str, body: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, dict[str, object]]:
+    host, port, _ = stack.listener()
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = json.loads(resp.read())
+    conn.close()
+    return resp.status, data
+
+
+def test_listener_refuses_bad_requests(stack: ExecStack) -> None:
+    _, _, token = stack.listener()
+    auth = {"Authorization": f"Bearer {token}"}
+    assert _http(stack, "GET", "/v1/vms/vm1/exec")[0] == 401
+    assert _http(stack, "POST", "/v1/vms/vm1/exec", b'{"argv": ["true"], "detach": true}',
+                 {"Authorization": "Bearer wrong"})[0] == 401
+    status, doc = _http(stack, "GET", "/v1/vms/vm1/exec", headers=auth)
+    assert status == 400 and "WebSocket" in str(doc["error"])
+    for body, why in [(b"{not json", "not JSON"), (b'{"argv": []}', "argv"),
+                      (b'{"argv": ["true"]}', "detach"),
+                      (b'{"argv": ["true"], "detach": true, "bogus": 1}', "unknown field"),
+                      (b'{"argv": ["true"], "detach": true, "timeout": -3}', "timeout"),
+                      (b'{"argv": ["a\\u0000b"], "detach": true}', "NUL")]:
+        status, doc = _http(stack, "POST", "/v1/vms/vm1/exec", body, auth)
+        assert status == 400 and why in str(doc["error"]), (body, doc)
+
+
+def test_websocket_with_a_malformed_request(stack: ExecStack) -> None:
+    """A WebSocket whose first message is not a valid request gets a status and a close."""
+    import socket
+
+    from vmbusify.protocol.websocket import (
+        FrameDecoder, Opcode, encode_frame, expected_accept, handshake_key,
+    )
+    host, port, token = stack.listener()
+    for first in [encode_frame(Opcode.TEXT, b'{"argv": 5}'),
+                  encode_frame(Opcode.BINARY, b"\x00hello")]:
+        key = handshake_key()
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall((f"GET /v1/vms/vm1/exec HTTP/1.1\r\nHost: x\r\n"
+                       f"Authorization: Bearer {token}\r\nUpgrade: websocket\r\n"
+                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                       f"Sec-WebSocket-Version: 13\r\n\r\n").encode() + first)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += s.recv(4096)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101") and expected_accept(key).encode() in head
+            dec = FrameDecoder()
+            dec.receive_data(rest)
+            frames = []
+            while not frames or frames[-1].opcode is not Opcode.CLOSE:
+                frame = dec.next_frame()
+                if frame is None:
+                    chunk = s.recv(4096)
+                    assert chunk, frames
+                    dec.receive_data(chunk)
+                else:
+                    frames.append(frame)
+            status = json.loads(frames[0].payload[1:])
+            assert frames[0].payload[0] == 3 and status["exit_code"] == 255
+            assert status["message"]
+
+
+@pytest.mark.parametrize("side", ["host", "guest"])
+def test_mux_crash_kills_remote_tree_and_client_says_why(tmp_path: Path, side: str) -> None:
+    """A stack of its own: one mux is killed mid-exec and restarted (as supervisord does)."""
+    s = start_stack(tmp_path)
+    try:
+        tag = f"{uuid.uuid4().int % 10**6 + 1000}.125"
+        proc = s.popen("vm1", "--", "sh", "-c", f"echo ready; sleep {tag}",
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        assert len(marked(tag)) == 2
+        mux = s.pair.host if side == "host" else s.pair.guest
+        mux.kill(signal.SIGKILL)
+        mux.start()
+        assert proc.wait(30) == 255
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert b"lost" in err and err.count(b"\n") == 1, err
+        wait_gone(tag, 15)
+    finally:
+        s.stop()
+
+
+def test_listener_stopping_ends_execs_with_a_reason(tmp_path: Path) -> None:
+    s = start_stack(tmp_path)
+    try:
+        tag = f"{uuid.uuid4().int % 10**6 + 1000}.375"
+        proc = s.popen("vm1", "--", "sh", "-c", f"echo ready; sleep {tag}",
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        s.control.terminate()
+        assert s.control.wait(15) == 0
+        assert proc.wait(15) == 255
+        assert proc.stderr is not None
+        assert b"command listener is stopping" in proc.stderr.read()
+        wait_gone(tag, 10)
+    finally:
+        s.stop()
+
+
+def test_no_heavy_imports_in_the_client(stack: ExecStack) -> None:
+    """vmbusifyexec starts once per command: what it loads is its latency."""
+    code = ("import sys, vmbusify.cli.exec as e; e._listener(None); "
+            "print(' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], env=stack.env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert "vmbusify.config" in out
+    for heavy in ("asyncio", "aiohttp", "zmq", "msgpack", "click", "http.client"):
+        assert heavy not in out, heavy
