@@ -122,7 +122,7 @@ class SubnetConfig:
     table: str = "vmbusify"
     #: Hand 64 KiB TCP segments across the tunnel (TUN offloads); see docs/subnet.md.
     offload: bool = True
-    #: Guest only: metric of the default routes via the host (any SDN route's lower metric wins).
+    #: Host: the metric of the guests' default routes, sent in the lease (any SDN route wins).
     route_metric: int = 65000
     allow_vm_to_vm: bool = False
     #: Host only: the interface NAT masquerades out of ("" = the default route's).
