@@ -18,8 +18,9 @@ from typing import Any
 
 from vmbusify.bus.streams import Stream, StreamReset
 from vmbusify.errors import ProtocolError
-from vmbusify.protocol.subnet import FrameDecoder, frame_header
+from vmbusify.protocol.subnet import VNET_HDR_SIZE, FrameDecoder, frame_header
 from vmbusify.protocol.window import MAX_CHUNK
+from vmbusify.workers.subnet.routes import GSO_MAX_SIZE
 from vmbusify.workers.subnet.tun import TunDevice
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ OUTBOX_LIMIT = 4 << 20
 #: batch smaller than CORK_BYTES waits up to CORK_DELAY for more. Every package costs the same
 #: four process hops whatever its size, so full packages are what makes bulk traffic fast; an
 #: idle link (a ping, a DNS query) never waits.
-CORK_BYTES = MAX_CHUNK - (66 << 10)
+CORK_BYTES = MAX_CHUNK - (GSO_MAX_SIZE + VNET_HDR_SIZE + 4 + 64)
 CORK_BUSY = 0.002
 CORK_DELAY = 0.001
 #: One TUN wake-up reads at most this much before letting the event loop run.
