@@ -18,9 +18,8 @@ from typing import Any
 
 from vmbusify.bus.streams import Stream, StreamReset
 from vmbusify.errors import ProtocolError
-from vmbusify.protocol.subnet import VNET_HDR_SIZE, FrameDecoder, frame_header
+from vmbusify.protocol.subnet import FrameDecoder, frame_header
 from vmbusify.protocol.window import MAX_CHUNK
-from vmbusify.workers.subnet.routes import GSO_MAX_SIZE
 from vmbusify.workers.subnet.tun import TunDevice
 
 log = logging.getLogger(__name__)
@@ -28,10 +27,9 @@ log = logging.getLogger(__name__)
 #: Bytes of frames that may wait for one peer's stream before new ones are dropped.
 OUTBOX_LIMIT = 4 << 20
 #: Corking: while packets keep coming (the last batch left less than CORK_BUSY seconds ago), a
-#: batch smaller than CORK_BYTES waits up to CORK_DELAY for more. Every package costs the same
-#: four process hops whatever its size, so full packages are what makes bulk traffic fast; an
-#: idle link (a ping, a DNS query) never waits.
-CORK_BYTES = MAX_CHUNK - (GSO_MAX_SIZE + VNET_HDR_SIZE + 4 + 64)
+#: batch that still has room for the largest frame seen waits up to CORK_DELAY for more. Every
+#: package costs the same four process hops whatever its size, so full packages are what makes
+#: bulk traffic fast; an idle link (a ping, a DNS query) never waits.
 CORK_BUSY = 0.002
 CORK_DELAY = 0.001
 #: One TUN wake-up reads at most this much before letting the event loop run.
@@ -46,6 +44,8 @@ class Outbox:
         self.limit = limit
         self.bytes = 0
         self.dropped = 0
+        #: The largest frame ever queued (how much room a batch must keep for one more).
+        self.max_frame = 0
         self._frames: collections.deque[bytes] = collections.deque()
         self._ready = asyncio.Event()
         #: Set once ``bytes`` reaches ``_fill_target`` (see ``wait_fill``).
@@ -62,6 +62,7 @@ class Outbox:
             return False
         self._frames.append(frame)
         self.bytes += len(frame)
+        self.max_frame = max(self.max_frame, len(frame))
         self._ready.set()
         if self._fill_target and self.bytes >= self._fill_target:
             self._filled.set()
@@ -134,7 +135,8 @@ class Bearer:
             while True:
                 await self.outbox.wait()
                 if loop.time() - last < CORK_BUSY:
-                    await self.outbox.wait_fill(CORK_BYTES, CORK_DELAY)
+                    full = MAX_CHUNK - (self.outbox.max_frame + 4)
+                    await self.outbox.wait_fill(full, CORK_DELAY)
                 batch, count = self.outbox.take_batch()
                 await self.stream.write(batch)
                 self.frames_out += count

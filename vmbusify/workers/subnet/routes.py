@@ -64,15 +64,15 @@ def link_exists(ifname: str) -> bool:
     return run(["ip", "link", "show", "dev", ifname], check=False).returncode == 0
 
 
-#: Largest GSO packet the TUN hands over (the kernel's default is 65536). Four frames of this
-#: size plus their headers fit in one 256 KiB DATA package; four of 65536 would not.
+#: Guest only: the largest GSO packet the guest's TCP hands its TUN (the kernel's default is
+#: 65536). Four frames of this size plus their headers fit in one 256 KiB DATA package; four of
+#: 65536 would not. Not on the host: the kernel would cut every forwarded 64 KiB segment
+#: (from the uplink) that exceeds it back into MTU-sized packets.
 GSO_MAX_SIZE = 65000
 
 
 def _bring_up(ifname: str, mtu: int) -> None:
     ip("link", "set", "dev", ifname, "mtu", str(mtu), "up")
-    # Older iproute2 lacks gso_max_size: then batches hold three big frames instead of four.
-    ip("link", "set", "dev", ifname, "gso_max_size", str(GSO_MAX_SIZE), check=False)
 
 
 def configure_host(ifname: str, mtu: int, cidr: str, cidr6: str = "") -> None:
@@ -86,6 +86,8 @@ def configure_host(ifname: str, mtu: int, cidr: str, cidr6: str = "") -> None:
 def configure_guest(ifname: str, lease: Lease) -> None:
     """The guest's side: the leased addresses and default routes via the host (idempotent)."""
     _bring_up(ifname, lease.mtu)
+    # Older iproute2 lacks gso_max_size: then batches hold three big frames instead of four.
+    ip("link", "set", "dev", ifname, "gso_max_size", str(GSO_MAX_SIZE), check=False)
     ip("addr", "replace", f"{lease.address}/{lease.prefixlen}", "dev", ifname)
     ip("route", "replace", "default", "via", lease.gateway, "dev", ifname,
        "metric", str(lease.metric))
