@@ -126,8 +126,8 @@ def test_one_gigabyte_intact_and_memory_bounded(lab: LabHandle) -> None:
     assert got == 1 << 30
     assert digest.hexdigest() == remote
     assert peak["client"] < 64 << 20, peak
-    for k in before:
-        assert peak[k] - before[k] < 64 << 20, (k, peak[k] - before[k])
+    for k, rss in before.items():
+        assert peak[k] - rss < 64 << 20, (k, peak[k] - rss)
 
 
 def test_many_execs_across_vms(lab: LabHandle) -> None:

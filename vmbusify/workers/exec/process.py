@@ -254,12 +254,38 @@ def signal_group(child: Child, sig: int) -> None:
         log.warning("pid=%d: cannot signal group %d: %s", child.pid, pgid, exc)
 
 
+#: While output streams (reads back to back), gather up to this long for a fuller chunk: a
+#: program writing 8 KiB at a time would otherwise cost one package per 8 KiB on every hop.
+BATCH_LINGER = 0.002
+#: Reads closer together than this count as streaming.
+STREAMING_GAP = 0.005
+
+
 class FdIO:
     """Non-blocking reads and writes on a pipe or pty master, driven by the event loop."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._loop = asyncio.get_running_loop()
+        self._last_read = -1.0
+
+    async def read_batch(self, n: int = MAX_CHUNK) -> bytes:
+        """Like ``read``, but while output streams, gather for up to BATCH_LINGER seconds
+        to fill ``n`` bytes. Interactive output (reads far apart) is never held back."""
+        data = await self.read(n)
+        now = self._loop.time()
+        streaming = now - self._last_read < STREAMING_GAP
+        self._last_read = now
+        if not data or len(data) >= n or not streaming:
+            return data
+        # One timed pause instead of one wake-up per small write of the program's.
+        await asyncio.sleep(BATCH_LINGER)
+        try:
+            more = os.read(self.fd, n - len(data))
+        except OSError:
+            more = b""  # nothing yet, EOF or EIO: the next read() tells
+        self._last_read = self._loop.time()
+        return data + more if more else data
 
     async def read(self, n: int = MAX_CHUNK) -> bytes:
         """Up to ``n`` bytes; b"" at EOF (for a pty master: the slave closed everywhere, EIO)."""
@@ -283,14 +309,18 @@ class FdIO:
             except BlockingIOError:
                 await self._wait(self._loop.add_writer, self._loop.remove_writer)
 
-    async def _wait(self, add, remove) -> None:  # type: ignore[no-untyped-def]
+    async def _wait(self, add, remove, timeout: float | None = None  # type: ignore[no-untyped-def]
+                    ) -> None:
         fut = self._loop.create_future()
         def ready() -> None:
             if not fut.done():
                 fut.set_result(None)
 
         add(self.fd, ready)
+        timer = self._loop.call_later(timeout, ready) if timeout is not None else None
         try:
             await fut
         finally:
             remove(self.fd)
+            if timer is not None:
+                timer.cancel()

@@ -82,7 +82,7 @@ class ExecSession:
         pumps = [asyncio.ensure_future(self._pump_out(self._stdout_reader(), self.main))]
         if self.child.stderr is not None:
             pumps.append(asyncio.ensure_future(
-                self._pump_out(FdIO(self.child.stderr).read, self.side)))
+                self._pump_out(FdIO(self.child.stderr).read_batch, self.side)))
         else:  # a TTY: nothing goes up the side stream
             await self.side.write_eof()
         stdin_task = asyncio.ensure_future(self._pump_in())
@@ -141,9 +141,9 @@ class ExecSession:
 
     def _stdout_reader(self) -> Callable[[int], Awaitable[bytes]]:
         if self._pty is not None:
-            return self._pty.read
+            return self._pty.read_batch
         assert self.child.stdout is not None
-        return FdIO(self.child.stdout).read
+        return FdIO(self.child.stdout).read_batch
 
     async def _pump_out(self, read: Callable[[int], Awaitable[bytes]],
                         stream: Stream | None) -> None:

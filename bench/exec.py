@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""vmbusifyexec benchmark, side by side with ssh into a local sshd, in one run.
+
+    .venv/bin/python bench/exec.py [--runs 40] [--mib 1024] [--lab]
+
+1. latency: `vmbusifyexec vm1 -- true` and `ssh -p PORT USER@127.0.0.1 true`, alternated, median
+   wall time of each; goal: vmbusifyexec <= 0.25 x ssh.
+2. streaming: `vmbusifyexec vm1 -- head -c 1G /dev/zero | wc -c` (and the same through ssh);
+   goal: >= 300 MB/s.
+3. fairness: `vmbusifyexec vm1 -- true` while another exec streams /dev/zero at full speed
+   over the same tunnel; goal: <= 2 x its idle latency.
+
+The sshd is a throwaway: its own config, host key and user key in a temporary directory, on a
+free loopback port; the machine's sshd and its configuration are never touched. By default
+vm1 is the non-root harness (two muxes over a Unix socket, the real listener and executor);
+``--lab`` uses the running lab's vm1 instead (root; honours VMBUSIFY_LAB_INSTANCE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.integration.exec_harness import EXEC, start_stack  # noqa: E402
+from tests.integration.harness import free_port  # noqa: E402
+
+SSHD = "/usr/sbin/sshd"
+
+
+class LocalSshd:
+    """An sshd on 127.0.0.1:PORT with throwaway keys, for the current user."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.user = getpass.getuser()
+        self.key = root / "id_ed25519"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._made_privsep = False
+
+    def start(self) -> None:
+        for name in ("host_ed25519", "id_ed25519"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                            str(self.root / name)], check=True)
+        (self.root / "authorized_keys").write_text((self.root / "id_ed25519.pub").read_text())
+        os.chmod(self.root / "authorized_keys", 0o600)
+        config = self.root / "sshd_config"
+        config.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\n"
+            f"HostKey {self.root / 'host_ed25519'}\nPidFile {self.root / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {self.root / 'authorized_keys'}\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            "StrictModes no\nPermitRootLogin prohibit-password\n")
+        privsep = Path("/run/sshd")  # sshd refuses to start without it (Debian's path)
+        if os.geteuid() == 0 and not privsep.exists():
+            privsep.mkdir(mode=0o755)
+            self._made_privsep = True
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(self.root / "sshd.log", "wb"))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"sshd did not start: {(self.root / 'sshd.log').read_text()}")
+                time.sleep(0.05)
+
+    def argv(self, *command: str) -> list[str]:
+        return ["ssh", "-F", "/dev/null", "-p", str(self.port), "-i", str(self.key),
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", f"{self.user}@127.0.0.1",
+                *command]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        if self._made_privsep:
+            shutil.rmtree("/run/sshd", ignore_errors=True)
+
+
+def wall(argv: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, env=env, check=True, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def stream_mbps(prefix: list[str], env: dict[str, str], nbytes: int) -> float:
+    start = time.perf_counter()
+    out = subprocess.run(
+        ["sh", "-c", '"$@" | wc -c', "sh", *prefix, "head", "-c", str(nbytes), "/dev/zero"],
+        env=env, check=True, capture_output=True, stdin=subprocess.DEVNULL).stdout
+    elapsed = time.perf_counter() - start
+    if int(out) != nbytes:
+        raise SystemExit(f"stream lost bytes: {int(out)} of {nbytes}")
+    return nbytes / elapsed / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=40, help="latency samples of each (default 40)")
+    ap.add_argument("--mib", type=int, default=1024, help="bytes to stream, MiB (default 1024)")
+    ap.add_argument("--lab", action="store_true", help="use the running lab's vm1")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="vmbusify-bench-exec-"))
+    stack = None
+    sshd = LocalSshd(tmp)
+    try:
+        if args.lab:
+            from vmbusify.lab.access import command
+            env = command("host", ["true"])[1]
+        else:
+            stack = start_stack(tmp / "stack")
+            env = stack.env
+        sshd.start()
+        ex = [EXEC, "vm1", "--"]
+        ssh = sshd.argv()
+        for _ in range(3):  # warm both up (page cache, first connections)
+            wall([*ex, "true"], env)
+            wall([*ssh, "true"], env)
+        t_ex, t_ssh = [], []
+        for _ in range(args.runs):
+            t_ex.append(wall([*ex, "true"], env))
+            t_ssh.append(wall([*ssh, "true"], env))
+        ex_ms, ssh_ms = statistics.median(t_ex) * 1e3, statistics.median(t_ssh) * 1e3
+
+        nbytes = args.mib << 20
+        ex_mbps = stream_mbps(ex, env, nbytes)
+        ssh_mbps = stream_mbps(ssh, env, nbytes)
+
+        hog = subprocess.Popen([*ex, "cat", "/dev/zero"], env=env, stdout=subprocess.DEVNULL,
+                               stdin=subprocess.DEVNULL)
+        try:
+            time.sleep(1.0)  # let it reach full speed
+            busy = [wall([*ex, "true"], env) for _ in range(max(10, args.runs // 2))]
+        finally:
+            hog.terminate()
+            hog.wait(10)
+        busy_ms = statistics.median(busy) * 1e3
+    finally:
+        sshd.stop()
+        if stack is not None:
+            stack.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"exec benchmark on {os.cpu_count()} cores, vm1 = {'the lab' if args.lab else 'the harness'}"
+          f", load average {os.getloadavg()[0]:.1f}")
+    print(f"  {'measure':<44} {'vmbusifyexec':>13} {'ssh':>10} {'ratio':>7}  goal")
+    print(f"  {'`true`, median wall (ms), ' + str(args.runs) + ' runs each':<44} "
+          f"{ex_ms:>13.1f} {ssh_ms:>10.1f} {ex_ms / ssh_ms:>7.2f}  <= 0.25")
+    print(f"  {f'head -c {args.mib}M /dev/zero | wc -c (MB/s)':<44} "
+          f"{ex_mbps:>13.0f} {ssh_mbps:>10.0f} {ex_mbps / ssh_mbps:>7.2f}  >= 300 MB/s")
+    print(f"  {'`true` while another exec streams (ms)':<44} {busy_ms:>13.1f} {'':>10} "
+          f"{busy_ms / ex_ms:>7.2f}  <= 2.0 x idle")
+
+
+if __name__ == "__main__":
+    main()
