@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.exec_harness import EXEC, start_stack  # noqa: E402
-from tests.integration.harness import free_port  # noqa: E402
+from tests.integration.exec_harness import EXEC, start_stack
+from tests.integration.harness import free_port
 
 SSHD = "/usr/sbin/sshd"
 
@@ -66,9 +66,9 @@ class LocalSshd:
         if os.geteuid() == 0 and not privsep.exists():
             privsep.mkdir(mode=0o755)
             self._made_privsep = True
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=open(self.root / "sshd.log", "wb"))
+        with open(self.root / "sshd.log", "wb") as log:
+            self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
+                                         stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 10
         while True:
             try:

@@ -25,6 +25,8 @@ class ExecStack:
     control: subprocess.Popen[bytes]
     worker: subprocess.Popen[bytes]
 
+    exec_path: str = EXEC
+
     @property
     def env(self) -> dict[str, str]:
         return {**os.environ, "VMBUSIFY_CONFIG": str(self.pair.host.config_path)}

@@ -145,6 +145,28 @@ def test_unhandled_interrupt_gives_130(stack: ExecStack) -> None:
     assert proc.wait(20) == 130
 
 
+def test_three_interrupts_give_up_and_kill_the_tree(stack: ExecStack) -> None:
+    tag = f"{uuid.uuid4().int % 10**6 + 1000}.625"
+    proc = stack.popen("vm1", "--", "sh", "-c", f"trap '' INT; echo ready; sleep {tag}",
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    for _ in range(3):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+    assert proc.wait(20) == 130
+    assert proc.stderr is not None and b"gave up" in proc.stderr.read()
+    wait_gone(tag, 5)
+
+
+def test_local_stdout_closed_stops_everything(stack: ExecStack) -> None:
+    tag = f"{uuid.uuid4().int % 10**6 + 1000}.875"
+    p = subprocess.run(["bash", "-c", f'{stack.exec_path} vm1 -- sh -c "yes {tag}" | head -1; '
+                        'echo "${PIPESTATUS[0]}"'],
+                       env=stack.env, capture_output=True, timeout=30, check=False)
+    assert p.stdout.decode().split() == [tag, "141"]
+    wait_gone(f"yes {tag}", 5)
+
+
 def test_client_killed_kills_remote_tree(stack: ExecStack) -> None:
     tag = f"{uuid.uuid4().int % 10**6 + 1000}.25"
     proc = stack.popen("vm1", "--", "sh", "-c",
@@ -272,6 +294,9 @@ def test_listener_refuses_bad_requests(stack: ExecStack) -> None:
                  {"Authorization": "Bearer wrong"})[0] == 401
     status, doc = _http(stack, "GET", "/v1/vms/vm1/exec", headers=auth)
     assert status == 400 and "WebSocket" in str(doc["error"])
+    detached = b'{"argv": ["true"], "detach": true}'
+    assert _http(stack, "POST", "/v1/vms/vm9/exec", detached, auth)[0] == 404
+    assert _http(stack, "POST", "/v1/vms/192.0.2.199/exec", detached, auth)[0] == 404
     for body, why in [(b"{not json", "not JSON"), (b'{"argv": []}', "argv"),
                       (b'{"argv": ["true"]}', "detach"),
                       (b'{"argv": ["true"], "detach": true, "bogus": 1}', "unknown field"),

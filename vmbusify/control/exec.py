@@ -30,7 +30,9 @@ from vmbusify.bus.frames import TunnelEvent
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.bus.streams import Stream, StreamReset
 from vmbusify.control.server import CTX_KEY, ControlContext
-from vmbusify.errors import ControlError, ProtocolError, TunnelError, VMBusifyError
+from vmbusify.errors import (
+    ControlError, ProtocolError, TunnelError, UnknownVMError, VMBusifyError,
+)
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.exec import (
     EXIT_FAILURE, Channel, ExecMessage, ExecSpec, ExitReason, ExitStatus, Resize, StartReply,
@@ -104,15 +106,27 @@ class ExecService:
             ipaddress.ip_address(target)
         except ValueError:
             return target
-        return str(await self.link.control({"cmd": "vmid", "ip": target}))
+        try:
+            return str(await self.link.control({"cmd": "vmid", "ip": target}))
+        except ControlError as exc:
+            raise UnknownVMError(str(exc)) from None
+
+    async def _start_request(self, vmid: str, spec: ExecSpec, stream: int = 0) -> StartReply:
+        try:
+            body = await self.link.sync_send(vmid, Entity.CMD_LISTENER, ExecMessage.START,
+                                             spec.to_body(), stream=stream,
+                                             timeout=START_TIMEOUT)
+        except TunnelError as exc:
+            if str(exc).startswith("unknown VM"):  # the mux's words for a vmid it lacks
+                raise UnknownVMError(str(exc)) from None
+            raise
+        return StartReply.from_body(body)
 
     async def start(self, target: str, spec: ExecSpec) -> Relay | StartReply:
         """Start ``spec`` on ``target``: the Relay of a started attached exec, else the reply."""
         vmid = await self.resolve(target)
         if spec.detach:
-            reply = await self.link.sync_send(vmid, Entity.CMD_LISTENER, ExecMessage.START,
-                                              spec.to_body(), timeout=START_TIMEOUT)
-            return StartReply.from_body(reply)
+            return await self._start_request(vmid, spec)
         main = await self.link.open_stream(vmid, Entity.CMD_LISTENER, Entity.CMD_EXECUTOR,
                                            ExecMessage.DATA)
         side = await self.link.open_stream(vmid, Entity.CMD_LISTENER, Entity.CMD_EXECUTOR,
@@ -121,10 +135,7 @@ class ExecService:
         relay = Relay(vmid, spec, main, side)
         self.relays[(vmid, main.id)] = relay
         try:
-            body = await self.link.sync_send(vmid, Entity.CMD_LISTENER, ExecMessage.START,
-                                             spec.to_body(), stream=main.id,
-                                             timeout=START_TIMEOUT)
-            reply = StartReply.from_body(body)
+            reply = await self._start_request(vmid, spec, main.id)
         except BaseException:
             self._forget(relay)
             raise
