@@ -160,8 +160,8 @@ def test_three_interrupts_give_up_and_kill_the_tree(stack: ExecStack) -> None:
 
 def test_local_stdout_closed_stops_everything(stack: ExecStack) -> None:
     tag = f"{uuid.uuid4().int % 10**6 + 1000}.875"
-    p = subprocess.run(["bash", "-c", f'{stack.exec_path} vm1 -- sh -c "yes {tag}" | head -1; '
-                        'echo "${PIPESTATUS[0]}"'],
+    script = f'{stack.exec_path} vm1 -- sh -c "yes {tag}" | head -1; echo "${{PIPESTATUS[0]}}"'
+    p = subprocess.run(["bash", "-c", script],
                        env=stack.env, capture_output=True, timeout=30, check=False)
     assert p.stdout.decode().split() == [tag, "141"]
     wait_gone(f"yes {tag}", 5)

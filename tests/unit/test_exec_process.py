@@ -1,0 +1,107 @@
+"""The executor's process handling: spawn, environment, pty, and killing a whole tree."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+
+import psutil
+import pytest
+
+from vmbusify.protocol.exec import ExecSpec
+from vmbusify.workers.exec.process import (
+    TAG_VAR, CannotStart, FdIO, build_env, kill_tree, spawn, tree,
+)
+
+
+def run(coro: object) -> object:
+    return asyncio.run(asyncio.wait_for(coro, 60))  # type: ignore[arg-type]
+
+
+async def read_all(fd: int) -> bytes:
+    io, out = FdIO(fd), b""
+    while chunk := await io.read():
+        out += chunk
+    return out
+
+
+def test_spawn_pipes_env_and_exit() -> None:
+    async def scenario() -> None:
+        child = await spawn(ExecSpec(argv=["sh", "-c", 'echo "$A|$PWD|$HOME"; echo e >&2; exit 4'],
+                                     env={"A": "x"}, cwd="/"))
+        assert child.stdout is not None and child.stderr is not None
+        out, err = await asyncio.gather(read_all(child.stdout), read_all(child.stderr))
+        assert await child.proc.wait() == 4
+        assert out.decode().split("|")[:2] == ["x", "/"]
+        assert err == b"e\n"
+        child.close()
+
+    run(scenario())
+
+
+def test_spawn_failures() -> None:
+    async def scenario() -> None:
+        with pytest.raises(CannotStart) as exc:
+            await spawn(ExecSpec(argv=["no-such-program-xyz"]))
+        assert exc.value.exit_code == 127
+        with pytest.raises(CannotStart) as exc:
+            await spawn(ExecSpec(argv=["/etc/passwd"]))
+        assert exc.value.exit_code == 126
+        with pytest.raises(CannotStart) as exc:
+            await spawn(ExecSpec(argv=["true"], cwd="/no/such/dir"))
+        assert exc.value.exit_code == 126
+        with pytest.raises(CannotStart) as exc:
+            await spawn(ExecSpec(argv=["true"], user="no-such-user-xyz"))
+        assert exc.value.exit_code == 126
+
+    run(scenario())
+
+
+def test_environment_is_clean() -> None:
+    import pwd
+    account = pwd.getpwuid(os.getuid())
+    env = build_env(ExecSpec(argv=["x"], tty=True, term="screen", env={"PATH": "/opt"}),
+                    account)
+    assert env["PATH"] == "/opt" and env["TERM"] == "screen" and env["USER"] == account.pw_name
+    assert not any(k.startswith(("VMBUSIFY", "SUPERVISOR")) for k in env)
+
+
+def test_tty_is_the_controlling_terminal() -> None:
+    async def scenario() -> None:
+        child = await spawn(ExecSpec(argv=["sh", "-c", "tty; stty size"], tty=True,
+                                     rows=33, cols=77))
+        assert child.master is not None
+        out = await read_all(child.master)
+        assert await child.proc.wait() == 0
+        lines = out.decode().split()
+        assert lines[0].startswith("/dev/pts/") and lines[1:] == ["33", "77"]
+        child.close()
+
+    run(scenario())
+
+
+def test_kill_tree_finds_escapees() -> None:
+    tag = f"{uuid.uuid4().int % 10**6 + 1000}.5"
+
+    async def scenario() -> None:
+        child = await spawn(ExecSpec(argv=["sh", "-c",
+                                           f"sleep {tag} & (setsid sleep {tag} &); sleep {tag}"]))
+        deadline = time.monotonic() + 5
+        while len(tree(child.pid, child.tag)) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        members = tree(child.pid, child.tag)
+        assert len(members) == 4  # sh, two sleeps in its session, one that left it
+        assert all(p.environ().get(TAG_VAR) == child.tag for p in members)
+        assert kill_tree(child) == 4
+        assert await child.proc.wait() < 0
+        for p in members:
+            try:
+                p.wait(5)
+            except psutil.NoSuchProcess:
+                pass
+        assert not tree(child.pid, child.tag, leader_alive=False)
+        child.close()
+
+    run(scenario())
