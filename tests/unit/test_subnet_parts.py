@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -243,3 +244,23 @@ def test_dns_forwarder_relays_the_matching_answer() -> None:
     answer, dropped = asyncio.run(_dns_round_trip())
     assert answer == b"\x12\x34" + bytes(10) + b"query!"
     assert dropped == 1
+
+
+# --- TUN ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_a_tun_held_by_another_worker_is_a_clear_error_and_closing_removes_it() -> None:
+    from vmbusify.workers.subnet.routes import link_exists
+    from vmbusify.workers.subnet.tun import TunDevice
+
+    name = f"vbtest{os.getpid() % 100000}"
+    first = TunDevice.open(name)
+    try:
+        assert link_exists(name)
+        with pytest.raises(SubnetError, match="not a free TUN device"):
+            TunDevice.open(name)
+        assert first.read_frames(8, 1 << 20) == []  # nothing queued: returns, never blocks
+    finally:
+        first.close()
+    assert not link_exists(name)

@@ -126,8 +126,9 @@ class SubnetHost:
             await bearer.close("host subnet worker stopping")
         if self.dns is not None:
             await self.dns.close()
-        if self.tun is not None:
-            self.tun.close()
+        if self.tun is None:
+            return  # start() failed before touching anything (e.g. the TUN is another's)
+        self.tun.close()
         try:
             nat.remove(self.sub.table)
         except SubnetError as exc:
