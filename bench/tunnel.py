@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.integration.harness import link_for, make_pair, wait_state  # noqa: E402
 from vmbusify.bus.link import Inbound, WorkerLink  # noqa: E402
-from vmbusify.cli.programs import run_async  # noqa: E402
+from vmbusify.runtime import run_async  # noqa: E402
 from vmbusify.protocol.entities import Entity  # noqa: E402
 
 OPEN, DATA = 911, 912

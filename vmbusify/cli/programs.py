@@ -6,7 +6,6 @@ Each runs in the foreground, logs to stdout, exits 0 on SIGTERM and non-zero on 
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -16,6 +15,7 @@ import click
 from vmbusify.config import Config, load_config
 from vmbusify.errors import VMBusifyError
 from vmbusify.logs import setup_logging
+from vmbusify.runtime import run_async
 
 #: Worker programs: `vmbusify worker NAME` runs ``vmbusify.workers.NAME.main:run(config)``.
 WORKERS = ("exec", "proxy", "subnet")
@@ -23,15 +23,6 @@ WORKERS = ("exec", "proxy", "subnet")
 config_option = click.option(
     "--config", "config_path", envvar="VMBUSIFY_CONFIG", default=None,
     help="Configuration file (default $VMBUSIFY_CONFIG or /etc/vmbusify/vmbusify.toml).")
-
-
-def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine on uvloop (a faster event loop, same semantics) or plain asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def run_program(program: str, config_path: str | None,

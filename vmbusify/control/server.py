@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,7 @@ from vmbusify.errors import (
     VMBusifyError,
 )
 from vmbusify.protocol.entities import Entity
+from vmbusify.runtime import stop_on_signals
 
 log = logging.getLogger("vmbusify.control")
 
@@ -107,13 +107,7 @@ def build_app(ctx: ControlContext) -> web.Application:
 
 async def run_control(config: Config, stop: asyncio.Event | None = None) -> None:
     """Run the command listener until SIGTERM."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
+    stop = stop_on_signals(stop)
     token = ensure_token(config.token_path)
     link = WorkerLink(config, "control", [Entity.CMD_LISTENER])
     ctx = ControlContext(config, link, token)

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from vmbusify.config import Config, Role
 from vmbusify.mux.app import MuxApp
 from vmbusify.mux.guest import GuestSide
 from vmbusify.mux.host import HostSide
+from vmbusify.runtime import stop_on_signals
 
 log = logging.getLogger("vmbusify.mux")
 
 
 async def run_mux(config: Config, stop: asyncio.Event | None = None) -> None:
     """Run the mux until ``stop`` is set or SIGTERM/SIGINT arrives."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # not the main thread (tests)
+    stop = stop_on_signals(stop)
     app = MuxApp(config)
     app.side = HostSide(app) if config.role is Role.HOST else GuestSide(app)
     app.bind()

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-import signal
 
 from vmbusify.bus.link import WorkerLink
 from vmbusify.config import Config
 from vmbusify.errors import ConfigError, VMBusifyError
 from vmbusify.protocol.entities import Entity
+from vmbusify.runtime import stop_on_signals
 from vmbusify.workers.proxy.client import ProxyClient
 from vmbusify.workers.proxy.server import ProxyServer
 from vmbusify.workers.proxy.stats import ConnStats
@@ -50,13 +50,7 @@ async def _report_loop(link: WorkerLink, stats: ConnStats) -> None:
 
 async def run(config: Config, stop: asyncio.Event | None = None) -> None:
     """Run the proxy worker until SIGTERM (or ``stop``)."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
+    stop = stop_on_signals(stop)
     raise_fd_limit()
     stats = ConnStats()
     link = WorkerLink(config, "proxy", [Entity.PROXY_CLIENT, Entity.PROXY_SERVER])
