@@ -318,8 +318,10 @@ def test_stop_leaves_no_interface_route_or_table(subnet: Subnet) -> None:
         assert not ip.link_exists(sub.ifname)
         assert not nft_table_present(sub.table)
         assert subnet.lab.run_on_host(["ip", "route", "show", sub.cidr]).stdout.strip() == ""
-        with open(uplink_flag) as fh:
-            assert fh.read().strip() == "0"  # the lab's uplink forwarded nothing before us
+        with open(uplink_flag) as fh, \
+                open("/proc/sys/net/ipv4/conf/default/forwarding") as default:
+            # The lab made the uplink with the default flag; the worker put that back.
+            assert fh.read().strip() == default.read().strip()
         assert not ip.link_exists(subnet.guest.subnet.ifname, subnet.lab.layout.vm("vm1").netns)
         assert subnet.vm("vm1", ["ip", "route", "show", "default"]).stdout.strip() == ""
     finally:
