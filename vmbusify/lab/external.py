@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +44,20 @@ SERVICES: list[ExternalService] = []
 SERVICES.append(ExternalService("dns", lambda ext: [
     "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-poll",
     f"--listen-address={ext.ip}", "--bind-interfaces", "--pid-file=", "--log-facility=-"]))
+
+#: A web server on port 80 for demos (`curl http://external.lab/` from a VM, through the
+#: proxy or the subnet). It serves ``<lab>/ext/www``, which holds one greeting page.
+WEB_GREETING = "hello from the lab's external network\n"
+
+
+def _web_argv(ext: ExternalLayout) -> list[str]:
+    www = ext.dir / "www"
+    www.mkdir(parents=True, exist_ok=True)
+    (www / "index.html").write_text(WEB_GREETING)
+    return [sys.executable, "-m", "http.server", "--bind", ext.ip, "--directory", str(www), "80"]
+
+
+SERVICES.append(ExternalService("web", _web_argv))
 
 
 def service_pid(ext: ExternalLayout, service: ExternalService) -> int | None:
