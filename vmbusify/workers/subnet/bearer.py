@@ -30,8 +30,8 @@ OUTBOX_LIMIT = 4 << 20
 #: batch that still has room for the largest frame seen waits up to CORK_DELAY for more. Every
 #: package costs the same four process hops whatever its size, so full packages are what makes
 #: bulk traffic fast; an idle link (a ping, a DNS query) never waits.
-CORK_BUSY = 0.002
-CORK_DELAY = 0.001
+CORK_BUSY = 0.004
+CORK_DELAY = 0.002
 #: One TUN wake-up reads at most this much before letting the event loop run.
 READ_BUDGET_FRAMES = 256
 READ_BUDGET_BYTES = 1 << 20
