@@ -22,6 +22,7 @@ from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.exec import (
     ExecMessage, ExecSpec, ExitStatus, Resize, StartReply, parse_signal,
 )
+from vmbusify.workers.exec.ledger import Ledger
 from vmbusify.workers.exec.process import CannotStart, spawn
 from vmbusify.workers.exec.session import ExecSession
 
@@ -40,6 +41,8 @@ class Executor:
         self.started = 0
         self.failed = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Attached execs written down, so the next executor can end them if this one dies.
+        self.ledger = Ledger(link.config.run_dir)
 
     def install(self) -> None:
         """Declare the routes (before link.start())."""
@@ -83,6 +86,7 @@ class Executor:
         if main is None or side is None:
             self._spawn(self._reap(child.proc, ctx))
         else:
+            self.ledger.add(child.tag, child.pid)
             session = ExecSession(spec, child, main, side, self._send_exit)
             self.sessions[(msg.vmid, main.id)] = session
             self._spawn(self._run(session))
@@ -136,6 +140,7 @@ class Executor:
             await session.run()
         finally:
             self.sessions.pop((session.vmid, session.id), None)
+            self.ledger.remove(session.child.tag)
 
     async def _reap(self, proc: asyncio.subprocess.Process, ctx: str) -> None:
         code = await proc.wait()
@@ -179,6 +184,7 @@ async def run(config: Config) -> None:
         return
     link = WorkerLink(config, "exec", [Entity.CMD_EXECUTOR])
     executor = Executor(link)
+    executor.ledger.sweep()  # what an executor killed with SIGKILL left running
     executor.install()
     await link.start()
     log.info("command executor ready")
