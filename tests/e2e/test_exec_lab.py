@@ -265,3 +265,19 @@ def test_tty_shell_resize_and_ctrl_c(lab: LabHandle, tmux: Tmux, tmp_path: Path)
     tmux.keys("exit 3", "Enter")
     tmux.wait_for(r"exit=3")
     tmux.wait_for(r"(?m)^icanon")  # the local terminal is out of raw mode again
+
+
+def test_user_and_workdir(lab: LabHandle) -> None:
+    p = run("-u", "nobody", "-w", "/tmp", "vm1", "--", "sh", "-c", 'id -un; pwd; echo "$USER"')
+    assert (p.returncode, p.stdout) == (0, b"nobody\n/tmp\nnobody\n"), p.stderr
+    p = run("-u", "nobody", "-t", "vm2", "--", "id", "-un")
+    assert p.returncode == 0 and p.stdout.strip() == b"nobody"
+    p = run("-u", "no-such-user", "vm1", "--", "true")
+    assert p.returncode == 126 and p.stderr == b"vmbusifyexec: no such user: no-such-user\n"
+
+
+def test_tty_with_piped_stdin_ends_at_eof(lab: LabHandle) -> None:
+    """A pty cannot be half-closed: EOF on stdin is typed as the terminal's EOF character."""
+    p = run("-it", "vm1", "--", "sort", input=b"b\na\n", timeout=20)
+    assert p.returncode == 0
+    assert p.stdout.replace(b"\r\n", b"\n").endswith(b"a\nb\n")

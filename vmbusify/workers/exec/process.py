@@ -106,15 +106,24 @@ def set_winsize(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _session_with_tty(path: str) -> Callable[[], None]:
-    """preexec_fn: a new session whose controlling terminal is the pty at ``path``.
+def _child_setup(tty_path: str, account: pwd.struct_passwd | None) -> Callable[[], None]:
+    """preexec_fn: a new session (whose controlling terminal is the pty at ``tty_path``, if
+    any), then the user's groups and ids (``account``, if switching).
 
-    Done here rather than with start_new_session + TIOCSCTTY on fd 0, because event loops
-    differ in when they set up the child's stdio (uvloop does it after preexec_fn).
+    Done here rather than with start_new_session, TIOCSCTTY on fd 0 and subprocess's
+    user/group arguments, because event loops differ: uvloop takes no user/group arguments
+    and sets the child's stdio up only after preexec_fn.
     """
+    groups = os.getgrouplist(account.pw_name, account.pw_gid) if account else []
+
     def child() -> None:
         os.setsid()
-        os.close(os.open(path, os.O_RDWR))  # a session leader's first tty becomes its own
+        if tty_path:
+            os.close(os.open(tty_path, os.O_RDWR))  # a session leader's first tty is its own
+        if account is not None:
+            os.setgroups(groups)
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
     return child
 
 
@@ -130,9 +139,12 @@ async def spawn(spec: ExecSpec) -> Child:
     env = build_env(spec, account)
     env[TAG_VAR] = tag
     kwargs: dict = {"env": env, "cwd": cwd, "start_new_session": True}
-    if spec.user and account.pw_uid != os.getuid():
-        kwargs.update(user=account.pw_uid, group=account.pw_gid,
-                      extra_groups=os.getgrouplist(account.pw_name, account.pw_gid))
+    switch = account if spec.user and account.pw_uid != os.getuid() else None
+    if switch is not None:
+        if os.getuid() != 0:
+            raise CannotStart(EXIT_CANNOT_RUN, f"cannot run as {spec.user}: the command "
+                              "executor is not root")
+        kwargs.update(start_new_session=False, preexec_fn=_child_setup("", switch))
     master = slave = None
     if spec.tty:
         master, slave = pty.openpty()
@@ -140,7 +152,7 @@ async def spawn(spec: ExecSpec) -> Child:
             set_winsize(master, spec.rows, spec.cols)
         os.set_blocking(master, False)
         kwargs.update(stdin=slave, stdout=slave, stderr=slave, start_new_session=False,
-                      preexec_fn=_session_with_tty(os.ttyname(slave)))
+                      preexec_fn=_child_setup(os.ttyname(slave), switch))
     elif spec.detach:
         kwargs.update(stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                       stderr=asyncio.subprocess.DEVNULL)

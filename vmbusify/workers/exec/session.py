@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import termios
 from collections.abc import Awaitable, Callable
 
 from vmbusify.bus.streams import Stream, StreamReset, StreamState
@@ -194,6 +195,12 @@ class ExecSession:
             return
         except OSError as exc:
             log.info("%s: writing stdin failed: %s", self.ctx, exc)
+        if self._pty is not None and not self._exited:
+            try:  # a pty cannot be half-closed: type the EOF character, as a terminal would
+                await self._pty.write(bytes([termios.tcgetattr(self._pty.fd)[6][termios.VEOF]
+                                             [0]]))
+            except (OSError, termios.error, IndexError, TypeError):
+                pass
         if writer is not None and not writer.is_closing():
             writer.close()
 
