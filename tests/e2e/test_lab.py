@@ -14,6 +14,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from click.testing import CliRunner
 from vmbusify.cli.main import main
 from vmbusify.config import Role, load_config
 from vmbusify.lab import program_pid, run_in_vm, stack_for, stack_processes, supervisorctl_command
+from vmbusify.lab.stack import supervisorctl
 from vmbusify.lab.layout import (
     ETC_NETNS,
     LAB_ROOT,
@@ -148,19 +150,34 @@ def test_up_makes_the_namespaces_and_addresses(lab_up: LabHandle) -> None:
     assert stat.S_IMODE(root.st_mode) == 0o700
 
 
-def test_vms_have_no_route_out(lab_up: LabHandle) -> None:
+def _routes_out(ns: str) -> list[str]:
+    """The devices of every default route in ``ns``."""
+    return [r["dev"] for r in _ip_json("-n", ns, "route", "show", "default")]
+
+
+def test_vms_have_no_route_out_but_the_virtual_subnet(lab_up: LabHandle) -> None:
+    """The lab gives a VM no way out of its own: only VMBusify's subnet (its TUN) leads out."""
+    tun = load_config(LAB_ROOT / "vm1" / "vmbusify.toml").subnet.ifname
     for vmid in ("vm1", "vm2"):
         ns = f"vmbl-{vmid}"
-        assert _ip_json("-n", ns, "route", "show", "default") == []
+        assert set(_routes_out(ns)) <= {tun}
         for dst in ("198.18.0.2", "198.18.0.1", "192.0.2.1"):  # routing lookups: nothing is sent
             proc = subprocess.run(["ip", "netns", "exec", ns, "ip", "route", "get", dst],
                                   check=False, capture_output=True, text=True)
-            assert proc.returncode != 0, f"{ns} has a route to {dst}: {proc.stdout}"
-            assert "unreachable" in proc.stderr
-        # The other VM's SDN address is unreachable too.
-        other = "198.19.2.10" if vmid == "vm1" else "198.19.1.10"
-        assert subprocess.run(["ip", "netns", "exec", ns, "ip", "route", "get", other],
-                              check=False, capture_output=True).returncode != 0
+            assert proc.returncode != 0 or f" dev {tun} " in proc.stdout, proc.stdout
+    # Without VMBusify's subnet worker a VM has no route out at all.
+    supervisorctl("vm2", "stop", "subnet", check=False)
+    try:
+        deadline = time.monotonic() + 15
+        while _routes_out("vmbl-vm2") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _routes_out("vmbl-vm2") == []
+        for dst in ("198.18.0.2", "192.0.2.1", "198.19.1.10"):
+            proc = subprocess.run(["ip", "netns", "exec", "vmbl-vm2", "ip", "route", "get", dst],
+                                  check=False, capture_output=True, text=True)
+            assert proc.returncode != 0 and "unreachable" in proc.stderr, proc.stdout
+    finally:
+        supervisorctl("vm2", "start", "subnet", check=False)
 
 
 def test_host_reaches_the_external_network_only_by_its_veth(lab_up: LabHandle) -> None:
@@ -215,7 +232,7 @@ def test_each_stack_runs_in_its_own_namespace(lab_up: LabHandle) -> None:
         stack = stack_for(target)
         pid = int(stack.pidfile.read_text())
         proc = psutil.Process(pid)
-        assert str(LAB_ROOT) in " ".join(proc.cmdline())
+        assert f"{LAB_ROOT}/" in " ".join(proc.cmdline())
         assert proc.environ()["VMBUSIFY_CONFIG"] == str(stack.config)
         if stack.netns is None:
             assert _netns_inode(pid) == _netns_inode("self")
@@ -315,7 +332,7 @@ def _lab_processes() -> list[tuple[int, list[str]]]:
             env = proc.environ()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        if any(str(LAB_ROOT) in part for part in [*cmdline, *env.values()]):
+        if any(f"{LAB_ROOT}/" in part for part in [*cmdline, *env.values()]):
             found.append((proc.pid, cmdline))
     return found
 
@@ -332,7 +349,7 @@ def test_down_leaves_nothing_behind(lab_up: LabHandle, restore_lab: None) -> Non
     assert not list(ETC_NETNS.glob("vmbl-*"))
     supervisords = [p for p in psutil.process_iter(["cmdline"])
                     if "supervisord" in " ".join(p.info["cmdline"] or [])
-                    and str(LAB_ROOT) in " ".join(p.info["cmdline"] or [])]
+                    and f"{LAB_ROOT}/" in " ".join(p.info["cmdline"] or [])]
     assert supervisords == []
     assert _lab_processes() == []
     st = lab_status()
