@@ -61,30 +61,38 @@ async def _stream_to_sock(sock: socket.socket, stream: Stream) -> None:
         await loop.sock_sendall(sock, data)
 
 
+def _retrieve(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 async def relay(sock: socket.socket, stream: Stream, label: str) -> None:
     """Relay until both directions ended; always closes ``sock``. Never raises."""
     up = asyncio.ensure_future(_sock_to_stream(sock, stream))
     down = asyncio.ensure_future(_stream_to_sock(sock, stream))
+    for task in (up, down):  # an exception left behind when relay() is cancelled: seen here
+        task.add_done_callback(_retrieve)
     aborted = False
     try:
         pending = {up, down}
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                exc = task.exception()
-                if exc is None:
-                    continue
-                aborted = True
-                if isinstance(exc, StreamReset):
-                    log.debug("%s: stream reset: %s", label, exc)
-                else:
-                    log.debug("%s: socket error: %s", label, exc)
-                    await stream.reset(f"socket error: {exc}")
-                for t in pending:
-                    t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                pending = set()
-                break
+            # Both directions may end in the same turn (a reset fails both): retrieve every
+            # exception, or asyncio logs "Task exception was never retrieved" with a traceback.
+            errors = [exc for exc in (task.exception() for task in done) if exc is not None]
+            if not errors:
+                continue
+            aborted = True
+            exc = errors[0]
+            if isinstance(exc, StreamReset):
+                log.debug("%s: stream reset: %s", label, exc)
+            else:
+                log.debug("%s: socket error: %s", label, exc)
+                await stream.reset(f"socket error: {exc}")
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            pending = set()
     except asyncio.CancelledError:
         aborted = True
         for t in (up, down):
