@@ -57,7 +57,8 @@ class TunnelConfig:
     ping_interval: float = 5.0
     dead_after: float = 15.0
     connect_timeout: float = 5.0
-    #: Largest payload accepted in one vmbus package; larger is a protocol error.
+    #: Largest payload accepted in one vmbus package; larger is a protocol error. At least
+    #: 1 MiB (the largest stream chunk), at most 16 MiB.
     max_payload: int = 1 << 20
     #: Reconnect backoff on the host: first delay and cap (seconds).
     backoff_initial: float = 0.2
@@ -238,6 +239,12 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{chosen}: {exc.strerror}") from None
     config = _build(Config, raw, str(chosen))
     config.path = str(chosen) if chosen.exists() else ""
+    # Imported here: the protocol package must not depend on the config module's users.
+    from vmbusify.protocol.package import MAX_PAYLOAD_LIMIT
+    from vmbusify.protocol.window import MAX_CHUNK
+    if not MAX_CHUNK <= config.tunnel.max_payload <= MAX_PAYLOAD_LIMIT:
+        raise ConfigError(f"{chosen}: tunnel.max_payload must be between {MAX_CHUNK} (the "
+                          f"largest stream chunk) and {MAX_PAYLOAD_LIMIT}")
     seen: set[str] = set()
     for vm in config.vms:
         if vm.vmid in seen:
