@@ -87,32 +87,36 @@ class FrameDecoder:
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
+        self._pos = 0  # start of the first unparsed byte: consumed bytes go at the next feed
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes read from the server."""
+        if self._pos:
+            del self._buf[:self._pos]  # one move per feed, not one per frame
+            self._pos = 0
         self._buf += data
 
     def next_frame(self) -> Frame | None:
         """The next whole frame, or None when more bytes are needed."""
-        buf = self._buf
-        if len(buf) < 2:
+        buf, at = self._buf, self._pos
+        if len(buf) - at < 2:
             return None
-        b0, b1 = buf[0], buf[1]
+        b0, b1 = buf[at], buf[at + 1]
         if b0 & 0x70:
             raise RemoteProtocolError("WebSocket frame with reserved bits set")
         try:
             opcode = Opcode(b0 & 0x0F)
         except ValueError:
             raise RemoteProtocolError(f"unknown WebSocket opcode {b0 & 0x0F}") from None
-        n, pos = b1 & 0x7F, 2
+        n, pos = b1 & 0x7F, at + 2
         if n == 126:
-            if len(buf) < 4:
+            if len(buf) < at + 4:
                 return None
-            n, pos = struct.unpack_from(">H", buf, 2)[0], 4
+            n, pos = struct.unpack_from(">H", buf, at + 2)[0], at + 4
         elif n == 127:
-            if len(buf) < 10:
+            if len(buf) < at + 10:
                 return None
-            n, pos = struct.unpack_from(">Q", buf, 2)[0], 10
+            n, pos = struct.unpack_from(">Q", buf, at + 2)[0], at + 10
         if n > self.max_frame:
             raise RemoteProtocolError(f"WebSocket frame of {n} bytes exceeds {self.max_frame}")
         key = b""
@@ -123,8 +127,9 @@ class FrameDecoder:
         end = pos + n
         if len(buf) < end:
             return None
-        payload = bytes(buf[pos:end])
-        del buf[:end]
+        with memoryview(buf) as view:
+            payload = bytes(view[pos:end])  # one copy
+        self._pos = end
         if key:
             payload = mask(payload, key)
         return Frame(opcode, bool(b0 & 0x80), payload)
@@ -132,7 +137,7 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes held that do not form a whole frame yet."""
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
 
 def close_payload(payload: bytes) -> tuple[int, str]:
