@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from vmbusify.bus.link import WorkerLink
 from vmbusify.config import Config, Role
 from vmbusify.errors import VMBusifyError
 from vmbusify.protocol.entities import Entity
+from vmbusify.runtime import stop_on_signals
 from vmbusify.workers.subnet.guest import SubnetGuest
 from vmbusify.workers.subnet.host import SubnetHost
 
@@ -29,13 +29,7 @@ async def _report(link: WorkerLink, side: SubnetHost | SubnetGuest) -> None:
 
 async def run(config: Config, stop: asyncio.Event | None = None) -> None:
     """Run the subnet until SIGTERM/SIGINT (or ``stop``), then remove what it set up."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # not the main thread (tests)
+    stop = stop_on_signals(stop)
     if not config.subnet.enabled:
         log.info("[subnet] enabled = false: idle")
         await stop.wait()
