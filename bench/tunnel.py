@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.integration.harness import link_for, make_pair, wait_state  # noqa: E402
@@ -84,6 +86,9 @@ async def tunnel_figures(root: Path, mib: int, pings: int) -> dict[str, float]:
         await host.sync_send("vm1", Entity.PROXY_CLIENT, OPEN, {}, stream=stream.id)
         block = b"\0" * CHUNK
         total = mib << 20
+        procs = {"host worker": psutil.Process(), "host mux": psutil.Process(pair.host.pid),
+                 "guest mux": psutil.Process(pair.guest.pid), "guest worker": psutil.Process(sink.pid)}
+        cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
         t0 = time.perf_counter()
         sent = 0
         while sent < total:
@@ -92,11 +97,14 @@ async def tunnel_figures(root: Path, mib: int, pings: int) -> dict[str, float]:
         await stream.write_eof()
         count = int((await stream.read()).decode())
         elapsed = time.perf_counter() - t0
+        gb = total / 1e9
+        cpu = {k: (sum(p.cpu_times()[:2]) - cpu0[k]) / gb for k, p in procs.items()}
         assert count == total, (count, total)
         await host.close()
         return {"rtt_median_ms": statistics.median(rtts),
                 "rtt_p99_ms": sorted(rtts)[int(len(rtts) * 0.99) - 1],
-                "ours_mb_s": total / elapsed / 1e6}
+                "ours_mb_s": total / elapsed / 1e6,
+                **{f"cpu_s_per_gb {k}": v for k, v in cpu.items()}}
     finally:
         sink.kill()
         pair.stop()
@@ -142,6 +150,8 @@ def main() -> None:
           f"p99 {ours['rtt_p99_ms']:.3f} ms")
     print(f"  one stream host->guest (worker, mux, tunnel, mux, worker): "
           f"{ours['ours_mb_s']:.0f} MB/s")
+    print("  CPU seconds per GB: " + ", ".join(
+        f"{k[len('cpu_s_per_gb '):]} {v:.2f}" for k, v in ours.items() if k.startswith("cpu_")))
     print(f"  socat over a Unix socket, same bytes (default 8 KiB blocks): {socat:.0f} MB/s")
     print(f"  socat with 256 KiB blocks (-b 262144):                     {socat_big:.0f} MB/s")
     print(f"  ratio ours/socat: {ours['ours_mb_s'] / socat:.2f} (goal >= 0.80); "
