@@ -291,6 +291,7 @@ async def _relay(ws: web.WebSocketResponse, service: ExecService, relay: Relay) 
         for t in outputs:
             t.cancel()
         await service.finish(relay, abort)
+        log.debug("%s: finished%s", relay.ctx, f" ({abort})" if abort else "")
 
 
 async def _pump_out(ws: web.WebSocketResponse, stream: Stream, channel: Channel) -> str:
