@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from aiohttp import web
 
 from vmbusify.control.server import CTX_KEY, ControlContext
 from vmbusify.control.supervisor import program_states
+from vmbusify.errors import ControlError
 
 
 async def _mux(request: web.Request, cmd: str, **args: Any) -> Any:
@@ -30,8 +32,28 @@ async def vms(request: web.Request) -> web.Response:
     return web.json_response(await _mux(request, "list"))
 
 
+#: The longest ``?timeout=`` a command takes (seconds).
+MAX_TIMEOUT = 300.0
+
+
+def query_timeout(request: web.Request, default: float) -> float:
+    """``?timeout=S`` of ``request`` (``default`` if absent); ControlError (400) unless a
+    number of seconds in (0, MAX_TIMEOUT]."""
+    raw = request.query.get("timeout")
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_TIMEOUT:  # also refuses nan and inf
+        raise ControlError(f"timeout must be a number of seconds in (0, {MAX_TIMEOUT:g}], "
+                           f"not {raw[:40]!r}")
+    return value
+
+
 async def connect(request: web.Request) -> web.Response:
-    timeout = float(request.query.get("timeout", "10"))
+    timeout = query_timeout(request, 10.0)
     return web.json_response(
         await _mux(request, "connect", vmid=request.match_info["vmid"], timeout=timeout))
 
@@ -41,7 +63,7 @@ async def disconnect(request: web.Request) -> web.Response:
 
 
 async def ping(request: web.Request) -> web.Response:
-    timeout = float(request.query.get("timeout", "5"))
+    timeout = query_timeout(request, 5.0)
     return web.json_response(
         await _mux(request, "ping", vmid=request.match_info["vmid"], timeout=timeout))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from vmbusify.bus.link import WorkerLink
 from vmbusify.config import Config
@@ -96,6 +97,22 @@ async def auth_and_errors(request: web.Request,
         return error_response(500, "internal error in the command listener (see its log)")
 
 
+class OneLineBadRequests(logging.Filter):
+    """aiohttp logs every malformed request (bad request line, header, length...) as an
+    ERROR with a traceback; a client's garbage is worth one warning line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            origin = record.getMessage().rsplit(" ", 1)[-1]
+            reason = " ".join(str(exc.message or exc).split())[:200]
+            record.msg, record.args = "refused a malformed HTTP request from %s: %s", (
+                origin, reason)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def build_app(ctx: ControlContext) -> web.Application:
     """The aiohttp application with every route module set up."""
     app = web.Application(middlewares=[auth_and_errors], client_max_size=1 << 20)
@@ -112,6 +129,7 @@ async def run_control(config: Config, stop: asyncio.Event | None = None) -> None
     link = WorkerLink(config, "control", [Entity.CMD_LISTENER])
     ctx = ControlContext(config, link, token)
     app = build_app(ctx)
+    logging.getLogger("aiohttp.server").addFilter(OneLineBadRequests())
     await link.start()
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
