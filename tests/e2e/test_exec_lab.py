@@ -154,7 +154,8 @@ def test_signals_forwarded_into_the_vm(lab: LabHandle) -> None:
     assert proc.stdout.read() == b"got-hup\n"
 
 
-@pytest.mark.parametrize("how", ["client killed", "tunnel dropped", "guest mux killed"])
+@pytest.mark.parametrize("how", ["client killed", "tunnel dropped", "guest mux killed",
+                                 "host listener killed"])
 def test_no_orphans(lab: LabHandle, how: str) -> None:
     tag = unique()
     proc = subprocess.Popen([EXEC, "vm1", "--", "sh", "-c",
@@ -173,6 +174,11 @@ def test_no_orphans(lab: LabHandle, how: str) -> None:
             proc.kill()
         elif how == "tunnel dropped":
             lab.ctl("disconnect", "vm1")
+        elif how == "host listener killed":
+            # supervisord restarts it; the host mux tells the guest its peer worker is gone
+            listener = lab.program_pid("host", "control")
+            assert listener
+            os.kill(listener, signal.SIGKILL)
         else:
             os.kill(vm_mux, signal.SIGKILL)  # supervisord starts it again
         wait_gone(tag, 15)
