@@ -11,7 +11,6 @@ any other TARGET is resolved inside the VM (``TARGET.VMID.vmbusify``); on a gues
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from vmbusify.control.client import split_listen
 from vmbusify.errors import ControlError
 from vmbusify.protocol.proxy import ReplyCode
 from vmbusify.protocol.socks import encode_addr
+from vmbusify.runtime import stop_on_signals
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -145,10 +145,7 @@ async def run_forward(config: Config, vmid: str, spec: ForwardSpec) -> None:
     except OSError as exc:
         raise ControlError(f"forward: cannot listen on {spec.bind}:{spec.port}: "
                            f"{exc.strerror or exc}") from None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     click.echo(f"forwarding {spec.bind}:{spec.port} -> {spec.target}:{spec.target_port} "
                f"in {vmid} (Ctrl-C to stop)", err=True)
     async with server:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import signal
 from typing import Any
 
 from vmbusify.bus.frames import TunnelEvent
@@ -20,8 +19,14 @@ from vmbusify.config import Config, Role
 from vmbusify.errors import ProtocolError, RemoteProtocolError, VMBusifyError
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.exec import (
-    ExecMessage, ExecSpec, ExitStatus, Resize, StartReply, parse_signal,
+    ExecMessage,
+    ExecSpec,
+    ExitStatus,
+    Resize,
+    StartReply,
+    parse_signal,
 )
+from vmbusify.runtime import stop_on_signals
 from vmbusify.workers.exec.ledger import Ledger
 from vmbusify.workers.exec.process import CannotStart, spawn
 from vmbusify.workers.exec.session import ExecSession
@@ -174,10 +179,7 @@ class Executor:
 
 async def run(config: Config) -> None:
     """Run the command executor until SIGTERM (on the host: just wait)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     if config.role is Role.HOST:
         log.info("host: execs start from the command listener; nothing to serve here")
         await stop.wait()
