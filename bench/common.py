@@ -100,8 +100,9 @@ def markdown_table(rows: list[Row]) -> str:
             r.anchor_name or "—")
         ratio = f"{r.ratio:.2f}" if r.ratio is not None else "—"
         figure = r.figure + (f" ({r.note})" if r.note else "")
-        out.append(f"| {r.area} | {figure} | {fmt(r.ours, r.unit)} | {anchor} | {ratio} | "
-                   f"{r.goal or '—'} | {r.met or '—'} |")
+        cells = [r.area, figure, fmt(r.ours, r.unit), anchor, ratio, r.goal or "—",
+                 r.met or "—"]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(out)
 
 

@@ -307,7 +307,9 @@ def test_fault(lab: LabHandle, web: WebServer, baseline: SystemSnapshot,
     except AssertionError:
         problems += [f"LEAK {x}" for x in found]
     print(f"{fault.id}: back in {took:.1f} s; " + "; ".join(
-        f"{c.value} rc={o.returncode} {o.elapsed:.1f}s" for c, o in outcomes.items()))
+        f"{c.value} rc={o.returncode} {o.elapsed:.1f}s"
+        + (f" {o.stderr.strip().splitlines()[-1][:90]!r}" if o.stderr.strip() else "")
+        for c, o in outcomes.items()))
     assert not problems, "\n".join(problems)
 
 
