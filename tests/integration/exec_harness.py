@@ -67,11 +67,14 @@ def start_stack(root: Path) -> ExecStack:
             stdout=log, stderr=subprocess.STDOUT)
     stack = ExecStack(pair, control, worker)
     deadline = time.monotonic() + 60
-    while True:
-        proc = stack.run("vm1", "--", "true", timeout=30)
-        if proc.returncode == 0:
-            return stack
-        if time.monotonic() > deadline:
-            stack.stop()
-            raise AssertionError(f"exec never worked: {proc.stderr!r}")
-        time.sleep(0.3)
+    try:
+        while True:
+            proc = stack.run("vm1", "--", "true", timeout=30)
+            if proc.returncode == 0:
+                return stack
+            if time.monotonic() > deadline:
+                raise AssertionError(f"exec never worked: {proc.stderr!r}")
+            time.sleep(0.3)
+    except BaseException:
+        stack.stop()  # never leave the four processes behind a failed start
+        raise

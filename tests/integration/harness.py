@@ -56,7 +56,11 @@ class MuxProc:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
             if sig in (signal.SIGKILL, signal.SIGTERM):
-                self.proc.wait(10)
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:  # a stuck mux must not outlive the test
+                    self.proc.kill()
+                    self.proc.wait(10)
 
     @property
     def pid(self) -> int:
@@ -87,7 +91,9 @@ class Pair:
 
     def stop(self) -> None:
         for m in (self.host, self.guest):
-            m.kill(signal.SIGTERM) if m.proc and m.proc.poll() is None else None
+            if m.proc and m.proc.poll() is None:
+                m.kill(signal.SIGCONT)  # a test may have frozen it
+                m.kill(signal.SIGTERM)
 
 
 def make_pair(root: Path, ping_interval: float = 0.5, dead_after: float = 3.0,
