@@ -7,6 +7,7 @@ import socket
 import statistics
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,25 +130,50 @@ async def _stream_pair(host: WorkerLink, guest: WorkerLink, accepted: asyncio.Qu
     return s, await asyncio.wait_for(accepted.get(), 5)
 
 
+@dataclass
+class StreamWorkers:
+    """A proxy-client-like worker on the host and a proxy-server-like one in the guest."""
+
+    host: WorkerLink
+    guest: WorkerLink
+    accepted: asyncio.Queue[Any]
+
+    async def pair(self) -> Any:
+        """Open a stream from the host; returns (host end, guest end)."""
+        return await _stream_pair(self.host, self.guest, self.accepted)
+
+    async def close(self) -> None:
+        await self.host.close()
+        await self.guest.close()
+
+
+async def stream_workers(pair: Pair, extra_guest_routes: list[Any] | None = None
+                         ) -> StreamWorkers:
+    """Both workers registered, the guest accepting every OPEN as a stream, vm1 connected."""
+    accepted: asyncio.Queue[Any] = asyncio.Queue()
+    guest: WorkerLink
+
+    async def on_open(msg: Inbound) -> Any:
+        await accepted.put(guest.streams.accept(msg.vmid, Entity.PROXY_SERVER, msg.package,
+                                                DATA))
+        return True
+
+    guest = await link_for(pair.guest, "t-guest", [Entity.PROXY_SERVER],
+                           [(Entity.PROXY_CLIENT, OPEN, on_open),
+                            (Entity.PROXY_CLIENT, DATA, None), *(extra_guest_routes or [])])
+    host = await link_for(pair.host, "t-host", [Entity.PROXY_CLIENT],
+                          [(Entity.PROXY_SERVER, DATA, None)])
+    await wait_state(host, "vm1", "connected")
+    return StreamWorkers(host, guest, accepted)
+
+
+
 def test_no_head_of_line_blocking(pair: Pair) -> None:
     """A stream whose reader never reads stalls itself only; other round trips keep speed."""
 
     async def scenario() -> None:
-        accepted: asyncio.Queue[Any] = asyncio.Queue()
-        guest: WorkerLink
-
-        async def on_open(msg: Inbound) -> Any:
-            stream = guest.streams.accept(msg.vmid, Entity.PROXY_SERVER, msg.package, DATA)
-            await accepted.put(stream)
-            return {"ok": True}
-
-        guest = await link_for(pair.guest, "t-guest", [Entity.PROXY_SERVER],
-                               [(Entity.PROXY_CLIENT, OPEN, on_open),
-                                (Entity.PROXY_CLIENT, DATA, None),
-                                (Entity.PROXY_CLIENT, ECHO, echo)])
-        host = await link_for(pair.host, "t-host", [Entity.PROXY_CLIENT],
-                              [(Entity.PROXY_SERVER, DATA, None)])
-        await wait_state(host, "vm1", "connected")
+        w = await stream_workers(pair, [(Entity.PROXY_CLIENT, ECHO, echo)])
+        host, guest = w.host, w.guest
 
         async def round_trips(n: int) -> list[float]:
             times = []
@@ -159,9 +185,9 @@ def test_no_head_of_line_blocking(pair: Pair) -> None:
 
         idle = statistics.median(await round_trips(200))
         # an echo stream that is read keeps working alongside
-        live_h, live_g = await _stream_pair(host, guest, accepted)
+        live_h, live_g = await w.pair()
         # the stalled stream: its guest end never reads
-        stalled_h, stalled_g = await _stream_pair(host, guest, accepted)
+        stalled_h, stalled_g = await w.pair()
         blob = b"z" * (256 << 10)
 
         async def flood() -> int:
@@ -197,21 +223,9 @@ def test_no_head_of_line_blocking(pair: Pair) -> None:
 
 def test_stream_bytes_arrive_intact_with_half_close(pair: Pair) -> None:
     async def scenario() -> None:
-        accepted: asyncio.Queue[Any] = asyncio.Queue()
-        guest: WorkerLink
-
-        async def on_open(msg: Inbound) -> Any:
-            await accepted.put(guest.streams.accept(msg.vmid, Entity.PROXY_SERVER,
-                                                    msg.package, DATA))
-            return True
-
-        guest = await link_for(pair.guest, "t-guest", [Entity.PROXY_SERVER],
-                               [(Entity.PROXY_CLIENT, OPEN, on_open),
-                                (Entity.PROXY_CLIENT, DATA, None)])
-        host = await link_for(pair.host, "t-host", [Entity.PROXY_CLIENT],
-                              [(Entity.PROXY_SERVER, DATA, None)])
-        await wait_state(host, "vm1", "connected")
-        h, g = await _stream_pair(host, guest, accepted)
+        w = await stream_workers(pair)
+        host, guest = w.host, w.guest
+        h, g = await w.pair()
         payload = bytes(range(256)) * 40000  # ~10 MiB, more than two windows
 
         async def send() -> None:
@@ -395,21 +409,9 @@ def test_streams_of_a_dead_peer_worker_are_reset(pair: Pair) -> None:
     from vmbusify.bus.streams import StreamReset
 
     async def scenario() -> None:
-        accepted: asyncio.Queue[Any] = asyncio.Queue()
-        guest: WorkerLink
-
-        async def on_open(msg: Inbound) -> Any:
-            await accepted.put(guest.streams.accept(msg.vmid, Entity.PROXY_SERVER,
-                                                    msg.package, DATA))
-            return True
-
-        guest = await link_for(pair.guest, "t-guest", [Entity.PROXY_SERVER],
-                               [(Entity.PROXY_CLIENT, OPEN, on_open),
-                                (Entity.PROXY_CLIENT, DATA, None)])
-        host = await link_for(pair.host, "t-host", [Entity.PROXY_CLIENT],
-                              [(Entity.PROXY_SERVER, DATA, None)])
-        await wait_state(host, "vm1", "connected")
-        _h, g = await _stream_pair(host, guest, accepted)
+        w = await stream_workers(pair)
+        host, guest = w.host, w.guest
+        _h, g = await w.pair()
         await host.close()  # gone: no more heartbeats, no goodbye
         t0 = time.monotonic()
         with pytest.raises(StreamReset, match="went away"):
