@@ -28,7 +28,7 @@ import zmq
 import zmq.asyncio
 
 from vmbusify.bus.frames import HOST_VMID, BusKind, TunnelEvent
-from vmbusify.bus.sockets import connect_dealer
+from vmbusify.bus.sockets import connect_dealer, shared_context
 from vmbusify.bus.streams import Stream, StreamTable
 from vmbusify.config import Config, Role
 from vmbusify.errors import (
@@ -88,7 +88,7 @@ class WorkerLink:
         self.streams = StreamTable(self._send_package)
         self._routes: dict[tuple[int, int], list[Handler | None]] = {}
         self._event_handlers: list[EventHandler] = []
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = shared_context()
         self._sock: zmq.asyncio.Socket | None = None
         self._calls: dict[int, asyncio.Future[Package]] = {}
         self._ctl: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
@@ -123,7 +123,6 @@ class WorkerLink:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._ctx.term()
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)

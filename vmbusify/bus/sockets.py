@@ -10,6 +10,18 @@ import zmq
 import zmq.asyncio
 
 
+def shared_context() -> zmq.asyncio.Context:
+    """The process's one ZeroMQ context (linger 0), for worker links.
+
+    One context per process, never terminated while the process lives: a context terminated
+    by the garbage collector while a forgotten socket is still open blocks for ever
+    (zmq_ctx_term waits for every socket), which a per-link context invites.
+    """
+    ctx = zmq.asyncio.Context.instance()
+    ctx.linger = 0
+    return ctx
+
+
 def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
     """Create ``path`` (and parents) if needed and make it 0700, so only root reaches inside."""
     p = Path(path)

@@ -202,7 +202,14 @@ class MuxApp:
                                             pkg.stream, PackageFlag.ERROR, reason))
             return
         header = pkg.header()
-        for w in list(workers):
+        first, *others = workers
+        self.to_worker(first.identity, [BusKind.PKG.value, vmid, header, pkg.payload])
+        if others and pkg.type is PackageType.REQUEST:
+            # Only the first registered handler answers a request (one ACK per request); the
+            # others are handed the same message as a one-way notification.
+            header = encode_header(PackageType.MESSAGE, pkg.entity, pkg.message_id, pkg.id,
+                                   pkg.stream, pkg.flags, len(pkg.payload))
+        for w in others:
             self.to_worker(w.identity, [BusKind.PKG.value, vmid, header, pkg.payload])
 
     # -- tunnel life -----------------------------------------------------------------------
