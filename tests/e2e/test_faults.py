@@ -129,10 +129,21 @@ def clean_failure(o: Outcome) -> bool:
     return CURL_ERROR.match(lines[-1]) is not None
 
 
+#: Known limitation, not a pass: a host stack restart stops the subnet worker, which removes
+#: its nftables table as a clean stop must; while no NAT chain exists the kernel stops
+#: translating, so the server of an in-flight NAT'd download gets a RST from the host and the
+#: VM's end waits on a dead connection (as behind any NAT router that restarts). New
+#: connections work once the worker is back, which back_to_normal() checks. docs/subnet.md.
+LOST_IN_FLIGHT = {(Kind.RESTART_HOST, Client.SUBNET)}
+
+
 def judge(fault: Fault, outcomes: dict[Client, Outcome]) -> list[str]:
     """What went wrong for the user, as the fault's contract says; [] when all is right."""
     problems = []
     for client, o in outcomes.items():
+        if o.hung and (fault.kind, client) in LOST_IN_FLIGHT:
+            print(f"known limitation: {o.describe()}")
+            continue
         if o.hung:
             problems.append(f"HUNG {o.describe()}")
         elif o.returncode == 0 and not o.intact:
