@@ -32,6 +32,7 @@ from typing import Any
 from vmbusify.config import DEFAULT_CONTROL_PORT, DEFAULT_PROXY_PORT
 from vmbusify.errors import LabError
 
+
 def _instance() -> tuple[str, int]:
     """The lab instance named by ``$VMBUSIFY_LAB_INSTANCE`` ("" = the default lab) and its number.
 
@@ -96,8 +97,28 @@ def vm_index(vmid: str) -> int:
     return int(m.group(1))
 
 
+class _MachineDirs:
+    """A lab machine's files under its ``dir``: the same three on the host and every VM."""
+
+    @property
+    def dir(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def run_dir(self) -> Path:
+        return self.dir / "run"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "vmbusify.toml"
+
+
 @dataclass(frozen=True)
-class VMLayout:
+class VMLayout(_MachineDirs):
     """One simulated VM: its namespace, SDN address and files."""
 
     index: int
@@ -124,17 +145,6 @@ class VMLayout:
     def dir(self) -> Path:
         return self.root / self.vmid
 
-    @property
-    def run_dir(self) -> Path:
-        return self.dir / "run"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.dir / "state"
-
-    @property
-    def config_path(self) -> Path:
-        return self.dir / "vmbusify.toml"
 
     @property
     def tunnel_path(self) -> Path:
@@ -151,7 +161,7 @@ class VMLayout:
 
 
 @dataclass(frozen=True)
-class HostLayout:
+class HostLayout(_MachineDirs):
     """The simulated physical machine: the root namespace's files."""
 
     root: Path
@@ -160,17 +170,6 @@ class HostLayout:
     def dir(self) -> Path:
         return self.root / "host"
 
-    @property
-    def run_dir(self) -> Path:
-        return self.dir / "run"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.dir / "state"
-
-    @property
-    def config_path(self) -> Path:
-        return self.dir / "vmbusify.toml"
 
     @property
     def control(self) -> str:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from vmbusify.errors import LabError
+from vmbusify.system import run_command
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +29,8 @@ def run(
     timeout: float = 60.0,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` and capture its output; with ``check``, a failure raises LabError."""
-    try:
-        proc = subprocess.run(
-            list(argv), check=False, input=input, capture_output=True, text=True, timeout=timeout,
-            env=dict(env) if env is not None else None,
-            stdin=None if input is not None else subprocess.DEVNULL,
-        )
-    except FileNotFoundError:
-        raise LabError(f"{argv[0]}: command not found (run bin/setup)") from None
-    except subprocess.TimeoutExpired:
-        raise LabError(f"`{' '.join(argv)}` took longer than {timeout:g} s") from None
-    if check and proc.returncode != 0:
-        reason = (proc.stderr or proc.stdout).strip().splitlines()
-        raise LabError(f"`{' '.join(argv)}` failed: {reason[-1] if reason else proc.returncode}")
-    return proc
+    return run_command(argv, error=LabError, missing_hint=" (run bin/setup)", check=check,
+                       input=input, env=env, timeout=timeout)
 
 
 def ns_argv(netns: str | None, argv: Sequence[str]) -> list[str]:

@@ -1,0 +1,34 @@
+"""Running system commands (ip, nft, ...) by argument list, with one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping, Sequence
+
+from vmbusify.errors import VMBusifyError
+
+
+def run_command(
+    argv: Sequence[str], *, error: type[VMBusifyError] = VMBusifyError, missing_hint: str = "",
+    check: bool = True, input: str | None = None, env: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` (no shell) and capture its output as text.
+
+    A missing program, a timeout and (with ``check``) a non-zero exit raise ``error`` with
+    the command and the last line of its error output.
+    """
+    try:
+        proc = subprocess.run(
+            list(argv), check=False, input=input, capture_output=True, text=True, timeout=timeout,
+            env=dict(env) if env is not None else None,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        raise error(f"{argv[0]}: command not found{missing_hint}") from None
+    except subprocess.TimeoutExpired:
+        raise error(f"`{' '.join(argv)}` took longer than {timeout:g} s") from None
+    if check and proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise error(f"`{' '.join(argv)}` failed: {lines[-1] if lines else proc.returncode}")
+    return proc
