@@ -88,8 +88,18 @@ def test_kill_tree_finds_escapees() -> None:
     async def scenario() -> None:
         child = await spawn(ExecSpec(argv=["sh", "-c",
                                            f"sleep {tag} & (setsid sleep {tag} &); sleep {tag}"]))
+        def names() -> list[str]:
+            out = []
+            for p in tree(child.pid, child.tag):
+                try:
+                    out.append(p.name())
+                except psutil.NoSuchProcess:
+                    pass
+            return sorted(out)
+
+        # wait for the settled tree: the short-lived subshell that ran setsid must be gone
         deadline = time.monotonic() + 5
-        while len(tree(child.pid, child.tag)) < 4 and time.monotonic() < deadline:
+        while names() != ["sh", "sleep", "sleep", "sleep"] and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         members = tree(child.pid, child.tag)
         assert len(members) == 4  # sh, two sleeps in its session, one that left it
