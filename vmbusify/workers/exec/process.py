@@ -239,7 +239,9 @@ def kill_tree(child: Child, sig: int = signal.SIGKILL) -> int:
                  if p.pid != os.getpid() and p.pid not in hit}
         if not procs:
             break
-        for p in procs:
+        # the leader first: a shell whose child dies before it does would exit on its own
+        # (status 128+sig) and report the exec as finished rather than killed
+        for p in sorted(procs, key=lambda p: (p.pid != child.pid, p.pid)):
             try:
                 p.send_signal(sig)
                 hit.add(p.pid)
