@@ -33,7 +33,7 @@ from vmbusify.runtime import run_async  # noqa: E402
 from vmbusify.protocol.entities import Entity  # noqa: E402
 
 OPEN, DATA = 911, 912
-CHUNK = 256 << 10
+CHUNK = 1 << 20
 
 
 async def sink_worker(config_path: str) -> None:

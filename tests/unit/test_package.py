@@ -110,3 +110,35 @@ def test_fuzzed_mutations_of_valid_packages(pkg: Package, junk: bytes, pos: int)
         dec.packages()
     except RemoteProtocolError:
         pass
+
+
+def test_large_payload_is_received_in_place() -> None:
+    """Read into the decoder as a BufferedProtocol does: a 1 MiB payload is filled where it
+    will be handed on (no copy), and small packages around it come out whole."""
+    big = Package(PackageType.DATA, 3, 7, stream=1, payload=bytes(range(256)) * 4096)
+    small = Package(PackageType.MESSAGE, 3, 8, payload=b"after")
+    wire = memoryview(big.encode() + small.encode())
+    dec = PackageDecoder(max_payload=1 << 20)
+    views = []
+    while wire:
+        room = dec.get_buffer()
+        n = min(len(room), len(wire), 100_000)
+        room[:n] = wire[:n]
+        views.append(room)
+        dec.buffer_updated(n)
+        wire = wire[n:]
+    first, second = dec.packages()
+    assert first == big and second == small
+    assert isinstance(first.payload, memoryview) and len(first.payload) == 1 << 20
+    # the payload is the very buffer the reads went into
+    assert any(v.obj is first.payload.obj for v in views)
+    assert dec.buffered == 0
+
+
+def test_packages_before_a_bad_header_are_delivered_first() -> None:
+    good = Package(PackageType.MESSAGE, 1, 2, payload=b"ok")
+    dec = PackageDecoder()
+    dec.receive_data(good.encode() + _header(sig=0xDEADBEEF))
+    assert dec.next_package() == good
+    with pytest.raises(RemoteProtocolError, match="bad signature"):
+        dec.next_package()

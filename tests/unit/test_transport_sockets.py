@@ -684,3 +684,41 @@ def test_vsock_connect_retries_kernel_timeouts_until_the_deadline(
     assert "timed out after 0.7 s" in message
     assert "did not answer" in message
     assert len(attempts) >= 3
+
+
+def test_take_over_hands_on_unread_bytes_and_eof() -> None:
+    """A tunnel takes a connected transport from its asyncio streams: bytes the StreamReader
+    already received, and an EOF it already saw, are not lost."""
+    from vmbusify.transport import take_over
+
+    class Sink(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.data = b""
+
+        def data_received(self, data: bytes) -> None:
+            self.data += data
+
+    async def scenario() -> None:
+        a, b = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=a)
+        b.sendall(b"early")
+        await asyncio.sleep(0.05)
+        sink = Sink()
+        early, eof = take_over(reader, writer, sink)
+        assert (early, eof) == (b"early", False)
+        b.sendall(b"later")
+        await asyncio.sleep(0.05)
+        assert sink.data == b"later"
+        writer.close()
+        b.close()
+
+        a, b = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=a)
+        b.sendall(b"bye")
+        b.close()
+        await asyncio.sleep(0.05)
+        early, eof = take_over(reader, writer, Sink())
+        assert (early, eof) == (b"bye", True)
+        writer.close()
+
+    asyncio.run(scenario())

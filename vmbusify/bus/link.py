@@ -28,7 +28,7 @@ import zmq
 import zmq.asyncio
 
 from vmbusify.bus.frames import HOST_VMID, BusKind, TunnelEvent
-from vmbusify.bus.sockets import connect_dealer, shared_context
+from vmbusify.bus.sockets import connect_dealer, frame_payloads, shared_context
 from vmbusify.bus.streams import Stream, StreamTable
 from vmbusify.config import Config, Role
 from vmbusify.errors import (
@@ -158,7 +158,7 @@ class WorkerLink:
     async def _send_frames(self, frames: list[Payload]) -> None:
         assert self._sock is not None, "start() first"
         async with self._send_lock:
-            await self._sock.send_multipart(frames, copy=len(frames[-1]) < 65536)
+            await self._sock.send_multipart(frames)
 
     async def _send_package(self, vmid: str, pkg: Package) -> None:
         await self._send_frames([BusKind.PKG.value, vmid.encode(), pkg.header(), pkg.payload])
@@ -231,7 +231,7 @@ class WorkerLink:
     async def _receive_loop(self) -> None:
         assert self._sock is not None
         while True:
-            frames = await self._sock.recv_multipart(copy=True)
+            frames = frame_payloads(await self._sock.recv_multipart(copy=False))
             try:
                 await self._dispatch(frames)
             except (ProtocolError, ValueError, IndexError) as exc:

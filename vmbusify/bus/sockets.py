@@ -22,6 +22,21 @@ def shared_context() -> zmq.asyncio.Context:
     return ctx
 
 
+#: Received frames at least this large are used in place (a view of the ZeroMQ message);
+#: smaller ones are copied out, which is cheaper than keeping a message alive for them.
+RECV_IN_PLACE = 64 << 10
+
+
+def frame_payloads(frames: list[zmq.Frame]) -> list[bytes | memoryview]:
+    """The contents of frames received with ``copy=False``: big ones as views, small as bytes.
+
+    Sends, by contrast, always copy: a zero-copy send has pyzmq's garbage-collector thread
+    take the GIL for every message to learn when libzmq let go of it, which cost more than
+    the copy (measured with bench/tunnel.py).
+    """
+    return [f.buffer if len(f) >= RECV_IN_PLACE else f.bytes for f in frames]
+
+
 def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
     """Create ``path`` (and parents) if needed and make it 0700, so only root reaches inside."""
     p = Path(path)

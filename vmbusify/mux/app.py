@@ -22,7 +22,7 @@ import zmq.asyncio
 from vmbusify import __version__
 from vmbusify.bus.frames import BusKind, TunnelEvent
 from vmbusify.bus.link import REGISTER_INTERVAL
-from vmbusify.bus.sockets import bind_router, ensure_private_dir
+from vmbusify.bus.sockets import bind_router, ensure_private_dir, frame_payloads
 from vmbusify.config import Config, Role
 from vmbusify.errors import ProtocolError, TunnelError, UnknownVMError, VMBusifyError
 from vmbusify.mux.peer import MAX_WAITING, Peer, PeerState
@@ -43,7 +43,6 @@ from vmbusify.protocol.tunnel import Hello, WorkerLost
 
 log = logging.getLogger("vmbusify.mux")
 
-_BIG = 65536  # frames at least this large are sent zero-copy
 #: A worker that missed this many seconds of heartbeats (REG) is taken for dead.
 WORKER_SILENT_AFTER = 3 * REGISTER_INTERVAL
 
@@ -77,8 +76,7 @@ class MuxApp:
     def to_worker(self, identity: bytes, frames: list[Payload]) -> bool:
         """Send to one worker without ever blocking; a vanished worker is unregistered."""
         assert self._sock is not None
-        fut: Any = self._sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK,
-                                             copy=len(frames[-1]) < _BIG)
+        fut: Any = self._sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
         exc = fut.exception() if fut.done() else None
         if exc is None:
             return True
@@ -100,8 +98,7 @@ class MuxApp:
         assert self._sock is not None
         while True:
             # Zero-copy receive: a big payload goes to the tunnel as a view of the frame.
-            raw = await self._sock.recv_multipart(copy=False)
-            frames = [f.buffer if len(f) >= _BIG else f.bytes for f in raw]
+            frames = frame_payloads(await self._sock.recv_multipart(copy=False))
             try:
                 await self._on_bus(frames)
             except (ProtocolError, ValueError, IndexError, KeyError) as exc:

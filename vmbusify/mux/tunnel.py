@@ -5,6 +5,11 @@ mux; it writes from a fair OutQueue. Tunnel-level messages (HELLO, PING, PONG, B
 handled here. vsock has no keepalive, so both ends ping every ``ping_interval`` and a peer
 silent for ``dead_after`` seconds is declared dead; a malformed package closes the tunnel
 with a logged reason and nothing else.
+
+Reading is done by a BufferedProtocol that lets the socket fill the decoder's own buffers
+(a bulk payload lands straight in the buffer that goes on to ZeroMQ), so the mux copies no
+stream byte in user space. The tunnel takes the transport over from the asyncio streams the
+transport layer connected with.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ from vmbusify.mux.scheduler import OutQueue
 from vmbusify.protocol.entities import Entity, TunnelMessage
 from vmbusify.protocol.package import Package, PackageDecoder, PackageType
 from vmbusify.protocol.tunnel import Bye, Hello, Ping, Pong, WorkerLost
+from vmbusify.transport import take_over
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1 << 20
 #: Transport write buffer above which the writer waits for the socket to drain.
 WRITE_HIGH_WATER = 1 << 20
 
@@ -41,14 +46,48 @@ class CloseReason(str, Enum):
     ERROR = "socket error"
 
 
+class _Wire(asyncio.BufferedProtocol):
+    """The socket's side of a Tunnel: bytes go into its decoder, events to the tunnel."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self._spare = memoryview(bytearray(4096))  # for reads after the decoder died
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        try:
+            return self.tunnel._decoder.get_buffer()
+        except ProtocolError:
+            return self._spare  # the tunnel is closing; what still arrives is dropped
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.tunnel._on_bytes(nbytes)
+
+    def eof_received(self) -> bool:
+        self.tunnel._on_closed(CloseReason.EOF.value)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:
+            self.tunnel._on_closed(CloseReason.EOF.value)
+        else:
+            self.tunnel._on_closed(f"{CloseReason.ERROR.value}: {exc}")
+        self.writable.set()  # wake a waiting writer; it sees the tunnel closed
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+
 class Tunnel:
     """A connected tunnel to one peer (the host's view of a VM, or the guest's of its host)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  config: TunnelConfig, label: str,
                  on_package: Callable[[Tunnel, Package], None]) -> None:
-        self.reader = reader
-        self.writer = writer
         self.config = config
         self.label = label
         self.on_package = on_package
@@ -62,12 +101,25 @@ class Tunnel:
         self.close_reason = ""
         self.closed = asyncio.Event()
         self.out = OutQueue()
-        self._decoder = PackageDecoder(config.max_payload, zero_copy=True)
+        self._decoder = PackageDecoder(config.max_payload)
         self._ids = itertools.count(1)
         self._last_recv = time.monotonic()
         self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
         self._nonce = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
+        self._running = False  # packages are dispatched once the handshake is done
+        self._arrived = asyncio.Event()  # a package (or the end) came during the handshake
+        self._wire = _Wire(self)
+        self.transport = writer.transport
+        # Held, though unused: a StreamWriter closes its transport when collected.
+        self._streams = (reader, writer)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        early, eof = take_over(reader, writer, self._wire)
+        if early:
+            self._decoder.receive_data(early)
+            self._arrived.set()
+        if eof:
+            self._on_closed(CloseReason.EOF.value)
 
     # -- life ------------------------------------------------------------------------------
     async def handshake(self, hello: Hello, timeout: float) -> Hello:
@@ -91,26 +143,21 @@ class Tunnel:
 
     async def _first_package(self) -> Package:
         while True:
-            pkg = self._decoder.next_package()
+            pkg = self._decoder.next_package()  # raises on a malformed first package
             if pkg is not None:
                 return pkg
-            data = await self.reader.read(READ_SIZE)
-            if not data:
+            if self.closed.is_set():
                 raise TunnelError(f"{self.label}: connection closed during HELLO")
-            self.bytes_in += len(data)
-            self._decoder.receive_data(data)
+            self._arrived.clear()
+            await self._arrived.wait()
 
     async def run(self) -> str:
         """Serve the tunnel until it ends; returns why it ended. Call after handshake()."""
         self._tasks.append(asyncio.ensure_future(self._ping_loop()))
         try:
-            for pkg in self._decoder.packages():  # anything that came with the HELLO
-                self._handle(pkg)
-            await self._read_loop()
-        except ProtocolError as exc:
-            self._set_reason(f"{CloseReason.PROTOCOL.value}: {exc}")
-        except (ConnectionError, OSError) as exc:
-            self._set_reason(f"{CloseReason.ERROR.value}: {exc}")
+            self._running = True
+            self._dispatch()  # anything that came with the HELLO
+            await self.closed.wait()
         except asyncio.CancelledError:
             self._set_reason(CloseReason.LOCAL.value)
             raise
@@ -118,33 +165,41 @@ class Tunnel:
             await self._teardown()
         return self.close_reason
 
-    async def _read_loop(self) -> None:
-        while not self.closed.is_set():
-            data = await self.reader.read(READ_SIZE)
-            if not data:
-                self._set_reason(CloseReason.EOF.value)
-                return
-            self._last_recv = time.monotonic()
-            self.bytes_in += len(data)
-            self._decoder.receive_data(data)
+    def _on_bytes(self, n: int) -> None:
+        """The wire put ``n`` more bytes into the decoder."""
+        self._last_recv = time.monotonic()
+        self.bytes_in += n
+        self._decoder.buffer_updated(n)
+        if self._running:
+            self._dispatch()
+        else:
+            self._arrived.set()
+
+    def _dispatch(self) -> None:
+        try:
             while (pkg := self._decoder.next_package()) is not None:
                 self._handle(pkg)
+        except ProtocolError as exc:
+            self.close(f"{CloseReason.PROTOCOL.value}: {exc}")
+
+    def _on_closed(self, reason: str) -> None:
+        """The peer closed, or the socket failed."""
+        self._set_reason(reason)
+        self.close()
 
     async def _write_loop(self) -> None:
-        writer = self.writer
-        transport = writer.transport
-        try:
-            while True:
-                header, payload = await self.out.get()
-                writer.write(header)
-                if payload:
-                    writer.write(payload)
-                self.bytes_out += len(header) + len(payload)
-                if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-                    await writer.drain()
-        except (ConnectionError, OSError) as exc:
-            self._set_reason(f"{CloseReason.ERROR.value}: {exc}")
-            self.close()
+        transport, wire = self.transport, self._wire
+        while True:
+            header, payload = await self.out.get()
+            if transport.is_closing():
+                return
+            if payload:
+                transport.writelines((header, payload))  # one writev for both
+            else:
+                transport.write(header)
+            self.bytes_out += len(header) + len(payload)
+            if not wire.writable.is_set():
+                await wire.writable.wait()
 
     async def _ping_loop(self) -> None:
         """Ping every ``ping_interval``; declare the peer dead exactly ``dead_after`` seconds
@@ -179,15 +234,13 @@ class Tunnel:
             self._set_reason(reason)
         self._set_reason(CloseReason.LOCAL.value)
         self.closed.set()
-        self.writer.close()
+        self._arrived.set()
+        self.transport.close()  # what is already written still goes out first
 
     async def refuse(self, reason: str) -> None:
         """Turn a new connection away: a BYE with the reason instead of a HELLO, then close."""
-        try:
-            self.writer.write(Bye(reason).package().encode())
-            await asyncio.wait_for(self.writer.drain(), 2.0)
-        except (OSError, TimeoutError):
-            pass
+        if not self.transport.is_closing():
+            self.transport.write(Bye(reason).package().encode())
         await self.abort(reason)
 
     async def abort(self, reason: str = "") -> None:
@@ -203,7 +256,7 @@ class Tunnel:
         for _, fut in self._pings.values():
             if not fut.done():
                 fut.set_exception(TunnelError(f"{self.label}: tunnel closed"))
-        self.writer.close()
+        self.transport.close()
 
     # -- traffic ---------------------------------------------------------------------------
     def next_id(self) -> int:

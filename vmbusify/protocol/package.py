@@ -24,6 +24,7 @@ decoder never holds more than one header plus one maximal payload plus the last 
 
 from __future__ import annotations
 
+import collections
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
@@ -38,7 +39,10 @@ HEADER_SIZE = HEADER.size  # 24
 DEFAULT_MAX_PAYLOAD = 1 << 20
 MAX_PAYLOAD_LIMIT = 16 << 20
 MAX_ID = 0xFFFFFFFF
-#: A payload: bytes, or (on the mux's zero-copy path) a view of a received chunk.
+#: The decoder's fixed buffer for headers and small payloads (larger ones get their own).
+SCRATCH_SIZE = 64 << 10
+#: A payload: bytes, or a view of a buffer nobody writes to again (a large payload the
+#: decoder received in place, a ZeroMQ frame).
 Payload = bytes | memoryview
 
 
@@ -141,97 +145,133 @@ def decode_header(data: bytes | bytearray | memoryview, max_payload: int) -> Hea
 class PackageDecoder:
     """Incremental, bounded parser of a byte stream into Packages (sans-I/O).
 
-    Feed bytes with ``receive_data`` and drain with ``next_package`` until it returns None.
-    After a RemoteProtocolError the decoder is dead: the connection must be closed.
+    Two ways to feed it, one parser behind both:
 
-    With ``zero_copy`` a package lying whole inside one immutable chunk fed in gets a
-    memoryview of that chunk as its payload instead of a copy (the mux's data path hands it
-    straight to ZeroMQ); only bytes that straddle chunks are copied into an internal buffer.
+    - ``receive_data(data)``: hand it bytes read elsewhere (they are copied in);
+    - ``get_buffer()`` / ``buffer_updated(n)``: read *into* the decoder, as an asyncio
+      BufferedProtocol does. Headers and small payloads land in a fixed scratch buffer; a
+      payload larger than half of it is received straight into a buffer of its own size,
+      which becomes the Package's payload, so a bulk DATA package is never copied in user
+      space between the socket and the next hop.
+
+    Drain with ``next_package`` until it returns None. After a RemoteProtocolError the decoder
+    is dead: the connection must be closed. Bytes held never exceed the scratch buffer plus
+    one maximal payload (and the whole packages already parsed but not yet taken).
     """
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD, zero_copy: bool = False) -> None:
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         if not 0 < max_payload <= MAX_PAYLOAD_LIMIT:
             raise LocalProtocolError(f"max_payload must be in 1..{MAX_PAYLOAD_LIMIT}")
         self.max_payload = max_payload
-        self.zero_copy = zero_copy
-        self._buf = bytearray()          # bytes that straddle chunks
-        self._chunk = memoryview(b"")    # the unparsed rest of the last immutable chunk
-        self._header: Header | None = None
+        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
+        self._start = 0                  # first unparsed byte in the scratch buffer
+        self._end = 0                    # end of the bytes received into it
+        self._header: Header | None = None   # parsed, its payload not yet whole
+        self._body: memoryview | None = None  # a large payload being received in place
+        self._filled = 0
+        self._ready: collections.deque[Package] = collections.deque()
         self._error: RemoteProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet form a whole package."""
-        return len(self._buf) + len(self._chunk)
+        held = self._end - self._start
+        if self._header is not None:
+            held += HEADER_SIZE + (self._filled if self._body is not None else 0)
+        return held
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Add bytes read from the peer."""
+        """Add bytes read from the peer (a malformed package shows at next_package)."""
         if self._error is not None:
             raise self._error
-        if self._chunk:
-            self._buf += self._chunk
-            self._chunk = memoryview(b"")
-        if self._buf or not isinstance(data, bytes):
-            self._buf += data
-        else:
-            self._chunk = memoryview(data)
+        with memoryview(data) as view:
+            view = view.cast("B")
+            while view and self._error is None:
+                room = self.get_buffer()
+                n = min(len(room), len(view))
+                room[:n] = view[:n]
+                self.buffer_updated(n)
+                view = view[n:]
 
-    def _fail(self, exc: RemoteProtocolError) -> RemoteProtocolError:
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes from the peer go: fill a prefix of it, then buffer_updated(n)."""
+        if self._error is not None:
+            raise self._error
+        if self._body is not None:
+            return self._body[self._filled:]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start and self._end > SCRATCH_SIZE // 2:
+            # keep room for the rest of the partial package: move it to the front
+            n = self._end - self._start
+            self._scratch[:n] = self._scratch[self._start:self._end]
+            self._start, self._end = 0, n
+        return self._scratch[self._end:]
+
+    def buffer_updated(self, n: int) -> None:
+        """``n`` bytes were written at the start of the last get_buffer() view."""
+        if self._error is not None:
+            raise self._error
+        if self._body is not None:
+            self._filled += n
+            if self._filled == len(self._body):
+                body, self._body = self._body, None
+                self._emit(body)
+            return
+        self._end += n
+        self._parse()
+
+    def _parse(self) -> None:
+        scratch = self._scratch
+        while True:
+            avail = self._end - self._start
+            if self._header is None:
+                if avail < HEADER_SIZE:
+                    return
+                try:
+                    self._header = decode_header(scratch[self._start:self._start + HEADER_SIZE],
+                                                 self.max_payload)
+                except RemoteProtocolError as exc:
+                    self._fail(exc)
+                    return
+                self._start += HEADER_SIZE
+                avail -= HEADER_SIZE
+            length = self._header.length
+            if avail >= length:
+                payload = bytes(scratch[self._start:self._start + length])
+                self._start += length
+                self._emit(payload)
+                continue
+            if length > SCRATCH_SIZE // 2:
+                # large: receive the rest straight into a buffer of the payload's size
+                body = memoryview(bytearray(length))
+                body[:avail] = scratch[self._start:self._end]
+                self._body, self._filled = body, avail
+                self._start = self._end = 0
+            return
+
+    def _emit(self, payload: Payload) -> None:
+        head = self._header
+        assert head is not None
+        self._header = None
+        self._ready.append(Package(head.type, head.entity, head.message_id, head.id,
+                                   head.stream, head.flags, payload))
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
         self._error = exc
-        self._buf = bytearray()
-        self._chunk = memoryview(b"")
-        return exc
+        self._start = self._end = 0
+        self._header = self._body = None
 
     def next_package(self) -> Package | None:
-        """The next whole package, or None when more bytes are needed."""
+        """The next whole package, or None when more bytes are needed.
+
+        Raises RemoteProtocolError once the packages before a malformed one are taken.
+        """
+        if self._ready:
+            return self._ready.popleft()
         if self._error is not None:
             raise self._error
-        if self._buf:
-            return self._from_buffer()
-        chunk = self._chunk
-        if self._header is None:
-            if len(chunk) < HEADER_SIZE:
-                if chunk:  # keep the fragment where later bytes can join it
-                    self._buf += chunk
-                    self._chunk = memoryview(b"")
-                return None
-            try:
-                self._header = decode_header(chunk, self.max_payload)
-            except RemoteProtocolError as exc:
-                raise self._fail(exc) from None
-        head = self._header
-        end = HEADER_SIZE + head.length
-        if len(chunk) < end:
-            self._buf += chunk
-            self._chunk = memoryview(b"")
-            return None
-        view = chunk[HEADER_SIZE:end]
-        self._chunk = chunk[end:]
-        self._header = None
-        payload = view if self.zero_copy else bytes(view)
-        return Package(head.type, head.entity, head.message_id, head.id, head.stream,
-                       head.flags, payload)
-
-    def _from_buffer(self) -> Package | None:
-        buf = self._buf
-        if self._header is None:
-            if len(buf) < HEADER_SIZE:
-                return None
-            try:
-                self._header = decode_header(buf, self.max_payload)
-            except RemoteProtocolError as exc:
-                raise self._fail(exc) from None
-        head = self._header
-        end = HEADER_SIZE + head.length
-        if len(buf) < end:
-            return None
-        with memoryview(buf) as mv:
-            payload = bytes(mv[HEADER_SIZE:end])
-        del buf[:end]
-        self._header = None
-        return Package(
-            head.type, head.entity, head.message_id, head.id, head.stream, head.flags, payload
-        )
+        return None
 
     def packages(self) -> list[Package]:
         """Every whole package available now."""

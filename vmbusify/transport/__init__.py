@@ -5,7 +5,7 @@
 malformed address) carrying a one-line reason that names the address.
 """
 
-from vmbusify.transport._streams import STREAM_LIMIT, ClientConnected, Streams
+from vmbusify.transport._streams import STREAM_LIMIT, ClientConnected, Streams, take_over
 from vmbusify.transport.address import (
     HV_GUID_CHILDREN,
     HV_GUID_LOOPBACK,
@@ -33,4 +33,5 @@ __all__ = [
     "Address", "ClientConnected", "FirecrackerAddress", "HypervAddress", "Streams",
     "TcpAddress", "TransportKind", "UnixAddress", "VsockAddress",
     "as_address", "connect", "listen", "local_cid", "parse_address", "service_guid",
+    "take_over",
 ]

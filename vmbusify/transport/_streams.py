@@ -99,3 +99,24 @@ async def serve(sock: socket.socket, client_connected_cb: ClientConnected) -> as
     except BaseException:
         sock.close()
         raise
+
+
+def take_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+              protocol: asyncio.BaseProtocol) -> tuple[bytes, bool]:
+    """Hand the transport under ``reader``/``writer`` to ``protocol`` (e.g. a BufferedProtocol
+    that reads into its own buffers); returns the bytes the StreamReader had received but
+    nobody read yet, and whether it had already seen EOF. Both streams are dead afterwards,
+    but keep a reference to the writer: a StreamWriter closes its transport when collected.
+
+    asyncio has no public way to ask a StreamReader for its unread bytes; ``_buffer`` and
+    ``_eof`` have been its attributes since asyncio began, and this is the one place that
+    touches them.
+    """
+    transport = writer.transport
+    transport.set_protocol(protocol)
+    early = bytes(reader._buffer)  # type: ignore[attr-defined]
+    reader._buffer.clear()  # type: ignore[attr-defined]
+    eof = bool(reader._eof)  # type: ignore[attr-defined]
+    if not eof and isinstance(transport, asyncio.ReadTransport) and not transport.is_reading():
+        transport.resume_reading()  # the StreamReader may have paused it at its limit
+    return early, eof
