@@ -18,6 +18,7 @@ handlers run inline, in order of arrival: keep them quick. DATA and WINDOW packa
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -25,10 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from vmbusify.bus.frames import HOST_VMID, BusKind, TunnelEvent
-from vmbusify.bus.sockets import connect_dealer, frame_payloads, shared_context
+from vmbusify.bus.sockets import BusSocket, Frames, connect_dealer, shared_context
 from vmbusify.bus.streams import Stream, StreamTable
 from vmbusify.config import Config, Role
 from vmbusify.errors import (
@@ -45,7 +45,6 @@ from vmbusify.protocol.package import (
     Package,
     PackageFlag,
     PackageType,
-    Payload,
     decode_header,
 )
 from vmbusify.protocol.serialize import dumps, loads, loads_dict
@@ -89,12 +88,14 @@ class WorkerLink:
         self._routes: dict[tuple[int, int], list[Handler | None]] = {}
         self._event_handlers: list[EventHandler] = []
         self._ctx = shared_context()
-        self._sock: zmq.asyncio.Socket | None = None
+        self._bus: BusSocket | None = None
+        # Messages from the mux, handled in order by one task (handlers may await).
+        self._inbox: collections.deque[Frames] = collections.deque()
+        self._inbox_ready = asyncio.Event()
         self._calls: dict[int, asyncio.Future[Package]] = {}
         self._ctl: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._next_call = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._send_lock = asyncio.Lock()
 
     # -- set-up ----------------------------------------------------------------------------
     def route(self, source: int, message_id: int, handler: Handler | None = None) -> None:
@@ -107,7 +108,8 @@ class WorkerLink:
 
     async def start(self, wait: float | None = 30.0) -> None:
         """Connect to the mux, register, and start receiving. Waits for the first REGOK."""
-        self._sock = connect_dealer(self._ctx, self.config.bus_endpoint, self.name)
+        self._bus = BusSocket(connect_dealer(self._ctx, self.config.bus_endpoint, self.name),
+                              self._on_bus)
         self._spawn(self._receive_loop())
         self._spawn(self._register_loop())
         if wait:
@@ -121,8 +123,8 @@ class WorkerLink:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._sock is not None:
-            self._sock.close(linger=0)
+        if self._bus is not None:
+            self._bus.close()
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -155,10 +157,12 @@ class WorkerLink:
             raise TunnelError("the host must name the target vmid")
         return vmid
 
-    async def _send_frames(self, frames: list[Payload]) -> None:
-        assert self._sock is not None, "start() first"
-        async with self._send_lock:
-            await self._sock.send_multipart(frames)
+    async def _send_frames(self, frames: Frames) -> None:
+        assert self._bus is not None, "start() first"
+        try:
+            self._bus.send(frames)
+        except zmq.ZMQError as exc:  # high-water marks are off: not expected
+            raise TunnelError(f"cannot reach the mux: {exc}") from None
 
     async def _send_package(self, vmid: str, pkg: Package) -> None:
         await self._send_frames([BusKind.PKG.value, vmid.encode(), pkg.header(), pkg.payload])
@@ -228,18 +232,24 @@ class WorkerLink:
         return self.streams.open(self._target(vmid), int(local), int(peer), int(message_id))
 
     # -- receiving -------------------------------------------------------------------------
-    async def _receive_loop(self) -> None:
-        assert self._sock is not None
-        while True:
-            frames = frame_payloads(await self._sock.recv_multipart(copy=False))
-            try:
-                await self._dispatch(frames)
-            except (ProtocolError, ValueError, IndexError) as exc:
-                log.warning("worker=%s: bad bus message from the mux dropped: %s",
-                            self.name, exc)
+    def _on_bus(self, frames: Frames) -> None:
+        self._inbox.append(frames)
+        self._inbox_ready.set()
 
-    async def _dispatch(self, frames: list[bytes]) -> None:
-        kind = BusKind(frames[0])
+    async def _receive_loop(self) -> None:
+        inbox = self._inbox
+        while True:
+            while inbox:
+                try:
+                    await self._dispatch(inbox.popleft())
+                except (ProtocolError, ValueError, IndexError, UnicodeDecodeError) as exc:
+                    log.warning("worker=%s: bad bus message from the mux dropped: %s",
+                                self.name, exc)
+            self._inbox_ready.clear()
+            await self._inbox_ready.wait()
+
+    async def _dispatch(self, frames: list[Any]) -> None:
+        kind = BusKind(bytes(frames[0]))
         if kind is BusKind.PKG:
             await self._on_package(frames[1].decode(), frames[2], frames[3])
         elif kind is BusKind.REGOK:

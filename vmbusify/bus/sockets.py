@@ -1,23 +1,38 @@
-"""ZeroMQ socket set-up: endpoints inside a root-only directory, no silent drops, no linger."""
+"""ZeroMQ sockets of the bus: set-up (endpoints inside a root-only directory, no silent drops,
+no linger) and BusSocket, which drives one from the asyncio loop.
+
+BusSocket instead of pyzmq's asyncio sockets: those make a future (and for a zero-copy send,
+a trip through pyzmq's garbage-collector thread) per message, which cost more CPU than
+moving the bytes. Here the loop watches the socket's file descriptor and every waiting
+message is handed to a callback at once; a send never waits, since high-water marks are off
+and every byte that can queue is bounded by a stream's flow-control window.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
-import zmq.asyncio
+
+log = logging.getLogger(__name__)
+
+#: Messages handled per wake-up before other callbacks get a turn.
+RECV_BATCH = 64
 
 
-def shared_context() -> zmq.asyncio.Context:
+def shared_context() -> zmq.Context:
     """The process's one ZeroMQ context (linger 0), for worker links.
 
     One context per process, never terminated while the process lives: a context terminated
     by the garbage collector while a forgotten socket is still open blocks for ever
     (zmq_ctx_term waits for every socket), which a per-link context invites.
     """
-    ctx = zmq.asyncio.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     ctx.linger = 0
     return ctx
 
@@ -45,7 +60,7 @@ def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def bind_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+def bind_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     """The mux's ROUTER: raises on unroutable peers (ROUTER_MANDATORY) instead of dropping.
 
     High-water marks are off: every byte that can queue here is bounded by a stream's
@@ -66,7 +81,7 @@ def bind_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
     return sock
 
 
-def connect_dealer(ctx: zmq.asyncio.Context, endpoint: str, name: str) -> zmq.asyncio.Socket:
+def connect_dealer(ctx: zmq.Context, endpoint: str, name: str) -> zmq.Socket:
     """A worker's DEALER with a unique identity (name + random suffix, as circus does)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -75,3 +90,63 @@ def connect_dealer(ctx: zmq.asyncio.Context, endpoint: str, name: str) -> zmq.as
     sock.setsockopt(zmq.IDENTITY, f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}".encode())
     sock.connect(endpoint)
     return sock
+
+
+Frames = list[bytes | memoryview]
+
+
+class BusSocket:
+    """A ZeroMQ socket served by the running asyncio loop: ``on_message(frames)`` is called
+    for each message received (frames as ``frame_payloads`` gives them); ``send`` never waits.
+
+    ZeroMQ's descriptor only signals that the socket's state *may* have changed, and a send
+    can swallow that signal for a message that arrived meanwhile: so every wake-up reads
+    until nothing is left, and every send checks whether a message is waiting.
+    """
+
+    def __init__(self, sock: zmq.Socket, on_message: Callable[[Frames], None]) -> None:
+        self.sock = sock
+        self.on_message = on_message
+        self._loop = asyncio.get_running_loop()
+        self._fd = int(sock.getsockopt(zmq.FD))
+        self._scheduled = False
+        self._closed = False
+        self._loop.add_reader(self._fd, self._readable)
+
+    def _readable(self) -> None:
+        self._scheduled = False
+        if self._closed:
+            return
+        for _ in range(RECV_BATCH):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self.on_message(frame_payloads(frames))
+            except Exception:  # a handler's bug must not stop the bus
+                log.exception("bus message handler failed")
+            if self._closed:
+                return
+        self._schedule()  # more may be waiting: go on after the loop's other callbacks
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._closed:
+            self._scheduled = True
+            self._loop.call_soon(self._readable)
+
+    def send(self, frames: Frames) -> None:
+        """Queue a message (copied); raises zmq.ZMQError, e.g. EHOSTUNREACH for a ROUTER
+        addressing a peer that is gone."""
+        self.sock.send_multipart(frames, zmq.NOBLOCK)
+        if int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._schedule()
+
+    def close(self) -> None:
+        """Stop watching and close the socket (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+        self.sock.close(linger=0)

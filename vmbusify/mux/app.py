@@ -17,12 +17,11 @@ import uuid
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from vmbusify import __version__
 from vmbusify.bus.frames import BusKind, TunnelEvent
 from vmbusify.bus.link import REGISTER_INTERVAL
-from vmbusify.bus.sockets import bind_router, ensure_private_dir, frame_payloads
+from vmbusify.bus.sockets import BusSocket, Frames, bind_router, ensure_private_dir
 from vmbusify.config import Config, Role
 from vmbusify.errors import ProtocolError, TunnelError, UnknownVMError, VMBusifyError
 from vmbusify.mux.peer import MAX_WAITING, Peer, PeerState
@@ -34,7 +33,6 @@ from vmbusify.protocol.package import (
     Package,
     PackageFlag,
     PackageType,
-    Payload,
     decode_header,
     encode_header,
 )
@@ -59,27 +57,29 @@ class MuxApp:
         self.routes = RouteTable()
         self.peers: dict[str, Peer] = {}
         self.side: Any = None  # HostSide or GuestSide, set by run_mux
-        self._ctx = zmq.asyncio.Context()
-        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx = zmq.Context()
+        self._bus: BusSocket | None = None
 
     # -- bus -------------------------------------------------------------------------------
     def bind(self) -> None:
+        """Bind the bus and start serving workers (call with the loop running)."""
         ensure_private_dir(self.config.run_dir)
-        self._sock = bind_router(self._ctx, self.config.bus_endpoint)
+        self._bus = BusSocket(bind_router(self._ctx, self.config.bus_endpoint), self._on_bus)
         log.info("bus listening at %s", self.config.bus_endpoint)
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
+        if self._bus is not None:
+            self._bus.close()
         self._ctx.term()
 
-    def to_worker(self, identity: bytes, frames: list[Payload]) -> bool:
+    def to_worker(self, identity: bytes, frames: Frames) -> bool:
         """Send to one worker without ever blocking; a vanished worker is unregistered."""
-        assert self._sock is not None
-        fut: Any = self._sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
-        exc = fut.exception() if fut.done() else None
-        if exc is None:
+        assert self._bus is not None
+        try:
+            self._bus.send([identity, *frames])
             return True
+        except zmq.ZMQError as err:
+            exc = err
         info = self.routes.by_identity(identity)
         name = info.name if info else identity.decode(errors="replace")
         log.warning("worker=%s unreachable (%s); unregistering it", name, exc)
@@ -93,19 +93,16 @@ class MuxApp:
         for w in self.routes.workers():
             self.to_worker(w.identity, [BusKind.EVT.value, body])
 
-    async def serve_bus(self) -> None:
-        """Receive from workers forever."""
-        assert self._sock is not None
-        while True:
-            # Zero-copy receive: a big payload goes to the tunnel as a view of the frame.
-            frames = frame_payloads(await self._sock.recv_multipart(copy=False))
-            try:
-                await self._on_bus(frames)
-            except (ProtocolError, ValueError, IndexError, KeyError) as exc:
-                log.warning("malformed bus message dropped: %s", exc)
+    def _on_bus(self, frames: Frames) -> None:
+        """One message from a worker (a big payload arrives as a view of the ZeroMQ frame
+        and goes on to the tunnel as it is)."""
+        try:
+            self._from_bus(frames)
+        except (ProtocolError, ValueError, IndexError, KeyError, UnicodeDecodeError) as exc:
+            log.warning("malformed bus message dropped: %s", exc)
 
-    async def _on_bus(self, frames: list[Any]) -> None:
-        identity, kind = frames[0], BusKind(frames[1])
+    def _from_bus(self, frames: list[Any]) -> None:
+        identity, kind = bytes(frames[0]), BusKind(bytes(frames[1]))
         if kind is BusKind.PKG:
             if self.routes.by_identity(identity) is None:
                 self.to_worker(identity, [BusKind.REREG.value])

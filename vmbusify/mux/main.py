@@ -20,7 +20,7 @@ async def run_mux(config: Config, stop: asyncio.Event | None = None) -> None:
     app = MuxApp(config)
     app.side = HostSide(app) if config.role is Role.HOST else GuestSide(app)
     app.bind()
-    tasks = [asyncio.ensure_future(app.serve_bus()), asyncio.ensure_future(app.housekeeping())]
+    tasks = [asyncio.ensure_future(app.housekeeping())]
     try:
         await app.side.start()
         log.info("%s mux %s ready (%d VMs configured)", config.role.value, app.name,
