@@ -11,24 +11,28 @@ from typing import Any
 
 #: glibc mallopt() parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-#: Buffers up to this size come from the heap and are reused, not mapped and unmapped.
-_MMAP_THRESHOLD = 32 << 20
+#: Buffers up to this size (a payload is at most 1 MiB) come from the heap and are reused,
+#: not mapped and unmapped each time.
+_MMAP_THRESHOLD = 4 << 20
+#: Free memory at the top of the heap kept for reuse (per process) before it is returned.
+_TRIM_THRESHOLD = 32 << 20
 
 
-def keep_buffers_mapped() -> None:
+def keep_buffers_mapped() -> bool:
     """Have glibc reuse freed payload buffers instead of returning them to the kernel.
 
     Every package's payload is a fresh buffer of up to 1 MiB. By default glibc maps such a
     buffer and unmaps it when freed, or trims the heap under it, so the next one page-faults
     its way in again: that cost as much CPU as moving the bytes. The memory kept is bounded
-    by the flow-control windows in flight. A no-op where the C library is not glibc.
+    by the flow-control windows in flight, and at most _TRIM_THRESHOLD of it stays with the
+    process when idle. A no-op (False) where the C library is not glibc.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
     except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-    mallopt(_M_TRIM_THRESHOLD, 4 * _MMAP_THRESHOLD)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+                and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
