@@ -167,9 +167,15 @@ class Tunnel:
 
     def _on_bytes(self, n: int) -> None:
         """The wire put ``n`` more bytes into the decoder."""
+        if self.closed.is_set():
+            return  # bytes after the end (or after a malformed package) are dropped
         self._last_recv = time.monotonic()
         self.bytes_in += n
-        self._decoder.buffer_updated(n)
+        try:
+            self._decoder.buffer_updated(n)
+        except ProtocolError:
+            pass  # the decoder is dead: the error is raised by next_package, below or in
+            #       the handshake, and the tunnel closes with it as the reason
         if self._running:
             self._dispatch()
         else:

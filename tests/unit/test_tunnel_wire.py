@@ -1,0 +1,92 @@
+"""The mux's Tunnel on a socket pair: how its buffered reader meets bad and late bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import pytest
+
+from vmbusify.config import TunnelConfig
+from vmbusify.mux.tunnel import Tunnel
+from vmbusify.protocol.package import Package, PackageType
+from vmbusify.protocol.tunnel import Hello
+from vmbusify.runtime import run_async
+
+HELLO = Hello(role="guest", hostname="t", software_version="0").package().encode()
+
+
+def _tunnel_pair(on_package):  # type: ignore[no-untyped-def]
+    async def make() -> tuple[Tunnel, socket.socket]:
+        a, b = socket.socketpair()
+        b.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=a)
+        return Tunnel(reader, writer, TunnelConfig(ping_interval=30, dead_after=60), "t",
+                      on_package), b
+    return make()
+
+
+@pytest.mark.timeout(30)
+def test_garbage_after_the_handshake_closes_with_a_reason_and_no_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        got: list[Package] = []
+        tunnel, peer = await _tunnel_pair(lambda t, p: got.append(p))
+        loop = asyncio.get_running_loop()
+        ok = Package(PackageType.MESSAGE, 3, 9, payload=b"x" * 100_000).encode()
+        await loop.sock_sendall(peer, HELLO + ok)
+        await tunnel.handshake(Hello(role="host", hostname="h", software_version="0"), 5)
+        runner = asyncio.ensure_future(tunnel.run())
+        await loop.sock_sendall(peer, b"\xde\xad\xbe\xef" * 100)
+        try:  # more bytes after the bad ones, while the tunnel is closing
+            for _ in range(20):
+                await loop.sock_sendall(peer, b"junk" * 1000)
+                await asyncio.sleep(0.01)
+        except OSError:
+            pass
+        reason = await asyncio.wait_for(runner, 10)
+        assert reason.startswith("protocol error: bad signature")
+        assert [len(p.payload) for p in got] == [100_000]  # the good package came through whole
+        peer.close()
+
+    with caplog.at_level(logging.ERROR):
+        run_async(scenario())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.timeout(30)
+def test_peer_closing_mid_package_ends_the_tunnel_as_eof() -> None:
+    async def scenario() -> None:
+        tunnel, peer = await _tunnel_pair(lambda t, p: None)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(peer, HELLO)
+        await tunnel.handshake(Hello(role="host", hostname="h", software_version="0"), 5)
+        runner = asyncio.ensure_future(tunnel.run())
+        half = Package(PackageType.DATA, 3, 9, stream=1, payload=b"y" * 500_000).encode()
+        await loop.sock_sendall(peer, half[:300_000])
+        await loop.sock_recv(peer, 65536)  # our HELLO: unread, it would turn the close into an RST
+        peer.close()
+        reason = await asyncio.wait_for(runner, 10)
+        assert reason == "peer closed the connection"
+        assert tunnel.bytes_in >= len(HELLO) + 300_000
+
+    run_async(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_garbage_instead_of_a_hello_fails_the_handshake_without_a_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """200 KiB of garbage arrive in one go: the decoder dies at the first header while the
+    socket still has bytes to read; those must be dropped quietly, not crash the reader."""
+    async def scenario() -> None:
+        tunnel, peer = await _tunnel_pair(lambda t, p: None)
+        await asyncio.get_running_loop().sock_sendall(peer, b"\xde\xad\xbe\xef" * 50_000)
+        with pytest.raises(Exception, match="bad signature"):
+            await tunnel.handshake(Hello(role="host", hostname="h", software_version="0"), 5)
+        await tunnel.abort()
+        peer.close()
+
+    with caplog.at_level(logging.ERROR):
+        run_async(scenario())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
