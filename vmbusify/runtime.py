@@ -8,7 +8,6 @@ import signal
 from collections.abc import Coroutine
 from typing import Any
 
-
 #: glibc mallopt() parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 #: Buffers up to this size (a payload is at most 1 MiB) come from the heap and are reused,

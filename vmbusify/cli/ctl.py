@@ -152,6 +152,7 @@ def ping(ctx: click.Context, vmid: str, timeout: float) -> None:
     click.echo(f"{r['vmid']}: rtt {r['rtt_ms']:.3f} ms")
 
 
-from vmbusify.cli.forward import forward  # noqa: E402  (a command of its own module)
+# `forward` is a command of its own module; imported here, after `main` exists.
+from vmbusify.cli.forward import forward
 
 main.add_command(forward)

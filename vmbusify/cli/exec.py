@@ -30,10 +30,20 @@ from urllib.parse import quote
 
 from vmbusify.errors import RemoteProtocolError, VMBusifyError
 from vmbusify.protocol.exec import (
-    EXIT_FAILURE, SIGNAL_BASE, Channel, ExecSpec, ExitReason, ExitStatus,
+    EXIT_FAILURE,
+    SIGNAL_BASE,
+    Channel,
+    ExecSpec,
+    ExitReason,
+    ExitStatus,
 )
 from vmbusify.protocol.websocket import (
-    FrameDecoder, Opcode, close_payload, encode_frame, expected_accept, handshake_key,
+    FrameDecoder,
+    Opcode,
+    close_payload,
+    encode_frame,
+    expected_accept,
+    handshake_key,
 )
 
 PROG = "vmbusifyexec"

@@ -31,11 +31,22 @@ from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.bus.streams import Stream, StreamReset
 from vmbusify.control.server import CTX_KEY, ControlContext
 from vmbusify.errors import (
-    ControlError, ProtocolError, TunnelError, UnknownVMError, VMBusifyError,
+    ControlError,
+    ProtocolError,
+    TunnelError,
+    UnknownVMError,
+    VMBusifyError,
 )
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.exec import (
-    EXIT_FAILURE, Channel, ExecMessage, ExecSpec, ExitReason, ExitStatus, Resize, StartReply,
+    EXIT_FAILURE,
+    Channel,
+    ExecMessage,
+    ExecSpec,
+    ExitReason,
+    ExitStatus,
+    Resize,
+    StartReply,
     parse_signal,
 )
 from vmbusify.protocol.window import MAX_CHUNK

@@ -146,8 +146,8 @@ def parse_head(buf: bytes | bytearray) -> tuple[HttpRequest, int] | None:
         raise _bad("too many header fields")
     headers: list[tuple[bytes, bytes]] = []
     for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.match(name):
             raise _bad("malformed header field")
         if any(b < 0x20 and b != 0x09 or b == 0x7F for b in value):
             raise _bad("control character in a header value")

@@ -173,8 +173,9 @@ class OpenAck:
         """Validate a received body; raises RemoteProtocolError."""
         if not isinstance(body, dict):
             raise RemoteProtocolError("PROXY-OPEN-ACK: expected a map")
+        raw = body.get("reply")
         try:
-            reply = ReplyCode(body.get("reply"))
+            reply = ReplyCode(raw if isinstance(raw, int) and not isinstance(raw, bool) else -1)
         except ValueError:
             raise RemoteProtocolError(
                 f"PROXY-OPEN-ACK: unknown reply code {body.get('reply')!r}") from None
@@ -220,7 +221,7 @@ class DatagramDecoder:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, chunk: bytes) -> list[tuple[str, int, bytes]]:
+    def feed(self, chunk: bytes | bytearray | memoryview) -> list[tuple[str, int, bytes]]:
         """Add stream bytes; returns every whole (host, port, data) now available."""
         self._buf += chunk
         out: list[tuple[str, int, bytes]] = []

@@ -20,7 +20,11 @@ from collections.abc import Awaitable, Callable
 
 from vmbusify.bus.streams import Stream, StreamReset, StreamState
 from vmbusify.protocol.exec import (
-    EXIT_TIMEOUT, ExecSpec, ExitReason, ExitStatus, status_from_returncode,
+    EXIT_TIMEOUT,
+    ExecSpec,
+    ExitReason,
+    ExitStatus,
+    status_from_returncode,
 )
 from vmbusify.protocol.window import MAX_CHUNK
 from vmbusify.workers.exec.process import Child, FdIO, kill_tree, set_winsize, signal_group

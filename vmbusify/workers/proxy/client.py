@@ -24,7 +24,12 @@ from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.httpproxy import http_auth_required
 from vmbusify.protocol.proxy import Command, OpenAck, ProxyMessage, ProxyOpen, ReplyCode
 from vmbusify.protocol.socks import (
-    Handshake, HandshakeError, ProxyKind, Socks5Auth, Socks5Greeting, TargetRequest,
+    Handshake,
+    HandshakeError,
+    ProxyKind,
+    Socks5Auth,
+    Socks5Greeting,
+    TargetRequest,
 )
 from vmbusify.workers.proxy.relay import abort_socket, relay, tune
 from vmbusify.workers.proxy.route import Route, RouteError, Router
@@ -78,7 +83,7 @@ class ProxyClient:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, addr = await loop.sock_accept(self._sock)
+                conn, _addr = await loop.sock_accept(self._sock)
             except OSError as exc:  # EMFILE and friends: wait, do not spin
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)

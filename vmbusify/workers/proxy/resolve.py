@@ -76,7 +76,7 @@ class Resolver:
             raise NameNotFound(f"{host}: {getattr(exc, 'strerror', None) or exc}") from None
         out: list[str] = []
         for *_, sockaddr in infos:
-            addr = str(ipaddress.ip_address(sockaddr[0].split("%")[0]))
+            addr = str(ipaddress.ip_address(str(sockaddr[0]).split("%")[0]))
             if addr not in out:
                 out.append(addr)
         if not out:

@@ -17,8 +17,14 @@ from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.config import ProxyConfig, Role
 from vmbusify.errors import ProtocolError
 from vmbusify.protocol.entities import Entity
-from vmbusify.protocol.proxy import Command, OpenAck, ProxyMessage, ProxyOpen, ReplyCode
-from vmbusify.protocol.proxy import reply_for_errno
+from vmbusify.protocol.proxy import (
+    Command,
+    OpenAck,
+    ProxyMessage,
+    ProxyOpen,
+    ReplyCode,
+    reply_for_errno,
+)
 from vmbusify.workers.proxy.policy import EgressPolicy
 from vmbusify.workers.proxy.relay import relay, tune
 from vmbusify.workers.proxy.resolve import NameNotFound, Resolver
