@@ -244,10 +244,14 @@ def reboot_kill(lab: LabHandle, vmid: str, load: Load) -> None:
                 victims.add(pid)
         except psutil.Error:
             pass
-    for pid in victims:
-        if not ours(pid, load):
+    victims = {pid for pid in victims if not ours(pid, load)}
+    # Power-off is one instant: freeze every victim first, then kill them. Killed one by one,
+    # a remote shell could outlive its child by a moment and print "Killed", which a relay
+    # still alive would forward: output no real power-off lets through.
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in victims:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
 
