@@ -198,8 +198,12 @@ class SubnetHost:
 
     async def _forget_when_closed(self, vmid: str, bearer: Bearer) -> None:
         await bearer.closed.wait()
+        if self.bearers.get(vmid) is not bearer:
+            return  # already replaced by a new ATTACH, which closes this one itself
+        await bearer.close(bearer.reason)
+        # The guest may have attached again while the close was awaited: forget only this
+        # bearer, never its successor.
         if self.bearers.get(vmid) is bearer:
-            await bearer.close(bearer.reason)
             del self.bearers[vmid]
             log.info("vm=%s detached: %s", vmid, bearer.reason)
 
