@@ -8,7 +8,13 @@
 2. streaming: `vmbusifyexec vm1 -- head -c 1G /dev/zero | wc -c` (and the same through ssh);
    goal: >= 300 MB/s.
 3. fairness: `vmbusifyexec vm1 -- true` while another exec streams /dev/zero at full speed
-   over the same tunnel; goal: <= 2 x its idle latency.
+   over the same tunnel; goal: <= 2 x its idle latency. The streaming exec is started as
+   from another terminal (its own session), which is how an operator meets this; the same
+   figure with the stream started from the benchmark's own session is printed beside it.
+   The two differ because Linux's autogroup scheduling (on by default) shares the CPU
+   between sessions first: in one session the probe competes with the streaming client for
+   that session's share. On a machine of two cores the stream keeps both busy, so either
+   figure is mostly CPU sharing (see docs/exec.md).
 
 The sshd is a throwaway: its own config, host key and user key in a temporary directory, on a
 free loopback port; the machine's sshd and its configuration are never touched. By default
@@ -111,6 +117,19 @@ def stream_mbps(prefix: list[str], env: dict[str, str], nbytes: int) -> float:
     return nbytes / elapsed / 1e6
 
 
+def busy_latency(ex: list[str], env: dict[str, str], runs: int, own_session: bool) -> float:
+    """Median wall (ms) of `true` while another exec streams /dev/zero at full speed."""
+    hog = subprocess.Popen([*ex, "cat", "/dev/zero"], env=env, stdout=subprocess.DEVNULL,
+                           stdin=subprocess.DEVNULL, start_new_session=own_session)
+    try:
+        time.sleep(1.0)  # let it reach full speed
+        return statistics.median(wall([*ex, "true"], env) for _ in range(runs)) * 1e3
+    finally:
+        hog.terminate()
+        hog.wait(10)
+        time.sleep(0.5)  # let the daemons drain what was in flight
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=40, help="latency samples of each (default 40)")
@@ -143,15 +162,9 @@ def main() -> None:
         ex_mbps = stream_mbps(ex, env, nbytes)
         ssh_mbps = stream_mbps(ssh, env, nbytes)
 
-        hog = subprocess.Popen([*ex, "cat", "/dev/zero"], env=env, stdout=subprocess.DEVNULL,
-                               stdin=subprocess.DEVNULL)
-        try:
-            time.sleep(1.0)  # let it reach full speed
-            busy = [wall([*ex, "true"], env) for _ in range(max(10, args.runs // 2))]
-        finally:
-            hog.terminate()
-            hog.wait(10)
-        busy_ms = statistics.median(busy) * 1e3
+        busy_ms, same_session_ms = (
+            busy_latency(ex, env, max(10, args.runs // 2), own_session)
+            for own_session in (True, False))
     finally:
         sshd.stop()
         if stack is not None:
@@ -167,6 +180,8 @@ def main() -> None:
           f"{ex_mbps:>13.0f} {ssh_mbps:>10.0f} {ex_mbps / ssh_mbps:>7.2f}  >= 300 MB/s")
     print(f"  {'`true` while another exec streams (ms)':<44} {busy_ms:>13.1f} {'':>10} "
           f"{busy_ms / ex_ms:>7.2f}  <= 2.0 x idle")
+    print(f"  {'  the same, stream from this session (ms)':<44} {same_session_ms:>13.1f} "
+          f"{'':>10} {same_session_ms / ex_ms:>7.2f}  (shown, no goal)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """VMBusify configuration: one TOML file per endpoint, loaded into dataclasses.
 
-The file is found at ``$VMBUSIFY_CONFIG`` or ``/etc/vmbusify/vmbusify.toml``. Every key has a
+The file is found at ``$VMBUSIFY_CONFIG`` or ``/etc/vmbusify/vmbusify.toml`` (finding and
+reading it, and the shared defaults, are in ``vmbusify.config_file``). Every key has a
 default, so an empty file is a valid guest configuration. Example (host)::
 
     role = "host"
@@ -25,20 +26,31 @@ default, so an empty file is a valid guest configuration. Example (host)::
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from vmbusify.config_file import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_CONTROL_LISTEN,
+    DEFAULT_CONTROL_PORT,
+    DEFAULT_PROXY_PORT,
+    DEFAULT_RUN_DIR,
+    DEFAULT_STATE_DIR,
+    DEFAULT_TUNNEL_PORT,
+    read_config_file,
+)
+from vmbusify.config_file import (
+    token_path as _token_path,
+)
 from vmbusify.errors import ConfigError
 
-DEFAULT_CONFIG_PATH = "/etc/vmbusify/vmbusify.toml"
-#: The tunnel's vsock port. 6541 sits beside the spec's 6542 (SOCKS) and 6543 (command
-#: listener) and clear of the ports other tools claim (1024, 22, 50000-50002, >= 0x40000000).
-DEFAULT_TUNNEL_PORT = 6541
-DEFAULT_PROXY_PORT = 6542
-DEFAULT_CONTROL_PORT = 6543
+__all__ = [
+    "DEFAULT_CONFIG_PATH", "DEFAULT_CONTROL_PORT", "DEFAULT_PROXY_PORT", "DEFAULT_TUNNEL_PORT",
+    "Config", "ControlConfig", "HostConfig", "ProxyConfig", "Role", "SubnetConfig",
+    "TunnelConfig", "VMEntry", "as_dict", "load_config",
+]
 
 
 class Role(str, Enum):
@@ -84,7 +96,7 @@ class HostConfig:
 class ControlConfig:
     """The command listener (HTTP)."""
 
-    listen: str = f"127.0.0.1:{DEFAULT_CONTROL_PORT}"
+    listen: str = DEFAULT_CONTROL_LISTEN
 
 
 @dataclass
@@ -139,8 +151,8 @@ class Config:
     """A whole endpoint's configuration."""
 
     role: Role = Role.GUEST
-    run_dir: str = "/run/vmbusify"
-    state_dir: str = "/var/lib/vmbusify"
+    run_dir: str = DEFAULT_RUN_DIR
+    state_dir: str = DEFAULT_STATE_DIR
     log_level: str = "INFO"
     #: A name for this endpoint in logs and HELLO (defaults to the hostname).
     name: str = ""
@@ -161,7 +173,7 @@ class Config:
     @property
     def token_path(self) -> Path:
         """The command listener's bearer token file."""
-        return Path(self.state_dir) / "control.token"
+        return Path(_token_path(self.state_dir))
 
     def vm(self, vmid: str) -> VMEntry | None:
         """The configured VM with this id, if any."""
@@ -224,21 +236,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     A missing default file gives the defaults; a missing file that was asked for by name,
     unreadable TOML, an unknown key or a value of the wrong type raises ConfigError.
     """
-    explicit = path or os.environ.get("VMBUSIFY_CONFIG")
-    chosen = Path(explicit or DEFAULT_CONFIG_PATH)
-    try:
-        with open(chosen, "rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"config file {chosen} does not exist") from None
-        raw = {}
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{chosen}: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"{chosen}: {exc.strerror}") from None
-    config = _build(Config, raw, str(chosen))
-    config.path = str(chosen) if chosen.exists() else ""
+    chosen, raw = read_config_file(path)
+    config = _build(Config, raw, chosen)
+    config.path = chosen if os.path.exists(chosen) else ""
     # Imported here: the protocol package must not depend on the config module's users.
     from vmbusify.protocol.package import MAX_PAYLOAD_LIMIT
     from vmbusify.protocol.window import MAX_CHUNK

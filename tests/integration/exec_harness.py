@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.integration.harness import BIN, Pair, make_pair
 from vmbusify.config import load_config
-from vmbusify.control.client import split_listen
+from vmbusify.config_file import split_listen
 from vmbusify.control.token import read_token
 
 EXEC = str(BIN / "vmbusifyexec")

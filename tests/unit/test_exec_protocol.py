@@ -12,11 +12,21 @@ from hypothesis import strategies as st
 from vmbusify.cli.exec import Options, UsageError, parse_args
 from vmbusify.errors import RemoteProtocolError
 from vmbusify.protocol.exec import (
-    EXIT_TIMEOUT, ExecSpec, ExitReason, ExitStatus, Resize, StartReply, parse_signal,
+    ExecSpec,
+    ExitStatus,
+    Resize,
+    StartReply,
+    parse_signal,
     status_from_returncode,
 )
+from vmbusify.protocol.exec_api import EXIT_TIMEOUT, ExitReason
 from vmbusify.protocol.websocket import (
-    FrameDecoder, Opcode, close_payload, encode_frame, expected_accept, mask,
+    FrameDecoder,
+    Opcode,
+    close_payload,
+    encode_frame,
+    expected_accept,
+    mask,
 )
 
 # --- ExecSpec ---------------------------------------------------------------------------------
@@ -169,5 +179,40 @@ def test_parse_errors(args: list[str]) -> None:
 
 
 def test_options_make_the_request() -> None:
-    spec = Options(vmid="vm1", argv=["ls"], interactive=True, timeout=3.0).spec()
-    assert spec.to_body() == {"argv": ["ls"], "stdin": True, "timeout": 3.0}
+    body = Options(vmid="vm1", argv=["ls"], interactive=True, timeout=3.0).request()
+    assert body == {"argv": ["ls"], "stdin": True, "timeout": 3.0}
+    # The client builds the request without ExecSpec (it does not import dataclasses): what
+    # it sends must be what the listener's checker accepts and means.
+    opts = parse_args(["-i", "-t", "-e", "A=1", "-w", "/tmp", "-u", "nobody", "--timeout", "2",
+                       "vm1", "sh", "-c", "x"])
+    spec = ExecSpec.from_body(opts.request(24, 80))
+    assert spec == ExecSpec(argv=["sh", "-c", "x"], env={"A": "1"}, cwd="/tmp", user="nobody",
+                            tty=True, stdin=True, timeout=2.0, rows=24, cols=80,
+                            term=os.environ.get("TERM", ""))
+    assert ExecSpec.from_body(parse_args(["-d", "vm1", "true"]).request()).detach
+
+
+@pytest.mark.parametrize(("vmid", "path"), [
+    ("vm1", "/v1/vms/vm1/exec"),
+    ("fd00::5", "/v1/vms/fd00::5/exec"),
+    ("a/b?c#d %", "/v1/vms/a%2Fb%3Fc%23d%20%25/exec"),
+    ("vm\u00e9", "/v1/vms/vm%C3%A9/exec"),
+])
+def test_exec_path_quotes_the_vmid(vmid: str, path: str) -> None:
+    from urllib.parse import quote, unquote
+
+    from vmbusify.cli.exec import _exec_path
+
+    assert _exec_path(vmid) == path
+    assert unquote(path.split("/")[3]) == vmid
+    assert _exec_path(vmid) == f"/v1/vms/{quote(vmid, safe=':')}/exec"
+
+
+@pytest.mark.parametrize("payload", [b"", b"[]", b"{}", b'{"exit_code": 256}',
+                                     b'{"exit_code": true}', b"\xff"])
+def test_a_malformed_status_is_a_clear_failure(payload: bytes) -> None:
+    from vmbusify.cli.exec import Failure, _parse_status
+
+    with pytest.raises(Failure, match="malformed exit status"):
+        _parse_status(payload)
+    assert _parse_status(b'{"exit_code": 3, "reason": "lost", "message": "m"}') == (3, "lost", "m")

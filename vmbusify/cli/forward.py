@@ -18,7 +18,7 @@ import click
 
 from vmbusify.bus.frames import HOST_VMID
 from vmbusify.config import Config, Role
-from vmbusify.control.client import split_listen
+from vmbusify.config_file import split_listen
 from vmbusify.errors import ControlError
 from vmbusify.protocol.proxy import ReplyCode
 from vmbusify.protocol.socks import encode_addr

@@ -6,20 +6,14 @@ import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from vmbusify.config import Config
+from vmbusify.config_file import split_listen
 from vmbusify.control.token import read_token
 from vmbusify.errors import ControlError
 
 if TYPE_CHECKING:
     import http.client
 
-
-def split_listen(listen: str) -> tuple[str, int]:
-    """``127.0.0.1:6543`` -> ("127.0.0.1", 6543); raises ControlError if malformed."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ControlError(f"bad listen address {listen!r} (expected HOST:PORT)")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    from vmbusify.config import Config
 
 
 class ControlClient:
@@ -33,7 +27,7 @@ class ControlClient:
 
     def connection(self, timeout: float | None = None) -> http.client.HTTPConnection:
         """A new HTTP connection to the listener."""
-        import http.client  # here: vmbusifyexec imports this module for split_listen only
+        import http.client  # here: loading it costs every vmbusifyctl start
 
         return http.client.HTTPConnection(self.host, self.port,
                                           timeout=timeout or self.timeout)

@@ -39,16 +39,14 @@ from vmbusify.errors import (
 )
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.exec import (
-    EXIT_FAILURE,
-    Channel,
     ExecMessage,
     ExecSpec,
-    ExitReason,
     ExitStatus,
     Resize,
     StartReply,
     parse_signal,
 )
+from vmbusify.protocol.exec_api import EXIT_FAILURE, Channel, ExitReason
 from vmbusify.protocol.window import MAX_CHUNK
 
 log = logging.getLogger("vmbusify.control.exec")

@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from vmbusify.bus.link import WorkerLink
 from vmbusify.config import Config
-from vmbusify.control.client import split_listen
+from vmbusify.config_file import split_listen
 from vmbusify.control.token import ensure_token, token_matches
 from vmbusify.errors import (
     ControlError,

@@ -1,6 +1,6 @@
-"""Command execution messages (spec 4.2): command listener <-> command executor, and the
-channels vmbusifyexec speaks to the listener. Sans-I/O, standard library only, so the
-``vmbusifyexec`` client can import it without paying for msgpack or ZeroMQ.
+"""Command execution messages (spec 4.2): command listener <-> command executor. Sans-I/O,
+standard library only. What vmbusifyexec and the listener share (channels, exit codes,
+reasons) is in ``vmbusify.protocol.exec_api``.
 
 Theory of operation
 -------------------
@@ -19,15 +19,6 @@ a control message and may overtake the last DATA packages on the tunnel, so the 
 reports the status only after both output streams ended. An exec is named on both ends by
 its main stream id. KILL, a reset stream or a lost tunnel makes the executor kill the whole
 process tree.
-
-Exit codes (what vmbusifyexec exits with)::
-
-    0..125   the program's own exit status
-    124      --timeout expired: the whole remote process tree was killed
-    126      the program could not be started (not executable, bad -w or -u)
-    127      the program was not found
-    128+N    the program died of signal N
-    255      vmbusifyexec itself failed: usage, the command listener, unknown/unreachable/lost VM
 """
 
 from __future__ import annotations
@@ -35,24 +26,22 @@ from __future__ import annotations
 import math
 import signal
 from dataclasses import dataclass, field
-from enum import Enum, IntEnum
+from enum import IntEnum
 from typing import Any
 
 from vmbusify.errors import RemoteProtocolError
-
-EXIT_TIMEOUT = 124
-EXIT_CANNOT_RUN = 126
-EXIT_NOT_FOUND = 127
-SIGNAL_BASE = 128
-EXIT_FAILURE = 255
+from vmbusify.protocol.exec_api import (
+    EXIT_FAILURE,
+    FORWARDABLE,
+    SIGNAL_BASE,
+    ExitReason,
+)
 
 #: Limits on what one exec request may carry (the listener refuses more).
 MAX_ARGS = 4096
 MAX_ENV = 4096
 MAX_STRING = 128 << 10
 MAX_TIMEOUT = 366 * 86400.0
-#: Signals a client may forward (by name, so the two ends need not agree on numbers).
-FORWARDABLE = ("INT", "TERM", "HUP", "QUIT", "KILL", "USR1", "USR2", "WINCH", "CONT", "STOP")
 
 
 class ExecMessage(IntEnum):
@@ -70,37 +59,6 @@ class ExecMessage(IntEnum):
     EXIT = 5
     #: MESSAGE listener -> executor: the client went away: kill the whole process tree.
     KILL = 6
-
-
-class ExitReason(str, Enum):
-    """Why an exec ended."""
-
-    EXITED = "exited"
-    SIGNALED = "signaled"
-    TIMEOUT = "timeout"
-    NOT_FOUND = "not-found"
-    CANNOT_RUN = "cannot-run"
-    #: The tunnel, the listener or the client went away.
-    LOST = "lost"
-
-
-class Channel(IntEnum):
-    """First byte of every binary WebSocket message between vmbusifyexec and the listener."""
-
-    #: client -> listener: bytes for the program's stdin.
-    STDIN = 0
-    #: listener -> client: the program's stdout (or its pty, with a TTY).
-    STDOUT = 1
-    #: listener -> client: the program's stderr.
-    STDERR = 2
-    #: listener -> client: JSON ``{"exit_code": N, "reason": ..., "message": ...}``, then close.
-    STATUS = 3
-    #: client -> listener: JSON ``{"rows": R, "cols": C}``.
-    RESIZE = 4
-    #: client -> listener: JSON ``{"signal": "INT"}``.
-    SIGNAL = 5
-    #: client -> listener: ``b"\\xff\\x00"``: stdin reached EOF (close the remote stdin).
-    CLOSE = 255
 
 
 def _want(d: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str,

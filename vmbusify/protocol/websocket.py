@@ -8,13 +8,18 @@ client needs: the handshake key and its expected answer, masked frames out, fram
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
 
 from vmbusify.errors import RemoteProtocolError
+
+# vmbusifyexec imports this module and starts once per command: hashlib would load OpenSSL
+# (~2 ms) for one SHA-1 that CPython's built-in module does as well.
+try:
+    from _sha1 import sha1
+except ImportError:  # pragma: no cover - a Python built without it
+    from hashlib import sha1
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Largest frame payload accepted from the server.
@@ -39,7 +44,7 @@ def handshake_key() -> str:
 
 def expected_accept(key: str) -> str:
     """The Sec-WebSocket-Accept a server must answer ``key`` with (RFC 6455 section 4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
+    return base64.b64encode(sha1(key.encode() + _GUID).digest()).decode()
 
 
 def mask(payload: bytes | bytearray | memoryview, key: bytes) -> bytes:
@@ -72,13 +77,18 @@ def encode_frame(opcode: Opcode, payload: bytes | bytearray | memoryview = b"",
     return bytes(head) + key + mask(payload, key)
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
-    """One received frame."""
+    """One received frame (a plain class: vmbusifyexec does not import dataclasses)."""
 
-    opcode: Opcode
-    fin: bool
-    payload: bytes
+    __slots__ = ("fin", "opcode", "payload")
+
+    def __init__(self, opcode: Opcode, fin: bool, payload: bytes) -> None:
+        self.opcode = opcode
+        self.fin = fin
+        self.payload = payload
+
+    def __repr__(self) -> str:
+        return f"Frame({self.opcode!r}, fin={self.fin}, {len(self.payload)} bytes)"
 
 
 class FrameDecoder:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import psutil
 
-from vmbusify.protocol.exec import EXIT_CANNOT_RUN, EXIT_NOT_FOUND, ExecSpec
+from vmbusify.protocol.exec import ExecSpec
+from vmbusify.protocol.exec_api import EXIT_CANNOT_RUN, EXIT_NOT_FOUND
 from vmbusify.protocol.window import MAX_CHUNK
 
 log = logging.getLogger(__name__)

@@ -19,13 +19,8 @@ import termios
 from collections.abc import Awaitable, Callable
 
 from vmbusify.bus.streams import Stream, StreamReset, StreamState
-from vmbusify.protocol.exec import (
-    EXIT_TIMEOUT,
-    ExecSpec,
-    ExitReason,
-    ExitStatus,
-    status_from_returncode,
-)
+from vmbusify.protocol.exec import ExecSpec, ExitStatus, status_from_returncode
+from vmbusify.protocol.exec_api import EXIT_TIMEOUT, ExitReason
 from vmbusify.protocol.window import MAX_CHUNK
 from vmbusify.workers.exec.process import Child, FdIO, kill_tree, set_winsize, signal_group
 

@@ -18,7 +18,7 @@ from typing import Any
 from vmbusify.bus.link import WorkerLink
 from vmbusify.bus.streams import Stream
 from vmbusify.config import ProxyConfig, Role
-from vmbusify.control.client import split_listen
+from vmbusify.config_file import split_listen
 from vmbusify.errors import NotConnectedError, ProtocolError, RequestTimeout, TunnelError
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.httpproxy import http_auth_required
