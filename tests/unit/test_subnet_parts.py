@@ -15,8 +15,9 @@ import pytest
 
 from vmbusify.errors import SubnetError
 from vmbusify.protocol.subnet import PLAIN_VNET_HDR, iter_frames
+from vmbusify.workers.subnet import bearer as bearer_module
 from vmbusify.workers.subnet import nat
-from vmbusify.workers.subnet.bearer import Outbox
+from vmbusify.workers.subnet.bearer import BULK_FRAME, Bearer, Outbox
 from vmbusify.workers.subnet.dns import DnsForwarder, resolv_conf_servers
 from vmbusify.workers.subnet.leases import LeaseTable
 from vmbusify.workers.subnet.routes import ResolvConf
@@ -196,6 +197,63 @@ def test_outbox_batches_and_drops_when_full() -> None:
     assert count == 2 and [bytes(f) for f in iter_frames(batch)] == frames[:2]
     batch, count = box.take_batch(max_bytes=10)  # at least one frame, whatever the limit
     assert count == 1 and len(box) == 0 and box.bytes == 0
+
+
+def test_outbox_tells_bulk_from_small_packets() -> None:
+    box = Outbox()
+    ack = PLAIN_VNET_HDR + bytes([0x45]) + bytes(65)
+    big = PLAIN_VNET_HDR + bytes([0x45]) + bytes(BULK_FRAME)
+    box.put(ack)
+    assert not box.bulk
+    box.put(big)
+    assert box.bulk
+    box.take_batch()
+    assert box.bulk  # the batch just sent was bulk: the next one may wait for company
+    box.put(ack)
+    box.take_batch()
+    assert not box.bulk  # a batch of ACKs only: bulk has stopped
+
+
+class RecordingStream:
+    """Stands in for a bearer stream: records every batch written."""
+
+    id = 1
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    async def write(self, data: bytes) -> None:
+        self.batches.append(sum(1 for _ in iter_frames(data)))
+
+    async def read(self) -> bytes:
+        await asyncio.Event().wait()
+        return b""
+
+
+@pytest.mark.parametrize(("size", "corked"), [(65, False), (BULK_FRAME, True)])
+def test_only_bulk_waits_for_a_fuller_batch(monkeypatch: pytest.MonkeyPatch, size: int,
+                                             corked: bool) -> None:
+    """ACK-sized packets go out one by one at once; bulk ones are gathered into batches."""
+    monkeypatch.setattr(bearer_module, "CORK_BUSY", 5.0)
+    monkeypatch.setattr(bearer_module, "CORK_DELAY", 0.3)  # generous: a slow CI still merges
+
+    async def go() -> list[int]:
+        stream = RecordingStream()
+        b = Bearer(stream, lambda frame: None, "test")  # type: ignore[arg-type]
+        b.start()
+        for _ in range(6):
+            b.outbox.put(PLAIN_VNET_HDR + bytes([0x45]) + bytes(size))
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.4)
+        await b.close("done")
+        return stream.batches
+
+    batches = asyncio.run(go())
+    assert sum(batches) == 6
+    if corked:
+        assert len(batches) < 6, batches
+    else:
+        assert batches == [1] * 6
 
 
 # --- DNS forwarder ------------------------------------------------------------------------------

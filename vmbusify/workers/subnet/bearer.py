@@ -26,12 +26,16 @@ log = logging.getLogger(__name__)
 
 #: Bytes of frames that may wait for one peer's stream before new ones are dropped.
 OUTBOX_LIMIT = 4 << 20
-#: Corking: while packets keep coming (the last batch left less than CORK_BUSY seconds ago), a
-#: batch that still has room for the largest frame seen waits up to CORK_DELAY for more. Every
+#: Corking: while bulk packets keep coming (the last batch left less than CORK_BUSY seconds ago),
+#: a batch that still has room for the largest frame seen waits up to CORK_DELAY for more. Every
 #: package costs the same four process hops whatever its size, so full packages are what makes
 #: bulk traffic fast; an idle link (a ping, a DNS query) never waits.
 CORK_BUSY = 0.004
 CORK_DELAY = 0.002
+#: Only bulk is corked: a batch waits only if it or the last one held a frame this big. The
+#: other direction of a bulk transfer carries ACKs (and an interactive session small packets):
+#: waiting could never fill their batch and only added CORK_DELAY to every round trip.
+BULK_FRAME = 8 << 10
 #: One TUN wake-up reads at most this much before letting the event loop run.
 READ_BUDGET_FRAMES = 256
 READ_BUDGET_BYTES = 1 << 20
@@ -46,6 +50,8 @@ class Outbox:
         self.dropped = 0
         #: The largest frame ever queued (how much room a batch must keep for one more).
         self.max_frame = 0
+        #: The largest frame of the last batch and of those queued since (see ``bulk``).
+        self.recent_max = 0
         self._frames: collections.deque[bytes] = collections.deque()
         self._ready = asyncio.Event()
         #: Set once ``bytes`` reaches ``_fill_target`` (see ``wait_fill``).
@@ -63,22 +69,30 @@ class Outbox:
         self._frames.append(frame)
         self.bytes += len(frame)
         self.max_frame = max(self.max_frame, len(frame))
+        self.recent_max = max(self.recent_max, len(frame))
         self._ready.set()
         if self._fill_target and self.bytes >= self._fill_target:
             self._filled.set()
         return True
+
+    @property
+    def bulk(self) -> bool:
+        """Bulk is flowing: the last batch or a frame queued since was large."""
+        return self.recent_max >= BULK_FRAME
 
     def take_batch(self, max_bytes: int = MAX_CHUNK) -> tuple[bytes, int]:
         """(encoded batch, frame count) of the frames that fit in ``max_bytes`` (at least one)."""
         parts: list[bytes] = []
         size = count = 0
         frames = self._frames
+        self.recent_max = 0
         while frames and (count == 0 or size + 4 + len(frames[0]) <= max_bytes):
             frame = frames.popleft()
             parts.append(frame_header(len(frame)))
             parts.append(frame)
             size += 4 + len(frame)
             count += 1
+            self.recent_max = max(self.recent_max, len(frame))
             self.bytes -= len(frame)
         if not frames:
             self._ready.clear()
@@ -134,7 +148,7 @@ class Bearer:
         try:
             while True:
                 await self.outbox.wait()
-                if loop.time() - last < CORK_BUSY:
+                if loop.time() - last < CORK_BUSY and self.outbox.bulk:
                     full = MAX_CHUNK - (self.outbox.max_frame + 4)
                     await self.outbox.wait_fill(full, CORK_DELAY)
                 batch, count = self.outbox.take_batch()
