@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.harness import BIN, free_port, make_pair  # noqa: E402
+from tests.integration.harness import BIN, free_port, make_pair
 
 BLOCK = 1 << 20
 MB = 1_000_000

@@ -22,7 +22,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vmbusify.lab.testing import LabHandle, lab_status, vm_states, vmbusify  # noqa: E402
+from vmbusify.lab.testing import LabHandle, lab_status, vm_states, vmbusify
 
 GOAL_CONNECT_S = 10.0
 GOAL_RSS_MB = 150.0

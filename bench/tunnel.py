@@ -27,10 +27,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.harness import link_for, make_pair, wait_state  # noqa: E402
-from vmbusify.bus.link import Inbound, WorkerLink  # noqa: E402
-from vmbusify.runtime import run_async  # noqa: E402
-from vmbusify.protocol.entities import Entity  # noqa: E402
+from tests.integration.harness import link_for, make_pair, wait_state
+from vmbusify.bus.link import Inbound, WorkerLink
+from vmbusify.protocol.entities import Entity
+from vmbusify.runtime import run_async
 
 OPEN, DATA = 911, 912
 #: Write size: what the real workers hand a stream per read (relay, exec: up to 1 MiB).

@@ -25,7 +25,6 @@ from click.testing import CliRunner
 from vmbusify.cli.main import main
 from vmbusify.config import Role, load_config
 from vmbusify.lab import program_pid, run_in_vm, stack_for, stack_processes, supervisorctl_command
-from vmbusify.lab.stack import supervisorctl
 from vmbusify.lab.layout import (
     ETC_NETNS,
     LAB_ROOT,
@@ -36,9 +35,9 @@ from vmbusify.lab.layout import (
     resolv_conf,
     toml_dumps,
 )
-from vmbusify.lab.testing import BIN, LabHandle, lab_status, vm_states, vmbusify
-
 from vmbusify.lab.layout import INSTANCE as _INSTANCE
+from vmbusify.lab.stack import supervisorctl
+from vmbusify.lab.testing import BIN, LabHandle, lab_status, vm_states, vmbusify
 
 # These tests check the documented names of the default lab (the one CI and bin/lab use).
 pytestmark = pytest.mark.skipif(bool(_INSTANCE), reason="checks the default lab instance only")

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from vmbusify.config import load_config
-from vmbusify.lab.layout import EXT_NAME, LabLayout
+from vmbusify.lab.layout import EXT_NAME
 from vmbusify.lab.netns import ns_argv
 from vmbusify.lab.testing import BIN, LabHandle
 

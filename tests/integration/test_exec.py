@@ -311,7 +311,11 @@ def test_websocket_with_a_malformed_request(stack: ExecStack) -> None:
     import socket
 
     from vmbusify.protocol.websocket import (
-        FrameDecoder, Opcode, encode_frame, expected_accept, handshake_key,
+        FrameDecoder,
+        Opcode,
+        encode_frame,
+        expected_accept,
+        handshake_key,
     )
     host, port, token = stack.listener()
     for first in [encode_frame(Opcode.TEXT, b'{"argv": 5}'),

@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import BIN, Pair, free_port, link_for, make_pair, wait_state
-from vmbusify.protocol.entities import Entity
 
 CURL = shutil.which("curl")
 NCAT = shutil.which("ncat")

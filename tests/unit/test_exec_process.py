@@ -12,7 +12,13 @@ import pytest
 
 from vmbusify.protocol.exec import ExecSpec
 from vmbusify.workers.exec.process import (
-    TAG_VAR, CannotStart, FdIO, build_env, kill_tree, spawn, tree,
+    TAG_VAR,
+    CannotStart,
+    FdIO,
+    build_env,
+    kill_tree,
+    spawn,
+    tree,
 )
 
 

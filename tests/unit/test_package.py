@@ -10,7 +10,12 @@ from hypothesis import strategies as st
 
 from vmbusify.errors import LocalProtocolError, RemoteProtocolError
 from vmbusify.protocol.package import (
-    HEADER_SIZE, SIGNATURE, Package, PackageDecoder, PackageFlag, PackageType,
+    HEADER_SIZE,
+    SIGNATURE,
+    Package,
+    PackageDecoder,
+    PackageFlag,
+    PackageType,
 )
 
 packages = st.builds(

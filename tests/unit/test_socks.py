@@ -12,11 +12,26 @@ from hypothesis import strategies as st
 from vmbusify.errors import RemoteProtocolError
 from vmbusify.protocol.httpproxy import http_error, parse_head
 from vmbusify.protocol.proxy import (
-    Command, DatagramDecoder, OpenAck, ProxyOpen, ReplyCode, encode_datagram, reply_for_errno,
+    Command,
+    DatagramDecoder,
+    OpenAck,
+    ProxyOpen,
+    ReplyCode,
+    encode_datagram,
+    reply_for_errno,
 )
 from vmbusify.protocol.socks import (
-    MAX_HANDSHAKE, Handshake, HandshakeError, Phase, ProxyKind, Socks5Auth, Socks5Greeting,
-    TargetRequest, parse_udp_request, socks5_reply, udp_reply_header,
+    MAX_HANDSHAKE,
+    Handshake,
+    HandshakeError,
+    Phase,
+    ProxyKind,
+    Socks5Auth,
+    Socks5Greeting,
+    TargetRequest,
+    parse_udp_request,
+    socks5_reply,
+    udp_reply_header,
 )
 
 

@@ -7,7 +7,11 @@ import pytest
 from vmbusify.errors import FlowControlError, RemoteProtocolError
 from vmbusify.mux.scheduler import OutQueue
 from vmbusify.protocol.window import (
-    MAX_CHUNK, ReceiveWindow, SendWindow, decode_increment, encode_increment,
+    MAX_CHUNK,
+    ReceiveWindow,
+    SendWindow,
+    decode_increment,
+    encode_increment,
 )
 
 
