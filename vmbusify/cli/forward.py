@@ -19,7 +19,7 @@ import click
 from vmbusify.bus.frames import HOST_VMID
 from vmbusify.config import Config, Role
 from vmbusify.config_file import split_listen
-from vmbusify.errors import ControlError
+from vmbusify.errors import ControlError, VMBusifyError
 from vmbusify.protocol.proxy import ReplyCode
 from vmbusify.protocol.socks import encode_addr
 from vmbusify.runtime import stop_on_signals
@@ -126,7 +126,7 @@ async def _serve_one(config: Config, host: str, port: int, c_reader: asyncio.Str
                      c_writer: asyncio.StreamWriter) -> None:
     try:
         p_reader, p_writer = await _socks_open(config, host, port)
-    except (ControlError, OSError, asyncio.IncompleteReadError) as exc:
+    except (VMBusifyError, OSError, asyncio.IncompleteReadError) as exc:
         click.echo(f"vmbusifyctl forward: {exc or 'the proxy closed the connection'}",
                    err=True)
         c_writer.close()
@@ -161,5 +161,6 @@ def forward(ctx: click.Context, vmid: str, spec: str) -> None:
     config: Config = ctx.obj["config"]
     parsed = parse_spec(spec)
     socks_target(config, vmid, parsed.target)  # refuse a bad VMID before listening
+    split_listen(config.proxy.listen)  # and a bad proxy address
     asyncio.run(run_forward(config, vmid, parsed))
     sys.exit(0)
