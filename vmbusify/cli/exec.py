@@ -4,8 +4,9 @@
 
 It is started once per command and its start is most of its latency, so it imports only
 light standard modules and VMBusify's light ones: no asyncio, aiohttp, ZeroMQ or msgpack, and
-no dataclasses, typing, urllib or hashlib either (their imports cost more CPU than the rest
-of the client; test_no_heavy_imports_in_the_client keeps it so). It makes one connection: a
+no dataclasses, urllib, hashlib, queue or pathlib either (their imports cost more CPU than the
+rest of the client; test_no_heavy_imports_in_the_client keeps it so). The configuration is
+read by vmbusify.config_file, not the dataclass model; tomllib brings typing with it. It makes one connection: a
 WebSocket to the listener whose opening request carries the exec right behind the handshake.
 
 Threads: the main thread reads the socket and writes stdout/stderr (a slow local reader
