@@ -121,3 +121,53 @@ def test_kill_tree_finds_escapees() -> None:
         child.close()
 
     run(scenario())
+
+
+def test_stdin_pipe_streams_and_closes() -> None:
+    async def scenario() -> None:
+        child = await spawn(ExecSpec(argv=["sort"], stdin=True))
+        assert child.stdin is not None and child.stdout is not None
+        await FdIO(child.stdin).write(b"b\na\n")
+        os.close(child.stdin)  # EOF: sort prints and exits
+        child.stdin = None
+        assert await read_all(child.stdout) == b"a\nb\n"
+        assert await child.proc.wait() == 0
+        child.close()
+
+    run(scenario())
+
+
+def test_writing_to_a_program_that_closed_its_stdin_raises_broken_pipe() -> None:
+    async def scenario() -> None:
+        child = await spawn(ExecSpec(argv=["sh", "-c", "exec 0<&-; sleep 0.2"], stdin=True))
+        assert child.stdin is not None
+        await asyncio.sleep(0.1)
+        with pytest.raises(BrokenPipeError):
+            await FdIO(child.stdin).write(b"x" * 100)
+        assert await child.proc.wait() == 0
+        child.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "no-pidfd"])
+def test_exit_is_seen_by_every_waiter(pidfd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exit arrives through a pidfd, or (kernels without one) through a waiting thread."""
+    if not pidfd:
+        def no_pidfd(pid: int) -> int:
+            raise OSError(38, "Function not implemented")
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+
+    async def scenario() -> None:
+        child = await spawn(ExecSpec(argv=["sh", "-c", "sleep 0.1; exit 3"]))
+        assert child.proc.returncode is None
+        first, second = await asyncio.gather(child.proc.wait(), child.proc.wait())
+        assert first == second == 3 == child.proc.returncode
+        assert await child.proc.wait() == 3  # and again, after the fact
+        killed = await spawn(ExecSpec(argv=["sleep", "30"]))
+        kill_tree(killed)
+        assert await killed.proc.wait() == -9
+        child.close()
+        killed.close()
+
+    run(scenario())

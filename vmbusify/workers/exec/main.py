@@ -28,7 +28,7 @@ from vmbusify.protocol.exec import (
 )
 from vmbusify.runtime import stop_on_signals
 from vmbusify.workers.exec.ledger import Ledger
-from vmbusify.workers.exec.process import CannotStart, spawn
+from vmbusify.workers.exec.process import CannotStart, Program, spawn
 from vmbusify.workers.exec.session import ExecSession
 
 log = logging.getLogger("vmbusify.exec")
@@ -147,7 +147,7 @@ class Executor:
             self.sessions.pop((session.vmid, session.id), None)
             self.ledger.remove(session.child.tag)
 
-    async def _reap(self, proc: asyncio.subprocess.Process, ctx: str) -> None:
+    async def _reap(self, proc: Program, ctx: str) -> None:
         code = await proc.wait()
         log.info("%s pid=%d: detached program ended (%d)", ctx, proc.pid, code)
 

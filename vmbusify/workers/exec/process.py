@@ -6,6 +6,11 @@ process group id, so a signal can reach the whole foreground group. Its environm
 started: descendants, session members, and those that left the session and were reparented
 to init (``setsid sleep &``). With a TTY the program gets a fresh pty as its controlling
 terminal (stdin, stdout and stderr).
+
+Programs are started with ``subprocess.Popen`` (vfork and exec: the executor's memory is
+never copied) rather than the event loop's subprocess support: uvloop forks the whole
+executor and rebuilds its loop in the child before the exec, which cost 5 ms a start here,
+and far more with the CPU busy. The exit is watched through a pidfd.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import pty
 import pwd
 import signal
 import struct
+import subprocess
 import termios
 import uuid
 from collections.abc import Callable
@@ -50,23 +56,64 @@ class CannotStart(Exception):
 PIPE_SIZE = 1 << 20
 
 
+class Program:
+    """A started program: its pid and, awaitable, its exit status (``Popen.returncode``)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = loop.create_future()
+        try:
+            self._pidfd = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):  # no pidfd (Linux < 5.3): a thread waits instead
+            self._pidfd = -1
+            waiting = loop.run_in_executor(None, popen.wait)
+            waiting.add_done_callback(lambda _: self._reaped())
+        else:
+            loop.add_reader(self._pidfd, self._on_pidfd)
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status as Popen gives it (-N: killed by signal N); None while running."""
+        return self.popen.returncode
+
+    async def wait(self) -> int:
+        """Wait for the program to end; its ``returncode``."""
+        return await asyncio.shield(self._exited)
+
+    def _on_pidfd(self) -> None:
+        if self.popen.poll() is None:
+            return  # not reapable yet (a spurious wake-up): wait for the next one
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        self._reaped()
+
+    def _reaped(self) -> None:
+        if not self._exited.done() and self.popen.returncode is not None:
+            self._exited.set_result(self.popen.returncode)
+
+
 @dataclass
 class Child:
-    """A started program: the asyncio process, and the fds we read its output from.
+    """A started program, and the fds we talk to it through.
 
     ``master`` is the pty master with a TTY (output and input); otherwise ``stdout`` and
-    ``stderr`` are the read ends of its output pipes.
+    ``stderr`` are the read ends of its output pipes and ``stdin`` the write end of its
+    input pipe (with ``-i``).
     """
 
-    proc: asyncio.subprocess.Process
+    proc: Program
     tag: str = ""
     master: int | None = None
     stdout: int | None = None
     stderr: int | None = None
+    stdin: int | None = None
 
     def close(self) -> None:
         """Close every fd we hold (idempotent)."""
-        for name in ("master", "stdout", "stderr"):
+        for name in ("master", "stdout", "stderr", "stdin"):
             _close(getattr(self, name))
             setattr(self, name, None)
 
@@ -111,9 +158,10 @@ def _child_setup(tty_path: str, account: pwd.struct_passwd | None) -> Callable[[
     """preexec_fn: a new session (whose controlling terminal is the pty at ``tty_path``, if
     any), then the user's groups and ids (``account``, if switching).
 
-    Done here rather than with start_new_session, TIOCSCTTY on fd 0 and subprocess's
-    user/group arguments, because event loops differ: uvloop takes no user/group arguments
-    and sets the child's stdio up only after preexec_fn.
+    Done here rather than with Popen's start_new_session and user/group arguments because
+    the order matters: the terminal is opened after setsid (so it becomes the controlling
+    one) and before dropping privileges (the pty belongs to root). A preexec_fn makes Popen
+    fork rather than vfork: only TTY and user-switching execs pay for that.
     """
     groups = os.getgrouplist(account.pw_name, account.pw_gid) if account else []
 
@@ -147,28 +195,36 @@ async def spawn(spec: ExecSpec) -> Child:
                               "executor is not root")
         kwargs.update(start_new_session=False, preexec_fn=_child_setup("", switch))
     master = slave = None
+    ours: list[int] = []  # our ends: output read ends, then the stdin write end
+    theirs: list[int] = []  # the child's ends, closed here after the spawn
     if spec.tty:
         master, slave = pty.openpty()
         if spec.rows and spec.cols:
             set_winsize(master, spec.rows, spec.cols)
         os.set_blocking(master, False)
+        theirs.append(slave)
         kwargs.update(stdin=slave, stdout=slave, stderr=slave, start_new_session=False,
                       preexec_fn=_child_setup(os.ttyname(slave), switch))
     elif spec.detach:
-        kwargs.update(stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                      stderr=asyncio.subprocess.DEVNULL)
-    ours: list[int] = []  # read ends we keep
-    theirs: list[int] = []  # write ends the child gets, closed here after the spawn
-    if not spec.tty and not spec.detach:
+        kwargs.update(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
+    else:
         for _ in ("stdout", "stderr"):
             r, w = _pipe()
             ours.append(r)
             theirs.append(w)
-        kwargs.update(stdin=asyncio.subprocess.PIPE if spec.stdin else asyncio.subprocess.DEVNULL,
-                      stdout=theirs[0], stderr=theirs[1])
+        stdin: int = subprocess.DEVNULL
+        if spec.stdin:
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            ours.append(w)
+            theirs.append(r)
+            stdin = r
+        kwargs.update(stdin=stdin, stdout=theirs[0], stderr=theirs[1])
     program = spec.argv[0]
     try:
-        proc = await asyncio.create_subprocess_exec(*spec.argv, **kwargs)
+        # Blocking only until the exec (vfork): shorter than a trip through the loop's own.
+        popen = subprocess.Popen(spec.argv, **kwargs)  # noqa: ASYNC220
     except BaseException as exc:
         for fd in [master, *ours]:
             _close(fd)
@@ -180,11 +236,15 @@ async def spawn(spec: ExecSpec) -> Child:
             raise CannotStart(EXIT_CANNOT_RUN, f"{program}: {exc.strerror or exc}") from None
         raise
     finally:
-        for fd in [slave, *theirs]:
+        for fd in theirs:
             _close(fd)
+    proc = Program(popen)
+    if master is not None:
+        return Child(proc, tag, master)
     if ours:
-        return Child(proc, tag, stdout=ours[0], stderr=ours[1])
-    return Child(proc, tag, master)
+        return Child(proc, tag, stdout=ours[0], stderr=ours[1],
+                     stdin=ours[2] if len(ours) > 2 else None)
+    return Child(proc, tag)
 
 
 def _pipe() -> tuple[int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import termios
 from collections.abc import Awaitable, Callable
@@ -175,20 +176,20 @@ class ExecSession:
 
     async def _pump_in(self) -> None:
         """Client stdin to the program; after the exit, drain to EOF and discard."""
-        writer = self.child.proc.stdin
+        target = self._pty if self._pty is not None else (
+            FdIO(self.child.stdin) if self.child.stdin is not None else None)
         try:
             while True:
                 chunk = await self.main.read()
                 if not chunk:
                     break
-                if self._pty is not None and not self._exited:
-                    await self._pty.write(chunk)
-                elif writer is not None and not writer.is_closing():
-                    try:
-                        writer.write(chunk)
-                        await writer.drain()
-                    except (BrokenPipeError, ConnectionResetError):
-                        writer.close()  # the program closed its stdin: discard the rest
+                if target is None or (self._pty is not None and self._exited):
+                    continue
+                try:
+                    await target.write(chunk)
+                except BrokenPipeError:  # the program closed its stdin: discard the rest
+                    target = None
+                    self._close_stdin()
         except StreamReset as exc:
             self.abort(f"stream reset: {exc}")
             return
@@ -200,8 +201,13 @@ class ExecSession:
                                              [0]]))
             except (OSError, termios.error, IndexError, TypeError):
                 pass
-        if writer is not None and not writer.is_closing():
-            writer.close()
+        self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        """EOF on the program's stdin pipe (idempotent; nothing to do with a TTY)."""
+        if self.child.stdin is not None:
+            os.close(self.child.stdin)
+            self.child.stdin = None
 
     def _close_fds(self) -> None:
         self.child.close()
