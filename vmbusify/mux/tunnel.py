@@ -31,8 +31,12 @@ from vmbusify.transport import take_over
 
 log = logging.getLogger(__name__)
 
-#: Transport write buffer above which the writer waits for the socket to drain.
-WRITE_HIGH_WATER = 1 << 20
+#: Transport write buffer above which the writer waits for the socket to drain. Small: what
+#: waits in the transport is first come, first served, while the OutQueue lets control
+#: packages (an exec's START and EXIT, pings) pass stream data. With 1 MiB here a ping
+#: beside a saturating stream took 1.7 ms (p99 5.8), with 64 KiB 1.0 ms (p99 2.2), at the
+#: same throughput (bench/tunnel.py).
+WRITE_HIGH_WATER = 64 << 10
 
 
 class CloseReason(str, Enum):
