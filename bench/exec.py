@@ -15,6 +15,11 @@
    between sessions first: in one session the probe competes with the streaming client for
    that session's share. On a machine of two cores the stream keeps both busy, so either
    figure is mostly CPU sharing (see docs/exec.md).
+4. the same two latencies without the interpreter's start: an exec of `true` from a client
+   already running (one Python process looping over the client's Session): connect,
+   upgrade, START through both muxes, the program's exit, STATUS. This is the part the
+   listener, the tunnel and the executor make; the rest of `vmbusifyexec`'s time is a
+   Python process starting.
 
 The sshd is a throwaway: its own config, host key and user key in a temporary directory, on a
 free loopback port; the machine's sshd and its configuration are never touched. By default
@@ -117,13 +122,34 @@ def stream_mbps(prefix: list[str], env: dict[str, str], nbytes: int) -> float:
     return nbytes / elapsed / 1e6
 
 
-def busy_latency(ex: list[str], env: dict[str, str], runs: int, own_session: bool) -> float:
-    """Median wall (ms) of `true` while another exec streams /dev/zero at full speed."""
+#: Runs `true` through the client's Session N times in one process; prints each wall time.
+_IN_PROCESS = """
+import sys, time
+from vmbusify.cli.exec import Session, parse_args
+for _ in range(int(sys.argv[1])):
+    t = time.perf_counter()
+    assert Session(parse_args(["vm1", "true"])).run() == 0
+    print((time.perf_counter() - t) * 1e3, flush=True)
+"""
+
+
+def in_process_ms(env: dict[str, str], runs: int) -> float:
+    """Median wall (ms) of an exec of `true` from a client that is already running."""
+    out = subprocess.run([sys.executable, "-c", _IN_PROCESS, str(runs)], env=env, check=True,
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout
+    return statistics.median(float(x) for x in out.split())
+
+
+def busy_latency(ex: list[str], env: dict[str, str], runs: int, own_session: bool
+                 ) -> tuple[float, float]:
+    """Median wall (ms) of `true` while another exec streams /dev/zero at full speed: with
+    vmbusifyexec, and from the running client (``in_process_ms``)."""
     hog = subprocess.Popen([*ex, "cat", "/dev/zero"], env=env, stdout=subprocess.DEVNULL,
                            stdin=subprocess.DEVNULL, start_new_session=own_session)
     try:
         time.sleep(1.0)  # let it reach full speed
-        return statistics.median(wall([*ex, "true"], env) for _ in range(runs)) * 1e3
+        return (statistics.median(wall([*ex, "true"], env) for _ in range(runs)) * 1e3,
+                in_process_ms(env, runs))
     finally:
         hog.terminate()
         hog.wait(10)
@@ -157,12 +183,13 @@ def main() -> None:
             t_ex.append(wall([*ex, "true"], env))
             t_ssh.append(wall([*ssh, "true"], env))
         ex_ms, ssh_ms = statistics.median(t_ex) * 1e3, statistics.median(t_ssh) * 1e3
+        inproc_ms = in_process_ms(env, args.runs)
 
         nbytes = args.mib << 20
         ex_mbps = stream_mbps(ex, env, nbytes)
         ssh_mbps = stream_mbps(ssh, env, nbytes)
 
-        busy_ms, same_session_ms = (
+        (busy_ms, busy_inproc_ms), (same_session_ms, _) = (
             busy_latency(ex, env, max(10, args.runs // 2), own_session)
             for own_session in (True, False))
     finally:
@@ -182,6 +209,9 @@ def main() -> None:
           f"{busy_ms / ex_ms:>7.2f}  <= 2.0 x idle")
     print(f"  {'  the same, stream from this session (ms)':<44} {same_session_ms:>13.1f} "
           f"{'':>10} {same_session_ms / ex_ms:>7.2f}  (shown, no goal)")
+    print(f"  {'`true` from a running client, idle (ms)':<44} {inproc_ms:>13.1f}")
+    print(f"  {'  the same while another exec streams (ms)':<44} {busy_inproc_ms:>13.1f} "
+          f"{'':>10} {busy_inproc_ms / inproc_ms:>7.2f}  (shown, no goal)")
 
 
 if __name__ == "__main__":
