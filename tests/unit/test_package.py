@@ -53,8 +53,8 @@ def test_round_trip_in_any_chunking(pkgs: list[Package], chunk: int) -> None:
 
 
 def _header(**over: int) -> bytes:
-    fields = dict(sig=SIGNATURE, version=1, type=1, flags=0, entity=0, id=0, mid=0, stream=0,
-                  length=0)
+    fields = {"sig": SIGNATURE, "version": 1, "type": 1, "flags": 0, "entity": 0, "id": 0,
+              "mid": 0, "stream": 0, "length": 0}
     fields.update(over)
     return struct.pack(">IBBHHIHII", *fields.values())
 
