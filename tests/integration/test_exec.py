@@ -72,6 +72,15 @@ def test_stdin_large_and_binary(stack: ExecStack) -> None:
     assert p.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.parametrize("script", ["exec 0<&-; sleep 0.3; echo done", "sleep 0.3; echo done"],
+                         ids=["closes its stdin", "never reads it"])
+def test_stdin_the_program_does_not_want_is_discarded(stack: ExecStack, script: str) -> None:
+    """More stdin than any pipe holds, for a program that closes it or never reads it: the
+    program runs to its end, its status and output arrive, nothing hangs."""
+    p = stack.run("-i", "vm1", "--", "sh", "-c", script, input=os.urandom(8 << 20), timeout=60)
+    assert (p.returncode, p.stdout) == (0, b"done\n"), p.stderr
+
+
 def test_options_after_vmid_env_workdir(stack: ExecStack, tmp_path: Path) -> None:
     p = stack.run("vm1", "-e", "A=1", "--env", "B=two words", "-w", str(tmp_path), "--",
                   "sh", "-c", 'echo "$A|$B|$(pwd)|$VMBUSIFY_CONFIG"')

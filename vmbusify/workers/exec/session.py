@@ -108,6 +108,9 @@ class ExecSession:
         finally:
             stdin_task.cancel()
             lifeline.cancel()
+            # Let them end first: a write still waiting on the stdin pipe must stop watching
+            # its fd before the fd is closed (and its number perhaps reused).
+            await asyncio.gather(stdin_task, lifeline, return_exceptions=True)
             self._close_fds()
             for stream in (self.main, self.side):
                 if stream.state is not StreamState.CLOSED:
