@@ -62,8 +62,11 @@ def start_stack(root: Path) -> ExecStack:
             [vmbusify, "control", "--config", str(pair.host.config_path)],
             stdout=log, stderr=subprocess.STDOUT)
     with open(root / "exec.log", "ab") as log:
+        # Started as by `nohup` from a background shell job (SIGHUP, SIGINT and SIGQUIT
+        # ignored): the programs it starts must still get those signals' default actions.
         worker = subprocess.Popen(
-            [vmbusify, "worker", "exec", "--config", str(pair.guest.config_path)],
+            ["sh", "-c", 'trap "" HUP INT QUIT; exec "$@"', "sh",
+             vmbusify, "worker", "exec", "--config", str(pair.guest.config_path)],
             stdout=log, stderr=subprocess.STDOUT)
     stack = ExecStack(pair, control, worker)
     deadline = time.monotonic() + 60

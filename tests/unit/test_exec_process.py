@@ -171,3 +171,32 @@ def test_exit_is_seen_by_every_waiter(pidfd: bool, monkeypatch: pytest.MonkeyPat
         killed.close()
 
     run(scenario())
+
+
+def test_programs_do_not_inherit_ignored_signals() -> None:
+    """An executor started by nohup or a background job ignores SIGHUP/SIGINT/SIGQUIT; after
+    default_signal_actions its programs start with no signal ignored (as sshd's would)."""
+    import signal
+
+    from vmbusify.workers.exec.process import default_signal_actions
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)}
+
+    async def sig_ignored() -> int:
+        child = await spawn(ExecSpec(argv=["grep", "SigIgn", "/proc/self/status"]))
+        assert child.stdout is not None
+        out = await read_all(child.stdout)
+        assert await child.proc.wait() == 0
+        child.close()
+        return int(out.split()[1], 16)
+
+    try:
+        for s in saved:
+            signal.signal(s, signal.SIG_IGN)
+        inherited = run(sig_ignored())
+        assert inherited & (1 << (signal.SIGINT - 1))  # the trap this guards against
+        default_signal_actions()
+        assert run(sig_ignored()) == 0
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

@@ -28,7 +28,7 @@ from vmbusify.protocol.exec import (
 )
 from vmbusify.runtime import stop_on_signals
 from vmbusify.workers.exec.ledger import Ledger
-from vmbusify.workers.exec.process import CannotStart, Program, spawn
+from vmbusify.workers.exec.process import CannotStart, Program, default_signal_actions, spawn
 from vmbusify.workers.exec.session import ExecSession
 
 log = logging.getLogger("vmbusify.exec")
@@ -184,6 +184,7 @@ async def run(config: Config) -> None:
         log.info("host: execs start from the command listener; nothing to serve here")
         await stop.wait()
         return
+    default_signal_actions()  # programs must not inherit a signal ignored by our starter
     link = WorkerLink(config, "exec", [Entity.CMD_EXECUTOR])
     executor = Executor(link)
     executor.ledger.sweep()  # what an executor killed with SIGKILL left running

@@ -122,6 +122,25 @@ class Child:
         return self.proc.pid
 
 
+def default_signal_actions() -> None:
+    """Give back their default action to the signals this process ignores.
+
+    An ignored signal stays ignored across exec, and Popen resets only SIGPIPE and SIGXFSZ
+    (which Python ignores on purpose) in the child. An executor started by ``nohup`` or from
+    a background shell job would otherwise start every program deaf to SIGHUP, SIGINT or
+    SIGQUIT, and a forwarded Ctrl-C would do nothing. Call once at start-up.
+    """
+    keep = {signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE, signal.SIGXFSZ}
+    for sig in signal.valid_signals():
+        if sig in keep:
+            continue
+        try:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):  # not settable from Python (e.g. real-time ones in use)
+            continue
+
+
 def _account(user: str) -> pwd.struct_passwd:
     try:
         if user.isdigit():
