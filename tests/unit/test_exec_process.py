@@ -182,21 +182,24 @@ def test_programs_do_not_inherit_ignored_signals() -> None:
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)}
 
-    async def sig_ignored() -> int:
-        child = await spawn(ExecSpec(argv=["grep", "SigIgn", "/proc/self/status"]))
+    async def ignored_and_blocked() -> tuple[int, int]:
+        child = await spawn(ExecSpec(argv=["grep", "-E", "SigIgn|SigBlk", "/proc/self/status"]))
         assert child.stdout is not None
-        out = await read_all(child.stdout)
+        fields = dict(line.split() for line in (await read_all(child.stdout)).decode().splitlines())
         assert await child.proc.wait() == 0
         child.close()
-        return int(out.split()[1], 16)
+        return int(fields["SigIgn:"], 16), int(fields["SigBlk:"], 16)
 
+    bit = 1 << (signal.SIGINT - 1)
     try:
         for s in saved:
             signal.signal(s, signal.SIG_IGN)
-        inherited = run(sig_ignored())
-        assert inherited & (1 << (signal.SIGINT - 1))  # the trap this guards against
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+        ignored, blocked = run(ignored_and_blocked())
+        assert ignored & bit and blocked  # the traps this guards against
         default_signal_actions()
-        assert run(sig_ignored()) == 0
+        assert run(ignored_and_blocked()) == (0, 0)
     finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
         for s, handler in saved.items():
             signal.signal(s, handler)

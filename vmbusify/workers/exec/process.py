@@ -123,13 +123,15 @@ class Child:
 
 
 def default_signal_actions() -> None:
-    """Give back their default action to the signals this process ignores.
+    """Unblock every signal, and give back their default action to those this process ignores.
 
-    An ignored signal stays ignored across exec, and Popen resets only SIGPIPE and SIGXFSZ
-    (which Python ignores on purpose) in the child. An executor started by ``nohup`` or from
-    a background shell job would otherwise start every program deaf to SIGHUP, SIGINT or
-    SIGQUIT, and a forwarded Ctrl-C would do nothing. Call once at start-up.
+    An ignored signal stays ignored across exec, and a blocked one blocked; Popen resets
+    only SIGPIPE and SIGXFSZ (which Python ignores on purpose) in the child and hands it this
+    thread's mask. An executor started by ``nohup`` or from a background shell job would
+    otherwise start every program deaf to SIGHUP, SIGINT or SIGQUIT, and a forwarded Ctrl-C
+    would do nothing. Call once at start-up, in the main thread.
     """
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
     keep = {signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE, signal.SIGXFSZ}
     for sig in signal.valid_signals():
         if sig in keep:
