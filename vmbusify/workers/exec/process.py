@@ -26,6 +26,7 @@ import signal
 import struct
 import subprocess
 import termios
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,10 +67,10 @@ class Program:
         self._exited: asyncio.Future[int] = loop.create_future()
         try:
             self._pidfd = os.pidfd_open(popen.pid)
-        except (AttributeError, OSError):  # no pidfd (Linux < 5.3): a thread waits instead
-            self._pidfd = -1
-            waiting = loop.run_in_executor(None, popen.wait)
-            waiting.add_done_callback(lambda _: self._reaped())
+        except (AttributeError, OSError):  # no pidfd (Linux < 5.3): a thread waits instead,
+            self._pidfd = -1  # a daemon one, so that a detached program never delays our exit
+            threading.Thread(target=self._wait_in_thread, args=(loop,), daemon=True,
+                             name=f"wait-{popen.pid}").start()
         else:
             loop.add_reader(self._pidfd, self._on_pidfd)
 
@@ -89,6 +90,13 @@ class Program:
         os.close(self._pidfd)
         self._pidfd = -1
         self._reaped()
+
+    def _wait_in_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.popen.wait()
+        try:
+            loop.call_soon_threadsafe(self._reaped)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
 
     def _reaped(self) -> None:
         if not self._exited.done() and self.popen.returncode is not None:
