@@ -172,10 +172,12 @@ def vmbusify_path(root: Path) -> Iterator[int]:
     for mux, port in ((pair.guest, guest_port), (pair.host, host_port)):
         with open(mux.config_path, "a") as fh:
             fh.write(f'[proxy]\nlisten = "127.0.0.1:{port}"\ndefault_deny = false\n')
-    workers = [subprocess.Popen([str(BIN / "vmbusify"), "worker", "proxy", "--config",
-                                 str(m.config_path)],
-                                stdout=open(root / f"{m.name}-proxy.log", "ab"),
-                                stderr=subprocess.STDOUT) for m in (pair.guest, pair.host)]
+    workers = []
+    for m in (pair.guest, pair.host):
+        with open(root / f"{m.name}-proxy.log", "ab") as log:  # the child keeps its own fd
+            workers.append(subprocess.Popen(
+                [str(BIN / "vmbusify"), "worker", "proxy", "--config", str(m.config_path)],
+                stdout=log, stderr=subprocess.STDOUT))
     VMBUSIFY_PIDS.update({"guest mux": pair.guest.pid, "host mux": pair.host.pid,
                           "guest proxy": workers[0].pid, "host proxy": workers[1].pid})
     try:
@@ -222,18 +224,20 @@ def ssh_path(root: Path) -> Iterator[int]:
         "UsePAM no\nStrictModes no\nPasswordAuthentication no\nPermitRootLogin yes\n"
         "AllowTcpForwarding yes\n")
     os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
-    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
-                            stderr=open(d / "sshd.log", "ab"))
+    with open(d / "sshd.log", "ab") as log:
+        sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+                                stderr=log)
     ssh: subprocess.Popen[bytes] | None = None
     try:
         wait_port(sshd_port)
         user = os.environ.get("USER") or "root"
-        ssh = subprocess.Popen(
-            ["ssh", "-N", "-D", f"127.0.0.1:{socks_port}", "-p", str(sshd_port),
-             "-i", str(d / "user_key"), "-o", "StrictHostKeyChecking=no",
-             "-o", f"UserKnownHostsFile={d / 'known_hosts'}", "-o", "BatchMode=yes",
-             "-o", "ExitOnForwardFailure=yes", f"{user}@127.0.0.1"],
-            stderr=open(d / "ssh.log", "ab"))
+        with open(d / "ssh.log", "ab") as log:
+            ssh = subprocess.Popen(
+                ["ssh", "-N", "-D", f"127.0.0.1:{socks_port}", "-p", str(sshd_port),
+                 "-i", str(d / "user_key"), "-o", "StrictHostKeyChecking=no",
+                 "-o", f"UserKnownHostsFile={d / 'known_hosts'}", "-o", "BatchMode=yes",
+                 "-o", "ExitOnForwardFailure=yes", f"{user}@127.0.0.1"],
+                stderr=log)
         wait_port(socks_port)
         yield socks_port
     finally:

@@ -32,7 +32,7 @@ def wait_for(pred: Any, timeout: float, what: str) -> Any:
     while True:
         try:
             result = pred()
-        except Exception:  # the thing being waited for may be restarting
+        except Exception:  # noqa: BLE001 - the thing waited for may be restarting: any error
             result = None
         if result:
             return result

@@ -20,6 +20,7 @@ import psutil
 
 from vmbusify.bus.link import WorkerLink
 from vmbusify.config import Config, load_config
+from vmbusify.errors import VMBusifyError
 from vmbusify.protocol.entities import Entity
 
 BIN = Path(sys.executable).parent
@@ -46,10 +47,10 @@ class MuxProc:
         return load_config(self.config_path)
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [str(BIN / "vmbusify"), "mux", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.extra_env})
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [str(BIN / "vmbusify"), "mux", "--config", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.extra_env})
         log.close()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -141,7 +142,7 @@ async def wait_state(link: WorkerLink, vmid: str, state: str, timeout: float = 2
             last = next(v for v in st["vms"] if v["vmid"] == vmid)
             if last["state"] == state:
                 return last
-        except Exception:  # the mux may be restarting
+        except (VMBusifyError, StopIteration):  # the mux may be restarting, the VM not listed
             pass
         await asyncio.sleep(0.1)
     raise AssertionError(f"{vmid} not {state} after {timeout}s; last: {last}")

@@ -54,10 +54,12 @@ def start_proxies(root: Path, guest_extra: str = "", host_extra: str = "",
         with open(mux.config_path, "a") as fh:
             fh.write(f'[proxy]\nlisten = "127.0.0.1:{port}"\ndefault_deny = false\n'
                      f'connect_timeout = 3.0\n{extra}')
-    workers = [subprocess.Popen([str(BIN / "vmbusify"), "worker", "proxy", "--config",
-                                 str(m.config_path)],
-                                stdout=open(root / f"{m.name}-proxy.log", "ab"),
-                                stderr=subprocess.STDOUT) for m in (pair.guest, pair.host)]
+    workers = []
+    for m in (pair.guest, pair.host):
+        with open(root / f"{m.name}-proxy.log", "ab") as log:  # the child keeps its own fd
+            workers.append(subprocess.Popen(
+                [str(BIN / "vmbusify"), "worker", "proxy", "--config", str(m.config_path)],
+                stdout=log, stderr=subprocess.STDOUT))
     pp = ProxyPair(pair, guest_port, host_port, workers)
     # Ready when a request through the guest reaches the host's proxy server.
     deadline = time.monotonic() + 30
