@@ -35,7 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.harness import BIN, free_port, make_pair
+from tests.integration.harness import free_port
+from tests.integration.proxy_harness import start_proxies, stop_proxies
 
 BLOCK = 1 << 20
 MB = 1_000_000
@@ -165,29 +166,16 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 # -- the three paths --------------------------------------------------------------------------
 @contextmanager
 def vmbusify_path(root: Path) -> Iterator[int]:
-    """Both muxes and both proxy workers; yields the guest proxy's port."""
-    pair = make_pair(root, ping_interval=5.0, dead_after=30.0)
-    guest_port, host_port = free_port(), free_port()
-    # The host's proxy server must reach the sink on its loopback: lift the built-in denial.
-    for mux, port in ((pair.guest, guest_port), (pair.host, host_port)):
-        with open(mux.config_path, "a") as fh:
-            fh.write(f'[proxy]\nlisten = "127.0.0.1:{port}"\ndefault_deny = false\n')
-    workers = []
-    for m in (pair.guest, pair.host):
-        with open(root / f"{m.name}-proxy.log", "ab") as log:  # the child keeps its own fd
-            workers.append(subprocess.Popen(
-                [str(BIN / "vmbusify"), "worker", "proxy", "--config", str(m.config_path)],
-                stdout=log, stderr=subprocess.STDOUT))
-    VMBUSIFY_PIDS.update({"guest mux": pair.guest.pid, "host mux": pair.host.pid,
-                          "guest proxy": workers[0].pid, "host proxy": workers[1].pid})
+    """Both muxes and both proxy workers (the proxy tests' harness); yields the guest proxy's
+    port. The host's proxy server reaches the sink on its loopback: the harness lifts the
+    built-in denial."""
+    pp = start_proxies(root, ping_interval=5.0, dead_after=30.0)
+    VMBUSIFY_PIDS.update({"guest mux": pp.pair.guest.pid, "host mux": pp.pair.host.pid,
+                          "guest proxy": pp.workers[0].pid, "host proxy": pp.workers[1].pid})
     try:
-        wait_port(guest_port)
-        yield guest_port
+        yield pp.guest_port
     finally:
-        for w in workers:
-            w.terminate()
-            w.wait(10)
-        pair.stop()
+        stop_proxies(pp)
 
 
 @contextmanager
