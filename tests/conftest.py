@@ -11,8 +11,16 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 NEEDS_ROOT = "needs root (network namespaces)"
+
+# The suite runs on shared, often busy machines (CI among them): Hypothesis's timing checks
+# (a 200 ms deadline per example, "input generation is slow") then fail tests whose property
+# holds. What the properties check does not depend on speed, so those two checks are off.
+settings.register_profile(
+    "vmbusify", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("vmbusify")
 _LAB_FIXTURES = {"lab", "lab_up"}
 
 
