@@ -103,6 +103,14 @@ def direct_connect(port: int) -> socket.socket:
 Connect = Callable[[], socket.socket]
 
 
+def connector(port: int, via: Callable[[int, int], socket.socket] | None, sink: int) -> Connect:
+    """How to reach the sink through a path listening on ``port``: straight to it (the path
+    forwards to the sink itself), or through ``via``, a proxy client told to go to ``sink``."""
+    if via is None:
+        return lambda: direct_connect(port)
+    return lambda: via(port, sink)
+
+
 def throughput(connect: Connect, mib: int) -> float:
     """MB/s of one stream of ``mib`` MiB, from the first byte sent to the sink's count."""
     s = connect()
@@ -261,13 +269,7 @@ def main() -> None:
             if args.only and name != args.only:
                 continue
             with make() as port:
-                if via is None:
-                    def connect(p: int = port) -> socket.socket:
-                        return direct_connect(p)
-                else:
-                    def connect(p: int = port, v: Callable[..., socket.socket] = via
-                                ) -> socket.socket:
-                        return v(p, sink_port)
+                connect = connector(port, via, sink_port)
                 for attempt in range(100):  # warm up (the far worker may still register)
                     try:
                         throughput(connect, 16)

@@ -206,7 +206,9 @@ def test_configs_on_disk_are_valid(lab_up: LabHandle) -> None:
     for vmid in lab_up.vmids:
         guest = load_config(LAB_ROOT / vmid / "vmbusify.toml")
         assert guest.role is Role.GUEST and guest.name == vmid
-        assert host.vm(vmid).address == guest.tunnel.listen == f"unix:{LAB_ROOT}/{vmid}/tunnel.sock"
+        entry = host.vm(vmid)
+        assert entry is not None, vmid  # every lab VM is in the host config
+        assert entry.address == guest.tunnel.listen == f"unix:{LAB_ROOT}/{vmid}/tunnel.sock"
 
 
 def test_lab_names_come_from_the_lab_files(lab_up: LabHandle) -> None:

@@ -82,6 +82,10 @@ class Subnet:
         """The VM has its address and its traffic crosses: it can ping the host."""
         return self.ping(vmid, self.gateway, count=1)
 
+    def wait_attached(self, vmid: str, what: str = "back") -> None:
+        """Wait until ``vmid`` is :meth:`attached`; the timeout's message says "<vmid> <what>"."""
+        wait_for(lambda: self.attached(vmid), ATTACH_TIMEOUT, f"{vmid} {what}")
+
     def host_subnet_pid(self) -> int | None:
         return self.lab.program_pid("host", "subnet")
 
@@ -111,7 +115,7 @@ def subnet(lab: LabHandle) -> Subnet:
     s = Subnet(lab, host, guest, lab.layout.external.ip, lab.layout.external.netns,
                str(net.network_address + 1), str(net6.network_address + 1))
     for vmid in ("vm1", "vm2"):
-        wait_for(lambda vmid=vmid: s.attached(vmid), ATTACH_TIMEOUT, f"{vmid} on the subnet")
+        s.wait_attached(vmid, "on the subnet")
     return s
 
 
@@ -223,7 +227,7 @@ def test_addresses_are_stable_across_worker_restarts(subnet: Subnet) -> None:
     subnet.lab.supervisorctl("host", "restart", "subnet")
     subnet.lab.supervisorctl("vm1", "restart", "subnet")
     for vmid in ("vm1", "vm2"):
-        wait_for(lambda vmid=vmid: subnet.attached(vmid), ATTACH_TIMEOUT, f"{vmid} back")
+        subnet.wait_attached(vmid)
     assert {v: subnet.vm_address(v) for v in ("vm1", "vm2")} == before
 
 
@@ -240,7 +244,7 @@ def set_vm_to_vm(subnet: Subnet, allowed: bool) -> None:
     path.write_text(text)
     subnet.lab.supervisorctl("host", "restart", "subnet")
     for vmid in ("vm1", "vm2"):
-        wait_for(lambda vmid=vmid: subnet.attached(vmid), ATTACH_TIMEOUT, f"{vmid} back")
+        subnet.wait_attached(vmid)
 
 
 def test_vm_to_vm_blocked_by_default_allowed_by_config(subnet: Subnet) -> None:
@@ -255,7 +259,7 @@ def test_vm_to_vm_blocked_by_default_allowed_by_config(subnet: Subnet) -> None:
         subnet.lab.layout.host.config_path.write_text(original)
         subnet.lab.supervisorctl("host", "restart", "subnet")
         for vmid in ("vm1", "vm2"):
-            wait_for(lambda vmid=vmid: subnet.attached(vmid), ATTACH_TIMEOUT, f"{vmid} back")
+            subnet.wait_attached(vmid)
     assert not subnet.ping("vm1", vm2)
 
 
@@ -328,5 +332,5 @@ def test_stop_leaves_no_interface_route_or_table(subnet: Subnet) -> None:
         subnet.lab.supervisorctl("host", "start", "subnet")
         subnet.lab.supervisorctl("vm1", "start", "subnet")
     for vmid in ("vm1", "vm2"):
-        wait_for(lambda vmid=vmid: subnet.attached(vmid), ATTACH_TIMEOUT, f"{vmid} back")
+        subnet.wait_attached(vmid)
     assert nft_table_present(sub.table)

@@ -320,6 +320,7 @@ def test_websocket_with_a_malformed_request(stack: ExecStack) -> None:
     import socket
 
     from vmbusify.protocol.websocket import (
+        Frame,
         FrameDecoder,
         Opcode,
         encode_frame,
@@ -342,7 +343,7 @@ def test_websocket_with_a_malformed_request(stack: ExecStack) -> None:
             assert head.startswith(b"HTTP/1.1 101") and expected_accept(key).encode() in head
             dec = FrameDecoder()
             dec.receive_data(rest)
-            frames = []
+            frames: list[Frame] = []
             while not frames or frames[-1].opcode is not Opcode.CLOSE:
                 frame = dec.next_frame()
                 if frame is None:

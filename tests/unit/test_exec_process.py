@@ -6,6 +6,8 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import psutil
 import pytest
@@ -21,9 +23,11 @@ from vmbusify.workers.exec.process import (
     tree,
 )
 
+T = TypeVar("T")
 
-def run(coro: object) -> object:
-    return asyncio.run(asyncio.wait_for(coro, 60))  # type: ignore[arg-type]
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 async def read_all(fd: int) -> bytes:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import struct
+from typing import TypeAlias
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmbusify.errors import RemoteProtocolError
-from vmbusify.protocol.httpproxy import http_error, parse_head
+from vmbusify.protocol.httpproxy import HttpRequest, http_error, parse_head
 from vmbusify.protocol.proxy import (
     Command,
     DatagramDecoder,
@@ -34,19 +35,38 @@ from vmbusify.protocol.socks import (
     udp_reply_header,
 )
 
+Event: TypeAlias = Socks5Greeting | Socks5Auth | TargetRequest
 
-def feed(hs: Handshake, data: bytes) -> object:
+
+def feed(hs: Handshake, data: bytes) -> Event | None:
     hs.receive_data(data)
     return hs.next_event()
 
 
-def socks5(hs: Handshake, request: bytes) -> TargetRequest:
-    greeting = feed(hs, b"\x05\x01\x00")
+def feed_greeting(hs: Handshake, data: bytes) -> Socks5Greeting:
+    """Feed bytes that must complete a SOCKS5 greeting."""
+    greeting = feed(hs, data)
     assert isinstance(greeting, Socks5Greeting)
-    assert hs.select_method(greeting.methods) == b"\x05\x00"
-    req = feed(hs, request)
+    return greeting
+
+
+def feed_request(hs: Handshake, data: bytes) -> TargetRequest:
+    """Feed bytes that must complete the handshake's request."""
+    req = feed(hs, data)
     assert isinstance(req, TargetRequest)
     return req
+
+
+def http_head(req: TargetRequest) -> HttpRequest:
+    """The HTTP request a plain or CONNECT HTTP proxy request carries."""
+    assert req.http is not None
+    return req.http
+
+
+def socks5(hs: Handshake, request: bytes) -> TargetRequest:
+    greeting = feed_greeting(hs, b"\x05\x01\x00")
+    assert hs.select_method(greeting.methods) == b"\x05\x00"
+    return feed_request(hs, request)
 
 
 def test_socks5_ipv4_ipv6_and_domain() -> None:
@@ -65,12 +85,13 @@ def test_socks5_ipv4_ipv6_and_domain() -> None:
 def test_socks5_byte_by_byte_gives_the_same_result() -> None:
     data = b"\x05\x02\x00\x02"
     hs = Handshake()
-    events = []
+    events: list[Event] = []
     for i in range(len(data)):
         hs.receive_data(data[i:i + 1])
         if (ev := hs.next_event()) is not None:
             events.append(ev)
     assert events == [Socks5Greeting(b"\x00\x02")]
+    assert isinstance(events[0], Socks5Greeting)
     hs.select_method(events[0].methods)
     request = b"\x05\x01\x00\x03\x03abc\x00\x16"
     got = None
@@ -84,12 +105,12 @@ def test_socks5_byte_by_byte_gives_the_same_result() -> None:
 
 def test_socks5_userpass() -> None:
     hs = Handshake(require_auth=True)
-    greeting = feed(hs, b"\x05\x01\x02")
+    greeting = feed_greeting(hs, b"\x05\x01\x02")
     assert hs.select_method(greeting.methods) == b"\x05\x02"
     auth = feed(hs, b"\x01\x03bob\x06s3cret")
     assert auth == Socks5Auth("bob", "s3cret")
     assert hs.auth_result(True) == b"\x01\x00"
-    assert feed(hs, b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x16").port == 22
+    assert feed_request(hs, b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x16").port == 22
     bad = Handshake(require_auth=True)
     feed(bad, b"\x05\x01\x02")
     bad.select_method(b"\x02")
@@ -100,7 +121,7 @@ def test_socks5_userpass() -> None:
 
 def test_socks5_auth_required_but_not_offered() -> None:
     hs = Handshake(require_auth=True)
-    greeting = feed(hs, b"\x05\x01\x00")
+    greeting = feed_greeting(hs, b"\x05\x01\x00")
     with pytest.raises(HandshakeError) as err:
         hs.select_method(greeting.methods)
     assert err.value.reply is None
@@ -118,7 +139,7 @@ def test_socks5_auth_required_but_not_offered() -> None:
 ])
 def test_socks5_bad_requests_get_the_right_reply(request_bytes: bytes, code: ReplyCode) -> None:
     hs = Handshake()
-    hs.select_method(feed(hs, b"\x05\x01\x00").methods)
+    hs.select_method(feed_greeting(hs, b"\x05\x01\x00").methods)
     hs.receive_data(request_bytes)
     with pytest.raises(HandshakeError) as err:
         hs.next_event()
@@ -144,7 +165,7 @@ def test_socks4_and_4a() -> None:
     req = feed(hs, b"\x04\x01\x00\x50\xc6\x12\x00\x02bob\x00")
     assert req == TargetRequest(ProxyKind.SOCKS4, Command.CONNECT, "198.18.0.2", 80, "bob")
     assert hs.success_reply() == b"\x00\x5a" + bytes(6)
-    req = feed(Handshake(), b"\x04\x01\x01\xbb\x00\x00\x00\x07\x00external.lab\x00")
+    req = feed_request(Handshake(), b"\x04\x01\x01\xbb\x00\x00\x00\x07\x00external.lab\x00")
     assert (req.host, req.port) == ("external.lab", 443)
     hs = Handshake()
     with pytest.raises(HandshakeError) as err:
@@ -164,32 +185,38 @@ def test_socks4_user_id_is_bounded() -> None:
 
 def test_http_connect_and_plain() -> None:
     hs = Handshake()
-    req = feed(hs, b"CONNECT external.lab:443 HTTP/1.1\r\nHost: external.lab:443\r\n\r\n")
-    assert (req.kind, req.host, req.port, req.http.is_connect) == (
+    req = feed_request(hs, b"CONNECT external.lab:443 HTTP/1.1\r\nHost: external.lab:443\r\n\r\n")
+    assert (req.kind, req.host, req.port, http_head(req).is_connect) == (
         ProxyKind.HTTP, "external.lab", 443, True)
     assert hs.success_reply() == b"HTTP/1.1 200 Connection established\r\n\r\n"
     hs = Handshake()
     raw = (b"GET http://external.lab:8080/a/b?c=1 HTTP/1.1\r\nHost: external.lab:8080\r\n"
            b"Proxy-Connection: keep-alive\r\nProxy-Authorization: Basic eDp5\r\n"
            b"Accept: */*\r\n\r\nBODY")
-    req = feed(hs, raw)
-    assert (req.host, req.port, req.http.path) == ("external.lab", 8080, "/a/b?c=1")
-    assert req.http.forward_head() == (b"GET /a/b?c=1 HTTP/1.1\r\nHost: external.lab:8080\r\n"
-                                       b"Accept: */*\r\nConnection: close\r\n\r\n")
+    req = feed_request(hs, raw)
+    head = http_head(req)
+    assert (req.host, req.port, head.path) == ("external.lab", 8080, "/a/b?c=1")
+    assert head.forward_head() == (b"GET /a/b?c=1 HTTP/1.1\r\nHost: external.lab:8080\r\n"
+                                   b"Accept: */*\r\nConnection: close\r\n\r\n")
     assert hs.trailing == b"BODY" and hs.success_reply() == b""
-    req = feed(Handshake(), b"CONNECT [::1]:22 HTTP/1.1\r\n\r\n")
+    req = feed_request(Handshake(), b"CONNECT [::1]:22 HTTP/1.1\r\n\r\n")
     assert (req.host, req.port) == ("::1", 22)
-    req = feed(Handshake(), b"GET http://h HTTP/1.0\r\n\r\n")
-    assert (req.host, req.port, req.http.path) == ("h", 80, "/")
-    assert b"Host: h\r\n" in req.http.forward_head()
+    req = feed_request(Handshake(), b"GET http://h HTTP/1.0\r\n\r\n")
+    head = http_head(req)
+    assert (req.host, req.port, head.path) == ("h", 80, "/")
+    assert b"Host: h\r\n" in head.forward_head()
 
 
 def test_http_credentials() -> None:
     token = base64.b64encode(b"bob:pa:ss").decode()
-    head, _ = parse_head(f"CONNECT a:1 HTTP/1.1\r\nProxy-Authorization: Basic {token}\r\n\r\n"
-                         .encode())
+    parsed = parse_head(f"CONNECT a:1 HTTP/1.1\r\nProxy-Authorization: Basic {token}\r\n\r\n"
+                        .encode())
+    assert parsed is not None  # a complete head
+    head, _ = parsed
     assert head.credentials() == ("bob", "pa:ss")
-    head, _ = parse_head(b"CONNECT a:1 HTTP/1.1\r\nProxy-Authorization: Basic !!\r\n\r\n")
+    parsed = parse_head(b"CONNECT a:1 HTTP/1.1\r\nProxy-Authorization: Basic !!\r\n\r\n")
+    assert parsed is not None
+    head, _ = parsed
     assert head.credentials() is None
 
 
