@@ -16,7 +16,11 @@
    between sessions first: in one session the probe competes with the streaming client for
    that session's share. On a machine of two cores the stream keeps both busy, so either
    figure is mostly CPU sharing (see docs/exec.md).
-4. the same two latencies without the interpreter's start: an exec of `true` from a client
+4. the client's start alone: a Python process that imports the client and sends nothing,
+   idle and beside the same stream, in the same rounds. On two cores the stream keeps both
+   busy and any new process gets a share of a core; what this start loses beside the stream
+   is the CPU sharing of this machine, not a wait on VMBusify's path.
+5. the same two latencies without the interpreter's start: an exec of `true` from a client
    already running (one Python process looping over the client's Session): connect,
    upgrade, START through both muxes, the program's exit, STATUS. This is the part the
    listener, the tunnel and the executor make; the rest of `vmbusifyexec`'s time is a
@@ -142,6 +146,10 @@ def in_process_ms(env: dict[str, str], runs: int) -> float:
     return statistics.median(float(x) for x in out.split())
 
 
+#: The client's start without its request: the interpreter and the client's imports.
+START_PROBE = [sys.executable, "-c", "import vmbusify.cli.exec"]
+
+
 class Fairness(NamedTuple):
     """Medians (ms) over the rounds of each round's median: idle, then beside a stream."""
 
@@ -149,6 +157,8 @@ class Fairness(NamedTuple):
     busy: float
     idle_running_client: float
     busy_running_client: float
+    idle_start: float
+    busy_start: float
 
 
 def fairness(ex: list[str], env: dict[str, str], runs: int, rounds: int, own_session: bool
@@ -160,22 +170,25 @@ def fairness(ex: list[str], env: dict[str, str], runs: int, rounds: int, own_ses
     drifts by 20-40 % over minutes: an idle figure from another minute would weigh more
     than the stream does.
     """
-    per_round: list[tuple[float, float, float, float]] = []
+    per_round: list[tuple[float, ...]] = []
     for _ in range(rounds):
         idle = statistics.median(wall([*ex, "true"], env) for _ in range(runs)) * 1e3
         idle_rc = in_process_ms(env, runs)
+        idle_start = statistics.median(wall(START_PROBE, env) for _ in range(runs)) * 1e3
         hog = subprocess.Popen([*ex, "cat", "/dev/zero"], env=env, stdout=subprocess.DEVNULL,
                                stdin=subprocess.DEVNULL, start_new_session=own_session)
         try:
             time.sleep(1.0)  # let it reach full speed
             busy = statistics.median(wall([*ex, "true"], env) for _ in range(runs)) * 1e3
             busy_rc = in_process_ms(env, runs)
+            busy_start = statistics.median(wall(START_PROBE, env) for _ in range(runs)) * 1e3
         finally:
             hog.terminate()
             hog.wait(10)
             time.sleep(0.5)  # let the daemons drain what was in flight
-        per_round.append((idle, busy, idle_rc, busy_rc))
-    return Fairness(*(statistics.median(r[i] for r in per_round) for i in range(4)))
+        per_round.append((idle, busy, idle_rc, busy_rc, idle_start, busy_start))
+    return Fairness(*(statistics.median(r[i] for r in per_round)
+                      for i in range(len(Fairness._fields))))
 
 
 def main() -> None:
@@ -235,7 +248,9 @@ def main() -> None:
             ("  the same, stream from this session (ms)", together.busy, together.idle,
              "(shown, no goal)"),
             ("`true` from a running client (ms)", apart.busy_running_client,
-             apart.idle_running_client, "(shown, no goal)")]
+             apart.idle_running_client, "(shown, no goal)"),
+            ("the client's start alone, no request (ms)", apart.busy_start, apart.idle_start,
+             "(shown, no goal)")]
     for label, busy, idle, goal in rows:
         print(f"  {label:<44} {busy:>13.1f} {idle:>10.1f} {busy / idle:>7.2f}  {goal}")
 
