@@ -325,3 +325,77 @@ def test_a_tun_held_by_another_worker_is_a_clear_error_and_closing_removes_it() 
     finally:
         first.close()
     assert not link_exists(name)
+
+
+# --- the guest re-attaching ---------------------------------------------------------------
+
+
+class _FakeLink:
+    """Just what SubnetGuest._attach_forever uses: streams and sync_send (no mux)."""
+
+    def __init__(self) -> None:
+        from vmbusify.bus.streams import StreamTable
+
+        async def send(vmid: str, pkg: object) -> None:
+            return None
+
+        self.streams = StreamTable(send)
+        self.attaches: list[int] = []
+        self.first_sent = asyncio.Event()
+        self.lease = {"vmid": "vm1", "address": "100.77.0.2", "prefixlen": 24,
+                      "gateway": "100.77.0.1", "mtu": 65000, "metric": 65000}
+
+    async def open_stream(self, vmid: object, local: int, peer: int, message_id: int) -> object:
+        return self.streams.open("host", local, peer, message_id)
+
+    async def sync_send(self, vmid: object, entity: int, message_id: int, body: object,
+                        stream: int = 0, timeout: float = 10.0) -> object:
+        from vmbusify.protocol.subnet import SubnetMessage
+
+        if message_id == SubnetMessage.KEEPALIVE:
+            await asyncio.sleep(3600)
+        self.attaches.append(stream)
+        if len(self.attaches) == 1:  # went to the host's worker while it was stopping
+            self.first_sent.set()
+            await asyncio.sleep(timeout)
+            from vmbusify.errors import RequestTimeout
+            raise RequestTimeout("no reply")
+        return self.lease
+
+
+def test_guest_attaches_again_at_once_when_the_host_worker_restarts_mid_attach(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An ATTACH lost with the host's stopping worker must not hold the subnet down for the
+    whole request timeout: the new worker's HOST_READY makes the guest send it again."""
+    from vmbusify.config import Config
+    from vmbusify.workers.subnet import guest as guest_module
+
+    monkeypatch.setattr(guest_module.routes, "configure_guest", lambda ifname, lease: None)
+
+    class FakeTun:
+        def write_frame(self, frame: object) -> None:
+            pass
+
+    async def scenario() -> None:
+        link = _FakeLink()
+        g = guest_module.SubnetGuest(Config(state_dir=str(tmp_path)), link)  # type: ignore[arg-type]
+        g.tun = FakeTun()  # type: ignore[assignment]
+        task = asyncio.ensure_future(g._attach_forever())
+        try:
+            await asyncio.wait_for(link.first_sent.wait(), 2)
+            await g._on_host_ready(None)  # type: ignore[arg-type]
+            for _ in range(100):
+                if g.bearer is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert g.bearer is not None, "still waiting for the lost ATTACH"
+            assert len(link.attaches) == 2
+            # the abandoned attempt's stream is not left behind in the table
+            assert [s.id for s in link.streams] == [link.attaches[1]]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if g.bearer is not None:
+                await g.bearer.close("test over")
+
+    asyncio.run(scenario())

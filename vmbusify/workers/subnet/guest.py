@@ -99,7 +99,7 @@ class SubnetGuest:
         while True:
             self._wake.clear()
             try:
-                bearer = await self._attach()
+                bearer = await self._attach_unless_woken()
             except (TunnelError, ProtocolError) as exc:
                 log.info("attach failed: %s; again in %.1fs", exc, delay)
                 try:
@@ -109,12 +109,36 @@ class SubnetGuest:
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             delay = BACKOFF_INITIAL
+            if bearer is None:
+                log.info("attaching again at once: the host's worker or the tunnel came back "
+                         "while an attach was in flight")
+                continue
             self.bearer = bearer
             keepalive = asyncio.ensure_future(self._keepalive(bearer))
             await bearer.closed.wait()
             keepalive.cancel()
             await bearer.close(bearer.reason or "re-attaching")
             self.bearer = None
+
+    async def _attach_unless_woken(self) -> Bearer | None:
+        """``_attach``, abandoned (None) if HOST_READY or a tunnel UP comes meanwhile.
+
+        An ATTACH sent while the host's worker was stopping went to the dying process and
+        would only end with its 10 s timeout; the new worker's HOST_READY says to send again.
+        (If the abandoned ATTACH did reach a live worker, the next one replaces its stream.)
+        """
+        attach = asyncio.ensure_future(self._attach())
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({attach, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (attach, woken):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(attach, woken, return_exceptions=True)
+        if attach.cancelled():
+            return None
+        return attach.result()
 
     async def _attach(self) -> Bearer:
         assert self.tun is not None
@@ -126,7 +150,7 @@ class SubnetGuest:
                 Attach(self.config.name or socket.gethostname(), self.sub.offload).to_body(), stream=stream.id,
                 timeout=10.0)
             lease = Lease.from_body(reply)
-        except VMBusifyError:
+        except (VMBusifyError, asyncio.CancelledError):
             self.link.streams.forget(stream)
             raise
         routes.configure_guest(self.sub.ifname, lease)
