@@ -46,17 +46,23 @@ class Route:
 def split_vmbusify_name(name: str, vmids: set[str]) -> tuple[str, str] | None:
     """(vmid, host inside it) for a ``[NAME.]VMID.vmbusify`` name, or None if not one.
 
-    The longest known vmid wins, so vmids with dots work. RouteError if the VM is unknown.
+    The longest known vmid wins, so vmids with dots work. Names are case-insensitive (DNS
+    names are, and a Hyper-V VM id is a GUID that tools print in either case); a vmid that
+    matches exactly wins over one that matches only ignoring case. RouteError if the VM is
+    unknown.
     """
     low = name.lower().rstrip(".")
     if not low.endswith(SUFFIX):
         return None
     stem = name.rstrip(".")[: -len(SUFFIX)]
-    for vmid in sorted(vmids, key=len, reverse=True):
-        if stem == vmid:
-            return vmid, "localhost"
-        if stem.endswith("." + vmid):
-            return vmid, stem[: -len(vmid) - 1]
+    for fold in (False, True):
+        key = stem.lower() if fold else stem
+        for vmid in sorted(vmids, key=len, reverse=True):
+            want = vmid.lower() if fold else vmid
+            if key == want:
+                return vmid, "localhost"
+            if key.endswith("." + want):
+                return vmid, stem[: -len(vmid) - 1]
     raise RouteError(ReplyCode.HOST_UNREACHABLE, f"no VM named in {name!r}")
 
 
