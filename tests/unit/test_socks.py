@@ -316,3 +316,15 @@ def test_datagram_framing_survives_any_split() -> None:
         assert got == [("198.18.0.2", 53, b"q" * 300), ("a.lab", 1, b"")]
     with pytest.raises(RemoteProtocolError):
         DatagramDecoder().feed(b"\x00\x02\x00\x00")
+
+
+def test_http_plain_request_host_header_is_the_uri_authority() -> None:
+    """A proxy replaces the client's Host with the absolute URI's authority (RFC 9112
+    3.2.2): the origin must not be told a different (or a second) name."""
+    raw = (b"GET http://external.lab:8080/x HTTP/1.1\r\nHost: attacker.example\r\n"
+           b"Accept: */*\r\nhost: second.example\r\n\r\n")
+    head = http_head(feed_request(Handshake(), raw))
+    assert head.forward_head() == (b"GET /x HTTP/1.1\r\nHost: external.lab:8080\r\n"
+                                   b"Accept: */*\r\nConnection: close\r\n\r\n")
+    head = http_head(feed_request(Handshake(), b"GET http://[::1]/ HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert head.forward_head().count(b"Host:") == 1 and b"Host: [::1]\r\n" in head.forward_head()

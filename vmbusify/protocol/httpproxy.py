@@ -75,17 +75,19 @@ class HttpRequest:
         return (user, password) if sep else None
 
     def forward_head(self) -> bytes:
-        """The head to send the origin: origin-form, no proxy headers, ``Connection: close``."""
-        lines = [f"{self.method} {self.path} {self.version}".encode()]
-        has_host = False
+        """The head to send the origin: origin-form, no proxy headers, ``Connection: close``.
+
+        ``Host`` is the authority of the absolute URI, whatever Host header(s) the client
+        sent (RFC 9112 section 3.2.2: a proxy ignores a received Host and replaces it), so
+        the origin never sees a name other than the one the connection was opened for.
+        """
+        lines = [f"{self.method} {self.path} {self.version}".encode(),
+                 b"Host: " + _authority(self.host, self.port, 80).encode()]
         for k, v in self.headers:
             low = k.lower()
-            if low in _HOP:
+            if low in _HOP or low == b"host":
                 continue
-            has_host = has_host or low == b"host"
             lines.append(k + b": " + v)
-        if not has_host:
-            lines.append(b"Host: " + _authority(self.host, self.port, 80).encode())
         lines.append(b"Connection: close")
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
