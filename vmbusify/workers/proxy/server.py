@@ -102,12 +102,17 @@ class ProxyServer:
         return OpenAck(code, reason=reason).encode()
 
     async def allowed_addresses(self, host: str, port: int, label: str,
-                                kind: int = socket.SOCK_STREAM) -> tuple[list[str], OpenAck]:
-        """Resolved addresses the policy allows, or none and the refusal to send."""
+                                kind: int = socket.SOCK_STREAM, quiet: bool = False
+                                ) -> tuple[list[str], OpenAck]:
+        """Resolved addresses the policy allows, or none and the refusal to send.
+
+        ``quiet``: log refusals at debug level only (the caller logs them its own way).
+        """
+        level = logging.DEBUG if quiet else logging.WARNING
         try:
             addrs = await self.resolver.resolve(host, port, kind)
         except NameNotFound as exc:
-            log.info("%s: refused (4): %s", label, exc)
+            log.log(min(level, logging.INFO), "%s: refused (4): %s", label, exc)
             return [], OpenAck(ReplyCode.HOST_UNREACHABLE, reason=str(exc))
         allowed: list[str] = []
         last = ""
@@ -116,7 +121,7 @@ class ProxyServer:
             if decision.allowed:
                 allowed.append(addr)
             else:
-                log.warning("%s: egress refused by policy: %s", label, decision.reason)
+                log.log(level, "%s: egress refused by policy: %s", label, decision.reason)
                 last = decision.reason
         if not allowed:
             return [], OpenAck(ReplyCode.NOT_ALLOWED, reason=last)

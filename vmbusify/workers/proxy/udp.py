@@ -46,6 +46,10 @@ class UdpRelay:
         self.label = label
         self._transports: dict[int, asyncio.DatagramTransport] = {}
         self._peers: set[tuple[str, int]] = set()
+        #: Destinations refused so far: each is logged once per association, not per datagram
+        #: (a program retrying a forbidden address must not flood the log).
+        self._refused: set[tuple[str, int]] = set()
+        self.refused_datagrams = 0
         self._out: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
 
     async def start(self) -> None:
@@ -89,13 +93,23 @@ class UdpRelay:
             await asyncio.gather(writer, return_exceptions=True)
             for t in self._transports.values():
                 t.close()
+            if self.refused_datagrams:
+                log.info("%s: UDP association ended; %d datagrams refused", self.label,
+                         self.refused_datagrams)
             if self.stream.state.value not in ("reset", "closed"):
                 await self.stream.reset("UDP association ended")
 
     async def _send(self, host: str, port: int, data: bytes) -> None:
         label = f"{self.label} udp={host}:{port}"
-        addrs, _ = await self.server.allowed_addresses(host, port, label, socket.SOCK_DGRAM)
+        addrs, refusal = await self.server.allowed_addresses(host, port, label,
+                                                             socket.SOCK_DGRAM, quiet=True)
         if not addrs:
+            self.refused_datagrams += 1
+            if (host, port) not in self._refused and len(self._refused) < MAX_PEERS:
+                self._refused.add((host, port))
+                log.warning("%s: datagrams refused (%d %s): %s (logged once per destination "
+                            "and association)", label, refusal.reply, refusal.reply.text,
+                            refusal.reason)
             return
         addr = addrs[0]
         if len(self._peers) >= MAX_PEERS and (addr, port) not in self._peers:
