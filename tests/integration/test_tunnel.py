@@ -98,6 +98,26 @@ def test_sync_and_async_send_both_ways(pair: Pair) -> None:
     run(scenario())
 
 
+def test_a_request_for_a_worker_that_went_away_fails_at_once(pair: Pair) -> None:
+    """A worker that stopped (its socket closed, no goodbye) is found gone when a request is
+    routed to it: the sender gets "no worker" at once, not a timeout."""
+    async def scenario() -> None:
+        guest = await link_for(pair.guest, "t-guest", [Entity.CMD_EXECUTOR],
+                               [(Entity.CMD_LISTENER, ECHO, echo)])
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+        await wait_state(host, "vm1", "connected")
+        assert (await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, 1))["echo"] == 1
+        await guest.close()
+        await asyncio.sleep(0.5)  # as `supervisorctl stop` leaves it: the socket is closed
+        start = time.monotonic()
+        with pytest.raises(TunnelError, match="no worker"):
+            await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, 2, timeout=8)
+        assert time.monotonic() - start < 3
+        await host.close()
+
+    run(scenario())
+
+
 def test_every_handler_runs_and_the_first_registered_answers(pair: Pair) -> None:
     async def scenario() -> None:
         ran: dict[str, asyncio.Event] = {"first": asyncio.Event(), "second": asyncio.Event()}

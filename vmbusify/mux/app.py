@@ -185,25 +185,30 @@ class MuxApp:
                                    pkg.stream, pkg.flags, len(pkg.payload))
             self.to_worker(pending.identity, [BusKind.PKG.value, vmid, header, pkg.payload])
             return
-        workers = self.routes.destinations(pkg.entity, pkg.message_id)
-        if not workers:
+        # A copy: delivering to a vanished worker unregisters it from the list.
+        workers = list(self.routes.destinations(pkg.entity, pkg.message_id))
+        header = pkg.header()
+        answering = None  # the worker that answers a request: the first one reached
+        while workers and answering is None:
+            w = workers.pop(0)
+            if self.to_worker(w.identity, [BusKind.PKG.value, vmid, header, pkg.payload]):
+                answering = w
+        if answering is None:
             log.info("vm=%s: no worker for %s message %d (%s)", peer.vmid,
                      entity_label(pkg.entity), pkg.message_id, pkg.type.name)
             if pkg.type is PackageType.REQUEST:
+                # Answered here, at once: the sender would otherwise wait out its timeout.
                 reason = (f"no worker on {self.name} handles {entity_label(pkg.entity)} "
                           f"message {pkg.message_id}").encode()
                 tunnel.send_package(Package(PackageType.ACK, 0, pkg.message_id, pkg.id,
                                             pkg.stream, PackageFlag.ERROR, reason))
             return
-        header = pkg.header()
-        first, *others = workers
-        self.to_worker(first.identity, [BusKind.PKG.value, vmid, header, pkg.payload])
-        if others and pkg.type is PackageType.REQUEST:
+        if workers and pkg.type is PackageType.REQUEST:
             # Only the first registered handler answers a request (one ACK per request); the
             # others are handed the same message as a one-way notification.
             header = encode_header(PackageType.MESSAGE, pkg.entity, pkg.message_id, pkg.id,
                                    pkg.stream, pkg.flags, len(pkg.payload))
-        for w in others:
+        for w in workers:
             self.to_worker(w.identity, [BusKind.PKG.value, vmid, header, pkg.payload])
 
     # -- tunnel life -----------------------------------------------------------------------
