@@ -1,11 +1,29 @@
-"""Running system commands (ip, nft, ...) by argument list, with one-line errors."""
+"""Facts and commands of the local system: running commands (ip, nft, ...) by argument list
+with one-line errors, and the addresses of this machine's interfaces."""
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 from collections.abc import Mapping, Sequence
 
+import psutil
+
 from vmbusify.errors import VMBusifyError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def interface_addresses() -> set[IPAddress]:
+    """Every IP address configured on this machine's interfaces (IPv6 scope ids dropped)."""
+    out: set[IPAddress] = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            try:
+                out.add(ipaddress.ip_address(a.address.split("%")[0]))
+            except ValueError:
+                continue  # MAC addresses and the like
+    return out
 
 
 def run_command(

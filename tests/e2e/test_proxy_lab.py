@@ -173,6 +173,11 @@ def test_reply_codes_refused_and_policy(lab: LabHandle, ext: tuple[str, bytes]) 
         out = in_vm(lab, ["curl", "-sS", "--max-time", "20", "--socks5-hostname", gp,
                           f"http://{host}:{lab_control_port(lab)}/"])
         assert out.returncode == 97 and "(2)" in out.stderr, (host, out.stderr)
+    # the host's own address on the lab's network: refused before any connect, reply 2 (a
+    # connect would have been refused by the closed port, reply 5)
+    out = in_vm(lab, ["curl", "-sS", "--max-time", "20", "--socks5-hostname", gp,
+                      f"http://{lab.layout.external.host_ip}:{lab_control_port(lab)}/"])
+    assert out.returncode == 97 and "(2)" in out.stderr, out.stderr
     out = in_vm(lab, ["curl", "-sS", "--max-time", "20", "-x", f"http://{gp}",
                       "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1/"])
     assert out.stdout == "403", out.stdout

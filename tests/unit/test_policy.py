@@ -6,7 +6,8 @@ import pytest
 
 from vmbusify.config import ProxyConfig, Role
 from vmbusify.errors import ConfigError
-from vmbusify.workers.proxy.policy import EgressPolicy, parse_rule
+from vmbusify.system import interface_addresses
+from vmbusify.workers.proxy.policy import EgressPolicy, OwnAddresses, parse_rule
 from vmbusify.workers.proxy.resolve import parse_hosts
 
 
@@ -34,6 +35,45 @@ def test_guest_may_reach_its_own_loopback_but_not_metadata() -> None:
     assert not guest.check("169.254.169.254", 80).allowed
     assert not guest.check("::ffff:169.254.169.254", 80).allowed
     assert not guest.check("fd00:ec2::254", 80).allowed
+
+
+def test_host_refuses_its_own_interface_addresses() -> None:
+    """A VM must not reach the host's own services through the proxy (the subnet's firewall
+    refuses them too): every address of the host's interfaces is a built-in denial."""
+    import ipaddress
+
+    own = {ipaddress.ip_address("192.0.2.7"), ipaddress.ip_address("2001:db8::7")}
+    p = policy(allow=["0.0.0.0/0", "::/0"])
+    p.own_addresses = OwnAddresses(lambda: own)
+    for address in ("192.0.2.7", "::ffff:192.0.2.7", "2001:db8::7"):
+        decision = p.check(address, 22)
+        assert not decision.allowed and "address of this host" in decision.reason
+    assert p.check("192.0.2.8", 22).allowed
+
+
+def test_own_addresses_are_the_real_interfaces_and_only_a_host_default() -> None:
+    import ipaddress
+
+    assert ipaddress.ip_address("127.0.0.1") in interface_addresses()
+    assert policy().own_addresses is not None
+    assert policy(default_deny=False).own_addresses is None
+    assert policy(Role.GUEST).own_addresses is None  # a guest may reach its own services
+
+
+def test_own_addresses_are_read_again_only_after_their_ttl() -> None:
+    import ipaddress
+
+    reads: list[int] = []
+
+    def read() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        reads.append(1)
+        return {ipaddress.ip_address(f"192.0.2.{len(reads)}")}
+
+    cached = OwnAddresses(read, ttl=3600)
+    assert cached() == cached() == {ipaddress.ip_address("192.0.2.1")}
+    assert len(reads) == 1
+    fresh = OwnAddresses(read, ttl=0)
+    assert fresh() != fresh()  # an interface that came or went is seen at once
 
 
 def test_default_deny_can_be_lifted() -> None:

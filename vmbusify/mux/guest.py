@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-
-import psutil
 
 from vmbusify.bus.frames import HOST_VMID
 from vmbusify.errors import VMBusifyError
 from vmbusify.mux.app import MuxApp
 from vmbusify.mux.peer import Peer, PeerState
 from vmbusify.mux.tunnel import Tunnel
+from vmbusify.system import interface_addresses
 from vmbusify.transport import listen
 
 log = logging.getLogger("vmbusify.mux.guest")
@@ -25,16 +23,8 @@ LIVENESS_PROBE = 3.0
 
 def guest_ips() -> list[str]:
     """Addresses worth reporting: everything but loopback and link-local."""
-    out: list[str] = []
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            try:
-                ip = ipaddress.ip_address(a.address.split("%")[0])
-            except ValueError:
-                continue  # MAC addresses and the like
-            if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified):
-                out.append(str(ip))
-    return sorted(set(out))
+    return sorted(str(ip) for ip in interface_addresses()
+                  if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified))
 
 
 class GuestSide:

@@ -7,21 +7,24 @@ connect: a name cannot rebind around the policy), after unwrapping IPv4-mapped a
 IPv4-compatible IPv6 forms, so ``::ffff:127.0.0.1`` is judged as ``127.0.0.1``.
 
 Built-in denials (``default_deny = true``, the default) come before any configured rule:
-on the host its own loopback and unspecified addresses, and on both ends link-local and
-cloud-metadata addresses (169.254.0.0/16 holds 169.254.169.254; fd00:ec2::254 is AWS's IPv6
-metadata). A guest's proxy server may reach its own loopback: that is what ``VMID.vmbusify``
-means to the host.
+on the host its own loopback and unspecified addresses and every address of its own
+interfaces (a VM must not reach the host's services, as the subnet's firewall also refuses),
+and on both ends link-local and cloud-metadata addresses (169.254.0.0/16 holds
+169.254.169.254; fd00:ec2::254 is AWS's IPv6 metadata). A guest's proxy server may reach its
+own loopback and addresses: that is what ``VMID.vmbusify`` means to the host.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from vmbusify.config import ProxyConfig, Role
 from vmbusify.errors import ConfigError
+from vmbusify.system import IPAddress, interface_addresses
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Denied on both ends unless default_deny is off: link-local and cloud metadata.
@@ -99,6 +102,25 @@ def parse_ip(text: str) -> IPAddress:
     return ipaddress.ip_address(text.split("%", 1)[0])
 
 
+class OwnAddresses:
+    """This machine's interface addresses, read again at most every ``ttl`` seconds (they
+    change when interfaces come and go; a check must not cost a scan every time)."""
+
+    def __init__(self, read: Callable[[], Collection[IPAddress]] = interface_addresses,
+                 ttl: float = 2.0) -> None:
+        self._read = read
+        self._ttl = ttl
+        self._addresses: frozenset[IPAddress] = frozenset()
+        self._read_at = float("-inf")
+
+    def __call__(self) -> frozenset[IPAddress]:
+        now = time.monotonic()
+        if now - self._read_at >= self._ttl:
+            self._addresses = frozenset(unwrap(ip) for ip in self._read())
+            self._read_at = now
+        return self._addresses
+
+
 @dataclass(frozen=True)
 class Decision:
     """The outcome of a check, with the rule that decided it (for the log)."""
@@ -114,17 +136,21 @@ class EgressPolicy:
     allow: list[Rule]
     deny: list[Rule] = field(default_factory=list)
     builtin: list[Rule] = field(default_factory=list)
+    #: The addresses of this machine, denied like the built-in rules (None: not checked).
+    own_addresses: Callable[[], Collection[IPAddress]] | None = None
 
     @classmethod
     def from_config(cls, cfg: ProxyConfig, role: Role) -> EgressPolicy:
         """The policy a ProxyConfig describes for an endpoint of ``role``."""
         builtin: list[str] = []
+        own: OwnAddresses | None = None
         if cfg.default_deny:
             builtin += METADATA_DENY
             if role is Role.HOST:
                 builtin += HOST_DENY
+                own = OwnAddresses()
         return cls([parse_rule(r) for r in cfg.allow], [parse_rule(r) for r in cfg.deny],
-                   [parse_rule(r) for r in builtin])
+                   [parse_rule(r) for r in builtin], own)
 
     def check(self, address: str | IPAddress, port: int) -> Decision:
         """May this server connect to ``address``:``port``?"""
@@ -136,6 +162,8 @@ class EgressPolicy:
         for rule in self.builtin:
             if rule.matches(ip, port):
                 return Decision(False, f"{ip} is in the built-in denial {rule.text}")
+        if self.own_addresses is not None and ip in self.own_addresses():
+            return Decision(False, f"{ip} is an address of this host (built-in denial)")
         for rule in self.deny:
             if rule.matches(ip, port):
                 return Decision(False, f"{ip}:{port} matches deny rule {rule.text}")
