@@ -207,6 +207,22 @@ def test_http_connect_and_plain() -> None:
     assert b"Host: h\r\n" in head.forward_head()
 
 
+def test_http_heads_with_bare_lf_line_ends_are_read() -> None:
+    """RFC 9112 2.2: a recipient may take a bare LF as a line end. Hand-written clients
+    (printf | nc) send them; a head that never showed CRLFCRLF used to wait out the
+    handshake timeout instead of being answered."""
+    raw = b"GET http://external.lab/x HTTP/1.1\nHost: external.lab\r\nAccept: */*\n\nBODY"
+    req = feed_request(Handshake(), raw)
+    head = http_head(req)
+    assert (req.host, req.port, head.path, head.headers) == (
+        "external.lab", 80, "/x", ((b"Host", b"external.lab"), (b"Accept", b"*/*")))
+    parsed = parse_head(raw)
+    assert parsed is not None and raw[parsed[1]:] == b"BODY"
+    assert parse_head(b"GET http://a/ HTTP/1.1\nHost: a\n") is None  # no blank line yet
+    with pytest.raises(HandshakeError):  # a bare CR is no line end: a control character
+        feed(Handshake(), b"GET http://a/ HTTP/1.1\nX: a\rb\n\n")
+
+
 def test_http_credentials() -> None:
     token = base64.b64encode(b"bob:pa:ss").decode()
     parsed = parse_head(f"CONNECT a:1 HTTP/1.1\r\nProxy-Authorization: Basic {token}\r\n\r\n"

@@ -126,14 +126,30 @@ def split_authority(authority: str, default_port: int | None) -> tuple[str, int]
     return host, default_port
 
 
+def _head_lines(buf: bytes | bytearray) -> tuple[list[bytes], int] | None:
+    """The lines of the head at the start of ``buf`` and the bytes it takes with its blank
+    line, or None while the blank line has not come. Lines end in CRLF or, as RFC 9112 2.2
+    lets a recipient accept, a bare LF (printf and hand-written clients send those)."""
+    lines: list[bytes] = []
+    pos = 0
+    while (nl := buf.find(b"\n", pos, MAX_HEAD + 2)) >= 0:
+        line = bytes(buf[pos:nl])
+        line = line[:-1] if line.endswith(b"\r") else line
+        pos = nl + 1
+        if not line and lines:
+            return lines, pos
+        lines.append(line)
+    return None
+
+
 def parse_head(buf: bytes | bytearray) -> tuple[HttpRequest, int] | None:
     """One request head from the start of ``buf``: (request, bytes used) or None for more."""
-    end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-    if end < 0:
+    head = _head_lines(buf)
+    if head is None:
         if len(buf) > MAX_HEAD:
             raise _bad("request head longer than 16 KiB")
         return None
-    lines = bytes(buf[:end]).split(b"\r\n")
+    lines, used = head
     parts = lines[0].split(b" ")
     if len(parts) != 3:
         raise _bad("malformed request line")
@@ -171,7 +187,7 @@ def parse_head(buf: bytes | bytearray) -> tuple[HttpRequest, int] | None:
         host, port = split_authority(authority, 80)
     if host.startswith("[") or ":" in host:
         host = host.strip("[]")
-    return HttpRequest(method, target, version, host, port, path, tuple(headers)), end + 4
+    return HttpRequest(method, target, version, host, port, path, tuple(headers)), used
 
 
 _STATUS = {
