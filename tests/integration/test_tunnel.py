@@ -118,6 +118,36 @@ def test_a_request_for_a_worker_that_went_away_fails_at_once(pair: Pair) -> None
     run(scenario())
 
 
+def test_a_worker_that_stops_is_forgotten_at_once(pair: Pair) -> None:
+    """A worker closing its link says goodbye: the mux's status drops it at once (not after
+    the heartbeat's silence) and the far side is told its streams are gone."""
+    async def scenario() -> None:
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+        await wait_state(host, "vm1", "connected")
+        lost: asyncio.Queue[list[int]] = asyncio.Queue()
+
+        async def on_event(event: Any, vmid: str, info: dict[str, Any]) -> None:
+            if event.value == "peer-lost":
+                await lost.put(list(info["entities"]))
+
+        host.on_event(on_event)
+        guest = await link_for(pair.guest, "t-guest", [Entity.CMD_EXECUTOR])
+        gstatus = await link_for(pair.guest, "t-status", [])
+        names = {w["name"] for w in (await gstatus.control({"cmd": "status"}))["workers"]}
+        assert "t-guest" in names
+        await guest.close()
+        start = time.monotonic()
+        while "t-guest" in {w["name"] for w in
+                            (await gstatus.control({"cmd": "status"}))["workers"]}:
+            assert time.monotonic() - start < 1.5, "the stopped worker is still listed"
+            await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(lost.get(), 2) == [int(Entity.CMD_EXECUTOR)]
+        await gstatus.close()
+        await host.close()
+
+    run(scenario())
+
+
 def test_every_handler_runs_and_the_first_registered_answers(pair: Pair) -> None:
     async def scenario() -> None:
         ran: dict[str, asyncio.Event] = {"first": asyncio.Event(), "second": asyncio.Event()}

@@ -5,6 +5,7 @@ travels with its 24-byte vmbus header as one frame and its payload as another, s
 are never re-encoded between tunnel and worker (pyzmq's metadata-frame + data-frame pattern)::
 
     REG    worker -> mux   [b"REG", msgpack{name, pid, entities, routes}]   (also a heartbeat)
+    UNREG  worker -> mux   [b"UNREG"]                 the worker is stopping: forget it now
     REGOK  mux -> worker   [b"REGOK", msgpack{role, mux_id}]
     REREG  mux -> worker   [b"REREG"]                 the mux does not know this worker
     PKG    both ways       [b"PKG", vmid, header, payload]
@@ -21,6 +22,7 @@ class BusKind(bytes, Enum):
     """The first frame of every bus message."""
 
     REG = b"REG"
+    UNREG = b"UNREG"
     REGOK = b"REGOK"
     REREG = b"REREG"
     PKG = b"PKG"

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 #: Seconds between registrations; they double as the worker's heartbeat to the mux.
 REGISTER_INTERVAL = 2.0
 DEFAULT_TIMEOUT = 10.0
+#: How long a closing worker's goodbye may take to reach the mux.
+UNREG_LINGER_MS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,12 +121,20 @@ class WorkerLink:
                 raise TunnelError(f"no answer from the mux at {self.config.bus_endpoint}") from None
 
     async def close(self) -> None:
-        """Stop receiving and close the socket."""
+        """Say goodbye to the mux (it forgets this worker at once and tells the far side,
+        instead of noticing the silence seconds later), stop receiving, close the socket."""
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._bus is not None:
-            self._bus.close()
+            linger = 0
+            if self.registered.is_set():
+                try:
+                    self._bus.send([BusKind.UNREG.value])
+                    linger = UNREG_LINGER_MS
+                except zmq.ZMQError:
+                    pass  # the mux is gone: nothing to tell
+            self._bus.close(linger)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)

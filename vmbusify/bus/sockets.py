@@ -142,11 +142,12 @@ class BusSocket:
         if int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._schedule()
 
-    def close(self) -> None:
-        """Stop watching and close the socket (idempotent)."""
+    def close(self, linger_ms: int = 0) -> None:
+        """Stop watching and close the socket (idempotent); ``linger_ms``: how long what is
+        still queued may take to leave (0: dropped)."""
         if self._closed:
             return
         self._closed = True
         if not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
-        self.sock.close(linger=0)
+        self.sock.close(linger=linger_ms)

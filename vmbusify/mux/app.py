@@ -119,6 +119,10 @@ class MuxApp:
                                       dumps({"role": self.role.value, "mux_id": self.mux_id})])
         elif kind is BusKind.CTL:
             self._spawn_control(identity, frames[2], frames[3])
+        elif kind is BusKind.UNREG:
+            stopping = self.routes.by_identity(identity)
+            if stopping is not None:
+                self.worker_lost(stopping, "stopped", logging.INFO)
 
     def _spawn_control(self, identity: bytes, call_id: bytes, body: bytes) -> None:
         async def answer() -> None:
@@ -330,15 +334,15 @@ class MuxApp:
             return p.status()
         raise VMBusifyError(f"unknown command {cmd!r}")
 
-    def worker_lost(self, info: WorkerInfo, why: str) -> None:
-        """Forget a worker that died, and tell the far side its streams are gone."""
+    def worker_lost(self, info: WorkerInfo, why: str, level: int = logging.WARNING) -> None:
+        """Forget a worker that died or stopped, and tell the far side its streams are gone."""
         self.routes.unregister(info.name)
-        self.announce_lost(info, why)
+        self.announce_lost(info, why, level)
 
-    def announce_lost(self, info: WorkerInfo, why: str) -> None:
+    def announce_lost(self, info: WorkerInfo, why: str, level: int = logging.WARNING) -> None:
         """Tell every peer that ``info``'s entities lost their state (streams, requests)."""
-        log.warning("worker=%s pid=%d %s; telling the peers its streams are gone",
-                    info.name, info.pid, why)
+        log.log(level, "worker=%s pid=%d %s; telling the peers its streams are gone",
+                info.name, info.pid, why)
         if not info.entities:
             return
         lost = WorkerLost(list(info.entities)).package()
