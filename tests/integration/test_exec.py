@@ -176,6 +176,37 @@ def test_local_stdout_closed_stops_everything(stack: ExecStack) -> None:
     wait_gone(f"yes {tag}", 5)
 
 
+@pytest.mark.parametrize(("redirect", "args", "code", "out", "err"), [
+    # stdin closed: with -i the client read the listener's socket (fd 0) as stdin and hung
+    ("<&-", ["-i", "vm1", "--", "sh", "-c", "cat; echo done"], 0, b"done\n", b""),
+    # stdout closed: the output went into the WebSocket (fd 1), then a traceback
+    (">&-", ["vm1", "--", "sh", "-c", "echo out; echo err >&2; exit 3"], 3, None, b"err\n"),
+    ("2>&-", ["vm1", "--", "sh", "-c", "echo out; echo err >&2; exit 3"], 3, b"out\n", None),
+    (">&-", ["--help"], 0, None, b""),
+])
+def test_closed_standard_fds(stack: ExecStack, redirect: str, args: list[str], code: int,
+                             out: bytes | None, err: bytes | None) -> None:
+    """A closed stdin, stdout or stderr behaves as /dev/null (as with ssh)."""
+    p = subprocess.run(["sh", "-c", f'exec "$@" {redirect}', "sh", stack.exec_path, *args],
+                       env=stack.env, capture_output=True, timeout=20, check=False)
+    assert p.returncode == code, p.stderr
+    assert b"Traceback" not in p.stderr
+    if out is not None:
+        assert p.stdout == out
+    if err is not None:
+        assert p.stderr == err
+
+
+def test_oversized_request_is_refused_with_the_reason(stack: ExecStack) -> None:
+    big = "a" * (120 << 10)
+    env = [arg for i in range(9) for arg in ("-e", f"V{i}={big}")]
+    for detach in ([], ["-d"]):
+        p = stack.run(*detach, *env, "vm1", "--", "true")
+        assert p.returncode == 255
+        assert p.stderr.startswith(b"vmbusifyexec: the exec request is too large"), p.stderr
+        assert p.stderr.count(b"\n") == 1
+
+
 def test_client_killed_kills_remote_tree(stack: ExecStack) -> None:
     tag = f"{uuid.uuid4().int % 10**6 + 1000}.25"
     proc = stack.popen("vm1", "--", "sh", "-c",
@@ -271,6 +302,7 @@ def test_vm_by_ip_and_unknown_vm(stack: ExecStack) -> None:
     (["--timeout", "soon", "vm1", "true"], b"--timeout wants a number"),
     (["--timeout", "-1", "vm1", "true"], b"more than 0"),
     (["-d", "-i", "vm1", "true"], b"cannot be combined"),
+    (["-d", "--timeout", "5", "vm1", "true"], b"cannot be combined with --timeout"),
 ])
 def test_usage_errors(stack: ExecStack, args: list[str], message: bytes) -> None:
     p = stack.run(*args)
@@ -310,9 +342,18 @@ def test_listener_refuses_bad_requests(stack: ExecStack) -> None:
                       (b'{"argv": ["true"]}', "detach"),
                       (b'{"argv": ["true"], "detach": true, "bogus": 1}', "unknown field"),
                       (b'{"argv": ["true"], "detach": true, "timeout": -3}', "timeout"),
+                      # a detached program is not watched: its timeout would be ignored
+                      (b'{"argv": ["true"], "detach": true, "timeout": 3}', "timeout"),
                       (b'{"argv": ["a\\u0000b"], "detach": true}', "NUL")]:
         status, doc = _http(stack, "POST", "/v1/vms/vm1/exec", body, auth)
         assert status == 400 and why in str(doc["error"]), (body, doc)
+    host, port, _ = stack.listener()
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("PUT", "/v1/vms/vm1/exec", headers=auth)
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    assert resp.status == 405 and "POST" in (resp.getheader("Allow") or "")
 
 
 def test_websocket_with_a_malformed_request(stack: ExecStack) -> None:
@@ -355,6 +396,23 @@ def test_websocket_with_a_malformed_request(stack: ExecStack) -> None:
             status = json.loads(frames[0].payload[1:])
             assert frames[0].payload[0] == 3 and status["exit_code"] == 255
             assert status["message"]
+
+
+def test_executor_not_running_is_said_plainly(tmp_path: Path) -> None:
+    """A stack of its own: the guest's exec worker stops; both exec paths say so at once."""
+    s = start_stack(tmp_path)
+    try:
+        s.worker.terminate()
+        s.worker.wait(15)
+        for detach in ([], ["-d"]):
+            t0 = time.monotonic()
+            p = s.run(*detach, "vm1", "--", "true", timeout=30)
+            assert p.returncode == 255
+            assert p.stderr.startswith(
+                b"vmbusifyexec: the command executor is not running on vm1"), p.stderr
+            assert p.stderr.count(b"\n") == 1 and time.monotonic() - t0 < 5
+    finally:
+        s.stop()
 
 
 @pytest.mark.parametrize("side", ["host", "guest"])

@@ -75,6 +75,9 @@ STDIN_CHUNK = 256 << 10
 #: Ctrl-C this many times within GIVE_UP_WINDOW seconds: stop waiting for the program.
 GIVE_UP_AFTER = 3
 GIVE_UP_WINDOW = 3.0
+#: The largest exec request (JSON) the listener takes: its WebSocket message and POST body
+#: limits (control/exec.py, control/server.py), in round figures.
+MAX_REQUEST = 1 << 20
 
 
 #: Endings that are the program's own: its status says it all, no message on stderr.
@@ -181,6 +184,9 @@ def parse_args(args: list[str]) -> Options:
     opts.argv = rest
     if opts.detach and (opts.interactive or opts.tty):
         raise UsageError("-d cannot be combined with -i or -t")
+    if opts.detach and opts.timeout is not None:
+        raise UsageError("-d cannot be combined with --timeout (a detached program is not "
+                         "watched)")
     return opts
 
 
@@ -278,6 +284,15 @@ def _http_error(sock: socket.socket, status: int, headers: dict[str, str], rest:
                    code if isinstance(code, int) and 0 < code < 256 else EXIT_FAILURE)
 
 
+def _request_body(opts: Options, rows: int = 0, cols: int = 0) -> bytes:
+    """The JSON request, or Failure when the listener would refuse it for its size."""
+    body = json.dumps(opts.request(rows, cols)).encode()
+    if len(body) > MAX_REQUEST:
+        raise Failure(f"the exec request is too large ({len(body)} bytes of arguments and "
+                      f"environment; the limit is {MAX_REQUEST >> 20} MiB)")
+    return body
+
+
 def _request(host: str, port: int, token: str, method: str, path: str, extra: str = "",
              body: bytes = b"") -> bytes:
     return (f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
@@ -289,9 +304,9 @@ def _request(host: str, port: int, token: str, method: str, path: str, extra: st
 
 def run_detached(opts: Options) -> int:
     """-d: POST the request, print the pid."""
+    body = _request_body(opts)
     host, port, token = _listener(opts.config)
     sock = _connect(host, port)
-    body = json.dumps(opts.request()).encode()
     sock.sendall(_request(host, port, token, "POST", _exec_path(opts.vmid),
                           "Content-Type: application/json\r\nConnection: close\r\n", body))
     status, headers, rest = _read_head(sock)
@@ -304,7 +319,7 @@ def run_detached(opts: Options) -> int:
             break
         rest += chunk
     sock.close()
-    print(json.loads(rest)["pid"])
+    _write_all(1, memoryview(f"{json.loads(rest)['pid']}\n".encode()))
     return 0
 
 
@@ -370,15 +385,15 @@ class Session:
     # -- life ------------------------------------------------------------------------------
     def open(self) -> None:
         """Connect, upgrade and send the request (one write, no wait in between)."""
+        size = _term_size() if self.opts.tty else None
+        request = _request_body(self.opts, *(size or (0, 0)))
         host, port, token = _listener(self.opts.config)
         self.sock = _connect(host, port)
-        size = _term_size() if self.opts.tty else None
-        request = self.opts.request(*(size or (0, 0)))
         key = handshake_key()
         hello = _request(host, port, token, "GET", _exec_path(self.opts.vmid),
                          f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
                          f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n")
-        self.sock.sendall(hello + encode_frame(Opcode.TEXT, json.dumps(request).encode()))
+        self.sock.sendall(hello + encode_frame(Opcode.TEXT, request))
         self.sock.settimeout(None)
         status, headers, rest = _read_head(self.sock)
         if status != 101:
@@ -477,6 +492,23 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data):]
 
 
+def _open_standard_fds() -> None:
+    """Put /dev/null on whichever of fds 0, 1 and 2 is closed (as ssh does).
+
+    Otherwise the listener's socket would become one of them: started with stdin closed,
+    ``-i`` would read the socket as stdin and hang; with stdout or stderr closed, output
+    would be written into the WebSocket and break it.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free fd: ``fd`` itself
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def _err(message: str) -> None:
     try:
         os.write(2, f"{PROG}: {message}\n".encode(errors="replace"))
@@ -486,13 +518,17 @@ def _err(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of the console script."""
+    _open_standard_fds()
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
         _err(f"{exc}\nTry '{PROG} --help'.")
         sys.exit(EXIT_FAILURE)
     if opts.help:
-        sys.stdout.write(USAGE)
+        try:
+            _write_all(1, memoryview(USAGE.encode()))
+        except OSError:
+            pass
         sys.exit(0)
     try:
         code = run_detached(opts) if opts.detach else Session(opts).run()
@@ -511,7 +547,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = EXIT_FAILURE
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: the fd was closed when Python started
+                stream.flush()
         except OSError:
             pass
     os._exit(code)  # daemon threads may sit in read(0): no interpreter teardown to wait for
