@@ -33,6 +33,7 @@ from vmbusify.control.server import CTX_KEY, ControlContext
 from vmbusify.errors import (
     ControlError,
     ProtocolError,
+    RequestTimeout,
     TunnelError,
     UnknownVMError,
     VMBusifyError,
@@ -125,9 +126,16 @@ class ExecService:
             body = await self.link.sync_send(vmid, Entity.CMD_LISTENER, ExecMessage.START,
                                              spec.to_body(), stream=stream,
                                              timeout=START_TIMEOUT)
+        except RequestTimeout:
+            raise RequestTimeout(f"the command executor on {vmid} did not answer within "
+                                 f"{START_TIMEOUT:g}s (is it stuck? check: supervisorctl "
+                                 "status exec, in the VM)") from None
         except TunnelError as exc:
             if str(exc).startswith("unknown VM"):  # the mux's words for a vmid it lacks
                 raise UnknownVMError(str(exc)) from None
+            if str(exc).startswith("no worker on"):  # the guest mux's: nothing handles START
+                raise TunnelError(f"the command executor is not running on {vmid} (check: "
+                                  "supervisorctl status exec, in the VM)") from None
             raise
         return StartReply.from_body(body)
 
@@ -208,6 +216,9 @@ async def exec_detached(request: web.Request) -> web.Response:
     if not spec.detach:
         raise ControlError("POST runs detached execs only (\"detach\": true); "
                            "attached execs use a WebSocket on GET")
+    if spec.timeout is not None:
+        # The executor watches attached execs only: a timeout would be silently ignored.
+        raise ControlError("a detached exec takes no timeout (nothing watches it)")
     service = _service(request)
     vmid = await service.resolve(request.match_info["vmid"])
     reply = await service.start(vmid, spec)

@@ -88,7 +88,10 @@ async def auth_and_errors(request: web.Request,
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
-            return error_response(exc.status, exc.reason)
+            resp = error_response(exc.status, exc.reason)
+            if "Allow" in exc.headers:  # a 405 must say which methods are (RFC 9110)
+                resp.headers["Allow"] = exc.headers["Allow"]
+            return resp
         raise
     except VMBusifyError as exc:
         return error_response(status_for(exc), str(exc))
