@@ -62,6 +62,36 @@ def _bytes(n: int) -> str:
     return f"{n:.1f}TiB"
 
 
+def _counter(key: str, value: Any) -> str:
+    if key.startswith("bytes_") and isinstance(value, int):
+        return f"{key.removeprefix('bytes_')} {_bytes(value)}"
+    return f"{key} {value}"
+
+
+def _counters(d: dict[str, Any]) -> str:
+    return ", ".join(_counter(k, v) for k, v in d.items()
+                     if v is not None and not isinstance(v, (dict, list)))
+
+
+def _render_stats(stats: dict[str, Any]) -> list[str]:
+    """The counters a worker publishes, one line for its plain values and one per group:
+    ``vms`` (per-VM counters: the proxy's connections, ...) as ``VMID: ...``, any other
+    mapping (the subnet's leases, its attached VMs, a guest's lease) as ``NAME ...``."""
+    lines: list[str] = []
+    plain = _counters({k: v for k, v in stats.items() if k != "role"})
+    if plain:
+        lines.append(plain)
+    for key, value in stats.items():
+        if not isinstance(value, dict) or not value:
+            continue
+        if all(isinstance(v, dict) for v in value.values()):
+            prefix = "" if key == "vms" else f"{key} "
+            lines += [f"{prefix}{sub}: {_counters(v)}" for sub, v in value.items()]
+        else:
+            lines.append(f"{key}: {_counters(value)}")
+    return lines
+
+
 def render_status(st: dict[str, Any]) -> str:
     """The human form of `vmbusifyctl status`."""
     title = (f"{st['role']} {st['name']} (vmbusify {st['version']}, mux pid {st['pid']}, "
@@ -80,11 +110,7 @@ def render_status(st: dict[str, Any]) -> str:
     lines += ["", "workers:"]
     for w in st.get("workers", []):
         lines.append(f"  {w['name']:<10} pid {w['pid']:<8} {', '.join(w['entities'])}")
-        # per-VM counters a worker publishes as stats["vms"] (the proxy's connections, ...)
-        for vmid, counters in ((w.get("stats") or {}).get("vms") or {}).items():
-            lines.append(f"    {vmid}: " + ", ".join(
-                f"{k.removeprefix('bytes_')} {_bytes(v)}" if k.startswith("bytes_")
-                else f"{v} {k}" for k, v in counters.items()))
+        lines += [f"    {line}" for line in _render_stats(w.get("stats") or {})]
     if not st.get("workers"):
         lines.append("  (none registered)")
     lines += ["", "programs:"]

@@ -1,0 +1,42 @@
+"""`vmbusifyctl status` in its human form: what each worker publishes is shown."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vmbusify.cli.ctl import render_status
+
+
+def status(workers: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"role": "host", "name": "h1", "version": "1", "pid": 10, "started": time.time(),
+            "vms": [{"vmid": "vm1", "state": "connected", "rtt_ms": 0.4,
+                     "connected_since": time.time(), "bytes_in": 2048, "bytes_out": 10,
+                     "ips": ["100.77.0.2"]}],
+            "workers": workers, "programs": [{"name": "mux", "state": "RUNNING", "pid": 10}]}
+
+
+def test_every_worker_counter_is_shown() -> None:
+    subnet = {"name": "subnet", "pid": 12, "entities": ["ip-bearer"], "stats": {
+        "role": "host", "subnet": "100.77.0.0/24", "no_route": 3, "spoofed": 4,
+        "leases": {"vm1": 2},
+        "attached": {"vm1": {"frames_in": 7, "bytes_in": 3 << 20}}}}
+    proxy = {"name": "proxy", "pid": 11, "entities": ["proxy-server"],
+             "stats": {"open": 1, "vms": {"vm1": {"open": 1, "bytes_out": 512}}}}
+    guest_subnet = {"name": "gsubnet", "pid": 13, "entities": ["ip-bearer"], "stats": {
+        "attached": True, "lease": {"address": "100.77.0.2", "prefixlen": 24}, "bearer": None}}
+    text = render_status(status([subnet, proxy, guest_subnet]))
+    lines = [line.strip() for line in text.splitlines()]
+    assert "subnet 100.77.0.0/24, no_route 3, spoofed 4" in lines
+    assert "leases: vm1 2" in lines
+    assert "attached vm1: frames_in 7, in 3.0MiB" in lines
+    assert "open 1" in lines and "vm1: open 1, out 512B" in lines
+    assert "attached True" in lines and "lease: address 100.77.0.2, prefixlen 24" in lines
+    assert "role host" not in text  # the endpoint's role is in the title already
+
+
+def test_a_worker_without_counters_has_its_line_only() -> None:
+    text = render_status(status([{"name": "control", "pid": 9, "entities": ["cmd-listener"],
+                                  "stats": {}}]))
+    workers = text.split("workers:")[1].split("programs:")[0].strip().splitlines()
+    assert [w.split()[0] for w in workers] == ["control"]
