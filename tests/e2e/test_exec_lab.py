@@ -273,6 +273,23 @@ def test_tty_shell_resize_and_ctrl_c(lab: LabHandle, tmux: Tmux, tmp_path: Path)
     tmux.wait_for(r"(?m)^icanon")  # the local terminal is out of raw mode again
 
 
+def test_a_message_after_raw_mode_starts_a_line_of_its_own(lab: LabHandle, tmux: Tmux,
+                                                           tmp_path: Path) -> None:
+    """The remote program may leave the cursor after a prompt: vmbusifyexec's own message
+    (here --timeout's) must not be glued to it."""
+    script = tmp_path / "session.sh"
+    script.write_text(
+        f"export VMBUSIFY_CONFIG={exec_env()['VMBUSIFY_CONFIG']}\n"
+        f"{EXEC} -it --timeout 1 vm1 -- sh -c 'printf \"prompt> \"; sleep 30'\n"
+        "echo exit=$?\n"
+        "sleep 60\n")
+    tmux.start(f"sh {script}", 120, 20)
+    tmux.wait_for(r"exit=124")
+    screen = tmux.screen()
+    assert re.search(r"(?m)^prompt> *$", screen), screen
+    assert re.search(r"(?m)^vmbusifyexec: timed out after 1s", screen), screen
+
+
 def test_user_and_workdir(lab: LabHandle) -> None:
     p = run("-u", "nobody", "-w", "/tmp", "vm1", "--", "sh", "-c", 'id -un; pwd; echo "$USER"')
     assert (p.returncode, p.stdout) == (0, b"nobody\n/tmp\nnobody\n"), p.stderr

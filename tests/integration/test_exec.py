@@ -275,10 +275,12 @@ def test_detach_returns_the_pid(stack: ExecStack) -> None:
 
 
 def test_tty_gets_a_pty(stack: ExecStack) -> None:
-    p = stack.run("-t", "vm1", "--", "sh", "-c", "tty; echo $TERM; exit 4")
+    p = stack.run("-t", "vm1", "--", "sh", "-c", "tty; echo $TERM; stty size; exit 4")
     assert p.returncode == 4
     lines = p.stdout.decode().splitlines()
     assert lines[0].startswith("/dev/pts/"), lines
+    # no local terminal to take the size from: the classic 24x80, not a 0x0 terminal
+    assert lines[2] == "24 80", lines
     assert p.stderr == b""
 
 

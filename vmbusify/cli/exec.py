@@ -78,6 +78,8 @@ GIVE_UP_WINDOW = 3.0
 #: The largest exec request (JSON) the listener takes: its WebSocket message and POST body
 #: limits (control/exec.py, control/server.py), in round figures.
 MAX_REQUEST = 1 << 20
+#: The remote terminal's size (rows, columns) for -t when no local terminal tells one.
+DEFAULT_TTY_SIZE = (24, 80)
 
 
 #: Endings that are the program's own: its status says it all, no message on stderr.
@@ -385,8 +387,9 @@ class Session:
     # -- life ------------------------------------------------------------------------------
     def open(self) -> None:
         """Connect, upgrade and send the request (one write, no wait in between)."""
-        size = _term_size() if self.opts.tty else None
-        request = _request_body(self.opts, *(size or (0, 0)))
+        # A pty of 0x0 upsets full-screen programs: without a local terminal, the classic size.
+        size = (_term_size() or DEFAULT_TTY_SIZE) if self.opts.tty else (0, 0)
+        request = _request_body(self.opts, *size)
         host, port, token = _listener(self.opts.config)
         self.sock = _connect(host, port)
         key = handshake_key()
@@ -463,8 +466,10 @@ class Session:
     def _raw_mode(self) -> None:
         import termios
         import tty
+        global _mid_line
         self._saved_tty = termios.tcgetattr(0)
         tty.setraw(0, termios.TCSANOW)
+        _mid_line = True  # the remote program may leave the cursor anywhere (after a prompt)
 
     def _restore_tty(self) -> None:
         if self._saved_tty is not None:
@@ -509,9 +514,14 @@ def _open_standard_fds() -> None:
                 os.close(null)
 
 
+#: Whether the terminal was in raw mode: a message then starts on a line of its own.
+_mid_line = False
+
+
 def _err(message: str) -> None:
     try:
-        os.write(2, f"{PROG}: {message}\n".encode(errors="replace"))
+        prefix = "\n" if _mid_line else ""
+        os.write(2, f"{prefix}{PROG}: {message}\n".encode(errors="replace"))
     except OSError:
         pass
 
