@@ -69,6 +69,29 @@ def test_spawn_failures() -> None:
     run(scenario())
 
 
+def test_a_uid_without_a_passwd_entry_runs_as_docker_runs_it() -> None:
+    """`-u 54321` where no passwd entry has that uid: that uid, its own gid, home `/`."""
+    import pwd
+
+    uid = next(u for u in range(54321, 64000) if u not in {p.pw_uid for p in pwd.getpwall()})
+    if os.getuid() != 0:
+        pytest.skip("switching users needs root (the executor runs as root)")
+
+    async def scenario() -> None:
+        child = await spawn(ExecSpec(argv=["sh", "-c", 'echo "$(id -u) $(id -g) $HOME $USER"'],
+                                     user=str(uid)))
+        assert child.stdout is not None
+        out = await read_all(child.stdout)
+        assert await child.proc.wait() == 0
+        assert out == f"{uid} {uid} / {uid}\n".encode()
+        child.close()
+        with pytest.raises(CannotStart) as exc:  # past the largest uid: no such user
+            await spawn(ExecSpec(argv=["true"], user=str(2**32 - 1)))
+        assert exc.value.exit_code == 126
+
+    run(scenario())
+
+
 def test_environment_is_clean() -> None:
     import pwd
     account = pwd.getpwuid(os.getuid())

@@ -151,10 +151,22 @@ def default_signal_actions() -> None:
             continue
 
 
+#: uids run from 0 to 2**32 - 2 (-1, all ones, means "no change" to setuid).
+MAX_UID = 2**32 - 1
+
+
 def _account(user: str) -> pwd.struct_passwd:
+    """The account ``-u USER`` names: a user name, or a uid. A uid with no passwd entry (as
+    containers and images often run) is taken as docker takes it: its own group, home ``/``."""
     try:
         if user.isdigit():
-            return pwd.getpwuid(int(user))
+            uid = int(user)
+            if uid >= MAX_UID:
+                raise KeyError(user)
+            try:
+                return pwd.getpwuid(uid)
+            except KeyError:
+                return pwd.struct_passwd((user, "x", uid, uid, "", "/", "/bin/sh"))
         return pwd.getpwnam(user or pwd.getpwuid(os.getuid()).pw_name)
     except KeyError:
         raise CannotStart(EXIT_CANNOT_RUN, f"no such user: {user}") from None
