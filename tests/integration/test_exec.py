@@ -329,6 +329,24 @@ def _http(stack: ExecStack, method: str, path: str, body: bytes | None = None,
     return resp.status, data
 
 
+def test_unknown_vms_are_404_and_a_bad_address_is_named(stack: ExecStack) -> None:
+    """The mux's errors keep their kind through the listener: an unknown VM is a 404 for
+    every command (as for exec), and a vmid lookup of something not an IP says so."""
+    _, _, token = stack.listener()
+    auth = {"Authorization": f"Bearer {token}"}
+    for method, path, named in (("POST", "/v1/vms/vm9/ping", "vm9"),
+                                ("POST", "/v1/vms/vm9/connect", "vm9"),
+                                ("POST", "/v1/vms/vm9/disconnect", "vm9"),
+                                ("GET", "/v1/vmid/192.0.2.99", "192.0.2.99")):
+        status, doc = _http(stack, method, path, b"", auth)
+        assert status == 404 and named in str(doc["error"]), (path, status, doc)
+    status, doc = _http(stack, "GET", "/v1/vmid/notanip", None, auth)
+    assert (status, doc["error"]) == (400, "not an IP address: 'notanip'")
+    p = subprocess.run([str(BIN / "vmbusifyctl"), "ping", "vm9"], env=stack.env,
+                       capture_output=True, timeout=30, check=False)
+    assert p.returncode == 1 and p.stderr.startswith(b"vmbusifyctl: unknown VM 'vm9'"), p.stderr
+
+
 def test_listener_refuses_bad_requests(stack: ExecStack) -> None:
     _, _, token = stack.listener()
     auth = {"Authorization": f"Bearer {token}"}

@@ -37,6 +37,7 @@ from vmbusify.errors import (
     ProtocolError,
     RequestTimeout,
     TunnelError,
+    UnknownVMError,
     VMBusifyError,
 )
 from vmbusify.protocol.entities import entity_label
@@ -56,6 +57,9 @@ REGISTER_INTERVAL = 2.0
 DEFAULT_TIMEOUT = 10.0
 #: How long a closing worker's goodbye may take to reach the mux.
 UNREG_LINGER_MS = 200
+#: Errors of the mux's built-in commands that keep their kind across the bus.
+_CONTROL_ERRORS: dict[str, type[VMBusifyError]] = {
+    e.__name__: e for e in (UnknownVMError, NotConnectedError, RequestTimeout, TunnelError)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +233,10 @@ class WorkerLink:
         finally:
             self._ctl.pop(call_id, None)
         if not reply.get("ok"):
-            raise ControlError(str(reply.get("error", "failed")))
+            # The mux's error keeps its kind across the bus (an unknown VM is a 404 to the
+            # listener's clients, a timeout a 504); any other is a failed command.
+            kind = _CONTROL_ERRORS.get(str(reply.get("kind")), ControlError)
+            raise kind(str(reply.get("error", "failed")))
         return reply.get("result")
 
     async def report(self, stats: dict[str, Any]) -> None:

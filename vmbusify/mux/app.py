@@ -9,6 +9,7 @@ built-in control commands (status, connect, ...). It never relays between two VM
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
@@ -23,7 +24,13 @@ from vmbusify.bus.frames import BusKind, TunnelEvent
 from vmbusify.bus.link import REGISTER_INTERVAL
 from vmbusify.bus.sockets import BusSocket, Frames, bind_router, ensure_private_dir
 from vmbusify.config import Config, Role
-from vmbusify.errors import ProtocolError, TunnelError, UnknownVMError, VMBusifyError
+from vmbusify.errors import (
+    ControlError,
+    ProtocolError,
+    TunnelError,
+    UnknownVMError,
+    VMBusifyError,
+)
 from vmbusify.mux.peer import MAX_WAITING, Peer, PeerState
 from vmbusify.mux.router import RouteTable, WorkerInfo
 from vmbusify.mux.tunnel import Tunnel
@@ -130,7 +137,7 @@ class MuxApp:
                 result = await self.control(loads_dict(body, "CTL"))
                 reply = {"ok": True, "result": result}
             except VMBusifyError as exc:
-                reply = {"ok": False, "error": str(exc)}
+                reply = {"ok": False, "error": str(exc), "kind": type(exc).__name__}
             except Exception as exc:  # never let a control bug kill the mux
                 log.exception("control command failed")
                 reply = {"ok": False, "error": f"internal error: {exc}"}
@@ -315,7 +322,12 @@ class MuxApp:
             worker.stats = stats
             return None
         if cmd == "vmid":
-            return self.vmid_by_ip(str(req.get("ip", "")))
+            ip = str(req.get("ip", ""))
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ControlError(f"not an IP address: {ip!r}") from None
+            return self.vmid_by_ip(ip)
         if cmd == "ping":
             p = self.peer(str(req.get("vmid", "")))
             if p.tunnel is None:
