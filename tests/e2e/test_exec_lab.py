@@ -290,6 +290,35 @@ def test_a_message_after_raw_mode_starts_a_line_of_its_own(lab: LabHandle, tmux:
     assert re.search(r"(?m)^vmbusifyexec: timed out after 1s", screen), screen
 
 
+def test_tilde_dot_ends_a_session_whose_program_ignores_ctrl_c(lab: LabHandle, tmux: Tmux,
+                                                             tmp_path: Path) -> None:
+    """In raw mode Ctrl-C is only a key: ~. at the start of a line is the way out, as in ssh,
+    and the remote tree is killed. A ~ anywhere else is typed as it is."""
+    tag = unique()
+    script = tmp_path / "session.sh"
+    script.write_text(
+        f"export VMBUSIFY_CONFIG={exec_env()['VMBUSIFY_CONFIG']}\n"
+        f"{EXEC} -it vm1 -- sh -c 'trap \"\" INT; PS1=\"vm1$ \" sh; sleep {tag}'\n"
+        "echo exit=$?\n"
+        "sleep 60\n")
+    tmux.start(f"sh {script}", 120, 30)
+    tmux.wait_for(r"vm1\$")
+    tmux.keys("echo a~b; exit", "Enter")  # a ~ inside a line is typed
+    tmux.wait_for(r"(?m)^a~b")
+    deadline = time.monotonic() + 10
+    while not marked(tag):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    tmux.keys("C-c")  # ignored by the remote program: nothing ends
+    time.sleep(0.5)
+    assert marked(tag) and "exit=" not in tmux.screen()
+    tmux.keys("Enter")
+    tmux.keys("~.")
+    tmux.wait_for(r"exit=255")
+    assert re.search(r"(?m)^vmbusifyexec: disconnected \(~\.\)", tmux.screen()), tmux.screen()
+    wait_gone(tag, 5)
+
+
 def test_user_and_workdir(lab: LabHandle) -> None:
     p = run("-u", "nobody", "-w", "/tmp", "vm1", "--", "sh", "-c", 'id -un; pwd; echo "$USER"')
     assert (p.returncode, p.stdout) == (0, b"nobody\n/tmp\nnobody\n"), p.stderr

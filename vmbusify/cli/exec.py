@@ -28,6 +28,7 @@ import threading
 import time
 from _queue import SimpleQueue  # what queue.SimpleQueue is, without queue's imports
 
+from vmbusify.cli.escape import EscapeFilter
 from vmbusify.errors import RemoteProtocolError, VMBusifyError
 from vmbusify.protocol.exec_api import EXIT_FAILURE, SIGNAL_BASE, Channel, ExitReason
 from vmbusify.protocol.websocket import (
@@ -64,7 +65,9 @@ Options:
 Exit status: the program's own; 128+N if it died of signal N; 124 --timeout expired;
 126 it could not be started; 127 not found; 255 {PROG} failed (usage, command listener,
 unknown, unreachable or lost VM). Ctrl-C, SIGTERM and SIGHUP are forwarded; three Ctrl-C
-within 3 seconds give up (the remote process tree is killed).
+within 3 seconds give up (the remote process tree is killed). With -it on a terminal,
+Ctrl-C is a key for the remote program; there ~. at the start of a line disconnects (the
+remote process tree is killed) and ~~ types a ~.
 """
 _SHORT = "ite:w:u:dh"
 _LONG = ["interactive", "tty", "env=", "workdir=", "user=", "timeout=", "detach", "config=",
@@ -339,6 +342,9 @@ class Session:
         self._interrupts: list[float] = []
         self._saved_tty: list | None = None  # type: ignore[type-arg]
         self.gave_up = False
+        #: The typed keys' escape filter (``~.``), on a terminal in raw mode only.
+        self._escape: EscapeFilter | None = None
+        self.escaped = False
 
     # -- sending (stdin thread and control thread) -------------------------------------------
     def send(self, payload: bytes, opcode: Opcode = Opcode.BINARY) -> None:
@@ -359,6 +365,15 @@ class Session:
         _block_forwarded()
         try:
             while chunk := os.read(0, STDIN_CHUNK):
+                if self._escape is not None:
+                    chunk, disconnect = self._escape.feed(chunk)
+                    if disconnect:
+                        if chunk:
+                            self.send(bytes([Channel.STDIN]) + chunk)
+                        self._hang_up(escaped=True)
+                        return
+                    if not chunk:
+                        continue
                 self.send(bytes([Channel.STDIN]) + chunk)
             self.send(bytes([Channel.CLOSE, Channel.STDIN]))
         except OSError:
@@ -376,9 +391,7 @@ class Session:
             now = time.monotonic()
             self._interrupts = [t for t in self._interrupts if now - t < GIVE_UP_WINDOW] + [now]
             if len(self._interrupts) >= GIVE_UP_AFTER:
-                self.gave_up = True
-                if self.sock is not None:
-                    self.sock.shutdown(socket.SHUT_RDWR)
+                self._hang_up(escaped=False)
                 return
         name = signal.Signals(signum).name[3:]
         self._control.put((Opcode.BINARY,
@@ -405,6 +418,16 @@ class Session:
             raise Failure("the command listener answered the upgrade wrongly")
         self.decoder.receive_data(rest)
 
+    def _hang_up(self, escaped: bool) -> None:
+        """Stop from this end (three Ctrl-C, or ``~.``): the listener sees the connection
+        end and the remote process tree is killed; the receive loop says why."""
+        if escaped:
+            self.escaped = True
+        else:
+            self.gave_up = True
+        if self.sock is not None:
+            self.sock.shutdown(socket.SHUT_RDWR)
+
     def run(self) -> int:
         """Relay until the STATUS message; returns the exit status."""
         self.open()
@@ -416,6 +439,7 @@ class Session:
         if self.opts.interactive:
             if self.opts.tty and os.isatty(0):
                 self._raw_mode()
+                self._escape = EscapeFilter()
             threading.Thread(target=self._stdin_loop, daemon=True, name="stdin").start()
         try:
             return self._receive_loop()
@@ -439,6 +463,8 @@ class Session:
                 if self.gave_up:
                     raise Failure("interrupted: gave up waiting; the remote process tree is "
                                   "killed", SIGNAL_BASE + signal.SIGINT)
+                if self.escaped:
+                    raise Failure("disconnected (~.); the remote process tree is killed")
                 raise Failure("lost the connection to the command listener")
             decoder.receive_data(data)
 
