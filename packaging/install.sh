@@ -4,7 +4,8 @@
 #   packaging/install.sh host|guest [--source DIR] [--python PY] [--now] [--dry-run]
 #
 # It makes /opt/vmbusify/venv and installs VMBusify (and supervisor) into it, puts
-# conf/supervisord.conf and the role's example config into /etc/vmbusify (an existing
+# conf/supervisord.conf, the programs it includes (conf/programs/*.conf) and the role's
+# example config into /etc/vmbusify (an existing
 # vmbusify.toml is kept), installs vmbusify-ROLE.service and enables it (--now: starts it
 # too). --dry-run prints the commands instead of running them, and needs no root.
 set -eu
@@ -57,6 +58,7 @@ die() {
 }
 
 for f in "$source_dir/pyproject.toml" "$source_dir/conf/supervisord.conf" \
+         "$source_dir/conf/programs/mux.conf" \
          "$source_dir/packaging/$role.toml" "$source_dir/packaging/$unit"; do
     [ -f "$f" ] || die "missing $f (is --source a VMBusify checkout?)"
 done
@@ -80,11 +82,20 @@ fi
 # 2. Configuration: root only, since it may hold proxy credentials.
 run install -d -m 0700 "$etc"
 run install -m 0644 "$source_dir/conf/supervisord.conf" "$etc/supervisord.conf"
+# supervisord.conf includes programs/*.conf beside it: without them it starts nothing.
+run install -d -m 0755 "$etc/programs"
+for program in "$source_dir"/conf/programs/*.conf; do
+    run install -m 0644 "$program" "$etc/programs/$(basename "$program")"
+done
 if [ -e "$etc/vmbusify.toml" ]; then
     echo "keeping the existing $etc/vmbusify.toml"
 else
     run install -m 0600 "$source_dir/packaging/$role.toml" "$etc/vmbusify.toml"
-    echo "installed $etc/vmbusify.toml from packaging/$role.toml: edit it before starting"
+    if [ "$role" = host ]; then
+        echo "installed $etc/vmbusify.toml from packaging/$role.toml: name your VMs in it"
+    else
+        echo "installed $etc/vmbusify.toml from packaging/$role.toml (it works as it is)"
+    fi
 fi
 # Check it loads and that every address in it parses, without a traceback.
 run "$venv/bin/python" -c '

@@ -100,10 +100,37 @@ def test_install_dry_run_plan(role: str) -> None:
     plan = done.stdout
     assert f"/opt/vmbusify/venv/bin/pip install --upgrade {ROOT}" in plan
     assert f"{ROOT}/conf/supervisord.conf /etc/vmbusify/supervisord.conf" in plan
+    # every program supervisord.conf includes is installed beside it (else it starts none)
+    for program in sorted((ROOT / "conf" / "programs").glob("*.conf")):
+        assert f"{program} /etc/vmbusify/programs/{program.name}" in plan, program.name
     assert f"/etc/systemd/system/vmbusify-{role}.service" in plan
     assert f"+ systemctl enable vmbusify-{role}.service" in plan
     if not Path("/etc/vmbusify/vmbusify.toml").exists():
         assert f"install -m 0600 {ROOT}/packaging/{role}.toml /etc/vmbusify/vmbusify.toml" in plan
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no POSIX shell")
+def test_the_installed_supervisord_conf_starts_every_program(tmp_path: Path) -> None:
+    """Lay out /etc/vmbusify as install.sh's plan says (under a temporary directory) and let
+    supervisor read it: every program of conf/ must be there, none left behind."""
+    from supervisor.options import ServerOptions
+
+    plan = _install("host", "--dry-run", "--source", str(ROOT)).stdout
+    etc = tmp_path / "etc"
+    (tmp_path / "run").mkdir()  # systemd's RuntimeDirectory=
+    for source, target in re.findall(r"^\+ install -m \d+ (\S+) /etc/vmbusify/(\S+)$", plan,
+                                     re.MULTILINE):
+        (etc / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, etc / target)
+    with pytest.MonkeyPatch.context() as mp:  # what the systemd unit sets
+        mp.setenv("VMBUSIFY_RUN_DIR", str(tmp_path / "run"))
+        mp.setenv("VMBUSIFY_BIN", "/opt/vmbusify/venv/bin")
+        mp.setenv("VMBUSIFY_CONFIG", "/etc/vmbusify/vmbusify.toml")
+        options = ServerOptions()  # it reads the environment when made
+        options.realize(args=["-c", str(etc / "supervisord.conf")])
+    shipped = {p.stem for p in (ROOT / "conf" / "programs").glob("*.conf")}
+    assert {g.name for g in options.process_group_configs} == shipped
+    assert {"mux", "control", "exec", "proxy", "subnet"} <= shipped
 
 
 def test_install_rejects_a_bad_role() -> None:
