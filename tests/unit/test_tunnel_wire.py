@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 
 import pytest
 
 from vmbusify.config import TunnelConfig
+from vmbusify.mux import tunnel as tunnel_module
 from vmbusify.mux.tunnel import Tunnel
 from vmbusify.protocol.package import Package, PackageType
-from vmbusify.protocol.tunnel import Hello
+from vmbusify.protocol.tunnel import Hello, Ping
 from vmbusify.runtime import run_async
 
 HELLO = Hello(role="guest", hostname="t", software_version="0").package().encode()
@@ -89,4 +91,83 @@ def test_garbage_instead_of_a_hello_fails_the_handshake_without_a_traceback(
 
     with caplog.at_level(logging.ERROR):
         run_async(scenario())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def _ping_flood(count: int) -> bytes:
+    return b"".join(Ping(n).package().encode() for n in range(1, count + 1))
+
+
+@pytest.mark.timeout(30)
+def test_a_peer_that_pings_but_never_reads_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every PING queues a PONG; a peer that never reads them must not grow the queue without
+    end (a guest flooding its host's mux): past the backlog bound the tunnel closes."""
+    monkeypatch.setattr(tunnel_module, "MAX_CONTROL_BACKLOG", 2000, raising=False)
+
+    async def scenario() -> None:
+        tunnel, peer = await _tunnel_pair(lambda t, p: None)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(peer, HELLO)
+        await tunnel.handshake(Hello(role="host", hostname="h", software_version="0"), 5)
+        runner = asyncio.ensure_future(tunnel.run())
+        flood = _ping_flood(5000)
+        try:
+            for _ in range(40):  # far more PONGs than the socket buffers and the bound hold
+                if runner.done():
+                    break
+                await asyncio.wait_for(loop.sock_sendall(peer, flood), 2)
+        except (OSError, TimeoutError):
+            pass  # the tunnel closed (or stopped reading) under us
+        reason = await asyncio.wait_for(runner, 10)
+        assert reason.startswith("peer not reading"), reason
+        assert tunnel.out.control_count <= 2000
+        peer.close()
+
+    run_async(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_a_dead_peer_that_never_reads_loses_its_socket_and_no_error_is_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The peer fills the socket (PONGs it never reads), then goes silent: once declared dead
+    the tunnel's socket is really closed (not left waiting to flush forever), and the ping
+    loop's unanswered pings log no "Future exception was never retrieved"."""
+    async def scenario() -> None:
+        a, peer = socket.socketpair()
+        peer.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=a)
+        tunnel = Tunnel(reader, writer, TunnelConfig(ping_interval=0.05, dead_after=1.0), "t",
+                        lambda t, p: None)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(peer, HELLO)
+        await tunnel.handshake(Hello(role="host", hostname="h", software_version="0"), 5)
+        runner = asyncio.ensure_future(tunnel.run())
+        flood = _ping_flood(2000)
+        for _ in range(20):
+            await loop.sock_sendall(peer, flood)
+            await asyncio.sleep(0.01)
+            if tunnel.transport.get_write_buffer_size():
+                break  # the kernel buffers are full: bytes wait in the transport
+        assert tunnel.transport.get_write_buffer_size()
+        reason = await asyncio.wait_for(runner, 10)
+        assert reason.startswith("peer stopped answering"), reason
+        await asyncio.sleep(0.1)
+        gone = None
+        for _ in range(200):  # with our end closed a send fails; with it open, it just fills up
+            try:
+                peer.send(b"x" * 65536)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                gone = exc
+                break
+        assert gone is not None, "the dead tunnel's socket is still open"
+        peer.close()
+        del tunnel, runner, reader, writer
+        gc.collect()
+        await asyncio.sleep(0)
+
+    with caplog.at_level(logging.ERROR):
+        run_async(scenario())
+        gc.collect()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -24,14 +24,23 @@ class OutQueue:
             collections.OrderedDict())
         self._ready = asyncio.Event()
         self.bytes_queued = 0
+        #: Bytes of the packages in the control queue (not bounded by any stream window).
+        self.control_bytes = 0
 
     def __len__(self) -> int:
         return len(self._control) + sum(len(q) for q in self._streams.values())
 
+    @property
+    def control_count(self) -> int:
+        """Packages waiting in the control queue."""
+        return len(self._control)
+
     def put_control(self, item: Item) -> None:
         """Queue a package that is not stream data."""
         self._control.append(item)
-        self.bytes_queued += len(item[0]) + len(item[1])
+        n = len(item[0]) + len(item[1])
+        self.bytes_queued += n
+        self.control_bytes += n
         self._ready.set()
 
     def put_stream(self, key: StreamKey, item: Item) -> None:
@@ -47,6 +56,7 @@ class OutQueue:
         """The next package to send, or None when empty."""
         if self._control:
             item = self._control.popleft()
+            self.control_bytes -= len(item[0]) + len(item[1])
         elif self._streams:
             key, q = next(iter(self._streams.items()))
             item = q.popleft()

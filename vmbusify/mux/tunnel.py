@@ -25,7 +25,7 @@ from vmbusify.config import TunnelConfig
 from vmbusify.errors import ProtocolError, TunnelError
 from vmbusify.mux.scheduler import OutQueue
 from vmbusify.protocol.entities import Entity, TunnelMessage
-from vmbusify.protocol.package import Package, PackageDecoder, PackageType
+from vmbusify.protocol.package import PROTOCOL_VERSION, Package, PackageDecoder, PackageType
 from vmbusify.protocol.tunnel import Bye, Hello, Ping, Pong, WorkerLost
 from vmbusify.transport import take_over
 
@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 #: beside a saturating stream took 1.7 ms (p99 5.8), with 64 KiB 1.0 ms (p99 2.2), at the
 #: same throughput (bench/tunnel.py).
 WRITE_HIGH_WATER = 64 << 10
+#: Control packages (PONGs, ACKs, requests, WINDOWs: nothing a stream window bounds) that may
+#: wait for the socket. A peer that keeps sending PINGs or REQUESTs but never reads would
+#: otherwise grow the queue of answers without end; past either bound the tunnel is closed.
+#: A reading peer never comes near: the writer drains the queue as fast as the socket takes it.
+MAX_CONTROL_BACKLOG = 65536
+MAX_CONTROL_BACKLOG_BYTES = 16 << 20
 
 
 class CloseReason(str, Enum):
@@ -128,8 +134,17 @@ class Tunnel:
     # -- life ------------------------------------------------------------------------------
     async def handshake(self, hello: Hello, timeout: float) -> Hello:
         """Send our HELLO and wait for the peer's; a BYE instead raises TunnelError."""
+        self.answer(hello)
+        return await self.receive_hello(timeout, hello.protocol_version)
+
+    def answer(self, hello: Hello) -> None:
+        """Send our HELLO and start writing (the guest does this once the host's HELLO came)."""
         self.send_package(hello.package())
         self._tasks.append(asyncio.ensure_future(self._write_loop()))
+
+    async def receive_hello(self, timeout: float,
+                            protocol_version: int = PROTOCOL_VERSION) -> Hello:
+        """Wait for the peer's HELLO; a BYE, anything else or another version raises."""
         try:
             pkg = await asyncio.wait_for(self._first_package(), timeout)
         except TimeoutError:
@@ -139,10 +154,10 @@ class Tunnel:
         if pkg.entity != Entity.TUNNEL or pkg.message_id != TunnelMessage.HELLO:
             raise ProtocolError(f"{self.label}: first package is not a HELLO")
         self.peer_hello = Hello.decode(pkg.payload)
-        if self.peer_hello.protocol_version != hello.protocol_version:
+        if self.peer_hello.protocol_version != protocol_version:
             raise ProtocolError(f"{self.label}: peer speaks protocol "
                                 f"{self.peer_hello.protocol_version}, we speak "
-                                f"{hello.protocol_version}")
+                                f"{protocol_version}")
         return self.peer_hello
 
     async def _first_package(self) -> Package:
@@ -266,7 +281,14 @@ class Tunnel:
         for _, fut in self._pings.values():
             if not fut.done():
                 fut.set_exception(TunnelError(f"{self.label}: tunnel closed"))
+                # The ping loop's own futures have nobody waiting: mark the exception seen,
+                # or asyncio logs "Future exception was never retrieved" when they go.
+                fut.exception()
         self.transport.close()
+        if self.transport.get_write_buffer_size():
+            # A peer that does not read (frozen, or hostile) would keep the socket, and this
+            # tunnel, alive for as long as it likes: close() waits for the bytes to go out.
+            self.transport.abort()
 
     # -- traffic ---------------------------------------------------------------------------
     def next_id(self) -> int:
@@ -284,8 +306,15 @@ class Tunnel:
             return
         if ptype is PackageType.DATA:
             self.out.put_stream((entity, stream), (header, payload))
-        else:
-            self.out.put_control((header, payload))
+            return
+        out = self.out
+        if (out.control_count >= MAX_CONTROL_BACKLOG
+                or out.control_bytes >= MAX_CONTROL_BACKLOG_BYTES):
+            log.warning("%s: the peer is not reading (%d control packages, %d bytes waiting): "
+                        "closing the tunnel", self.label, out.control_count, out.control_bytes)
+            self.close(f"peer not reading: {out.control_count} control packages waiting")
+            return
+        out.put_control((header, payload))
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time of one PING, in milliseconds."""
