@@ -16,7 +16,7 @@ import pytest
 from tests.integration.harness import Pair, link_for, make_pair, wait_state
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.errors import RequestTimeout, TunnelError
-from vmbusify.protocol.entities import Entity
+from vmbusify.protocol.entities import Entity, TunnelMessage
 from vmbusify.protocol.package import Package, PackageDecoder, PackageType
 from vmbusify.protocol.tunnel import Bye, Hello
 from vmbusify.protocol.window import INITIAL_WINDOW
@@ -472,5 +472,43 @@ def test_streams_of_a_dead_peer_worker_are_reset(pair: Pair) -> None:
             await asyncio.wait_for(g.read(), 15)
         assert time.monotonic() - t0 < 10
         await guest.close()
+
+    run(scenario())
+
+
+def test_silent_connections_do_not_hold_the_real_host_out(pair: Pair) -> None:
+    """Connections that send nothing (or half a package) wait for their HELLO side by side:
+    the real host gets back in at once, not after connect_timeout (5 s) per silent one."""
+    async def scenario() -> None:
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+        await wait_state(host, "vm1", "connected")
+        await host.control({"cmd": "disconnect", "vmid": "vm1"})
+        half = Hello("host", "x", "0").package().encode()[:30]
+        silent = [_raw_connect(pair.tunnel_path) for _ in range(4)]
+        silent[0].sendall(half)
+        await asyncio.sleep(0.3)  # the guest has taken them all
+        t0 = time.monotonic()
+        await host.control({"cmd": "connect", "vmid": "vm1", "timeout": 15}, timeout=20)
+        await wait_state(host, "vm1", "connected")
+        assert time.monotonic() - t0 < 3, "the host waited behind the silent connections"
+        for s in silent:
+            s.close()
+        await host.close()
+
+    run(scenario())
+
+
+def test_a_hello_of_another_protocol_version_gets_a_bye_saying_so(pair: Pair) -> None:
+    async def scenario() -> None:
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+        await wait_state(host, "vm1", "connected")
+        await host.control({"cmd": "disconnect", "vmid": "vm1"})
+        s = _raw_connect(pair.tunnel_path)
+        s.sendall(Hello("host", "future", "9", protocol_version=2).package().encode())
+        pkgs = await asyncio.to_thread(_read_packages, s)
+        s.close()
+        assert pkgs and pkgs[0].message_id == TunnelMessage.BYE, pkgs  # not a HELLO
+        assert "protocol version 2 is not supported" in Bye.decode(pkgs[0].payload).reason
+        await host.close()
 
     run(scenario())

@@ -6,10 +6,11 @@ import asyncio
 import logging
 
 from vmbusify.bus.frames import HOST_VMID
-from vmbusify.errors import VMBusifyError
+from vmbusify.errors import ProtocolError, VMBusifyError
 from vmbusify.mux.app import MuxApp
 from vmbusify.mux.peer import Peer, PeerState
 from vmbusify.mux.tunnel import Tunnel
+from vmbusify.protocol.package import PROTOCOL_VERSION
 from vmbusify.system import interface_addresses
 from vmbusify.transport import listen
 
@@ -68,6 +69,19 @@ class GuestSide:
         cfg = self.config.tunnel
         tunnel = Tunnel(reader, writer, cfg, "host",
                         lambda t, pkg: self.app.from_tunnel(self.peer, t, pkg))
+        # The host speaks first. Its HELLO is awaited outside the lock, so a connection that
+        # sends nothing (or half a package) cannot hold up the real host for connect_timeout.
+        try:
+            await tunnel.receive_hello(cfg.connect_timeout)
+        except (VMBusifyError, OSError) as exc:
+            log.warning("host connection dropped during handshake: %s", exc)
+            hello = tunnel.peer_hello
+            if isinstance(exc, ProtocolError) and hello is not None:  # a version we do not speak
+                await tunnel.refuse(f"protocol version {hello.protocol_version} is not "
+                                    f"supported (this guest speaks {PROTOCOL_VERSION})")
+            else:
+                await tunnel.abort()
+            return
         async with self._lock:
             current = self.peer.tunnel
             if current is not None:
@@ -81,12 +95,12 @@ class GuestSide:
                     log.warning("refused a second host connection: the current one is live")
                     await tunnel.refuse("another host connection is live")
                     return
-            try:
-                await tunnel.handshake(self.app.local_hello(), cfg.connect_timeout)
-            except (VMBusifyError, OSError) as exc:
-                log.warning("host connection dropped during handshake: %s", exc)
+            if tunnel.closed.is_set():
+                log.warning("host connection dropped during handshake: %s",
+                            tunnel.close_reason or "closed")
                 await tunnel.abort()
                 return
+            tunnel.answer(self.app.local_hello())
             self.app.attach(self.peer, tunnel)
         try:
             await tunnel.run()
