@@ -26,7 +26,7 @@ default, so an empty file is a valid guest configuration. Example (host)::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,10 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         if f is None or key == "path":
             raise ConfigError(f"{where}: unknown key {key!r}")
         kwargs[key] = _convert(f.type, value, f"{where}.{key}")
+    missing = [f.name for f in fields(cls) if f.name not in kwargs
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing key {missing[0]!r}")
     return cls(**kwargs)
 
 
@@ -250,7 +254,45 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         if vm.vmid in seen:
             raise ConfigError(f"{chosen}: vmid {vm.vmid!r} appears twice")
         seen.add(vm.vmid)
+    _check_values(config, chosen)
     return config
+
+
+#: The levels ``log_level`` may name (any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _check_values(config: Config, where: str) -> None:
+    """Values of the right type that still cannot work: say so now, on one line, instead of
+    letting a program fail later (with a traceback) or retry forever."""
+    import ipaddress
+
+    from vmbusify.errors import AddressError
+    from vmbusify.transport.address import parse_address
+    if config.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"{where}.log_level: {config.log_level!r} is not one of "
+                          f"{', '.join(LOG_LEVELS)}")
+    t = config.tunnel
+    for key in ("ping_interval", "dead_after", "connect_timeout", "backoff_initial",
+                "backoff_max"):
+        if not getattr(t, key) > 0:
+            raise ConfigError(f"{where}.tunnel.{key}: must be > 0, not {getattr(t, key)!r}")
+    if t.dead_after <= t.ping_interval:
+        raise ConfigError(f"{where}.tunnel.dead_after ({t.dead_after:g}) must be longer than "
+                          f"ping_interval ({t.ping_interval:g})")
+    addresses = [("tunnel.listen", t.listen)] if config.role is Role.GUEST else []
+    addresses += [(f"vms[{i}].address", vm.address) for i, vm in enumerate(config.vms)]
+    for key, text in addresses:
+        try:
+            parse_address(text)
+        except AddressError as exc:
+            raise ConfigError(f"{where}.{key}: {exc}") from None
+    for server in config.subnet.dns_upstream:
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            raise ConfigError(f"{where}.subnet.dns_upstream: {server!r} is not an IP "
+                              "address") from None
 
 
 def as_dict(obj: Any) -> Any:

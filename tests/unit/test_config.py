@@ -3,6 +3,7 @@ vmbusifyexec uses (vmbusify.config_file) must agree on where the command listene
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,50 @@ def test_a_named_file_must_exist(tmp_path: Path) -> None:
         listener_of(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ('role = "host"\n[[vms]]\nvmid = "a"\n', r"vms\[0\]: missing key 'address'"),
+    ('log_level = "LOUD"\n', "log_level: 'LOUD' is not one of"),
+    ("[tunnel]\ndead_after = 0\n", "tunnel.dead_after: must be > 0"),
+    ("[tunnel]\nping_interval = -1\n", "tunnel.ping_interval: must be > 0"),
+    ("[tunnel]\nping_interval = 20.0\n", "dead_after .* must be longer than ping_interval"),
+    ('[tunnel]\nlisten = "bogus:1"\n', "tunnel.listen: address 'bogus:1': unknown scheme"),
+    ('role = "host"\n[[vms]]\nvmid = "a"\naddress = "vsock:notanumber"\n',
+     r"vms\[0\].address: address 'vsock:notanumber'"),
+    ('[subnet]\ndns_upstream = ["not-an-ip"]\n', "dns_upstream: 'not-an-ip' is not an IP"),
+])
+def test_values_that_cannot_work_are_refused_at_load(tmp_path: Path, text: str,
+                                                      why: str) -> None:
+    """Each of these used to load, then end in a traceback (missing key, log level, DNS
+    server) or a program that ran but could never work (a dead_after of 0, an address that
+    does not parse: the host retried it forever)."""
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=why):
+        load_config(path)
+
+
+def test_the_shipped_examples_still_load() -> None:
+    root = Path(__file__).resolve().parents[2]
+    for name in ("host.toml", "guest.toml"):
+        load_config(root / "packaging" / name)
+
+
+def test_a_run_dir_that_cannot_be_made_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vmbusify.cli.main import main
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "vmbusify.toml"
+    path.write_text(f'run_dir = "{tmp_path}/file/run"\n[tunnel]\n'
+                    f'listen = "unix:{tmp_path}/t.sock"\n')
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        result = CliRunner().invoke(main, ["mux", "--config", str(path)])
+    finally:  # the program set up its logging in this process: put pytest's back
+        root.handlers[:], root.level = handlers, level
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)  # not the OSError itself
+    assert "Not a directory" in result.output and "Traceback" not in result.output

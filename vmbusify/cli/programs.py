@@ -39,6 +39,10 @@ def run_program(program: str, config_path: str | None,
     except VMBusifyError as exc:
         click.echo(f"vmbusify {program}: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:  # e.g. a run_dir that cannot be made: one line, not a traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        click.echo(f"vmbusify {program}:{where}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         pass
 
