@@ -62,9 +62,14 @@ def main() -> None:
     if not ip.netns_exists(vm.netns) or not ip.netns_exists(ext.netns):
         raise SystemExit(f"no lab at {layout.root}: run `vmbusify lab up` first")
     host = load_config(layout.host.config_path)
-    route = ip.run(ip.ns_argv(vm.netns, ["ip", "route", "get", ext.ip]), check=False).stdout
-    if f"dev {load_config(vm.config_path).subnet.ifname}" not in route:
-        raise SystemExit(f"{args.vm} has no subnet route to {ext.ip} (is the subnet worker up?)")
+    subnet_dev = f"dev {load_config(vm.config_path).subnet.ifname}"
+    deadline = time.monotonic() + 20  # a lab just brought up may still be attaching
+    while subnet_dev not in ip.run(ip.ns_argv(vm.netns, ["ip", "route", "get", ext.ip]),
+                                   check=False).stdout:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{args.vm} has no subnet route to {ext.ip} after 20 s "
+                             "(is the subnet worker up?)")
+        time.sleep(0.5)
     server = subprocess.Popen(ip.ns_argv(ext.netns, ["iperf3", "-s", "-B", ext.ip, "-p",
                                                      str(PORT)]),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
