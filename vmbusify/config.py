@@ -25,6 +25,7 @@ default, so an empty file is a valid guest configuration. Example (host)::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -44,7 +45,7 @@ from vmbusify.config_file import (
 from vmbusify.config_file import (
     token_path as _token_path,
 )
-from vmbusify.errors import ConfigError
+from vmbusify.errors import AddressError, ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH", "DEFAULT_CONTROL_PORT", "DEFAULT_PROXY_PORT", "DEFAULT_TUNNEL_PORT",
@@ -265,9 +266,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 def _check_values(config: Config, where: str) -> None:
     """Values of the right type that still cannot work: say so now, on one line, instead of
     letting a program fail later (with a traceback) or retry forever."""
-    import ipaddress
-
-    from vmbusify.errors import AddressError
+    # Imported here: vmbusify.transport.address imports this module (its default port).
     from vmbusify.transport.address import parse_address
     if config.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"{where}.log_level: {config.log_level!r} is not one of "
