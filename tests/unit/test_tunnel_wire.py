@@ -19,14 +19,21 @@ from vmbusify.runtime import run_async
 HELLO = Hello(role="guest", hostname="t", software_version="0").package().encode()
 
 
-def _tunnel_pair(on_package):  # type: ignore[no-untyped-def]
+def _tunnel_pair(on_package, config=None):  # type: ignore[no-untyped-def]
     async def make() -> tuple[Tunnel, socket.socket]:
         a, b = socket.socketpair()
         b.setblocking(False)
         reader, writer = await asyncio.open_connection(sock=a)
-        return Tunnel(reader, writer, TunnelConfig(ping_interval=30, dead_after=60), "t",
-                      on_package), b
+        return Tunnel(reader, writer, config or TunnelConfig(ping_interval=30, dead_after=60),
+                      "t", on_package), b
     return make()
+
+
+async def _running(tunnel: Tunnel, peer: socket.socket) -> asyncio.Task[str]:
+    """The peer says HELLO, the tunnel shakes hands and runs; returns run()'s task."""
+    await asyncio.get_running_loop().sock_sendall(peer, HELLO)
+    await tunnel.handshake(Hello(role="host", hostname="h", software_version="0"), 5)
+    return asyncio.ensure_future(tunnel.run())
 
 
 @pytest.mark.timeout(30)
@@ -62,9 +69,7 @@ def test_peer_closing_mid_package_ends_the_tunnel_as_eof() -> None:
     async def scenario() -> None:
         tunnel, peer = await _tunnel_pair(lambda t, p: None)
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(peer, HELLO)
-        await tunnel.handshake(Hello(role="host", hostname="h", software_version="0"), 5)
-        runner = asyncio.ensure_future(tunnel.run())
+        runner = await _running(tunnel, peer)
         half = Package(PackageType.DATA, 3, 9, stream=1, payload=b"y" * 500_000).encode()
         await loop.sock_sendall(peer, half[:300_000])
         await loop.sock_recv(peer, 65536)  # our HELLO: unread, it would turn the close into an RST
@@ -102,14 +107,12 @@ def _ping_flood(count: int) -> bytes:
 def test_a_peer_that_pings_but_never_reads_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every PING queues a PONG; a peer that never reads them must not grow the queue without
     end (a guest flooding its host's mux): past the backlog bound the tunnel closes."""
-    monkeypatch.setattr(tunnel_module, "MAX_CONTROL_BACKLOG", 2000, raising=False)
+    monkeypatch.setattr(tunnel_module, "MAX_CONTROL_BACKLOG", 2000)
 
     async def scenario() -> None:
         tunnel, peer = await _tunnel_pair(lambda t, p: None)
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(peer, HELLO)
-        await tunnel.handshake(Hello(role="host", hostname="h", software_version="0"), 5)
-        runner = asyncio.ensure_future(tunnel.run())
+        runner = await _running(tunnel, peer)
         flood = _ping_flood(5000)
         try:
             for _ in range(40):  # far more PONGs than the socket buffers and the bound hold
@@ -133,15 +136,10 @@ def test_a_dead_peer_that_never_reads_loses_its_socket_and_no_error_is_logged(
     the tunnel's socket is really closed (not left waiting to flush forever), and the ping
     loop's unanswered pings log no "Future exception was never retrieved"."""
     async def scenario() -> None:
-        a, peer = socket.socketpair()
-        peer.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=a)
-        tunnel = Tunnel(reader, writer, TunnelConfig(ping_interval=0.05, dead_after=1.0), "t",
-                        lambda t, p: None)
+        tunnel, peer = await _tunnel_pair(lambda t, p: None,
+                                          TunnelConfig(ping_interval=0.05, dead_after=1.0))
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(peer, HELLO)
-        await tunnel.handshake(Hello(role="host", hostname="h", software_version="0"), 5)
-        runner = asyncio.ensure_future(tunnel.run())
+        runner = await _running(tunnel, peer)
         flood = _ping_flood(2000)
         for _ in range(20):
             await loop.sock_sendall(peer, flood)
@@ -163,7 +161,7 @@ def test_a_dead_peer_that_never_reads_loses_its_socket_and_no_error_is_logged(
                 break
         assert gone is not None, "the dead tunnel's socket is still open"
         peer.close()
-        del tunnel, runner, reader, writer
+        del tunnel, runner
         gc.collect()
         await asyncio.sleep(0)
 
