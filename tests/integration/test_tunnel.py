@@ -310,6 +310,27 @@ def _raw_connect(path: Path) -> socket.socket:
     return s
 
 
+async def _bye_reason(pair: Pair, hello: Hello) -> str:
+    """Connect to the guest's tunnel socket as a would-be host saying ``hello``: the guest's
+    answer must be a BYE; returns its reason."""
+    s = _raw_connect(pair.tunnel_path)
+    s.sendall(hello.package().encode())
+    pkgs = await asyncio.to_thread(_read_packages, s)
+    s.close()
+    assert pkgs and pkgs[0].type is PackageType.MESSAGE, pkgs
+    assert pkgs[0].message_id == TunnelMessage.BYE, pkgs  # not a HELLO
+    return Bye.decode(pkgs[0].payload).reason
+
+
+async def _host_with_vm1_disconnected(pair: Pair) -> WorkerLink:
+    """A host worker link, once vm1 connected and was then told to disconnect (so the guest
+    waits for a new host connection)."""
+    host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
+    await wait_state(host, "vm1", "connected")
+    await host.control({"cmd": "disconnect", "vmid": "vm1"})
+    return host
+
+
 def _read_packages(s: socket.socket) -> list[Package]:
     dec = PackageDecoder()
     out: list[Package] = []
@@ -329,12 +350,8 @@ def test_second_host_connection_is_refused(pair: Pair) -> None:
     async def scenario() -> None:
         host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
         await wait_state(host, "vm1", "connected")
-        s = _raw_connect(pair.tunnel_path)
-        s.sendall(Hello("host", "intruder", "0").package().encode())
-        pkgs = await asyncio.to_thread(_read_packages, s)
-        s.close()
-        assert pkgs and pkgs[0].type is PackageType.MESSAGE
-        assert "another host connection is live" in Bye.decode(pkgs[0].payload).reason
+        reason = await _bye_reason(pair, Hello("host", "intruder", "0"))
+        assert "another host connection is live" in reason
         await wait_state(host, "vm1", "connected")  # the first one is untouched
         await host.close()
 
@@ -343,9 +360,7 @@ def test_second_host_connection_is_refused(pair: Pair) -> None:
 
 def test_garbage_is_dropped_and_the_guest_keeps_serving(pair: Pair) -> None:
     async def scenario() -> None:
-        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
-        await wait_state(host, "vm1", "connected")
-        await host.control({"cmd": "disconnect", "vmid": "vm1"})
+        host = await _host_with_vm1_disconnected(pair)
         rss_before = pair.guest.rss()
         bad_header = bytearray(Hello("host", "x", "0").package().encode()[:24])
         bad_sig = b"XXXX" + bytes(bad_header[4:])
@@ -480,9 +495,7 @@ def test_silent_connections_do_not_hold_the_real_host_out(pair: Pair) -> None:
     """Connections that send nothing (or half a package) wait for their HELLO side by side:
     the real host gets back in at once, not after connect_timeout (5 s) per silent one."""
     async def scenario() -> None:
-        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
-        await wait_state(host, "vm1", "connected")
-        await host.control({"cmd": "disconnect", "vmid": "vm1"})
+        host = await _host_with_vm1_disconnected(pair)
         half = Hello("host", "x", "0").package().encode()[:30]
         silent = [_raw_connect(pair.tunnel_path) for _ in range(4)]
         silent[0].sendall(half)
@@ -500,15 +513,9 @@ def test_silent_connections_do_not_hold_the_real_host_out(pair: Pair) -> None:
 
 def test_a_hello_of_another_protocol_version_gets_a_bye_saying_so(pair: Pair) -> None:
     async def scenario() -> None:
-        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
-        await wait_state(host, "vm1", "connected")
-        await host.control({"cmd": "disconnect", "vmid": "vm1"})
-        s = _raw_connect(pair.tunnel_path)
-        s.sendall(Hello("host", "future", "9", protocol_version=2).package().encode())
-        pkgs = await asyncio.to_thread(_read_packages, s)
-        s.close()
-        assert pkgs and pkgs[0].message_id == TunnelMessage.BYE, pkgs  # not a HELLO
-        assert "protocol version 2 is not supported" in Bye.decode(pkgs[0].payload).reason
+        host = await _host_with_vm1_disconnected(pair)
+        reason = await _bye_reason(pair, Hello("host", "future", "9", protocol_version=2))
+        assert "protocol version 2 is not supported" in reason
         await host.close()
 
     run(scenario())
