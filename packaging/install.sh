@@ -5,9 +5,9 @@
 #
 # It makes /opt/vmbusify/venv and installs VMBusify (and supervisor) into it, puts
 # conf/supervisord.conf, the programs it includes (conf/programs/*.conf) and the role's
-# example config into /etc/vmbusify (an existing
-# vmbusify.toml is kept), installs vmbusify-ROLE.service and enables it (--now: starts it
-# too). --dry-run prints the commands instead of running them, and needs no root.
+# example config into /etc/vmbusify (an existing vmbusify.toml is kept), installs
+# vmbusify-ROLE.service and enables it (--now: starts it too). --dry-run prints the
+# commands instead of running them, and needs no root.
 set -eu
 
 usage() {
