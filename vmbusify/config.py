@@ -49,7 +49,7 @@ from vmbusify.errors import AddressError, ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH", "DEFAULT_CONTROL_PORT", "DEFAULT_PROXY_PORT", "DEFAULT_TUNNEL_PORT",
-    "Config", "ControlConfig", "HostConfig", "ProxyConfig", "Role", "SubnetConfig",
+    "Config", "ControlConfig", "HostConfig", "LimitsConfig", "ProxyConfig", "Role", "SubnetConfig",
     "TunnelConfig", "VMEntry", "as_dict", "load_config",
 ]
 
@@ -76,6 +76,13 @@ class TunnelConfig:
     #: Reconnect backoff on the host: first delay and cap (seconds).
     backoff_initial: float = 0.2
     backoff_max: float = 5.0
+    #: Guest only: a root-only file with the key shared with the host ("" = none); when set,
+    #: a host that does not prove it knows the key in its HELLO is refused.
+    key_file: str = ""
+    #: Guest only, vsock: accept only host connections from a privileged source port
+    #: (< 1024), which only the host's root can bind. "auto" = on for vsock where the host is
+    #: a KVM/QEMU host (peer CID 2 and a privileged-port-capable transport); "on", "off".
+    require_privileged_port: str = "auto"
 
 
 @dataclass
@@ -84,6 +91,13 @@ class VMEntry:
 
     vmid: str
     address: str
+    #: The addresses (IPs or CIDRs) this VM may claim in its HELLO; [] = any address no
+    #: other VM claims too. A claim outside the list is not taken (docs/security.md).
+    ips: list[str] = field(default_factory=list)
+    #: A root-only file holding a key shared with this VM's guest ("" = none). When set, the
+    #: HELLO carries a challenge-response proving both ends know it (nothing secret on the
+    #: wire); the guest refuses a host that cannot answer.
+    key_file: str = ""
 
 
 @dataclass
@@ -148,6 +162,38 @@ class SubnetConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """Caps that keep one VM (root in it is hostile) from taking what other VMs need.
+
+    Per VM and per worker process on this endpoint, plus a total over every VM. At a cap the
+    new stream or request is refused with the reason, the stream that overran is reset, the
+    counter shows in ``vmbusifyctl status``; other VMs do not notice. docs/security.md.
+    """
+
+    #: Streams open at once with one VM (the mux refuses the next open) / with all VMs.
+    streams_per_vm: int = 4096
+    streams_total: int = 65536
+    #: Bytes one worker holds for one VM: received and not yet read, or sent and not yet
+    #: credited back by the peer (so also what waits in the mux for that VM). At least one
+    #: stream window (8 MiB) plus one chunk (1 MiB).
+    buffered_per_vm: int = 24 << 20
+    buffered_total: int = 768 << 20
+    #: Requests (opens, exec starts, ...) one worker handles for one VM at once.
+    requests_per_vm: int = 512
+    #: Bytes of packages waiting in the mux to be written to one VM's tunnel; a VM that
+    #: stops reading past this is disconnected.
+    tunnel_backlog: int = 64 << 20
+    #: Packages the mux takes from one tunnel before it serves the others (fairness).
+    read_budget: int = 256
+    #: The subnet's DNS forwarder: TCP connections and queries in flight for one VM.
+    dns_tcp_per_vm: int = 8
+    dns_queries_per_vm: int = 64
+    #: Warnings about one VM's bad input: at most this many lines a minute for each kind
+    #: (then one line with the count), so a flood cannot flood the log.
+    log_lines_per_minute: int = 10
+
+
+@dataclass
 class Config:
     """A whole endpoint's configuration."""
 
@@ -163,6 +209,7 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     subnet: SubnetConfig = field(default_factory=SubnetConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     #: Where this configuration was read from ("" when built in code).
     path: str = ""
 
@@ -208,7 +255,7 @@ def _convert(type_name: Any, value: Any, where: str) -> Any:
     type_name = str(type_name)
     nested = {
         "TunnelConfig": TunnelConfig, "HostConfig": HostConfig, "ControlConfig": ControlConfig,
-        "ProxyConfig": ProxyConfig, "SubnetConfig": SubnetConfig,
+        "ProxyConfig": ProxyConfig, "SubnetConfig": SubnetConfig, "LimitsConfig": LimitsConfig,
     }
     if type_name in nested:
         return _build(nested[type_name], value, where)
@@ -286,12 +333,41 @@ def _check_values(config: Config, where: str) -> None:
             parse_address(text)
         except AddressError as exc:
             raise ConfigError(f"{where}.{key}: {exc}") from None
+    _check_limits(config.limits, where)
+    for i, vm in enumerate(config.vms):
+        for net in vm.ips:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"{where}.vms[{i}].ips: {net!r} is not an address or "
+                                  "network") from None
+    if t.require_privileged_port not in ("auto", "on", "off"):
+        raise ConfigError(f"{where}.tunnel.require_privileged_port: must be 'auto', 'on' or "
+                          f"'off', not {t.require_privileged_port!r}")
     for server in config.subnet.dns_upstream:
         try:
             ipaddress.ip_address(server)
         except ValueError:
             raise ConfigError(f"{where}.subnet.dns_upstream: {server!r} is not an IP "
                               "address") from None
+
+
+def _check_limits(limits: LimitsConfig, where: str) -> None:
+    from vmbusify.protocol.window import INITIAL_WINDOW, MAX_CHUNK
+    for f in fields(limits):
+        if not getattr(limits, f.name) > 0:
+            raise ConfigError(f"{where}.limits.{f.name}: must be > 0, not "
+                              f"{getattr(limits, f.name)!r}")
+    floor = INITIAL_WINDOW + MAX_CHUNK
+    if limits.buffered_per_vm < floor:
+        raise ConfigError(f"{where}.limits.buffered_per_vm: at least {floor} (one stream "
+                          "window and one chunk)")
+    for per_vm, total in (("streams_per_vm", "streams_total"),
+                          ("buffered_per_vm", "buffered_total")):
+        if getattr(limits, total) < getattr(limits, per_vm):
+            raise ConfigError(f"{where}.limits.{total} must be at least {per_vm}")
+    if limits.tunnel_backlog < floor:
+        raise ConfigError(f"{where}.limits.tunnel_backlog: at least {floor}")
 
 
 def as_dict(obj: Any) -> Any:

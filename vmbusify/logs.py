@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable, Hashable
 
 
 def setup_logging(program: str, level: str = "INFO") -> None:
@@ -17,3 +19,64 @@ def setup_logging(program: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+# -- text from the other side is data ------------------------------------------------------
+
+#: Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: in a log
+#: line or on a terminal any of them can forge a line or move the cursor.
+_UNSAFE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_UNSAFE.update({0x2028: "\\u2028", 0x2029: "\\u2029", ord("\\"): "\\\\"})
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """``text`` (a peer's string, or bytes) fit for a log line or a terminal: control
+    characters escaped, a backslash doubled, at most ``limit`` characters (then ``...``)."""
+    if isinstance(text, bytes | bytearray | memoryview):
+        text = bytes(text).decode("utf-8", "backslashreplace")
+    s = str(text)
+    cut = len(s) > limit
+    s = s[:limit].translate(_UNSAFE)
+    return s + "..." if cut else s
+
+
+class RateLimitedLog:
+    """At most ``per_minute`` lines for each key (a VM and a kind of problem) every minute;
+    what was held back is counted and said in the next line that gets through.
+
+    A hostile VM can send a bad package a microsecond: without this, one warning each is a
+    way to fill the host's disk and bury everything else in the log.
+    """
+
+    def __init__(self, logger: logging.Logger, per_minute: int = 10,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.per_minute = per_minute
+        self._clock = clock
+        self._windows: dict[Hashable, list[float | int]] = {}  # key -> [start, lines, held]
+
+    def log(self, level: int, key: Hashable, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` unless ``key`` used up its lines this minute; True if logged."""
+        now = self._clock()
+        w = self._windows.get(key)
+        if w is None or now - w[0] >= 60.0:
+            held = int(w[2]) if w is not None else 0
+            w = self._windows[key] = [now, 0, held]
+            if len(self._windows) > 4096:  # keys come from peers too: keep the table small
+                self._forget(now)
+        if w[1] >= self.per_minute:
+            w[2] = int(w[2]) + 1
+            return False
+        w[1] = int(w[1]) + 1
+        if w[2]:
+            msg = f"{msg} (and {int(w[2])} more like it not logged)"
+            w[2] = 0
+        self.logger.log(level, msg, *args)
+        return True
+
+    def warning(self, key: Hashable, msg: str, *args: object) -> bool:
+        return self.log(logging.WARNING, key, msg, *args)
+
+    def _forget(self, now: float) -> None:
+        for k in [k for k, w in self._windows.items() if now - w[0] >= 60.0 and not w[2]]:
+            del self._windows[k]
