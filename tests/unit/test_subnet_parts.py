@@ -307,6 +307,64 @@ def test_dns_forwarder_relays_the_matching_answer() -> None:
     assert dropped == 1
 
 
+class SilentResolver(asyncio.DatagramProtocol):
+    """An upstream that never answers: every query stays in flight for the whole timeout."""
+
+
+async def _dns_one_client_floods() -> tuple[DnsForwarder, bytes, int]:
+    """127.0.0.2 sends more queries than its cap to a silent upstream, then 127.0.0.3 asks."""
+    loop = asyncio.get_running_loop()
+    up_port, port = free_port(), free_port()
+    upstream, _ = await loop.create_datagram_endpoint(SilentResolver,
+                                                      local_addr=("127.0.0.1", up_port))
+    fwd = DnsForwarder(["127.0.0.1"], ["127.0.0.1"], port=port, upstream_port=up_port,
+                       per_client_queries=4, per_client_tcp=2)
+    await fwd.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood:
+            flood.bind(("127.0.0.2", 0))
+            for i in range(10):
+                flood.sendto(bytes([0, i]) + bytes(10) + b"q", ("127.0.0.1", port))
+            await asyncio.sleep(0.2)
+        # TCP: the flooder's third connection is closed at once, unread.
+        conns = []
+        for _ in range(3):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.setblocking(False)
+            await loop.sock_connect(s, ("127.0.0.1", port))
+            conns.append(s)
+        third_eof = await asyncio.wait_for(loop.sock_recv(conns[2], 16), 5)
+        for s in conns:
+            s.close()
+        # Another client is not held up by the flooder's queries: it is answered (here by a
+        # second, answering upstream, since the first stays silent).
+        fwd.upstreams = ["127.0.0.4"]
+        answering, _ = await loop.create_datagram_endpoint(EchoResolver,
+                                                           local_addr=("127.0.0.4", up_port))
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+                other.bind(("127.0.0.3", 0))
+                other.setblocking(False)
+                other.connect(("127.0.0.1", port))
+                await loop.sock_sendall(other, b"\x77\x77" + bytes(10) + b"q")
+                answer = await asyncio.wait_for(loop.sock_recv(other, 512), 5)
+        finally:
+            answering.close()
+        return fwd, answer + b"|" + third_eof, fwd.refused.get("127.0.0.3", 0)
+    finally:
+        await fwd.close()
+        upstream.close()
+
+
+def test_dns_forwarder_caps_each_client_without_holding_up_the_others() -> None:
+    fwd, answer, other_refused = asyncio.run(_dns_one_client_floods())
+    # 10 UDP queries with a cap of 4: 6 refused; the third TCP connection (cap 2): refused.
+    assert fwd.refused["127.0.0.2"] == 6 + 1
+    assert answer == b"\x77\x77" + bytes(10) + b"q!|"  # answered; the third TCP conn got EOF
+    assert other_refused == 0
+
+
 # --- TUN ----------------------------------------------------------------------------------------
 
 

@@ -82,8 +82,10 @@ class SubnetHost:
             self.forwarding.enable("ipv4", self.uplink)
         else:
             log.warning("no uplink (no default route, none configured): VMs reach the host only")
+        limits = self.config.limits
         self.dns = DnsForwarder([str(gw)] + ([str(gw6)] if gw6 is not None else []),
-                                self._upstreams())
+                                self._upstreams(), per_client_queries=limits.dns_queries_per_vm,
+                                per_client_tcp=limits.dns_tcp_per_vm)
         await self.dns.start()
         self.reader = TunReader(self.tun, self._route_from_kernel)
         self.reader.start()
@@ -222,5 +224,6 @@ class SubnetHost:
             "table": self.sub.table, "leases": self.leases.items(),
             "attached": {vmid: b.stats() for vmid, b in self.bearers.items()},
             "tun_write_errors": self.tun.write_errors if self.tun else 0,
-            "dns_queries": self.dns.queries if self.dns else 0, **self.counters,
+            "dns_queries": self.dns.queries if self.dns else 0,
+            "dns_refused": sum(self.dns.refused.values()) if self.dns else 0, **self.counters,
         }
