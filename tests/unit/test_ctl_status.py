@@ -40,3 +40,18 @@ def test_a_worker_without_counters_has_its_line_only() -> None:
                                   "stats": {}}]))
     workers = text.split("workers:")[1].split("programs:")[0].strip().splitlines()
     assert [w.split()[0] for w in workers] == ["control"]
+
+
+def test_addresses_not_held_are_shown_with_why() -> None:
+    st = status([])
+    st["vms"][0]["ips"] = ["100.77.0.2"]
+    st["vms"][0]["ips_refused"] = [
+        {"ip": "198.19.2.10", "why": "conflict", "reason": "conflict with vm2", "with": ["vm2"]},
+        {"ip": "10.9.9.9", "why": "outside-config", "reason": "outside the configured ips",
+         "with": []},
+        {"ip": "x\x1b[2Jy", "why": "invalid", "reason": "not an IP address", "with": []}]
+    lines = [line.strip() for line in render_status(st).splitlines()]
+    assert "not held: 198.19.2.10 (conflict with vm2)" in lines
+    assert "not held: 10.9.9.9 (outside the configured ips)" in lines
+    assert "not held: x\\x1b[2Jy (not an IP address)" in lines  # a peer's text, escaped
+    assert any(line.startswith("vm1") and line.endswith("100.77.0.2") for line in lines)

@@ -16,6 +16,7 @@ import click
 from vmbusify.config import load_config
 from vmbusify.control.client import ControlClient, q
 from vmbusify.errors import VMBusifyError
+from vmbusify.logs import printable
 
 
 def _client(ctx: click.Context) -> ControlClient:
@@ -107,6 +108,9 @@ def render_status(st: dict[str, Any]) -> str:
                      f"{', '.join(vm['ips']) or '-'}")
         if vm["state"] != "connected" and vm.get("last_error"):
             lines.append(f"{'':<20} last error: {vm['last_error']}")
+        for refused in vm.get("ips_refused") or []:
+            lines.append(f"{'':<20} not held: {printable(refused.get('ip'))} "
+                         f"({printable(refused.get('reason'))})")
     lines += ["", "workers:"]
     for w in st.get("workers", []):
         lines.append(f"  {w['name']:<10} pid {w['pid']:<8} {', '.join(w['entities'])}")

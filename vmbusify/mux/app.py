@@ -31,6 +31,8 @@ from vmbusify.errors import (
     UnknownVMError,
     VMBusifyError,
 )
+from vmbusify.logs import RateLimitedLog, printable
+from vmbusify.mux.addresses import AddressBook
 from vmbusify.mux.peer import MAX_WAITING, Peer, PeerState
 from vmbusify.mux.router import RouteTable, WorkerInfo
 from vmbusify.mux.tunnel import Tunnel
@@ -63,6 +65,9 @@ class MuxApp:
         self.started = time.time()
         self.routes = RouteTable()
         self.peers: dict[str, Peer] = {}
+        #: Who holds which address a VM claims (every lookup by IP goes through it).
+        self.addresses = AddressBook.from_config(config)
+        self._address_log = RateLimitedLog(log, config.limits.log_lines_per_minute)
         self.side: Any = None  # HostSide or GuestSide, set by run_mux
         self._ctx = zmq.Context()
         self._bus: BusSocket | None = None
@@ -231,8 +236,7 @@ class MuxApp:
         """A tunnel to ``peer`` completed its handshake."""
         peer.tunnel = tunnel
         peer.connects += 1
-        if tunnel.peer_hello is not None and tunnel.peer_hello.ips:
-            peer.ips = list(tunnel.peer_hello.ips)
+        others = self._claim(peer, tunnel.peer_hello.ips if tunnel.peer_hello else [])
         tunnel.on_hello = lambda t, hello: self._on_hello(peer, hello)
         tunnel.on_worker_lost = lambda t, lost: self._on_worker_lost(peer, lost)
         peer.set_state(PeerState.CONNECTED)
@@ -242,14 +246,43 @@ class MuxApp:
                  peer.address, hello.hostname if hello else "?",
                  hello.software_version if hello else "?", ", ".join(peer.ips) or "none")
         self.broadcast(TunnelEvent.UP, peer.vmid, ips=peer.ips)
+        self._announce_holdings(others)
         waiting, peer.waiting = peer.waiting, []
         for header, payload, identity in waiting:
             self.from_worker(identity, peer.vmid, header, payload)
 
     def _on_hello(self, peer: Peer, hello: Hello) -> None:
-        if hello.ips:
-            peer.ips = list(hello.ips)
+        others = self._claim(peer, hello.ips)
         self.broadcast(TunnelEvent.UP, peer.vmid, ips=peer.ips)
+        self._announce_holdings(others)
+
+    def _claim(self, peer: Peer, ips: list[str]) -> set[str]:
+        """Record the addresses ``peer`` claims (its whole list, from a HELLO); the other
+        vmids whose held addresses changed because of it are returned."""
+        changed = self.addresses.claim(peer.vmid, ips)
+        self._sync_addresses(changed | {peer.vmid})
+        for refused in peer.ips_refused:
+            self._address_log.warning((peer.vmid, "address"), "vm=%s: claimed address %s "
+                                      "not taken: %s", peer.vmid, printable(refused["ip"]),
+                                      refused["reason"])
+        return changed - {peer.vmid}
+
+    def _sync_addresses(self, vmids: set[str]) -> None:
+        """Copy the book's view of ``vmids`` into their peers (status, list, UP events)."""
+        for vmid in vmids:
+            p = self.peers.get(vmid)
+            if p is not None:
+                st = self.addresses.status(vmid)
+                p.ips, p.ips_refused = st["ips"], st["ips_refused"]
+
+    def _announce_holdings(self, vmids: set[str]) -> None:
+        """Tell the workers again about connected VMs whose held addresses changed (a
+        conflict another VM caused, or resolved): UP carries only held addresses."""
+        for vmid in sorted(vmids):
+            p = self.peers.get(vmid)
+            if p is not None and p.tunnel is not None:
+                log.info("vm=%s: addresses held now %s", vmid, ", ".join(p.ips) or "none")
+                self.broadcast(TunnelEvent.UP, vmid, ips=p.ips)
 
     def detach(self, peer: Peer, tunnel: Tunnel, reason: str) -> None:
         """The tunnel to ``peer`` ended."""
@@ -259,6 +292,8 @@ class MuxApp:
         peer.bytes_out += tunnel.bytes_out
         peer.tunnel = None
         peer.set_state(PeerState.DISCONNECTED, reason)
+        changed = self.addresses.release(peer.vmid)  # its claims go with it
+        self._sync_addresses(changed | {peer.vmid})
         log.warning("vm=%s disconnected: %s", peer.vmid, reason)
         lost = f"not connected: tunnel to {peer.vmid} lost ({reason})".encode()
         for call in self.routes.pending_for_vm(peer.vmid):
@@ -266,6 +301,7 @@ class MuxApp:
                                    PackageFlag.ERROR, len(lost))
             self.to_worker(call.identity, [BusKind.PKG.value, peer.vmid.encode(), header, lost])
         self.broadcast(TunnelEvent.DOWN, peer.vmid, reason=reason)
+        self._announce_holdings(changed - {peer.vmid})
 
     def fail_waiting(self, peer: Peer, reason: str) -> None:
         """Connecting on demand failed: answer every held request."""
@@ -277,22 +313,26 @@ class MuxApp:
 
     # -- built-in commands -----------------------------------------------------------------
     def peer(self, vmid: str) -> Peer:
-        """The peer with this vmid (or, on the host, any IP it reported)."""
+        """The peer with this vmid (or, on the host, an address it holds)."""
         p = self.peers.get(vmid)
+        if p is not None:
+            return p
+        try:
+            ipaddress.ip_address(vmid.split("%", 1)[0])
+        except ValueError:
+            raise UnknownVMError(f"unknown VM {vmid!r}: neither a configured vmid nor an "
+                                 "address a VM holds") from None
+        owner = self.vmid_by_ip(vmid)  # UnknownVMError naming a conflict or refusal
+        p = self.peers.get(owner)
         if p is None:
-            try:
-                p = self.peers[self.vmid_by_ip(vmid)]
-            except (UnknownVMError, KeyError):
-                raise UnknownVMError(f"unknown VM {vmid!r}: neither a configured vmid nor an "
-                                     "address a VM reported") from None
+            raise UnknownVMError(f"unknown VM {owner!r} (holding {vmid})")
         return p
 
     def vmid_by_ip(self, ip: str) -> str:
-        """The vmid whose guest reported ``ip`` (spec get_vmid_by_ip); raises UnknownVMError."""
-        for p in self.peers.values():
-            if ip in p.ips:
-                return p.vmid
-        raise UnknownVMError(f"no VM reported the address {ip}")
+        """The vmid holding ``ip`` (spec get_vmid_by_ip): claimed in its HELLO, allowed by
+        the configuration, claimed by no other VM. UnknownVMError (naming the conflict or
+        refusal) otherwise: never a guess."""
+        return self.addresses.owner(ip)
 
     def status(self) -> dict[str, Any]:
         return {

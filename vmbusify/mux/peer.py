@@ -33,8 +33,11 @@ class Peer:
     state: PeerState = PeerState.DISCONNECTED
     tunnel: Tunnel | None = None
     last_error: str = ""
-    #: Every address the peer reported, kept after a disconnect for vmid-by-ip.
+    #: The addresses the peer holds (claimed in its HELLO and judged by the mux's
+    #: AddressBook, which keeps this in step); none while disconnected.
     ips: list[str] = field(default_factory=list)
+    #: Its claims not held, each ``{ip, why, reason, with}`` (a conflict, the config).
+    ips_refused: list[dict[str, Any]] = field(default_factory=list)
     bytes_in: int = 0
     bytes_out: int = 0
     connects: int = 0
@@ -63,6 +66,7 @@ class Peer:
             "connected_since": t.connected_since if t else None,
             "rtt_ms": round(t.rtt_ms, 3) if t and t.rtt_ms is not None else None,
             "ips": list(self.ips),
+            "ips_refused": [dict(r) for r in self.ips_refused],
             "bytes_in": self.bytes_in + (t.bytes_in if t else 0),
             "bytes_out": self.bytes_out + (t.bytes_out if t else 0),
             "hostname": hello.hostname if hello else None,
