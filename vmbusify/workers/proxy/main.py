@@ -54,7 +54,7 @@ async def run(config: Config, stop: asyncio.Event | None = None) -> None:
     raise_fd_limit()
     stats = ConnStats()
     link = WorkerLink(config, "proxy", [Entity.PROXY_CLIENT, Entity.PROXY_SERVER])
-    server = ProxyServer(link, config.proxy, config.role, stats)
+    server = ProxyServer(link, config.proxy, config.role, stats, config)
     client = ProxyClient(link, config.proxy, config.role, stats)
     server.install()
     client.install()

@@ -14,8 +14,9 @@ import socket
 from typing import Any
 
 from vmbusify.bus.link import Inbound, WorkerLink
-from vmbusify.config import ProxyConfig, Role
+from vmbusify.config import Config, ProxyConfig, Role
 from vmbusify.errors import ProtocolError
+from vmbusify.logs import printable
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.proxy import (
     Command,
@@ -37,10 +38,14 @@ log = logging.getLogger("vmbusify.proxy.server")
 class ProxyServer:
     """Connects to targets on behalf of the peer's proxy client."""
 
-    def __init__(self, link: WorkerLink, cfg: ProxyConfig, role: Role, stats: ConnStats) -> None:
+    def __init__(self, link: WorkerLink, cfg: ProxyConfig, role: Role, stats: ConnStats,
+                 config: Config | None = None) -> None:
+        """``config``: the whole endpoint's (its ``[subnet]`` and ``[[vms]]`` are what the
+        host's policy keeps VMs apart by; None: the subnet's defaults, no VM addresses)."""
         self.link = link
         self.cfg = cfg
-        self.policy = EgressPolicy.from_config(cfg, role)
+        self.policy = EgressPolicy.from_config(cfg, role, config.subnet if config else None,
+                                               config.vms if config else ())
         self.resolver = Resolver(cfg.hosts_file)
         self.stats = stats
         self._tasks: set[asyncio.Task[None]] = set()
@@ -111,9 +116,11 @@ class ProxyServer:
         level = logging.DEBUG if quiet else logging.WARNING
         try:
             addrs = await self.resolver.resolve(host, port, kind)
-        except NameNotFound as exc:
-            log.log(min(level, logging.INFO), "%s: refused (4): %s", label, exc)
-            return [], OpenAck(ReplyCode.HOST_UNREACHABLE, reason=str(exc))
+        except (NameNotFound, ValueError, OSError) as exc:
+            # ValueError/OSError: a name getaddrinfo cannot take (a NUL byte, ...): the
+            # peer's bad input, answered like a name that does not resolve.
+            log.log(min(level, logging.INFO), "%s: refused (4): %s", label, printable(exc))
+            return [], OpenAck(ReplyCode.HOST_UNREACHABLE, reason=printable(exc))
         allowed: list[str] = []
         last = ""
         for addr in addrs:
@@ -137,29 +144,40 @@ class ProxyServer:
         ack = OpenAck(ReplyCode.GENERAL_FAILURE, reason="no address to try")
         for addr in addrs:
             family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            tune(sock)
+            sock: socket.socket | None = None
             try:
+                # Inside the try: socket() fails where the host has no IPv6 (EAFNOSUPPORT)
+                # or is out of descriptors, and a bad address is the peer's input.
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                tune(sock)
                 await asyncio.wait_for(loop.sock_connect(sock, (addr, port)),
                                        self.cfg.connect_timeout)
+                bound = sock.getsockname()
             except TimeoutError:
-                sock.close()
+                _close(sock)
                 ack = OpenAck(ReplyCode.TTL_EXPIRED,
                               reason=f"connect to {addr}:{port} timed out")
                 continue
             except OSError as exc:
-                sock.close()
+                _close(sock)
                 why = os.strerror(exc.errno) if exc.errno else str(exc)
                 ack = OpenAck(reply_for_errno(exc.errno), reason=f"connect to {addr}:{port}: {why}")
                 continue
-            bound = sock.getsockname()
+            except (ValueError, OverflowError) as exc:
+                _close(sock)
+                ack = OpenAck(ReplyCode.GENERAL_FAILURE,
+                              reason=f"connect to {addr}:{port}: {printable(exc)}")
+                continue
             return OpenAck(ReplyCode.SUCCEEDED, bound[0], bound[1]), sock
         log.info("%s: failed (%d %s): %s", label, ack.reply, ack.reply.text, ack.reason)
         return ack, None
 
     async def _open_udp(self, msg: Inbound, label: str) -> dict[str, Any]:
-        stream = self.link.streams.accept(msg.vmid, Entity.PROXY_SERVER, msg.package,
-                                          ProxyMessage.DATA)
+        try:
+            stream = self.link.streams.accept(msg.vmid, Entity.PROXY_SERVER, msg.package,
+                                              ProxyMessage.DATA)
+        except ProtocolError as exc:  # e.g. a stream id already open: the peer's fault
+            return self._refuse(msg.vmid, label, ReplyCode.GENERAL_FAILURE, str(exc))
         udp = UdpRelay(self, stream, label)
         try:
             await udp.start()
@@ -175,3 +193,8 @@ class ProxyServer:
             await udp.run()
         finally:
             self.stats.closed(stream)
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
