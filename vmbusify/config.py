@@ -18,6 +18,10 @@ default, so an empty file is a valid guest configuration. Example (host)::
     [[vms]]
     vmid = "vm1"
     address = "vsock:3"
+    ips = ["198.19.1.10"]              # optional: all vm1 may claim in its HELLO (IPs, CIDRs)
+
+    [subnet]
+    allow_vm_to_vm = false             # VM -> VM through the host: subnet and proxy alike
 
     [control]
     listen = "127.0.0.1:6543"
@@ -92,7 +96,10 @@ class VMEntry:
     vmid: str
     address: str
     #: The addresses (IPs or CIDRs) this VM may claim in its HELLO; [] = any address no
-    #: other VM claims too. A claim outside the list is not taken (docs/security.md).
+    #: other VM claims too and no other VM's ips cover. A claim outside the list is not
+    #: taken; an address two VMs claim is held by neither (vmbusify/mux/addresses.py). The
+    #: host's proxy never connects to these addresses for a VM (unless
+    #: subnet.allow_vm_to_vm).
     ips: list[str] = field(default_factory=list)
     #: A root-only file holding a key shared with this VM's guest ("" = none). When set, the
     #: HELLO carries a challenge-response proving both ends know it (nothing secret on the
@@ -152,6 +159,9 @@ class SubnetConfig:
     offload: bool = True
     #: Host: the metric of the guests' default routes, sent in the lease (any SDN route wins).
     route_metric: int = 65000
+    #: Host only: let VMs reach each other through the host. One switch for the subnet (its
+    #: firewall drops TUN -> TUN) and the host's proxy (its egress policy denies the subnet's
+    #: ranges and every vms[].ips before any allow rule); false keeps VMs apart in both.
     allow_vm_to_vm: bool = False
     #: Host only: the interface NAT masquerades out of ("" = the default route's).
     uplink: str = ""

@@ -4,9 +4,12 @@ On a guest every target goes to the host. On the host the target picks the VM:
 
     VMID.vmbusify          that VM's own loopback ("localhost" resolved inside the VM)
     NAME.VMID.vmbusify     NAME as the VM resolves it (an address or name inside the VM)
-    an IP address          the VM that reported it (vmid-by-ip, spec get_vmid_by_ip)
+    an IP address          the VM that holds it (vmid-by-ip, spec get_vmid_by_ip: the mux's
+                           AddressBook; an address two VMs claim is held by neither)
 
-Anything else has no VM to go to and is refused with reply 4 (host unreachable).
+Anything else has no VM to go to and is refused with reply 4 (host unreachable), as is an
+address no VM holds, with the mux's reason (a conflict between two VMs is named, never
+resolved by picking one).
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ class Router:
                     raise RouteError(
                         ReplyCode.HOST_UNREACHABLE,
                         f"{host}: the host's proxy reaches VMs only (use an address a VM "
-                        "reported, VMID.vmbusify or NAME.VMID.vmbusify)")
+                        "holds, VMID.vmbusify or NAME.VMID.vmbusify)")
                 return Route(split[0], split[1], port)
             vmid = await self.link.control({"cmd": "vmid", "ip": str(ip)})
             return Route(str(vmid), str(ip), port)
@@ -105,6 +108,7 @@ class Router:
             raise RouteError(ReplyCode.HOST_UNREACHABLE, str(exc)) from None
         except VMBusifyError as exc:
             msg = str(exc)
-            code = (ReplyCode.HOST_UNREACHABLE if "no VM reported" in msg
-                    else ReplyCode.GENERAL_FAILURE)
+            code = (ReplyCode.HOST_UNREACHABLE
+                    if "no VM reported" in msg or "address conflict" in msg
+                    or "no VM holds" in msg else ReplyCode.GENERAL_FAILURE)
             raise RouteError(code, msg) from None
