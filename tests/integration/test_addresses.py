@@ -101,6 +101,13 @@ class Host:
     async def ctl(self, *args: str) -> tuple[int, str, str]:
         return await self.run(str(BIN / "vmbusifyctl"), *args)
 
+    async def listener_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the command listener answers (it starts beside the mux)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (last := await self.ctl("list"))[0] != 0:
+            assert asyncio.get_running_loop().time() < deadline, last
+            await asyncio.sleep(0.2)
+
 
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[Host]:
@@ -174,6 +181,7 @@ def test_an_address_two_vms_claim_is_held_by_neither_and_every_lookup_says_so(
         assert await link.control({"cmd": "vmid", "ip": "198.19.3.10"}) == "vm3"
 
         # vmbusifyctl vmid: exit 1, one line naming the conflict
+        await host.listener_ready()
         code, out, err = await host.ctl("vmid", VM1_ADDRESS)
         assert code == 1 and out == ""
         assert err.startswith("vmbusifyctl: ") and err.count("\n") == 1
@@ -207,7 +215,12 @@ def test_an_address_two_vms_claim_is_held_by_neither_and_every_lookup_says_so(
             s, code, _ = await asyncio.to_thread(socks5_open, host.proxy_port, VM1_ADDRESS, 22)
             s.close()
             return code
-        assert await eventually(lambda: _positive(socks_reply)) == 4
+        codes: list[int | None] = []
+
+        async def refused_as_unreachable() -> bool:
+            codes.append(await _positive(socks_reply))
+            return codes[-1] == 4  # (the proxy worker may still be starting: retried)
+        assert await eventually(refused_as_unreachable, 30), codes
         proxy_log = (tmp_path / "proxy.log").read_text(errors="replace")
         assert "address conflict" in proxy_log
 
