@@ -10,6 +10,7 @@ lab's DNS server in the external namespace, which has no upstream.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import shutil
@@ -183,6 +184,26 @@ def test_reply_codes_refused_and_policy(lab: LabHandle, ext: tuple[str, bytes]) 
     assert out.stdout == "403", out.stdout
     log = (lab.layout.host.run_dir / "proxy.log").read_text(errors="replace")
     assert "egress refused by policy" in log and "Traceback" not in log
+
+
+def test_a_vm_reaches_no_other_vm_through_the_host_proxy(lab: LabHandle) -> None:
+    """Issue 12 item 8: vm2's subnet address (also in NAT64 and 6to4 dress) is refused to vm1
+    by the host's proxy server (reply 2) for being in the subnet's range, before any allow
+    rule and before any connect."""
+    net = ipaddress.ip_network(load_config(lab.layout.host.config_path).subnet.cidr)
+    vms = json.loads(lab.ctl("status", "--json").stdout)["vms"]
+    held = next(v for v in vms if v["vmid"] == "vm2")["ips"]
+    target = next((ip for ip in held if ipaddress.ip_address(ip) in net), str(net[2]))
+    v4 = ipaddress.IPv4Address(target)
+    sixtofour = ipaddress.IPv6Address(b"\x20\x02" + v4.packed + bytes(10))
+    for host in (target, f"[64:ff9b::{target}]", f"[{sixtofour}]"):
+        out = in_vm(lab, ["curl", "-sS", "--max-time", "20", "--socks5-hostname",
+                          guest_proxy(lab), f"http://{host}:22/"])
+        assert out.returncode == 97 and "(2)" in out.stderr, (host, out.stderr)
+    log = (lab.layout.host.run_dir / "proxy.log").read_text(errors="replace")
+    assert f"{target} is in the subnet's range {net}" in log
+    assert f"(inside {ipaddress.IPv6Address(f'64:ff9b::{target}')})" in log
+    assert f"(inside {sixtofour})" in log
 
 
 def lab_control_port(lab: LabHandle) -> int:
