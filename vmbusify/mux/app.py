@@ -261,10 +261,10 @@ class MuxApp:
         vmids whose held addresses changed because of it are returned."""
         changed = self.addresses.claim(peer.vmid, ips)
         self._sync_addresses(changed | {peer.vmid})
-        for refused in peer.ips_refused:
-            self._address_log.warning((peer.vmid, "address"), "vm=%s: claimed address %s "
-                                      "not taken: %s", peer.vmid, printable(refused["ip"]),
-                                      refused["reason"])
+        if peer.ips_refused:
+            refused = ", ".join(f"{r['ip']} ({r['reason']})" for r in peer.ips_refused)
+            self._address_log.warning((peer.vmid, "address"), "vm=%s: claimed addresses not "
+                                      "held: %s", peer.vmid, printable(refused, 600))
         return changed - {peer.vmid}
 
     def _sync_addresses(self, vmids: set[str]) -> None:
