@@ -281,7 +281,9 @@ class MuxApp:
         for vmid in sorted(vmids):
             p = self.peers.get(vmid)
             if p is not None and p.tunnel is not None:
-                log.info("vm=%s: addresses held now %s", vmid, ", ".join(p.ips) or "none")
+                # Rate-limited: another (hostile) VM's HELLOs can toggle this.
+                self._address_log.log(logging.INFO, (vmid, "held"), "vm=%s: addresses held "
+                                      "now %s", vmid, ", ".join(p.ips) or "none")
                 self.broadcast(TunnelEvent.UP, vmid, ips=p.ips)
 
     def detach(self, peer: Peer, tunnel: Tunnel, reason: str) -> None:
