@@ -131,6 +131,9 @@ class HostSide:
                                     features=auth.features(key is not None))
         try:
             guest = await tunnel.handshake(hello, cfg.connect_timeout)
+            if not guest.features:
+                log.info("%s: the guest lists no features (a release older than this "
+                         "host's): no shared-key check is possible with it", tunnel.label)
             if key is not None:
                 await self._authenticate(tunnel, key, hello.nonce, guest)
         except (TunnelError, VMBusifyError, OSError):
