@@ -277,6 +277,14 @@ def test_a_guest_of_the_previous_release_is_served(tmp_path: Path, pairs: list[P
     assert "Traceback" not in log and "protocol error" not in log, log
 
 
+def test_a_host_with_a_key_refuses_a_guest_of_the_previous_release(
+        tmp_path: Path, pairs: list[Pair]) -> None:
+    old = _old_release(tmp_path / "old")
+    pair = make_keyed_pair(tmp_path, b"h" * 32, None, guest_python_path=old)
+    pairs.append(pair)
+    run(_host_error(pair, "the guest is older than this host and cannot prove a key"))
+
+
 def _old_guest_env(old: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(old)}
 

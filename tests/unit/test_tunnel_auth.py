@@ -326,3 +326,61 @@ def test_an_ordinary_user_cannot_bind_a_privileged_vsock_port() -> None:
                              Path(__file__).resolve().parents[2])})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "True"]
+
+
+# -- the guest's listener applies the rule before reading a byte -----------------------------
+
+class _FakeWriter:
+    """Just what the guest's refusal path uses of a StreamWriter."""
+
+    def __init__(self, peername: Any) -> None:
+        self.peername = peername
+        self.written = b""
+        self.closed = False
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.peername if name == "peername" else None
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_guest_refuses_an_unprivileged_vsock_peer_with_a_bye_and_few_log_lines(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+
+    from vmbusify.config import Config, Role
+    from vmbusify.mux.app import MuxApp
+    from vmbusify.mux.guest import GuestSide
+    from vmbusify.protocol.package import PackageDecoder
+    from vmbusify.protocol.tunnel import Bye
+
+    config = Config(role=Role.GUEST, tunnel=TunnelConfig(require_privileged_port="on"))
+    app = MuxApp(config)
+    try:
+        side = GuestSide(app)
+        assert side.admission.privileged_port
+        writers = [_FakeWriter((2, 40000 + i)) for i in range(15)]
+
+        async def connect_all() -> None:
+            for w in writers:
+                await side._on_connection(None, w)  # type: ignore[arg-type]
+
+        with caplog.at_level(logging.WARNING, logger="vmbusify.mux.guest"):
+            asyncio.run(connect_all())
+    finally:
+        app.close()
+    for w in writers:
+        assert w.closed
+        dec = PackageDecoder()
+        dec.receive_data(w.written)
+        (bye,) = dec.packages()
+        assert f"from port {w.peername[1]}:" in Bye.decode(bye.payload).reason
+    lines = [r.getMessage() for r in caplog.records if "refused a host connection" in r.message]
+    assert len(lines) == config.limits.log_lines_per_minute  # a flood cannot flood the log
+    assert "(2, 40000)" in lines[0]
+    assert side.peer.tunnel is None
