@@ -17,6 +17,7 @@ from vmbusify.mux.admission import admission
 from vmbusify.mux.keys import load_key
 from vmbusify.protocol import auth
 from vmbusify.protocol.auth import Side
+from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.serialize import dumps
 from vmbusify.protocol.tunnel import NONCE_SIZE, PROOF_SIZE, Auth, Feature, Hello
 from vmbusify.transport import vsock
@@ -384,3 +385,78 @@ def test_the_guest_refuses_an_unprivileged_vsock_peer_with_a_bye_and_few_log_lin
     assert len(lines) == config.limits.log_lines_per_minute  # a flood cannot flood the log
     assert "(2, 40000)" in lines[0]
     assert side.peer.tunnel is None
+
+
+# -- the Tunnel's handshake reads: AUTH, a BYE instead, nothing dispatched early ----------------
+
+def _tunnel_on_socketpair(got: list[Any]) -> Any:
+    import asyncio
+
+    from vmbusify.mux.tunnel import Tunnel
+
+    async def make() -> tuple[Tunnel, socket.socket]:
+        a, b = socket.socketpair()
+        b.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=a)
+        return Tunnel(reader, writer, TunnelConfig(ping_interval=30, dead_after=60), "t",
+                      lambda t, p: got.append(p)), b
+    return make()
+
+
+def test_receive_auth_holds_what_comes_behind_until_run() -> None:
+    import asyncio
+
+    from vmbusify.protocol.package import Package, PackageType
+    from vmbusify.runtime import run_async
+
+    async def scenario() -> None:
+        got: list[Any] = []
+        tunnel, peer = await _tunnel_on_socketpair(got)
+        loop = asyncio.get_running_loop()
+        proof = Auth(b"p" * PROOF_SIZE)
+        behind = Package(PackageType.MESSAGE, Entity.CMD_EXECUTOR, 9, payload=b"x")
+        await loop.sock_sendall(peer, _hello(role="guest").package().encode()
+                                + proof.package().encode() + behind.encode())
+        await tunnel.handshake(_hello(), 5)
+        assert await tunnel.receive_auth(5) == proof
+        await asyncio.sleep(0.1)
+        assert got == []  # not dispatched before run()
+        runner = asyncio.ensure_future(tunnel.run())
+        await asyncio.sleep(0.1)
+        assert [p.message_id for p in got] == [9]
+        tunnel.close()
+        await runner
+        peer.close()
+
+    run_async(scenario())
+
+
+def test_receive_auth_reports_a_bye_printably_and_refuses_anything_else() -> None:
+    import asyncio
+
+    from vmbusify.errors import ProtocolError, TunnelError
+    from vmbusify.protocol.tunnel import Bye, Ping
+    from vmbusify.runtime import run_async
+
+    async def scenario() -> None:
+        for after, error, match in (
+                (Bye("no\nforged line").package(), TunnelError, r"peer refused: no\\x0aforged"),
+                (Ping(1).package(), ProtocolError, "expected AUTH")):
+            tunnel, peer = await _tunnel_on_socketpair([])
+            await asyncio.get_running_loop().sock_sendall(
+                peer, _hello(role="guest").package().encode() + after.encode())
+            await tunnel.handshake(_hello(), 5)
+            with pytest.raises(error, match=match):
+                await tunnel.receive_auth(5)
+            await tunnel.abort()
+            peer.close()
+        tunnel, peer = await _tunnel_on_socketpair([])
+        await asyncio.get_running_loop().sock_sendall(peer, _hello(role="guest").package()
+                                                      .encode())
+        await tunnel.handshake(_hello(), 5)
+        with pytest.raises(TunnelError, match="no AUTH within 0.2s"):
+            await tunnel.receive_auth(0.2)
+        await tunnel.abort()
+        peer.close()
+
+    run_async(scenario())
