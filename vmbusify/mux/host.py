@@ -7,6 +7,7 @@ import dataclasses
 import logging
 
 from vmbusify.errors import NotConnectedError, TunnelError, VMBusifyError
+from vmbusify.logs import RateLimitedLog
 from vmbusify.mux.app import MuxApp
 from vmbusify.mux.keys import load_key
 from vmbusify.mux.peer import Peer, PeerState
@@ -27,6 +28,8 @@ class HostSide:
     def __init__(self, app: MuxApp) -> None:
         self.app = app
         self.config = app.config
+        #: Guests refused for their key: a few lines a minute per VM (it reconnects).
+        self._refusals = RateLimitedLog(log, self.config.limits.log_lines_per_minute)
         for vm in self.config.vms:
             app.peers[vm.vmid] = Peer(vm.vmid, vm.address)
             if vm.key_file:
@@ -154,5 +157,7 @@ class HostSide:
                 log.info("%s: the guest proved the shared key", tunnel.label)
                 return
             reason = auth.WRONG_GUEST_PROOF
+        self._refusals.warning((tunnel.label, "auth"), "%s: refused the guest: %s",
+                               tunnel.label, reason)
         await tunnel.refuse(reason)
         raise TunnelError(f"{tunnel.label}: refused the guest: {reason}")
