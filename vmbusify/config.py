@@ -84,8 +84,10 @@ class TunnelConfig:
     #: a host that does not prove it knows the key in its HELLO is refused.
     key_file: str = ""
     #: Guest only, vsock: accept only host connections from a privileged source port
-    #: (< 1024), which only the host's root can bind. "auto" = on for vsock where the host is
-    #: a KVM/QEMU host (peer CID 2 and a privileged-port-capable transport); "on", "off".
+    #: (< 1024), which only the host's root can bind. "auto": only the host (CID 2), and a
+    #: privileged port too under virtio without a key_file (KVM/QEMU; Firecracker and Cloud
+    #: Hypervisor guests, also virtio, need a key_file); "on": both always; "off": anyone.
+    #: vmbusify/mux/admission.py, docs/deploy.md "Who may connect to a guest".
     require_privileged_port: str = "auto"
 
 

@@ -58,11 +58,14 @@ def test_generated_configs_load(tmp_path: Path) -> None:
     assert guest.role is Role.GUEST and guest.name == "vm1"
     assert guest.tunnel.listen == f"unix:{tmp_path}/vm1/tunnel.sock"
     assert guest.run_dir == f"{tmp_path}/vm1/run" and guest.state_dir == f"{tmp_path}/vm1/state"
+    assert guest.tunnel.key_file == f"{tmp_path}/vm1/tunnel.key"  # a key per VM
 
     host = load_config(tmp_path / "host.toml")
     assert host.role is Role.HOST and host.host.keep_connected
     assert [(v.vmid, v.address) for v in host.vms] == [
         ("vm1", f"unix:{tmp_path}/vm1/tunnel.sock"), ("vm2", f"unix:{tmp_path}/vm2/tunnel.sock")]
+    assert [v.key_file for v in host.vms] == [f"{tmp_path}/vm1/tunnel.key",
+                                              f"{tmp_path}/vm2/tunnel.key"]
     assert host.control.listen == "127.0.0.1:6543"
     assert host.proxy.allow == ["198.18.0.0/24"]
     assert host.subnet.uplink == "vmbl-ext0" and host.subnet.dns_upstream == ["198.18.0.2"]

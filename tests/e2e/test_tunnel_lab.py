@@ -179,9 +179,39 @@ def _exchange(path: str, data: bytes) -> list[Any]:
     return out
 
 
+def _keyed_second_host(path: str, key: bytes) -> list[Any]:
+    """A second host that knows vm's key: HELLO, the guest's HELLO, our AUTH; then what the
+    guest sends until it hangs up."""
+    from vmbusify.protocol import auth
+    from vmbusify.protocol.tunnel import Auth
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    ours = Hello("host", "second", "0", nonce=auth.new_nonce(), features=auth.features(True))
+    s.sendall(ours.package().encode())
+    dec = PackageDecoder()
+    while (theirs := next(iter(dec.packages()), None)) is None:
+        dec.receive_data(s.recv(65536))
+    nonce = Hello.decode(theirs.payload).nonce
+    s.sendall(Auth(auth.proof(key, auth.Side.HOST, ours.nonce, nonce)).package().encode())
+    out: list[Any] = []
+    while chunk := s.recv(65536):
+        dec.receive_data(chunk)
+        out.extend(dec.packages())
+    s.close()
+    return out
+
+
 def test_second_host_connection_refused(lab: LabHandle) -> None:
+    """The lab gives every VM a key: a would-be host without it is told so; one with it (root
+    on the host) is refused because the live tunnel answers."""
     pkgs = _exchange(_tunnel_path(lab, "vm1"), Hello("host", "intruder", "0").package().encode())
-    assert pkgs and "another host connection is live" in Bye.decode(pkgs[0].payload).reason
+    assert pkgs and "requires the shared key" in Bye.decode(pkgs[0].payload).reason
+    key = load_config(lab.layout.vm(1).config_path).tunnel.key_file
+    with open(key, "rb") as f:
+        pkgs = _keyed_second_host(_tunnel_path(lab, "vm1"), f.read().strip())
+    assert pkgs and "another host connection is live" in Bye.decode(pkgs[-1].payload).reason
     assert connected_with_rtt(lab, "vm1")
 
 

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -248,6 +249,8 @@ def _up_vm(layout: LabLayout, vm: VMLayout) -> bool:
     for d in (vm.dir, vm.run_dir, vm.state_dir):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
     _write_etc(vm.etc_dir, layout, vm)
+    if not os.path.exists(vm.key_path):  # a key per VM, kept across `lab up` runs
+        _write(Path(vm.key_path), secrets.token_hex(32) + "\n", 0o600)
     return _write(vm.config_path, guest_config(vm), 0o600)
 
 

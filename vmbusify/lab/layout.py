@@ -11,7 +11,7 @@ Layout (K = 1..N)::
     root netns          vmbl-ext0 = 198.18.0.1/24 (veth peer of vmbl-ext's eth0)
     /run/vmbusify-lab/  (0700)
         host/vmbusify.toml, host/run/, host/state/
-        vmK/vmbusify.toml, vmK/run/, vmK/state/, vmK/tunnel.sock
+        vmK/vmbusify.toml, vmK/run/, vmK/state/, vmK/tunnel.sock, vmK/tunnel.key
         ext/run/        pid and log files of the external network's services
     /etc/netns/vmbl-ext/{hosts,resolv.conf}, /etc/netns/vmbl-vmK/{hosts,resolv.conf}
 
@@ -154,6 +154,11 @@ class VMLayout(_MachineDirs):
     @property
     def tunnel_address(self) -> str:
         return f"unix:{self.tunnel_path}"
+
+    @property
+    def key_path(self) -> str:
+        """The key this VM shares with the host (root-only; both stacks read this file)."""
+        return str(self.dir / "tunnel.key")
 
     @property
     def etc_dir(self) -> Path:
@@ -311,7 +316,7 @@ def guest_config(vm: VMLayout) -> str:
         "name": vm.vmid,
         "run_dir": str(vm.run_dir),
         "state_dir": str(vm.state_dir),
-        "tunnel": {"listen": vm.tunnel_address},
+        "tunnel": {"listen": vm.tunnel_address, "key_file": vm.key_path},
     })
 
 
@@ -333,7 +338,8 @@ def host_config(layout: LabLayout, vms: list[VMLayout]) -> str:
                   "hosts_file": str(ext.etc_dir / "hosts")},
         "subnet": {"uplink": ext.host_if, "dns_upstream": [ext.ip], "ifname": SUBNET_IF,
                    "table": SUBNET_TABLE, "cidr": SUBNET_CIDR, "cidr6": SUBNET_CIDR6},
-        "vms": [{"vmid": vm.vmid, "address": vm.tunnel_address} for vm in vms],
+        "vms": [{"vmid": vm.vmid, "address": vm.tunnel_address, "key_file": vm.key_path}
+                for vm in vms],
     })
 
 

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from vmbusify.bus.frames import HOST_VMID
 from vmbusify.errors import ProtocolError, VMBusifyError
+from vmbusify.logs import RateLimitedLog, printable
+from vmbusify.mux.admission import admission
 from vmbusify.mux.app import MuxApp
+from vmbusify.mux.keys import load_key
 from vmbusify.mux.peer import Peer, PeerState
 from vmbusify.mux.tunnel import Tunnel
+from vmbusify.protocol import auth
 from vmbusify.protocol.package import PROTOCOL_VERSION
+from vmbusify.protocol.tunnel import Auth, Bye, Hello
 from vmbusify.system import interface_addresses
 from vmbusify.transport import listen
+from vmbusify.transport.vsock import guest_transport
 
 log = logging.getLogger("vmbusify.mux.guest")
 
@@ -38,6 +45,12 @@ class GuestSide:
         self._lock = asyncio.Lock()
         self._ips = guest_ips()
         self._server: asyncio.AbstractServer | None = None
+        tunnel = self.config.tunnel
+        #: The key shared with the host (None: no key); a bad key file stops the mux here.
+        self.key = load_key(tunnel.key_file) if tunnel.key_file else None
+        self.admission = admission(tunnel, guest_transport())
+        #: Refusals a would-be host can cause as often as it likes: a few lines a minute.
+        self._refusals = RateLimitedLog(log, self.config.limits.log_lines_per_minute)
 
     def local_ips(self) -> list[str]:
         return list(self._ips)
@@ -50,7 +63,15 @@ class GuestSide:
 
     async def start(self) -> None:
         self._server = await listen(self.config.tunnel.listen, self._on_connection)
-        log.info("listening for the host at %s", self.config.tunnel.listen)
+        rule = self.admission
+        log.info("listening for the host at %s (host CID only: %s, privileged port only: %s: "
+                 "%s; shared key: %s)", self.config.tunnel.listen,
+                 "yes" if rule.host_cid_only else "no", "yes" if rule.privileged_port else "no",
+                 rule.why, "yes" if self.key else "no")
+        if self.key is None and not rule.privileged_port:
+            log.warning("no tunnel.key_file and no privileged-port rule: whoever can reach "
+                        "%s can run commands in this guest (docs/deploy.md)",
+                        self.config.tunnel.listen)
         asyncio.ensure_future(self._watch_ips())
 
     async def _watch_ips(self) -> None:
@@ -64,15 +85,29 @@ class GuestSide:
                 if tunnel is not None:
                     tunnel.send_package(self.app.local_hello().package())
 
+    def _handshake_hello(self) -> Hello:
+        """Our HELLO for a new connection: a fresh nonce, and what we can do."""
+        return dataclasses.replace(self.app.local_hello(), nonce=auth.new_nonce(),
+                                   features=auth.features(self.key is not None))
+
     async def _on_connection(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
         cfg = self.config.tunnel
+        peername = writer.get_extra_info("peername")
+        refusal = self.admission.refusal(peername)
+        if refusal is not None:
+            self._refusals.warning("port", "refused a host connection from %s: %s",
+                                   printable(peername), refusal)
+            writer.write(Bye(refusal).package().encode())  # nothing secret: the rule only
+            writer.close()  # a few bytes: the socket takes them, even if nobody reads
+            return
         tunnel = Tunnel(reader, writer, cfg, "host",
                         lambda t, pkg: self.app.from_tunnel(self.peer, t, pkg))
-        # The host speaks first. Its HELLO is awaited outside the lock, so a connection that
-        # sends nothing (or half a package) cannot hold up the real host for connect_timeout.
+        # The host speaks first. Its HELLO (and, with a key, its proof) is awaited outside
+        # the lock, so a connection that sends nothing (or half a package, or a wrong proof)
+        # cannot hold up the real host for connect_timeout.
         try:
-            await tunnel.receive_hello(cfg.connect_timeout)
+            host_hello = await tunnel.receive_hello(cfg.connect_timeout)
         except (VMBusifyError, OSError) as exc:
             log.warning("host connection dropped during handshake: %s", exc)
             hello = tunnel.peer_hello
@@ -81,6 +116,15 @@ class GuestSide:
                                     f"supported (this guest speaks {PROTOCOL_VERSION})")
             else:
                 await tunnel.abort()
+            return
+        ours = self._handshake_hello()
+        reason = auth.guest_refusal(self.key is not None, host_hello, ours.nonce)
+        if reason is not None:
+            self._refusals.warning("auth", "refused a host connection (%s): %s",
+                                   printable(host_hello.hostname), reason)
+            await tunnel.refuse(reason)
+            return
+        if self.key is not None and not await self._check_host(tunnel, host_hello, ours):
             return
         async with self._lock:
             current = self.peer.tunnel
@@ -100,7 +144,11 @@ class GuestSide:
                             tunnel.close_reason or "closed")
                 await tunnel.abort()
                 return
-            tunnel.answer(self.app.local_hello())
+            if self.key is not None:  # our HELLO went out already; now our proof
+                tunnel.send_package(Auth(auth.proof(self.key, auth.Side.GUEST,
+                                                    host_hello.nonce, ours.nonce)).package())
+            else:
+                tunnel.answer(ours)
             self.app.attach(self.peer, tunnel)
         try:
             await tunnel.run()
@@ -108,3 +156,22 @@ class GuestSide:
             self.app.detach(self.peer, tunnel, tunnel.close_reason or "closed")
             self.peer.set_state(PeerState.DISCONNECTED, tunnel.close_reason)
 
+    async def _check_host(self, tunnel: Tunnel, host_hello: Hello, ours: Hello) -> bool:
+        """With a key: answer the HELLO, then wait for the host's proof and check it. False
+        (the connection refused with a BYE saying why, and logged) if it does not hold."""
+        assert self.key is not None
+        tunnel.answer(ours)
+        try:
+            got = await tunnel.receive_auth(self.config.tunnel.connect_timeout)
+        except (VMBusifyError, OSError) as exc:
+            self._refusals.warning("auth", "host connection dropped before its key proof: %s",
+                                   exc)
+            await tunnel.abort()
+            return False
+        if auth.verify(self.key, auth.Side.HOST, host_hello.nonce, ours.nonce, got.proof):
+            log.info("the host proved the shared key")
+            return True
+        self._refusals.warning("auth", "refused a host connection (%s): %s",
+                               printable(host_hello.hostname), auth.WRONG_HOST_PROOF)
+        await tunnel.refuse(auth.WRONG_HOST_PROOF)
+        return False

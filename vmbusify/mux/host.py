@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from vmbusify.errors import NotConnectedError, TunnelError, VMBusifyError
+from vmbusify.logs import RateLimitedLog
 from vmbusify.mux.app import MuxApp
+from vmbusify.mux.keys import load_key
 from vmbusify.mux.peer import Peer, PeerState
 from vmbusify.mux.tunnel import Tunnel
+from vmbusify.protocol import auth
+from vmbusify.protocol.tunnel import Auth, Hello
 from vmbusify.transport import connect
 
 log = logging.getLogger("vmbusify.mux.host")
@@ -23,8 +28,16 @@ class HostSide:
     def __init__(self, app: MuxApp) -> None:
         self.app = app
         self.config = app.config
+        #: Guests refused for their key: a few lines a minute per VM (it reconnects).
+        self._refusals = RateLimitedLog(log, self.config.limits.log_lines_per_minute)
         for vm in self.config.vms:
             app.peers[vm.vmid] = Peer(vm.vmid, vm.address)
+            if vm.key_file:
+                try:  # read again at every connect; a bad file now is said at once
+                    load_key(vm.key_file)
+                except VMBusifyError as exc:
+                    log.error("vm=%s: %s: this VM will not be connected until it is fixed",
+                              vm.vmid, exc)
 
     def local_ips(self) -> list[str]:
         return []
@@ -105,14 +118,46 @@ class HostSide:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.config.tunnel.backoff_max)
 
+    def _key(self, peer: Peer) -> bytes | None:
+        """The key shared with this VM (None: none configured); read at every connect, so
+        a changed file counts from the next one. A bad file raises ConfigError."""
+        vm = self.config.vm(peer.vmid)
+        return load_key(vm.key_file) if vm is not None and vm.key_file else None
+
     async def _open(self, peer: Peer) -> Tunnel:
         cfg = self.config.tunnel
+        key = self._key(peer)  # before connecting: a bad key file never reaches the VM
         reader, writer = await connect(peer.address, cfg.connect_timeout)
         tunnel = Tunnel(reader, writer, cfg, f"vm={peer.vmid}",
                         lambda t, pkg: self.app.from_tunnel(peer, t, pkg))
+        hello = dataclasses.replace(self.app.local_hello(), nonce=auth.new_nonce(),
+                                    features=auth.features(key is not None))
         try:
-            await tunnel.handshake(self.app.local_hello(), cfg.connect_timeout)
+            guest = await tunnel.handshake(hello, cfg.connect_timeout)
+            if not guest.features:
+                log.info("%s: the guest lists no features (a release older than this "
+                         "host's): no shared-key check is possible with it", tunnel.label)
+            if key is not None:
+                await self._authenticate(tunnel, key, hello.nonce, guest)
         except (TunnelError, VMBusifyError, OSError):
             await tunnel.abort()
             raise
         return tunnel
+
+    async def _authenticate(self, tunnel: Tunnel, key: bytes, nonce: bytes,
+                            guest: Hello) -> None:
+        """Prove the key, then check the guest's proof; a guest that cannot answer, or
+        answers wrong, is refused with a BYE and the reason raised as TunnelError."""
+        reason = auth.host_refusal(True, guest, nonce)
+        if reason is None:
+            tunnel.send_package(Auth(auth.proof(key, auth.Side.HOST, nonce,
+                                                guest.nonce)).package())
+            got = await tunnel.receive_auth(self.config.tunnel.connect_timeout)
+            if auth.verify(key, auth.Side.GUEST, nonce, guest.nonce, got.proof):
+                log.info("%s: the guest proved the shared key", tunnel.label)
+                return
+            reason = auth.WRONG_GUEST_PROOF
+        self._refusals.warning((tunnel.label, "auth"), "%s: refused the guest: %s",
+                               tunnel.label, reason)
+        await tunnel.refuse(reason)
+        raise TunnelError(f"{tunnel.label}: refused the guest: {reason}")

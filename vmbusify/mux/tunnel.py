@@ -23,10 +23,11 @@ from enum import Enum
 
 from vmbusify.config import TunnelConfig
 from vmbusify.errors import ProtocolError, TunnelError
+from vmbusify.logs import printable
 from vmbusify.mux.scheduler import OutQueue
 from vmbusify.protocol.entities import Entity, TunnelMessage
 from vmbusify.protocol.package import PROTOCOL_VERSION, Package, PackageDecoder, PackageType
-from vmbusify.protocol.tunnel import Bye, Hello, Ping, Pong, WorkerLost
+from vmbusify.protocol.tunnel import Auth, Bye, Hello, Ping, Pong, WorkerLost
 from vmbusify.transport import take_over
 
 log = logging.getLogger(__name__)
@@ -145,12 +146,7 @@ class Tunnel:
     async def receive_hello(self, timeout: float,
                             protocol_version: int = PROTOCOL_VERSION) -> Hello:
         """Wait for the peer's HELLO; a BYE, anything else or another version raises."""
-        try:
-            pkg = await asyncio.wait_for(self._first_package(), timeout)
-        except TimeoutError:
-            raise TunnelError(f"{self.label}: no HELLO within {timeout:g}s") from None
-        if pkg.entity == Entity.TUNNEL and pkg.message_id == TunnelMessage.BYE:
-            raise TunnelError(f"{self.label}: peer refused: {Bye.decode(pkg.payload).reason}")
+        pkg = await self._handshake_package("HELLO", timeout)
         if pkg.entity != Entity.TUNNEL or pkg.message_id != TunnelMessage.HELLO:
             raise ProtocolError(f"{self.label}: first package is not a HELLO")
         self.peer_hello = Hello.decode(pkg.payload)
@@ -160,13 +156,34 @@ class Tunnel:
                                 f"{protocol_version}")
         return self.peer_hello
 
-    async def _first_package(self) -> Package:
+    async def receive_auth(self, timeout: float) -> Auth:
+        """Wait for the peer's AUTH (the package after its HELLO); a BYE or anything else
+        raises. Nothing else is dispatched meanwhile: packages behind it wait for run()."""
+        pkg = await self._handshake_package("AUTH", timeout)
+        if pkg.entity != Entity.TUNNEL or pkg.message_id != TunnelMessage.AUTH:
+            raise ProtocolError(f"{self.label}: expected AUTH, got entity {pkg.entity} "
+                                f"message {pkg.message_id}")
+        return Auth.decode(pkg.payload)
+
+    async def _handshake_package(self, what: str, timeout: float) -> Package:
+        """The next package, within ``timeout``; a BYE raises TunnelError with its reason."""
+        try:
+            pkg = await asyncio.wait_for(self._next_package(what), timeout)
+        except TimeoutError:
+            raise TunnelError(f"{self.label}: no {what} within {timeout:g}s") from None
+        if (pkg.entity == Entity.TUNNEL and pkg.message_id == TunnelMessage.BYE
+                and pkg.type is PackageType.MESSAGE):
+            reason = printable(Bye.decode(pkg.payload).reason, 500)
+            raise TunnelError(f"{self.label}: peer refused: {reason}")
+        return pkg
+
+    async def _next_package(self, what: str) -> Package:
         while True:
-            pkg = self._decoder.next_package()  # raises on a malformed first package
+            pkg = self._decoder.next_package()  # raises on a malformed package
             if pkg is not None:
                 return pkg
             if self.closed.is_set():
-                raise TunnelError(f"{self.label}: connection closed during HELLO")
+                raise TunnelError(f"{self.label}: connection closed during {what}")
             self._arrived.clear()
             await self._arrived.wait()
 

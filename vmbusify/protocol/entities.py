@@ -54,3 +54,5 @@ class TunnelMessage(IntEnum):
     BYE = 4
     #: A worker on the sender's side died or restarted: streams with its entities are gone.
     WORKER_LOST = 5
+    #: The sender's proof that it knows the tunnel's shared key (after both HELLOs).
+    AUTH = 6

@@ -13,8 +13,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
+import os
 import socket
 import struct
+from enum import Enum
+from pathlib import Path
 
 from vmbusify.errors import TransportError
 from vmbusify.transport._streams import (
@@ -39,6 +43,12 @@ _BACKLOG = 64
 _SO_VM_SOCKETS_BUFFER_SIZE = getattr(socket, "SO_VM_SOCKETS_BUFFER_SIZE", 0)
 _SO_VM_SOCKETS_BUFFER_MAX_SIZE = getattr(socket, "SO_VM_SOCKETS_BUFFER_MAX_SIZE", 2)
 _IOCTL_GET_LOCAL_CID = getattr(socket, "IOCTL_VM_SOCKETS_GET_LOCAL_CID", 0x7B9)
+
+log = logging.getLogger(__name__)
+
+#: vsock ports up to this one can be bound only with CAP_NET_BIND_SERVICE (the kernel's
+#: LAST_RESERVED_PORT): a guest that sees such a source port knows the host's root opened it.
+LAST_RESERVED_PORT = 1023
 
 _NO_VSOCK = ("this kernel has no AF_VSOCK support (load vhost_vsock on a KVM host; "
              "vmw_vsock_virtio_transport or hv_sock in a guest)")
@@ -105,10 +115,71 @@ def local_cid() -> int:
     return int(struct.unpack("I", raw)[0])
 
 
+class GuestTransport(str, Enum):
+    """Which vsock transport carries a guest's connections to and from its host."""
+
+    #: virtio-vsock: KVM/QEMU (vhost-vsock), Firecracker, Cloud Hypervisor.
+    VIRTIO = "virtio"
+    #: Hyper-V sockets (hv_sock).
+    HYPERV = "hyperv"
+    UNKNOWN = "unknown"
+
+
+def guest_transport(sys_root: str = "/sys") -> GuestTransport:
+    """The transport this guest's vsock device uses, from sysfs.
+
+    virtio when a virtio device is bound to ``vmw_vsock_virtio_transport``; Hyper-V when the
+    machine has a VMBus and no such device; otherwise unknown. Under virtio the guest cannot
+    tell QEMU from Firecracker or Cloud Hypervisor: all three look the same from inside.
+    """
+    root = Path(sys_root)
+    virtio = root / "bus/virtio/drivers/vmw_vsock_virtio_transport"
+    try:
+        if virtio.is_dir() and any(p.name.startswith("virtio") for p in virtio.iterdir()):
+            return GuestTransport.VIRTIO
+        vmbus = root / "bus/vmbus/devices"
+        if vmbus.is_dir() and any(vmbus.iterdir()):
+            return GuestTransport.HYPERV
+    except OSError:
+        pass
+    return GuestTransport.UNKNOWN
+
+
+def bind_privileged(sock: socket.socket, top: int = LAST_RESERVED_PORT) -> int | None:
+    """Bind ``sock`` to the highest free vsock port at or below ``top`` (and above 0), so a
+    guest sees a source port only the host's root can have; returns the port.
+
+    Ports in use are skipped. None when no port is free or this process may not bind one
+    (not root: EACCES); the caller then connects from an ordinary port.
+    """
+    for port in range(top, 0, -1):
+        try:
+            sock.bind((VMADDR_CID_ANY, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                continue
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                return None
+            raise
+        return port
+    return None
+
+
+_warned_unprivileged = False
+
+
 async def _attempt(address: VsockAddress) -> Streams:
-    """One connect attempt; raises OSError as the kernel reports it."""
+    """One connect attempt from a privileged source port when this process may bind one;
+    raises OSError as the kernel reports it."""
+    global _warned_unprivileged
     sock = new_socket()
     try:
+        if bind_privileged(sock) is None and not _warned_unprivileged:
+            _warned_unprivileged = True
+            log.warning("%s: connecting from an ordinary vsock port (no privileged port free, "
+                        "or not running as root, uid %d): a guest that requires a privileged "
+                        "port (tunnel.require_privileged_port) will refuse", address,
+                        os.geteuid())
         await connect_nonblocking(sock, address.sockaddr)
     except BaseException:
         sock.close()
@@ -118,6 +189,9 @@ async def _attempt(address: VsockAddress) -> Streams:
 
 async def connect_vsock(address: VsockAddress, timeout: float) -> Streams:
     """Connect to ``(cid, port)``; TransportError on failure or after ``timeout`` seconds.
+
+    Only the host's mux connects over vsock: it does so from a privileged source port
+    (``bind_privileged``), which a guest may require (docs/deploy.md, "Who may connect").
 
     The kernel gives up on an unanswered connect after 2 s and Python cannot change that
     (the option is a timeval), so an ETIMEDOUT is retried until ``timeout`` runs out.
@@ -162,5 +236,6 @@ async def listen_vsock(address: VsockAddress, client_connected_cb: ClientConnect
         raise transport_error(address, "listen", exc) from None
 
 
-__all__ = ["AF_VSOCK", "VMADDR_CID_ANY", "VMADDR_CID_HOST", "connect_vsock", "listen_vsock",
-           "local_cid", "new_socket"]
+__all__ = ["AF_VSOCK", "LAST_RESERVED_PORT", "VMADDR_CID_ANY", "VMADDR_CID_HOST",
+           "GuestTransport", "bind_privileged", "connect_vsock", "guest_transport",
+           "listen_vsock", "local_cid", "new_socket"]
