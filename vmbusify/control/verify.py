@@ -19,9 +19,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import time
+import struct
 
-from vmbusify.control.peer import TCP_ESTABLISHED, tcp_peer, unix_peer_uid
 from vmbusify.errors import ControlError
 
 #: How long a TCP client waits for the listener to accept the connection (until then the
@@ -89,7 +88,8 @@ def _connect_unix(path: str, trusted: frozenset[int], timeout: float) -> socket.
         sock.close()
         raise ControlError(f"cannot reach the command listener at unix:{path}: "
                            f"{exc.strerror or exc}") from None
-    uid = unix_peer_uid(sock)
+    # SO_PEERCRED (control/peer.py's unix_peer_uid; that module loads for TCP only)
+    uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
     if uid not in trusted:
         sock.close()
         raise ControlError(f"{_REFUSE} unix:{path}: the process listening there runs as "
@@ -99,6 +99,9 @@ def _connect_unix(path: str, trusted: frozenset[int], timeout: float) -> socket.
 
 def _connect_tcp(host: str, port: int, trusted: frozenset[int], timeout: float
                  ) -> socket.socket:
+    import time
+
+    from vmbusify.control.peer import TCP_ESTABLISHED, tcp_peer
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError:
