@@ -151,7 +151,7 @@ def _prepare(config: Config) -> tuple[str, str, int, int | None]:
     kind, where, port = parse_control_listen(config.control.listen)
     gid = group_id(config.control.group)
     if kind == "unix":
-        prepare_dir(os.path.dirname(where), gid)
+        gid = prepare_dir(os.path.dirname(where), gid)
     else:
         gid = None  # the state directory is root's alone: a group could not reach the token
         from vmbusify.bus.sockets import ensure_private_dir

@@ -27,8 +27,9 @@ def group_id(name: str) -> int | None:
         return None
 
 
-def prepare_dir(path: str, gid: int | None) -> None:
-    """Make ``path`` this user's directory, mode 0750 with group ``gid`` (0700 when None).
+def prepare_dir(path: str, gid: int | None) -> int | None:
+    """Make ``path`` this user's directory, mode 0750 with group ``gid`` (0700 when None);
+    the group it was given (None: none, or this user may not give it that group).
 
     An existing directory must be this user's and no link: a directory someone else made
     is refused (they could swap the socket or read the token), not adopted.
@@ -50,8 +51,9 @@ def prepare_dir(path: str, gid: int | None) -> None:
             os.chown(path, -1, gid)
         except PermissionError:
             log.warning("cannot give %s to gid %d: root only", path, gid)
-            return
+            return None
         os.chmod(path, 0o750)
+    return gid
 
 
 def secure_socket(path: str, gid: int | None) -> None:
