@@ -79,8 +79,28 @@ if [ -f "$source_dir/docs/deploy.md" ]; then
     run install -D -m 0644 "$source_dir/docs/deploy.md" "$prefix/docs/deploy.md"
 fi
 
-# 2. Configuration: root only, since it may hold proxy credentials.
-run install -d -m 0700 "$etc"
+# 2. The group that may use the command listener and the host proxy without credentials,
+# as docker's group may use docker.sock (docs/deploy.md, "Who may use it"). Made empty, on
+# the host only: a guest's listener stays root's alone. Add operators with
+# `usermod -aG vmbusify USER`; membership is as good as root's view into every VM.
+if [ "$role" = host ]; then
+    if getent group vmbusify >/dev/null 2>&1; then
+        echo "group vmbusify exists: its members may use vmbusifyctl, vmbusifyexec and the proxy"
+    else
+        run groupadd --system vmbusify
+    fi
+fi
+
+# 3. Configuration. On the host, root's and readable by group vmbusify (its members'
+# vmbusifyctl reads it to find the listener; secrets go in root-only files: the proxy's
+# credentials_file); on a guest, root's alone.
+if [ "$role" = host ]; then
+    run install -d -m 0750 -g vmbusify "$etc"
+    conf_mode="-m 0640 -g vmbusify"
+else
+    run install -d -m 0700 "$etc"
+    conf_mode="-m 0600"
+fi
 run install -m 0644 "$source_dir/conf/supervisord.conf" "$etc/supervisord.conf"
 # supervisord.conf includes programs/*.conf beside it: without them it starts nothing.
 run install -d -m 0755 "$etc/programs"
@@ -90,7 +110,9 @@ done
 if [ -e "$etc/vmbusify.toml" ]; then
     echo "keeping the existing $etc/vmbusify.toml"
 else
-    run install -m 0600 "$source_dir/packaging/$role.toml" "$etc/vmbusify.toml"
+    # $conf_mode is two options or four: unquoted on purpose.
+    # shellcheck disable=SC2086
+    run install $conf_mode "$source_dir/packaging/$role.toml" "$etc/vmbusify.toml"
     if [ "$role" = host ]; then
         echo "installed $etc/vmbusify.toml from packaging/$role.toml: name your VMs in it"
     else
@@ -111,7 +133,7 @@ except VMBusifyError as exc:
     sys.exit(f"invalid configuration: {exc}")
 ' "$etc/vmbusify.toml"
 
-# 3. The systemd unit.
+# 4. The systemd unit.
 run install -m 0644 "$source_dir/packaging/$unit" "$unit_dir/$unit"
 run systemctl daemon-reload
 if [ "$dry_run" = 0 ] && systemctl is-enabled --quiet "$other" 2>/dev/null; then

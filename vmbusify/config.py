@@ -24,7 +24,7 @@ default, so an empty file is a valid guest configuration. Example (host)::
     allow_vm_to_vm = false             # VM -> VM through the host: subnet and proxy alike
 
     [control]
-    listen = "127.0.0.1:6543"
+    listen = "unix:/run/vmbusify-control/control.sock"   # dir 0750 root:vmbusify (or 0700)
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ from vmbusify.config_file import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_CONTROL_LISTEN,
     DEFAULT_CONTROL_PORT,
+    DEFAULT_GROUP,
     DEFAULT_PROXY_PORT,
     DEFAULT_RUN_DIR,
     DEFAULT_STATE_DIR,
     DEFAULT_TUNNEL_PORT,
+    parse_control_listen,
     read_config_file,
 )
 from vmbusify.config_file import (
@@ -120,7 +122,13 @@ class HostConfig:
 class ControlConfig:
     """The command listener (HTTP)."""
 
+    #: ``unix:/path/control.sock`` (its directory is made root's, 0750 with ``group`` or
+    #: 0700, the token beside the socket), or ``tcp:HOST:PORT`` for development (clients then
+    #: check the listening socket's owner before they send the token).
     listen: str = DEFAULT_CONTROL_LISTEN
+    #: Appended for issue 12: the group granted the socket and the token (like docker.sock)
+    #: when it exists; "" = root only.
+    group: str = DEFAULT_GROUP
 
 
 @dataclass
@@ -131,7 +139,9 @@ class ProxyConfig:
     #: Egress policy of this endpoint's proxy server: CIDR[:PORTS] rules; deny wins.
     allow: list[str] = field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
     deny: list[str] = field(default_factory=list)
-    #: Optional RFC 1929 credentials; empty means no authentication.
+    #: One RFC 1929 / Basic user and password accepted besides ``credentials_file``'s (the
+    #: config file is often world-readable: prefer the file). On a guest, setting either
+    #: makes every user give credentials (``access = "auto"``).
     username: str = ""
     password: str = ""
     connect_timeout: float = 10.0
@@ -141,6 +151,16 @@ class ProxyConfig:
     #: Resolve names for the proxy server from this hosts file only ("" = the system's
     #: resolver). The lab points the host at its own names so nothing asks real DNS.
     hosts_file: str = ""
+    # Appended for issue 12 (who may use the proxy; docs/proxy.md "Who may use it"):
+    #: "open": every local user; "group": root and members of ``group`` without
+    #: credentials, other users with credentials only; "credentials": everyone with
+    #: credentials; "auto": "group" on the host, on a guest "open" ("credentials" when some
+    #: are configured). The connecting user is the owner of the client's socket.
+    access: str = "auto"
+    group: str = DEFAULT_GROUP
+    #: A root-only file (mode 0600 or 0400) of ``user:password`` lines: credentials accepted
+    #: from users who are not served without ("" = none).
+    credentials_file: str = ""
 
 
 @dataclass
@@ -233,7 +253,7 @@ class Config:
     @property
     def token_path(self) -> Path:
         """The command listener's bearer token file."""
-        return Path(_token_path(self.state_dir))
+        return Path(_token_path(self.state_dir, self.control.listen))
 
     def vm(self, vmid: str) -> VMEntry | None:
         """The configured VM with this id, if any."""
@@ -318,6 +338,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     return config
 
 
+#: What ``[proxy] access`` may say.
+PROXY_ACCESS = ("auto", "open", "group", "credentials")
 #: The levels ``log_level`` may name (any case).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -346,6 +368,13 @@ def _check_values(config: Config, where: str) -> None:
         except AddressError as exc:
             raise ConfigError(f"{where}.{key}: {exc}") from None
     _check_limits(config.limits, where)
+    try:
+        parse_control_listen(config.control.listen)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.control.listen: {exc}") from None
+    if config.proxy.access not in PROXY_ACCESS:
+        raise ConfigError(f"{where}.proxy.access: must be one of {', '.join(PROXY_ACCESS)}, "
+                          f"not {config.proxy.access!r}")
     for i, vm in enumerate(config.vms):
         for net in vm.ips:
             try:

@@ -23,11 +23,21 @@ DEFAULT_CONFIG_PATH = "/etc/vmbusify/vmbusify.toml"
 #: listener) and clear of the ports other tools claim (1024, 22, 50000-50002, >= 0x40000000).
 DEFAULT_TUNNEL_PORT = 6541
 DEFAULT_PROXY_PORT = 6542
+#: The port of a TCP command listener (``[control] listen = "tcp:127.0.0.1:6543"``), which
+#: is for development only: any local user can bind a free port first.
 DEFAULT_CONTROL_PORT = 6543
-DEFAULT_CONTROL_LISTEN = f"127.0.0.1:{DEFAULT_CONTROL_PORT}"
+#: The command listener is a Unix socket in a directory of its own, NOT in run_dir: run_dir
+#: holds the ZeroMQ endpoints and stays 0700 (root only), so nothing inside it could ever be
+#: granted to a group. The control directory is root's, mode 0750 with group ``vmbusify``
+#: when that group exists (0700 otherwise); /run is traversable by everyone, so membership
+#: of that group is all a user needs to reach the socket and read the token beside it.
+DEFAULT_CONTROL_LISTEN = "unix:/run/vmbusify-control/control.sock"
 DEFAULT_RUN_DIR = "/run/vmbusify"
 DEFAULT_STATE_DIR = "/var/lib/vmbusify"
-#: The command listener's bearer token, in the state directory.
+#: The group whose members may use the command listener and the host proxy as root does.
+DEFAULT_GROUP = "vmbusify"
+#: The command listener's bearer token: beside a Unix listener's socket (in the control
+#: directory, so the group it is granted to can read it), in the state directory for TCP.
 TOKEN_FILE = "control.token"
 
 
@@ -52,9 +62,26 @@ def read_config_file(path: str | os.PathLike[str] | None = None) -> tuple[str, d
         raise ConfigError(f"{chosen}: {exc.strerror}") from None
 
 
-def token_path(state_dir: str) -> str:
-    """The command listener's token file under ``state_dir``."""
+def token_path(state_dir: str, listen: str = DEFAULT_CONTROL_LISTEN) -> str:
+    """The command listener's token file: beside the socket of a Unix listener ``listen``
+    (its directory is the one group ``vmbusify`` may be granted), else under ``state_dir``."""
+    kind, where, _port = parse_control_listen(listen)
+    if kind == "unix":
+        return os.path.join(os.path.dirname(where), TOKEN_FILE)
     return os.path.join(state_dir, TOKEN_FILE)
+
+
+def parse_control_listen(listen: str) -> tuple[str, str, int]:
+    """The command listener's address: ("unix", PATH, 0) for ``unix:/abs/path``, ("tcp",
+    HOST, PORT) for ``tcp:HOST:PORT`` or plain ``HOST:PORT`` (development only); ConfigError
+    if malformed."""
+    if listen.startswith("unix:"):
+        path = listen[len("unix:"):]
+        if not path.startswith("/") or path.endswith("/") or "\0" in path:
+            raise ConfigError(f"bad listen address {listen!r} (expected unix:/absolute/path)")
+        return "unix", os.path.normpath(path), 0
+    host, port = split_listen(listen.removeprefix("tcp:"))
+    return "tcp", host, port
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -65,8 +92,9 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def listener_of(path: str | os.PathLike[str] | None = None) -> tuple[str, int, str]:
-    """(host, port, token file) of this endpoint's command listener, read from the file alone.
+def listener_of(path: str | os.PathLike[str] | None = None) -> tuple[str, str, int, str]:
+    """(kind, path or host, port, token file) of this endpoint's command listener, read from
+    the file alone (``parse_control_listen`` says what the first three are).
 
     Only the two keys it needs are checked; the daemons load and check the whole file.
     """
@@ -79,5 +107,8 @@ def listener_of(path: str | os.PathLike[str] | None = None) -> tuple[str, int, s
     for key, value in (("control.listen", listen), ("state_dir", state_dir)):
         if not isinstance(value, str):
             raise ConfigError(f"{chosen}.{key}: expected str, got {type(value).__name__}")
-    host, port = split_listen(listen)
-    return host, port, token_path(state_dir)
+    try:
+        kind, where, port = parse_control_listen(listen)
+    except ConfigError as exc:
+        raise ConfigError(f"{chosen}.control.listen: {exc}") from None
+    return kind, where, port, token_path(state_dir, listen)

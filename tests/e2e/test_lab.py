@@ -66,7 +66,9 @@ def test_generated_configs_load(tmp_path: Path) -> None:
         ("vm1", f"unix:{tmp_path}/vm1/tunnel.sock"), ("vm2", f"unix:{tmp_path}/vm2/tunnel.sock")]
     assert [v.key_file for v in host.vms] == [f"{tmp_path}/vm1/tunnel.key",
                                               f"{tmp_path}/vm2/tunnel.key"]
-    assert host.control.listen == "127.0.0.1:6543"
+    assert host.control.listen == f"unix:{tmp_path}/host/control/control.sock"
+    # every machine of the lab shares the filesystem: each its own listener's directory
+    assert guest.control.listen == f"unix:{tmp_path}/vm1/control/control.sock"
     assert host.proxy.allow == ["198.18.0.0/24"]
     assert host.subnet.uplink == "vmbl-ext0" and host.subnet.dns_upstream == ["198.18.0.2"]
 
@@ -148,8 +150,11 @@ def test_up_makes_the_namespaces_and_addresses(lab_up: LabHandle) -> None:
         assert "UP" in lo["flags"]
     assert _addrs("vmbl-ext", "eth0") == ["198.18.0.2/24"]
     assert _addrs(None, "vmbl-ext0") == ["198.18.0.1/24"]
-    root = LAB_ROOT.stat()
-    assert stat.S_IMODE(root.st_mode) == 0o700
+    # passable (to the host's control directory, which decides who enters), not listable
+    assert stat.S_IMODE(LAB_ROOT.stat().st_mode) == 0o711
+    assert stat.S_IMODE((LAB_ROOT / "host").stat().st_mode) == 0o711
+    for private in ("host/run", "host/state", "vm1", "vm2", "ext"):
+        assert stat.S_IMODE((LAB_ROOT / private).stat().st_mode) == 0o700, private
 
 
 def _routes_out(ns: str) -> list[str]:

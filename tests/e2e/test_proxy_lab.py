@@ -38,6 +38,9 @@ WEB_PORT = 18080
 BULK_PORT = 18081
 
 
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
 def host_proxy(lab: LabHandle) -> str:
     return load_config(lab.layout.host.config_path).proxy.listen
 
@@ -207,7 +210,9 @@ def test_a_vm_reaches_no_other_vm_through_the_host_proxy(lab: LabHandle) -> None
 
 
 def lab_control_port(lab: LabHandle) -> int:
-    return int(lab.layout.host.control.rsplit(":", 1)[1])
+    """A port the host listens on (on loopback): its proxy's (the command listener is a
+    Unix socket now)."""
+    return int(host_proxy(lab).rsplit(":", 1)[1])
 
 
 def test_one_gib_each_way_sha256(lab: LabHandle, ext: tuple[str, bytes]) -> None:
@@ -303,6 +308,15 @@ def test_host_reaches_vm_services_by_address_and_by_vmid(lab: LabHandle,
                           (["-x", f"http://{hp}"], f"http://{VM}.vmbusify:18091/hello")):
             out = lab.run_on_host(["curl", "-sS", "--max-time", "20", *opts, url], check=False)
             assert out.stdout == "hello from inside\n", (opts, out.stderr)
+        # not for every user of the host: root and group vmbusify only, others need
+        # credentials (SOCKS reply 2 "not allowed by ruleset"; HTTP 407 asking for Basic)
+        url = f"http://{VM}.vmbusify:18091/hello"
+        out = lab.run_on_host([*NOBODY, "curl", "-sS", "--max-time", "20", "--socks5-hostname",
+                               hp, url], check=False)
+        assert out.returncode == 97 and out.stderr.rstrip().endswith("(2)"), out.stderr
+        out = lab.run_on_host([*NOBODY, "curl", "-sS", "--max-time", "20", "-o", "/dev/null",
+                               "-w", "%{http_code}", "-x", f"http://{hp}", url], check=False)
+        assert out.stdout == "407", out
         # status: open connections and bytes per VM (the worker reports every 2 s)
         deadline = time.monotonic() + 10
         while True:
@@ -372,6 +386,10 @@ def test_forward_for_programs_that_cannot_speak_socks(lab: LabHandle, tmp_path: 
                 break
             time.sleep(0.2)
         assert out.stdout == "forwarded\n", out.stderr
+        out = subprocess.run([*NOBODY, "curl", "-sS", "--max-time", "10",
+                              f"http://127.0.0.1:{local}/hello"], capture_output=True,
+                             text=True, check=False)
+        assert out.returncode != 0 and "forwarded" not in out.stdout, out
         bad = lab.ctl("forward", VM, "nonsense", check=False)
         assert bad.returncode != 0 and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from vmbusify.config import load_config
-from vmbusify.lab.testing import LabHandle
+from vmbusify.lab.testing import BIN, LabHandle
 from vmbusify.protocol.package import PackageDecoder
 from vmbusify.protocol.tunnel import Bye, Hello
 
@@ -78,17 +82,56 @@ def test_ping_list_and_guest_view(lab: LabHandle) -> None:
 
 def test_unauthenticated_requests_get_401(lab: LabHandle) -> None:
     cfg = load_config(f"{lab.layout.host.config_path}")
-    host, port = cfg.control.listen.rsplit(":", 1)
+    path = cfg.control.listen.removeprefix("unix:")
     import http.client
+    import socket
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
-        conn = http.client.HTTPConnection(host, int(port), timeout=5)
+        conn = http.client.HTTPConnection("localhost", timeout=5)
+        conn.sock = socket.socket(socket.AF_UNIX)
+        conn.sock.connect(path)
         conn.request("GET", "/v1/status", headers=headers)
         resp = conn.getresponse()
         assert resp.status == 401
         assert "error" in json.loads(resp.read())
         conn.close()
-    st = os.stat(cfg.token_path)
-    assert st.st_mode & 0o077 == 0 and st.st_uid == 0
+    st = os.stat(cfg.token_path)  # root's; group vmbusify's too where that group exists
+    assert st.st_mode & 0o037 == 0 and st.st_uid == 0
+
+
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+def test_listeners_are_closed_to_unprivileged_users(lab: LabHandle) -> None:
+    """Neither the host's command listener nor a guest's is open to an ordinary user of that
+    machine: the token is root's (and group vmbusify's where it exists), the socket's
+    directory too. The configs are copied where nobody may read them (the lab keeps its own
+    0600; pytest's tmp_path is 0700 all the way up)."""
+    readable_dir = Path(tempfile.mkdtemp(dir="/tmp"))
+    readable_dir.chmod(0o755)
+    try:
+        for target, layout in (("host", lab.layout.host), ("vm1", lab.layout.vm(1))):
+            cfg = load_config(layout.config_path)
+            readable = readable_dir / f"{target}.toml"
+            readable.write_text(layout.config_path.read_text())
+            readable.chmod(0o644)
+            argv = [*NOBODY, str(BIN / "vmbusifyctl"), "--config", str(readable), "status"]
+            out = (lab.run_on_host(argv, check=False) if target == "host" else
+                   lab.run_in_vm(target, argv, check=False))
+            assert out.returncode == 1, (target, out.stdout, out.stderr)
+            assert "cannot read the control token" in out.stderr, (target, out.stderr)
+            cdir = os.stat(os.path.dirname(cfg.control.listen.removeprefix("unix:")))
+            assert cdir.st_uid == 0 and cdir.st_mode & 0o027 == 0 or (
+                _group_exists("vmbusify") and cdir.st_mode & 0o007 == 0), target
+    finally:
+        shutil.rmtree(readable_dir)
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def test_disconnect_and_connect(lab: LabHandle) -> None:

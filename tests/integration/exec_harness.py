@@ -3,7 +3,9 @@ tests and benchmarks of vmbusifyexec without root (see tests/integration/harness
 
 from __future__ import annotations
 
+import http.client
 import os
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -11,10 +13,34 @@ from pathlib import Path
 
 from tests.integration.harness import BIN, Pair, make_pair
 from vmbusify.config import load_config
-from vmbusify.config_file import split_listen
+from vmbusify.config_file import parse_control_listen
 from vmbusify.control.token import read_token
 
 EXEC = str(BIN / "vmbusifyexec")
+
+
+@dataclass
+class Listener:
+    """The command listener of a stack, for tests that speak its HTTP themselves."""
+
+    kind: str
+    where: str
+    port: int
+    token: str
+
+    def connect(self, timeout: float = 10) -> socket.socket:
+        """A raw connection (no checks: the tests know whose listener it is)."""
+        if self.kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(self.where)
+            return sock
+        return socket.create_connection((self.where, self.port), timeout=timeout)
+
+    def http(self, timeout: float = 10) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection("localhost", timeout=timeout)
+        conn.sock = self.connect(timeout)
+        return conn
 
 
 @dataclass
@@ -40,10 +66,10 @@ class ExecStack:
     def popen(self, *args: str, **kw: object) -> subprocess.Popen[bytes]:
         return subprocess.Popen([EXEC, *args], env=self.env, **kw)  # type: ignore[call-overload]
 
-    def listener(self) -> tuple[str, int, str]:
+    def listener(self) -> Listener:
         config = load_config(self.pair.host.config_path)
-        host, port = split_listen(config.control.listen)
-        return host, port, read_token(config.token_path)
+        return Listener(*parse_control_listen(config.control.listen),
+                        read_token(config.token_path))
 
     def stop(self) -> None:
         for p in (self.control, self.worker):

@@ -98,22 +98,27 @@ class Pair:
 
 
 def make_pair(root: Path, ping_interval: float = 0.5, dead_after: float = 3.0,
-              keep_connected: bool = True) -> Pair:
+              keep_connected: bool = True, control_listen: str = "",
+              control_extra: str = "") -> Pair:
+    """A guest and a host mux under ``root``; each machine's command listener (when a test
+    starts one) on a Unix socket in a directory of its own under ``root``, unless
+    ``control_listen`` says otherwise; ``control_extra`` goes into the host's [control]."""
     tunnel = root / "vm1.sock"
+    host_control = f"unix:{root}/host-control/control.sock"
     tun = (f"ping_interval = {ping_interval}\ndead_after = {dead_after}\n"
            f"backoff_initial = 0.1\nbackoff_max = 1.0\n")
     g = write_config(root / "guest.toml", (
         f'role = "guest"\nname = "guest1"\nrun_dir = "{root}/guest-run"\n'
         f'state_dir = "{root}/guest-state"\n'
         f'[tunnel]\nlisten = "unix:{tunnel}"\n{tun}'
-        f'[control]\nlisten = "127.0.0.1:{free_port()}"\n'))
+        f'[control]\nlisten = "unix:{root}/guest-control/control.sock"\n'))
     h = write_config(root / "host.toml", (
         f'role = "host"\nname = "host"\nrun_dir = "{root}/host-run"\n'
         f'state_dir = "{root}/host-state"\n'
         f'[tunnel]\n{tun}'
         f'[host]\nkeep_connected = {"true" if keep_connected else "false"}\n'
         f'[[vms]]\nvmid = "vm1"\naddress = "unix:{tunnel}"\n'
-        f'[control]\nlisten = "127.0.0.1:{free_port()}"\n'))
+        f'[control]\nlisten = "{control_listen or host_control}"\n{control_extra}'))
     pair = Pair(root, MuxProc("host", h, root / "host.log"),
                 MuxProc("guest", g, root / "guest.log"), tunnel)
     pair.guest.start()

@@ -30,10 +30,10 @@ class ProxyPair:
 
 def start_proxies(root: Path, guest_extra: str = "", host_extra: str = "",
                   auth: tuple[str, str] | None = None, ping_interval: float = 0.5,
-                  dead_after: float = 3.0) -> ProxyPair:
+                  dead_after: float = 3.0, control_extra: str = "") -> ProxyPair:
     """A mux pair (``make_pair``'s tunnel settings) with a proxy worker on each end; returns
     once a request through the guest's proxy reaches the host's."""
-    pair = make_pair(root, ping_interval, dead_after)
+    pair = make_pair(root, ping_interval, dead_after, control_extra=control_extra)
     guest_port, host_port = free_port(), free_port()
     for mux, port, extra in ((pair.guest, guest_port, guest_extra),
                              (pair.host, host_port, host_extra)):

@@ -7,7 +7,6 @@ Processes started remotely run on this machine too, so psutil can check that non
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import signal
@@ -320,8 +319,7 @@ def test_help(stack: ExecStack) -> None:
 
 def _http(stack: ExecStack, method: str, path: str, body: bytes | None = None,
           headers: dict[str, str] | None = None) -> tuple[int, dict[str, object]]:
-    host, port, _ = stack.listener()
-    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn = stack.listener().http()
     conn.request(method, path, body=body, headers=headers or {})
     resp = conn.getresponse()
     data = json.loads(resp.read())
@@ -332,8 +330,7 @@ def _http(stack: ExecStack, method: str, path: str, body: bytes | None = None,
 def test_unknown_vms_are_404_and_a_bad_address_is_named(stack: ExecStack) -> None:
     """The mux's errors keep their kind through the listener: an unknown VM is a 404 for
     every command (as for exec), and a vmid lookup of something not an IP says so."""
-    _, _, token = stack.listener()
-    auth = {"Authorization": f"Bearer {token}"}
+    auth = {"Authorization": f"Bearer {stack.listener().token}"}
     for method, path, named in (("POST", "/v1/vms/vm9/ping", "vm9"),
                                 ("POST", "/v1/vms/vm9/connect", "vm9"),
                                 ("POST", "/v1/vms/vm9/disconnect", "vm9"),
@@ -348,8 +345,7 @@ def test_unknown_vms_are_404_and_a_bad_address_is_named(stack: ExecStack) -> Non
 
 
 def test_listener_refuses_bad_requests(stack: ExecStack) -> None:
-    _, _, token = stack.listener()
-    auth = {"Authorization": f"Bearer {token}"}
+    auth = {"Authorization": f"Bearer {stack.listener().token}"}
     assert _http(stack, "GET", "/v1/vms/vm1/exec")[0] == 401
     assert _http(stack, "POST", "/v1/vms/vm1/exec", b'{"argv": ["true"], "detach": true}',
                  {"Authorization": "Bearer wrong"})[0] == 401
@@ -367,8 +363,7 @@ def test_listener_refuses_bad_requests(stack: ExecStack) -> None:
                       (b'{"argv": ["a\\u0000b"], "detach": true}', "NUL")]:
         status, doc = _http(stack, "POST", "/v1/vms/vm1/exec", body, auth)
         assert status == 400 and why in str(doc["error"]), (body, doc)
-    host, port, _ = stack.listener()
-    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn = stack.listener().http()
     conn.request("PUT", "/v1/vms/vm1/exec", headers=auth)
     resp = conn.getresponse()
     resp.read()
@@ -378,7 +373,6 @@ def test_listener_refuses_bad_requests(stack: ExecStack) -> None:
 
 def test_websocket_with_a_malformed_request(stack: ExecStack) -> None:
     """A WebSocket whose first message is not a valid request gets a status and a close."""
-    import socket
 
     from vmbusify.protocol.websocket import (
         Frame,
@@ -388,11 +382,12 @@ def test_websocket_with_a_malformed_request(stack: ExecStack) -> None:
         expected_accept,
         handshake_key,
     )
-    host, port, token = stack.listener()
+    listener = stack.listener()
+    token = listener.token
     for first in [encode_frame(Opcode.TEXT, b'{"argv": 5}'),
                   encode_frame(Opcode.BINARY, b"\x00hello")]:
         key = handshake_key()
-        with socket.create_connection((host, port), timeout=10) as s:
+        with listener.connect() as s:
             s.sendall((f"GET /v1/vms/vm1/exec HTTP/1.1\r\nHost: x\r\n"
                        f"Authorization: Bearer {token}\r\nUpgrade: websocket\r\n"
                        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
@@ -476,11 +471,12 @@ def test_listener_stopping_ends_execs_with_a_reason(tmp_path: Path) -> None:
 
 def test_no_heavy_imports_in_the_client(stack: ExecStack) -> None:
     """vmbusifyexec starts once per command: what it loads is its latency."""
-    code = ("import sys, vmbusify.cli.exec as e; e._listener(None); "
+    code = ("import sys, vmbusify.cli.exec as e, vmbusify.control.verify; e._listener(None); "
             "print(' '.join(sorted(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], env=stack.env,
                          capture_output=True, text=True, check=True).stdout.split()
     assert "vmbusify.config_file" in out and "vmbusify.control.token" in out
+    assert "vmbusify.control.verify" in out  # control.peer: for a TCP listener only
     # Each of these costs milliseconds of CPU on every start (dataclasses ~9, urllib.parse and
     # hashlib ~2 each): the client's start is its latency. (typing comes with tomllib.)
     for heavy in ("asyncio", "aiohttp", "zmq", "msgpack", "click", "http.client",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,9 +37,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExecStack]:
 
 def exchange(stack: ExecStack, data: bytes, timeout: float = ANSWER) -> tuple[bytes, bool]:
     """Send ``data``, read until the listener closes or ``timeout``; (what came back, closed)."""
-    host, port, _ = stack.listener()
     got = b""
-    with socket.create_connection((host, port), timeout=timeout) as s:
+    with stack.listener().connect(timeout) as s:
         try:
             s.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
@@ -99,7 +97,7 @@ def listener_proc(stack: ExecStack) -> psutil.Process:
 
 
 def still_serving(stack: ExecStack) -> None:
-    _, _, token = stack.listener()
+    token = stack.listener().token
     got, _ = exchange(stack, request(token=token))
     assert status_of(got) == 200, got[:300]
     assert "vms" in json.loads(got.partition(b"\r\n\r\n")[2])
@@ -180,7 +178,7 @@ def test_malformed_requests_answered_or_closed(stack: ExecStack, data: bytes) ->
 
 
 def test_malformed_requests_with_the_token_answered_or_closed(stack: ExecStack) -> None:
-    _, _, token = stack.listener()
+    token = stack.listener().token
     auth = f"Authorization: Bearer {token}\r\n"
     for path in ("/v1/vms/%ZZ/connect", "/v1/vms/" + "v" * 5000 + "/connect",
                  "/v1/vmid/not-an-ip", "/v1/vms/vm1/ping?timeout=abc",
@@ -197,15 +195,14 @@ def test_malformed_requests_with_the_token_answered_or_closed(stack: ExecStack) 
 
 
 def test_oversized_bodies_refused_memory_bounded(stack: ExecStack) -> None:
-    _, _, token = stack.listener()
-    host, port, _ = stack.listener()
+    token = stack.listener().token
     proc = listener_proc(stack)
     rss0 = proc.memory_info().rss
     junk = os.urandom(1 << 20)
     for auth in ("", f"Authorization: Bearer {token}\r\n"):
         head = (f"POST /v1/vms/vm1/exec HTTP/1.1\r\nHost: x\r\n{auth}"
                 f"Content-Length: {1 << 30}\r\n\r\n").encode()
-        with socket.create_connection((host, port), timeout=ANSWER) as s:
+        with stack.listener().connect(ANSWER) as s:
             s.sendall(head)
             sent, got = 0, b""
             try:  # push 32 MiB of a claimed 1 GiB: it must answer or stop reading, not buffer
@@ -229,13 +226,12 @@ def test_oversized_bodies_refused_memory_bounded(stack: ExecStack) -> None:
 
 
 def test_many_idle_and_half_sent_connections_do_not_stop_service(stack: ExecStack) -> None:
-    host, port, _token = stack.listener()
     proc = listener_proc(stack)
     fds0 = proc.num_fds()
     socks = []
     try:
         for i in range(300):
-            s = socket.create_connection((host, port), timeout=ANSWER)
+            s = stack.listener().connect(ANSWER)
             s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"")
             socks.append(s)
         t0 = time.monotonic()

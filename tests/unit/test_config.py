@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vmbusify.config import load_config
-from vmbusify.config_file import DEFAULT_CONTROL_PORT, listener_of, split_listen
+from vmbusify.config_file import listener_of, parse_control_listen
 from vmbusify.errors import ConfigError
 
 
@@ -17,28 +17,37 @@ from vmbusify.errors import ConfigError
     "",
     'role = "host"\nstate_dir = "/srv/vb"\n',
     '[control]\nlisten = "127.0.0.1:7000"\n',
+    '[control]\nlisten = "tcp:127.0.0.1:7000"\n',
+    '[control]\nlisten = "unix:/srv/c/control.sock"\n',
     'state_dir = "/x"\n[control]\nlisten = "[::1]:6600"\n[proxy]\nlisten = "127.0.0.1:1"\n',
 ])
 def test_the_light_reader_agrees_with_the_model(tmp_path: Path, text: str) -> None:
     path = tmp_path / "vmbusify.toml"
     path.write_text(text)
     config = load_config(path)
-    host, port = split_listen(config.control.listen)
-    assert listener_of(path) == (host, port, str(config.token_path))
+    assert listener_of(path) == (*parse_control_listen(config.control.listen),
+                                 str(config.token_path))
 
 
 def test_defaults(tmp_path: Path) -> None:
+    """A Unix socket in a directory of its own, the token beside it (where the group it is
+    granted to can read it); a TCP listener keeps its token in the state directory."""
     path = tmp_path / "empty.toml"
     path.write_text("")
-    assert listener_of(path) == ("127.0.0.1", DEFAULT_CONTROL_PORT,
-                                 "/var/lib/vmbusify/control.token")
+    assert listener_of(path) == ("unix", "/run/vmbusify-control/control.sock", 0,
+                                 "/run/vmbusify-control/control.token")
+    config = load_config(path)
+    assert config.control.group == config.proxy.group == "vmbusify"
+    assert config.proxy.access == "auto" and config.proxy.credentials_file == ""
+    path.write_text('[control]\nlisten = "127.0.0.1:6543"\n')
+    assert listener_of(path) == ("tcp", "127.0.0.1", 6543, "/var/lib/vmbusify/control.token")
 
 
 def test_the_environment_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "env.toml"
     path.write_text('[control]\nlisten = "127.0.0.1:7100"\n')
     monkeypatch.setenv("VMBUSIFY_CONFIG", str(path))
-    assert listener_of()[1] == 7100
+    assert listener_of()[2] == 7100
     assert load_config().path == str(path)
 
 
@@ -48,6 +57,8 @@ def test_the_environment_names_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     ("[control]\nlisten = 6543\n", "control.listen: expected str"),
     ("state_dir = true\n", "state_dir: expected str"),
     ('[control]\nlisten = "localhost"\n', "bad listen address"),
+    ('[control]\nlisten = "unix:relative.sock"\n', "unix:/absolute/path"),
+    ('[control]\nlisten = "unix:/dir/"\n', "unix:/absolute/path"),
 ])
 def test_bad_files_are_clear_errors(tmp_path: Path, text: str, why: str) -> None:
     path = tmp_path / "bad.toml"

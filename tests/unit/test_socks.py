@@ -344,3 +344,26 @@ def test_http_plain_request_host_header_is_the_uri_authority() -> None:
                                    b"Accept: */*\r\nConnection: close\r\n\r\n")
     head = http_head(feed_request(Handshake(), b"GET http://[::1]/ HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert head.forward_head().count(b"Host:") == 1 and b"Host: [::1]\r\n" in head.forward_head()
+
+
+def test_socks5_method_preference() -> None:
+    """"No authentication" first for those served without credentials; user/password first
+    for the others (who then get reply 2 to a CONNECT made without); either taken when it is
+    all a client offers."""
+    for prefer, offered, chosen in ((False, b"\x00\x02", b"\x05\x00"),
+                                    (True, b"\x00\x02", b"\x05\x02"),
+                                    (True, b"\x00", b"\x05\x00"),
+                                    (False, b"\x02", b"\x05\x02")):
+        hs = Handshake(prefer_auth=prefer)
+        greeting = feed_greeting(hs, bytes([5, len(offered)]) + offered)
+        assert hs.select_method(greeting.methods) == chosen, (prefer, offered)
+    hs = Handshake(prefer_auth=True)
+    with pytest.raises(HandshakeError):
+        hs.select_method(feed_greeting(hs, b"\x05\x01\x01").methods)  # GSSAPI only
+
+
+def test_socks5_not_allowed_reply() -> None:
+    hs = Handshake(prefer_auth=True)
+    hs.select_method(feed_greeting(hs, b"\x05\x01\x00").methods)
+    feed_request(hs, b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x16")
+    assert hs.error_reply(ReplyCode.NOT_ALLOWED)[:2] == b"\x05\x02"

@@ -3,6 +3,7 @@ registration script uses the same service GUID as the code, and install.sh's pla
 
 from __future__ import annotations
 
+import grp
 import re
 import shutil
 import subprocess
@@ -105,8 +106,19 @@ def test_install_dry_run_plan(role: str) -> None:
         assert f"{program} /etc/vmbusify/programs/{program.name}" in plan, program.name
     assert f"/etc/systemd/system/vmbusify-{role}.service" in plan
     assert f"+ systemctl enable vmbusify-{role}.service" in plan
+    # The host makes group vmbusify (the command listener's and the proxy's, as docker's),
+    # and lets it read the config to find the listener; a guest's stays root's alone.
+    mode = "-m 0640 -g vmbusify" if role == "host" else "-m 0600"
     if not Path("/etc/vmbusify/vmbusify.toml").exists():
-        assert f"install -m 0600 {ROOT}/packaging/{role}.toml /etc/vmbusify/vmbusify.toml" in plan
+        assert f"install {mode} {ROOT}/packaging/{role}.toml /etc/vmbusify/vmbusify.toml" in plan
+    if role == "host":
+        assert "+ install -d -m 0750 -g vmbusify /etc/vmbusify" in plan
+        try:
+            grp.getgrnam("vmbusify")
+        except KeyError:
+            assert "+ groupadd --system vmbusify" in plan
+    else:
+        assert "+ install -d -m 0700 /etc/vmbusify" in plan and "groupadd" not in plan
 
 
 @pytest.mark.skipif(shutil.which("sh") is None, reason="no POSIX shell")

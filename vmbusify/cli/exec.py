@@ -197,13 +197,26 @@ def parse_args(args: list[str]) -> Options:
 
 # -- connection --------------------------------------------------------------------------------
 
-def _listener(config_path: str | None) -> tuple[str, int, str]:
-    """(host, port, token) of this machine's command listener."""
-    from vmbusify.config_file import listener_of
-    from vmbusify.control.token import read_token
+class Listener:
+    """This machine's command listener: where it is and the token for it."""
 
-    host, port, token_file = listener_of(config_path)
-    return host, port, read_token(token_file)
+    def __init__(self, kind: str, where: str, port: int, token: str, owner: int) -> None:
+        self.kind, self.where, self.port = kind, where, port
+        self.token, self.owner = token, owner
+
+    @property
+    def host(self) -> str:
+        """The Host header's value."""
+        return "localhost" if self.kind == "unix" else f"{self.where}:{self.port}"
+
+
+def _listener(config_path: str | None) -> Listener:
+    """This machine's command listener, read from the configuration."""
+    from vmbusify.config_file import listener_of
+    from vmbusify.control.token import read_token_owned
+
+    kind, where, port, token_file = listener_of(config_path)
+    return Listener(kind, where, port, *read_token_owned(token_file))
 
 
 #: What may stand in a URL path segment as it is (RFC 3986 unreserved, plus ':' for IPv6).
@@ -230,16 +243,11 @@ def _parse_status(payload: bytes) -> tuple[int, str, str]:
     return code, str(doc.get("reason", "")), str(doc.get("message", ""))[:2000]
 
 
-def _connect(host: str, port: int) -> socket.socket:
-    try:
-        sock = socket.create_connection((host, port), timeout=10)
-    except ConnectionRefusedError:
-        raise Failure(f"the command listener at {host}:{port} is not running "
-                      "(check: supervisorctl status control)") from None
-    except OSError as exc:
-        raise Failure(f"cannot reach the command listener at {host}:{port}: "
-                      f"{exc.strerror or exc}") from None
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _connect(listener: Listener) -> socket.socket:
+    """A connection to the listener, checked to be root's before the token is sent."""
+    from vmbusify.control.verify import connect_verified
+
+    sock = connect_verified(listener.kind, listener.where, listener.port, listener.owner)
     return sock
 
 
@@ -298,21 +306,21 @@ def _request_body(opts: Options, rows: int = 0, cols: int = 0) -> bytes:
     return body
 
 
-def _request(host: str, port: int, token: str, method: str, path: str, extra: str = "",
+def _request(listener: Listener, method: str, path: str, extra: str = "",
              body: bytes = b"") -> bytes:
-    return (f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Authorization: Bearer {token}\r\n{extra}"
-            f"Content-Length: {len(body)}\r\n\r\n" if method == "POST" else
-            f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Authorization: Bearer {token}\r\n{extra}\r\n").encode() + body
+    head = (f"{method} {path} HTTP/1.1\r\nHost: {listener.host}\r\n"
+            f"Authorization: Bearer {listener.token}\r\n{extra}")
+    if method == "POST":
+        return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+    return f"{head}\r\n".encode()
 
 
 def run_detached(opts: Options) -> int:
     """-d: POST the request, print the pid."""
     body = _request_body(opts)
-    host, port, token = _listener(opts.config)
-    sock = _connect(host, port)
-    sock.sendall(_request(host, port, token, "POST", _exec_path(opts.vmid),
+    listener = _listener(opts.config)
+    sock = _connect(listener)
+    sock.sendall(_request(listener, "POST", _exec_path(opts.vmid),
                           "Content-Type: application/json\r\nConnection: close\r\n", body))
     status, headers, rest = _read_head(sock)
     if status != 200:
@@ -403,10 +411,10 @@ class Session:
         # A pty of 0x0 upsets full-screen programs: without a local terminal, the classic size.
         size = (_term_size() or DEFAULT_TTY_SIZE) if self.opts.tty else (0, 0)
         request = _request_body(self.opts, *size)
-        host, port, token = _listener(self.opts.config)
-        self.sock = _connect(host, port)
+        listener = _listener(self.opts.config)
+        self.sock = _connect(listener)
         key = handshake_key()
-        hello = _request(host, port, token, "GET", _exec_path(self.opts.vmid),
+        hello = _request(listener, "GET", _exec_path(self.opts.vmid),
                          f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
                          f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n")
         self.sock.sendall(hello + encode_frame(Opcode.TEXT, request))

@@ -6,19 +6,27 @@ endpoint's proxy client (``[proxy] listen``) to TARGET:TARGET_PORT as seen from 
 host, ``localhost``/``127.0.0.1``/``::1`` mean the VM's own loopback (``VMID.vmbusify``) and
 any other TARGET is resolved inside the VM (``TARGET.VMID.vmbusify``); on a guest VMID is
 ``host`` and TARGET is reached from the host. Runs in the foreground until Ctrl-C.
+
+On the host the listener follows the host proxy's rule (control/access.py): it serves root,
+the user running it and members of group ``vmbusify``, and closes connections from any
+other local user at once (a forward run by root would otherwise lend root's view into the
+VM to everyone on the machine). The user is the owner of the client's socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import click
 
 from vmbusify.bus.frames import HOST_VMID
 from vmbusify.config import Config, Role
 from vmbusify.config_file import split_listen
+from vmbusify.control.access import LocalUsers
+from vmbusify.control.peer import tcp_peer_uid
 from vmbusify.errors import ControlError, VMBusifyError
 from vmbusify.protocol.proxy import ReplyCode
 from vmbusify.protocol.socks import encode_addr
@@ -87,23 +95,24 @@ async def _socks_open(config: Config, host: str, port: int
     phost, pport = split_listen(config.proxy.listen)
     reader, writer = await asyncio.open_connection(phost, pport)
     cfg = config.proxy
-    writer.write(b"\x05\x01" + (b"\x02" if cfg.username else b"\x00"))
+    writer.write(b"\x05\x02\x00\x02" if cfg.username else b"\x05\x01\x00")
     method = await reader.readexactly(2)
-    if cfg.username:
-        if method != b"\x05\x02":
-            raise ControlError("forward: the proxy refused user/password authentication")
+    if cfg.username and method == b"\x05\x02":
         u, p = cfg.username.encode(), cfg.password.encode()
         writer.write(b"\x01" + bytes([len(u)]) + u + bytes([len(p)]) + p)
         if (await reader.readexactly(2))[1] != 0:
             raise ControlError("forward: the proxy refused the configured credentials")
     elif method != b"\x05\x00":
-        raise ControlError("forward: the proxy wants authentication (set [proxy] username)")
+        raise ControlError("forward: the proxy wants credentials (set [proxy] username)")
     writer.write(b"\x05\x01\x00" + encode_addr(host, port))
     head = await reader.readexactly(4)
     if head[3] == 3:
         await reader.readexactly((await reader.readexactly(1))[0] + 2)
     else:
         await reader.readexactly({1: 4, 4: 16}.get(head[3], 0) + 2)
+    if head[1] == ReplyCode.NOT_ALLOWED and config.role is Role.HOST:
+        raise ControlError("forward: the host proxy refused: run as root or as a member of "
+                           f"group {cfg.group or 'vmbusify'} (or set [proxy] username)")
     if head[1] != 0:
         code = ReplyCode(head[1]) if head[1] in ReplyCode._value2member_map_ else None
         raise ControlError(f"forward: {host}:{port}: reply {head[1]}"
@@ -122,8 +131,41 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.transport.abort()
 
 
+@dataclass
+class Gate:
+    """Who may use a forward's listener (on the host: root, its own user, the group)."""
+
+    users: LocalUsers | None
+    #: When each refused uid was last reported (one line a minute per uid).
+    said: dict[int | None, float] = field(default_factory=dict)
+
+    @classmethod
+    def for_config(cls, config: Config) -> Gate:
+        return cls(LocalUsers(config.proxy.group) if config.role is Role.HOST else None)
+
+    def admit(self, writer: asyncio.StreamWriter) -> bool:
+        """Whether the user at the other end of this connection may use the forward."""
+        if self.users is None:
+            return True
+        sock = writer.get_extra_info("socket")
+        uid = tcp_peer_uid(sock) if sock is not None else None
+        if self.users.privileged(uid):
+            return True
+        now = time.monotonic()
+        if now - self.said.get(uid, -60.0) >= 60.0:
+            self.said[uid] = now
+            who = f"uid {uid}" if uid is not None else "an unknown (non-local?) user"
+            click.echo(f"vmbusifyctl forward: refused a connection from {who}: not root, "
+                       "this user or a member of group "
+                       f"{self.users.group or '(none)'}", err=True)
+        return False
+
+
 async def _serve_one(config: Config, host: str, port: int, c_reader: asyncio.StreamReader,
-                     c_writer: asyncio.StreamWriter) -> None:
+                     c_writer: asyncio.StreamWriter, gate: Gate | None = None) -> None:
+    if gate is not None and not gate.admit(c_writer):
+        c_writer.transport.abort()
+        return
     try:
         p_reader, p_writer = await _socks_open(config, host, port)
     except (VMBusifyError, OSError, asyncio.IncompleteReadError) as exc:
@@ -139,9 +181,11 @@ async def _serve_one(config: Config, host: str, port: int, c_reader: asyncio.Str
 async def run_forward(config: Config, vmid: str, spec: ForwardSpec) -> None:
     """Listen and forward until SIGINT/SIGTERM."""
     host = socks_target(config, vmid, spec.target)
+    gate = Gate.for_config(config)
     try:
         server = await asyncio.start_server(
-            lambda r, w: _serve_one(config, host, spec.target_port, r, w), spec.bind, spec.port)
+            lambda r, w: _serve_one(config, host, spec.target_port, r, w, gate), spec.bind,
+            spec.port)
     except OSError as exc:
         raise ControlError(f"forward: cannot listen on {spec.bind}:{spec.port}: "
                            f"{exc.strerror or exc}") from None

@@ -58,7 +58,7 @@ def mux(config_path: str | None) -> None:
 @click.command()
 @config_option
 def control(config_path: str | None) -> None:
-    """Run the command listener (HTTP on 127.0.0.1:6543)."""
+    """Run the command listener (HTTP on the Unix socket of [control] listen)."""
     from vmbusify.control.server import run_control
     run_program("control", config_path, run_control)
 

@@ -6,8 +6,9 @@ import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from vmbusify.config_file import split_listen
-from vmbusify.control.token import read_token
+from vmbusify.config_file import parse_control_listen
+from vmbusify.control.token import read_token_owned
+from vmbusify.control.verify import connect_verified, describe
 from vmbusify.errors import ControlError
 
 if TYPE_CHECKING:
@@ -17,26 +18,41 @@ if TYPE_CHECKING:
 
 
 class ControlClient:
-    """Talks HTTP + bearer token to the command listener of this endpoint."""
+    """Talks HTTP + bearer token to the command listener of this endpoint, after checking
+    that the listener is root's (control/verify.py): the token goes nowhere else."""
 
     def __init__(self, config: Config, timeout: float = 30.0) -> None:
         self.config = config
-        self.host, self.port = split_listen(config.control.listen)
+        self.kind, self.where, self.port = parse_control_listen(config.control.listen)
         self.timeout = timeout
-        self._token: str | None = None
+        self._token: tuple[str, int] | None = None
+
+    @property
+    def address(self) -> str:
+        """The listener's address as the config says it (for messages)."""
+        return describe(self.kind, self.where, self.port)
+
+    def _token_owned(self) -> tuple[str, int]:
+        if self._token is None:
+            self._token = read_token_owned(self.config.token_path)
+        return self._token
 
     def connection(self, timeout: float | None = None) -> http.client.HTTPConnection:
-        """A new HTTP connection to the listener."""
+        """A new HTTP connection to the listener, already connected and verified (raises
+        ControlError with the reason when the listener is not one to send the token to)."""
         import http.client  # here: loading it costs every vmbusifyctl start
 
-        return http.client.HTTPConnection(self.host, self.port,
-                                          timeout=timeout or self.timeout)
+        _token, owner = self._token_owned()
+        sock = connect_verified(self.kind, self.where, self.port, owner,
+                                timeout or self.timeout)
+        conn = http.client.HTTPConnection("localhost" if self.kind == "unix" else self.where,
+                                          self.port or None, timeout=timeout or self.timeout)
+        conn.sock = sock
+        return conn
 
     def headers(self) -> dict[str, str]:
         """The Authorization header (reads the token once)."""
-        if self._token is None:
-            self._token = read_token(self.config.token_path)
-        return {"Authorization": f"Bearer {self._token}"}
+        return {"Authorization": f"Bearer {self._token_owned()[0]}"}
 
     def request(self, method: str, path: str, body: Any = None,
                 timeout: float | None = None) -> Any:
@@ -46,21 +62,17 @@ class ControlClient:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        conn = self.connection(timeout)
+        conn = self.connection(timeout)  # verified before a byte is sent
         try:
             conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()
-        except ConnectionRefusedError:
-            raise ControlError(
-                f"the command listener at {self.host}:{self.port} is not running "
-                "(check: supervisorctl status control)") from None
         except TimeoutError:
             raise ControlError(f"the command listener did not answer within "
                                f"{timeout or self.timeout:g}s") from None
         except OSError as exc:
-            raise ControlError(f"cannot reach the command listener at "
-                               f"{self.host}:{self.port}: {exc}") from None
+            raise ControlError(f"lost the command listener at {self.address}: "
+                               f"{exc.strerror or exc}") from None
         finally:
             conn.close()
         try:

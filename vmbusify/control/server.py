@@ -1,7 +1,11 @@
-"""The command listener (spec 4.2.2): HTTP on 127.0.0.1:6543 for vmbusifyctl and vmbusifyexec.
+"""The command listener (spec 4.2.2): HTTP for vmbusifyctl and vmbusifyexec on a Unix socket
+in a directory of its own (``[control] listen``, default
+``unix:/run/vmbusify-control/control.sock``; control/sockdir.py), or for development on TCP.
 
-Every request needs ``Authorization: Bearer <token>``, the token being the root-only file
-made at first start (Config.token_path). Built-in commands are in control/builtin.py;
+Every request needs ``Authorization: Bearer <token>``, the token being the file made at
+first start beside the socket (Config.token_path): root's, readable by group ``vmbusify``
+when that group exists (0640), else by root only (0600). Clients check that the listener is
+root's before they send it (control/verify.py). Built-in commands are in control/builtin.py;
 application commands (exec, forward, ...) add their routes through ``ROUTE_MODULES``.
 Errors are JSON ``{"error": "..."}`` with a status that says whose fault it was.
 """
@@ -11,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +26,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from vmbusify.bus.link import WorkerLink
 from vmbusify.config import Config
-from vmbusify.config_file import split_listen
+from vmbusify.config_file import parse_control_listen
+from vmbusify.control.peer import unix_peer_uid
+from vmbusify.control.sockdir import group_id, prepare_dir, secure_socket
 from vmbusify.control.token import ensure_token, token_matches
 from vmbusify.errors import (
     ControlError,
@@ -30,6 +38,7 @@ from vmbusify.errors import (
     UnknownVMError,
     VMBusifyError,
 )
+from vmbusify.logs import printable
 from vmbusify.protocol.entities import Entity
 from vmbusify.runtime import stop_on_signals
 
@@ -80,7 +89,7 @@ async def auth_and_errors(request: web.Request,
     scheme, _, presented = auth.partition(" ")
     if scheme.lower() != "bearer" or not token_matches(presented.strip(), ctx.token):
         log.warning("refused %s %s from %s: missing or wrong token", request.method,
-                    request.path, request.remote)
+                    printable(request.path), _origin(request))
         resp = error_response(401, "missing or wrong bearer token")
         resp.headers["WWW-Authenticate"] = 'Bearer realm="vmbusify"'
         return resp
@@ -98,6 +107,17 @@ async def auth_and_errors(request: web.Request,
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal error in the command listener (see its log)")
+
+
+def _origin(request: web.Request) -> str:
+    """Who sent a request: the peer's uid on a Unix socket, its address on TCP."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None and sock.family == socket.AF_UNIX:
+        try:
+            return f"uid {unix_peer_uid(sock)}"
+        except OSError:
+            return "a local process"
+    return str(request.remote)
 
 
 class OneLineBadRequests(logging.Filter):
@@ -125,10 +145,27 @@ def build_app(ctx: ControlContext) -> web.Application:
     return app
 
 
+def _prepare(config: Config) -> tuple[str, str, int, int | None]:
+    """Parse the listen address and, for a Unix socket, make its directory; the token's
+    group (None: root only)."""
+    kind, where, port = parse_control_listen(config.control.listen)
+    gid = group_id(config.control.group)
+    if kind == "unix":
+        gid = prepare_dir(os.path.dirname(where), gid)
+    else:
+        gid = None  # the state directory is root's alone: a group could not reach the token
+        from vmbusify.bus.sockets import ensure_private_dir
+        ensure_private_dir(config.token_path.parent)
+        log.warning("the command listener is on TCP %s:%d: for development only (any local "
+                    "user may bind it while it is down; clients check its owner)", where, port)
+    return kind, where, port, gid
+
+
 async def run_control(config: Config, stop: asyncio.Event | None = None) -> None:
     """Run the command listener until SIGTERM."""
     stop = stop_on_signals(stop)
-    token = ensure_token(config.token_path)
+    kind, where, port, gid = _prepare(config)
+    token = ensure_token(config.token_path, gid)
     link = WorkerLink(config, "control", [Entity.CMD_LISTENER])
     ctx = ControlContext(config, link, token)
     app = build_app(ctx)
@@ -136,16 +173,30 @@ async def run_control(config: Config, stop: asyncio.Event | None = None) -> None
     await link.start()
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    host, port = split_listen(config.control.listen)
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site: web.BaseSite
+    if kind == "unix":
+        site = web.UnixSite(runner, where)
+    else:
+        site = web.TCPSite(runner, where, port, reuse_address=True)
     try:
         await site.start()
+        if kind == "unix":
+            secure_socket(where, gid)
     except OSError as exc:
+        await runner.cleanup()
         await link.close()
-        raise ControlError(f"cannot listen on {config.control.listen}: {exc.strerror}") from None
-    log.info("command listener on http://%s:%d (token in %s)", host, port, config.token_path)
+        raise ControlError(f"cannot listen on {config.control.listen}: "
+                           f"{exc.strerror or exc}") from None
+    log.info("command listener on %s (token in %s, %s)", config.control.listen,
+             config.token_path, f"group {config.control.group}" if gid is not None
+             else "root only")
     try:
         await stop.wait()
     finally:
         await runner.cleanup()
         await link.close()
+        if kind == "unix":
+            try:
+                os.unlink(where)
+            except OSError:
+                pass

@@ -1,4 +1,5 @@
-"""The command listener's bearer token: made at first start, readable by root only.
+"""The command listener's bearer token: made at first start, readable by root only, or by
+root and the group the listener is granted to (0640) when that group exists.
 
 Clients import this module for ``read_token`` alone, so it loads nothing beyond ``os`` at
 import time (vmbusifyexec's start is its latency).
@@ -15,32 +16,52 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
-def ensure_token(path: Path) -> str:
-    """Return the token at ``path``, creating it (mode 0600, dir 0700) if it does not exist."""
+def ensure_token(path: Path, gid: int | None = None) -> str:
+    """Return the token at ``path``, creating it if it does not exist; its mode is 0640 with
+    group ``gid`` when one is given, 0600 otherwise. The directory must exist and be safe
+    (the listener makes it: control/sockdir.py); a token file that is not a regular file of
+    this user is replaced."""
     import secrets
+    import stat
 
-    from vmbusify.bus.sockets import ensure_private_dir  # here: clients must not load ZeroMQ
-
-    ensure_private_dir(path.parent)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        os.chmod(path, 0o600)
-        return read_token(path)
-    token = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    return token
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()):
+        os.unlink(path)  # not ours (or a link): never trust or chmod what it points at
+        st = None
+    if st is None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32) + "\n")
+    if gid is not None:
+        os.chown(path, -1, gid)
+    os.chmod(path, 0o640 if gid is not None else 0o600)
+    return read_token(path)
 
 
 def read_token(path: str | os.PathLike[str]) -> str:
     """The token a client presents; a clear ControlError when it cannot be read."""
+    return read_token_owned(path)[0]
+
+
+def read_token_owned(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """(the token, the uid owning the file it was read from); ControlError with a clear
+    reason when it cannot be read. The owner is that of the file actually read (fstat), so
+    a client sends a token only to its owner or root (control/verify.py)."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            token = fh.read().strip()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            owner = os.fstat(fd).st_uid
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        token = raw.decode("utf-8").strip()
     except PermissionError:
-        raise ControlError(f"cannot read the control token {path}: run as root") from None
+        raise ControlError(f"cannot read the control token {path}: run as root or as a member "
+                           "of group vmbusify") from None
     except FileNotFoundError:
         raise ControlError(f"no control token at {path}: is the command listener running "
                            "(supervisorctl status control)?") from None
@@ -50,7 +71,9 @@ def read_token(path: str | os.PathLike[str]) -> str:
         raise ControlError(f"the control token {path} is not text") from None
     if not token:
         raise ControlError(f"the control token {path} is empty")
-    return token
+    if any(c in token for c in "\r\n\0 "):
+        raise ControlError(f"the control token {path} is malformed")
+    return token, owner
 
 
 def token_matches(presented: str, expected: str) -> bool:

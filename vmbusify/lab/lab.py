@@ -285,8 +285,11 @@ def _up(layout: LabLayout, vms: int | None) -> LabStatus:
     venv_bin()  # fail early, before touching anything, if the checkout is incomplete
     supervisord_conf()
 
+    # 0711: others may pass through (to the host's control directory, which decides for
+    # itself who may enter, as /run/vmbusify-control does in production) but not list it;
+    # every directory below but the host's is 0700.
     layout.root.mkdir(mode=0o700, exist_ok=True)
-    layout.root.chmod(0o700)
+    layout.root.chmod(0o711)
     _up_external(layout)
     _remove_vms(layout, [layout.vm(k) for k in present if k > count])
     wanted = layout.vms(count)
@@ -294,6 +297,7 @@ def _up(layout: LabLayout, vms: int | None) -> LabStatus:
     host = layout.host
     for d in (host.dir, host.run_dir, host.state_dir):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    host.dir.chmod(0o711)  # run/ and state/ stay 0700; control/ is the listener's to set
     host_changed = _write(host.config_path, host_config(layout, wanted), 0o600)
 
     for vm in wanted:  # guests first: they listen, the host connects

@@ -9,9 +9,10 @@ Layout (K = 1..N)::
     netns vmbl-vmK      lo up, sdn0 = 198.19.K.10/24 (leads nowhere), no default route
     netns vmbl-ext      eth0 = 198.18.0.2/24, default via 198.18.0.1
     root netns          vmbl-ext0 = 198.18.0.1/24 (veth peer of vmbl-ext's eth0)
-    /run/vmbusify-lab/  (0700)
-        host/vmbusify.toml, host/run/, host/state/
-        vmK/vmbusify.toml, vmK/run/, vmK/state/, vmK/tunnel.sock, vmK/tunnel.key
+    /run/vmbusify-lab/  (0711: traversable, not listable)
+        host/ (0711) vmbusify.toml, run/, state/, control/ (the command listener's socket
+              and token: 0750 with group vmbusify when it exists, as in production)
+        vmK/ (0700) vmbusify.toml, run/, state/, control/, tunnel.sock, tunnel.key
         ext/run/        pid and log files of the external network's services
     /etc/netns/vmbl-ext/{hosts,resolv.conf}, /etc/netns/vmbl-vmK/{hosts,resolv.conf}
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmbusify.config import DEFAULT_CONTROL_PORT, DEFAULT_PROXY_PORT
+from vmbusify.config import DEFAULT_PROXY_PORT
 from vmbusify.errors import LabError
 
 
@@ -68,8 +69,8 @@ EXT_HOST_IP = f"198.18.{INSTANCE_NUMBER}.1"
 EXT_IP = f"198.18.{INSTANCE_NUMBER}.2"
 EXT_PREFIXLEN = 24
 EXT_SUBNET = f"198.18.{INSTANCE_NUMBER}.0/24"
-#: The host stack's command listener and proxy ports (shifted per instance).
-CONTROL_PORT = DEFAULT_CONTROL_PORT + 10 * INSTANCE_NUMBER
+#: The host stack's proxy port (shifted per instance; the command listeners are Unix
+#: sockets in each machine's directory).
 PROXY_PORT = DEFAULT_PROXY_PORT + 10 * INSTANCE_NUMBER
 #: The host's virtual-subnet interface name (per instance, so instances never share one).
 SUBNET_IF = f"{PREFIX}sub0" if INSTANCE else "vmbus0"
@@ -115,6 +116,17 @@ class _MachineDirs:
     @property
     def config_path(self) -> Path:
         return self.dir / "vmbusify.toml"
+
+    @property
+    def control_dir(self) -> Path:
+        """The command listener's own directory (its socket and token)."""
+        return self.dir / "control"
+
+    @property
+    def control(self) -> str:
+        """The command listener's address: every machine of the lab shares one filesystem,
+        so each has its own socket (not the default /run/vmbusify-control)."""
+        return f"unix:{self.control_dir / 'control.sock'}"
 
 
 @dataclass(frozen=True)
@@ -175,10 +187,6 @@ class HostLayout(_MachineDirs):
     def dir(self) -> Path:
         return self.root / "host"
 
-
-    @property
-    def control(self) -> str:
-        return f"127.0.0.1:{CONTROL_PORT}"
 
     @property
     def proxy(self) -> str:
@@ -317,6 +325,7 @@ def guest_config(vm: VMLayout) -> str:
         "run_dir": str(vm.run_dir),
         "state_dir": str(vm.state_dir),
         "tunnel": {"listen": vm.tunnel_address, "key_file": vm.key_path},
+        "control": {"listen": vm.control},
     })
 
 

@@ -131,8 +131,13 @@ def _cstring(buf: bytearray, start: int, what: str) -> tuple[bytes, int] | None:
 class Handshake:
     """One user connection's handshake (sans-I/O)."""
 
-    def __init__(self, require_auth: bool = False) -> None:
+    def __init__(self, require_auth: bool = False, prefer_auth: bool = False) -> None:
+        #: Only RFC 1929 user/password will do (SOCKS5).
         self.require_auth = require_auth
+        #: Pick user/password over "no authentication" when the client offers both (a user
+        #: who is not served without credentials); otherwise "no authentication" wins, and
+        #: user/password is taken when it is all the client offers.
+        self.prefer_auth = prefer_auth
         self.kind: ProxyKind | None = None
         self.phase = Phase.DETECT
         self.method = Method.NO_AUTH
@@ -200,11 +205,18 @@ class Handshake:
         """Choose a method from the greeting; the bytes to send. Raises if none fits."""
         if self.phase is not Phase.METHOD:
             raise HandshakeError("select_method out of order", None)
-        wanted = Method.USERPASS if self.require_auth else Method.NO_AUTH
-        if wanted not in methods:
+        order: tuple[Method, ...]
+        if self.require_auth:
+            order = (Method.USERPASS,)
+        elif self.prefer_auth:
+            order = (Method.USERPASS, Method.NO_AUTH)
+        else:
+            order = (Method.NO_AUTH, Method.USERPASS)
+        wanted = next((m for m in order if m in methods), None)
+        if wanted is None:
             self.phase = Phase.FAILED
-            raise HandshakeError(
-                f"client offers no acceptable method (needs {wanted.name})", None)
+            raise HandshakeError("client offers no acceptable method (needs "
+                                 f"{' or '.join(m.name for m in order)})", None)
         self.method = wanted
         self.phase = Phase.AUTH if wanted is Method.USERPASS else Phase.REQUEST
         return bytes((5, wanted))

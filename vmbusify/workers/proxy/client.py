@@ -1,5 +1,11 @@
 """The proxy client (spec 4.3.1): SOCKS5, SOCKS4/4a and HTTP proxy on 127.0.0.1:6542.
 
+Who may use it (``[proxy] access``, control/access.py): on the host, root and members of
+group ``vmbusify`` without credentials, other local users only with RFC 1929 / Basic
+credentials (SOCKS5 without them: reply 2 "not allowed by ruleset" to the CONNECT; HTTP:
+407 asking for Basic; SOCKS4 has no password: refused); a guest's proxy is open to every
+guest process. The user is the owner of the client's socket, asked once per connection.
+
 Per user connection: read the handshake (protocol/socks.py), pick the VM (route.py), open a
 stream and send PROXY-OPEN, wait for PROXY-OPEN-ACK, answer the user with the far side's
 real outcome, then relay (relay.py). UDP ASSOCIATE gets a UDP socket on the listen address
@@ -10,7 +16,6 @@ its protocol when possible, then the connection is closed, and the log says why.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import socket
 from typing import Any
@@ -19,7 +24,10 @@ from vmbusify.bus.link import WorkerLink
 from vmbusify.bus.streams import Stream
 from vmbusify.config import ProxyConfig, Role
 from vmbusify.config_file import split_listen
+from vmbusify.control.access import AccessMode, Credentials, LocalUsers, access_mode
+from vmbusify.control.peer import tcp_peer_uid
 from vmbusify.errors import NotConnectedError, ProtocolError, RequestTimeout, TunnelError
+from vmbusify.logs import RateLimitedLog, printable
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.httpproxy import http_auth_required
 from vmbusify.protocol.proxy import Command, OpenAck, ProxyMessage, ProxyOpen, ReplyCode
@@ -44,6 +52,27 @@ HANDSHAKE_TIMEOUT = 30.0
 ACK_MARGIN = 5.0
 
 
+class Caller:
+    """Who is at the other end of one user connection, as far as access goes."""
+
+    __slots__ = ("authenticated", "free", "uid")
+
+    def __init__(self, uid: int | None, free: bool) -> None:
+        #: The owner of the client's socket (None: not looked up, or not found).
+        self.uid = uid
+        #: Served without credentials (access "open", or root / the group).
+        self.free = free
+        #: Gave valid credentials (SOCKS5 user/password or HTTP Basic).
+        self.authenticated = False
+
+    @property
+    def allowed(self) -> bool:
+        return self.free or self.authenticated
+
+    def __str__(self) -> str:
+        return f"uid={self.uid if self.uid is not None else '?'}"
+
+
 class ProxyClient:
     """Accepts users' proxy connections and carries them through the tunnel."""
 
@@ -56,6 +85,10 @@ class ProxyClient:
         self._sock: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_conn = 0
+        self.mode = access_mode(cfg, role)
+        self.credentials = Credentials.from_config(cfg)
+        self.users = LocalUsers(cfg.group)
+        self._refusals = RateLimitedLog(log)
 
     def install(self) -> None:
         """Register the route for the server's PROXY-DATA."""
@@ -104,9 +137,14 @@ class ProxyClient:
     async def serve(self, conn: socket.socket, label: str) -> None:
         """Handle one user connection to its end. Never raises (but for cancellation)."""
         tune(conn)
-        hs = Handshake(require_auth=bool(self.cfg.username))
+        caller = self.caller(conn)
+        if caller.uid is not None:
+            label = f"{label} {caller}"
+        hs = Handshake(require_auth=self.mode is AccessMode.CREDENTIALS,
+                       prefer_auth=not caller.free)
         try:
-            req = await asyncio.wait_for(self._handshake(conn, hs, label), HANDSHAKE_TIMEOUT)
+            req = await asyncio.wait_for(self._handshake(conn, hs, caller, label),
+                                         HANDSHAKE_TIMEOUT)
         except TimeoutError:
             log.info("%s: handshake not finished in %gs; closed", label, HANDSHAKE_TIMEOUT)
             req = None
@@ -135,7 +173,16 @@ class ProxyClient:
         except (OSError, TimeoutError):
             pass
 
-    async def _handshake(self, conn: socket.socket, hs: Handshake, label: str
+    def caller(self, conn: socket.socket) -> Caller:
+        """Who connected: looked up (once) where the access mode depends on it."""
+        if self.mode is AccessMode.OPEN:
+            return Caller(None, True)
+        if self.mode is AccessMode.CREDENTIALS:
+            return Caller(None, False)
+        uid = tcp_peer_uid(conn)
+        return Caller(uid, self.users.privileged(uid))
+
+    async def _handshake(self, conn: socket.socket, hs: Handshake, caller: Caller, label: str
                          ) -> TargetRequest | None:
         loop = asyncio.get_running_loop()
         while True:
@@ -154,34 +201,39 @@ class ProxyClient:
                     raise
                 await loop.sock_sendall(conn, answer)
             elif isinstance(event, Socks5Auth):
-                ok = self._credentials_ok(event.username, event.password)
+                # Root and the group need none: whatever they offer is fine.
+                ok = caller.free or self.credentials.check(event.username, event.password)
+                caller.authenticated = ok
                 await loop.sock_sendall(conn, hs.auth_result(ok))
                 if not ok:
-                    log.warning("%s: SOCKS5 authentication failed for user %r", label,
-                                event.username)
+                    self._refusals.warning(
+                        ("auth", caller.uid), "%s: SOCKS5 authentication failed for user %s",
+                        label, printable(event.username, 80))
                     return None
             else:
-                return await self._check_request_auth(conn, hs, event, label)
-
-    def _credentials_ok(self, username: str, password: str) -> bool:
-        return hmac.compare_digest(username.encode(), self.cfg.username.encode()) and \
-            hmac.compare_digest(password.encode(), self.cfg.password.encode())
+                return await self._check_request_auth(conn, hs, event, caller, label)
 
     async def _check_request_auth(self, conn: socket.socket, hs: Handshake, req: TargetRequest,
-                                  label: str) -> TargetRequest | None:
-        if not self.cfg.username or req.kind is ProxyKind.SOCKS5:
+                                  caller: Caller, label: str) -> TargetRequest | None:
+        if caller.allowed:
             return req
         loop = asyncio.get_running_loop()
-        if req.kind is ProxyKind.SOCKS4:
-            log.warning("%s: SOCKS4 refused: this proxy requires a password", label)
-            await loop.sock_sendall(conn, hs.error_reply(ReplyCode.NOT_ALLOWED))
-            return None
-        creds = req.http.credentials() if req.http else None
-        if creds is None or not self._credentials_ok(*creds):
-            log.warning("%s: HTTP proxy request without valid credentials", label)
-            await loop.sock_sendall(conn, http_auth_required())
-            return None
-        return req
+        if req.kind is ProxyKind.HTTP:
+            creds = req.http.credentials() if req.http else None
+            if creds is not None and self.credentials.check(*creds):
+                caller.authenticated = True
+                return req
+            why = "wrong credentials" if creds is not None else "no credentials"
+            answer = http_auth_required()
+        else:  # SOCKS5 without credentials: "not allowed by ruleset"; SOCKS4 has none
+            why = "no credentials" if req.kind is ProxyKind.SOCKS5 else "SOCKS4 (no password)"
+            answer = hs.error_reply(ReplyCode.NOT_ALLOWED)
+        who = ("the connecting user is unknown" if caller.uid is None else
+               f"uid {caller.uid} is neither root nor in group {self.cfg.group or '(none)'}")
+        self._refusals.warning(("refused", caller.uid), "%s: refused %s: %s, %s", label,
+                               req.kind.value, who, why)
+        await loop.sock_sendall(conn, answer)
+        return None
 
     async def open_far(self, route: Route, command: Command, label: str
                        ) -> tuple[OpenAck, Stream | None]:
@@ -277,4 +329,4 @@ class ProxyClient:
             self.stats.closed(stream)
 
     def describe(self) -> dict[str, Any]:
-        return {"listen": self.cfg.listen, "auth": bool(self.cfg.username)}
+        return {"listen": self.cfg.listen, "access": self.mode.value}
