@@ -19,7 +19,7 @@ exec, proxy, subnet; pids from supervisord, RSS from psutil, sampled every 0.2 s
 
 (the caps from the host's own config: the hostile VM's tunnel backlog and its buffered bytes,
 and the honest VM's buffered bytes; 64 + 2 * 24 MiB with the defaults, so the idle baseline
-plus 134 MiB plus 20 % of the baseline). After the hostile VM is gone, what it made the host
+plus 112 MiB plus 20 %). After the hostile VM is gone, what it made the host
 hold must be given back: RSS <= 1.2 * baseline + 32 MiB (the heap glibc keeps for reuse,
 vmbusify/runtime.py's trim threshold) within 20 s. So that a test against a host without the
 caps cannot take the machine's memory, an attack stops at once when a program passes its
@@ -107,6 +107,13 @@ def host_pids() -> dict[str, int]:
     return pids
 
 
+def idle_baseline(env: Env, pids: dict[str, int]) -> dict[str, int]:
+    """Each program's RSS when first seen idle in this module (so memory an earlier attack
+    left behind does not raise the baseline of the next; a restarted program is new)."""
+    now = rss_of(pids)
+    return {name: env.baselines.setdefault(pid, now[name]) for name, pid in pids.items()}
+
+
 def rss_of(pids: dict[str, int]) -> dict[str, int]:
     out = {}
     for name, pid in pids.items():
@@ -124,11 +131,11 @@ def mib(n: int) -> str:
 class RssWatch:
     """Samples the host programs' RSS in a thread; ``over`` is set past bound + ABORT_MARGIN."""
 
-    def __init__(self, limits: LimitsConfig) -> None:
-        self.limits = limits
+    def __init__(self, env: Env) -> None:
+        self.limits = env.limits
         self.pids = host_pids()
-        self.baseline = rss_of(self.pids)
-        self.bound = {n: rss_bound(b, limits) for n, b in self.baseline.items()}
+        self.baseline = idle_baseline(env, self.pids)
+        self.bound = {n: rss_bound(b, self.limits) for n, b in self.baseline.items()}
         self.peak = dict(self.baseline)
         self.over = threading.Event()
         self._stop = threading.Event()
@@ -279,6 +286,8 @@ class Env:
     hostile_path: Path
     log_dir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    #: pid -> RSS of each host program when first seen idle (see idle_baseline).
+    baselines: dict[int, int] = field(default_factory=dict)
 
 
 FLOOD_SERVER = r"""
@@ -355,6 +364,7 @@ def env(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         wait_for(lambda: _port_answers(layout.vm(HONEST).netns,
                                        f"http://127.0.0.1:{HONEST_PORT}/"),
                  20, "the honest VM's web server")
+        idle_baseline(e, host_pids())
         yield e
     finally:
         for p in e.procs:
@@ -382,6 +392,7 @@ def hostile_vm(env: Env, *, ips: list[str] | None = None, hostname: str = HOSTIL
         peer.listen()
         peer.wait_connected(30)
         lab.wait_connected([HOSTILE, HONEST], timeout=30)
+        idle_baseline(env, host_pids())
         yield peer
     finally:
         peer.close()
@@ -393,10 +404,14 @@ def hostile_vm(env: Env, *, ips: list[str] | None = None, hostname: str = HOSTIL
 def repair_host(env: Env) -> None:
     """If the attack left the host broken for the honest VM (a worker whose loop died, on a
     host without the fixes), restart the host's programs so the next test starts clean."""
-    broken = [c for c in honest_round(env.lab) if not c.ok]
-    if not broken:
+    broken = [c.kind for c in honest_round(env.lab) if not c.ok]
+    pids = host_pids()
+    baseline = idle_baseline(env, pids)
+    kept = [f"{n} {mib(r)}" for n, r in rss_of(pids).items()
+            if r > given_back_bound(baseline[n])]
+    if not broken and not kept:
         return
-    print(f"the attack left {HONEST} without {', '.join(c.kind for c in broken)}: "
+    print(f"the attack left {HONEST} without {broken} and the host holding {kept}: "
           "restarting the host's programs for the next test")
     supervisorctl("host", "restart", "all", check=False)
     env.lab.wait_connected([HOSTILE, HONEST], timeout=60)
@@ -441,7 +456,7 @@ def test_wrong_types_directions_and_streams(env: Env) -> None:
     """The subnet's KEEPALIVE as a one-way MESSAGE (it killed the host subnet worker's receive
     loop), every other message id as MESSAGE and as REQUEST, DATA/WINDOW on streams never
     opened, the host-only cmd-listener: vm2 keeps exec, proxy and subnet; memory bounded."""
-    with hostile_vm(env) as peer, RssWatch(env.limits) as watch:
+    with hostile_vm(env) as peer, RssWatch(env) as watch:
         assert_honest(honest_round(env.lab), "before the attack")
         with HonestLoad(env.lab, rounds=6, deadline=60) as load:
             peer.message(hp.IP_BEARER, hp.BEARER_KEEPALIVE, {"stream": 1})
@@ -464,7 +479,7 @@ def test_wrong_types_directions_and_streams(env: Env) -> None:
 def test_open_as_message_to_a_blackhole(env: Env) -> None:
     """PROXY-OPENs sent as one-way MESSAGEs (and as REQUESTs) to a port that never answers: the
     host's proxy must not stall for vm2 (it ran the connect inline, 0.04 s -> 14.8 s)."""
-    with hostile_vm(env) as peer, RssWatch(env.limits) as watch:
+    with hostile_vm(env) as peer, RssWatch(env) as watch:
         quiet = [honest_proxy(env.lab) for _ in range(3)]
         assert_honest(quiet, "before the attack")
         target = {"host": env.ext_ip, "port": BLACKHOLE_PORT, "cmd": 1}
@@ -488,7 +503,7 @@ def test_open_as_message_to_a_blackhole(env: Env) -> None:
 def test_huge_credit_never_read(env: Env) -> None:
     """A stream from a service that floods, ~4 GiB of credit granted, never read: the host
     queues no more than its caps, and gives the memory back once the VM is gone."""
-    with hostile_vm(env, give_credit=False) as peer, RssWatch(env.limits) as watch:
+    with hostile_vm(env, give_credit=False) as peer, RssWatch(env) as watch:
         code, why = open_ack(peer.open_proxy(env.ext_ip, FLOOD_PORT, stream=31))
         assert code == 0, f"harness: PROXY-OPEN to the flood service failed: {code} {why}"
         peer.stop_reading()
@@ -511,7 +526,7 @@ def test_many_streams_never_read(env: Env) -> None:
     """200 streams from a service that floods, each within its 8 MiB window, never read: the
     host stays within its caps, and past them new opens are refused with a reason."""
     n = 200
-    with hostile_vm(env, give_credit=False) as peer, RssWatch(env.limits) as watch:
+    with hostile_vm(env, give_credit=False) as peer, RssWatch(env) as watch:
         peer.stop_reading()
         rids = {}
         for k in range(n):
@@ -530,7 +545,9 @@ def test_many_streams_never_read(env: Env) -> None:
             peer.hang_up()
         else:
             peer.resume_reading()  # the ACKs first (control before DATA), then the floods
-        answers = {k: open_ack(peer.wait_ack(rid, 0 if over else 20)) for k, rid in rids.items()}
+        deadline = time.monotonic() + (0 if over else 20)  # one deadline for all the ACKs
+        answers = {k: open_ack(peer.wait_ack(rid, deadline - time.monotonic()))
+                   for k, rid in rids.items()}
         assert_honest(load.checks, "during the attack")
         watch.check()
         opened = sum(1 for c, _ in answers.values() if c == 0)
@@ -556,7 +573,7 @@ def _ping_ms() -> float:
     return float(m.group(1))
 
 
-def _figures(n: int = 3) -> tuple[float, float]:
+def _figures(n: int = 5) -> tuple[float, float]:
     """Median exec latency (s) and host ping to the honest VM (ms)."""
     execs, pings = [], []
     for _ in range(n):
@@ -567,16 +584,17 @@ def _figures(n: int = 3) -> tuple[float, float]:
     return statistics.median(execs), statistics.median(pings)
 
 
-#: Flooded figures may be this many times the quiet ones (plus the slack below): generous, for
-#: a shared two-core machine on which the flooding harness itself takes a core.
+#: Flooded figures may be this many times the quiet ones (plus the slack below, for the jitter
+#: of a shared machine): generous beside the 1.5x goal, for a two-core machine on which the
+#: flooding harness itself takes a core.
 FLOOD_RATIO = 3.0
-EXEC_SLACK, PING_SLACK_MS = 0.3, 20.0
+EXEC_SLACK, PING_SLACK_MS = 0.05, 1.0
 
 
 def test_control_flood(env: Env) -> None:
     """PINGs and bad REQUESTs as fast as the harness can send them: vm2's exec latency and the
     host's ping to vm2 stay near their quiet figures."""
-    with hostile_vm(env) as peer, RssWatch(env.limits) as watch:
+    with hostile_vm(env) as peer, RssWatch(env) as watch:
         quiet_exec, quiet_ping = _figures()
         stop = threading.Event()
         sent = [0]
