@@ -381,9 +381,11 @@ def _mux(vmid: str, action: str) -> None:
 
 @contextlib.contextmanager
 def hostile_vm(env: Env, *, ips: list[str] | None = None, hostname: str = HOSTILE,
-               give_credit: bool = True) -> Iterator[HostilePeer]:
-    """vm1's guest mux stopped and a HostilePeer in its place, connected to the host; at the
-    end the harness closed, the mux started again and both VMs connected."""
+               give_credit: bool = True, host_must_accept: bool = True
+               ) -> Iterator[HostilePeer]:
+    """vm1's guest mux stopped and a HostilePeer in its place, connected to the host (with
+    ``host_must_accept`` False, the host may turn the HELLO down); at the end the harness
+    closed, the mux started again and both VMs connected."""
     lab = env.lab
     peer = HostilePeer(env.hostile_path, ips=ips if ips is not None else [],
                        hostname=hostname, give_credit=give_credit)
@@ -391,9 +393,12 @@ def hostile_vm(env: Env, *, ips: list[str] | None = None, hostname: str = HOSTIL
         _mux(HOSTILE, "stop")
         peer.listen()
         peer.wait_connected(30)
-        lab.wait_connected([HOSTILE, HONEST], timeout=30)
+        if host_must_accept:
+            lab.wait_connected([HOSTILE, HONEST], timeout=30)
         idle_baseline(env, host_pids())
         yield peer
+        if peer.send_errors:
+            print(f"the host hung up on {HOSTILE}: {peer.send_errors[:3]}")
     finally:
         peer.close()
         _mux(HOSTILE, "start")
@@ -513,8 +518,8 @@ def test_huge_credit_never_read(env: Env) -> None:
             while time.monotonic() < end and not watch.over.is_set():
                 time.sleep(0.2)
         peer.hang_up()
-        assert_honest(load.checks, "during the attack")
         watch.check()
+        assert_honest(load.checks, "during the attack")
         watch.check_given_back()
         assert_honest(honest_round(env.lab), "after the attack")
 
@@ -548,8 +553,8 @@ def test_many_streams_never_read(env: Env) -> None:
         deadline = time.monotonic() + (0 if over else 20)  # one deadline for all the ACKs
         answers = {k: open_ack(peer.wait_ack(rid, deadline - time.monotonic()))
                    for k, rid in rids.items()}
-        assert_honest(load.checks, "during the attack")
         watch.check()
+        assert_honest(load.checks, "during the attack")
         opened = sum(1 for c, _ in answers.values() if c == 0)
         refused = {k: (c, why) for k, (c, why) in answers.items() if c not in (0, None)}
         print(f"{len(rids)} opens: {opened} accepted, {len(refused)} refused, "
@@ -606,9 +611,7 @@ def test_control_flood(env: Env) -> None:
                         stream=k) for k in range(500))
             end = time.monotonic() + 30
             while not stop.is_set() and time.monotonic() < end:
-                try:
-                    peer.send(batch)
-                except OSError:
+                if not peer.send(batch):
                     return
                 sent[0] += 500
 
@@ -746,7 +749,10 @@ def test_control_characters_reach_no_log(env: Env) -> None:
     marker = f"FORGED-{secrets.token_hex(4)}"
     evil = f"\n{marker} injected \x1b[2J\x1b]0;owned\x07\x1b[31m"
     before = _log_sizes(env.log_dir)
-    with hostile_vm(env, hostname="hostile" + evil) as peer:
+    # The HELLO first, on its own: a host may refuse such a HELLO (that is a defence too).
+    with hostile_vm(env, hostname="hostile" + evil, host_must_accept=False):
+        time.sleep(2)
+    with hostile_vm(env) as peer:
         code, why = open_ack(peer.open_proxy("x.invalid" + evil, 80, stream=41))
         print(f"PROXY-OPEN to a name with control characters: {code} {why!r}")
         open_ack(peer.open_proxy(env.ext_ip + evil, 80, stream=42))
