@@ -13,12 +13,13 @@ protocol with struct and msgpack, none of vmbusify's classes) takes its tunnel a
     a byte (the host holds what its caps let it: buffered bytes, tunnel backlog);
   - floods one-way packages that want no answer (PONGs for no PING, WINDOWs and DATA for
     streams never opened, MESSAGEs for no handler, a PROXY-OPEN as a MESSAGE with a bad
-    body), as fast as one Python thread writes them.
+    body), ``--rate`` a second (20,000; capped so that the harness's own CPU, which a real
+    VM would not take from the host, stays small beside the host's).
 
 Not a bandwidth share: vm2 moves no bulk bytes of its own. Goal: vm1 within 1.5x of quiet.
 
     .venv/bin/python bench/noisy.py [--runs 15] [--mib 64] [--idle-streams 256]
-                                    [--flood-streams 16]
+                                    [--flood-streams 16] [--rate 20000]
 
 Honours VMBUSIFY_LAB_INSTANCE; vm2's guest mux is started again at the end, whatever happens.
 """
@@ -125,11 +126,12 @@ class Noise:
     """vm2 made noisy with the hostile guest (see the module docstring)."""
 
     def __init__(self, layout: LabLayout, ext_ip: str, idle_streams: int,
-                 flood_streams: int) -> None:
+                 flood_streams: int, rate: float) -> None:
         self.peer = hp.HostilePeer(layout.vm(NOISY).tunnel_path, give_credit=False)
         self.ext_ip = ext_ip
         self.idle_streams = idle_streams
         self.flood_streams = flood_streams
+        self.rate = rate
         self.sent = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flood, daemon=True)
@@ -161,13 +163,8 @@ class Noise:
             hp.pack(hp.MESSAGE, hp.PROXY_CLIENT, hp.PROXY_OPEN, b"\xc1", stream=999_997),
         ]
         batch = b"".join(kinds[k % len(kinds)] for k in range(500))
-        deadline = time.monotonic() + 1800
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                self.peer.send(batch)
-            except OSError:
-                return
-            self.sent += 500
+        self.sent = hp.flood(self.peer, batch, 500, rate=self.rate, stop=self._stop,
+                             seconds=1800)
 
     def stop(self) -> None:
         self._stop.set()
@@ -182,6 +179,8 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=64, help="size of the proxied download")
     ap.add_argument("--idle-streams", type=int, default=256)
     ap.add_argument("--flood-streams", type=int, default=16)
+    ap.add_argument("--rate", type=float, default=20_000,
+                    help="control packages a second (0: as fast as one thread sends them)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/noisy.py needs root (the lab)")
@@ -204,7 +203,7 @@ def main() -> None:
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]
     url = f"http://{ext.ip}:{WEB_PORT}/big"
-    noise = Noise(layout, ext.ip, args.idle_streams, args.flood_streams)
+    noise = Noise(layout, ext.ip, args.idle_streams, args.flood_streams, args.rate)
     try:
         time.sleep(1)
         exec_ms(env, 3)  # warm up
@@ -213,9 +212,8 @@ def main() -> None:
               flush=True)
         noise.start(lab)
         noisy_exec, noisy_mbps = measure(env, url, args.runs)
-        sent = noise.sent
     finally:
-        noise.stop()
+        noise.stop()  # joins the flood thread, so noise.sent is final
         supervisorctl(NOISY, "start", "mux", check=False)
         for p in procs:
             p.kill()
@@ -223,9 +221,11 @@ def main() -> None:
         for f in www.iterdir():
             f.unlink()
         www.rmdir()
+    sent = noise.sent
     lab.wait_connected([MEASURED, NOISY], timeout=60)
     print(f"noisy neighbour: {NOISY} opened {args.idle_streams} idle and {args.flood_streams} "
-          f"flooding streams, read nothing, and sent {sent} one-way control packages")
+          f"flooding streams, read nothing, and sent {sent} one-way control packages "
+          f"(at up to {args.rate:g} a second)")
     print(f"exec `true` on {MEASURED}, median of {args.runs}: quiet {quiet_exec:.1f} ms, "
           f"noisy {noisy_exec:.1f} ms, ratio {noisy_exec / quiet_exec:.2f}")
     print(f"proxy download on {MEASURED} ({args.mib} MiB): quiet {quiet_mbps:.0f} MB/s, "

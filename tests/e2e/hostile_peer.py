@@ -377,6 +377,25 @@ class HostilePeer:
         return self.wait_ack(rid, timeout)
 
 
+def flood(peer: HostilePeer, batch: bytes, per_batch: int, *, rate: float,
+          stop: threading.Event, seconds: float) -> int:
+    """Send ``batch`` (``per_batch`` packages) again and again, at ``rate`` packages a second
+    (0: as fast as the socket takes them), for at most ``seconds`` or until ``stop`` is set or
+    the host hangs up; returns how many packages went."""
+    sent = 0
+    start = time.monotonic()
+    end = start + seconds
+    while not stop.is_set() and time.monotonic() < end:
+        if not peer.send(batch):
+            break
+        sent += per_batch
+        if rate:
+            ahead = start + sent / rate - time.monotonic()
+            if ahead > 0:
+                stop.wait(ahead)
+    return sent
+
+
 def _peer_of(entity: int) -> int:
     """The entity we answer a stream's DATA as (proxy-server -> proxy-client, ...)."""
     return {PROXY_SERVER: PROXY_CLIENT, PROXY_CLIENT: PROXY_SERVER,
