@@ -19,14 +19,23 @@ exec, proxy, subnet; pids from supervisord, RSS from psutil, sampled every 0.2 s
 
 (the caps from the host's own config: the hostile VM's tunnel backlog and its buffered bytes,
 and the honest VM's buffered bytes; 64 + 2 * 24 MiB with the defaults, so the idle baseline
-plus 112 MiB plus 20 %). After the hostile VM is gone, what it made the host
-hold must be given back: RSS <= 1.2 * baseline + 32 MiB (the heap glibc keeps for reuse,
+plus 112 MiB plus 20 %). After the hostile VM is gone, what it made the host hold must be
+given back: RSS <= 1.2 * baseline + 32 MiB (the heap glibc keeps for reuse,
 vmbusify/runtime.py's trim threshold) within 20 s. So that a test against a host without the
 caps cannot take the machine's memory, an attack stops at once when a program passes its
 bound by 256 MiB (the test then fails on the bound).
 
-Each test restores vm1 (harness closed, its guest mux started, both VMs connected again)
-whatever happens; every loop has a count and a deadline.
+The idle baseline is each program's RSS when first seen idle in this module (a program an
+attack left bloated is restarted before the next test, and a restarted program is measured
+anew). Each test restores vm1 (harness closed, its guest mux started, both VMs connected
+again) whatever happens; every loop has a count and a deadline; the whole file takes about
+three minutes.
+
+The attacks (issue 12), one test each: (a) packages of the wrong type, direction or stream;
+(b) PROXY-OPEN as a MESSAGE to a blackhole; (c) ~4 GiB of credit, never read; (d) 200
+streams never read; (e) a control flood; (f) a HELLO claiming vm2's addresses; (g)
+PROXY-OPEN to vm2, the host and disguised loopback; (h) control characters in guest text.
+``test_harness_encodes_what_the_project_decodes`` (no lab) checks the harness itself.
 """
 
 from __future__ import annotations
