@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
+import hmac
 import itertools
 import os
 import socket
@@ -34,6 +36,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -52,7 +55,10 @@ EOF, RESET, ERROR = 1, 2, 4
 # entities
 TUNNEL, CMD_LISTENER, CMD_EXECUTOR, PROXY_CLIENT, PROXY_SERVER, IP_BEARER = 0, 1, 2, 3, 4, 5
 # tunnel messages
-HELLO, PING, PONG, BYE, WORKER_LOST = 1, 2, 3, 4, 5
+HELLO, PING, PONG, BYE, WORKER_LOST, AUTH = 1, 2, 3, 4, 5, 6
+#: The shared-key proof (docs/protocol.md, "The proof"): HMAC-SHA256(key, LABEL || role ||
+#: NUL || host nonce || guest nonce), 32-byte nonces.
+AUTH_LABEL = b"vmbusify tunnel auth v1\0"
 # exec messages (vmbusify/protocol/exec.py)
 EXEC_START, EXEC_DATA, EXEC_SIGNAL, EXEC_RESIZE, EXEC_EXIT, EXEC_KILL = 1, 2, 3, 4, 5, 6
 # proxy messages (vmbusify/protocol/proxy.py)
@@ -126,8 +132,12 @@ class HostilePeer:
     """A fake guest on a lab VM's tunnel socket (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike[str], *, ips: Iterable[str] = (),
-                 hostname: str = "hostile", give_credit: bool = True) -> None:
+                 hostname: str = "hostile", give_credit: bool = True,
+                 key_file: str | os.PathLike[str] | None = None) -> None:
         self.path = os.fspath(path)
+        #: The VM's shared key: root in a guest can read its own key file, so a hostile
+        #: guest passes the key check; it is what it does after that the tests are about.
+        self.key = Path(key_file).read_bytes().strip() if key_file else b""
         self.ips = list(ips)
         self.hostname = hostname
         #: Grant credit back for DATA we read (an honest reader); False: never.
@@ -262,13 +272,30 @@ class HostilePeer:
         if first.type != MESSAGE or first.entity != TUNNEL or first.message_id != HELLO:
             raise HarnessError(f"the host's first package is not a HELLO: {first}")
         self.host_hello = first.decoded()
-        if not self.send(pack(MESSAGE, TUNNEL, HELLO, body({
-                "role": "guest", "hostname": self.hostname, "software_version": "0-hostile",
-                "protocol_version": VERSION, "ips": self.ips}))):
+        hello: dict[str, Any] = {
+            "role": "guest", "hostname": self.hostname, "software_version": "0-hostile",
+            "protocol_version": VERSION, "ips": self.ips}
+        nonce = os.urandom(32)
+        if self.key:
+            hello.update(nonce=nonce, features=["auth", "key"])
+        if not self.send(pack(MESSAGE, TUNNEL, HELLO, body(hello))):
             raise ConnectionError("the host hung up before our HELLO")
+        if self.key:
+            self._prove(sock, nonce)
         self.connected.set()
         while not self._stop.is_set():
             self._on_package(self._read_package(sock))
+
+    def _prove(self, sock: socket.socket, guest_nonce: bytes) -> None:
+        """The key exchange after the HELLOs: the host's AUTH first, then ours."""
+        host_nonce = (self.host_hello or {}).get("nonce", b"")
+        auth = self._read_package(sock)
+        if auth.entity != TUNNEL or auth.message_id != AUTH:
+            raise HarnessError(f"the host sent no AUTH after the HELLOs: {auth}")
+        proof = hmac.new(self.key, AUTH_LABEL + b"guest\0" + host_nonce + guest_nonce,
+                         hashlib.sha256).digest()
+        if not self.send(pack(MESSAGE, TUNNEL, AUTH, body({"proof": proof}))):
+            raise ConnectionError("the host hung up before our AUTH")
 
     def _on_package(self, pkg: Received) -> None:
         if pkg.entity == TUNNEL and pkg.type == MESSAGE:

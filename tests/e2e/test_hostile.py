@@ -396,7 +396,8 @@ def hostile_vm(env: Env, *, ips: list[str] | None = None, hostname: str = HOSTIL
     closed, the mux started again and both VMs connected."""
     lab = env.lab
     peer = HostilePeer(env.hostile_path, ips=ips if ips is not None else [],
-                       hostname=hostname, give_credit=give_credit)
+                       hostname=hostname, give_credit=give_credit,
+                       key_file=env.lab.layout.vm(HOSTILE).key_path)
     try:
         _mux(HOSTILE, "stop")
         peer.listen()
