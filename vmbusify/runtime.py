@@ -34,6 +34,16 @@ def keep_buffers_mapped() -> bool:
                 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the kernel (glibc ``malloc_trim``), e.g. after a
+    gone peer's queue of payloads was dropped: the heap keeps freed buffers for reuse (see
+    keep_buffers_mapped), which after a flood can be gigabytes. False where not glibc."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run a coroutine on uvloop (a faster event loop, same semantics) or plain asyncio."""
     keep_buffers_mapped()

@@ -104,26 +104,89 @@ def _ping_flood(count: int) -> bytes:
 
 
 @pytest.mark.timeout(30)
-def test_a_peer_that_pings_but_never_reads_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_peer_that_pings_but_never_reads_is_cut_off() -> None:
     """Every PING queues a PONG; a peer that never reads them must not grow the queue without
     end (a guest flooding its host's mux): past the backlog bound the tunnel closes."""
-    monkeypatch.setattr(tunnel_module, "MAX_CONTROL_BACKLOG", 2000)
-
     async def scenario() -> None:
         tunnel, peer = await _tunnel_pair(lambda t, p: None)
+        tunnel.backlog_limit = 1 << 20
         loop = asyncio.get_running_loop()
         runner = await _running(tunnel, peer)
         flood = _ping_flood(5000)
         try:
-            for _ in range(40):  # far more PONGs than the socket buffers and the bound hold
+            for _ in range(80):  # far more PONGs than the socket buffers and the bound hold
                 if runner.done():
                     break
                 await asyncio.wait_for(loop.sock_sendall(peer, flood), 2)
         except (OSError, TimeoutError):
             pass  # the tunnel closed (or stopped reading) under us
         reason = await asyncio.wait_for(runner, 10)
-        assert reason.startswith("peer not reading"), reason
-        assert tunnel.out.control_count <= 2000
+        assert reason.startswith("peer not reading: "), reason
+        assert reason.endswith(" bytes waiting"), reason
+        assert tunnel.backlog_closes == 1
+        # the queue was cut off at the bound, and dropped once the tunnel ended
+        assert int(reason.split()[3]) < 1 << 20
+        assert len(tunnel.out) == 0 and tunnel.out.bytes_queued == 0
+        peer.close()
+
+    run_async(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_stream_data_the_peer_never_reads_is_bounded_too() -> None:
+    """DATA counts against the backlog like control packages (a guest can grant itself any
+    credit): past the bound the tunnel closes and its queue is dropped."""
+    async def scenario() -> None:
+        tunnel, peer = await _tunnel_pair(lambda t, p: None)
+        tunnel.backlog_limit = 4 << 20
+        runner = await _running(tunnel, peer)
+        chunk = b"d" * (256 << 10)
+        for i in range(64):  # 16 MiB the peer never reads
+            header = Package(PackageType.DATA, 3, 9, stream=1 + i % 3,
+                             payload=chunk).header()
+            tunnel.send_raw(header, chunk, PackageType.DATA, 3, 1 + i % 3)
+            assert tunnel.out.bytes_queued <= 4 << 20
+        reason = await asyncio.wait_for(runner, 10)
+        assert reason.startswith("peer not reading: "), reason
+        assert tunnel.out.bytes_queued == 0
+        peer.close()
+
+    run_async(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_the_read_budget_lets_other_work_run_between_slices_of_a_flood() -> None:
+    """A flood in one read is dispatched ``read_budget`` packages per turn of the loop, with
+    reading paused in between; every package still arrives, in order."""
+    async def scenario() -> None:
+        got: list[int] = []
+        turns: list[int] = []  # how many packages had arrived each time another task ran
+        tunnel, peer = await _tunnel_pair(lambda t, p: got.append(p.id))
+        tunnel.read_budget = 50
+        runner = await _running(tunnel, peer)
+        burst = b"".join(Package(PackageType.MESSAGE, 3, 9, i, payload=b"x").encode()
+                         for i in range(1, 1001))  # 25 KiB: one read
+        stop = False
+
+        async def other() -> None:
+            while not stop:
+                turns.append(len(got))
+                await asyncio.sleep(0)
+
+        bystander = asyncio.ensure_future(other())
+        await asyncio.get_running_loop().sock_sendall(peer, burst)
+        for _ in range(500):
+            if len(got) == 1000:
+                break
+            await asyncio.sleep(0.005)
+        stop = True
+        await bystander
+        assert got == list(range(1, 1001))
+        assert tunnel.read_yields >= 1000 // 50 - 1
+        steps = [b - a for a, b in zip(turns, turns[1:], strict=False) if b != a]
+        assert steps and max(steps) <= 50, steps  # never more than one budget between turns
+        tunnel.close()
+        await runner
         peer.close()
 
     run_async(scenario())

@@ -15,7 +15,7 @@ are never re-encoded between tunnel and worker (pyzmq's metadata-frame + data-fr
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import Enum, IntEnum
 
 
 class BusKind(bytes, Enum):
@@ -28,6 +28,18 @@ class BusKind(bytes, Enum):
     PKG = b"PKG"
     CTL = b"CTL"
     EVT = b"EVT"
+
+
+class RouteKind(IntEnum):
+    """What a worker's route accepts: the third element of a REG route (bits, may be ORed).
+
+    A route without it accepts every type (a worker from before kinds existed).
+    """
+
+    MESSAGE = 1
+    REQUEST = 2
+    #: DATA and WINDOW of a stream.
+    STREAM = 4
 
 
 class TunnelEvent(str, Enum):

@@ -4,6 +4,9 @@ The mux never looks inside application payloads. It moves each package between a
 and the workers that registered its (source entity, message id), rewrites request ids so
 ACKs find the worker that asked, tells workers when tunnels come and go, and answers the
 built-in control commands (status, connect, ...). It never relays between two VMs.
+
+Every routing decision is the sans-I/O Switch's (vmbusify/mux/switch.py): MuxApp feeds it
+what happened and executes the actions it returns.
 """
 
 from __future__ import annotations
@@ -34,7 +37,18 @@ from vmbusify.errors import (
 from vmbusify.logs import RateLimitedLog, printable
 from vmbusify.mux.addresses import AddressBook
 from vmbusify.mux.peer import MAX_WAITING, Peer, PeerState
-from vmbusify.mux.router import RouteTable, WorkerInfo
+from vmbusify.mux.router import WorkerInfo, kind_label
+from vmbusify.mux.switch import (
+    Action,
+    AnswerError,
+    Drop,
+    Hold,
+    Switch,
+    ToTunnel,
+    ToWorker,
+    WorkerGone,
+    WorkerJoined,
+)
 from vmbusify.mux.tunnel import Tunnel
 from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.package import (
@@ -42,6 +56,7 @@ from vmbusify.protocol.package import (
     Package,
     PackageFlag,
     PackageType,
+    Payload,
     decode_header,
     encode_header,
 )
@@ -63,11 +78,14 @@ class MuxApp:
         self.name = config.name or socket.gethostname()
         self.mux_id = uuid.uuid4().hex
         self.started = time.time()
-        self.routes = RouteTable()
         self.peers: dict[str, Peer] = {}
         #: Who holds which address a VM claims (every lookup by IP goes through it).
         self.addresses = AddressBook.from_config(config)
         self._address_log = RateLimitedLog(log, config.limits.log_lines_per_minute)
+        self.switch = Switch(self.role.value, self.name, self.peers)
+        self.routes = self.switch.routes
+        #: Drops a peer causes, logged at most log_lines_per_minute per VM and reason.
+        self._drop_log = RateLimitedLog(log, config.limits.log_lines_per_minute)
         self.side: Any = None  # HostSide or GuestSide, set by run_mux
         self._ctx = zmq.Context()
         self._bus: BusSocket | None = None
@@ -92,12 +110,16 @@ class MuxApp:
             return True
         except zmq.ZMQError as err:
             exc = err
+        self._unreachable(identity, exc)
+        info = self.routes.by_identity(identity)
+        if info is not None:
+            self.execute(self.switch.worker_lost(info, "unreachable"))
+        return False
+
+    def _unreachable(self, identity: bytes, exc: Exception) -> None:
         info = self.routes.by_identity(identity)
         name = info.name if info else identity.decode(errors="replace")
         log.warning("worker=%s unreachable (%s); unregistering it", name, exc)
-        if info is not None:
-            self.worker_lost(info, "unreachable")
-        return False
 
     def broadcast(self, event: TunnelEvent, vmid: str, **info: Any) -> None:
         """Tell every worker that a tunnel came up or went down."""
@@ -120,13 +142,7 @@ class MuxApp:
                 self.to_worker(identity, [BusKind.REREG.value])
             self.from_worker(identity, frames[2].decode(), frames[3], frames[4])
         elif kind is BusKind.REG:
-            info, previous = self.routes.register(identity, loads_dict(frames[2], "REG"))
-            if previous is not info and previous is not None:
-                self.announce_lost(previous, "restarted")
-            if previous is not info:
-                log.info("worker=%s pid=%d registered: entities %s, routes %s", info.name,
-                         info.pid, [entity_label(e) for e in info.entities],
-                         [f"{entity_label(s)}:{m}" for s, m in info.routes])
+            self.execute(self.switch.register(identity, loads_dict(frames[2], "REG")))
             self.to_worker(identity, [BusKind.REGOK.value,
                                       dumps({"role": self.role.value, "mux_id": self.mux_id})])
         elif kind is BusKind.CTL:
@@ -134,7 +150,7 @@ class MuxApp:
         elif kind is BusKind.UNREG:
             stopping = self.routes.by_identity(identity)
             if stopping is not None:
-                self.worker_lost(stopping, "stopped", logging.INFO)
+                self.execute(self.switch.worker_lost(stopping, "stopped", orderly=True))
 
     def _spawn_control(self, identity: bytes, call_id: bytes, body: bytes) -> None:
         async def answer() -> None:
@@ -150,33 +166,89 @@ class MuxApp:
 
         asyncio.ensure_future(answer())
 
+    # -- executing the switch's actions ----------------------------------------------------
+    def execute(self, actions: list[Action]) -> None:
+        """Carry out what the switch decided, in order."""
+        for act in actions:
+            if type(act) is ToWorker:
+                if not self._deliver(act):
+                    # Gone: forget it. A request it was to answer is routed again, and those
+                    # actions replace the rest of this list (its copies, not yet sent).
+                    self.execute(self.switch.undeliverable(act))
+                    if act.retry is not None:
+                        return
+            elif type(act) is ToTunnel:
+                peer = self.peers.get(act.vmid)
+                if peer is not None and peer.tunnel is not None:
+                    peer.tunnel.send_raw(act.header, act.payload, act.type, act.entity,
+                                         act.stream)
+            elif type(act) is Drop:
+                self._dropped(act)
+            elif type(act) is AnswerError:
+                self._answer_error(act)
+            elif type(act) is Hold:
+                self._hold(act)
+            elif type(act) is WorkerJoined:
+                info = act.info
+                log.info("worker=%s pid=%d registered: entities %s, routes %s", info.name,
+                         info.pid, [entity_label(e) for e in info.entities],
+                         [f"{entity_label(s)}:{m}/{kind_label(k)}" for s, m, k in info.routes])
+            elif type(act) is WorkerGone:
+                log.log(logging.INFO if act.orderly else logging.WARNING,
+                        "worker=%s pid=%d %s; telling the peers its streams are gone",
+                        act.info.name, act.info.pid, act.why)
+
+    def _deliver(self, act: ToWorker) -> bool:
+        """One package to one worker; False (and logged) if the worker is gone."""
+        assert self._bus is not None
+        try:
+            self._bus.send([act.identity, BusKind.PKG.value, act.vmid.encode(), act.header,
+                            act.payload])
+            return True
+        except zmq.ZMQError as exc:
+            self._unreachable(act.identity, exc)
+            return False
+
+    def _dropped(self, act: Drop) -> None:
+        """Count a peer's dropped package (per VM and reason) and log it, rate-limited."""
+        if not act.reason.from_peer:
+            log.debug("vm=%s: package from a worker dropped: %s", act.vmid, act.detail)
+            return
+        peer = self.peers.get(act.vmid)
+        if peer is not None:
+            peer.dropped[act.reason.value] = peer.dropped.get(act.reason.value, 0) + 1
+        self._drop_log.warning((act.vmid, act.reason), "vm=%s: package dropped (%s): %s",
+                               act.vmid, act.reason.value, act.detail)
+
+    def _answer_error(self, act: AnswerError) -> None:
+        if act.identity is None:
+            peer = self.peers.get(act.vmid)
+            if peer is not None and peer.tunnel is not None:
+                peer.tunnel.send_package(act.package())
+            return
+        reason = act.reason.encode()
+        header = encode_header(PackageType.ACK, 0, act.message_id, act.call_id, 0,
+                               PackageFlag.ERROR, len(reason))
+        self.to_worker(act.identity, [BusKind.PKG.value, act.vmid.encode(), header, reason])
+
+    def _hold(self, act: Hold) -> None:
+        """A worker's package for a VM that is not connected: wait for a connect on demand
+        where that is allowed, else fail it now."""
+        peer = self.peers[act.vmid]
+        if act.may_wait and self.side.can_wait(peer) and len(peer.waiting) < MAX_WAITING:
+            peer.waiting.append((act.header, act.payload, act.identity))
+            self.side.connect_on_demand(peer)
+            return
+        h = decode_header(act.header, MAX_PAYLOAD_LIMIT)
+        self._fail(act.identity, act.vmid, h.type, h.id, h.message_id,
+                   f"not connected: {act.vmid} is {peer.state.value}"
+                   + (f" ({peer.last_error})" if peer.last_error else ""))
+
     # -- worker -> tunnel ------------------------------------------------------------------
     def from_worker(self, identity: bytes, vmid: str, header: bytes,
-                    payload: bytes | memoryview) -> None:
+                    payload: Payload) -> None:
         """Forward a worker's package to the tunnel of ``vmid``."""
-        h = decode_header(header, MAX_PAYLOAD_LIMIT)
-        peer = self.peers.get(vmid)
-        if peer is None:
-            self._fail(identity, vmid, h.type, h.id, h.message_id,
-                       f"unknown VM {vmid!r}")
-            return
-        tunnel = peer.tunnel
-        if tunnel is None:
-            may_wait = h.type in (PackageType.REQUEST, PackageType.MESSAGE)
-            if may_wait and self.side.can_wait(peer) and len(peer.waiting) < MAX_WAITING:
-                peer.waiting.append((header, payload, identity))
-                self.side.connect_on_demand(peer)
-                return
-            self._fail(identity, vmid, h.type, h.id, h.message_id,
-                       f"not connected: {vmid} is {peer.state.value}"
-                       + (f" ({peer.last_error})" if peer.last_error else ""))
-            return
-        if h.type is PackageType.REQUEST:
-            tid = tunnel.next_id()
-            self.routes.add_pending(vmid, tid, identity, h.id)
-            header = encode_header(h.type, h.entity, h.message_id, tid, h.stream, h.flags,
-                                   h.length)
-        tunnel.send_raw(header, payload, h.type, h.entity, h.stream)
+        self.execute(self.switch.from_worker(identity, vmid, header, payload))
 
     def _fail(self, identity: bytes, vmid: str, ptype: PackageType, call_id: int,
               message_id: int, reason: str) -> None:
@@ -184,48 +256,12 @@ class MuxApp:
         if ptype is not PackageType.REQUEST:
             log.debug("vm=%s: %s package dropped: %s", vmid, ptype.name, reason)
             return
-        header = encode_header(PackageType.ACK, 0, message_id, call_id, 0, PackageFlag.ERROR,
-                               len(reason.encode()))
-        self.to_worker(identity, [BusKind.PKG.value, vmid.encode(), header, reason.encode()])
+        self._answer_error(AnswerError(vmid, call_id, message_id, reason, identity))
 
     # -- tunnel -> workers -----------------------------------------------------------------
     def from_tunnel(self, peer: Peer, tunnel: Tunnel, pkg: Package) -> None:
         """Route a package from a tunnel to the workers that asked for it."""
-        vmid = peer.vmid.encode()
-        if pkg.type is PackageType.ACK:
-            pending = self.routes.pop_pending(peer.vmid, pkg.id)
-            if pending is None:
-                log.debug("vm=%s: ACK %d for no pending request dropped", peer.vmid, pkg.id)
-                return
-            header = encode_header(pkg.type, pkg.entity, pkg.message_id, pending.worker_call_id,
-                                   pkg.stream, pkg.flags, len(pkg.payload))
-            self.to_worker(pending.identity, [BusKind.PKG.value, vmid, header, pkg.payload])
-            return
-        # A copy: delivering to a vanished worker unregisters it from the list.
-        workers = list(self.routes.destinations(pkg.entity, pkg.message_id))
-        header = pkg.header()
-        answering = None  # the worker that answers a request: the first one reached
-        while workers and answering is None:
-            w = workers.pop(0)
-            if self.to_worker(w.identity, [BusKind.PKG.value, vmid, header, pkg.payload]):
-                answering = w
-        if answering is None:
-            log.info("vm=%s: no worker for %s message %d (%s)", peer.vmid,
-                     entity_label(pkg.entity), pkg.message_id, pkg.type.name)
-            if pkg.type is PackageType.REQUEST:
-                # Answered here, at once: the sender would otherwise wait out its timeout.
-                reason = (f"no worker on {self.name} handles {entity_label(pkg.entity)} "
-                          f"message {pkg.message_id}").encode()
-                tunnel.send_package(Package(PackageType.ACK, 0, pkg.message_id, pkg.id,
-                                            pkg.stream, PackageFlag.ERROR, reason))
-            return
-        if workers and pkg.type is PackageType.REQUEST:
-            # Only the first registered handler answers a request (one ACK per request); the
-            # others are handed the same message as a one-way notification.
-            header = encode_header(PackageType.MESSAGE, pkg.entity, pkg.message_id, pkg.id,
-                                   pkg.stream, pkg.flags, len(pkg.payload))
-        for w in workers:
-            self.to_worker(w.identity, [BusKind.PKG.value, vmid, header, pkg.payload])
+        self.execute(self.switch.from_tunnel(peer.vmid, pkg))
 
     # -- tunnel life -----------------------------------------------------------------------
     def local_hello(self) -> Hello:
@@ -234,6 +270,7 @@ class MuxApp:
 
     def attach(self, peer: Peer, tunnel: Tunnel) -> None:
         """A tunnel to ``peer`` completed its handshake."""
+        self._arm(peer, tunnel)
         peer.tunnel = tunnel
         peer.connects += 1
         others = self._claim(peer, tunnel.peer_hello.ips if tunnel.peer_hello else [])
@@ -250,6 +287,13 @@ class MuxApp:
         waiting, peer.waiting = peer.waiting, []
         for header, payload, identity in waiting:
             self.from_worker(identity, peer.vmid, header, payload)
+
+    def _arm(self, peer: Peer, tunnel: Tunnel) -> None:
+        """Give a new tunnel its limits and the switch its VM (before any package flows)."""
+        limits = self.config.limits
+        tunnel.read_budget = max(1, limits.read_budget)
+        tunnel.backlog_limit = limits.tunnel_backlog
+        self.execute(self.switch.tunnel_up(peer.vmid))
 
     def _on_hello(self, peer: Peer, hello: Hello) -> None:
         others = self._claim(peer, hello.ips)
@@ -290,18 +334,13 @@ class MuxApp:
         """The tunnel to ``peer`` ended."""
         if peer.tunnel is not tunnel:
             return
-        peer.bytes_in += tunnel.bytes_in
-        peer.bytes_out += tunnel.bytes_out
+        peer.add_tunnel_counters(tunnel)
         peer.tunnel = None
         peer.set_state(PeerState.DISCONNECTED, reason)
         changed = self.addresses.release(peer.vmid)  # its claims go with it
         self._sync_addresses(changed | {peer.vmid})
         log.warning("vm=%s disconnected: %s", peer.vmid, reason)
-        lost = f"not connected: tunnel to {peer.vmid} lost ({reason})".encode()
-        for call in self.routes.pending_for_vm(peer.vmid):
-            header = encode_header(PackageType.ACK, 0, 0, call.worker_call_id, 0,
-                                   PackageFlag.ERROR, len(lost))
-            self.to_worker(call.identity, [BusKind.PKG.value, peer.vmid.encode(), header, lost])
+        self.execute(self.switch.tunnel_down(peer.vmid, reason))
         self.broadcast(TunnelEvent.DOWN, peer.vmid, reason=reason)
         self._announce_holdings(changed - {peer.vmid})
 
@@ -388,21 +427,9 @@ class MuxApp:
             return p.status()
         raise VMBusifyError(f"unknown command {cmd!r}")
 
-    def worker_lost(self, info: WorkerInfo, why: str, level: int = logging.WARNING) -> None:
+    def worker_lost(self, info: WorkerInfo, why: str, orderly: bool = False) -> None:
         """Forget a worker that died or stopped, and tell the far side its streams are gone."""
-        self.routes.unregister(info.name)
-        self.announce_lost(info, why, level)
-
-    def announce_lost(self, info: WorkerInfo, why: str, level: int = logging.WARNING) -> None:
-        """Tell every peer that ``info``'s entities lost their state (streams, requests)."""
-        log.log(level, "worker=%s pid=%d %s; telling the peers its streams are gone",
-                info.name, info.pid, why)
-        if not info.entities:
-            return
-        lost = WorkerLost(list(info.entities)).package()
-        for peer in self.peers.values():
-            if peer.tunnel is not None:
-                peer.tunnel.send_package(lost)
+        self.execute(self.switch.worker_lost(info, why, orderly))
 
     def _on_worker_lost(self, peer: Peer, lost: WorkerLost) -> None:
         log.info("vm=%s: a worker of the peer (%s) went away", peer.vmid,
@@ -414,8 +441,7 @@ class MuxApp:
         ticks = 0
         while True:
             await asyncio.sleep(REGISTER_INTERVAL)
-            for info in self.routes.silent(WORKER_SILENT_AFTER):
-                self.worker_lost(info, f"silent for {WORKER_SILENT_AFTER:g}s")
+            self.execute(self.switch.silent(WORKER_SILENT_AFTER))
             ticks += 1
             if ticks % 15 == 0:
                 n = self.routes.expire()

@@ -47,6 +47,19 @@ class Peer:
     #: (header, payload, sender identity) held while connecting on demand.
     waiting: list[tuple[bytes, Payload, bytes]] = field(default_factory=list)
     state_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Packages from this peer the mux dropped, by reason (switch.DropReason values).
+    dropped: dict[str, int] = field(default_factory=dict)
+    #: Times a tunnel to this peer used up its read budget and let the others go first,
+    #: and tunnels closed because the peer left too many bytes waiting: past tunnels only.
+    read_yields: int = 0
+    backlog_closes: int = 0
+
+    def add_tunnel_counters(self, tunnel: Tunnel) -> None:
+        """Keep the counters of a tunnel that ended."""
+        self.bytes_in += tunnel.bytes_in
+        self.bytes_out += tunnel.bytes_out
+        self.read_yields += tunnel.read_yields
+        self.backlog_closes += tunnel.backlog_closes
 
     def set_state(self, state: PeerState, error: str = "") -> None:
         self.state = state
@@ -74,4 +87,7 @@ class Peer:
             "connects": self.connects,
             "last_error": self.last_error,
             "queued_bytes": t.out.bytes_queued if t else 0,
+            "dropped": dict(self.dropped),
+            "read_yields": self.read_yields + (t.read_yields if t else 0),
+            "backlog_closes": self.backlog_closes + (t.backlog_closes if t else 0),
         }

@@ -3,9 +3,11 @@
     {<self-entity-name, {<message-source-entity-name, message-id, handler>}>}
 
 Here a "handler" is a worker process: a package from the tunnel is routed by its
-(source entity, message id) to every worker that registered that pair, in registration
-order. The same table remembers which worker is waiting for the ACK of each request the
-mux forwarded, so replies find their way back.
+(source entity, message id) to the workers that registered that pair, in registration
+order, and whose route accepts the package's type (``RouteKind`` bits: MESSAGE, REQUEST,
+STREAM; a route registered without them accepts every type). The same table remembers which
+worker is waiting for the ACK of each request the mux forwarded, so replies find their way
+back. The decisions made with it are vmbusify/mux/switch.py's.
 """
 
 from __future__ import annotations
@@ -14,11 +16,34 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmbusify.bus.frames import RouteKind
 from vmbusify.errors import RemoteProtocolError
 from vmbusify.protocol.entities import entity_label
 
 #: Seconds a forwarded request waits for its ACK before the mux forgets it.
 PENDING_TTL = 600.0
+#: The kind of a route registered without one (an older worker): every package type.
+ANY_KIND = RouteKind.MESSAGE | RouteKind.REQUEST | RouteKind.STREAM
+
+Route = tuple[int, int, int]  # (source entity, message id, RouteKind bits)
+
+
+def kind_label(kind: int) -> str:
+    """``request``, ``message|request``, ... for logs and status (``any`` for every type)."""
+    if kind == ANY_KIND:
+        return "any"
+    return "|".join(k.name.lower() for k in RouteKind if kind & k)
+
+
+def _route(raw: Any) -> Route:
+    """One REG route: ``[source, message_id]`` or ``[source, message_id, kind]``."""
+    if not isinstance(raw, list | tuple) or len(raw) not in (2, 3):
+        raise ValueError(f"a route is [source, message id, kind], not {raw!r}")
+    source, message_id = int(raw[0]), int(raw[1])
+    kind = int(raw[2]) if len(raw) == 3 else ANY_KIND
+    if not 0 < kind <= ANY_KIND:
+        raise ValueError(f"route kind {kind} is not a combination of RouteKind bits")
+    return source, message_id, kind
 
 
 @dataclass
@@ -29,7 +54,7 @@ class WorkerInfo:
     identity: bytes
     pid: int
     entities: list[int]
-    routes: list[tuple[int, int]]
+    routes: list[Route]
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     #: Counters the worker published with WorkerLink.report().
@@ -39,7 +64,8 @@ class WorkerInfo:
         return {
             "name": self.name, "pid": self.pid,
             "entities": [entity_label(e) for e in self.entities],
-            "routes": [f"{entity_label(s)}:{m}" for s, m in self.routes],
+            "routes": [f"{entity_label(s)}:{m}" + ("" if k == ANY_KIND else f"/{kind_label(k)}")
+                       for s, m, k in self.routes],
             "registered_at": self.registered_at,
             "stats": self.stats,
         }
@@ -54,13 +80,17 @@ class PendingCall:
     created: float
 
 
+_NONE: list[tuple[WorkerInfo, int]] = []
+
+
 class RouteTable:
     """Which worker gets which (source entity, message id), and who awaits which ACK."""
 
     def __init__(self) -> None:
         self._workers: dict[str, WorkerInfo] = {}
         self._by_identity: dict[bytes, WorkerInfo] = {}
-        self._routes: dict[tuple[int, int], list[WorkerInfo]] = {}
+        #: (source, message id) -> [(worker, RouteKind bits)], in registration order.
+        self._routes: dict[tuple[int, int], list[tuple[WorkerInfo, int]]] = {}
         self._pending: dict[tuple[str, int], PendingCall] = {}
 
     # -- registry --------------------------------------------------------------------------
@@ -75,7 +105,7 @@ class RouteTable:
             name = str(body["name"])
             pid = int(body["pid"])
             entities = [int(e) for e in body["entities"]]
-            routes = [(int(s), int(m)) for s, m in body["routes"]]
+            routes = [_route(r) for r in body["routes"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteProtocolError(f"malformed registration: {exc!r}") from None
         known = self._by_identity.get(identity)
@@ -87,8 +117,8 @@ class RouteTable:
         info = WorkerInfo(name, identity, pid, entities, routes)
         self._workers[name] = info
         self._by_identity[identity] = info
-        for key in routes:
-            self._routes.setdefault(key, []).append(info)
+        for source, message_id, kind in routes:
+            self._routes.setdefault((source, message_id), []).append((info, kind))
         return info, replaced
 
     def unregister(self, name: str) -> WorkerInfo | None:
@@ -97,11 +127,12 @@ class RouteTable:
         if info is None:
             return None
         self._by_identity.pop(info.identity, None)
-        for key in info.routes:
-            lst = self._routes.get(key, [])
-            if info in lst:
-                lst.remove(info)
-            if not lst:
+        for source, message_id, _kind in info.routes:
+            key = (source, message_id)
+            lst = [(w, k) for w, k in self._routes.get(key, []) if w is not info]
+            if lst:
+                self._routes[key] = lst
+            else:
                 self._routes.pop(key, None)
         for k in [k for k, p in self._pending.items() if p.identity == info.identity]:
             del self._pending[k]
@@ -121,11 +152,15 @@ class RouteTable:
     def workers(self) -> list[WorkerInfo]:
         return list(self._workers.values())
 
-    def destinations(self, source: int, message_id: int) -> list[WorkerInfo]:
-        """Workers for this pair, in registration order."""
-        return self._routes.get((source, message_id), [])
+    def destinations(self, source: int, message_id: int) -> list[tuple[WorkerInfo, int]]:
+        """(worker, RouteKind bits) for this pair, in registration order (do not modify)."""
+        return self._routes.get((source, message_id), _NONE)
 
     # -- pending requests ------------------------------------------------------------------
+    def pending_count(self) -> int:
+        """Requests forwarded and not yet answered, over every VM."""
+        return len(self._pending)
+
     def add_pending(self, vmid: str, tunnel_id: int, identity: bytes, call_id: int) -> None:
         self._pending[(vmid, tunnel_id)] = PendingCall(identity, call_id, time.monotonic())
 

@@ -3,7 +3,9 @@
 One serialized tunnel carries every stream of every worker. Messages that are not stream
 data (requests, ACKs, pings, window updates) jump the queue; stream data is taken one
 package per stream in round-robin, so a bulk transfer cannot starve a small exec. How much
-can wait here is bounded by the streams' credit windows.
+may wait here is the tunnel's to bound (``backlog``, checked before each put against
+``[limits] tunnel_backlog``): the streams' credit windows bound well-behaved peers, but a
+peer can grant itself credit, or send PINGs and REQUESTs and never read the answers.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import collections
 Item = tuple[bytes, bytes | memoryview]  # (header, payload)
 StreamKey = tuple[int, int]  # (sending entity, stream id)
 
+#: What a queued package costs beyond its bytes (the tuple, two bytes objects, a deque slot):
+#: charged in ``backlog`` so a flood of tiny PONGs is bounded like a few big DATA packages.
+PACKAGE_COST = 200
+
 
 class OutQueue:
     """A fair queue of packages waiting for the tunnel's socket."""
@@ -23,17 +29,24 @@ class OutQueue:
         self._streams: collections.OrderedDict[StreamKey, collections.deque[Item]] = (
             collections.OrderedDict())
         self._ready = asyncio.Event()
+        #: Bytes of every package waiting (control and DATA).
         self.bytes_queued = 0
         #: Bytes of the packages in the control queue (not bounded by any stream window).
         self.control_bytes = 0
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._control) + sum(len(q) for q in self._streams.values())
+        return self._count
 
     @property
     def control_count(self) -> int:
         """Packages waiting in the control queue."""
         return len(self._control)
+
+    @property
+    def backlog(self) -> int:
+        """What the waiting packages cost: their bytes plus PACKAGE_COST each."""
+        return self.bytes_queued + PACKAGE_COST * self._count
 
     def put_control(self, item: Item) -> None:
         """Queue a package that is not stream data."""
@@ -41,6 +54,7 @@ class OutQueue:
         n = len(item[0]) + len(item[1])
         self.bytes_queued += n
         self.control_bytes += n
+        self._count += 1
         self._ready.set()
 
     def put_stream(self, key: StreamKey, item: Item) -> None:
@@ -50,6 +64,7 @@ class OutQueue:
             q = self._streams[key] = collections.deque()
         q.append(item)
         self.bytes_queued += len(item[0]) + len(item[1])
+        self._count += 1
         self._ready.set()
 
     def pop(self) -> Item | None:
@@ -67,7 +82,16 @@ class OutQueue:
         else:
             return None
         self.bytes_queued -= len(item[0]) + len(item[1])
+        self._count -= 1
         return item
+
+    def clear(self) -> int:
+        """Drop everything waiting (the peer is gone); returns the bytes dropped."""
+        dropped = self.bytes_queued
+        self._control.clear()
+        self._streams.clear()
+        self.bytes_queued = self.control_bytes = self._count = 0
+        return dropped
 
     async def get(self) -> Item:
         """Wait for the next package."""

@@ -20,14 +20,16 @@ import logging
 import time
 from collections.abc import Callable
 from enum import Enum
+from typing import cast
 
-from vmbusify.config import TunnelConfig
+from vmbusify.config import LimitsConfig, TunnelConfig
 from vmbusify.errors import ProtocolError, TunnelError
 from vmbusify.logs import printable
-from vmbusify.mux.scheduler import OutQueue
+from vmbusify.mux.scheduler import PACKAGE_COST, OutQueue
 from vmbusify.protocol.entities import Entity, TunnelMessage
 from vmbusify.protocol.package import PROTOCOL_VERSION, Package, PackageDecoder, PackageType
 from vmbusify.protocol.tunnel import Auth, Bye, Hello, Ping, Pong, WorkerLost
+from vmbusify.runtime import release_free_memory
 from vmbusify.transport import take_over
 
 log = logging.getLogger(__name__)
@@ -38,12 +40,9 @@ log = logging.getLogger(__name__)
 #: beside a saturating stream took 1.7 ms (p99 5.8), with 64 KiB 1.0 ms (p99 2.2), at the
 #: same throughput (bench/tunnel.py).
 WRITE_HIGH_WATER = 64 << 10
-#: Control packages (PONGs, ACKs, requests, WINDOWs: nothing a stream window bounds) that may
-#: wait for the socket. A peer that keeps sending PINGs or REQUESTs but never reads would
-#: otherwise grow the queue of answers without end; past either bound the tunnel is closed.
-#: A reading peer never comes near: the writer drains the queue as fast as the socket takes it.
-MAX_CONTROL_BACKLOG = 65536
-MAX_CONTROL_BACKLOG_BYTES = 16 << 20
+_DEFAULT_LIMITS = LimitsConfig()
+#: Dropping at least this much of a gone peer's queue is worth handing memory back to the OS.
+_TRIM_AFTER = 8 << 20
 
 
 class CloseReason(str, Enum):
@@ -112,8 +111,18 @@ class Tunnel:
         self.close_reason = ""
         self.closed = asyncio.Event()
         self.out = OutQueue()
+        #: Packages dispatched per wake-up before the other tunnels get their turn
+        #: (``[limits] read_budget``; the mux sets it when the tunnel is attached).
+        self.read_budget = _DEFAULT_LIMITS.read_budget
+        #: What may wait in ``out`` (OutQueue.backlog: control and DATA) before the peer is
+        #: taken for one that does not read and the tunnel is closed (``tunnel_backlog``).
+        self.backlog_limit = _DEFAULT_LIMITS.tunnel_backlog
+        #: Times the read budget ran out (reading paused for one turn of the loop).
+        self.read_yields = 0
+        #: 1 if this tunnel was closed for its backlog.
+        self.backlog_closes = 0
+        self._reading_paused = False
         self._decoder = PackageDecoder(config.max_payload)
-        self._ids = itertools.count(1)
         self._last_recv = time.monotonic()
         self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
         self._nonce = itertools.count(1)
@@ -213,16 +222,45 @@ class Tunnel:
             pass  # the decoder is dead: the error is raised by next_package, below or in
             #       the handshake, and the tunnel closes with it as the reason
         if self._running:
-            self._dispatch()
+            if not self._reading_paused:
+                self._dispatch()
         else:
             self._arrived.set()
 
     def _dispatch(self) -> None:
+        """Hand on the packages decoded so far, at most ``read_budget`` of them: then reading
+        pauses and the rest waits one turn of the loop, so a peer that floods small packages
+        (a 64 KiB read holds ~2,700) delays the other tunnels by one budget, not one read."""
+        budget = self.read_budget
         try:
             while (pkg := self._decoder.next_package()) is not None:
                 self._handle(pkg)
+                budget -= 1
+                if budget <= 0:
+                    self._yield_reading()
+                    return
         except ProtocolError as exc:
             self.close(f"{CloseReason.PROTOCOL.value}: {exc}")
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            if not self.transport.is_closing():
+                cast(asyncio.ReadTransport, self.transport).resume_reading()
+
+    def _yield_reading(self) -> None:
+        """The budget is spent: stop reading, go on with what is decoded at the next turn."""
+        if self.closed.is_set():
+            return
+        self.read_yields += 1
+        if not self._reading_paused:
+            self._reading_paused = True
+            if not self.transport.is_closing():
+                cast(asyncio.ReadTransport, self.transport).pause_reading()
+        asyncio.get_running_loop().call_soon(self._resume_dispatch)
+
+    def _resume_dispatch(self) -> None:
+        if not self.closed.is_set():
+            self._dispatch()
 
     def _on_closed(self, reason: str) -> None:
         """The peer closed, or the socket failed."""
@@ -306,12 +344,12 @@ class Tunnel:
             # A peer that does not read (frozen, or hostile) would keep the socket, and this
             # tunnel, alive for as long as it likes: close() waits for the bytes to go out.
             self.transport.abort()
+        # Nothing queued will be sent now: let it go at once, not when this object does
+        # (its runner keeps it through the reconnect backoff).
+        if self.out.clear() >= _TRIM_AFTER:
+            release_free_memory()
 
     # -- traffic ---------------------------------------------------------------------------
-    def next_id(self) -> int:
-        """A fresh package id (the spec's per-sender counter)."""
-        return next(self._ids) & 0xFFFFFFFF or next(self._ids)
-
     def send_package(self, pkg: Package) -> None:
         """Queue a whole package (control priority unless it is stream DATA)."""
         self.send_raw(pkg.header(), pkg.payload, pkg.type, pkg.entity, pkg.stream)
@@ -321,17 +359,25 @@ class Tunnel:
         """Queue an encoded package; DATA goes in its stream's round-robin slot."""
         if self.closed.is_set():
             return
-        if ptype is PackageType.DATA:
-            self.out.put_stream((entity, stream), (header, payload))
-            return
         out = self.out
-        if (out.control_count >= MAX_CONTROL_BACKLOG
-                or out.control_bytes >= MAX_CONTROL_BACKLOG_BYTES):
-            log.warning("%s: the peer is not reading (%d control packages, %d bytes waiting): "
-                        "closing the tunnel", self.label, out.control_count, out.control_bytes)
-            self.close(f"peer not reading: {out.control_count} control packages waiting")
+        if out.backlog + len(header) + len(payload) + PACKAGE_COST > self.backlog_limit:
+            self._backlog_full()
             return
-        out.put_control((header, payload))
+        if ptype is PackageType.DATA:
+            out.put_stream((entity, stream), (header, payload))
+        else:
+            out.put_control((header, payload))
+
+    def _backlog_full(self) -> None:
+        """The peer leaves more waiting than ``backlog_limit`` (it sends PINGs or REQUESTs
+        and never reads the answers, or granted itself credit it does not read): cut it off.
+        A reading peer never comes near: the writer drains the queue as the socket takes it."""
+        out = self.out
+        log.warning("%s: the peer is not reading (%d bytes in %d packages waiting, limit %d): "
+                    "closing the tunnel", self.label, out.bytes_queued, len(out),
+                    self.backlog_limit)
+        self.backlog_closes = 1
+        self.close(f"peer not reading: {out.bytes_queued} bytes waiting")
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time of one PING, in milliseconds."""

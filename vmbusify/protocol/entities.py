@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 
 class Entity(IntEnum):
@@ -33,6 +33,39 @@ class Entity(IntEnum):
             return cls[label.upper().replace("-", "_")]
         except KeyError:
             raise ValueError(f"unknown entity {label!r}") from None
+
+
+class Side(str, Enum):
+    """An end of the tunnel (the same values as config.Role)."""
+
+    HOST = "host"
+    GUEST = "guest"
+
+
+_BOTH = frozenset({Side.HOST, Side.GUEST})
+
+#: Where each entity lives. A package that arrives from the other side as one of these is
+#: forged (root in a guest can write any header): the mux drops it. Codes not listed here
+#: are not judged (a newer worker's entity): they reach only workers that route them.
+ENTITY_SIDES: dict[int, frozenset[Side]] = {
+    Entity.TUNNEL: _BOTH,
+    Entity.CMD_LISTENER: frozenset({Side.HOST}),
+    Entity.CMD_EXECUTOR: frozenset({Side.GUEST}),
+    Entity.PROXY_CLIENT: _BOTH,
+    Entity.PROXY_SERVER: _BOTH,
+    Entity.IP_BEARER: _BOTH,
+}
+
+
+def may_send_as(side: str, entity: int) -> bool:
+    """Whether the ``side`` ("host" or "guest") end may send as ``entity``."""
+    sides = ENTITY_SIDES.get(entity)
+    return sides is None or Side(side) in sides
+
+
+def foreign_entities(side: str) -> frozenset[int]:
+    """The entity codes the ``side`` end never sends as (one set lookup per package)."""
+    return frozenset(e for e in ENTITY_SIDES if not may_send_as(side, e))
 
 
 def entity_label(code: int) -> str:
