@@ -55,3 +55,18 @@ def test_addresses_not_held_are_shown_with_why() -> None:
     assert "not held: 10.9.9.9 (outside the configured ips)" in lines
     assert "not held: x\\x1b[2Jy (not an IP address)" in lines  # a peer's text, escaped
     assert any(line.startswith("vm1") and line.endswith("100.77.0.2") for line in lines)
+
+
+def test_what_the_mux_refused_from_a_vm_is_shown_under_it() -> None:
+    st = status([])
+    st["vms"][0].update(dropped={"wrong-type": 3, "foreign-entity": 1, "no-route": 0},
+                        read_yields=12, backlog_closes=1)
+    st["vms"].append({"vmid": "vm2", "state": "connected", "rtt_ms": 0.3,
+                      "connected_since": time.time(), "bytes_in": 1, "bytes_out": 1,
+                      "ips": [], "dropped": {}, "read_yields": 0, "backlog_closes": 0})
+    lines = render_status(st).split("workers:")[0].splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith("vm1 "))
+    assert lines[i + 1].strip() == ("dropped foreign-entity 1, wrong-type 3; read budget used "
+                                    "up 12 times; closed for backlog 1 time")
+    assert lines[i + 2].startswith("vm2 ")  # a VM with nothing refused has its line only
+    assert lines[i + 3:] == [""]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import socket
 
 import pytest
 
 from vmbusify.config import TunnelConfig
-from vmbusify.mux import tunnel as tunnel_module
 from vmbusify.mux.tunnel import Tunnel
 from vmbusify.protocol.package import Package, PackageType
 from vmbusify.protocol.tunnel import Hello, Ping
@@ -183,7 +183,7 @@ def test_the_read_budget_lets_other_work_run_between_slices_of_a_flood() -> None
         await bystander
         assert got == list(range(1, 1001))
         assert tunnel.read_yields >= 1000 // 50 - 1
-        steps = [b - a for a, b in zip(turns, turns[1:], strict=False) if b != a]
+        steps = [b - a for a, b in itertools.pairwise(turns) if b != a]
         assert steps and max(steps) <= 50, steps  # never more than one budget between turns
         tunnel.close()
         await runner

@@ -93,6 +93,21 @@ def _render_stats(stats: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _guard_counters(vm: dict[str, Any]) -> str:
+    """What the mux refused or held back from one VM, e.g. ``dropped wrong-type 3,
+    foreign-entity 1; read budget used up 12 times; closed for backlog 1 time`` ("" if none)."""
+    parts = []
+    dropped = {k: v for k, v in (vm.get("dropped") or {}).items() if v}
+    if dropped:
+        parts.append("dropped " + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())))
+    if vm.get("read_yields"):
+        parts.append(f"read budget used up {vm['read_yields']} times")
+    if vm.get("backlog_closes"):
+        n = vm["backlog_closes"]
+        parts.append(f"closed for backlog {n} time{'s' if n != 1 else ''}")
+    return "; ".join(parts)
+
+
 def render_status(st: dict[str, Any]) -> str:
     """The human form of `vmbusifyctl status`."""
     title = (f"{st['role']} {st['name']} (vmbusify {st['version']}, mux pid {st['pid']}, "
@@ -111,6 +126,9 @@ def render_status(st: dict[str, Any]) -> str:
         for refused in vm.get("ips_refused") or []:
             lines.append(f"{'':<20} not held: {printable(refused.get('ip'))} "
                          f"({printable(refused.get('reason'))})")
+        guard = _guard_counters(vm)
+        if guard:
+            lines.append(f"{'':<20} {guard}")
     lines += ["", "workers:"]
     for w in st.get("workers", []):
         lines.append(f"  {w['name']:<10} pid {w['pid']:<8} {', '.join(w['entities'])}")
