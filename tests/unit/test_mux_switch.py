@@ -104,16 +104,16 @@ def test_a_one_way_message_where_a_request_is_due_is_dropped() -> None:
     sw = host_switch()
     sw.register(b"w1", reg("proxy", [[PROXY_C, OPEN, R], [PROXY_C, DATA, S]]))
     acts = sw.from_tunnel("vm1", pkg(PackageType.MESSAGE))
-    assert acts == [Drop("vm1", DropReason.WRONG_TYPE,
-                         "MESSAGE for proxy-client message 1, whose route takes request")]
+    assert acts == [Drop("vm1", DropReason.WRONG_TYPE, PackageType.MESSAGE, PROXY_C, OPEN, R)]
+    assert acts[0].detail == "MESSAGE for proxy-client message 1, whose route takes request"
 
 
 def test_a_request_where_a_message_is_due_gets_an_error_ack() -> None:
     sw = host_switch()
     sw.register(b"w1", reg("subnet", [[PROXY_C, OPEN, M]]))
     acts = sw.from_tunnel("vm1", pkg(PackageType.REQUEST, pid=9, stream=3))
-    assert acts[0] == Drop("vm1", DropReason.WRONG_TYPE,
-                           "REQUEST for proxy-client message 1, whose route takes message")
+    assert acts[0].reason is DropReason.WRONG_TYPE
+    assert acts[0].detail == "REQUEST for proxy-client message 1, whose route takes message"
     answer = acts[1]
     assert answer == AnswerError("vm1", 9, OPEN, "wrong package type for proxy-client message 1",
                                  None, 3)
@@ -153,6 +153,8 @@ def test_no_worker_answers_a_request_with_an_error_and_drops_the_rest() -> None:
         dropped = sw.from_tunnel("vm1", pkg(ptype, message_id=4242))
         assert [type(a) for a in dropped] == [Drop]
         assert dropped[0].reason is DropReason.NO_ROUTE and dropped[0].reason.from_peer
+        assert dropped[0].detail == (f"{ptype.name} for proxy-client message 4242: "
+                                     "no worker handles it")
 
 
 # -- sides -----------------------------------------------------------------------------------
@@ -171,9 +173,11 @@ def test_a_guest_cannot_send_as_the_command_listener() -> None:
     sw.register(b"w1", reg("control", [[Entity.CMD_LISTENER, 1], [Entity.CMD_EXECUTOR, 2]]))
     acts = sw.from_tunnel("vm1", pkg(PackageType.REQUEST, entity=Entity.CMD_LISTENER,
                                      message_id=1, pid=5))
-    assert acts == [Drop("vm1", DropReason.FOREIGN_ENTITY,
-                         "REQUEST: cmd-listener is not an entity of a guest"),
+    assert acts == [Drop("vm1", DropReason.FOREIGN_ENTITY, PackageType.REQUEST,
+                         Entity.CMD_LISTENER, 1, 1),
                     AnswerError("vm1", 5, 1, "cmd-listener is not an entity of a guest")]
+    assert acts[0].detail == ("REQUEST for cmd-listener message 1: cmd-listener is not an "
+                              "entity of a guest")
     # nor ACK as it, even a pending one (the id stays pending for the real answer)
     sw.from_worker(b"w1", "vm1", pkg(PackageType.REQUEST, entity=Entity.CMD_LISTENER,
                                      message_id=1, pid=11).header(), b"")
@@ -196,7 +200,7 @@ def test_a_host_cannot_send_as_the_command_executor() -> None:
     bad = sw.from_tunnel("host", pkg(PackageType.MESSAGE, entity=Entity.CMD_EXECUTOR,
                                      message_id=3))
     assert [a.reason for a in bad if isinstance(a, Drop)] == [DropReason.FOREIGN_ENTITY]
-    assert "not an entity of a host" in bad[0].detail
+    assert bad[0].detail.endswith("cmd-executor is not an entity of a host")
     ok = sw.from_tunnel("host", pkg(PackageType.MESSAGE, entity=Entity.CMD_LISTENER,
                                     message_id=3))
     assert [type(a) for a in ok] == [ToWorker]
@@ -222,6 +226,7 @@ def test_request_ids_are_rewritten_and_the_ack_finds_the_worker_with_its_own_id(
     # each ACK is taken once: a second copy answers nothing
     again = sw.from_tunnel("vm1", pkg(PackageType.ACK, entity=PROXY_S, pid=id2))
     assert [a.reason for a in again] == [DropReason.STRAY_ACK]
+    assert again[0].detail == f"ACK for proxy-server message 1: its id {id2} answers no request"
     # another VM's tunnel has ids of its own: vm1's id means nothing there
     sw.tunnel_up("vm2")
     stray = sw.from_tunnel("vm2", pkg(PackageType.ACK, entity=PROXY_S, pid=id1))

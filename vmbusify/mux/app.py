@@ -69,6 +69,18 @@ log = logging.getLogger("vmbusify.mux")
 WORKER_SILENT_AFTER = 3 * REGISTER_INTERVAL
 
 
+class _Detail:
+    """A drop's detail, formatted when the log line is."""
+
+    __slots__ = ("drop",)
+
+    def __init__(self, drop: Drop) -> None:
+        self.drop = drop
+
+    def __str__(self) -> str:
+        return self.drop.detail
+
+
 class MuxApp:
     """The state shared by the host and guest sides of the mux."""
 
@@ -211,14 +223,16 @@ class MuxApp:
 
     def _dropped(self, act: Drop) -> None:
         """Count a peer's dropped package (per VM and reason) and log it, rate-limited."""
-        if not act.reason.from_peer:
+        reason = act.reason
+        if not reason.from_peer:
             log.debug("vm=%s: package from a worker dropped: %s", act.vmid, act.detail)
             return
         peer = self.peers.get(act.vmid)
         if peer is not None:
-            peer.dropped[act.reason.value] = peer.dropped.get(act.reason.value, 0) + 1
-        self._drop_log.warning((act.vmid, act.reason), "vm=%s: package dropped (%s): %s",
-                               act.vmid, act.reason.value, act.detail)
+            peer.dropped[reason.value] = peer.dropped.get(reason.value, 0) + 1
+        # The detail is formatted only if the line is written (most of a flood's are not).
+        self._drop_log.warning((act.vmid, reason), "vm=%s: package dropped (%s): %s",
+                               act.vmid, reason.value, _Detail(act))
 
     def _answer_error(self, act: AnswerError) -> None:
         if act.identity is None:

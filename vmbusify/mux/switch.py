@@ -124,11 +124,33 @@ class AnswerError:
 
 @dataclass(frozen=True, slots=True)
 class Drop:
-    """A package not delivered."""
+    """A package not delivered: its header's fields, formatted (``detail``) only when logged,
+    so a flood of bad packages costs a counter each, not a string."""
 
     vmid: str
     reason: DropReason
-    detail: str
+    type: PackageType
+    entity: int
+    message_id: int
+    #: STRAY_ACK: the ACK's id. WRONG_TYPE: the RouteKind bits the route takes.
+    #: FOREIGN_ENTITY: 1 if the sender is a guest, 0 a host.
+    arg: int = 0
+
+    @property
+    def detail(self) -> str:
+        """One line for the log."""
+        what = f"{self.type.name} for {entity_label(self.entity)} message {self.message_id}"
+        reason = self.reason
+        if reason is DropReason.WRONG_TYPE:
+            return f"{what}, whose route takes {kind_label(self.arg)}"
+        if reason is DropReason.FOREIGN_ENTITY:
+            side = Side.GUEST if self.arg else Side.HOST
+            return f"{what}: {entity_label(self.entity)} is not an entity of a {side.value}"
+        if reason is DropReason.STRAY_ACK:
+            return f"{what}: its id {self.arg} answers no request"
+        if reason is DropReason.NO_ROUTE:
+            return f"{what}: no worker handles it"
+        return f"{what} from a worker: unknown VM {self.vmid!r}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,23 +245,19 @@ class Switch:
         """A package from ``vmid``'s tunnel (not one of the tunnel's own messages)."""
         if pkg.entity in self._foreign:
             return self._refuse(vmid, pkg, DropReason.FOREIGN_ENTITY,
-                                f"{entity_label(pkg.entity)} is not an entity of a "
-                                f"{self.peer_side.value}")
+                                int(self.peer_side is Side.GUEST))
         ptype = pkg.type
         if ptype is PackageType.ACK:
             pending = self.routes.pop_pending(vmid, pkg.id)
             if pending is None:
-                return [Drop(vmid, DropReason.STRAY_ACK,
-                             f"ACK {pkg.id} ({entity_label(pkg.entity)} message "
-                             f"{pkg.message_id}) answers no request")]
+                return [Drop(vmid, DropReason.STRAY_ACK, ptype, pkg.entity, pkg.message_id,
+                             pkg.id)]
             header = encode_header(ptype, pkg.entity, pkg.message_id, pending.worker_call_id,
                                    pkg.stream, pkg.flags, len(pkg.payload))
             return [ToWorker(pending.identity, vmid, header, pkg.payload)]
         routes = self.routes.destinations(pkg.entity, pkg.message_id)
         if not routes:
-            return self._refuse(vmid, pkg, DropReason.NO_ROUTE,
-                                f"no worker on {self.name} handles {entity_label(pkg.entity)} "
-                                f"message {pkg.message_id}")
+            return self._refuse(vmid, pkg, DropReason.NO_ROUTE)
         if ptype is PackageType.REQUEST:
             return self._request(vmid, pkg, routes)
         bit = _KIND_OF[ptype]
@@ -274,19 +292,22 @@ class Switch:
         takes = 0
         for _w, kind in routes:
             takes |= kind
-        label = entity_label(pkg.entity)
-        return self._refuse(vmid, pkg, DropReason.WRONG_TYPE,
-                            f"wrong package type for {label} message {pkg.message_id}",
-                            f"{pkg.type.name} for {label} message {pkg.message_id}, whose "
-                            f"route takes {kind_label(takes)}")
+        return self._refuse(vmid, pkg, DropReason.WRONG_TYPE, takes)
 
-    @staticmethod
-    def _refuse(vmid: str, pkg: Package, reason: DropReason, answer: str,
-                detail: str = "") -> list[Action]:
-        """Drop a peer's package; a REQUEST is answered with ``answer`` as its error."""
-        drop = Drop(vmid, reason, detail or f"{pkg.type.name}: {answer}")
+    def _refuse(self, vmid: str, pkg: Package, reason: DropReason, arg: int = 0
+                ) -> list[Action]:
+        """Drop a peer's package; a REQUEST is answered at once with an ERROR ACK saying why,
+        so its sender does not wait out its timeout."""
+        drop = Drop(vmid, reason, pkg.type, pkg.entity, pkg.message_id, arg)
         if pkg.type is not PackageType.REQUEST:
             return [drop]
+        label = entity_label(pkg.entity)
+        if reason is DropReason.NO_ROUTE:
+            answer = f"no worker on {self.name} handles {label} message {pkg.message_id}"
+        elif reason is DropReason.WRONG_TYPE:
+            answer = f"wrong package type for {label} message {pkg.message_id}"
+        else:
+            answer = f"{label} is not an entity of a {self.peer_side.value}"
         return [drop, AnswerError(vmid, pkg.id, pkg.message_id, answer, None, pkg.stream)]
 
     def undeliverable(self, action: ToWorker) -> list[Action]:
@@ -312,7 +333,7 @@ class Switch:
             reason = f"unknown VM {vmid!r}"
             if h.type is PackageType.REQUEST:
                 return [AnswerError(vmid, h.id, h.message_id, reason, identity)]
-            return [Drop(vmid, DropReason.UNKNOWN_VM, f"{h.type.name} from a worker: {reason}")]
+            return [Drop(vmid, DropReason.UNKNOWN_VM, h.type, h.entity, h.message_id)]
         if h.type is PackageType.REQUEST:
             # The tunnel's own id, so ACKs to requests of different workers cannot collide.
             tid = link.next_id()
