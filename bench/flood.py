@@ -39,8 +39,8 @@ def main() -> None:
         print(f"  read_budget {budget}: vm1 ping idle median {f.idle_median:.3f} ms "
               f"(p90 {f.idle_p90:.3f}), while vm2 floods {f.busy_median:.3f} ms "
               f"(p90 {f.busy_p90:.3f}), {f.busy_median / f.idle_median:.1f}x; "
-              f"vm2 dropped {sum(vm2['dropped'].values())}, read_yields "
-              f"{vm2['read_yields']}, backlog_closes {vm2['backlog_closes']}")
+              f"vm2 dropped {sum(vm2.get('dropped', {}).values())}, read_yields "
+              f"{vm2.get('read_yields')}, backlog_closes {vm2.get('backlog_closes')}")
 
 
 if __name__ == "__main__":
