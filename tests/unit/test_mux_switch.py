@@ -113,7 +113,8 @@ def test_a_request_where_a_message_is_due_gets_an_error_ack() -> None:
     sw.register(b"w1", reg("subnet", [[PROXY_C, OPEN, M]]))
     acts = sw.from_tunnel("vm1", pkg(PackageType.REQUEST, pid=9, stream=3))
     assert acts[0].reason is DropReason.WRONG_TYPE
-    assert acts[0].detail == "REQUEST for proxy-client message 1, whose route takes message"
+    assert acts[0].detail == ("REQUEST for proxy-client message 1 (stream 3), whose route "
+                              "takes message")
     answer = acts[1]
     assert answer == AnswerError("vm1", 9, OPEN, "wrong package type for proxy-client message 1",
                                  None, 3)
@@ -132,6 +133,8 @@ def test_stream_packages_need_a_stream_route(ptype: PackageType) -> None:
         (b"w1", ptype, 5)]
     bad = sw.from_tunnel("vm1", pkg(ptype, message_id=OPEN, stream=5))
     assert [type(a) for a in bad] == [Drop] and bad[0].reason is DropReason.WRONG_TYPE
+    assert bad[0].detail == (f"{ptype.name} for proxy-client message 1 (stream 5), whose "
+                             "route takes request")
 
 
 def test_a_route_without_a_kind_takes_every_type() -> None:

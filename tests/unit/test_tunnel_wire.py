@@ -193,6 +193,46 @@ def test_the_read_budget_lets_other_work_run_between_slices_of_a_flood() -> None
 
 
 @pytest.mark.timeout(30)
+def test_before_it_runs_a_tunnel_reads_no_more_than_a_hello() -> None:
+    """Between the handshake and run() (a guest first pings its live tunnel, up to 3 s)
+    nothing is dispatched: what a peer sends meanwhile stays in its socket, not in our
+    memory; run() then takes it all."""
+    async def scenario() -> None:
+        got: list[Package] = []
+        tunnel, peer = await _tunnel_pair(lambda t, p: got.append(p))
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(peer, HELLO)
+        await tunnel.receive_hello(5)
+        flood = b"".join(Package(PackageType.MESSAGE, 3, 9, i, payload=b"m" * 1000).encode()
+                         for i in range(1, 201))
+        sent = 0
+        for _ in range(100):  # until the socket is full: the tunnel stopped reading
+            try:
+                sent += peer.send(flood)
+            except BlockingIOError:
+                break
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.2)
+        limit = tunnel.config.max_payload + (64 << 10) + (64 << 10)  # + one more read
+        assert tunnel.bytes_in <= limit, (tunnel.bytes_in, limit)
+        assert sent > tunnel.bytes_in + (100 << 10), (sent, tunnel.bytes_in)  # left unread
+        tunnel.answer(Hello(role="guest", hostname="g", software_version="0"))
+        runner = asyncio.ensure_future(tunnel.run())
+        expected = sent // len(Package(PackageType.MESSAGE, 3, 9, 1, payload=b"m" * 1000)
+                                .encode())
+        for _ in range(500):
+            if len(got) >= expected:
+                break
+            await asyncio.sleep(0.01)
+        assert len(got) >= expected and tunnel.bytes_in >= sent
+        tunnel.close()
+        await runner
+        peer.close()
+
+    run_async(scenario())
+
+
+@pytest.mark.timeout(30)
 def test_a_dead_peer_that_never_reads_loses_its_socket_and_no_error_is_logged(
         caplog: pytest.LogCaptureFixture) -> None:
     """The peer fills the socket (PONGs it never reads), then goes silent: once declared dead

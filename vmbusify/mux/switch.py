@@ -135,11 +135,14 @@ class Drop:
     #: STRAY_ACK: the ACK's id. WRONG_TYPE: the RouteKind bits the route takes.
     #: FOREIGN_ENTITY: 1 if the sender is a guest, 0 a host.
     arg: int = 0
+    stream: int = 0
 
     @property
     def detail(self) -> str:
         """One line for the log."""
         what = f"{self.type.name} for {entity_label(self.entity)} message {self.message_id}"
+        if self.stream:
+            what += f" (stream {self.stream})"
         reason = self.reason
         if reason is DropReason.WRONG_TYPE:
             return f"{what}, whose route takes {kind_label(self.arg)}"
@@ -251,7 +254,7 @@ class Switch:
             pending = self.routes.pop_pending(vmid, pkg.id)
             if pending is None:
                 return [Drop(vmid, DropReason.STRAY_ACK, ptype, pkg.entity, pkg.message_id,
-                             pkg.id)]
+                             pkg.id, pkg.stream)]
             header = encode_header(ptype, pkg.entity, pkg.message_id, pending.worker_call_id,
                                    pkg.stream, pkg.flags, len(pkg.payload))
             return [ToWorker(pending.identity, vmid, header, pkg.payload)]
@@ -298,7 +301,7 @@ class Switch:
                 ) -> list[Action]:
         """Drop a peer's package; a REQUEST is answered at once with an ERROR ACK saying why,
         so its sender does not wait out its timeout."""
-        drop = Drop(vmid, reason, pkg.type, pkg.entity, pkg.message_id, arg)
+        drop = Drop(vmid, reason, pkg.type, pkg.entity, pkg.message_id, arg, pkg.stream)
         if pkg.type is not PackageType.REQUEST:
             return [drop]
         label = entity_label(pkg.entity)
@@ -333,7 +336,8 @@ class Switch:
             reason = f"unknown VM {vmid!r}"
             if h.type is PackageType.REQUEST:
                 return [AnswerError(vmid, h.id, h.message_id, reason, identity)]
-            return [Drop(vmid, DropReason.UNKNOWN_VM, h.type, h.entity, h.message_id)]
+            return [Drop(vmid, DropReason.UNKNOWN_VM, h.type, h.entity, h.message_id, 0,
+                         h.stream)]
         if h.type is PackageType.REQUEST:
             # The tunnel's own id, so ACKs to requests of different workers cannot collide.
             tid = link.next_id()

@@ -226,6 +226,10 @@ class Tunnel:
                 self._dispatch()
         else:
             self._arrived.set()
+            if self.bytes_in > self._decoder.max_payload + (64 << 10):
+                # Before run() nothing is dispatched (a guest waits for its lock and pings
+                # the live tunnel first): read no more than a whole HELLO until then.
+                self._yield_reading(count=False)
 
     def _dispatch(self) -> None:
         """Hand on the packages decoded so far, at most ``read_budget`` of them: then reading
@@ -247,16 +251,18 @@ class Tunnel:
             if not self.transport.is_closing():
                 cast(asyncio.ReadTransport, self.transport).resume_reading()
 
-    def _yield_reading(self) -> None:
-        """The budget is spent: stop reading, go on with what is decoded at the next turn."""
+    def _yield_reading(self, count: bool = True) -> None:
+        """The budget is spent: stop reading, go on with what is decoded at the next turn
+        (once running: run() dispatches what came during the handshake)."""
         if self.closed.is_set():
             return
-        self.read_yields += 1
         if not self._reading_paused:
             self._reading_paused = True
             if not self.transport.is_closing():
                 cast(asyncio.ReadTransport, self.transport).pause_reading()
-        asyncio.get_running_loop().call_soon(self._resume_dispatch)
+        if count:
+            self.read_yields += 1
+            asyncio.get_running_loop().call_soon(self._resume_dispatch)
 
     def _resume_dispatch(self) -> None:
         if not self.closed.is_set():
