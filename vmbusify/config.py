@@ -225,6 +225,9 @@ class LimitsConfig:
     #: Warnings about one VM's bad input: at most this many lines a minute for each kind
     #: (then one line with the count), so a flood cannot flood the log.
     log_lines_per_minute: int = 10
+    #: (mux) tunnel_backlog over every VM together: past it the VM with the most waiting is
+    #: disconnected, so VMs that each stay under their own cap cannot together fill the host.
+    tunnel_backlog_total: int = 512 << 20
 
 
 @dataclass
@@ -411,6 +414,8 @@ def _check_limits(limits: LimitsConfig, where: str) -> None:
             raise ConfigError(f"{where}.limits.{total} must be at least {per_vm}")
     if limits.tunnel_backlog < floor:
         raise ConfigError(f"{where}.limits.tunnel_backlog: at least {floor}")
+    if limits.tunnel_backlog_total < limits.tunnel_backlog:
+        raise ConfigError(f"{where}.limits.tunnel_backlog_total must be at least tunnel_backlog")
 
 
 def as_dict(obj: Any) -> Any:

@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from vmbusify.config import TunnelConfig
-from vmbusify.mux.tunnel import Tunnel
+from vmbusify.mux.tunnel import BacklogPool, Tunnel
 from vmbusify.protocol.package import Package, PackageType
 from vmbusify.protocol.tunnel import Hello, Ping
 from vmbusify.runtime import run_async
@@ -150,6 +150,40 @@ def test_stream_data_the_peer_never_reads_is_bounded_too() -> None:
         assert reason.startswith("peer not reading: "), reason
         assert tunnel.out.bytes_queued == 0
         peer.close()
+
+    run_async(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_past_the_total_over_every_vm_the_tunnel_with_the_most_waiting_is_closed() -> None:
+    """VMs each under their own cap cannot together fill the host: past the total, the one
+    with the most waiting is cut off (not the one that queued last), and its bytes go."""
+    async def scenario() -> None:
+        (a, pa), (b, pb) = [await _tunnel_pair(lambda t, p: None) for _ in range(2)]
+        pool = BacklogPool(3 << 20)
+        for t in (a, b):
+            t.backlog_limit = 2 << 20
+            pool.join(t)  # no write loop runs: whatever is queued stays
+        chunk = b"d" * (256 << 10)
+
+        def queue(t: Tunnel, n: int) -> None:
+            for _ in range(n):
+                header = Package(PackageType.DATA, 3, 9, stream=1, payload=chunk).header()
+                t.send_raw(header, chunk, PackageType.DATA, 3, 1)
+
+        queue(a, 7)  # 1.75 MiB: under its own cap
+        queue(b, 4)
+        assert not a.closed.is_set() and pool.total == a.out.backlog + b.out.backlog
+        queue(b, 2)  # past 3 MiB together: a holds the most
+        assert a.closed.is_set() and a.backlog_closes == 1
+        assert a.close_reason.startswith("peer not reading: "), a.close_reason
+        assert not b.closed.is_set() and len(b.out) == 6
+        assert a.out.bytes_queued == 0 and pool.total == b.out.backlog
+        queue(b, 3)  # b alone, past its own cap
+        assert b.closed.is_set() and pool.total == 0 and not pool.tunnels
+        for t, peer in ((a, pa), (b, pb)):
+            await t.abort()
+            peer.close()
 
     run_async(scenario())
 

@@ -49,7 +49,7 @@ from vmbusify.mux.switch import (
     WorkerGone,
     WorkerJoined,
 )
-from vmbusify.mux.tunnel import Tunnel
+from vmbusify.mux.tunnel import BacklogPool, Tunnel
 from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.package import (
     MAX_PAYLOAD_LIMIT,
@@ -98,6 +98,8 @@ class MuxApp:
         self.routes = self.switch.routes
         #: Drops a peer causes, logged at most log_lines_per_minute per VM and reason.
         self._drop_log = RateLimitedLog(log, config.limits.log_lines_per_minute)
+        #: What waits in every tunnel's send queue together.
+        self.backlog = BacklogPool(config.limits.tunnel_backlog_total)
         self.side: Any = None  # HostSide or GuestSide, set by run_mux
         self._ctx = zmq.Context()
         self._bus: BusSocket | None = None
@@ -307,6 +309,8 @@ class MuxApp:
         limits = self.config.limits
         tunnel.read_budget = max(1, limits.read_budget)
         tunnel.backlog_limit = limits.tunnel_backlog
+        if not tunnel.closed.is_set():
+            self.backlog.join(tunnel)
         self.execute(self.switch.tunnel_up(peer.vmid))
 
     def _on_hello(self, peer: Peer, hello: Hello) -> None:

@@ -21,6 +21,15 @@ StreamKey = tuple[int, int]  # (sending entity, stream id)
 PACKAGE_COST = 200
 
 
+class Tally:
+    """A running sum of the ``backlog`` of one or more queues (a mux's, over every VM)."""
+
+    __slots__ = ("total",)
+
+    def __init__(self) -> None:
+        self.total = 0
+
+
 class OutQueue:
     """A fair queue of packages waiting for the tunnel's socket."""
 
@@ -34,6 +43,8 @@ class OutQueue:
         #: Bytes of the packages in the control queue (not bounded by any stream window).
         self.control_bytes = 0
         self._count = 0
+        #: Where this queue adds its backlog (its own until it joins a shared one).
+        self._tally = Tally()
 
     def __len__(self) -> int:
         return self._count
@@ -48,6 +59,12 @@ class OutQueue:
         """What the waiting packages cost: their bytes plus PACKAGE_COST each."""
         return self.bytes_queued + PACKAGE_COST * self._count
 
+    def share(self, tally: Tally) -> None:
+        """Count this queue's backlog, from now on, in ``tally`` too."""
+        self._tally.total -= self.backlog
+        tally.total += self.backlog
+        self._tally = tally
+
     def put_control(self, item: Item) -> None:
         """Queue a package that is not stream data."""
         self._control.append(item)
@@ -55,6 +72,7 @@ class OutQueue:
         self.bytes_queued += n
         self.control_bytes += n
         self._count += 1
+        self._tally.total += n + PACKAGE_COST
         self._ready.set()
 
     def put_stream(self, key: StreamKey, item: Item) -> None:
@@ -63,8 +81,10 @@ class OutQueue:
         if q is None:
             q = self._streams[key] = collections.deque()
         q.append(item)
-        self.bytes_queued += len(item[0]) + len(item[1])
+        n = len(item[0]) + len(item[1])
+        self.bytes_queued += n
         self._count += 1
+        self._tally.total += n + PACKAGE_COST
         self._ready.set()
 
     def pop(self) -> Item | None:
@@ -81,13 +101,16 @@ class OutQueue:
                 del self._streams[key]
         else:
             return None
-        self.bytes_queued -= len(item[0]) + len(item[1])
+        n = len(item[0]) + len(item[1])
+        self.bytes_queued -= n
         self._count -= 1
+        self._tally.total -= n + PACKAGE_COST
         return item
 
     def clear(self) -> int:
         """Drop everything waiting (the peer is gone); returns the bytes dropped."""
         dropped = self.bytes_queued
+        self._tally.total -= self.backlog
         self._control.clear()
         self._streams.clear()
         self.bytes_queued = self.control_bytes = self._count = 0

@@ -25,7 +25,7 @@ from typing import cast
 from vmbusify.config import LimitsConfig, TunnelConfig
 from vmbusify.errors import ProtocolError, TunnelError
 from vmbusify.logs import printable
-from vmbusify.mux.scheduler import PACKAGE_COST, OutQueue
+from vmbusify.mux.scheduler import PACKAGE_COST, OutQueue, Tally
 from vmbusify.protocol.entities import Entity, TunnelMessage
 from vmbusify.protocol.package import PROTOCOL_VERSION, Package, PackageDecoder, PackageType
 from vmbusify.protocol.tunnel import Auth, Bye, Hello, Ping, Pong, WorkerLost
@@ -54,6 +54,37 @@ class CloseReason(str, Enum):
     BYE = "peer said goodbye"
     LOCAL = "closed by this end"
     ERROR = "socket error"
+
+
+class BacklogPool(Tally):
+    """The send queues of every tunnel of one mux, against ``[limits] tunnel_backlog_total``.
+
+    Each VM's own cap (``tunnel_backlog``) keeps it from filling the host alone; this keeps
+    many VMs, each under its cap, from doing it together. Past the total the tunnel with the
+    most waiting is closed (usually the one that stopped reading), not whoever came last.
+    """
+
+    __slots__ = ("limit", "tunnels")
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.tunnels: set[Tunnel] = set()
+
+    def join(self, tunnel: Tunnel) -> None:
+        """Count ``tunnel``'s queue in this pool until the tunnel closes."""
+        tunnel.out.share(self)
+        tunnel.pool = self
+        self.tunnels.add(tunnel)
+
+    def relieve(self) -> Tunnel | None:
+        """Close the tunnel with the most waiting; returns it (None if the pool is empty)."""
+        if not self.tunnels:
+            return None
+        worst = max(self.tunnels, key=lambda t: t.out.backlog)
+        worst._backlog_full(f"the mux holds {self.total} bytes for all peers, limit "
+                            f"{self.limit}")
+        return worst
 
 
 class _Wire(asyncio.BufferedProtocol):
@@ -121,6 +152,8 @@ class Tunnel:
         self.read_yields = 0
         #: 1 if this tunnel was closed for its backlog.
         self.backlog_closes = 0
+        #: The mux's queues over every VM (set when the mux attaches the tunnel).
+        self.pool: BacklogPool | None = None
         self._reading_paused = False
         self._decoder = PackageDecoder(config.max_payload)
         self._last_recv = time.monotonic()
@@ -322,6 +355,12 @@ class Tunnel:
         self.closed.set()
         self._arrived.set()
         self.transport.close()  # what is already written still goes out first
+        # Nothing queued here will be sent now: let it go at once, not when this object
+        # does (its runner keeps it through the reconnect backoff).
+        if self.out.clear() >= _TRIM_AFTER:
+            release_free_memory()
+        if self.pool is not None:
+            self.pool.tunnels.discard(self)
 
     async def refuse(self, reason: str) -> None:
         """Turn a new connection away: a BYE with the reason instead of a HELLO, then close."""
@@ -350,10 +389,7 @@ class Tunnel:
             # A peer that does not read (frozen, or hostile) would keep the socket, and this
             # tunnel, alive for as long as it likes: close() waits for the bytes to go out.
             self.transport.abort()
-        # Nothing queued will be sent now: let it go at once, not when this object does
-        # (its runner keeps it through the reconnect backoff).
-        if self.out.clear() >= _TRIM_AFTER:
-            release_free_memory()
+        self.out.clear()  # close() did; but a package may have come in since
 
     # -- traffic ---------------------------------------------------------------------------
     def send_package(self, pkg: Package) -> None:
@@ -366,22 +402,27 @@ class Tunnel:
         if self.closed.is_set():
             return
         out = self.out
-        if out.backlog + len(header) + len(payload) + PACKAGE_COST > self.backlog_limit:
+        cost = len(header) + len(payload) + PACKAGE_COST
+        if out.backlog + cost > self.backlog_limit:
             self._backlog_full()
+            return
+        pool = self.pool
+        if pool is not None and pool.total + cost > pool.limit and pool.relieve() is self:
             return
         if ptype is PackageType.DATA:
             out.put_stream((entity, stream), (header, payload))
         else:
             out.put_control((header, payload))
 
-    def _backlog_full(self) -> None:
+    def _backlog_full(self, why: str = "") -> None:
         """The peer leaves more waiting than ``backlog_limit`` (it sends PINGs or REQUESTs
-        and never reads the answers, or granted itself credit it does not read): cut it off.
-        A reading peer never comes near: the writer drains the queue as the socket takes it."""
+        and never reads the answers, or granted itself credit it does not read), or the
+        most of every peer when the mux's total is reached (``why``): cut it off. A reading
+        peer never comes near: the writer drains the queue as the socket takes it."""
         out = self.out
-        log.warning("%s: the peer is not reading (%d bytes in %d packages waiting, limit %d): "
-                    "closing the tunnel", self.label, out.bytes_queued, len(out),
-                    self.backlog_limit)
+        why = why or f"limit {self.backlog_limit}"
+        log.warning("%s: the peer is not reading (%d bytes in %d packages waiting; %s): "
+                    "closing the tunnel", self.label, out.bytes_queued, len(out), why)
         self.backlog_closes = 1
         self.close(f"peer not reading: {out.bytes_queued} bytes waiting")
 
