@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from vmbusify.bus.frames import RouteKind
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.config import Config
 from vmbusify.errors import SubnetError, VMBusifyError
@@ -90,9 +91,10 @@ class SubnetHost:
         self.reader = TunReader(self.tun, self._route_from_kernel)
         self.reader.start()
         link = self.link
-        link.route(Entity.IP_BEARER, SubnetMessage.ATTACH, self._on_attach)
-        link.route(Entity.IP_BEARER, SubnetMessage.KEEPALIVE, self._on_keepalive)
-        link.route(Entity.IP_BEARER, SubnetMessage.DATA, None)
+        link.route(Entity.IP_BEARER, SubnetMessage.ATTACH, self._on_attach, RouteKind.REQUEST)
+        link.route(Entity.IP_BEARER, SubnetMessage.KEEPALIVE, self._on_keepalive,
+                   RouteKind.REQUEST)
+        link.route(Entity.IP_BEARER, SubnetMessage.DATA, None, RouteKind.STREAM)
         await link.start()
         await self._announce()
         log.info("subnet %s%s up on %s (mtu %d), NAT out of %s", self.network,
