@@ -5,7 +5,7 @@ travels with its 24-byte vmbus header as one frame and its payload as another, s
 are never re-encoded between tunnel and worker (pyzmq's metadata-frame + data-frame pattern)::
 
     REG    worker -> mux   [b"REG", msgpack{name, pid, entities, routes}]   (also a heartbeat)
-                           routes: [[source entity, message id, RouteKind], ...]
+                           routes: [[source entity, message id, RouteKind bits], ...]
     UNREG  worker -> mux   [b"UNREG"]                 the worker is stopping: forget it now
     REGOK  mux -> worker   [b"REGOK", msgpack{role, mux_id}]
     REREG  mux -> worker   [b"REREG"]                 the mux does not know this worker
@@ -17,8 +17,6 @@ are never re-encoded between tunnel and worker (pyzmq's metadata-frame + data-fr
 from __future__ import annotations
 
 from enum import Enum, IntEnum
-
-from vmbusify.protocol.package import PackageType
 
 
 class BusKind(bytes, Enum):
@@ -34,28 +32,15 @@ class BusKind(bytes, Enum):
 
 
 class RouteKind(IntEnum):
-    """What a worker's route accepts: the third element of each REG route.
+    """What a worker's route accepts: the third element of a REG route (bits, may be ORed).
 
-    A package whose type does not fit its route's kind is dropped and counted (a REQUEST is
-    answered at once with an ERROR ACK): one-way where a request is due must not run a
-    handler inline in the receive loop. A route without a kind (older workers) takes any.
+    A route without it accepts every type (a worker from before kinds existed).
     """
 
-    #: One-way messages (async_send); the handler runs inline, in order of arrival.
     MESSAGE = 1
-    #: Requests (sync_send); the handler runs in a task of its own, its result is the ACK.
     REQUEST = 2
-    #: DATA and WINDOW packages of streams (handler None: they go to ``link.streams``).
+    #: DATA and WINDOW of a stream.
     STREAM = 4
-
-
-#: The route kind each package type must arrive on (ACKs are matched by id, not routed).
-KIND_OF_TYPE: dict[PackageType, RouteKind] = {
-    PackageType.MESSAGE: RouteKind.MESSAGE,
-    PackageType.REQUEST: RouteKind.REQUEST,
-    PackageType.DATA: RouteKind.STREAM,
-    PackageType.WINDOW: RouteKind.STREAM,
-}
 
 
 class TunnelEvent(str, Enum):

@@ -45,7 +45,7 @@ from typing import Any
 import zmq
 
 from vmbusify.bus.budget import Budget, Counter, VMShare
-from vmbusify.bus.frames import HOST_VMID, KIND_OF_TYPE, BusKind, RouteKind, TunnelEvent
+from vmbusify.bus.frames import HOST_VMID, BusKind, RouteKind, TunnelEvent
 from vmbusify.bus.sockets import BusSocket, Frames, connect_dealer, shared_context
 from vmbusify.bus.streams import Stream, StreamTable
 from vmbusify.config import Config, Role
@@ -108,6 +108,13 @@ class Inbound:
 
 Handler = Callable[[Inbound], Awaitable[Any]]
 EventHandler = Callable[[TunnelEvent, str, dict[str, Any]], Awaitable[None]]
+#: The route kind each package type must arrive on (ACKs are matched by id, not routed).
+KIND_OF_TYPE: dict[PackageType, RouteKind] = {
+    PackageType.MESSAGE: RouteKind.MESSAGE,
+    PackageType.REQUEST: RouteKind.REQUEST,
+    PackageType.DATA: RouteKind.STREAM,
+    PackageType.WINDOW: RouteKind.STREAM,
+}
 #: What a stalled link does (given the reason); the default exits the process.
 StallAction = Callable[[str], None]
 
@@ -175,8 +182,15 @@ class WorkerLink:
         kinds.setdefault(kind, []).append(handler)
 
     def routes(self) -> list[list[int]]:
-        """The REG body's routes: ``[[source entity, message id, RouteKind], ...]``."""
-        return [[s, m, int(k)] for (s, m), kinds in self._routes.items() for k in kinds]
+        """The REG body's routes: ``[[source entity, message id, RouteKind bits], ...]``, one
+        per pair (the kinds of a pair routed more than once ORed together)."""
+        out = []
+        for (source, message_id), kinds in self._routes.items():
+            bits = 0
+            for k in kinds:
+                bits |= k
+            out.append([source, message_id, bits])
+        return out
 
     def on_event(self, handler: EventHandler) -> None:
         """Be told when a tunnel comes up or goes down: handler(event, vmid, info).
