@@ -152,7 +152,7 @@ class Executor:
         log.info("%s pid=%d: detached program ended (%d)", ctx, proc.pid, code)
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+        task = self.link.spawn(coro)  # the link logs and counts a failure
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

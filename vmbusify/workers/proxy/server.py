@@ -62,7 +62,7 @@ class ProxyServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+        task = self.link.spawn(coro)  # the link logs and counts a failure
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -8,7 +8,6 @@ delivers, forwards and NATs them under the rules of our nftables table.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 from pathlib import Path
@@ -194,7 +193,7 @@ class SubnetHost:
         for packed in allowed:
             self.by_address[packed] = vmid
         bearer.start()
-        asyncio.ensure_future(self._forget_when_closed(vmid, bearer))
+        self.link.spawn(self._forget_when_closed(vmid, bearer), vmid, "watching the bearer")
         log.info("vm=%s stream=%d attached (guest %s, offload %s): %s%s", vmid, stream.id,
                  attach.name or "?", attach.offload, lease.address,
                  f", {lease.address6}" if lease.address6 else "")
