@@ -172,3 +172,22 @@ def test_every_program_is_restarted_when_it_exits_non_zero() -> None:
     for conf in confs:
         text = conf.read_text()
         assert "autorestart=unexpected" in text and "exitcodes=0\n" in text, conf.name
+
+
+def test_an_exec_past_the_guests_stream_cap_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """The user sees why (the cap, in the executor's words), and the next exec works once
+    the first is over."""
+    from tests.integration.exec_harness import start_stack
+
+    stack = start_stack(tmp_path, guest_extra="[limits]\nstreams_per_vm = 2\n")
+    try:
+        first = stack.popen("vm1", "--", "sleep", "3", stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # its two streams are open
+        proc = stack.run("vm1", "--", "true", timeout=30)
+        assert proc.returncode == 255, proc
+        assert b"2 streams open: limit reached" in proc.stderr, proc.stderr
+        assert first.wait(15) == 0
+        assert stack.run("vm1", "--", "true", timeout=30).returncode == 0
+    finally:
+        stack.stop()

@@ -146,8 +146,12 @@ class ExecService:
             return await self._start_request(vmid, spec)
         main = await self.link.open_stream(vmid, Entity.CMD_LISTENER, Entity.CMD_EXECUTOR,
                                            ExecMessage.DATA)
-        side = await self.link.open_stream(vmid, Entity.CMD_LISTENER, Entity.CMD_EXECUTOR,
-                                           ExecMessage.DATA)
+        try:
+            side = await self.link.open_stream(vmid, Entity.CMD_LISTENER, Entity.CMD_EXECUTOR,
+                                               ExecMessage.DATA)
+        except VMBusifyError:  # at the stream cap (LimitReached): the first goes too
+            self.link.streams.forget(main)
+            raise
         spec = dataclasses.replace(spec, side_stream=side.id)
         relay = Relay(vmid, spec, main, side)
         self.relays[(vmid, main.id)] = relay
