@@ -178,9 +178,23 @@ def test_an_exec_past_the_guests_stream_cap_is_refused_with_the_reason(tmp_path:
     """The user sees why (the cap, in the executor's words), and the next exec works once
     the first is over."""
     from tests.integration.exec_harness import start_stack
+    from tests.integration.harness import BIN
 
-    stack = start_stack(tmp_path, guest_extra="[limits]\nstreams_per_vm = 2\n")
+    stack = start_stack(tmp_path)
     try:
+        # the guest's exec worker again, with a cap of two streams (one attached exec)
+        config = stack.pair.guest.config_path
+        config.write_text(config.read_text() + "[limits]\nstreams_per_vm = 2\n")
+        stack.worker.terminate()
+        stack.worker.wait(15)
+        with open(tmp_path / "exec-capped.log", "ab") as log:
+            stack.worker = subprocess.Popen(
+                [str(BIN / "vmbusify"), "worker", "exec", "--config", str(config)],
+                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while stack.run("vm1", "--", "true", timeout=30).returncode != 0:
+            assert time.monotonic() < deadline, "the capped executor never answered"
+            time.sleep(0.3)
         first = stack.popen("vm1", "--", "sleep", "3", stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # its two streams are open

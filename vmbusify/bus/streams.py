@@ -24,7 +24,7 @@ from enum import Enum
 
 from vmbusify.bus.budget import Budget, Counter, TxWaiter, VMShare
 from vmbusify.config import LimitsConfig
-from vmbusify.errors import FlowControlError, ProtocolError, VMBusifyError
+from vmbusify.errors import FlowControlError, LimitReached, ProtocolError, VMBusifyError
 from vmbusify.logs import RateLimitedLog, printable
 from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.package import Package, PackageFlag, PackageType, Payload
@@ -35,6 +35,9 @@ from vmbusify.protocol.window import (
     decode_increment,
     encode_increment,
 )
+
+__all__ = ["BUFFER_LIMIT_REASON", "LimitReached", "Stream", "StreamKey", "StreamReset",
+           "StreamState", "StreamTable"]
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +281,7 @@ class StreamTable:
     def open(self, vmid: str, local: int, peer: int, message_id: int) -> Stream:
         """A new stream this worker opens; announce it with a REQUEST carrying ``stream.id``.
 
-        Raises LimitReached (its text is the reason) at a stream cap."""
+        Raises LimitReached (its text is the reason; re-exported here) at a stream cap."""
         while True:
             self._next_id = self._next_id % 0xFFFFFFFF + 1  # ids 1..2**32-1, 0 means none
             if (vmid, peer, self._next_id) not in self._streams:

@@ -27,8 +27,13 @@ from vmbusify.config import ProxyConfig, Role
 from vmbusify.config_file import split_listen
 from vmbusify.control.access import AccessMode, Credentials, LocalUsers, access_mode
 from vmbusify.control.peer import tcp_peer_uid
-from vmbusify.errors import LimitReached
-from vmbusify.errors import NotConnectedError, ProtocolError, RequestTimeout, TunnelError
+from vmbusify.errors import (
+    LimitReached,
+    NotConnectedError,
+    ProtocolError,
+    RequestTimeout,
+    TunnelError,
+)
 from vmbusify.logs import RateLimitedLog, printable
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.httpproxy import http_auth_required
