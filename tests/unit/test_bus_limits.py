@@ -285,3 +285,20 @@ def test_a_peers_reset_reason_is_kept_as_printable_text() -> None:
         assert "\n" not in s.reset_reason and "\\x0a" in s.reset_reason
 
     run(scenario)
+
+
+def test_no_new_stream_while_the_vms_send_budget_is_used_up() -> None:
+    """A VM that holds its whole budget unacknowledged gets new opens refused with the reason
+    (they would only wait); once it reads, opens work again."""
+    async def scenario() -> None:
+        t, _ = table(buffered_per_vm=2 * MAX_CHUNK)
+        a = t.open("vm1", LOCAL, PEER, MID)
+        await a.write(b"q" * 2 * MAX_CHUNK)
+        with pytest.raises(LimitReached, match="^vm1: 2 MiB sent and not yet acknowledged"):
+            t.accept("vm1", LOCAL, Package(PackageType.REQUEST, PEER, 1, 5, 99), MID)
+        t.open("vm2", LOCAL, PEER, MID)  # another VM is not refused
+        await t.on_package("vm1", window(a, MAX_CHUNK))
+        t.open("vm1", LOCAL, PEER, MID)
+        assert t.budget.snapshot() == {"vm1": {"streams_refused": 1}}
+
+    run(scenario)

@@ -5,7 +5,8 @@ reading, or send what it was never asked for. Every byte and stream a worker hol
 behalf is charged to that VM's share here, so one VM meets its own cap and no other notices:
 
 - **streams**: open at once with one VM (``streams_per_vm``) and in all (``streams_total``);
-  past either, opening or accepting one raises LimitReached (the reason goes to the peer);
+  past either, or while the VM's send budget (below) is used up, opening or accepting one
+  raises LimitReached (the reason goes to the peer);
 - **rx**: bytes received and not yet read by the application, summed over the VM's streams
   (``buffered_per_vm``, and ``buffered_total`` over every VM): a DATA package that would go
   past it resets its stream ("buffer limit reached");
@@ -109,14 +110,21 @@ class Budget:
 
     # -- streams ---------------------------------------------------------------------------
     def add_stream(self, share: VMShare) -> None:
-        """Charge one more stream; raises LimitReached (counted) at a cap."""
+        """Charge one more stream; raises LimitReached (counted) at a cap: the VM's or the
+        worker's stream count, or the VM's send budget used up (its peer holds that much
+        unacknowledged: a new stream would only wait, so it is refused with the reason)."""
         lim = self.limits
+        why = ""
         if share.streams >= lim.streams_per_vm:
+            why = f"{share.vmid}: {share.streams} streams open: limit reached"
+        elif self.streams >= lim.streams_total:
+            why = f"{self.streams} streams open with all VMs: limit reached"
+        elif share.tx >= lim.buffered_per_vm:
+            why = (f"{share.vmid}: {share.tx >> 20} MiB sent and not yet acknowledged: "
+                   "limit reached")
+        if why:
             self.count(share.vmid, Counter.STREAMS_REFUSED)
-            raise LimitReached(f"{share.vmid}: {share.streams} streams open: limit reached")
-        if self.streams >= lim.streams_total:
-            self.count(share.vmid, Counter.STREAMS_REFUSED)
-            raise LimitReached(f"{self.streams} streams open with all VMs: limit reached")
+            raise LimitReached(why)
         share.streams += 1
         self.streams += 1
 
