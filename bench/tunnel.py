@@ -28,6 +28,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.integration.harness import link_for, make_pair, wait_state
+from vmbusify.bus.frames import RouteKind
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.protocol.entities import Entity
 from vmbusify.runtime import run_async
@@ -58,8 +59,8 @@ async def sink_worker(config_path: str) -> None:
         return True
 
     link = WorkerLink(load_config(config_path), "bench-sink", [Entity.PROXY_SERVER])
-    link.route(Entity.PROXY_CLIENT, OPEN, on_open)
-    link.route(Entity.PROXY_CLIENT, DATA, None)
+    link.route(Entity.PROXY_CLIENT, OPEN, on_open, RouteKind.REQUEST)
+    link.route(Entity.PROXY_CLIENT, DATA, None, RouteKind.STREAM)
     await link.start()
     await asyncio.Event().wait()
 

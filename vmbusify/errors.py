@@ -66,3 +66,8 @@ class SubnetError(VMBusifyError):
 
 class LabError(VMBusifyError):
     """The lab could not be brought up or down."""
+
+
+class LimitReached(VMBusifyError):
+    """A cap of ``[limits]`` was reached (streams, buffered bytes, requests); the text says
+    which, and goes to the peer so its user sees why."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from vmbusify.bus.frames import RouteKind
 from vmbusify.bus.link import WorkerLink
 from vmbusify.config import Config, load_config
 from vmbusify.errors import VMBusifyError
@@ -127,11 +128,15 @@ def make_pair(root: Path, ping_interval: float = 0.5, dead_after: float = 3.0,
 
 
 async def link_for(mux: MuxProc, name: str, entities: list[Entity],
-                   routes: list[tuple[Entity, int, Any]] | None = None) -> WorkerLink:
-    """A started WorkerLink on ``mux``'s bus with the given routes."""
-    link = WorkerLink(mux.config, name, list(entities))
-    for source, message_id, handler in routes or []:
-        link.route(source, message_id, handler)
+                   routes: list[tuple[Any, ...]] | None = None, **kwargs: Any) -> WorkerLink:
+    """A started WorkerLink on ``mux``'s bus with the given routes.
+
+    A route is ``(source, message id, handler[, kind])``; without a kind, a handler takes
+    REQUESTs and None takes stream packages. ``kwargs`` go to WorkerLink."""
+    link = WorkerLink(mux.config, name, list(entities), **kwargs)
+    for source, message_id, handler, *kind in routes or []:
+        default = RouteKind.STREAM if handler is None else RouteKind.REQUEST
+        link.route(source, message_id, handler, kind[0] if kind else default)
     await link.start(wait=15)
     return link
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.integration.harness import Pair, link_for, make_pair, wait_state
+from vmbusify.bus.frames import RouteKind
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.errors import RequestTimeout, TunnelError
 from vmbusify.protocol.entities import Entity, TunnelMessage
@@ -76,7 +77,7 @@ def test_sync_and_async_send_both_ways(pair: Pair) -> None:
 
         guest = await link_for(pair.guest, "t-guest", [Entity.CMD_EXECUTOR],
                                [(Entity.CMD_LISTENER, ECHO, echo),
-                                (Entity.CMD_LISTENER, ECHO + 1, collect)])
+                                (Entity.CMD_LISTENER, ECHO + 1, collect, RouteKind.MESSAGE)])
         host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER],
                               [(Entity.CMD_EXECUTOR, ECHO, echo)])
         await wait_state(host, "vm1", "connected")
@@ -162,8 +163,10 @@ def test_every_handler_runs_and_the_first_registered_answers(pair: Pair) -> None
 
         first = await link_for(pair.guest, "first", [Entity.CMD_EXECUTOR],
                                [(Entity.CMD_LISTENER, ECHO, handler("first"))])
+        # The others get a copy as a one-way MESSAGE: a route of that kind takes it.
         second = await link_for(pair.guest, "second", [Entity.CMD_EXECUTOR],
-                                [(Entity.CMD_LISTENER, ECHO, handler("second"))])
+                                [(Entity.CMD_LISTENER, ECHO, handler("second"),
+                                  RouteKind.MESSAGE)])
         host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
         await wait_state(host, "vm1", "connected")
         for _ in range(5):

@@ -7,6 +7,7 @@ import pytest
 from vmbusify.errors import FlowControlError, RemoteProtocolError
 from vmbusify.mux.scheduler import OutQueue
 from vmbusify.protocol.window import (
+    INITIAL_WINDOW,
     MAX_CHUNK,
     ReceiveWindow,
     SendWindow,
@@ -42,10 +43,43 @@ def test_receiver_grants_after_a_quarter_window_consumed() -> None:
 
 def test_increment_codec() -> None:
     assert decode_increment(encode_increment(12345)) == 12345
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(FlowControlError, match="of 0"):
         decode_increment(b"\x00\x00\x00\x00")
     with pytest.raises(RemoteProtocolError):
         decode_increment(b"\x01")
+
+
+def test_credit_never_exceeds_the_window() -> None:
+    """An honest receiver returns at most what was sent: more is a peer making us queue."""
+    w = SendWindow(1000)
+    assert w.take(600) == 600
+    assert w.unacked == 600
+    w.grant(600)  # everything back: exactly the window again
+    assert w.available == 1000 and w.unacked == 0
+    with pytest.raises(FlowControlError, match="past the window"):
+        w.grant(1)
+    assert w.available == 1000  # a refused grant changes nothing
+    w.take(100)
+    with pytest.raises(FlowControlError):
+        w.grant(101)
+    with pytest.raises(FlowControlError):
+        w.grant(0)
+    w.grant(100)
+    assert w.available == 1000
+
+
+def test_a_peer_granting_itself_gigabytes_is_refused() -> None:
+    w = SendWindow(INITIAL_WINDOW)
+    w.take(MAX_CHUNK)
+    with pytest.raises(FlowControlError):
+        w.grant(decode_increment(encode_increment(0xFFFFFFFF)))
+
+
+def test_sendable_does_not_take() -> None:
+    w = SendWindow(3 * MAX_CHUNK)
+    assert w.sendable(10 * MAX_CHUNK) == MAX_CHUNK
+    assert w.sendable(5) == 5
+    assert w.available == 3 * MAX_CHUNK
 
 
 def test_out_queue_control_first_then_round_robin() -> None:

@@ -5,6 +5,7 @@ travels with its 24-byte vmbus header as one frame and its payload as another, s
 are never re-encoded between tunnel and worker (pyzmq's metadata-frame + data-frame pattern)::
 
     REG    worker -> mux   [b"REG", msgpack{name, pid, entities, routes}]   (also a heartbeat)
+                           routes: [[source entity, message id, RouteKind bits], ...]
     UNREG  worker -> mux   [b"UNREG"]                 the worker is stopping: forget it now
     REGOK  mux -> worker   [b"REGOK", msgpack{role, mux_id}]
     REREG  mux -> worker   [b"REREG"]                 the mux does not know this worker

@@ -1,18 +1,33 @@
 """WorkerLink: what a worker process uses to reach the tunnel (the spec's worker interface).
 
-A worker declares its entities and the (source entity, message id) pairs it handles, then
-uses ``sync_send`` / ``async_send`` (spec 4.1). On the host every call takes the target vmid;
-on a guest the only peer is ``HOST_VMID``. Handlers learn which VM a message came from.
+A worker declares its entities and the (source entity, message id) pairs it handles, each
+with the kind of package it takes, then uses ``sync_send`` / ``async_send`` (spec 4.1). On
+the host every call takes the target vmid; on a guest the only peer is ``HOST_VMID``.
+Handlers learn which VM a message came from.
 
     link = WorkerLink(config, "proxy", [Entity.PROXY_SERVER])
-    link.route(Entity.PROXY_CLIENT, ProxyMessage.OPEN, on_open)   # handler(msg) -> reply
+    link.route(Entity.PROXY_CLIENT, ProxyMessage.OPEN, on_open, RouteKind.REQUEST)
+    link.route(Entity.PROXY_CLIENT, ProxyMessage.DATA, None, RouteKind.STREAM)
     await link.start()
     reply = await link.sync_send(vmid, Entity.PROXY_SERVER, ProxyMessage.OPEN, {...})
 
-REQUEST handlers run in a task of their own, in registration order; the first handler's
-return value is the ACK's payload (a VMBusifyError raised becomes an error ACK). MESSAGE
-handlers run inline, in order of arrival: keep them quick. DATA and WINDOW packages go to
-``link.streams``.
+The peer is not trusted (root in a guest is hostile), so the receive loop:
+
+- drops a package whose type does not fit its route's kind (a REQUEST gets an ERROR ACK at
+  once, "wrong package type"), counted and logged a few lines a minute at most;
+- runs REQUEST handlers in a task of their own (at most ``[limits] requests_per_vm`` per
+  VM; past it the request is refused at once), in registration order; the first handler's
+  return value is the ACK's payload (a VMBusifyError raised becomes an error ACK);
+- runs MESSAGE handlers inline, in order of arrival: they must never wait on anything a
+  peer controls (start a task with ``link.spawn`` for that);
+- survives any exception from a handler or a malformed message: logged, counted, the
+  stream the package belonged to reset;
+- hands DATA and WINDOW packages to ``link.streams``, which bounds what each VM may hold.
+
+The heartbeat (REG every 2 s) goes out only while the loop makes progress: a loop that has
+work waiting and finishes nothing for STALL_AFTER seconds stops it and the process exits
+non-zero, so supervisord restarts it. The counters per VM go into the worker's stats as
+``stats["limits"][vmid]`` (see ``report``).
 """
 
 from __future__ import annotations
@@ -21,18 +36,22 @@ import asyncio
 import collections
 import logging
 import os
+import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-from vmbusify.bus.frames import HOST_VMID, BusKind, TunnelEvent
+from vmbusify.bus.budget import Budget, Counter, VMShare
+from vmbusify.bus.frames import HOST_VMID, BusKind, RouteKind, TunnelEvent
 from vmbusify.bus.sockets import BusSocket, Frames, connect_dealer, shared_context
 from vmbusify.bus.streams import Stream, StreamTable
 from vmbusify.config import Config, Role
 from vmbusify.errors import (
     ControlError,
+    LocalProtocolError,
     NotConnectedError,
     ProtocolError,
     RequestTimeout,
@@ -40,6 +59,7 @@ from vmbusify.errors import (
     UnknownVMError,
     VMBusifyError,
 )
+from vmbusify.logs import RateLimitedLog, printable
 from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.package import (
     MAX_PAYLOAD_LIMIT,
@@ -57,6 +77,16 @@ REGISTER_INTERVAL = 2.0
 DEFAULT_TIMEOUT = 10.0
 #: How long a closing worker's goodbye may take to reach the mux.
 UNREG_LINGER_MS = 200
+#: Seconds the receive loop may have messages waiting and finish none before the worker
+#: counts as stuck (a handler waits on something that never comes): it stops its heartbeat
+#: and exits with STALL_EXIT_CODE so supervisord restarts it. Five heartbeats: far above
+#: any honest message (a handler runs in microseconds to milliseconds; the slow ones run in
+#: tasks), and well below what an operator would call an outage. Checked at each heartbeat,
+#: so a stall is seen after 10 to 12 s.
+STALL_AFTER = 10.0
+#: Exit status of a worker whose receive loop stalled (EX_SOFTWARE): not 0, so supervisord's
+#: ``autorestart=unexpected`` (conf/programs/*.conf) restarts it.
+STALL_EXIT_CODE = 70
 #: Errors of the mux's built-in commands that keep their kind across the bus.
 _CONTROL_ERRORS: dict[str, type[VMBusifyError]] = {
     e.__name__: e for e in (UnknownVMError, NotConnectedError, RequestTimeout, TunnelError)}
@@ -78,22 +108,43 @@ class Inbound:
 
 Handler = Callable[[Inbound], Awaitable[Any]]
 EventHandler = Callable[[TunnelEvent, str, dict[str, Any]], Awaitable[None]]
+#: The route kind each package type must arrive on (ACKs are matched by id, not routed).
+KIND_OF_TYPE: dict[PackageType, RouteKind] = {
+    PackageType.MESSAGE: RouteKind.MESSAGE,
+    PackageType.REQUEST: RouteKind.REQUEST,
+    PackageType.DATA: RouteKind.STREAM,
+    PackageType.WINDOW: RouteKind.STREAM,
+}
+#: What a stalled link does (given the reason); the default exits the process.
+StallAction = Callable[[str], None]
+
+
+def _where(exc: BaseException) -> str:
+    """Where an unexpected exception was raised (file:line in function), for one log line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {os.path.basename(f.filename)}:{f.lineno} in {f.name}"
 
 
 class WorkerLink:
     """One worker's connection to its endpoint's mux."""
 
-    def __init__(self, config: Config, name: str, entities: list[int]) -> None:
+    def __init__(self, config: Config, name: str, entities: list[int], *,
+                 stall_after: float = STALL_AFTER, on_stall: StallAction | None = None
+                 ) -> None:
         self.config = config
         self.name = name
         self.entities = list(entities)
         self.role: Role = config.role
         self.mux_id = ""
         self.registered = asyncio.Event()
-        self.streams = StreamTable(self._send_package)
-        self._routes: dict[tuple[int, int], list[Handler | None]] = {}
+        self.streams = StreamTable(self._send_package, config.limits)
+        self.budget: Budget = self.streams.budget
+        #: (source entity, message id) -> kind -> handlers in registration order.
+        self._routes: dict[tuple[int, int], dict[RouteKind, list[Handler | None]]] = {}
         self._event_handlers: list[EventHandler] = []
-        self._ctx = shared_context()
         self._bus: BusSocket | None = None
         # Messages from the mux, handled in order by one task (handlers may await).
         self._inbox: collections.deque[Frames] = collections.deque()
@@ -102,19 +153,54 @@ class WorkerLink:
         self._ctl: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._next_call = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._warn = RateLimitedLog(log, config.limits.log_lines_per_minute)
+        # Liveness: messages finished, whether one is being handled, and since when the
+        # loop has had work and finished none (see _stalled_for).
+        self._done = 0
+        self._busy = False
+        self._seen_done = 0
+        self._stuck_since = time.monotonic()
+        self.stall_after = stall_after
+        self._on_stall = on_stall or self._exit_stalled
+        #: Set once the loop was found stuck (the heartbeat has stopped).
+        self.stalled = False
+        # The worker's last published stats, and the limit counters the mux last took.
+        self._last_stats: dict[str, Any] = {}
+        self._limits_sent: dict[str, dict[str, int]] = {}
 
     # -- set-up ----------------------------------------------------------------------------
-    def route(self, source: int, message_id: int, handler: Handler | None = None) -> None:
-        """Receive ``message_id`` from entity ``source``; ``handler`` None for stream data."""
-        self._routes.setdefault((int(source), int(message_id)), []).append(handler)
+    def route(self, source: int, message_id: int, handler: Handler | None,
+              kind: RouteKind) -> None:
+        """Receive ``message_id`` from entity ``source`` as packages of ``kind``: MESSAGE or
+        REQUEST with a handler, STREAM (DATA and WINDOW, for ``link.streams``) with None."""
+        kind = RouteKind(kind)
+        if kind is RouteKind.STREAM and handler is not None:
+            raise LocalProtocolError("a STREAM route takes no handler (see link.streams)")
+        if kind is not RouteKind.STREAM and handler is None:
+            raise LocalProtocolError(f"a {kind.name} route needs a handler")
+        kinds = self._routes.setdefault((int(source), int(message_id)), {})
+        kinds.setdefault(kind, []).append(handler)
+
+    def routes(self) -> list[list[int]]:
+        """The REG body's routes: ``[[source entity, message id, RouteKind bits], ...]``, one
+        per pair (the kinds of a pair routed more than once ORed together)."""
+        out = []
+        for (source, message_id), kinds in self._routes.items():
+            bits = 0
+            for k in kinds:
+                bits |= k
+            out.append([source, message_id, bits])
+        return out
 
     def on_event(self, handler: EventHandler) -> None:
-        """Be told when a tunnel comes up or goes down: handler(event, vmid, info)."""
+        """Be told when a tunnel comes up or goes down: handler(event, vmid, info).
+        Runs inline in the receive loop: it must not wait."""
         self._event_handlers.append(handler)
 
     async def start(self, wait: float | None = 30.0) -> None:
         """Connect to the mux, register, and start receiving. Waits for the first REGOK."""
-        self._bus = BusSocket(connect_dealer(self._ctx, self.config.bus_endpoint, self.name),
+        self._bus = BusSocket(connect_dealer(shared_context(), self.config.bus_endpoint,
+                                             self.name),
                               self._on_bus)
         self._spawn(self._receive_loop())
         self._spawn(self._register_loop())
@@ -130,36 +216,92 @@ class WorkerLink:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._bus is not None:
-            linger = 0
-            if self.registered.is_set():
-                try:
-                    self._bus.send([BusKind.UNREG.value])
-                    linger = UNREG_LINGER_MS
-                except zmq.ZMQError:
-                    pass  # the mux is gone: nothing to tell
-            self._bus.close(linger)
+        self._say_goodbye()
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+    def _say_goodbye(self) -> None:
+        if self._bus is None:
+            return
+        linger = 0
+        if self.registered.is_set():
+            try:
+                self._bus.send([BusKind.UNREG.value])
+                linger = UNREG_LINGER_MS
+            except zmq.ZMQError:
+                pass  # the mux is gone: nothing to tell
+        self._bus.close(linger)
+        self._bus = None
+
+    # -- tasks -----------------------------------------------------------------------------
+    def spawn(self, coro: Awaitable[Any], vmid: str = "", what: str = "task") -> asyncio.Task[Any]:
+        """Run ``coro`` in a task the link holds: its failure is logged and counted (as a
+        handler error of ``vmid``), never fatal. For what a MESSAGE handler must not wait on."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda t: self._task_done(t, vmid, what))
         return task
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("worker=%s task failed", self.name, exc_info=task.exception())
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        return self.spawn(coro)
 
+    def _task_done(self, task: asyncio.Task[Any], vmid: str, what: str) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if vmid:
+            self.budget.count(vmid, Counter.HANDLER_ERRORS)
+        self._warn.log(logging.ERROR, (vmid, "task"), "worker=%s vm=%s: %s failed: %s: %s%s",
+                       self.name, vmid or "-", what, type(exc).__name__,
+                       printable(exc), _where(exc))
+
+    # -- heartbeat and liveness ------------------------------------------------------------
     async def _register_loop(self) -> None:
         while True:
-            await self._register()
+            stuck = self._stalled_for(time.monotonic())
+            if stuck:
+                self._stall(stuck)
+                return
+            try:
+                await self._register()
+            except TunnelError as exc:
+                self._warn.warning(("mux", "reg"), "worker=%s: %s", self.name, exc)
+            self._report_limits()
             await asyncio.sleep(REGISTER_INTERVAL)
+
+    def _stalled_for(self, now: float) -> float:
+        """Seconds the receive loop has had work and finished none (0: it is fine)."""
+        if not (self._busy or self._inbox) or self._done != self._seen_done:
+            self._seen_done = self._done
+            self._stuck_since = now
+            return 0.0
+        stuck = now - self._stuck_since
+        return stuck if stuck >= self.stall_after else 0.0
+
+    def _stall(self, seconds: float) -> None:
+        self.stalled = True
+        reason = (f"worker={self.name}: the receive loop has finished no message for "
+                  f"{seconds:.0f}s with {len(self._inbox)} waiting (a handler is stuck); "
+                  "heartbeat stopped")
+        log.error("%s", reason)
+        self._on_stall(reason)
+
+    def _exit_stalled(self, reason: str) -> None:
+        """The default stall action: tell the mux at once, then exit non-zero (the loop is
+        stuck, so an orderly stop might hang too); supervisord starts a fresh process."""
+        log.error("worker=%s: exiting with status %d so that it is restarted", self.name,
+                  STALL_EXIT_CODE)
+        try:
+            self._say_goodbye()
+        finally:
+            logging.shutdown()
+            os._exit(STALL_EXIT_CODE)
 
     async def _register(self) -> None:
         body = {
             "name": self.name, "pid": os.getpid(), "entities": [int(e) for e in self.entities],
-            "routes": [list(k) for k in self._routes],
+            "routes": self.routes(),
         }
         await self._send_frames([BusKind.REG.value, dumps(body)])
 
@@ -172,7 +314,8 @@ class WorkerLink:
         return vmid
 
     async def _send_frames(self, frames: Frames) -> None:
-        assert self._bus is not None, "start() first"
+        if self._bus is None:
+            raise TunnelError("the link to the mux is closed")
         try:
             self._bus.send(frames)
         except zmq.ZMQError as exc:  # high-water marks are off: not expected
@@ -212,7 +355,7 @@ class WorkerLink:
         finally:
             self._calls.pop(call_id, None)
         if ack.flags & PackageFlag.ERROR:
-            reason = bytes(ack.payload).decode("utf-8", "replace")
+            reason = printable(ack.payload, 2000)
             if reason.startswith("not connected:"):
                 raise NotConnectedError(reason)
             raise TunnelError(reason)
@@ -240,12 +383,50 @@ class WorkerLink:
         return reply.get("result")
 
     async def report(self, stats: dict[str, Any]) -> None:
-        """Publish this worker's counters; `vmbusifyctl status` shows them under its name."""
-        await self.control({"cmd": "report", "worker": self.name, "stats": stats})
+        """Publish this worker's counters; `vmbusifyctl status` shows them under its name.
+
+        The link adds ``stats["limits"] = {vmid: {counter: n}}`` (non-zero counters of what
+        it refused, reset or dropped for each VM; see vmbusify.bus.budget.Counter), and
+        publishes again by itself when only those change."""
+        self._last_stats = dict(stats)
+        limits = self.budget.snapshot()
+        await self.control({"cmd": "report", "worker": self.name,
+                            "stats": self._with_limits(limits)})
+        self._limits_sent = limits
+
+    def limit_stats(self) -> dict[str, dict[str, int]]:
+        """The non-zero limit counters per VM (what ``report`` adds as ``limits``)."""
+        return self.budget.snapshot()
+
+    def _with_limits(self, limits: dict[str, dict[str, int]]) -> dict[str, Any]:
+        stats = dict(self._last_stats)
+        if limits:
+            stats["limits"] = limits
+        return stats
+
+    def _report_limits(self) -> None:
+        """Publish the limit counters if they changed since the mux last took them."""
+        if not self.registered.is_set():
+            return
+        limits = self.budget.snapshot()
+        if limits == self._limits_sent:
+            return
+
+        async def publish() -> None:
+            try:
+                await self.control({"cmd": "report", "worker": self.name,
+                                    "stats": self._with_limits(limits)})
+                self._limits_sent = limits
+            except VMBusifyError as exc:  # the mux may be restarting: next heartbeat
+                log.debug("worker=%s: limit counters not published: %s", self.name, exc)
+
+        self.spawn(publish(), what="publishing the limit counters")
 
     async def open_stream(self, vmid: str | None, local: int, peer: int, message_id: int
                           ) -> Stream:
-        """A new stream to ``peer`` on ``vmid``; announce it with a sync_send(stream=s.id)."""
+        """A new stream to ``peer`` on ``vmid``; announce it with a sync_send(stream=s.id).
+
+        Raises LimitReached (the reason) when the VM or this worker is at its stream cap."""
         return self.streams.open(self._target(vmid), int(local), int(peer), int(message_id))
 
     # -- receiving -------------------------------------------------------------------------
@@ -257,13 +438,30 @@ class WorkerLink:
         inbox = self._inbox
         while True:
             while inbox:
+                frames = inbox.popleft()
+                self._busy = True
                 try:
-                    await self._dispatch(inbox.popleft())
-                except (ProtocolError, ValueError, IndexError, UnicodeDecodeError) as exc:
-                    log.warning("worker=%s: bad bus message from the mux dropped: %s",
-                                self.name, exc)
+                    await self._dispatch(frames)
+                except Exception as exc:  # noqa: BLE001 (nothing may stop this loop)
+                    self._loop_error(frames, exc)
+                self._busy = False
+                self._done += 1
             self._inbox_ready.clear()
             await self._inbox_ready.wait()
+
+    def _loop_error(self, frames: Frames, exc: Exception) -> None:
+        """A bus message that could not be handled at all (malformed): log, count, go on."""
+        vmid = ""
+        try:
+            if bytes(frames[0]) == BusKind.PKG.value:
+                vmid = bytes(frames[1]).decode("utf-8", "replace")
+        except (IndexError, TypeError):
+            pass
+        if vmid:
+            self.budget.count(vmid, Counter.BAD_PACKAGES)
+        self._warn.warning((vmid, "malformed"), "worker=%s vm=%s: bad bus message dropped: "
+                           "%s: %s%s", self.name, printable(vmid or "-"), type(exc).__name__,
+                           printable(exc), "" if isinstance(exc, ProtocolError) else _where(exc))
 
     async def _dispatch(self, frames: list[Any]) -> None:
         kind = BusKind(bytes(frames[0]))
@@ -294,10 +492,18 @@ class WorkerLink:
                     log.info("worker=%s vm=%s: %d streams reset: the peer's %s went away",
                              self.name, vmid, n, ", ".join(entity_label(e) for e in entities))
             for handler in self._event_handlers:
-                await handler(event, vmid, info)
+                try:
+                    await handler(event, vmid, info)
+                except Exception as exc:  # noqa: BLE001 (one handler's bug stops nothing)
+                    self.budget.count(vmid, Counter.HANDLER_ERRORS)
+                    self._warn.log(logging.ERROR, (vmid, "event"),
+                                   "worker=%s vm=%s: %s event handler failed: %s: %s%s",
+                                   self.name, vmid, event.value, type(exc).__name__,
+                                   printable(exc), _where(exc))
 
     def _on_mux_restart(self) -> None:
         log.warning("worker=%s: the mux restarted; every stream and call is lost", self.name)
+        self._limits_sent = {}
         for vmid in {s.vmid for s in self.streams}:
             self.streams.drop_vm(vmid, "the mux restarted")
         for fut in self._calls.values():
@@ -313,47 +519,125 @@ class WorkerLink:
     async def _on_package(self, vmid: str, header: bytes, payload: bytes) -> None:
         h = decode_header(header, MAX_PAYLOAD_LIMIT)
         pkg = Package(h.type, h.entity, h.message_id, h.id, h.stream, h.flags, payload)
-        if pkg.type in (PackageType.DATA, PackageType.WINDOW):
-            await self.streams.on_package(vmid, pkg)
-        elif pkg.type is PackageType.ACK:
+        if pkg.type is PackageType.ACK:
             fut = self._calls.get(pkg.id)
             if fut is not None and not fut.done():
                 fut.set_result(pkg)
-        elif pkg.type is PackageType.REQUEST:
-            self._spawn(self._handle_request(vmid, pkg))
+            return
+        # Dispatch by table: the route, then the kind its package type must arrive on.
+        kinds = self._routes.get((pkg.entity, pkg.message_id))
+        kind = KIND_OF_TYPE[pkg.type]
+        handlers = kinds.get(kind) if kinds is not None else None
+        if handlers is None:
+            await self._refuse_package(vmid, pkg, "wrong package type" if kinds else
+                                       f"{self.name} has no route for it")
+        elif kind is RouteKind.STREAM:
+            await self.streams.on_package(vmid, pkg)
+        elif kind is RouteKind.REQUEST:
+            await self._start_request(vmid, pkg, handlers)
         else:
-            for handler in self._handlers(pkg):
-                await self._call(handler, vmid, pkg)
+            for handler in handlers:
+                assert handler is not None
+                try:
+                    await self._call(handler, vmid, pkg)
+                except Exception as exc:  # noqa: BLE001 (a handler must not stop the loop)
+                    await self._handler_failed(vmid, pkg, exc)
 
-    def _handlers(self, pkg: Package) -> list[Handler]:
-        return [h for h in self._routes.get((pkg.entity, pkg.message_id), []) if h is not None]
+    def _describe(self, vmid: str, pkg: Package) -> str:
+        return (f"worker={self.name} vm={vmid} stream={pkg.stream}: {pkg.type.name} "
+                f"{entity_label(pkg.entity)} message {pkg.message_id}")
+
+    async def _refuse_package(self, vmid: str, pkg: Package, why: str) -> None:
+        """Drop a package its route does not take; a REQUEST gets an ERROR ACK at once."""
+        self.budget.count(vmid, Counter.BAD_PACKAGES)
+        self._warn.warning((vmid, Counter.BAD_PACKAGES), "%s dropped: %s",
+                           self._describe(vmid, pkg), why)
+        if pkg.type is PackageType.REQUEST:
+            await self._send_error_ack(vmid, pkg, f"{self.name}: {why}")
+
+    async def _handler_failed(self, vmid: str, pkg: Package, exc: Exception) -> None:
+        """A MESSAGE handler raised: log, count, reset the stream the package belonged to."""
+        protocol = isinstance(exc, ProtocolError)
+        self.budget.count(vmid, Counter.BAD_PACKAGES if protocol else Counter.HANDLER_ERRORS)
+        self._warn.log(logging.WARNING if protocol else logging.ERROR, (vmid, "handler"),
+                       "%s: handler failed: %s: %s%s", self._describe(vmid, pkg),
+                       type(exc).__name__, printable(exc), "" if protocol else _where(exc))
+        stream = self.streams.get(vmid, pkg.entity, pkg.stream) if pkg.stream else None
+        if stream is not None:
+            await stream.reset(str(exc) if protocol else f"{self.name}: internal error")
+
+    async def _send_error_ack(self, vmid: str, pkg: Package, error: str) -> None:
+        local = self.entities[0] if self.entities else 0
+        await self._send_package(vmid, Package(PackageType.ACK, local, pkg.message_id, pkg.id,
+                                               pkg.stream, PackageFlag.ERROR,
+                                               error.encode()[:2000]))
 
     async def _call(self, handler: Handler, vmid: str, pkg: Package) -> Any:
         body = loads(pkg.payload) if pkg.payload else None
         msg = Inbound(vmid, pkg.entity, pkg.message_id, pkg.type, pkg.id, pkg.stream, body, pkg)
         return await handler(msg)
 
-    async def _handle_request(self, vmid: str, pkg: Package) -> None:
-        handlers = self._handlers(pkg)
-        reply: Any = None
-        error = "" if handlers else (
-            f"{self.name} has no handler for {entity_label(pkg.entity)} message {pkg.message_id}")
-        for i, handler in enumerate(handlers):
+    async def _start_request(self, vmid: str, pkg: Package, handlers: list[Handler | None]
+                             ) -> None:
+        """Refuse a request at once at a cap, else run its handlers in a task of their own."""
+        share = self.budget.vm(vmid)
+        why = ""
+        if share.requests >= self.config.limits.requests_per_vm:
+            self.budget.count(vmid, Counter.REQUESTS_REFUSED)
+            why = f"{vmid}: {share.requests} requests in flight: limit reached"
+        opens = bool(pkg.stream) and self.streams.get(vmid, pkg.entity, pkg.stream) is None
+        if not why and opens:
+            # It announces a stream: refused before any work if the stream could not be taken.
+            why = self.streams.room_for(vmid)
+        if why:
+            self._warn.warning((vmid, "refused"), "%s refused: %s", self._describe(vmid, pkg),
+                               why)
+            await self._send_error_ack(vmid, pkg, why)
+            return
+        share.requests += 1
+        self.spawn(self._handle_request(vmid, pkg, handlers, share, opens), vmid,
+                   f"request {entity_label(pkg.entity)} message {pkg.message_id}")
+
+    async def _handle_request(self, vmid: str, pkg: Package, handlers: list[Handler | None],
+                              share: VMShare, opens: bool) -> None:
+        try:
+            reply: Any = None
+            error = ""
+            for i, handler in enumerate(handlers):
+                assert handler is not None
+                try:
+                    result = await self._call(handler, vmid, pkg)
+                except VMBusifyError as exc:
+                    result, error = None, error or str(exc)
+                    if isinstance(exc, ProtocolError):
+                        self.budget.count(vmid, Counter.BAD_PACKAGES)
+                        self._warn.warning((vmid, "handler"), "%s: refused: %s",
+                                           self._describe(vmid, pkg), printable(exc))
+                except Exception as exc:  # noqa: BLE001 (a bug in a handler stops nothing)
+                    self.budget.count(vmid, Counter.HANDLER_ERRORS)
+                    self._warn.log(logging.ERROR, (vmid, "handler"),
+                                   "%s: handler failed: %s: %s%s", self._describe(vmid, pkg),
+                                   type(exc).__name__, printable(exc), _where(exc))
+                    result, error = None, error or f"{self.name}: internal error"
+                if i == 0:
+                    reply = result
+            if error:
+                if opens:
+                    # The stream a failed open announced must not stay charged to the VM.
+                    stream = self.streams.get(vmid, pkg.entity, pkg.stream)
+                    if stream is not None:
+                        await stream.reset(error)
+                await self._send_error_ack(vmid, pkg, error)
+                return
             try:
-                result = await self._call(handler, vmid, pkg)
-            except VMBusifyError as exc:
-                result, error = None, error or str(exc)
-            except Exception:  # a bug in a handler must not take the worker down
-                log.exception("worker=%s vm=%s: handler for %s message %d failed",
-                              self.name, vmid, entity_label(pkg.entity), pkg.message_id)
-                result, error = None, error or f"{self.name}: internal error"
-            if i == 0:
-                reply = result
-        local = self.entities[0] if self.entities else 0
-        if error:
-            ack = Package(PackageType.ACK, local, pkg.message_id, pkg.id, pkg.stream,
-                          PackageFlag.ERROR, error.encode()[:2000])
-        else:
-            ack = Package(PackageType.ACK, local, pkg.message_id, pkg.id, pkg.stream,
-                          payload=dumps(reply))
-        await self._send_package(vmid, ack)
+                payload = dumps(reply)
+            except VMBusifyError as exc:  # a handler returned what cannot be sent
+                self.budget.count(vmid, Counter.HANDLER_ERRORS)
+                log.error("%s: reply not sent: %s", self._describe(vmid, pkg), exc)
+                await self._send_error_ack(vmid, pkg, f"{self.name}: internal error")
+                return
+            local = self.entities[0] if self.entities else 0
+            await self._send_package(vmid, Package(PackageType.ACK, local, pkg.message_id,
+                                                   pkg.id, pkg.stream, payload=payload))
+        finally:
+            share.requests -= 1

@@ -5,6 +5,13 @@ the id. The opener announces it with its own application REQUEST (PROXY-OPEN, EX
 carrying the id in the package header; the acceptor calls ``StreamTable.accept``. After that
 DATA packages carry bytes (flag EOF half-closes, flag RESET aborts) and WINDOW packages return
 credit (see vmbusify.protocol.window).
+
+Every stream is charged to its VM's share of the worker (vmbusify.bus.budget): the table
+refuses to open or accept one past ``streams_per_vm`` / ``streams_total``; unread bytes past
+``buffered_per_vm`` / ``buffered_total`` reset the stream that brought them; a writer waits
+for the VM's send budget as well as its stream's credit. A peer that breaks flow control
+(credit it was never owed, DATA past its credit, DATA after EOF) gets that stream reset.
+Each of these is counted per VM (``StreamTable.budget.snapshot()``).
 """
 
 from __future__ import annotations
@@ -12,10 +19,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from enum import Enum
 
-from vmbusify.errors import FlowControlError, ProtocolError, VMBusifyError
+from vmbusify.bus.budget import Budget, Counter, TxWaiter, VMShare
+from vmbusify.config import LimitsConfig
+from vmbusify.errors import FlowControlError, LimitReached, ProtocolError, VMBusifyError
+from vmbusify.logs import RateLimitedLog, printable
 from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.package import Package, PackageFlag, PackageType, Payload
 from vmbusify.protocol.window import (
@@ -26,7 +36,13 @@ from vmbusify.protocol.window import (
     encode_increment,
 )
 
+__all__ = ["BUFFER_LIMIT_REASON", "LimitReached", "Stream", "StreamKey", "StreamReset",
+           "StreamState", "StreamTable"]
+
 log = logging.getLogger(__name__)
+
+#: The reason a stream is reset with when its VM's unread bytes would pass the cap.
+BUFFER_LIMIT_REASON = "buffer limit reached"
 
 StreamKey = tuple[str, int, int]  # (vmid, peer entity, stream id)
 #: How a stream sends a package: (vmid, package) -> awaitable.
@@ -52,10 +68,11 @@ class StreamReset(VMBusifyError):
 class Stream:
     """One end of a flow-controlled byte stream. Use from a single asyncio task per direction."""
 
-    def __init__(self, table: StreamTable, vmid: str, local: int, peer: int, message_id: int,
-                 stream_id: int) -> None:
+    def __init__(self, table: StreamTable, share: VMShare, local: int, peer: int,
+                 message_id: int, stream_id: int) -> None:
         self._table = table
-        self.vmid = vmid
+        self._share = share
+        self.vmid = share.vmid
         self.local = local
         self.peer = peer
         self.message_id = message_id
@@ -67,10 +84,16 @@ class Stream:
         self._send = SendWindow(INITIAL_WINDOW)
         self._recv = ReceiveWindow(INITIAL_WINDOW)
         self._chunks: collections.deque[Payload] = collections.deque()
+        #: Bytes in _chunks (charged to the VM's rx share).
+        self._buffered = 0
         self._readable = asyncio.Event()
         self._credit = asyncio.Event()
         self._remote_eof = False
         self._local_eof = False
+        #: The writer's place in line for the VM's send budget, while it waits.
+        self._tx_waiter: TxWaiter | None = None
+        #: Still charged to the VM's share (cleared once, when the stream ends).
+        self._charged = True
 
     @property
     def key(self) -> StreamKey:
@@ -92,21 +115,39 @@ class Stream:
             raise StreamReset("write after EOF")
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send bytes, waiting for credit as needed; raises StreamReset if aborted."""
+        """Send bytes, waiting for credit (the stream's and the VM's send budget) as needed;
+        raises StreamReset if aborted."""
         view = memoryview(data)
         # Slices of immutable bytes go to ZeroMQ without a copy; anything mutable is copied,
         # since the caller may reuse its buffer before the bytes leave.
         immutable = isinstance(data, bytes)
+        budget, share, window = self._table.budget, self._share, self._send
         while view:
             self._check_writable()
-            n = self._send.take(len(view))
-            if n == 0:
+            want = window.sendable(len(view))
+            if want == 0:
                 self._credit.clear()
                 await self._credit.wait()
                 continue
+            # A stream already forgotten (finished by its owner) is no longer charged.
+            n = budget.tx_try(share, want) if self._charged else want
+            if n == 0:
+                n = await self._wait_budget(want)
+                if n == 0 or self.state is StreamState.RESET or not self._charged:
+                    if n:
+                        budget.tx_release(share, n)
+                    continue  # withdrawn: _check_writable says why
+            window.take(n)
             chunk, view = (view[:n] if immutable else bytes(view[:n])), view[n:]
             self.bytes_out += n
             await self._table.send(self.vmid, self._package(PackageType.DATA, chunk))
+
+    async def _wait_budget(self, want: int) -> int:
+        waiter = self._tx_waiter = TxWaiter(want)
+        try:
+            return await self._table.budget.tx_wait(self._share, waiter)
+        finally:
+            self._tx_waiter = None
 
     async def write_eof(self) -> None:
         """Half-close: tell the peer we send no more. Reading goes on."""
@@ -137,7 +178,11 @@ class Stream:
             self._readable.clear()
             await self._readable.wait()
         chunk = self._chunks.popleft()
-        grant = self._recv.on_consumed(len(chunk))
+        n = len(chunk)
+        self._buffered -= n
+        if self._charged:
+            self._table.budget.rx_release(self._share, n)
+        grant = self._recv.on_consumed(n)
         if grant and self.state is not StreamState.RESET and not self._remote_eof:
             await self._table.send(
                 self.vmid, self._package(PackageType.WINDOW, encode_increment(grant))
@@ -147,26 +192,37 @@ class Stream:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet read (never more than one window)."""
-        return sum(len(c) for c in self._chunks)
+        return self._buffered
 
-    def _on_package(self, pkg: Package) -> None:
+    def _on_package(self, pkg: Package) -> str:
+        """Take one DATA or WINDOW package; "" or why the stream must be reset (raises
+        FlowControlError / ProtocolError for a peer that broke the protocol)."""
         if pkg.type is PackageType.WINDOW:
-            self._send.grant(decode_increment(pkg.payload))
+            n = decode_increment(pkg.payload)
+            self._send.grant(n)
+            if self._charged:
+                self._table.budget.tx_release(self._share, n)
             self._credit.set()
-            return
+            return ""
         if pkg.flags & PackageFlag.RESET:
-            self._abort(bytes(pkg.payload).decode("utf-8", "replace") or "reset by peer")
-            return
-        if pkg.payload:
+            self._abort(printable(pkg.payload, 500) or "reset by peer")
+            return ""
+        payload = pkg.payload
+        if payload:
             if self._remote_eof:
                 raise ProtocolError("DATA after EOF")
-            self._recv.on_data(len(pkg.payload))
-            self.bytes_in += len(pkg.payload)
-            self._chunks.append(pkg.payload)
+            n = len(payload)
+            self._recv.on_data(n)
+            if not self._table.budget.rx_take(self._share, n):
+                return BUFFER_LIMIT_REASON
+            self._buffered += n
+            self.bytes_in += n
+            self._chunks.append(payload)
         if pkg.flags & PackageFlag.EOF:
             self._remote_eof = True
         self._readable.set()
         self._update_state()
+        return ""
 
     def _abort(self, reason: str) -> None:
         self.state = StreamState.RESET
@@ -175,6 +231,23 @@ class Stream:
         self._readable.set()
         self._credit.set()
         self._table.forget(self)
+        self._buffered = 0
+
+    def _release(self) -> None:
+        """The stream is over: give its VM back what it was charged (once)."""
+        if not self._charged:
+            return
+        self._charged = False
+        budget, share = self._table.budget, self._share
+        budget.remove_stream(share)
+        if self._buffered:
+            budget.rx_release(share, self._buffered)
+        if self._tx_waiter is not None:
+            budget.tx_withdraw(share, self._tx_waiter)
+        # Bytes sent and never credited back: no credit comes for a finished stream.
+        unacked = self._send.unacked
+        if unacked:
+            budget.tx_release(share, unacked)
 
     def _update_state(self) -> None:
         if self.state is StreamState.RESET:
@@ -189,60 +262,91 @@ class Stream:
 
 
 class StreamTable:
-    """Every open stream of one worker, and the id allocator for streams it opens."""
+    """Every open stream of one worker, the id allocator for streams it opens, and the
+    budget (per VM and in total) that caps them."""
 
-    def __init__(self, send: SendFn) -> None:
+    def __init__(self, send: SendFn, limits: LimitsConfig | None = None) -> None:
         self.send = send
+        self.budget = Budget(limits)
         self._streams: dict[StreamKey, Stream] = {}
         self._next_id = 0
+        self._warn = RateLimitedLog(log, self.budget.limits.log_lines_per_minute)
 
     def __len__(self) -> int:
         return len(self._streams)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Stream]:
         return iter(list(self._streams.values()))
 
     def open(self, vmid: str, local: int, peer: int, message_id: int) -> Stream:
-        """A new stream this worker opens; announce it with a REQUEST carrying ``stream.id``."""
+        """A new stream this worker opens; announce it with a REQUEST carrying ``stream.id``.
+
+        Raises LimitReached (its text is the reason; re-exported here) at a stream cap."""
         while True:
             self._next_id = self._next_id % 0xFFFFFFFF + 1  # ids 1..2**32-1, 0 means none
             if (vmid, peer, self._next_id) not in self._streams:
                 break
-        return self._add(Stream(self, vmid, local, peer, message_id, self._next_id))
+        return self._add(vmid, local, peer, message_id, self._next_id)
 
     def accept(self, vmid: str, local: int, request: Package, message_id: int) -> Stream:
-        """The stream a peer's open REQUEST announced (its header carries the id)."""
+        """The stream a peer's open REQUEST announced (its header carries the id).
+
+        Raises ProtocolError for a missing or duplicate id, LimitReached at a stream cap."""
         if request.stream == 0:
             raise ProtocolError("open request carries no stream id")
         key = (vmid, request.entity, request.stream)
         if key in self._streams:
             raise ProtocolError(f"stream {request.stream} is already open")
-        return self._add(Stream(self, vmid, local, request.entity, message_id, request.stream))
+        return self._add(vmid, local, request.entity, message_id, request.stream)
 
-    def _add(self, stream: Stream) -> Stream:
+    def _add(self, vmid: str, local: int, peer: int, message_id: int, stream_id: int) -> Stream:
+        share = self.budget.vm(vmid)
+        self.budget.add_stream(share)  # raises LimitReached
+        stream = Stream(self, share, local, peer, message_id, stream_id)
         self._streams[stream.key] = stream
         return stream
+
+    def room_for(self, vmid: str) -> str:
+        """"" if a stream with ``vmid`` could be added now, else the reason (counted)."""
+        return self.budget.stream_room(self.budget.vm(vmid))
 
     def forget(self, stream: Stream) -> None:
         """Drop a finished stream from the table (idempotent)."""
         if self._streams.get(stream.key) is stream:
             del self._streams[stream.key]
+        stream._release()
 
     def get(self, vmid: str, peer: int, stream_id: int) -> Stream | None:
         return self._streams.get((vmid, peer, stream_id))
 
     async def on_package(self, vmid: str, pkg: Package) -> None:
-        """Deliver a DATA or WINDOW package to its stream."""
+        """Deliver a DATA or WINDOW package to its stream.
+
+        One for no open stream is dropped and counted; a peer breaking flow control or the
+        VM's buffer cap gets the stream reset (counted, logged at most a few lines a minute).
+        """
         stream = self._streams.get((vmid, pkg.entity, pkg.stream))
         if stream is None:
-            # Bytes still in flight after we reset or finished the stream: nothing to do.
-            log.debug("vm=%s stream=%d: package for a closed stream dropped", vmid, pkg.stream)
+            # Never opened, or bytes still in flight after we reset or finished the stream.
+            self.budget.count(vmid, Counter.UNKNOWN_STREAM)
+            self._warn.log(logging.INFO, (vmid, Counter.UNKNOWN_STREAM),
+                           "vm=%s stream=%d: %s for no open stream dropped", vmid, pkg.stream,
+                           pkg.type.name)
             return
         try:
-            stream._on_package(pkg)
-        except (FlowControlError, ProtocolError) as exc:
-            log.warning("vm=%s stream=%d: %s; resetting the stream", vmid, pkg.stream, exc)
-            await stream.reset(str(exc))
+            reason = stream._on_package(pkg)
+        except FlowControlError as exc:
+            reason, counter = str(exc), Counter.CREDIT_RESETS
+        except ProtocolError as exc:
+            reason, counter = str(exc), Counter.BAD_PACKAGES
+        else:
+            if not reason:
+                return
+            counter = Counter.BUFFER_RESETS
+        self.budget.count(vmid, counter)
+        self._warn.warning((vmid, counter), "vm=%s stream=%d: %s; resetting the stream",
+                           vmid, pkg.stream, reason)
+        await stream.reset(reason)
 
     def drop_peer(self, vmid: str, entities: list[int], reason: str) -> int:
         """Abort every stream of a VM whose far end belongs to one of ``entities``."""

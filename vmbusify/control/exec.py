@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from vmbusify.bus.frames import TunnelEvent
+from vmbusify.bus.frames import RouteKind, TunnelEvent
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.bus.streams import Stream, StreamReset
 from vmbusify.control.server import CTX_KEY, ControlContext
@@ -91,8 +91,8 @@ class ExecService:
 
     def install(self) -> None:
         """Routes on the worker link (before it starts)."""
-        self.link.route(Entity.CMD_EXECUTOR, ExecMessage.DATA, None)
-        self.link.route(Entity.CMD_EXECUTOR, ExecMessage.EXIT, self.on_exit)
+        self.link.route(Entity.CMD_EXECUTOR, ExecMessage.DATA, None, RouteKind.STREAM)
+        self.link.route(Entity.CMD_EXECUTOR, ExecMessage.EXIT, self.on_exit, RouteKind.MESSAGE)
         self.link.on_event(self.on_event)
 
     async def on_exit(self, msg: Inbound) -> None:
@@ -146,8 +146,12 @@ class ExecService:
             return await self._start_request(vmid, spec)
         main = await self.link.open_stream(vmid, Entity.CMD_LISTENER, Entity.CMD_EXECUTOR,
                                            ExecMessage.DATA)
-        side = await self.link.open_stream(vmid, Entity.CMD_LISTENER, Entity.CMD_EXECUTOR,
-                                           ExecMessage.DATA)
+        try:
+            side = await self.link.open_stream(vmid, Entity.CMD_LISTENER, Entity.CMD_EXECUTOR,
+                                               ExecMessage.DATA)
+        except VMBusifyError:  # at the stream cap (LimitReached): the first goes too
+            self.link.streams.forget(main)
+            raise
         spec = dataclasses.replace(spec, side_stream=side.id)
         relay = Relay(vmid, spec, main, side)
         self.relays[(vmid, main.id)] = relay

@@ -6,6 +6,11 @@ never has more unacknowledged bytes in flight than its window; the receiver retu
 arrives before the sender runs dry even when four processes sit between the two ends. So a reader that stops
 reading stops its own stream, and only its own: every other stream keeps its credit, and
 nothing anywhere buffers more than one window per stream.
+
+Credit is checked as strictly as data: an honest receiver never returns more than was sent,
+so a sender's available credit never exceeds the window it started with. A WINDOW that
+would take it past that (a peer granting itself gigabytes to make us queue them) or a WINDOW
+of 0 is a FlowControlError, and the stream is reset.
 """
 
 from __future__ import annotations
@@ -31,20 +36,35 @@ def encode_increment(n: int) -> bytes:
 
 
 def decode_increment(payload: bytes | memoryview) -> int:
-    """The credit a WINDOW package grants; raises RemoteProtocolError if malformed."""
+    """The credit a WINDOW package grants; raises RemoteProtocolError if malformed and
+    FlowControlError for an increment of 0."""
     if len(payload) != _INCREMENT.size:
         raise RemoteProtocolError(f"WINDOW payload must be 4 bytes, got {len(payload)}")
     (n,) = _INCREMENT.unpack(payload)
     if n == 0:
-        raise RemoteProtocolError("WINDOW increment of 0")
+        raise FlowControlError("WINDOW increment of 0")
     return n
 
 
 class SendWindow:
-    """How many bytes this end may still send on a stream."""
+    """How many bytes this end may still send on a stream.
+
+    ``available + unacked == size`` for an honest peer, so ``unacked`` (bytes sent and not
+    yet credited back) is what may still sit between here and the peer's application.
+    """
 
     def __init__(self, initial: int = INITIAL_WINDOW) -> None:
+        self.size = initial
         self.available = initial
+
+    @property
+    def unacked(self) -> int:
+        """Bytes sent and not yet credited back by the peer."""
+        return self.size - self.available
+
+    def sendable(self, wanted: int) -> int:
+        """How much of ``wanted`` could be sent now (capped at MAX_CHUNK), without taking it."""
+        return min(wanted, self.available, MAX_CHUNK)
 
     def take(self, wanted: int) -> int:
         """Reserve up to ``wanted`` bytes of credit (capped at MAX_CHUNK); 0 means wait."""
@@ -53,9 +73,12 @@ class SendWindow:
         return n
 
     def grant(self, n: int) -> None:
-        """Credit returned by the peer; raises RemoteProtocolError on overflow past 2**32."""
-        if self.available + n > 0xFFFFFFFF:
-            raise RemoteProtocolError("WINDOW credit overflow")
+        """Credit returned by the peer; raises FlowControlError if it is 0 or would take the
+        available credit past the window (the peer returned bytes it never received)."""
+        if n <= 0 or self.available + n > self.size:
+            raise FlowControlError(
+                f"WINDOW of {n} bytes with {self.unacked} unacknowledged: credit past the "
+                f"window of {self.size} bytes")
         self.available += n
 
 

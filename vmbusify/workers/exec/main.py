@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from vmbusify.bus.frames import TunnelEvent
+from vmbusify.bus.frames import RouteKind, TunnelEvent
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.config import Config, Role
 from vmbusify.errors import ProtocolError, RemoteProtocolError, VMBusifyError
@@ -52,11 +52,11 @@ class Executor:
     def install(self) -> None:
         """Declare the routes (before link.start())."""
         link = self.link
-        link.route(Entity.CMD_LISTENER, ExecMessage.START, self.on_start)
-        link.route(Entity.CMD_LISTENER, ExecMessage.DATA, None)
-        link.route(Entity.CMD_LISTENER, ExecMessage.SIGNAL, self.on_signal)
-        link.route(Entity.CMD_LISTENER, ExecMessage.RESIZE, self.on_resize)
-        link.route(Entity.CMD_LISTENER, ExecMessage.KILL, self.on_kill)
+        link.route(Entity.CMD_LISTENER, ExecMessage.START, self.on_start, RouteKind.REQUEST)
+        link.route(Entity.CMD_LISTENER, ExecMessage.DATA, None, RouteKind.STREAM)
+        link.route(Entity.CMD_LISTENER, ExecMessage.SIGNAL, self.on_signal, RouteKind.MESSAGE)
+        link.route(Entity.CMD_LISTENER, ExecMessage.RESIZE, self.on_resize, RouteKind.MESSAGE)
+        link.route(Entity.CMD_LISTENER, ExecMessage.KILL, self.on_kill, RouteKind.MESSAGE)
         link.on_event(self.on_event)
 
     def stats(self) -> dict[str, int]:
@@ -152,7 +152,7 @@ class Executor:
         log.info("%s pid=%d: detached program ended (%d)", ctx, proc.pid, code)
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+        task = self.link.spawn(coro)  # the link logs and counts a failure
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

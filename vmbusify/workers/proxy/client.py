@@ -20,13 +20,20 @@ import logging
 import socket
 from typing import Any
 
+from vmbusify.bus.frames import RouteKind
 from vmbusify.bus.link import WorkerLink
 from vmbusify.bus.streams import Stream
 from vmbusify.config import ProxyConfig, Role
 from vmbusify.config_file import split_listen
 from vmbusify.control.access import AccessMode, Credentials, LocalUsers, access_mode
 from vmbusify.control.peer import tcp_peer_uid
-from vmbusify.errors import NotConnectedError, ProtocolError, RequestTimeout, TunnelError
+from vmbusify.errors import (
+    LimitReached,
+    NotConnectedError,
+    ProtocolError,
+    RequestTimeout,
+    TunnelError,
+)
 from vmbusify.logs import RateLimitedLog, printable
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.httpproxy import http_auth_required
@@ -92,7 +99,7 @@ class ProxyClient:
 
     def install(self) -> None:
         """Register the route for the server's PROXY-DATA."""
-        self.link.route(Entity.PROXY_SERVER, ProxyMessage.DATA, None)
+        self.link.route(Entity.PROXY_SERVER, ProxyMessage.DATA, None, RouteKind.STREAM)
 
     def listen(self) -> socket.socket:
         """Bind the listening socket (raises OSError)."""
@@ -238,8 +245,11 @@ class ProxyClient:
     async def open_far(self, route: Route, command: Command, label: str
                        ) -> tuple[OpenAck, Stream | None]:
         """Open a stream and send PROXY-OPEN; the ACK and the stream (None on failure)."""
-        stream = await self.link.open_stream(route.vmid, Entity.PROXY_CLIENT,
-                                             Entity.PROXY_SERVER, ProxyMessage.DATA)
+        try:
+            stream = await self.link.open_stream(route.vmid, Entity.PROXY_CLIENT,
+                                                 Entity.PROXY_SERVER, ProxyMessage.DATA)
+        except LimitReached as exc:  # this VM (or every VM) is at its stream cap
+            return OpenAck(ReplyCode.GENERAL_FAILURE, reason=str(exc)), None
         body = ProxyOpen(route.host, route.port, command).encode()
         try:
             raw = await self.link.sync_send(route.vmid, Entity.PROXY_CLIENT, ProxyMessage.OPEN,

@@ -13,6 +13,7 @@ import os
 import socket
 from typing import Any
 
+from vmbusify.bus.frames import RouteKind
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.config import Config, ProxyConfig, Role
 from vmbusify.errors import ProtocolError
@@ -52,8 +53,8 @@ class ProxyServer:
 
     def install(self) -> None:
         """Register the routes: PROXY-OPEN requests and the client's PROXY-DATA."""
-        self.link.route(Entity.PROXY_CLIENT, ProxyMessage.OPEN, self.on_open)
-        self.link.route(Entity.PROXY_CLIENT, ProxyMessage.DATA, None)
+        self.link.route(Entity.PROXY_CLIENT, ProxyMessage.OPEN, self.on_open, RouteKind.REQUEST)
+        self.link.route(Entity.PROXY_CLIENT, ProxyMessage.DATA, None, RouteKind.STREAM)
 
     async def close(self) -> None:
         for t in list(self._tasks):
@@ -61,7 +62,7 @@ class ProxyServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+        task = self.link.spawn(coro)  # the link logs and counts a failure
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -13,7 +13,7 @@ import logging
 import socket
 from typing import Any
 
-from vmbusify.bus.frames import TunnelEvent
+from vmbusify.bus.frames import RouteKind, TunnelEvent
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.config import Config
 from vmbusify.errors import ProtocolError, RequestTimeout, TunnelError, VMBusifyError
@@ -55,8 +55,9 @@ class SubnetGuest:
         self.reader = TunReader(self.tun, self._route_from_kernel)
         self.reader.start()
         link = self.link
-        link.route(Entity.IP_BEARER, SubnetMessage.HOST_READY, self._on_host_ready)
-        link.route(Entity.IP_BEARER, SubnetMessage.DATA, None)
+        link.route(Entity.IP_BEARER, SubnetMessage.HOST_READY, self._on_host_ready,
+                   RouteKind.MESSAGE)
+        link.route(Entity.IP_BEARER, SubnetMessage.DATA, None, RouteKind.STREAM)
         link.on_event(self._on_event)
         await link.start()
         self._task = asyncio.ensure_future(self._attach_forever())

@@ -8,12 +8,12 @@ delivers, forwards and NATs them under the rules of our nftables table.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 from pathlib import Path
 from typing import Any
 
+from vmbusify.bus.frames import RouteKind
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.config import Config
 from vmbusify.errors import SubnetError, VMBusifyError
@@ -90,9 +90,10 @@ class SubnetHost:
         self.reader = TunReader(self.tun, self._route_from_kernel)
         self.reader.start()
         link = self.link
-        link.route(Entity.IP_BEARER, SubnetMessage.ATTACH, self._on_attach)
-        link.route(Entity.IP_BEARER, SubnetMessage.KEEPALIVE, self._on_keepalive)
-        link.route(Entity.IP_BEARER, SubnetMessage.DATA, None)
+        link.route(Entity.IP_BEARER, SubnetMessage.ATTACH, self._on_attach, RouteKind.REQUEST)
+        link.route(Entity.IP_BEARER, SubnetMessage.KEEPALIVE, self._on_keepalive,
+                   RouteKind.REQUEST)
+        link.route(Entity.IP_BEARER, SubnetMessage.DATA, None, RouteKind.STREAM)
         await link.start()
         await self._announce()
         log.info("subnet %s%s up on %s (mtu %d), NAT out of %s", self.network,
@@ -192,7 +193,7 @@ class SubnetHost:
         for packed in allowed:
             self.by_address[packed] = vmid
         bearer.start()
-        asyncio.ensure_future(self._forget_when_closed(vmid, bearer))
+        self.link.spawn(self._forget_when_closed(vmid, bearer), vmid, "watching the bearer")
         log.info("vm=%s stream=%d attached (guest %s, offload %s): %s%s", vmid, stream.id,
                  attach.name or "?", attach.offload, lease.address,
                  f", {lease.address6}" if lease.address6 else "")
