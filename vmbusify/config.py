@@ -213,8 +213,10 @@ class LimitsConfig:
     #: Requests (opens, exec starts, ...) one worker handles for one VM at once.
     requests_per_vm: int = 512
     #: Bytes of packages waiting in the mux to be written to one VM's tunnel; a VM that
-    #: stops reading past this is disconnected.
-    tunnel_backlog: int = 64 << 20
+    #: stops reading past this is disconnected. Above what the host's three workers may have
+    #: in flight to one VM together (3 x buffered_per_vm), so an honest VM that reads slowly
+    #: is throttled by its credit, never cut off.
+    tunnel_backlog: int = 96 << 20
     #: Packages the mux takes from one tunnel before it serves the others (fairness). 64:
     #: more than a 64 KiB read of subnet packets (~43), so real traffic never waits; beside
     #: a VM flooding tiny packages another VM's ping took 0.6 ms (idle 0.2), 2.5 ms at 256.

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,12 +108,12 @@ while True:
 """
 
 
-def run(argv: list[str], timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,  # type: ignore[call-overload]
+def run(argv: list[str], timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                           check=False, cwd="/", **kw)
 
 
-def as_user(who: list[str], argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+def as_user(who: list[str], argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return run([*who, *argv], **kw)
 
 

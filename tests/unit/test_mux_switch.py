@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import pytest
 
 from vmbusify.bus.frames import RouteKind
 from vmbusify.errors import RemoteProtocolError
 from vmbusify.mux.switch import (
+    Action,
     AnswerError,
     Drop,
     DropReason,
@@ -34,6 +36,8 @@ M, R, S = int(RouteKind.MESSAGE), int(RouteKind.REQUEST), int(RouteKind.STREAM)
 PROXY_C, PROXY_S = int(Entity.PROXY_CLIENT), int(Entity.PROXY_SERVER)
 OPEN, DATA = 1, 2
 
+T = TypeVar("T")
+
 
 def reg(name: str, routes: list[list[int]], entities: list[int] | None = None,
         pid: int = 100) -> dict[str, Any]:
@@ -58,6 +62,18 @@ def header_of(action: ToWorker | ToTunnel) -> Any:
     return decode_header(action.header, MAX_PAYLOAD_LIMIT)
 
 
+def of(actions: Sequence[Action], cls: type[T]) -> list[T]:
+    """``actions``, each checked to be a ``cls`` (and narrowed to it for the type checker)."""
+    assert all(isinstance(a, cls) for a in actions), actions
+    return [a for a in actions if isinstance(a, cls)]
+
+
+def one(action: Action, cls: type[T]) -> T:
+    """``action``, checked to be a ``cls`` (and narrowed to it for the type checker)."""
+    assert isinstance(action, cls), action
+    return action
+
+
 # -- tunnel -> workers: routes and types ---------------------------------------------------
 
 def test_a_request_goes_to_the_first_handler_and_copies_as_messages_to_the_others() -> None:
@@ -68,8 +84,9 @@ def test_a_request_goes_to_the_first_handler_and_copies_as_messages_to_the_other
     p = pkg(PackageType.REQUEST, pid=41, payload=b"\x81\xa1a\x01")
     acts = sw.from_tunnel("vm1", p)
     assert [type(a) for a in acts] == [ToWorker, ToWorker, ToWorker]
-    assert [a.identity for a in acts] == [b"w1", b"w2", b"w3"]  # registration order
-    first, *copies = acts
+    workers = of(acts, ToWorker)
+    assert [a.identity for a in workers] == [b"w1", b"w2", b"w3"]  # registration order
+    first, *copies = workers
     assert header_of(first).type is PackageType.REQUEST and first.retry is p
     assert header_of(first).id == 41 and first.payload == p.payload and first.vmid == "vm1"
     for c in copies:
@@ -83,7 +100,7 @@ def test_a_request_is_answered_by_the_first_worker_that_takes_requests() -> None
     sw.register(b"w1", reg("listener", [[PROXY_C, OPEN, M]]))  # notifications only
     sw.register(b"w2", reg("server", [[PROXY_C, OPEN, R]]))
     sw.register(b"w3", reg("strict", [[PROXY_C, OPEN, R]]))  # takes no one-way copy
-    acts = sw.from_tunnel("vm1", pkg(PackageType.REQUEST))
+    acts = of(sw.from_tunnel("vm1", pkg(PackageType.REQUEST)), ToWorker)
     assert [(a.identity, header_of(a).type) for a in acts] == [
         (b"w2", PackageType.REQUEST), (b"w1", PackageType.MESSAGE)]
 
@@ -93,7 +110,7 @@ def test_a_message_reaches_every_worker_that_takes_messages() -> None:
     sw.register(b"w1", reg("a", [[PROXY_C, OPEN]]))
     sw.register(b"w2", reg("b", [[PROXY_C, OPEN, M | R]]))
     sw.register(b"w3", reg("c", [[PROXY_C, OPEN, R]]))
-    acts = sw.from_tunnel("vm1", pkg(PackageType.MESSAGE))
+    acts = of(sw.from_tunnel("vm1", pkg(PackageType.MESSAGE)), ToWorker)
     assert [a.identity for a in acts] == [b"w1", b"w2"]
     assert all(header_of(a).type is PackageType.MESSAGE for a in acts)
 
@@ -105,17 +122,19 @@ def test_a_one_way_message_where_a_request_is_due_is_dropped() -> None:
     sw.register(b"w1", reg("proxy", [[PROXY_C, OPEN, R], [PROXY_C, DATA, S]]))
     acts = sw.from_tunnel("vm1", pkg(PackageType.MESSAGE))
     assert acts == [Drop("vm1", DropReason.WRONG_TYPE, PackageType.MESSAGE, PROXY_C, OPEN, R)]
-    assert acts[0].detail == "MESSAGE for proxy-client message 1, whose route takes request"
+    assert one(acts[0], Drop).detail == ("MESSAGE for proxy-client message 1, whose route "
+                                         "takes request")
 
 
 def test_a_request_where_a_message_is_due_gets_an_error_ack() -> None:
     sw = host_switch()
     sw.register(b"w1", reg("subnet", [[PROXY_C, OPEN, M]]))
     acts = sw.from_tunnel("vm1", pkg(PackageType.REQUEST, pid=9, stream=3))
-    assert acts[0].reason is DropReason.WRONG_TYPE
-    assert acts[0].detail == ("REQUEST for proxy-client message 1 (stream 3), whose route "
-                              "takes message")
-    answer = acts[1]
+    drop = one(acts[0], Drop)
+    assert drop.reason is DropReason.WRONG_TYPE
+    assert drop.detail == ("REQUEST for proxy-client message 1 (stream 3), whose route "
+                           "takes message")
+    answer = one(acts[1], AnswerError)
     assert answer == AnswerError("vm1", 9, OPEN, "wrong package type for proxy-client message 1",
                                  None, 3)
     ack = answer.package()
@@ -128,13 +147,13 @@ def test_a_request_where_a_message_is_due_gets_an_error_ack() -> None:
 def test_stream_packages_need_a_stream_route(ptype: PackageType) -> None:
     sw = host_switch()
     sw.register(b"w1", reg("proxy", [[PROXY_C, OPEN, R], [PROXY_C, DATA, S]]))
-    ok = sw.from_tunnel("vm1", pkg(ptype, message_id=DATA, stream=5))
+    ok = of(sw.from_tunnel("vm1", pkg(ptype, message_id=DATA, stream=5)), ToWorker)
     assert [(a.identity, header_of(a).type, header_of(a).stream) for a in ok] == [
         (b"w1", ptype, 5)]
     bad = sw.from_tunnel("vm1", pkg(ptype, message_id=OPEN, stream=5))
-    assert [type(a) for a in bad] == [Drop] and bad[0].reason is DropReason.WRONG_TYPE
-    assert bad[0].detail == (f"{ptype.name} for proxy-client message 1 (stream 5), whose "
-                             "route takes request")
+    assert [type(a) for a in bad] == [Drop] and one(bad[0], Drop).reason is DropReason.WRONG_TYPE
+    assert one(bad[0], Drop).detail == (f"{ptype.name} for proxy-client message 1 (stream 5), "
+                                        "whose route takes request")
 
 
 def test_a_route_without_a_kind_takes_every_type() -> None:
@@ -149,15 +168,16 @@ def test_a_route_without_a_kind_takes_every_type() -> None:
 def test_no_worker_answers_a_request_with_an_error_and_drops_the_rest() -> None:
     sw = host_switch()
     acts = sw.from_tunnel("vm1", pkg(PackageType.REQUEST, message_id=4242, pid=3))
-    assert acts[0].reason is DropReason.NO_ROUTE
+    assert one(acts[0], Drop).reason is DropReason.NO_ROUTE
     assert acts[1] == AnswerError("vm1", 3, 4242,
                                   "no worker on hostA handles proxy-client message 4242")
     for ptype in (PackageType.MESSAGE, PackageType.DATA):
         dropped = sw.from_tunnel("vm1", pkg(ptype, message_id=4242))
         assert [type(a) for a in dropped] == [Drop]
-        assert dropped[0].reason is DropReason.NO_ROUTE and dropped[0].reason.from_peer
-        assert dropped[0].detail == (f"{ptype.name} for proxy-client message 4242: "
-                                     "no worker handles it")
+        drop = one(dropped[0], Drop)
+        assert drop.reason is DropReason.NO_ROUTE and drop.reason.from_peer
+        assert drop.detail == (f"{ptype.name} for proxy-client message 4242: "
+                               "no worker handles it")
 
 
 # -- sides -----------------------------------------------------------------------------------
@@ -179,8 +199,8 @@ def test_a_guest_cannot_send_as_the_command_listener() -> None:
     assert acts == [Drop("vm1", DropReason.FOREIGN_ENTITY, PackageType.REQUEST,
                          Entity.CMD_LISTENER, 1, 1),
                     AnswerError("vm1", 5, 1, "cmd-listener is not an entity of a guest")]
-    assert acts[0].detail == ("REQUEST for cmd-listener message 1: cmd-listener is not an "
-                              "entity of a guest")
+    assert one(acts[0], Drop).detail == ("REQUEST for cmd-listener message 1: cmd-listener "
+                                         "is not an entity of a guest")
     # nor ACK as it, even a pending one (the id stays pending for the real answer)
     sw.from_worker(b"w1", "vm1", pkg(PackageType.REQUEST, entity=Entity.CMD_LISTENER,
                                      message_id=1, pid=11).header(), b"")
@@ -203,7 +223,7 @@ def test_a_host_cannot_send_as_the_command_executor() -> None:
     bad = sw.from_tunnel("host", pkg(PackageType.MESSAGE, entity=Entity.CMD_EXECUTOR,
                                      message_id=3))
     assert [a.reason for a in bad if isinstance(a, Drop)] == [DropReason.FOREIGN_ENTITY]
-    assert bad[0].detail.endswith("cmd-executor is not an entity of a host")
+    assert one(bad[0], Drop).detail.endswith("cmd-executor is not an entity of a host")
     ok = sw.from_tunnel("host", pkg(PackageType.MESSAGE, entity=Entity.CMD_LISTENER,
                                     message_id=3))
     assert [type(a) for a in ok] == [ToWorker]
@@ -220,14 +240,14 @@ def test_request_ids_are_rewritten_and_the_ack_finds_the_worker_with_its_own_id(
     id1, id2 = header_of(t1).id, header_of(t2).id
     assert id1 != id2 and 0 not in (id1, id2)  # same worker id, distinct tunnel ids
     assert (t1.type, t1.entity, t1.payload) == (PackageType.REQUEST, PROXY_C, b"x")
-    back = sw.from_tunnel("vm1", pkg(PackageType.ACK, entity=PROXY_S, pid=id2,
-                                     payload=b"\xc3", stream=4))
+    back = of(sw.from_tunnel("vm1", pkg(PackageType.ACK, entity=PROXY_S, pid=id2,
+                                        payload=b"\xc3", stream=4)), ToWorker)
     assert [a.identity for a in back] == [b"wB"]
     h = header_of(back[0])
     assert (h.type, h.id, h.entity, h.stream, back[0].payload) == (
         PackageType.ACK, 500, PROXY_S, 4, b"\xc3")
     # each ACK is taken once: a second copy answers nothing
-    again = sw.from_tunnel("vm1", pkg(PackageType.ACK, entity=PROXY_S, pid=id2))
+    again = of(sw.from_tunnel("vm1", pkg(PackageType.ACK, entity=PROXY_S, pid=id2)), Drop)
     assert [a.reason for a in again] == [DropReason.STRAY_ACK]
     assert again[0].detail == f"ACK for proxy-server message 1: its id {id2} answers no request"
     # another VM's tunnel has ids of its own: vm1's id means nothing there
@@ -253,6 +273,7 @@ def test_a_vm_that_is_not_up_holds_what_may_wait_and_an_unknown_vm_is_an_error()
     (err,) = sw.from_worker(b"wA", "nope", req, b"x")
     assert err == AnswerError("nope", 12, OPEN, "unknown VM 'nope'", b"wA")
     (drop,) = sw.from_worker(b"wA", "nope", pkg(PackageType.MESSAGE).header(), b"")
+    assert isinstance(drop, Drop)
     assert drop.reason is DropReason.UNKNOWN_VM and not drop.reason.from_peer
 
 
@@ -263,7 +284,7 @@ def test_a_tunnel_going_down_fails_every_request_waiting_on_it() -> None:
     sw.from_worker(b"wA", "vm2", pkg(PackageType.REQUEST, pid=3).header(), b"")
     acts = sw.tunnel_down("vm1", "peer closed the connection")
     reason = "not connected: tunnel to vm1 lost (peer closed the connection)"
-    assert sorted(acts, key=lambda a: a.call_id) == [
+    assert sorted(of(acts, AnswerError), key=lambda a: a.call_id) == [
         AnswerError("vm1", 1, 0, reason, b"wA"), AnswerError("vm1", 2, 0, reason, b"wB")]
     assert not sw.is_up("vm1") and sw.is_up("vm2")
     assert isinstance(sw.from_worker(b"wA", "vm1", pkg(PackageType.MESSAGE).header(),
@@ -280,7 +301,7 @@ def test_a_gone_answering_worker_hands_the_request_to_the_next_one() -> None:
     sw.register(b"w1", reg("first", [[PROXY_C, OPEN]], [PROXY_S]))
     sw.register(b"w2", reg("second", [[PROXY_C, OPEN]]))
     first, _copy = sw.from_tunnel("vm1", pkg(PackageType.REQUEST, pid=3))
-    acts = sw.undeliverable(first)
+    acts = sw.undeliverable(one(first, ToWorker))
     gone, *rest = acts
     assert isinstance(gone, WorkerGone) and gone.info.name == "first"
     announce = [a for a in rest if isinstance(a, ToTunnel)]
@@ -299,7 +320,7 @@ def test_a_gone_worker_that_was_only_copied_is_forgotten_and_nothing_rerouted() 
     sw = host_switch()
     sw.register(b"w1", reg("a", [[PROXY_C, OPEN]]))
     (act,) = sw.from_tunnel("vm1", pkg(PackageType.MESSAGE))
-    acts = sw.undeliverable(act)
+    acts = sw.undeliverable(one(act, ToWorker))
     assert [type(a) for a in acts] == [WorkerGone]  # no entities: nothing to announce
     assert sw.routes.destinations(PROXY_C, OPEN) == []
 
@@ -312,10 +333,12 @@ def test_registration_heartbeats_restarts_and_silence() -> None:
     # a new process of the same worker: the peers hear the old one's streams are gone
     restarted = sw.register(b"w9", reg("proxy", [[PROXY_C, OPEN, R]], [PROXY_S], pid=2))
     assert [type(a) for a in restarted] == [WorkerGone, ToTunnel, WorkerJoined]
-    assert restarted[0].why == "restarted" and restarted[1].vmid == "vm1"
+    assert one(restarted[0], WorkerGone).why == "restarted"
+    assert one(restarted[1], ToTunnel).vmid == "vm1"
     assert [w.identity for w, _ in sw.routes.destinations(PROXY_C, OPEN)] == [b"w9"]
     gone = sw.silent(6.0, now=10**12)
-    assert [type(a) for a in gone] == [WorkerGone, ToTunnel] and "silent" in gone[0].why
+    assert [type(a) for a in gone] == [WorkerGone, ToTunnel]
+    assert "silent" in one(gone[0], WorkerGone).why
     assert sw.routes.workers() == []
 
 
