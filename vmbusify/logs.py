@@ -7,6 +7,10 @@ import sys
 import time
 from collections.abc import Callable, Hashable
 
+from vmbusify.text import UNSAFE_IN_LOG, printable
+
+__all__ = ["OneLineFormatter", "RateLimitedLog", "printable", "setup_logging"]
+
 
 def setup_logging(program: str, level: str = "INFO") -> None:
     """Log to stdout as ``time level program: message`` (context like vm=... in the message)."""
@@ -24,17 +28,6 @@ def setup_logging(program: str, level: str = "INFO") -> None:
 # -- text from the other side is data ------------------------------------------------------
 
 
-#: Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: in a log
-#: line or on a terminal any of them can forge a line or move the cursor.
-_UNSAFE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
-_UNSAFE.update({0x2028: "\\u2028", 0x2029: "\\u2029", ord("\\"): "\\\\"})
-# Bytes that are not UTF-8, as "surrogateescape" decodes them (U+DC80..U+DCFF): \xNN.
-_UNSAFE.update({0xDC00 + b: f"\\x{b:02x}" for b in range(0x80, 0x100)})
-#: In a whole log message a backslash stays as it is (our own messages hold Windows paths
-#: and regexes); only what can break the line or the terminal is escaped.
-_UNSAFE_IN_LOG = {k: v for k, v in _UNSAFE.items() if k != ord("\\")}
-
-
 class OneLineFormatter(logging.Formatter):
     """A log record is one line, whatever its message holds: control characters in the
     message (a peer's host name with a newline, an escape sequence) are escaped, so text
@@ -42,19 +35,8 @@ class OneLineFormatter(logging.Formatter):
     log. A traceback we log ourselves still follows on lines of its own."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = record.message.translate(_UNSAFE_IN_LOG)
+        record.message = record.message.translate(UNSAFE_IN_LOG)
         return super().formatMessage(record)
-
-
-def printable(text: object, limit: int = 200) -> str:
-    """``text`` (a peer's string, or bytes) fit for a log line or a terminal: control
-    characters escaped, a backslash doubled, at most ``limit`` characters (then ``...``)."""
-    if isinstance(text, bytes | bytearray | memoryview):
-        text = bytes(text).decode("utf-8", "surrogateescape")
-    s = str(text)
-    cut = len(s) > limit
-    s = s[:limit].translate(_UNSAFE)
-    return s + "..." if cut else s
 
 
 class RateLimitedLog:

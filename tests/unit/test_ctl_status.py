@@ -70,3 +70,18 @@ def test_what_the_mux_refused_from_a_vm_is_shown_under_it() -> None:
                                     "up 12 times; closed for backlog 1 time")
     assert lines[i + 2].startswith("vm2 ")  # a VM with nothing refused has its line only
     assert lines[i + 3:] == [""]
+
+
+def test_a_guests_reason_reaches_the_terminal_escaped(capsys: Any) -> None:
+    """A disconnected VM's last error and a failed command's reason may be a guest's text
+    (a BYE, an ERROR ACK): no escape sequence or line break of it reaches the terminal."""
+    import pytest
+
+    from vmbusify.cli.ctl import _fail
+
+    st = status([])
+    st["vms"][0].update(state="disconnected", last_error="peer refused: \x1b]0;owned\x07\nx")
+    assert "last error: peer refused: \\x1b]0;owned\\x07\\x0ax" in render_status(st)
+    with pytest.raises(SystemExit):
+        _fail("vm1: no such program\x1b[2J\nFORGED")
+    assert capsys.readouterr().err == "vmbusifyctl: vm1: no such program\\x1b[2J\\x0aFORGED\n"

@@ -24,7 +24,8 @@ def _client(ctx: click.Context) -> ControlClient:
 
 
 def _fail(message: str) -> None:
-    click.echo(f"vmbusifyctl: {message}", err=True)
+    # The reason may be a guest's text (an ERROR ACK, a BYE): never raw on a terminal.
+    click.echo(f"vmbusifyctl: {printable(message, 2000)}", err=True)
     sys.exit(1)
 
 
@@ -122,7 +123,7 @@ def render_status(st: dict[str, Any]) -> str:
                      f"{_bytes(vm['bytes_in']):>10} {_bytes(vm['bytes_out']):>10}  "
                      f"{', '.join(vm['ips']) or '-'}")
         if vm["state"] != "connected" and vm.get("last_error"):
-            lines.append(f"{'':<20} last error: {vm['last_error']}")
+            lines.append(f"{'':<20} last error: {printable(vm['last_error'], 500)}")
         for refused in vm.get("ips_refused") or []:
             lines.append(f"{'':<20} not held: {printable(refused.get('ip'))} "
                          f"({printable(refused.get('reason'))})")

@@ -39,6 +39,7 @@ from vmbusify.protocol.websocket import (
     expected_accept,
     handshake_key,
 )
+from vmbusify.text import printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -553,9 +554,11 @@ _mid_line = False
 
 
 def _err(message: str) -> None:
+    """One line on stderr; the reasons it carries may come from the guest, so control
+    characters in them are escaped (they must not drive the operator's terminal)."""
     try:
         prefix = "\n" if _mid_line else ""
-        os.write(2, f"{prefix}{PROG}: {message}\n".encode(errors="replace"))
+        os.write(2, f"{prefix}{PROG}: {printable(message, 2000)}\n".encode(errors="replace"))
     except OSError:
         pass
 
