@@ -209,7 +209,9 @@ class LimitsConfig:
     #: credited back by the peer (so also what waits in the mux for that VM). At least one
     #: stream window (8 MiB) plus one chunk (1 MiB).
     buffered_per_vm: int = 24 << 20
-    buffered_total: int = 768 << 20
+    #: With the defaults the host's worst case over every VM is about 3 x 384 MiB in the
+    #: workers plus tunnel_backlog_total (512 MiB) in the mux: under 2 GB with 64 VMs or more.
+    buffered_total: int = 384 << 20
     #: Requests (opens, exec starts, ...) one worker handles for one VM at once.
     requests_per_vm: int = 512
     #: Bytes of packages waiting in the mux to be written to one VM's tunnel; a VM that
