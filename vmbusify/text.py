@@ -26,3 +26,17 @@ def printable(text: object, limit: int = 200) -> str:
     cut = len(s) > limit
     s = s[:limit].translate(_UNSAFE)
     return s + "..." if cut else s
+
+
+#: What a terminal must not be sent from a peer: the control characters that move the cursor,
+#: change modes or set the title (ESC, CSI, BEL...). Newlines and tabs stay: our own
+#: multi-line messages use them, and they cannot rewrite what is already on the screen.
+_UNSAFE_ON_TERMINAL = {k: v for k, v in UNSAFE_IN_LOG.items() if k not in (0x09, 0x0A)}
+
+
+def for_terminal(text: str, limit: int = 4000) -> str:
+    """A message for the operator's terminal: control characters but newline and tab
+    escaped, at most ``limit`` characters (then ``...``)."""
+    cut = len(text) > limit
+    s = text[:limit].translate(_UNSAFE_ON_TERMINAL)
+    return s + "..." if cut else s

@@ -17,6 +17,7 @@ from vmbusify.config import load_config
 from vmbusify.control.client import ControlClient, q
 from vmbusify.errors import VMBusifyError
 from vmbusify.logs import printable
+from vmbusify.text import for_terminal
 
 
 def _client(ctx: click.Context) -> ControlClient:
@@ -25,7 +26,7 @@ def _client(ctx: click.Context) -> ControlClient:
 
 def _fail(message: str) -> None:
     # The reason may be a guest's text (an ERROR ACK, a BYE): never raw on a terminal.
-    click.echo(f"vmbusifyctl: {printable(message, 2000)}", err=True)
+    click.echo(f"vmbusifyctl: {for_terminal(message)}", err=True)
     sys.exit(1)
 
 

@@ -39,7 +39,7 @@ from vmbusify.protocol.websocket import (
     expected_accept,
     handshake_key,
 )
-from vmbusify.text import printable
+from vmbusify.text import for_terminal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -555,10 +555,10 @@ _mid_line = False
 
 def _err(message: str) -> None:
     """One line on stderr; the reasons it carries may come from the guest, so control
-    characters in them are escaped (they must not drive the operator's terminal)."""
+    characters but newlines in them are escaped (they must not drive the operator's terminal)."""
     try:
         prefix = "\n" if _mid_line else ""
-        os.write(2, f"{prefix}{PROG}: {printable(message, 2000)}\n".encode(errors="replace"))
+        os.write(2, f"{prefix}{PROG}: {for_terminal(message)}\n".encode(errors="replace"))
     except OSError:
         pass
 
