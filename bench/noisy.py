@@ -127,7 +127,8 @@ class Noise:
 
     def __init__(self, layout: LabLayout, ext_ip: str, idle_streams: int,
                  flood_streams: int, rate: float) -> None:
-        self.peer = hp.HostilePeer(layout.vm(NOISY).tunnel_path, give_credit=False)
+        self.peer = hp.HostilePeer(layout.vm(NOISY).tunnel_path, give_credit=False,
+                                   key_file=layout.vm(NOISY).key_path)
         self.ext_ip = ext_ip
         self.idle_streams = idle_streams
         self.flood_streams = flood_streams
