@@ -45,7 +45,7 @@ from vmbusify.runtime import stop_on_signals
 log = logging.getLogger("vmbusify.control")
 
 #: Modules with a ``setup(app: web.Application, ctx: ControlContext) -> None`` adding routes.
-ROUTE_MODULES = ["vmbusify.control.builtin", "vmbusify.control.exec"]
+ROUTE_MODULES = ["vmbusify.control.builtin", "vmbusify.workers.exec.host"]
 
 
 @dataclass
