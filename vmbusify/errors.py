@@ -71,3 +71,8 @@ class LabError(VMBusifyError):
 class LimitReached(VMBusifyError):
     """A cap of ``[limits]`` was reached (streams, buffered bytes, requests); the text says
     which, and goes to the peer so its user sees why."""
+
+
+class CoreLoopEnded(VMBusifyError):
+    """A core loop of a worker (its accept or attach loop) raised or returned: the worker
+    stops and its program exits non-zero, so that it is restarted (workers/base.py)."""

@@ -17,7 +17,8 @@ from vmbusify.errors import VMBusifyError
 from vmbusify.logs import setup_logging
 from vmbusify.runtime import run_async
 
-#: Worker programs: `vmbusify worker NAME` runs ``vmbusify.workers.NAME.main:run(config)``.
+#: Worker programs: `vmbusify worker NAME` runs ``vmbusify.workers.NAME.main:run(config)``,
+#: which fills in vmbusify.workers.base.Worker and runs it with run_worker.
 WORKERS = ("exec", "proxy", "subnet")
 
 config_option = click.option(

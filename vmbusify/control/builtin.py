@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from vmbusify.control.server import CTX_KEY, ControlContext
+from vmbusify.control.context import CTX_KEY, ControlContext
 from vmbusify.control.supervisor import program_states
 from vmbusify.errors import ControlError
 

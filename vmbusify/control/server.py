@@ -6,20 +6,17 @@ Every request needs ``Authorization: Bearer <token>``, the token being the file 
 first start beside the socket (Config.token_path): root's, readable by group ``vmbusify``
 when that group exists (0640), else by root only (0600). Clients check that the listener is
 root's before they send it (control/verify.py). Built-in commands are in control/builtin.py;
-application commands (exec, forward, ...) add their routes through ``ROUTE_MODULES``.
+the host half of exec (workers/exec/host.py) adds its routes and runs on the listener's link.
 Errors are JSON ``{"error": "..."}`` with a status that says whose fault it was.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -27,6 +24,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from vmbusify.bus.link import WorkerLink
 from vmbusify.config import Config
 from vmbusify.config_file import parse_control_listen
+from vmbusify.control import builtin
+from vmbusify.control.context import CTX_KEY, ControlContext
 from vmbusify.control.peer import unix_peer_uid
 from vmbusify.control.sockdir import group_id, prepare_dir, secure_socket
 from vmbusify.control.token import ensure_token, token_matches
@@ -41,25 +40,10 @@ from vmbusify.errors import (
 from vmbusify.logs import printable
 from vmbusify.protocol.entities import Entity
 from vmbusify.runtime import stop_on_signals
+from vmbusify.workers.base import Worker
+from vmbusify.workers.exec import host as exec_host
 
 log = logging.getLogger("vmbusify.control")
-
-#: Modules with a ``setup(app: web.Application, ctx: ControlContext) -> None`` adding routes.
-ROUTE_MODULES = ["vmbusify.control.builtin", "vmbusify.workers.exec.host"]
-
-
-@dataclass
-class ControlContext:
-    """What route handlers share."""
-
-    config: Config
-    link: WorkerLink
-    token: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-CTX_KEY = web.AppKey("ctx", ControlContext)
-
 
 def error_response(status: int, message: str) -> web.Response:
     """A JSON error body, as every failing request gets."""
@@ -136,13 +120,13 @@ class OneLineBadRequests(logging.Filter):
         return True
 
 
-def build_app(ctx: ControlContext) -> web.Application:
-    """The aiohttp application with every route module set up."""
+def build_app(ctx: ControlContext) -> tuple[web.Application, list[Worker]]:
+    """The aiohttp application with every route set up, and the workers that run on the
+    listener's link (to be started before it)."""
     app = web.Application(middlewares=[auth_and_errors], client_max_size=1 << 20)
     app[CTX_KEY] = ctx
-    for name in ROUTE_MODULES:
-        importlib.import_module(name).setup(app, ctx)
-    return app
+    builtin.setup(app, ctx)
+    return app, [exec_host.setup(app, ctx.config, ctx.link)]
 
 
 def _prepare(config: Config) -> tuple[str, str, int, int | None]:
@@ -168,8 +152,10 @@ async def run_control(config: Config, stop: asyncio.Event | None = None) -> None
     token = ensure_token(config.token_path, gid)
     link = WorkerLink(config, "control", [Entity.CMD_LISTENER])
     ctx = ControlContext(config, link, token)
-    app = build_app(ctx)
+    app, parts = build_app(ctx)
     logging.getLogger("aiohttp.server").addFilter(OneLineBadRequests())
+    for part in parts:
+        await part.start()  # their routes go into the link's first registration
     await link.start()
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

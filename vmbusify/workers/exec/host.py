@@ -1,4 +1,8 @@
-"""The command listener's exec API (spec 4.2.2): runs vmbusifyexec's programs on a VM.
+"""The host half of exec: the command listener's exec API, which runs vmbusifyexec's programs
+on a VM (the guest half, the command executor, is workers/exec/main.py).
+
+It runs inside the command listener (control/server.py), on the listener's link, as a
+``Worker`` of its own that shares that link (vmbusify.workers.base).
 
 Routes (every request carries the bearer token; see docs/exec.md)::
 
@@ -29,7 +33,7 @@ from aiohttp import WSMsgType, web
 from vmbusify.bus.frames import RouteKind, TunnelEvent
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.bus.streams import Stream, StreamReset
-from vmbusify.control.server import CTX_KEY, ControlContext
+from vmbusify.config import Config
 from vmbusify.errors import (
     ControlError,
     ProtocolError,
@@ -49,8 +53,9 @@ from vmbusify.protocol.exec import (
 )
 from vmbusify.protocol.exec_api import EXIT_FAILURE, Channel, ExitReason
 from vmbusify.protocol.window import MAX_CHUNK
+from vmbusify.workers.base import Worker
 
-log = logging.getLogger("vmbusify.control.exec")
+log = logging.getLogger("vmbusify.exec.host")
 
 #: Seconds a client has to send its request once the WebSocket is open.
 REQUEST_TIMEOUT = 10.0
@@ -81,11 +86,15 @@ class Relay:
             self.exit.set_result(ExitStatus(EXIT_FAILURE, ExitReason.LOST, reason, self.main.id))
 
 
-class ExecService:
-    """Starts execs on VMs and tracks the running ones."""
+class ExecService(Worker):
+    """Starts execs on VMs and tracks the running ones (on the command listener's link)."""
 
-    def __init__(self, link: WorkerLink) -> None:
-        self.link = link
+    name = "control"
+    entities = (Entity.CMD_LISTENER,)
+    report_interval = None  # the listener publishes no counters
+
+    def __init__(self, config: Config, link: WorkerLink) -> None:
+        super().__init__(config, link)
         self.relays: dict[tuple[str, int], Relay] = {}
         self.started = 0
 
@@ -139,7 +148,7 @@ class ExecService:
             raise
         return StartReply.from_body(body)
 
-    async def start(self, target: str, spec: ExecSpec) -> Relay | StartReply:
+    async def launch(self, target: str, spec: ExecSpec) -> Relay | StartReply:
         """Start ``spec`` on ``target``: the Relay of a started attached exec, else the reply."""
         vmid = await self.resolve(target)
         if spec.detach:
@@ -169,7 +178,11 @@ class ExecService:
             await main.write_eof()
         return relay
 
-    async def shutdown(self, _app: web.Application | None = None) -> None:
+    def stats(self) -> dict[str, int]:
+        """Execs running now and started since the listener started."""
+        return {"running": len(self.relays), "started": self.started}
+
+    async def close(self) -> None:
         """The listener is stopping: abort every exec (clients get 255 and the reason)."""
         for relay in list(self.relays.values()):
             await self.finish(relay, "the command listener is stopping")
@@ -199,8 +212,11 @@ class ExecService:
 
 # -- HTTP ------------------------------------------------------------------------------------
 
+EXEC_KEY = web.AppKey("exec", ExecService)
+
+
 def _service(request: web.Request) -> ExecService:
-    return request.app[CTX_KEY].extra["exec"]  # type: ignore[no-any-return]
+    return request.app[EXEC_KEY]
 
 
 def _status_message(status: ExitStatus) -> bytes:
@@ -225,7 +241,7 @@ async def exec_detached(request: web.Request) -> web.Response:
         raise ControlError("a detached exec takes no timeout (nothing watches it)")
     service = _service(request)
     vmid = await service.resolve(request.match_info["vmid"])
-    reply = await service.start(vmid, spec)
+    reply = await service.launch(vmid, spec)
     assert isinstance(reply, StartReply)
     if not reply.started:
         return web.json_response({"error": reply.message, "exit_code": reply.exit_code},
@@ -273,7 +289,7 @@ async def _start(ws: web.WebSocketResponse, service: ExecService, target: str
         raise ControlError(str(exc)) from None
     if spec.detach:
         raise ControlError("a detached exec is a POST, not a WebSocket")
-    result = await service.start(target, spec)
+    result = await service.launch(target, spec)
     return result
 
 
@@ -364,11 +380,16 @@ async def _pump_in(ws: web.WebSocketResponse, service: ExecService, relay: Relay
     return "the client went away"
 
 
-def setup(app: web.Application, ctx: ControlContext) -> None:
-    """Add the exec routes and the exec service."""
-    service = ExecService(ctx.link)
-    service.install()
-    ctx.extra["exec"] = service
-    app.on_shutdown.append(service.shutdown)
+def setup(app: web.Application, config: Config, link: WorkerLink) -> ExecService:
+    """Add the exec routes and the exec service on ``link``; the caller starts the service
+    (``await service.start()``) before the link, and the app's shutdown stops it."""
+    service = ExecService(config, link)
+    app[EXEC_KEY] = service
+
+    async def stop(_app: web.Application) -> None:
+        await service.stop()
+
+    app.on_shutdown.append(stop)
     app.router.add_get("/v1/vms/{vmid}/exec", exec_attached)
     app.router.add_post("/v1/vms/{vmid}/exec", exec_detached)
+    return service

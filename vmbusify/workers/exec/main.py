@@ -1,9 +1,10 @@
 """The command executor (spec 4.2.3): the `exec` program, which runs programs for the host.
 
 On a guest it registers Entity.CMD_EXECUTOR and serves START, SIGNAL and RESIZE from the
-command listener. On the host the same program set runs, but execs start from the command
-listener (the `control` program), so here the program only waits for SIGTERM: it stays
-RUNNING under supervisord and holds no socket.
+command listener (a Worker, vmbusify.workers.base). On the host the same program set runs,
+but execs start from the command listener (the `control` program, which runs the host half,
+workers/exec/host.py), so here the program only waits for SIGTERM: it stays RUNNING under
+supervisord and holds no socket.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from vmbusify.bus.frames import RouteKind, TunnelEvent
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.config import Config, Role
-from vmbusify.errors import ProtocolError, RemoteProtocolError, VMBusifyError
+from vmbusify.errors import ProtocolError, RemoteProtocolError
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.exec import (
     ExecMessage,
@@ -26,28 +27,28 @@ from vmbusify.protocol.exec import (
     StartReply,
     parse_signal,
 )
-from vmbusify.runtime import stop_on_signals
+from vmbusify.workers.base import Worker, run_worker
 from vmbusify.workers.exec.ledger import Ledger
 from vmbusify.workers.exec.process import CannotStart, Program, default_signal_actions, spawn
 from vmbusify.workers.exec.session import ExecSession
 
 log = logging.getLogger("vmbusify.exec")
 
-#: Seconds between counter reports (only when they changed).
-REPORT_INTERVAL = 5.0
 
-
-class Executor:
+class Executor(Worker):
     """Every exec running on this guest, keyed by (vmid, main stream id)."""
 
-    def __init__(self, link: WorkerLink) -> None:
-        self.link = link
+    name = "exec"
+    entities = (Entity.CMD_EXECUTOR,)
+    stop_grace = 5.0  # aborted execs send their EXIT
+
+    def __init__(self, config: Config, link: WorkerLink | None = None) -> None:
+        super().__init__(config, link)
         self.sessions: dict[tuple[str, int], ExecSession] = {}
         self.started = 0
         self.failed = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
         #: Attached execs written down, so the next executor can end them if this one dies.
-        self.ledger = Ledger(link.config.run_dir)
+        self.ledger = Ledger(config.run_dir)
 
     def install(self) -> None:
         """Declare the routes (before link.start())."""
@@ -59,7 +60,15 @@ class Executor:
         link.route(Entity.CMD_LISTENER, ExecMessage.KILL, self.on_kill, RouteKind.MESSAGE)
         link.on_event(self.on_event)
 
+    async def open(self) -> None:
+        """End what an executor killed with SIGKILL left running."""
+        self.ledger.sweep()
+
+    async def ready(self) -> None:
+        log.info("command executor ready")
+
     def stats(self) -> dict[str, int]:
+        """Execs running, started and failed to start."""
         return {"running": len(self.sessions), "started": self.started, "failed": self.failed}
 
     # -- handlers --------------------------------------------------------------------------
@@ -89,12 +98,12 @@ class Executor:
         log.info("%s pid=%d: started %s%s%s", ctx, child.pid, spec.argv[0],
                  " (tty)" if spec.tty else "", " (detached)" if spec.detach else "")
         if main is None or side is None:
-            self._spawn(self._reap(child.proc, ctx))
+            self.spawn(self._reap(child.proc, ctx), msg.vmid, "reaping a detached program")
         else:
             self.ledger.add(child.tag, child.pid)
             session = ExecSession(spec, child, main, side, self._send_exit)
             self.sessions[(msg.vmid, main.id)] = session
-            self._spawn(self._run(session))
+            self.spawn(self._run(session), msg.vmid, "an exec")
         return StartReply(pid=child.pid).to_body()
 
     async def on_signal(self, msg: Inbound) -> None:
@@ -151,50 +160,22 @@ class Executor:
         code = await proc.wait()
         log.info("%s pid=%d: detached program ended (%d)", ctx, proc.pid, code)
 
-    def _spawn(self, coro: Any) -> None:
-        task = self.link.spawn(coro)  # the link logs and counts a failure
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def shutdown(self) -> None:
+    async def close(self) -> None:
         """SIGTERM: kill every attached exec's tree (detached ones live on)."""
         for session in list(self.sessions.values()):
             session.abort("the command executor is stopping")
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
-
-    async def report_loop(self) -> None:
-        """Publish counters for `vmbusifyctl status` when they change."""
-        last: dict[str, int] = {}
-        while True:
-            now = self.stats()
-            if now != last:
-                try:
-                    await self.link.report(now)
-                    last = now
-                except VMBusifyError as exc:  # the mux may be restarting: try again later
-                    log.debug("report failed: %s", exc)
-            await asyncio.sleep(REPORT_INTERVAL)
 
 
-async def run(config: Config) -> None:
-    """Run the command executor until SIGTERM (on the host: just wait)."""
-    stop = stop_on_signals()
+def make(config: Config) -> Executor | None:
+    """The command executor of a guest; on the host, none (execs start from the command
+    listener, workers/exec/host.py): the program just waits for SIGTERM."""
     if config.role is Role.HOST:
         log.info("host: execs start from the command listener; nothing to serve here")
-        await stop.wait()
-        return
+        return None
     default_signal_actions()  # programs must not inherit a signal ignored by our starter
-    link = WorkerLink(config, "exec", [Entity.CMD_EXECUTOR])
-    executor = Executor(link)
-    executor.ledger.sweep()  # what an executor killed with SIGKILL left running
-    executor.install()
-    await link.start()
-    log.info("command executor ready")
-    reporter = asyncio.ensure_future(executor.report_loop())
-    try:
-        await stop.wait()
-    finally:
-        reporter.cancel()
-        await executor.shutdown()
-        await link.close()
+    return Executor(config)
+
+
+async def run(config: Config, stop: asyncio.Event | None = None) -> None:
+    """Run the command executor until SIGTERM (on the host: just wait)."""
+    await run_worker(make, config, stop)

@@ -46,6 +46,7 @@ from vmbusify.protocol.socks import (
     Socks5Greeting,
     TargetRequest,
 )
+from vmbusify.workers.base import Spawner
 from vmbusify.workers.proxy.relay import abort_socket, relay, tune
 from vmbusify.workers.proxy.route import Route, RouteError, Router
 from vmbusify.workers.proxy.stats import ConnStats
@@ -83,14 +84,16 @@ class Caller:
 class ProxyClient:
     """Accepts users' proxy connections and carries them through the tunnel."""
 
-    def __init__(self, link: WorkerLink, cfg: ProxyConfig, role: Role, stats: ConnStats) -> None:
+    def __init__(self, link: WorkerLink, cfg: ProxyConfig, role: Role, stats: ConnStats,
+                 spawn: Spawner | None = None) -> None:
+        """``spawn``: the worker's (vmbusify.workers.base), which supervises each connection."""
         self.link = link
+        self.spawn: Spawner = spawn or link.spawn
         self.cfg = cfg
         self.role = role
         self.stats = stats
         self.router = Router(link, role)
         self._sock: socket.socket | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self._next_conn = 0
         self.mode = access_mode(cfg, role)
         self.credentials = Credentials.from_config(cfg)
@@ -129,16 +132,12 @@ class ProxyClient:
                 await asyncio.sleep(0.1)
                 continue
             self._next_conn += 1
-            task = asyncio.ensure_future(self.serve(conn, f"conn={self._next_conn}"))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.spawn(self.serve(conn, f"conn={self._next_conn}"), what="a user connection")
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        """Stop listening (the worker ends the connections)."""
         if self._sock is not None:
             self._sock.close()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- one connection --------------------------------------------------------------------
     async def serve(self, conn: socket.socket, label: str) -> None:

@@ -2,6 +2,8 @@
 
 Both ends run both halves: the client listens on ``[proxy] listen`` (127.0.0.1:6542) for
 local users, the server answers the peer's PROXY-OPEN. Counters go to `vmbusifyctl status`.
+One Worker (vmbusify.workers.base) holds both: each connection is a request task of it, the
+client's accept loop its core loop.
 """
 
 from __future__ import annotations
@@ -9,20 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+from typing import Any
 
-from vmbusify.bus.link import WorkerLink
 from vmbusify.config import Config
-from vmbusify.errors import ConfigError, VMBusifyError
+from vmbusify.errors import ConfigError
 from vmbusify.protocol.entities import Entity
-from vmbusify.runtime import stop_on_signals
+from vmbusify.workers.base import Worker, run_worker
 from vmbusify.workers.proxy.client import ProxyClient
 from vmbusify.workers.proxy.server import ProxyServer
 from vmbusify.workers.proxy.stats import ConnStats
 
 log = logging.getLogger("vmbusify.proxy")
-
-#: Seconds between reports of the counters to the mux.
-REPORT_INTERVAL = 2.0
 
 
 def raise_fd_limit() -> int:
@@ -35,48 +34,49 @@ def raise_fd_limit() -> int:
     return hard
 
 
-async def _report_loop(link: WorkerLink, stats: ConnStats) -> None:
-    last = None
-    while True:
-        snap = stats.snapshot()
-        if snap != last:
-            try:
-                await link.report(snap)
-                last = snap
-            except VMBusifyError as exc:
-                log.debug("report failed: %s", exc)
-        await asyncio.sleep(REPORT_INTERVAL)
+class ProxyWorker(Worker):
+    """The proxy worker: client and server halves on one link, one set of counters."""
+
+    name = "proxy"
+    entities = (Entity.PROXY_CLIENT, Entity.PROXY_SERVER)
+    report_interval = 2.0
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.conns = ConnStats()
+        self.server = ProxyServer(self.link, config.proxy, config.role, self.conns, config,
+                                  spawn=self.spawn)
+        self.client = ProxyClient(self.link, config.proxy, config.role, self.conns,
+                                  spawn=self.spawn)
+
+    def install(self) -> None:
+        self.server.install()
+        self.client.install()
+
+    async def open(self) -> None:
+        raise_fd_limit()
+        try:
+            self.client.listen()
+        except OSError as exc:
+            raise ConfigError(f"proxy: cannot listen on {self.config.proxy.listen}: "
+                              f"{exc.strerror or exc}") from None
+
+    async def ready(self) -> None:
+        config = self.config
+        log.info("%s proxy: SOCKS5/SOCKS4/HTTP on %s; egress allow %s deny %s%s",
+                 config.role.value, config.proxy.listen, ", ".join(config.proxy.allow) or "-",
+                 ", ".join(config.proxy.deny) or "-",
+                 " (+ built-in denials)" if config.proxy.default_deny else "")
+        self.core(self.client.serve_forever(), "the accept loop")
+
+    def stats(self) -> dict[str, Any]:
+        return self.conns.snapshot()
+
+    async def close(self) -> None:
+        log.info("stopping (%d connections open)", self.conns.open)
+        self.client.close()
 
 
 async def run(config: Config, stop: asyncio.Event | None = None) -> None:
     """Run the proxy worker until SIGTERM (or ``stop``)."""
-    stop = stop_on_signals(stop)
-    raise_fd_limit()
-    stats = ConnStats()
-    link = WorkerLink(config, "proxy", [Entity.PROXY_CLIENT, Entity.PROXY_SERVER])
-    server = ProxyServer(link, config.proxy, config.role, stats, config)
-    client = ProxyClient(link, config.proxy, config.role, stats)
-    server.install()
-    client.install()
-    try:
-        client.listen()
-    except OSError as exc:
-        raise ConfigError(f"proxy: cannot listen on {config.proxy.listen}: "
-                          f"{exc.strerror or exc}") from None
-    await link.start()
-    log.info("%s proxy: SOCKS5/SOCKS4/HTTP on %s; egress allow %s deny %s%s",
-             config.role.value, config.proxy.listen, ", ".join(config.proxy.allow) or "-",
-             ", ".join(config.proxy.deny) or "-",
-             " (+ built-in denials)" if config.proxy.default_deny else "")
-    tasks = [asyncio.ensure_future(client.serve_forever()),
-             asyncio.ensure_future(_report_loop(link, stats))]
-    try:
-        await stop.wait()
-        log.info("stopping (%d connections open)", stats.open)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await client.close()
-        await server.close()
-        await link.close()
+    await run_worker(ProxyWorker, config, stop)

@@ -27,6 +27,7 @@ from vmbusify.protocol.proxy import (
     ReplyCode,
     reply_for_errno,
 )
+from vmbusify.workers.base import Spawner
 from vmbusify.workers.proxy.policy import EgressPolicy
 from vmbusify.workers.proxy.relay import relay, tune
 from vmbusify.workers.proxy.resolve import NameNotFound, Resolver
@@ -40,31 +41,22 @@ class ProxyServer:
     """Connects to targets on behalf of the peer's proxy client."""
 
     def __init__(self, link: WorkerLink, cfg: ProxyConfig, role: Role, stats: ConnStats,
-                 config: Config | None = None) -> None:
+                 config: Config | None = None, spawn: Spawner | None = None) -> None:
         """``config``: the whole endpoint's (its ``[subnet]`` and ``[[vms]]`` are what the
-        host's policy keeps VMs apart by; None: the subnet's defaults, no VM addresses)."""
+        host's policy keeps VMs apart by; None: the subnet's defaults, no VM addresses).
+        ``spawn``: the worker's (vmbusify.workers.base), which supervises each relay."""
         self.link = link
+        self.spawn: Spawner = spawn or link.spawn
         self.cfg = cfg
         self.policy = EgressPolicy.from_config(cfg, role, config.subnet if config else None,
                                                config.vms if config else ())
         self.resolver = Resolver(cfg.hosts_file)
         self.stats = stats
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def install(self) -> None:
         """Register the routes: PROXY-OPEN requests and the client's PROXY-DATA."""
         self.link.route(Entity.PROXY_CLIENT, ProxyMessage.OPEN, self.on_open, RouteKind.REQUEST)
         self.link.route(Entity.PROXY_CLIENT, ProxyMessage.DATA, None, RouteKind.STREAM)
-
-    async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def _spawn(self, coro: Any) -> None:
-        task = self.link.spawn(coro)  # the link logs and counts a failure
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def on_open(self, msg: Inbound) -> dict[str, Any]:
         """Handle one PROXY-OPEN; the return value is the PROXY-OPEN-ACK."""
@@ -93,7 +85,7 @@ class ProxyServer:
             return self._refuse(msg.vmid, label, ReplyCode.GENERAL_FAILURE, str(exc))
         self.stats.opened(stream)
         log.debug("%s: connected", label)
-        self._spawn(self._relay(sock, stream, label))
+        self.spawn(self._relay(sock, stream, label), msg.vmid, "relaying")
         return ack.encode()
 
     async def _relay(self, sock: socket.socket, stream: Any, label: str) -> None:
@@ -186,7 +178,7 @@ class ProxyServer:
             await stream.reset(str(exc))
             return self._refuse(msg.vmid, label, reply_for_errno(exc.errno), str(exc))
         self.stats.opened(stream)
-        self._spawn(self._run_udp(udp, stream))
+        self.spawn(self._run_udp(udp, stream), msg.vmid, "relaying UDP")
         return OpenAck(ReplyCode.SUCCEEDED).encode()
 
     async def _run_udp(self, udp: UdpRelay, stream: Any) -> None:

@@ -23,6 +23,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from vmbusify.workers.base import Spawner
+
 log = logging.getLogger(__name__)
 
 DNS_PORT = 53
@@ -69,8 +71,10 @@ class DnsForwarder:
 
     def __init__(self, listen: list[str], upstreams: list[str], port: int = DNS_PORT,
                  upstream_port: int = DNS_PORT, per_client_queries: int = 64,
-                 per_client_tcp: int = 8) -> None:
+                 per_client_tcp: int = 8, spawn: Spawner | None = None) -> None:
+        """``spawn``: the worker's (vmbusify.workers.base), which logs a failed query."""
         self.listen = listen
+        self._spawner = spawn
         self.upstreams = upstreams
         self.port = port
         self.upstream_port = upstream_port
@@ -81,7 +85,7 @@ class DnsForwarder:
         self.dropped = 0
         #: Queries and connections turned away at a cap, by client address.
         self.refused: dict[str, int] = {}
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Task[Any]] = set()
         self._queries_of: dict[str, int] = {}  # client address -> queries in flight
         self._tcp_of: dict[str, int] = {}  # client address -> TCP connections open
         self._transports: list[asyncio.BaseTransport] = []
@@ -109,11 +113,12 @@ class DnsForwarder:
 
     def _spawn(self, coro: Coroutine[Any, Any, None], client: str) -> None:
         """Run one query of ``client`` (counted against its cap until it ends)."""
-        task = asyncio.ensure_future(coro)
+        task = (self._spawner(coro, "", "a DNS query") if self._spawner is not None
+                else asyncio.ensure_future(coro))
         self._pending.add(task)
         _take(self._queries_of, client)
 
-        def done(t: asyncio.Task[None]) -> None:
+        def done(t: asyncio.Task[Any]) -> None:
             self._pending.discard(t)
             _give(self._queries_of, client)
 

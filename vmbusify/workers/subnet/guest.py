@@ -19,6 +19,7 @@ from vmbusify.config import Config
 from vmbusify.errors import ProtocolError, RequestTimeout, TunnelError, VMBusifyError
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.subnet import Attach, Lease, SubnetMessage
+from vmbusify.workers.base import Worker
 from vmbusify.workers.subnet import routes
 from vmbusify.workers.subnet.bearer import Bearer, TunReader
 from vmbusify.workers.subnet.tun import TunDevice
@@ -32,13 +33,15 @@ BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
 
 
-class SubnetGuest:
+class SubnetGuest(Worker):
     """Everything the guest's subnet worker holds."""
 
-    def __init__(self, config: Config, link: WorkerLink) -> None:
-        self.config = config
+    name = "subnet"
+    entities = (Entity.IP_BEARER,)
+
+    def __init__(self, config: Config, link: WorkerLink | None = None) -> None:
+        super().__init__(config, link)
         self.sub = config.subnet
-        self.link = link
         self.tun: TunDevice | None = None
         self.reader: TunReader | None = None
         self.bearer: Bearer | None = None
@@ -47,26 +50,27 @@ class SubnetGuest:
         self.attaches = 0
         self.dropped_detached = 0
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        """Create the TUN and start attaching (returns at once; attaching goes on forever)."""
-        self.tun = TunDevice.open(self.sub.ifname, self.sub.offload)
-        self.reader = TunReader(self.tun, self._route_from_kernel)
-        self.reader.start()
+    def install(self) -> None:
+        """Hear the host's HOST_READY and tunnel events; carry the bearer's stream."""
         link = self.link
         link.route(Entity.IP_BEARER, SubnetMessage.HOST_READY, self._on_host_ready,
                    RouteKind.MESSAGE)
         link.route(Entity.IP_BEARER, SubnetMessage.DATA, None, RouteKind.STREAM)
         link.on_event(self._on_event)
-        await link.start()
-        self._task = asyncio.ensure_future(self._attach_forever())
 
-    async def stop(self) -> None:
+    async def open(self) -> None:
+        """Create the TUN."""
+        self.tun = TunDevice.open(self.sub.ifname, self.sub.offload)
+        self.reader = TunReader(self.tun, self._route_from_kernel)
+        self.reader.start()
+
+    async def ready(self) -> None:
+        """Start attaching (it goes on forever: the worker's core loop)."""
+        self.core(self._attach_forever(), "the attach loop")
+
+    async def close(self) -> None:
         """Detach and undo: the TUN (with its addresses and routes) and resolv.conf."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
         if self.bearer is not None:
             await self.bearer.close("guest subnet worker stopping")
         if self.reader is not None:

@@ -25,6 +25,7 @@ from vmbusify.protocol.subnet import (
     packet_addresses,
     packet_destination,
 )
+from vmbusify.workers.base import Worker
 from vmbusify.workers.subnet import nat, routes
 from vmbusify.workers.subnet.bearer import Bearer, TunReader
 from vmbusify.workers.subnet.dns import DnsForwarder, resolv_conf_servers
@@ -34,13 +35,15 @@ from vmbusify.workers.subnet.tun import TunDevice
 log = logging.getLogger("vmbusify.subnet")
 
 
-class SubnetHost:
+class SubnetHost(Worker):
     """Everything the host's subnet worker holds."""
 
-    def __init__(self, config: Config, link: WorkerLink) -> None:
-        self.config = config
+    name = "subnet"
+    entities = (Entity.IP_BEARER,)
+
+    def __init__(self, config: Config, link: WorkerLink | None = None) -> None:
+        super().__init__(config, link)
         self.sub = config.subnet
-        self.link = link
         try:
             self.network = ipaddress.IPv4Network(self.sub.cidr)
             net6 = ipaddress.IPv6Network(self.sub.cidr6) if self.sub.cidr6 else None
@@ -60,8 +63,16 @@ class SubnetHost:
         self.counters = {"no_route": 0, "spoofed": 0, "not_ip": 0}
 
     # -- life --------------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Create the TUN, addresses, NAT and DNS, then take ATTACH requests."""
+    def install(self) -> None:
+        """Take ATTACH and KEEPALIVE requests, and the bearers' streams."""
+        link = self.link
+        link.route(Entity.IP_BEARER, SubnetMessage.ATTACH, self._on_attach, RouteKind.REQUEST)
+        link.route(Entity.IP_BEARER, SubnetMessage.KEEPALIVE, self._on_keepalive,
+                   RouteKind.REQUEST)
+        link.route(Entity.IP_BEARER, SubnetMessage.DATA, None, RouteKind.STREAM)
+
+    async def open(self) -> None:
+        """Create the TUN, addresses, NAT and DNS."""
         sub = self.sub
         nat.check_table(sub.table)
         self.tun = TunDevice.open(sub.ifname, sub.offload)
@@ -85,16 +96,14 @@ class SubnetHost:
         limits = self.config.limits
         self.dns = DnsForwarder([str(gw)] + ([str(gw6)] if gw6 is not None else []),
                                 self._upstreams(), per_client_queries=limits.dns_queries_per_vm,
-                                per_client_tcp=limits.dns_tcp_per_vm)
+                                per_client_tcp=limits.dns_tcp_per_vm, spawn=self.spawn)
         await self.dns.start()
         self.reader = TunReader(self.tun, self._route_from_kernel)
         self.reader.start()
-        link = self.link
-        link.route(Entity.IP_BEARER, SubnetMessage.ATTACH, self._on_attach, RouteKind.REQUEST)
-        link.route(Entity.IP_BEARER, SubnetMessage.KEEPALIVE, self._on_keepalive,
-                   RouteKind.REQUEST)
-        link.route(Entity.IP_BEARER, SubnetMessage.DATA, None, RouteKind.STREAM)
-        await link.start()
+
+    async def ready(self) -> None:
+        """Tell the guests we are here."""
+        sub = self.sub
         await self._announce()
         log.info("subnet %s%s up on %s (mtu %d), NAT out of %s", self.network,
                  f" + {self.network6}" if self.network6 else "", sub.ifname, sub.mtu,
@@ -121,8 +130,8 @@ class SubnetHost:
                 except VMBusifyError as exc:
                     log.debug("vm=%s: HOST_READY not sent: %s", vm["vmid"], exc)
 
-    async def stop(self) -> None:
-        """Undo everything start() did (each step on its own, whatever failed before)."""
+    async def close(self) -> None:
+        """Undo everything open() did (each step on its own, whatever failed before)."""
         if self.reader is not None:
             self.reader.stop()
         for bearer in list(self.bearers.values()):
@@ -193,7 +202,7 @@ class SubnetHost:
         for packed in allowed:
             self.by_address[packed] = vmid
         bearer.start()
-        self.link.spawn(self._forget_when_closed(vmid, bearer), vmid, "watching the bearer")
+        self.spawn(self._forget_when_closed(vmid, bearer), vmid, "watching the bearer")
         log.info("vm=%s stream=%d attached (guest %s, offload %s): %s%s", vmid, stream.id,
                  attach.name or "?", attach.offload, lease.address,
                  f", {lease.address6}" if lease.address6 else "")
