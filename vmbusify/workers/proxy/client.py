@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Awaitable
 from typing import Any
 
 from vmbusify.bus.frames import RouteKind
@@ -88,7 +89,7 @@ class ProxyClient:
                  spawn: Spawner | None = None) -> None:
         """``spawn``: the worker's (vmbusify.workers.base), which supervises each connection."""
         self.link = link
-        self.spawn: Spawner = spawn or link.spawn
+        self.spawn: Spawner = spawn or self._link_spawn
         self.cfg = cfg
         self.role = role
         self.stats = stats
@@ -99,6 +100,10 @@ class ProxyClient:
         self.credentials = Credentials.from_config(cfg)
         self.users = LocalUsers(cfg.group)
         self._refusals = RateLimitedLog(log)
+
+    def _link_spawn(self, coro: Awaitable[Any], vmid: str = "", what: str = "request"
+                    ) -> asyncio.Task[Any]:
+        return self.link.spawn(coro, vmid, what)  # supervised by the link alone
 
     def install(self) -> None:
         """Register the route for the server's PROXY-DATA."""

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Awaitable
 from typing import Any
 
 from vmbusify.bus.frames import RouteKind
@@ -46,12 +47,16 @@ class ProxyServer:
         host's policy keeps VMs apart by; None: the subnet's defaults, no VM addresses).
         ``spawn``: the worker's (vmbusify.workers.base), which supervises each relay."""
         self.link = link
-        self.spawn: Spawner = spawn or link.spawn
+        self.spawn: Spawner = spawn or self._link_spawn
         self.cfg = cfg
         self.policy = EgressPolicy.from_config(cfg, role, config.subnet if config else None,
                                                config.vms if config else ())
         self.resolver = Resolver(cfg.hosts_file)
         self.stats = stats
+
+    def _link_spawn(self, coro: Awaitable[Any], vmid: str = "", what: str = "request"
+                    ) -> asyncio.Task[Any]:
+        return self.link.spawn(coro, vmid, what)  # supervised by the link alone
 
     def install(self) -> None:
         """Register the routes: PROXY-OPEN requests and the client's PROXY-DATA."""
