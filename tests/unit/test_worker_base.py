@@ -4,7 +4,9 @@ report are replaced, everything else (tasks, supervision, counters) is the real 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -68,14 +70,22 @@ def config() -> Config:
     return Config(role=Role.HOST)
 
 
+@contextlib.asynccontextmanager
+async def serving(w: Worker, settle: float = 0.01) -> AsyncIterator[asyncio.Task[None]]:
+    """``w`` running (after ``settle`` seconds) for the body; stopped (SIGTERM's way) after."""
+    stop = asyncio.Event()
+    runner = asyncio.ensure_future(w.run(stop))
+    await asyncio.sleep(settle)
+    yield runner
+    stop.set()
+    await asyncio.wait_for(runner, 3)
+
+
 def test_hooks_run_in_order_and_a_stop_undoes_them() -> None:
     async def scenario() -> list[str]:
         w = Probe(config())
-        stop = asyncio.Event()
-        runner = asyncio.ensure_future(w.run(stop))
-        await asyncio.sleep(0.05)
-        stop.set()
-        await asyncio.wait_for(runner, 2)
+        async with serving(w, 0.05):
+            pass
         return w.calls
 
     assert asyncio.run(scenario()) == [
@@ -86,9 +96,6 @@ def test_a_failing_request_is_logged_and_counted_and_the_worker_goes_on(
         caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> tuple[Probe, bool, bool]:
         w = Probe(config())
-        stop = asyncio.Event()
-        runner = asyncio.ensure_future(w.run(stop))
-        await asyncio.sleep(0.01)
 
         async def bad() -> None:
             raise ValueError("a peer's bad bytes")
@@ -96,13 +103,12 @@ def test_a_failing_request_is_logged_and_counted_and_the_worker_goes_on(
         async def good() -> str:
             return "fine"
 
-        failed = w.spawn(bad(), "vm7", "a bad request")
-        ok = w.spawn(good(), "vm7", "a good request")
-        await asyncio.gather(failed, ok, return_exceptions=True)
-        await asyncio.sleep(0.02)
-        alive = not runner.done()
-        stop.set()
-        await asyncio.wait_for(runner, 2)
+        async with serving(w) as runner:
+            failed = w.spawn(bad(), "vm7", "a bad request")
+            ok = w.spawn(good(), "vm7", "a good request")
+            await asyncio.gather(failed, ok, return_exceptions=True)
+            await asyncio.sleep(0.02)
+            alive = not runner.done()
         return w, alive, ok.result() == "fine"
 
     with caplog.at_level(logging.ERROR):
@@ -145,29 +151,21 @@ def test_a_core_loop_that_returns_stops_the_worker_too() -> None:
 def test_stop_gives_requests_their_grace_then_cancels_them() -> None:
     async def scenario() -> tuple[bool, bool]:
         w = Probe(config(), grace=1.0)
-        stop = asyncio.Event()
-        runner = asyncio.ensure_future(w.run(stop))
-        await asyncio.sleep(0.01)
-        quick = w.spawn(asyncio.sleep(0.05, "done"))
-        stuck = w.spawn(asyncio.sleep(3600))
-        stop.set()
-        await asyncio.wait_for(runner, 3)
+        async with serving(w):
+            quick = w.spawn(asyncio.sleep(0.05, "done"))
+            stuck = w.spawn(asyncio.sleep(3600))
         return quick.result() == "done", stuck.cancelled()
 
     finished, cancelled = asyncio.run(scenario())
     assert finished and cancelled
 
 
-def test_stats_are_published_when_they_change(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stats_are_published_when_they_change() -> None:
     async def scenario() -> list[dict[str, Any]]:
         w = Probe(config())
-        stop = asyncio.Event()
-        runner = asyncio.ensure_future(w.run(stop))
-        await asyncio.sleep(0.05)
-        w.counter = 1
-        await asyncio.sleep(0.05)
-        stop.set()
-        await asyncio.wait_for(runner, 2)
+        async with serving(w, 0.05):
+            w.counter = 1
+            await asyncio.sleep(0.05)
         return w.reports
 
     assert asyncio.run(scenario()) == [{"n": 0}, {"n": 1}]
@@ -179,11 +177,8 @@ def test_unchanged_stats_are_published_again_after_the_refresh(
 
     async def scenario() -> int:
         w = Probe(config())
-        stop = asyncio.Event()
-        runner = asyncio.ensure_future(w.run(stop))
-        await asyncio.sleep(0.2)
-        stop.set()
-        await asyncio.wait_for(runner, 2)
+        async with serving(w, 0.2):
+            pass
         return len(w.reports)
 
     assert asyncio.run(scenario()) >= 3
