@@ -9,8 +9,9 @@ import json
 import os
 import socket
 import subprocess
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -389,7 +390,7 @@ def test_a_tun_held_by_another_worker_is_a_clear_error_and_closing_removes_it() 
 
 
 class _FakeLink:
-    """Just what SubnetGuest._attach_forever uses: streams and sync_send (no mux)."""
+    """Just what SubnetGuest._attach_forever uses: streams, sync_send and spawn (no mux)."""
 
     def __init__(self) -> None:
         from vmbusify.bus.streams import StreamTable
@@ -405,6 +406,10 @@ class _FakeLink:
 
     async def open_stream(self, vmid: object, local: int, peer: int, message_id: int) -> object:
         return self.streams.open("host", local, peer, message_id)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], vmid: str = "", what: str = "task"
+              ) -> asyncio.Task[Any]:
+        return asyncio.ensure_future(coro)
 
     async def sync_send(self, vmid: object, entity: int, message_id: int, body: object,
                         stream: int = 0, timeout: float = 10.0) -> object:

@@ -119,7 +119,7 @@ class SubnetGuest(Worker):
                          "while an attach was in flight")
                 continue
             self.bearer = bearer
-            keepalive = asyncio.ensure_future(self._keepalive(bearer))
+            keepalive = self.spawn(self._keepalive(bearer), what="keepalives")
             await bearer.closed.wait()
             keepalive.cancel()
             await bearer.close(bearer.reason or "re-attaching")
