@@ -10,7 +10,7 @@ import os
 import socket
 import subprocess
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -406,11 +406,11 @@ class _FakeLink:
     async def open_stream(self, vmid: object, local: int, peer: int, message_id: int) -> object:
         return self.streams.open("host", local, peer, message_id)
 
-    async def sync_send(self, vmid: object, entity: int, message_id: int, body: object,
+    async def sync_send(self, vmid: object, msg: object, reply: Any = None, *,
                         stream: int = 0, timeout: float = 10.0) -> object:
-        from vmbusify.protocol.subnet import SubnetMessage
+        from vmbusify.protocol.subnet import Keepalive
 
-        if message_id == SubnetMessage.KEEPALIVE:
+        if isinstance(msg, Keepalive):
             await asyncio.sleep(3600)
         self.attaches.append(stream)
         if len(self.attaches) == 1:  # went to the host's worker while it was stopping
@@ -418,7 +418,7 @@ class _FakeLink:
             await asyncio.sleep(timeout)
             from vmbusify.errors import RequestTimeout
             raise RequestTimeout("no reply")
-        return self.lease
+        return reply.from_body(self.lease)
 
 
 def test_guest_attaches_again_at_once_when_the_host_worker_restarts_mid_attach(

@@ -1,23 +1,17 @@
-"""The tunnel's own messages (Entity.TUNNEL), as dataclasses with strict decoding."""
+"""The tunnel's own messages (Entity.TUNNEL): ``vmbusify.protocol.message.Message``
+dataclasses with strict decoding; the mux sends them with ``package()``."""
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from vmbusify.errors import RemoteProtocolError
 from vmbusify.protocol.entities import Entity, TunnelMessage
-from vmbusify.protocol.package import PROTOCOL_VERSION, Package, PackageType, Payload
-from vmbusify.protocol.serialize import dumps, loads_dict
-
-
-def _require(d: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
-    value = d.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise RemoteProtocolError(f"{what}: field {key!r} missing or of the wrong type")
-    return value
+from vmbusify.protocol.message import Message, body_map, required
+from vmbusify.protocol.package import PROTOCOL_VERSION
 
 
 class Feature(str, Enum):
@@ -39,12 +33,16 @@ FEATURE_MAX = 64
 
 
 @dataclass(frozen=True)
-class Hello:
+class Hello(Message):
     """Sent first by both ends, and again by the guest when its addresses change.
 
     ``nonce`` (fresh random bytes for each connection) and ``features`` came after 0.1.0: a
     peer of 0.1.0 leaves them out (decoded as empty) and ignores them when we send them.
     """
+
+    ENTITY = Entity.TUNNEL
+    MESSAGE_ID = TunnelMessage.HELLO
+    NAME = "HELLO"
 
     role: str
     hostname: str
@@ -54,24 +52,28 @@ class Hello:
     nonce: bytes = b""
     features: list[str] = field(default_factory=list)
 
-    def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.HELLO,
-                       payload=dumps(asdict(self)))
+    def to_body(self) -> dict[str, Any]:
+        """Every field, in declaration order (the order 0.1.0 sent them in)."""
+        return {"role": self.role, "hostname": self.hostname,
+                "software_version": self.software_version,
+                "protocol_version": self.protocol_version, "ips": list(self.ips),
+                "nonce": self.nonce, "features": list(self.features)}
 
     def has(self, feature: Feature) -> bool:
         """Whether the sender listed ``feature``."""
         return feature.value in self.features
 
     @classmethod
-    def decode(cls, payload: Payload) -> Hello:
-        d = loads_dict(payload, "HELLO")
-        ips = _require(d, "ips", list, "HELLO")
+    def from_body(cls, body: Any) -> Hello:
+        """Check a peer's HELLO; RemoteProtocolError if malformed."""
+        d = body_map(body, cls.NAME)
+        ips = required(d, "ips", list, "HELLO")
         for ip in ips:
             try:
                 ipaddress.ip_address(ip)
             except (ValueError, TypeError):
                 raise RemoteProtocolError(f"HELLO: {ip!r} is not an IP address") from None
-        role = _require(d, "role", str, "HELLO")
+        role = required(d, "role", str, "HELLO")
         if role not in ("host", "guest"):
             raise RemoteProtocolError(f"HELLO: unknown role {role!r}")
         nonce = d.get("nonce", b"")
@@ -82,9 +84,9 @@ class Hello:
             raise RemoteProtocolError("HELLO: features must be a list of strings")
         return cls(
             role=role,
-            hostname=_require(d, "hostname", str, "HELLO")[:255],
-            software_version=_require(d, "software_version", str, "HELLO")[:64],
-            protocol_version=_require(d, "protocol_version", int, "HELLO"),
+            hostname=required(d, "hostname", str, "HELLO")[:255],
+            software_version=required(d, "software_version", str, "HELLO")[:64],
+            protocol_version=required(d, "protocol_version", int, "HELLO"),
             ips=list(ips[:256]),
             nonce=nonce,
             features=[f[:FEATURE_MAX] for f in features[:MAX_FEATURES]],
@@ -92,66 +94,74 @@ class Hello:
 
 
 @dataclass(frozen=True)
-class Ping:
+class Ping(Message):
     """Liveness probe; the peer answers with a Pong carrying the same nonce."""
 
-    nonce: int
-
-    def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.PING,
-                       payload=dumps({"nonce": self.nonce}))
-
-    @classmethod
-    def decode(cls, payload: Payload) -> Ping:
-        return cls(_require(loads_dict(payload, "PING"), "nonce", int, "PING"))
-
-
-@dataclass(frozen=True)
-class Pong:
-    """Answer to a Ping."""
+    ENTITY = Entity.TUNNEL
+    MESSAGE_ID = TunnelMessage.PING
+    NAME = "PING"
 
     nonce: int
 
-    def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.PONG,
-                       payload=dumps({"nonce": self.nonce}))
+    def to_body(self) -> dict[str, Any]:
+        """``{"nonce": n}``."""
+        return {"nonce": self.nonce}
 
     @classmethod
-    def decode(cls, payload: Payload) -> Pong:
-        return cls(_require(loads_dict(payload, "PONG"), "nonce", int, "PONG"))
+    def from_body(cls, body: Any) -> Ping:
+        """Check a PING (or, in a Pong, a PONG); RemoteProtocolError if malformed."""
+        return cls(required(body_map(body, cls.NAME), "nonce", int, cls.NAME))
 
 
 @dataclass(frozen=True)
-class WorkerLost:
+class Pong(Ping):
+    """Answer to a Ping: the same body, another message id."""
+
+    MESSAGE_ID = TunnelMessage.PONG
+    NAME = "PONG"
+
+
+@dataclass(frozen=True)
+class WorkerLost(Message):
     """A worker process on the sender's side went away; its entities' streams are gone."""
+
+    ENTITY = Entity.TUNNEL
+    MESSAGE_ID = TunnelMessage.WORKER_LOST
+    NAME = "WORKER_LOST"
 
     entities: list[int]
 
-    def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.WORKER_LOST,
-                       payload=dumps({"entities": list(self.entities)}))
+    def to_body(self) -> dict[str, Any]:
+        """``{"entities": [code, ...]}``."""
+        return {"entities": list(self.entities)}
 
     @classmethod
-    def decode(cls, payload: Payload) -> WorkerLost:
-        entities = _require(loads_dict(payload, "WORKER_LOST"), "entities", list, "WORKER_LOST")
+    def from_body(cls, body: Any) -> WorkerLost:
+        """Check a WORKER_LOST; RemoteProtocolError if malformed."""
+        entities = required(body_map(body, cls.NAME), "entities", list, cls.NAME)
         if not all(isinstance(e, int) and not isinstance(e, bool) for e in entities):
             raise RemoteProtocolError("WORKER_LOST: entities must be integers")
         return cls(entities[:64])
 
 
 @dataclass(frozen=True)
-class Bye:
+class Bye(Message):
     """The sender closes the tunnel, and says why."""
+
+    ENTITY = Entity.TUNNEL
+    MESSAGE_ID = TunnelMessage.BYE
+    NAME = "BYE"
 
     reason: str
 
-    def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.BYE,
-                       payload=dumps({"reason": self.reason}))
+    def to_body(self) -> dict[str, Any]:
+        """``{"reason": text}``."""
+        return {"reason": self.reason}
 
     @classmethod
-    def decode(cls, payload: Payload) -> Bye:
-        return cls(_require(loads_dict(payload, "BYE"), "reason", str, "BYE")[:500])
+    def from_body(cls, body: Any) -> Bye:
+        """Check a BYE; RemoteProtocolError if malformed."""
+        return cls(required(body_map(body, cls.NAME), "reason", str, cls.NAME)[:500])
 
 
 #: Length of an AUTH proof (HMAC-SHA256).
@@ -159,22 +169,27 @@ PROOF_SIZE = 32
 
 
 @dataclass(frozen=True)
-class Auth:
+class Auth(Message):
     """The sender proves it knows the tunnel's shared key (vmbusify/protocol/auth.py).
 
     Sent once each way after the HELLOs, when both HELLOs list Feature.KEY: the host first,
     the guest only once the host's proof checked out.
     """
 
+    ENTITY = Entity.TUNNEL
+    MESSAGE_ID = TunnelMessage.AUTH
+    NAME = "AUTH"
+
     proof: bytes
 
-    def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.AUTH,
-                       payload=dumps({"proof": self.proof}))
+    def to_body(self) -> dict[str, Any]:
+        """``{"proof": bytes}``."""
+        return {"proof": self.proof}
 
     @classmethod
-    def decode(cls, payload: Payload) -> Auth:
-        proof = _require(loads_dict(payload, "AUTH"), "proof", bytes, "AUTH")
+    def from_body(cls, body: Any) -> Auth:
+        """Check an AUTH; RemoteProtocolError if malformed."""
+        proof = required(body_map(body, cls.NAME), "proof", bytes, cls.NAME)
         if len(proof) != PROOF_SIZE:
             raise RemoteProtocolError(f"AUTH: proof must be {PROOF_SIZE} bytes")
         return cls(proof)

@@ -1,0 +1,105 @@
+"""The one shape of every application and tunnel message: ``Message``, and its strict readers.
+
+Every message an entity sends (docs/protocol.md, "Messages of the application entities") is a
+frozen dataclass that subclasses ``Message``:
+
+- ``ENTITY`` and ``MESSAGE_ID`` (class attributes) say who sends it and as what: the package
+  header's entity and message id. A reply (the payload of the ACK of a request) names the
+  entity that answers and the request's message id (an ACK repeats it).
+- ``to_body()`` gives the msgpack-ready map (the field names and types on the wire);
+- ``from_body(body)`` checks a received map strictly (a peer is hostile: wrong types, missing
+  keys, extra nesting) and raises RemoteProtocolError with a one-line reason, never
+  KeyError or TypeError;
+- ``payload()`` / ``from_payload()`` add the msgpack step, and ``package()`` the header (for
+  the tunnel's own messages, which the mux sends itself).
+
+``WorkerLink.sync_send(vmid, msg, reply=ReplyType)`` and ``async_send(vmid, msg)`` take these;
+a handler reads ``Inbound.body`` with ``ThatMessage.from_body`` and returns ``to_body()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Self, TypeVar
+
+from vmbusify.errors import RemoteProtocolError
+from vmbusify.protocol.package import Package, PackageType, Payload
+from vmbusify.protocol.serialize import dumps, loads
+
+T = TypeVar("T")
+#: What ``optional`` returns for a key that is missing or null when no default is given.
+_NONE: Any = None
+
+
+class Message:
+    """Base of every message dataclass (see the module's docstring)."""
+
+    __slots__ = ()  # so that a ``slots=True`` message has no instance dict
+
+    #: The sending entity (vmbusify.protocol.entities.Entity).
+    ENTITY: ClassVar[int]
+    #: The message id (the entity's message enum).
+    MESSAGE_ID: ClassVar[int]
+    #: The message's name in errors and logs, e.g. ``PROXY-OPEN``.
+    NAME: ClassVar[str]
+
+    def to_body(self) -> dict[str, Any]:
+        """The msgpack-ready map this message is on the wire."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_body(cls, body: Any) -> Self:
+        """The message a peer sent; RemoteProtocolError with a one-line reason if malformed."""
+        raise NotImplementedError
+
+    def payload(self) -> bytes:
+        """The encoded package payload (msgpack of ``to_body()``)."""
+        return dumps(self.to_body())
+
+    @classmethod
+    def from_payload(cls, payload: Payload) -> Self:
+        """Decode and check a package payload; RemoteProtocolError if malformed."""
+        return cls.from_body(loads(payload))
+
+    def package(self, type: PackageType = PackageType.MESSAGE) -> Package:
+        """A package carrying this message (the tunnel's own messages; workers use the link)."""
+        return Package(type, int(self.ENTITY), int(self.MESSAGE_ID), payload=self.payload())
+
+
+def body_map(body: Any, what: str) -> dict[str, Any]:
+    """``body`` if it is a map; RemoteProtocolError naming ``what`` otherwise."""
+    if not isinstance(body, dict):
+        raise RemoteProtocolError(f"{what}: expected a map, got {type(body).__name__}")
+    return body
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return "a number"
+    names = {str: "a string", bool: "true or false", int: "an integer", dict: "a map",
+             list: "a list", bytes: "bytes"}
+    return names.get(kind, kind.__name__)
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """isinstance, except that a bool is not an int (msgpack keeps them apart; so do we)."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def required(d: dict[str, Any], key: str, kind: type[T], what: str) -> T:
+    """``d[key]``, which must be present and of ``kind``; RemoteProtocolError otherwise."""
+    value = d.get(key)
+    if not _is(value, kind):
+        raise RemoteProtocolError(f"{what}: field {key!r} missing or of the wrong type "
+                                  f"(must be {_kind_name(kind)})")
+    return value  # type: ignore[return-value]  # checked just above
+
+
+def optional(d: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str,
+             default: Any = _NONE) -> Any:
+    """``d[key]`` checked against ``kind``; ``default`` when missing or null."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if not _is(value, kind):
+        raise RemoteProtocolError(f"{what}: {key!r} must be {_kind_name(kind)}")
+    return value
