@@ -195,7 +195,7 @@ def test_every_message_has_one_shape_and_its_header() -> None:
     assert set(classes) == set(HEADERS), "a message class without a header entry (or gone)"
     assert {type(m) for m in SAMPLES.values()} == set(HEADERS)
     for cls, (entity, message_id) in HEADERS.items():
-        assert (cls.ENTITY, cls.MESSAGE_ID) == (entity, message_id), cls
+        assert (entity, message_id) == (cls.ENTITY, cls.MESSAGE_ID), cls
         assert cls.NAME
         for method in ("to_body", "from_body"):
             assert getattr(cls, method) is not getattr(Message, method), (cls, method)
@@ -249,7 +249,7 @@ def test_a_payload_that_is_no_map_is_a_remote_protocol_error(payload: bytes) -> 
 
 # -- against the codecs of v0.1.0 -------------------------------------------------------------
 
-def _v010(module: str) -> ModuleType | None:
+def _v010(module: str, where: Path) -> ModuleType | None:
     """``vmbusify/protocol/<module>.py`` as tagged v0.1.0, loaded beside today's package
     (None where git or the tag is missing, e.g. a shallow clone)."""
     if shutil.which("git") is None:
@@ -258,22 +258,24 @@ def _v010(module: str) -> ModuleType | None:
                          capture_output=True, text=True, check=False)
     if got.returncode:
         return None
+    path = where / f"v010_{module}.py"
+    path.write_text(got.stdout)
     name = f"_v010_{module}"
-    spec = importlib.util.spec_from_loader(name, loader=None)
-    assert spec is not None
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # dataclasses look their module up
     try:
-        exec(compile(got.stdout, f"v0.1.0:{module}.py", "exec"), mod.__dict__)  # noqa: S102
+        spec.loader.exec_module(mod)
     finally:
         del sys.modules[name]
     return mod
 
 
-def test_the_bodies_match_what_v0_1_0_sends() -> None:
+def test_the_bodies_match_what_v0_1_0_sends(tmp_path: Path) -> None:
     """The same messages encoded by v0.1.0's codecs: the very same bytes (HELLO gained
     optional fields since, which 0.1.0 ignores; its own test is in test_tunnel_auth)."""
-    old = {m: _v010(m) for m in ("exec", "proxy", "subnet", "tunnel")}
+    old = {m: _v010(m, tmp_path) for m in ("exec", "proxy", "subnet", "tunnel")}
     if any(m is None for m in old.values()):
         pytest.skip("no git or no tag v0.1.0 here")
     ox, op, os_, ot = (old[m] for m in ("exec", "proxy", "subnet", "tunnel"))
