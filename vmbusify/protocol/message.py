@@ -60,9 +60,10 @@ class Message:
         """Decode and check a package payload; RemoteProtocolError if malformed."""
         return cls.from_body(loads(payload))
 
-    def package(self, type: PackageType = PackageType.MESSAGE) -> Package:
+    def package(self, kind: PackageType = PackageType.MESSAGE) -> Package:
         """A package carrying this message (the tunnel's own messages; workers use the link)."""
-        return Package(type, int(self.ENTITY), int(self.MESSAGE_ID), payload=self.payload())
+        return Package(type=kind, entity=int(self.ENTITY), message_id=int(self.MESSAGE_ID),
+                       payload=self.payload())
 
 
 def body_map(body: Any, what: str) -> dict[str, Any]:
