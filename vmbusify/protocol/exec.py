@@ -38,7 +38,7 @@ from vmbusify.protocol.exec_api import (
     SIGNAL_BASE,
     ExitReason,
 )
-from vmbusify.protocol.message import Message, body_map, optional, required
+from vmbusify.protocol.message import Message, body_map, limit, optional
 
 #: Limits on what one exec request may carry (the listener refuses more).
 MAX_ARGS = 4096
@@ -75,12 +75,8 @@ def _string(value: Any, what: str) -> str:
 
 
 @dataclass(frozen=True)
-class ExecSpec(Message):
+class ExecSpec(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.START, name="START"):
     """What to run, and how: the client's request, and the body of START."""
-
-    ENTITY = Entity.CMD_LISTENER
-    MESSAGE_ID = ExecMessage.START
-    NAME = "START"
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
@@ -158,13 +154,10 @@ class ExecSpec(Message):
 
 
 @dataclass(frozen=True)
-class StartReply(Message):
+class StartReply(Message, entity=Entity.CMD_EXECUTOR, message_id=ExecMessage.START,
+                 name="START reply"):
     """The executor's answer to START (the ACK's payload): the pid, or why the program did
     not start."""
-
-    ENTITY = Entity.CMD_EXECUTOR
-    MESSAGE_ID = ExecMessage.START
-    NAME = "START reply"
 
     pid: int = 0
     exit_code: int = 0
@@ -194,12 +187,8 @@ class StartReply(Message):
 
 
 @dataclass(frozen=True)
-class ExitStatus(Message):
+class ExitStatus(Message, entity=Entity.CMD_EXECUTOR, message_id=ExecMessage.EXIT, name="EXIT"):
     """How an exec ended (the EXIT message, and the STATUS channel to the client)."""
-
-    ENTITY = Entity.CMD_EXECUTOR
-    MESSAGE_ID = ExecMessage.EXIT
-    NAME = "EXIT"
 
     exit_code: int
     reason: ExitReason
@@ -263,13 +252,9 @@ def parse_signal(name: Any) -> signal.Signals:
 
 
 @dataclass(frozen=True)
-class Resize(Message):
+class Resize(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.RESIZE, name="RESIZE"):
     """A terminal size change: the RESIZE message (``id``: the exec), and the client's RESIZE
     channel (no ``id``)."""
-
-    ENTITY = Entity.CMD_LISTENER
-    MESSAGE_ID = ExecMessage.RESIZE
-    NAME = "RESIZE"
 
     rows: int
     cols: int
@@ -293,12 +278,8 @@ class Resize(Message):
 
 
 @dataclass(frozen=True)
-class SendSignal(Message):
+class SendSignal(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.SIGNAL, name="SIGNAL"):
     """SIGNAL: deliver ``signal`` (a forwardable name, ``INT``) to the exec ``id``."""
-
-    ENTITY = Entity.CMD_LISTENER
-    MESSAGE_ID = ExecMessage.SIGNAL
-    NAME = "SIGNAL"
 
     id: int
     signal: str
@@ -308,37 +289,17 @@ class SendSignal(Message):
         """The signal to deliver."""
         return parse_signal(self.signal)
 
-    def to_body(self) -> dict[str, Any]:
-        """``{"id": N, "signal": "INT"}``."""
-        return {"id": self.id, "signal": self.signal}
-
     @classmethod
     def from_body(cls, body: Any) -> SendSignal:
         """Check a SIGNAL; RemoteProtocolError if malformed or not a forwardable signal."""
-        d = body_map(body, cls.NAME)
-        name = optional(d, "signal", str, cls.NAME)
-        parse_signal(name)
-        return cls(required(d, "id", int, cls.NAME), name)
+        msg = super().from_body(body)
+        parse_signal(msg.signal)
+        return msg
 
 
 @dataclass(frozen=True)
-class Kill(Message):
+class Kill(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.KILL, name="KILL"):
     """KILL: the client of the exec ``id`` went away; kill the whole process tree."""
 
-    ENTITY = Entity.CMD_LISTENER
-    MESSAGE_ID = ExecMessage.KILL
-    NAME = "KILL"
-
     id: int
-    reason: str = "killed by the listener"
-
-    def to_body(self) -> dict[str, Any]:
-        """``{"id": N, "reason": text}``."""
-        return {"id": self.id, "reason": self.reason}
-
-    @classmethod
-    def from_body(cls, body: Any) -> Kill:
-        """Check a KILL; RemoteProtocolError if malformed."""
-        d = body_map(body, cls.NAME)
-        return cls(required(d, "id", int, cls.NAME),
-                   optional(d, "reason", str, cls.NAME, cls.reason)[:200])
+    reason: str = field(default="killed by the listener", metadata=limit(200))

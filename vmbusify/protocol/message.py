@@ -1,15 +1,23 @@
 """The one shape of every application and tunnel message: ``Message``, and its strict readers.
 
 Every message an entity sends (docs/protocol.md, "Messages of the application entities") is a
-frozen dataclass that subclasses ``Message``:
+frozen dataclass that subclasses ``Message``::
 
-- ``ENTITY`` and ``MESSAGE_ID`` (class attributes) say who sends it and as what: the package
-  header's entity and message id. A reply (the payload of the ACK of a request) names the
-  entity that answers and the request's message id (an ACK repeats it).
-- ``to_body()`` gives the msgpack-ready map (the field names and types on the wire);
+    @dataclass(frozen=True, slots=True)
+    class Keepalive(Message, entity=Entity.IP_BEARER, message_id=SubnetMessage.KEEPALIVE,
+                    name="KEEPALIVE"):
+        stream: int
+
+- ``ENTITY`` and ``MESSAGE_ID`` (class attributes, given as above) say who sends it and as
+  what: the package header's entity and message id. A reply (the payload of the ACK of a
+  request) names the entity that answers and the request's message id (an ACK repeats it).
+- ``to_body()`` gives the msgpack-ready map (the field names and types on the wire): by
+  default every field, in declaration order;
 - ``from_body(body)`` checks a received map strictly (a peer is hostile: wrong types, missing
   keys, extra nesting) and raises RemoteProtocolError with a one-line reason, never
-  KeyError or TypeError;
+  KeyError or TypeError. By default each field of type int, str, bool or bytes is read with
+  ``required`` (no default) or ``optional`` (its default), and cut to ``limit(n)`` items if
+  its metadata says so; a message with other fields, or other rules, defines its own;
 - ``payload()`` / ``from_payload()`` add the msgpack step, and ``package()`` the header (for
   the tunnel's own messages, which the mux sends itself).
 
@@ -19,6 +27,7 @@ a handler reads ``Inbound.body`` with ``ThatMessage.from_body`` and returns ``to
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, Self, TypeVar
 
 from vmbusify.errors import RemoteProtocolError
@@ -28,6 +37,14 @@ from vmbusify.protocol.serialize import dumps, loads
 T = TypeVar("T")
 #: What ``optional`` returns for a key that is missing or null when no default is given.
 _NONE: Any = None
+#: Field types the default ``from_body`` reads (annotations are strings here).
+_KINDS: dict[str, type] = {"int": int, "str": str, "bool": bool, "bytes": bytes}
+_LIMIT = "vmbusify.limit"
+
+
+def limit(n: int) -> dict[str, int]:
+    """Field metadata: a received value (text, bytes) is cut to ``n`` items."""
+    return {_LIMIT: n}
 
 
 class Message:
@@ -42,14 +59,34 @@ class Message:
     #: The message's name in errors and logs, e.g. ``PROXY-OPEN``.
     NAME: ClassVar[str]
 
+    def __init_subclass__(cls, *, entity: int | None = None, message_id: int | None = None,
+                          name: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if entity is not None:
+            cls.ENTITY = entity
+        if message_id is not None:
+            cls.MESSAGE_ID = message_id
+        if name:
+            cls.NAME = name
+
     def to_body(self) -> dict[str, Any]:
-        """The msgpack-ready map this message is on the wire."""
-        raise NotImplementedError
+        """The msgpack-ready map this message is on the wire: every field, in order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     @classmethod
     def from_body(cls, body: Any) -> Self:
         """The message a peer sent; RemoteProtocolError with a one-line reason if malformed."""
-        raise NotImplementedError
+        d = body_map(body, cls.NAME)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            kind = _KINDS[f.type] if isinstance(f.type, str) else f.type
+            if f.default is not dataclasses.MISSING:
+                value = optional(d, f.name, kind, cls.NAME, f.default)
+            else:
+                value = required(d, f.name, kind, cls.NAME)
+            n = f.metadata.get(_LIMIT)
+            values[f.name] = value[:n] if n is not None else value
+        return cls(**values)
 
     def payload(self) -> bytes:
         """The encoded package payload (msgpack of ``to_body()``)."""

@@ -122,12 +122,9 @@ def _check_target(host: Any, port: Any, what: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True, slots=True)
-class ProxyOpen(Message):
+class ProxyOpen(Message, entity=Entity.PROXY_CLIENT, message_id=ProxyMessage.OPEN,
+                name="PROXY-OPEN"):
     """PROXY-OPEN: connect to ``host`` (an IP literal or a name resolved on the far side)."""
-
-    ENTITY = Entity.PROXY_CLIENT
-    MESSAGE_ID = ProxyMessage.OPEN
-    NAME = "PROXY-OPEN"
 
     host: str
     port: int
@@ -153,13 +150,10 @@ class ProxyOpen(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class OpenAck(Message):
+class OpenAck(Message, entity=Entity.PROXY_SERVER, message_id=ProxyMessage.OPEN,
+              name="PROXY-OPEN-ACK"):
     """PROXY-OPEN-ACK (the ACK's payload): the far side's outcome and the address it
     connected from."""
-
-    ENTITY = Entity.PROXY_SERVER
-    MESSAGE_ID = ProxyMessage.OPEN
-    NAME = "PROXY-OPEN-ACK"
 
     reply: ReplyCode
     bound_host: str = "0.0.0.0"

@@ -33,7 +33,7 @@ from typing import Any
 
 from vmbusify.errors import LocalProtocolError, RemoteProtocolError
 from vmbusify.protocol.entities import Entity
-from vmbusify.protocol.message import Message, body_map, optional, required
+from vmbusify.protocol.message import Message, body_map, limit, optional
 
 #: struct virtio_net_hdr (no num_buffers): what IFF_VNET_HDR puts before each packet.
 VNET_HDR_SIZE = 10
@@ -66,39 +66,19 @@ class IPVersion(IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Attach(Message):
+class Attach(Message, entity=Entity.IP_BEARER, message_id=SubnetMessage.ATTACH, name="ATTACH"):
     """ATTACH: what a guest says when it attaches (the package's stream: the bearer)."""
 
-    ENTITY = Entity.IP_BEARER
-    MESSAGE_ID = SubnetMessage.ATTACH
-    NAME = "ATTACH"
-
     #: The guest's name (for logs; the host knows the VM by the tunnel's vmid).
-    name: str = ""
+    name: str = field(default="", metadata=limit(255))
     #: Whether the guest's TUN hands out GSO packets (informational).
     offload: bool = True
 
-    def to_body(self) -> dict[str, Any]:
-        """``{"name": text, "offload": bool}``."""
-        return {"name": self.name, "offload": self.offload}
-
-    @classmethod
-    def from_body(cls, body: Any) -> Attach:
-        """Parse an ATTACH body; RemoteProtocolError if malformed."""
-        d = body_map(body, cls.NAME)
-        name, offload = d.get("name", ""), d.get("offload", True)
-        if not isinstance(name, str) or not isinstance(offload, bool):
-            raise RemoteProtocolError("ATTACH: name must be a string, offload a boolean")
-        return cls(name[:255], offload)
-
 
 @dataclass(frozen=True, slots=True)
-class Lease(Message):
-    """A VM's place on the subnet: the host's reply to ATTACH (the same one every time)."""
-
-    ENTITY = Entity.IP_BEARER
-    MESSAGE_ID = SubnetMessage.ATTACH
-    NAME = "lease"
+class Lease(Message, entity=Entity.IP_BEARER, message_id=SubnetMessage.ATTACH, name="lease"):
+    """A VM's place on the subnet: the host's reply to ATTACH (the same one every time); also
+    what `vmbusifyctl status` shows."""
 
     vmid: str
     address: str
@@ -112,15 +92,6 @@ class Lease(Message):
     address6: str = ""
     prefixlen6: int = 0
     gateway6: str = ""
-
-    def to_body(self) -> dict[str, Any]:
-        """The lease as a map (also what `vmbusifyctl status` shows)."""
-        return {
-            "vmid": self.vmid, "address": self.address, "prefixlen": self.prefixlen,
-            "gateway": self.gateway, "mtu": self.mtu, "metric": self.metric,
-            "dns": list(self.dns), "address6": self.address6, "prefixlen6": self.prefixlen6,
-            "gateway6": self.gateway6,
-        }
 
     @classmethod
     def from_body(cls, body: Any) -> Lease:
@@ -149,62 +120,25 @@ class Lease(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Keepalive(Message):
+class Keepalive(Message, entity=Entity.IP_BEARER, message_id=SubnetMessage.KEEPALIVE,
+                name="KEEPALIVE"):
     """KEEPALIVE: the guest's bearer ``stream`` is still in use (an error reply: attach again)."""
-
-    ENTITY = Entity.IP_BEARER
-    MESSAGE_ID = SubnetMessage.KEEPALIVE
-    NAME = "KEEPALIVE"
 
     stream: int
 
-    def to_body(self) -> dict[str, Any]:
-        """``{"stream": id}``."""
-        return {"stream": self.stream}
-
-    @classmethod
-    def from_body(cls, body: Any) -> Keepalive:
-        """Parse a KEEPALIVE; RemoteProtocolError if malformed."""
-        return cls(required(body_map(body, cls.NAME), "stream", int, cls.NAME))
-
 
 @dataclass(frozen=True, slots=True)
-class KeepaliveReply(Message):
+class KeepaliveReply(Message, entity=Entity.IP_BEARER, message_id=SubnetMessage.KEEPALIVE,
+                     name="KEEPALIVE reply"):
     """The host's answer to a KEEPALIVE for a bearer it still has."""
-
-    ENTITY = Entity.IP_BEARER
-    MESSAGE_ID = SubnetMessage.KEEPALIVE
-    NAME = "KEEPALIVE reply"
 
     ok: bool = True
 
-    def to_body(self) -> dict[str, Any]:
-        """``{"ok": true}``."""
-        return {"ok": self.ok}
-
-    @classmethod
-    def from_body(cls, body: Any) -> KeepaliveReply:
-        """Parse the reply; RemoteProtocolError if malformed."""
-        return cls(optional(body_map(body, cls.NAME), "ok", bool, cls.NAME, True))
-
 
 @dataclass(frozen=True, slots=True)
-class HostReady(Message):
+class HostReady(Message, entity=Entity.IP_BEARER, message_id=SubnetMessage.HOST_READY,
+                name="HOST_READY"):
     """HOST_READY: the host's subnet worker (re)started; attach again now. An empty map."""
-
-    ENTITY = Entity.IP_BEARER
-    MESSAGE_ID = SubnetMessage.HOST_READY
-    NAME = "HOST_READY"
-
-    def to_body(self) -> dict[str, Any]:
-        """``{}``."""
-        return {}
-
-    @classmethod
-    def from_body(cls, body: Any) -> HostReady:
-        """Parse a HOST_READY (any map: later versions may add fields)."""
-        body_map(body, cls.NAME)
-        return cls()
 
 
 def _str(body: dict[str, Any], key: str, default: str | None = None) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from vmbusify.errors import RemoteProtocolError
 from vmbusify.protocol.entities import Entity, TunnelMessage
-from vmbusify.protocol.message import Message, body_map, required
+from vmbusify.protocol.message import Message, body_map, limit, required
 from vmbusify.protocol.package import PROTOCOL_VERSION
 
 
@@ -33,16 +33,13 @@ FEATURE_MAX = 64
 
 
 @dataclass(frozen=True)
-class Hello(Message):
+class Hello(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.HELLO, name="HELLO"):
     """Sent first by both ends, and again by the guest when its addresses change.
 
     ``nonce`` (fresh random bytes for each connection) and ``features`` came after 0.1.0: a
     peer of 0.1.0 leaves them out (decoded as empty) and ignores them when we send them.
+    The fields' order is the order on the wire (``to_body``): new ones go at the end.
     """
-
-    ENTITY = Entity.TUNNEL
-    MESSAGE_ID = TunnelMessage.HELLO
-    NAME = "HELLO"
 
     role: str
     hostname: str
@@ -51,13 +48,6 @@ class Hello(Message):
     ips: list[str] = field(default_factory=list)
     nonce: bytes = b""
     features: list[str] = field(default_factory=list)
-
-    def to_body(self) -> dict[str, Any]:
-        """Every field, in declaration order (the order 0.1.0 sent them in)."""
-        return {"role": self.role, "hostname": self.hostname,
-                "software_version": self.software_version,
-                "protocol_version": self.protocol_version, "ips": list(self.ips),
-                "nonce": self.nonce, "features": list(self.features)}
 
     def has(self, feature: Feature) -> bool:
         """Whether the sender listed ``feature``."""
@@ -94,46 +84,25 @@ class Hello(Message):
 
 
 @dataclass(frozen=True)
-class Ping(Message):
+class Ping(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.PING, name="PING"):
     """Liveness probe; the peer answers with a Pong carrying the same nonce."""
-
-    ENTITY = Entity.TUNNEL
-    MESSAGE_ID = TunnelMessage.PING
-    NAME = "PING"
 
     nonce: int
 
-    def to_body(self) -> dict[str, Any]:
-        """``{"nonce": n}``."""
-        return {"nonce": self.nonce}
 
-    @classmethod
-    def from_body(cls, body: Any) -> Ping:
-        """Check a PING (or, in a Pong, a PONG); RemoteProtocolError if malformed."""
-        return cls(required(body_map(body, cls.NAME), "nonce", int, cls.NAME))
+@dataclass(frozen=True)
+class Pong(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.PONG, name="PONG"):
+    """Answer to a Ping."""
+
+    nonce: int
 
 
 @dataclass(frozen=True)
-class Pong(Ping):
-    """Answer to a Ping: the same body, another message id."""
-
-    MESSAGE_ID = TunnelMessage.PONG
-    NAME = "PONG"
-
-
-@dataclass(frozen=True)
-class WorkerLost(Message):
+class WorkerLost(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.WORKER_LOST,
+                 name="WORKER_LOST"):
     """A worker process on the sender's side went away; its entities' streams are gone."""
 
-    ENTITY = Entity.TUNNEL
-    MESSAGE_ID = TunnelMessage.WORKER_LOST
-    NAME = "WORKER_LOST"
-
     entities: list[int]
-
-    def to_body(self) -> dict[str, Any]:
-        """``{"entities": [code, ...]}``."""
-        return {"entities": list(self.entities)}
 
     @classmethod
     def from_body(cls, body: Any) -> WorkerLost:
@@ -145,23 +114,10 @@ class WorkerLost(Message):
 
 
 @dataclass(frozen=True)
-class Bye(Message):
+class Bye(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.BYE, name="BYE"):
     """The sender closes the tunnel, and says why."""
 
-    ENTITY = Entity.TUNNEL
-    MESSAGE_ID = TunnelMessage.BYE
-    NAME = "BYE"
-
-    reason: str
-
-    def to_body(self) -> dict[str, Any]:
-        """``{"reason": text}``."""
-        return {"reason": self.reason}
-
-    @classmethod
-    def from_body(cls, body: Any) -> Bye:
-        """Check a BYE; RemoteProtocolError if malformed."""
-        return cls(required(body_map(body, cls.NAME), "reason", str, cls.NAME)[:500])
+    reason: str = field(metadata=limit(500))
 
 
 #: Length of an AUTH proof (HMAC-SHA256).
@@ -169,27 +125,19 @@ PROOF_SIZE = 32
 
 
 @dataclass(frozen=True)
-class Auth(Message):
+class Auth(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.AUTH, name="AUTH"):
     """The sender proves it knows the tunnel's shared key (vmbusify/protocol/auth.py).
 
     Sent once each way after the HELLOs, when both HELLOs list Feature.KEY: the host first,
     the guest only once the host's proof checked out.
     """
 
-    ENTITY = Entity.TUNNEL
-    MESSAGE_ID = TunnelMessage.AUTH
-    NAME = "AUTH"
-
     proof: bytes
-
-    def to_body(self) -> dict[str, Any]:
-        """``{"proof": bytes}``."""
-        return {"proof": self.proof}
 
     @classmethod
     def from_body(cls, body: Any) -> Auth:
         """Check an AUTH; RemoteProtocolError if malformed."""
-        proof = required(body_map(body, cls.NAME), "proof", bytes, cls.NAME)
-        if len(proof) != PROOF_SIZE:
+        auth = super().from_body(body)
+        if len(auth.proof) != PROOF_SIZE:
             raise RemoteProtocolError(f"AUTH: proof must be {PROOF_SIZE} bytes")
-        return cls(proof)
+        return auth
