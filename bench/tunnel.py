@@ -96,7 +96,7 @@ async def tunnel_figures(root: Path, mib: int, pings: int) -> dict[str, float]:
             """MB/s of one stream written in ``block_size`` writes, and CPU-s/GB per process."""
             stream = await host.open_stream("vm1", Entity.PROXY_CLIENT, Entity.PROXY_SERVER,
                                             DATA)
-            await host.sync_send("vm1", Entity.PROXY_CLIENT, OPEN, {}, stream=stream.id)
+            await host.request_body("vm1", Entity.PROXY_CLIENT, OPEN, {}, stream=stream.id)
             block = b"\0" * block_size
             cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
             t0 = time.perf_counter()

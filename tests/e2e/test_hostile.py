@@ -453,7 +453,7 @@ def test_harness_encodes_what_the_project_decodes() -> None:
     decoder = PackageDecoder()
     decoder.receive_data(wire)
     hello, open_, credit, reset = decoder.packages()
-    assert Hello.decode(hello.payload).ips == ["198.19.1.10"]
+    assert Hello.from_payload(hello.payload).ips == ["198.19.1.10"]
     assert (open_.type, open_.entity, open_.message_id, open_.id, open_.stream) == (
         PackageType.REQUEST, hp.PROXY_CLIENT, hp.PROXY_OPEN, 7, 9)
     assert loads(open_.payload) == {"host": "a", "port": 80, "cmd": 1}

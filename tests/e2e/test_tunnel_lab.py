@@ -236,7 +236,7 @@ def _keyed_second_host(path: str, key: bytes) -> list[Any]:
     dec = PackageDecoder()
     while (theirs := next(iter(dec.packages()), None)) is None:
         dec.receive_data(s.recv(65536))
-    nonce = Hello.decode(theirs.payload).nonce
+    nonce = Hello.from_payload(theirs.payload).nonce
     s.sendall(Auth(auth.proof(key, auth.Side.HOST, ours.nonce, nonce)).package().encode())
     out: list[Any] = []
     while chunk := s.recv(65536):
@@ -250,11 +250,11 @@ def test_second_host_connection_refused(lab: LabHandle) -> None:
     """The lab gives every VM a key: a would-be host without it is told so; one with it (root
     on the host) is refused because the live tunnel answers."""
     pkgs = _exchange(_tunnel_path(lab, "vm1"), Hello("host", "intruder", "0").package().encode())
-    assert pkgs and "requires the shared key" in Bye.decode(pkgs[0].payload).reason
+    assert pkgs and "requires the shared key" in Bye.from_payload(pkgs[0].payload).reason
     key = load_config(lab.layout.vm(1).config_path).tunnel.key_file
     with open(key, "rb") as f:
         pkgs = _keyed_second_host(_tunnel_path(lab, "vm1"), f.read().strip())
-    assert pkgs and "another host connection is live" in Bye.decode(pkgs[-1].payload).reason
+    assert pkgs and "another host connection is live" in Bye.from_payload(pkgs[-1].payload).reason
     assert connected_with_rtt(lab, "vm1")
 
 

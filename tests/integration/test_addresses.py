@@ -55,7 +55,7 @@ class FakeGuest:
                     if pkg.message_id == TunnelMessage.HELLO and pkg.entity == Entity.TUNNEL:
                         writer.write(self.hello().package().encode())
                     elif pkg.message_id == TunnelMessage.PING and pkg.entity == Entity.TUNNEL:
-                        writer.write(Pong(Ping.decode(pkg.payload).nonce).package().encode())
+                        writer.write(Pong(Ping.from_payload(pkg.payload).nonce).package().encode())
         except ConnectionError:
             pass
         finally:

@@ -81,18 +81,18 @@ def test_sync_and_async_send_both_ways(pair: Pair) -> None:
         host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER],
                               [(Entity.CMD_EXECUTOR, ECHO, echo)])
         await wait_state(host, "vm1", "connected")
-        reply = await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, {"x": 1})
+        reply = await host.request_body("vm1", Entity.CMD_LISTENER, ECHO, {"x": 1})
         assert reply == {"echo": {"x": 1}, "from": "host"}
-        reply = await guest.sync_send(None, Entity.CMD_EXECUTOR, ECHO, [1, 2])
+        reply = await guest.request_body(None, Entity.CMD_EXECUTOR, ECHO, [1, 2])
         assert reply == {"echo": [1, 2], "from": "vm1"}
-        await host.async_send("vm1", Entity.CMD_LISTENER, ECHO + 1, "hi")
+        await host.send_body("vm1", Entity.CMD_LISTENER, ECHO + 1, "hi")
         msg = await asyncio.wait_for(got.get(), 5)
         assert msg.body == "hi" and msg.vmid == "host"
         # nobody handles this one: a clear error, not a hang
         with pytest.raises(TunnelError, match="no worker"):
-            await host.sync_send("vm1", Entity.CMD_LISTENER, 4242, None, timeout=5)
+            await host.request_body("vm1", Entity.CMD_LISTENER, 4242, None, timeout=5)
         with pytest.raises(TunnelError, match="unknown VM"):
-            await host.sync_send("nope", Entity.CMD_LISTENER, ECHO, None, timeout=5)
+            await host.request_body("nope", Entity.CMD_LISTENER, ECHO, None, timeout=5)
         await host.close()
         await guest.close()
 
@@ -107,12 +107,12 @@ def test_a_request_for_a_worker_that_went_away_fails_at_once(pair: Pair) -> None
                                [(Entity.CMD_LISTENER, ECHO, echo)])
         host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
         await wait_state(host, "vm1", "connected")
-        assert (await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, 1))["echo"] == 1
+        assert (await host.request_body("vm1", Entity.CMD_LISTENER, ECHO, 1))["echo"] == 1
         await guest.close()
         await asyncio.sleep(0.5)  # as `supervisorctl stop` leaves it: the socket is closed
         start = time.monotonic()
         with pytest.raises(TunnelError, match="no worker"):
-            await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, 2, timeout=8)
+            await host.request_body("vm1", Entity.CMD_LISTENER, ECHO, 2, timeout=8)
         assert time.monotonic() - start < 3
         await host.close()
 
@@ -172,7 +172,7 @@ def test_every_handler_runs_and_the_first_registered_answers(pair: Pair) -> None
         for _ in range(5):
             for ev in ran.values():
                 ev.clear()
-            assert await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, None) == "first"
+            assert await host.request_body("vm1", Entity.CMD_LISTENER, ECHO, None) == "first"
             await asyncio.wait_for(ran["second"].wait(), 5)
         for link in (first, second, host):
             await link.close()
@@ -183,7 +183,7 @@ def test_every_handler_runs_and_the_first_registered_answers(pair: Pair) -> None
 async def _stream_pair(host: WorkerLink, guest: WorkerLink, accepted: asyncio.Queue[Any]
                        ) -> Any:
     s = await host.open_stream("vm1", Entity.PROXY_CLIENT, Entity.PROXY_SERVER, DATA)
-    await host.sync_send("vm1", Entity.PROXY_CLIENT, OPEN, {}, stream=s.id)
+    await host.request_body("vm1", Entity.PROXY_CLIENT, OPEN, {}, stream=s.id)
     return s, await asyncio.wait_for(accepted.get(), 5)
 
 
@@ -236,7 +236,7 @@ def test_no_head_of_line_blocking(pair: Pair) -> None:
             times = []
             for _ in range(n):
                 t0 = time.perf_counter()
-                await host.sync_send("vm1", Entity.PROXY_CLIENT, ECHO, b"x" * 64)
+                await host.request_body("vm1", Entity.PROXY_CLIENT, ECHO, b"x" * 64)
                 times.append(time.perf_counter() - t0)
             return times
 
@@ -322,7 +322,7 @@ async def _bye_reason(pair: Pair, hello: Hello) -> str:
     s.close()
     assert pkgs and pkgs[0].type is PackageType.MESSAGE, pkgs
     assert pkgs[0].message_id == TunnelMessage.BYE, pkgs  # not a HELLO
-    return Bye.decode(pkgs[0].payload).reason
+    return Bye.from_payload(pkgs[0].payload).reason
 
 
 async def _host_with_vm1_disconnected(pair: Pair) -> WorkerLink:
@@ -415,7 +415,7 @@ def test_a_frozen_guest_is_noticed_and_the_pending_call_fails(pair: Pair) -> Non
         try:
             t0 = time.monotonic()
             with pytest.raises((TunnelError, RequestTimeout)):
-                await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, None, timeout=30)
+                await host.request_body("vm1", Entity.CMD_LISTENER, ECHO, None, timeout=30)
             # dead_after is 3 s in this pair
             assert time.monotonic() - t0 < 10
             st = await host.control({"cmd": "status"})
@@ -439,7 +439,7 @@ def test_on_demand_connect_when_a_vm_is_first_addressed(tmp_path: Path) -> None:
         await asyncio.sleep(1.0)
         st = await host.control({"cmd": "status"})
         assert st["vms"][0]["state"] == "disconnected"  # nobody asked for vm1 yet
-        reply = await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, "first", timeout=10)
+        reply = await host.request_body("vm1", Entity.CMD_LISTENER, ECHO, "first", timeout=10)
         assert reply == {"echo": "first", "from": "host"}
         await wait_state(host, "vm1", "connected")
         await host.close()

@@ -107,7 +107,7 @@ def test_host_and_guest_with_the_same_key_connect(tmp_path: Path, pairs: list[Pa
                                [(Entity.CMD_LISTENER, ECHO, echo)])
         host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
         await wait_state(host, "vm1", "connected")
-        assert await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, 7) == {"echo": 7}
+        assert await host.request_body("vm1", Entity.CMD_LISTENER, ECHO, 7) == {"echo": 7}
         assert (await host.control({"cmd": "ping", "vmid": "vm1"}))["rtt_ms"] > 0
         await host.close()
         await guest.close()
@@ -217,7 +217,7 @@ def test_a_guest_with_a_key_dispatches_nothing_before_the_hosts_proof(
         got = await asyncio.to_thread(_intruder, pair.tunnel_path, wrong, _request(ECHO))
         kinds = [p.message_id for p in got]
         assert kinds == [TunnelMessage.HELLO, TunnelMessage.BYE], got
-        assert Bye.decode(got[1].payload).reason == auth.WRONG_HOST_PROOF
+        assert Bye.from_payload(got[1].payload).reason == auth.WRONG_HOST_PROOF
         got = await asyncio.to_thread(_intruder, pair.tunnel_path, _request(ECHO))
         assert [p.message_id for p in got] == [TunnelMessage.HELLO], got  # closed: no AUTH
         await asyncio.sleep(0.5)
@@ -225,7 +225,7 @@ def test_a_guest_with_a_key_dispatches_nothing_before_the_hosts_proof(
         assert "expected AUTH" in pair.guest.log()
         # and the real host still gets in
         await host.control({"cmd": "connect", "vmid": "vm1", "timeout": 10}, timeout=15)
-        assert await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, 1) == "ran"
+        assert await host.request_body("vm1", Entity.CMD_LISTENER, ECHO, 1) == "ran"
         await host.close()
         await guest.close()
 

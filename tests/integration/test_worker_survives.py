@@ -79,24 +79,24 @@ def test_raising_handlers_and_wrong_types_do_not_stop_the_worker(pair: Pair) -> 
         await wait_state(host, "vm1", "connected")
 
         # a one-way MESSAGE where a request is due: its handler never runs
-        await host.async_send("vm1", Entity.CMD_LISTENER, ECHO, "as a message")
+        await host.send_body("vm1", Entity.CMD_LISTENER, ECHO, "as a message")
         # a REQUEST where a message is due: refused at once, saying why
         with pytest.raises(TunnelError, match="wrong package type"):
-            await host.sync_send("vm1", Entity.CMD_LISTENER, NOTE, "as a request", timeout=5)
+            await host.request_body("vm1", Entity.CMD_LISTENER, NOTE, "as a request", timeout=5)
         # handlers that raise, inline and in a task
         for _ in range(3):
-            await host.async_send("vm1", Entity.CMD_LISTENER, BOOM, None)
+            await host.send_body("vm1", Entity.CMD_LISTENER, BOOM, None)
         with pytest.raises(TunnelError, match="t-guest: internal error"):
-            await host.sync_send("vm1", Entity.CMD_LISTENER, BOOM_REQ, None, timeout=5)
+            await host.request_body("vm1", Entity.CMD_LISTENER, BOOM_REQ, None, timeout=5)
         # ... and the worker keeps serving, in order
-        await host.async_send("vm1", Entity.CMD_LISTENER, NOTE, 1)
-        assert await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, "still", timeout=5) \
+        await host.send_body("vm1", Entity.CMD_LISTENER, NOTE, 1)
+        assert await host.request_body("vm1", Entity.CMD_LISTENER, ECHO, "still", timeout=5) \
             == "still"
         assert ran == ["boom"] * 4 + ["note 1", "echo"]
 
         # a peer granting itself credit it was never owed: that stream is reset, and only it
         s = await host.open_stream("vm1", Entity.CMD_LISTENER, Entity.CMD_EXECUTOR, DATA)
-        assert await host.sync_send("vm1", Entity.CMD_LISTENER, OPEN, {}, stream=s.id) is True
+        assert await host.request_body("vm1", Entity.CMD_LISTENER, OPEN, {}, stream=s.id) is True
         g = await asyncio.wait_for(accepted.get(), 5)
         grab = Package(PackageType.WINDOW, Entity.CMD_LISTENER, DATA, 0, s.id,
                        payload=encode_increment(0xFFFFFFF0))
@@ -108,7 +108,7 @@ def test_raising_handlers_and_wrong_types_do_not_stop_the_worker(pair: Pair) -> 
         # DATA for that stream, now gone: dropped
         await host._send_package("vm1", Package(PackageType.DATA, Entity.CMD_LISTENER, DATA,
                                                 0, s.id, payload=b"late"))
-        assert await host.sync_send("vm1", Entity.CMD_LISTENER, ECHO, 2, timeout=5) == 2
+        assert await host.request_body("vm1", Entity.CMD_LISTENER, ECHO, 2, timeout=5) == 2
 
         # what the worker counted reaches the status (`vmbusifyctl status`)
         gstatus = await link_for(pair.guest, "t-status", [])
@@ -141,11 +141,11 @@ def test_a_worker_whose_loop_is_stuck_stops_its_heartbeat_and_exits_non_zero(
             while b"ready" not in log_path.read_bytes():
                 assert time.monotonic() < deadline, log_path.read_text()
                 await asyncio.sleep(0.1)
-            assert await host.sync_send("vm1", Entity.CMD_LISTENER, STUCK_ECHO, None) == "alive"
+            assert await host.request_body("vm1", Entity.CMD_LISTENER, STUCK_ECHO, None) == "alive"
             # healthy while idle for longer than stall_after
             await asyncio.sleep(2 * stall_after)
             assert proc.poll() is None
-            await host.async_send("vm1", Entity.CMD_LISTENER, HANG, None)
+            await host.send_body("vm1", Entity.CMD_LISTENER, HANG, None)
             t0 = time.monotonic()
             while proc.poll() is None and time.monotonic() - t0 < stall_after + 10:
                 await asyncio.sleep(0.1)
@@ -153,7 +153,7 @@ def test_a_worker_whose_loop_is_stuck_stops_its_heartbeat_and_exits_non_zero(
             assert time.monotonic() - t0 < stall_after + 5  # a heartbeat or two after
             # the mux forgot it at once (its goodbye), so the peer hears so plainly
             with pytest.raises(TunnelError, match="no worker"):
-                await host.sync_send("vm1", Entity.CMD_LISTENER, STUCK_ECHO, None, timeout=5)
+                await host.request_body("vm1", Entity.CMD_LISTENER, STUCK_ECHO, None, timeout=5)
             await host.close()
 
         run(scenario())

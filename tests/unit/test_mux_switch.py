@@ -306,7 +306,7 @@ def test_a_gone_answering_worker_hands_the_request_to_the_next_one() -> None:
     assert isinstance(gone, WorkerGone) and gone.info.name == "first"
     announce = [a for a in rest if isinstance(a, ToTunnel)]
     assert sorted(a.vmid for a in announce) == ["vm1", "vm2"]
-    assert WorkerLost.decode(announce[0].payload).entities == [PROXY_S]
+    assert WorkerLost.from_payload(announce[0].payload).entities == [PROXY_S]
     assert header_of(announce[0]).message_id == TunnelMessage.WORKER_LOST
     routed = [a for a in rest if isinstance(a, ToWorker)]
     assert [(a.identity, header_of(a).type) for a in routed] == [(b"w2", PackageType.REQUEST)]

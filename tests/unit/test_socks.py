@@ -311,15 +311,15 @@ def test_reply_codes_from_errno() -> None:
 
 def test_proxy_messages_round_trip_and_validate() -> None:
     msg = ProxyOpen("external.lab", 80, Command.UDP)
-    assert ProxyOpen.decode(msg.encode()) == msg
+    assert ProxyOpen.from_body(msg.to_body()) == msg
     ack = OpenAck(ReplyCode.CONNECTION_REFUSED, reason="refused")
-    assert OpenAck.decode(ack.encode()) == ack and not ack.ok
+    assert OpenAck.from_body(ack.to_body()) == ack and not ack.ok
     for bad in ({"host": "", "port": 1}, {"host": "a", "port": 70000}, {"host": "a"},
                 {"host": "a", "port": 1, "cmd": 9}, ["x"]):
         with pytest.raises(RemoteProtocolError):
-            ProxyOpen.decode(bad)
+            ProxyOpen.from_body(bad)
     with pytest.raises(RemoteProtocolError):
-        OpenAck.decode({"reply": 42, "host": "0.0.0.0", "port": 0})
+        OpenAck.from_body({"reply": 42, "host": "0.0.0.0", "port": 0})
 
 
 def test_datagram_framing_survives_any_split() -> None:

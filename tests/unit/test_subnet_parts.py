@@ -411,11 +411,11 @@ class _FakeLink:
               ) -> asyncio.Task[Any]:
         return asyncio.ensure_future(coro)
 
-    async def sync_send(self, vmid: object, entity: int, message_id: int, body: object,
+    async def sync_send(self, vmid: object, msg: object, reply: Any = None, *,
                         stream: int = 0, timeout: float = 10.0) -> object:
-        from vmbusify.protocol.subnet import SubnetMessage
+        from vmbusify.protocol.subnet import Keepalive
 
-        if message_id == SubnetMessage.KEEPALIVE:
+        if isinstance(msg, Keepalive):
             await asyncio.sleep(3600)
         self.attaches.append(stream)
         if len(self.attaches) == 1:  # went to the host's worker while it was stopping
@@ -423,7 +423,7 @@ class _FakeLink:
             await asyncio.sleep(timeout)
             from vmbusify.errors import RequestTimeout
             raise RequestTimeout("no reply")
-        return self.lease
+        return reply.from_body(self.lease)
 
 
 def test_guest_attaches_again_at_once_when_the_host_worker_restarts_mid_attach(

@@ -43,39 +43,39 @@ def _old_payload(**extra: Any) -> bytes:
 def test_hello_round_trip_with_nonce_and_features() -> None:
     nonce = auth.new_nonce()
     h = _hello(nonce=nonce, features=auth.features(True))
-    back = Hello.decode(h.package().payload)
+    back = Hello.from_payload(h.package().payload)
     assert back == h
     assert back.has(Feature.AUTH) and back.has(Feature.KEY)
 
 
 def test_hello_of_an_older_peer_decodes_with_empty_nonce_and_features() -> None:
-    h = Hello.decode(_old_payload())
+    h = Hello.from_payload(_old_payload())
     assert h.nonce == b"" and h.features == []
     assert not h.has(Feature.AUTH)
 
 
 def test_unknown_features_are_ignored_and_bad_ones_refused() -> None:
-    h = Hello.decode(_old_payload(features=["teleport", "auth", "x" * 500] + ["f"] * 100))
+    h = Hello.from_payload(_old_payload(features=["teleport", "auth", "x" * 500] + ["f"] * 100))
     assert h.has(Feature.AUTH) and not h.has(Feature.KEY)
     assert len(h.features) == 32 and all(len(f) <= 64 for f in h.features)
     for bad in ("auth", [1], [b"auth"], {"auth": 1}):
         with pytest.raises(RemoteProtocolError, match="features"):
-            Hello.decode(_old_payload(features=bad))
+            Hello.from_payload(_old_payload(features=bad))
 
 
 @pytest.mark.parametrize("nonce", ["text", 5, b"n" * (NONCE_SIZE + 1)])
 def test_a_bad_nonce_is_a_protocol_error(nonce: Any) -> None:
     with pytest.raises(RemoteProtocolError, match="nonce"):
-        Hello.decode(_old_payload(nonce=nonce))
+        Hello.from_payload(_old_payload(nonce=nonce))
 
 
 def test_auth_round_trip_and_bad_proofs() -> None:
     a = Auth(b"p" * PROOF_SIZE)
-    assert Auth.decode(a.package().payload) == a
+    assert Auth.from_payload(a.package().payload) == a
     bad: list[Any] = [{}, {"proof": "text"}, {"proof": b"short"}, {"proof": b"p" * 33}, []]
     for payload in bad:
         with pytest.raises(RemoteProtocolError, match="AUTH"):
-            Auth.decode(dumps(payload))
+            Auth.from_payload(dumps(payload))
 
 
 # -- the proof -----------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_a_missing_or_empty_proof_or_nonce_fails() -> None:
 # -- who refuses whom, before any proof -----------------------------------------------------
 
 def test_no_keys_at_all_changes_nothing() -> None:
-    old = Hello.decode(_old_payload())
+    old = Hello.from_payload(_old_payload())
     assert auth.guest_refusal(False, old, auth.new_nonce()) is None
     assert auth.host_refusal(False, old, auth.new_nonce()) is None
     assert auth.features(False) == ["auth"]  # no "key": a keyless peer expects no AUTH
@@ -145,7 +145,7 @@ def test_a_keyless_guest_says_so_to_a_host_with_a_key() -> None:
 
 def test_a_host_with_a_key_refuses_a_guest_that_cannot_answer() -> None:
     nh = auth.new_nonce()
-    old = Hello.decode(_old_payload())
+    old = Hello.from_payload(_old_payload())
     assert "older than this host" in str(auth.host_refusal(True, old, nh))
     keyless = _hello(role="guest", nonce=auth.new_nonce(), features=auth.features(False))
     assert "the guest has no key" in str(auth.host_refusal(True, keyless, nh))
@@ -380,7 +380,7 @@ def test_the_guest_refuses_an_unprivileged_vsock_peer_with_a_bye_and_few_log_lin
         dec = PackageDecoder()
         dec.receive_data(w.written)
         (bye,) = dec.packages()
-        assert f"from port {w.peername[1]}:" in Bye.decode(bye.payload).reason
+        assert f"from port {w.peername[1]}:" in Bye.from_payload(bye.payload).reason
     lines = [r.getMessage() for r in caplog.records if "refused a host connection" in r.message]
     assert len(lines) == config.limits.log_lines_per_minute  # a flood cannot flood the log
     assert "(2, 40000)" in lines[0]

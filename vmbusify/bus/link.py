@@ -1,7 +1,8 @@
 """WorkerLink: what a worker process uses to reach the tunnel (the spec's worker interface).
 
 A worker declares its entities and the (source entity, message id) pairs it handles, each
-with the kind of package it takes, then uses ``sync_send`` / ``async_send`` (spec 4.1). On
+with the kind of package it takes, then uses ``sync_send`` / ``async_send`` (spec 4.1) with
+message dataclasses (vmbusify.protocol.message: each carries its entity and id). On
 the host every call takes the target vmid; on a guest the only peer is ``HOST_VMID``.
 Handlers learn which VM a message came from.
 
@@ -9,7 +10,7 @@ Handlers learn which VM a message came from.
     link.route(Entity.PROXY_CLIENT, ProxyMessage.OPEN, on_open, RouteKind.REQUEST)
     link.route(Entity.PROXY_CLIENT, ProxyMessage.DATA, None, RouteKind.STREAM)
     await link.start()
-    reply = await link.sync_send(vmid, Entity.PROXY_SERVER, ProxyMessage.OPEN, {...})
+    ack = await link.sync_send(vmid, ProxyOpen(host, port), OpenAck, stream=s.id)
 
 The peer is not trusted (root in a guest is hostile), so the receive loop:
 
@@ -40,7 +41,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import zmq
 
@@ -61,6 +62,7 @@ from vmbusify.errors import (
 )
 from vmbusify.logs import RateLimitedLog, printable
 from vmbusify.protocol.entities import entity_label
+from vmbusify.protocol.message import Message
 from vmbusify.protocol.package import (
     MAX_PAYLOAD_LIMIT,
     Package,
@@ -106,6 +108,8 @@ class Inbound:
     package: Package
 
 
+#: The reply type a sync_send decodes its ACK as.
+M = TypeVar("M", bound=Message)
 Handler = Callable[[Inbound], Awaitable[Any]]
 EventHandler = Callable[[TunnelEvent, str, dict[str, Any]], Awaitable[None]]
 #: The route kind each package type must arrive on (ACKs are matched by id, not routed).
@@ -324,16 +328,43 @@ class WorkerLink:
     async def _send_package(self, vmid: str, pkg: Package) -> None:
         await self._send_frames([BusKind.PKG.value, vmid.encode(), pkg.header(), pkg.payload])
 
-    async def async_send(self, vmid: str | None, entity: int, message_id: int, body: Any,
-                         stream: int = 0) -> None:
-        """Send a one-way message (spec async_send); returns once it is handed to the mux."""
+    async def async_send(self, vmid: str | None, msg: Message, stream: int = 0) -> None:
+        """Send a one-way message (spec async_send) as its entity and message id; returns once
+        it is handed to the mux."""
+        await self.send_body(vmid, msg.ENTITY, msg.MESSAGE_ID, msg.to_body(), stream)
+
+    @overload
+    async def sync_send(self, vmid: str | None, msg: Message, reply: type[M], *,
+                        stream: int = 0, timeout: float = DEFAULT_TIMEOUT) -> M: ...
+
+    @overload
+    async def sync_send(self, vmid: str | None, msg: Message, reply: None = None, *,
+                        stream: int = 0, timeout: float = DEFAULT_TIMEOUT) -> None: ...
+
+    async def sync_send(self, vmid: str | None, msg: Message, reply: type[M] | None = None, *,
+                        stream: int = 0, timeout: float = DEFAULT_TIMEOUT) -> M | None:
+        """Send a request (spec sync_send) and wait for its ACK; the reply decoded strictly as
+        ``reply`` (RemoteProtocolError if it does not fit), or None when ``reply`` is None.
+
+        ``stream``: the stream the request announces (its id goes in the package header).
+        Raises as ``request_body`` does.
+        """
+        body = await self.request_body(vmid, msg.ENTITY, msg.MESSAGE_ID, msg.to_body(),
+                                       stream=stream, timeout=timeout)
+        return None if reply is None else reply.from_body(body)
+
+    async def send_body(self, vmid: str | None, entity: int, message_id: int, body: Any,
+                        stream: int = 0) -> None:
+        """``async_send`` of any msgpack-able ``body`` (untyped: for tests and tools that probe
+        the bus; a worker sends ``Message`` dataclasses with ``async_send``)."""
         pkg = Package(PackageType.MESSAGE, int(entity), int(message_id), 0, stream,
                       payload=dumps(body))
         await self._send_package(self._target(vmid), pkg)
 
-    async def sync_send(self, vmid: str | None, entity: int, message_id: int, body: Any,
-                        stream: int = 0, timeout: float = DEFAULT_TIMEOUT) -> Any:
-        """Send a request and wait for the ACK's reply (spec sync_send).
+    async def request_body(self, vmid: str | None, entity: int, message_id: int, body: Any, *,
+                           stream: int = 0, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        """``sync_send`` of any msgpack-able ``body``, returning the ACK's decoded payload as it
+        is (untyped: for tests and tools; a worker uses ``sync_send`` with a reply type).
 
         Raises RequestTimeout when no ACK comes in ``timeout`` seconds, NotConnectedError when
         the tunnel is down, TunnelError carrying the peer's reason when its handler failed.

@@ -191,7 +191,7 @@ class Tunnel:
         pkg = await self._handshake_package("HELLO", timeout)
         if pkg.entity != Entity.TUNNEL or pkg.message_id != TunnelMessage.HELLO:
             raise ProtocolError(f"{self.label}: first package is not a HELLO")
-        self.peer_hello = Hello.decode(pkg.payload)
+        self.peer_hello = Hello.from_payload(pkg.payload)
         if self.peer_hello.protocol_version != protocol_version:
             raise ProtocolError(f"{self.label}: peer speaks protocol "
                                 f"{self.peer_hello.protocol_version}, we speak "
@@ -205,7 +205,7 @@ class Tunnel:
         if pkg.entity != Entity.TUNNEL or pkg.message_id != TunnelMessage.AUTH:
             raise ProtocolError(f"{self.label}: expected AUTH, got entity {pkg.entity} "
                                 f"message {pkg.message_id}")
-        return Auth.decode(pkg.payload)
+        return Auth.from_payload(pkg.payload)
 
     async def _handshake_package(self, what: str, timeout: float) -> Package:
         """The next package, within ``timeout``; a BYE raises TunnelError with its reason."""
@@ -215,7 +215,7 @@ class Tunnel:
             raise TunnelError(f"{self.label}: no {what} within {timeout:g}s") from None
         if (pkg.entity == Entity.TUNNEL and pkg.message_id == TunnelMessage.BYE
                 and pkg.type is PackageType.MESSAGE):
-            reason = printable(Bye.decode(pkg.payload).reason, 500)
+            reason = printable(Bye.from_payload(pkg.payload).reason, 500)
             raise TunnelError(f"{self.label}: peer refused: {reason}")
         return pkg
 
@@ -447,25 +447,25 @@ class Tunnel:
         if pkg.type is not PackageType.MESSAGE:
             raise ProtocolError(f"tunnel message of type {pkg.type.name}")
         if pkg.message_id == TunnelMessage.PING:
-            self.send_package(Pong(Ping.decode(pkg.payload).nonce).package())
+            self.send_package(Pong(Ping.from_payload(pkg.payload).nonce).package())
         elif pkg.message_id == TunnelMessage.PONG:
-            entry = self._pings.pop(Pong.decode(pkg.payload).nonce, None)
+            entry = self._pings.pop(Pong.from_payload(pkg.payload).nonce, None)
             if entry is not None:
                 rtt = (time.monotonic() - entry[0]) * 1000
                 self.rtt_ms = rtt
                 if not entry[1].done():
                     entry[1].set_result(rtt)
         elif pkg.message_id == TunnelMessage.HELLO:
-            self.peer_hello = Hello.decode(pkg.payload)
+            self.peer_hello = Hello.from_payload(pkg.payload)
             log.info("%s: peer addresses now %s", self.label, ", ".join(self.peer_hello.ips))
             if self.on_hello is not None:
                 self.on_hello(self, self.peer_hello)
         elif pkg.message_id == TunnelMessage.WORKER_LOST:
-            lost = WorkerLost.decode(pkg.payload)
+            lost = WorkerLost.from_payload(pkg.payload)
             if self.on_worker_lost is not None:
                 self.on_worker_lost(self, lost)
         elif pkg.message_id == TunnelMessage.BYE:
-            self._set_reason(f"{CloseReason.BYE.value}: {Bye.decode(pkg.payload).reason}")
+            self._set_reason(f"{CloseReason.BYE.value}: {Bye.from_payload(pkg.payload).reason}")
             self.close()
         else:
             raise ProtocolError(f"unknown tunnel message {pkg.message_id}")

@@ -1,6 +1,6 @@
-"""Command execution messages (spec 4.2): command listener <-> command executor. Sans-I/O,
-standard library only. What vmbusifyexec and the listener share (channels, exit codes,
-reasons) is in ``vmbusify.protocol.exec_api``.
+"""Command execution messages (spec 4.2): command listener <-> command executor. Sans-I/O;
+every message a ``vmbusify.protocol.message.Message``. What vmbusifyexec and the listener
+share (channels, exit codes, reasons) is in ``vmbusify.protocol.exec_api``.
 
 Theory of operation
 -------------------
@@ -27,15 +27,18 @@ import math
 import signal
 from dataclasses import dataclass, field
 from enum import IntEnum
+from signal import Signals
 from typing import Any
 
 from vmbusify.errors import RemoteProtocolError
+from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.exec_api import (
     EXIT_FAILURE,
     FORWARDABLE,
     SIGNAL_BASE,
     ExitReason,
 )
+from vmbusify.protocol.message import Message, body_map, limit, optional
 
 #: Limits on what one exec request may carry (the listener refuses more).
 MAX_ARGS = 4096
@@ -61,24 +64,6 @@ class ExecMessage(IntEnum):
     KILL = 6
 
 
-def _want(d: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str,
-          default: Any = None) -> Any:
-    """``d[key]`` checked against ``kind``; ``default`` when missing or null."""
-    value = d.get(key)
-    if value is None:
-        return default
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-        raise RemoteProtocolError(f"{what}: {key!r} must be {_kind_name(kind)}")
-    return value
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    if isinstance(kind, tuple):
-        return "a number"
-    names = {str: "a string", bool: "true or false", int: "an integer", dict: "a map"}
-    return names.get(kind, kind.__name__)
-
-
 def _string(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise RemoteProtocolError(f"{what} must be a string")
@@ -90,7 +75,7 @@ def _string(value: Any, what: str) -> str:
 
 
 @dataclass(frozen=True)
-class ExecSpec:
+class ExecSpec(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.START, name="START"):
     """What to run, and how: the client's request, and the body of START."""
 
     argv: list[str]
@@ -136,7 +121,7 @@ class ExecSpec:
         argv = [_string(a, f"{what}: argument {i}") for i, a in enumerate(argv)]
         if not argv[0]:
             raise RemoteProtocolError(f"{what}: the program name is empty")
-        env = _want(d, "env", dict, what, {}) or {}
+        env = optional(d, "env", dict, what, {}) or {}
         if len(env) > MAX_ENV:
             raise RemoteProtocolError(f"{what}: more than {MAX_ENV} environment variables")
         for k, v in env.items():
@@ -144,23 +129,23 @@ class ExecSpec:
             _string(v, f"{what}: environment value of {k}")
             if not k or "=" in k:
                 raise RemoteProtocolError(f"{what}: bad environment name {k!r}")
-        timeout = _want(d, "timeout", (int, float), what)
+        timeout = optional(d, "timeout", (int, float), what)
         if timeout is not None and not (0 < timeout <= MAX_TIMEOUT and math.isfinite(timeout)):
             raise RemoteProtocolError(f"{what}: 'timeout' must be a number of seconds > 0")
-        rows = _want(d, "rows", int, what, 0) or 0
-        cols = _want(d, "cols", int, what, 0) or 0
+        rows = optional(d, "rows", int, what, 0) or 0
+        cols = optional(d, "cols", int, what, 0) or 0
         if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
             raise RemoteProtocolError(f"{what}: 'rows' and 'cols' must be in 0..65535")
-        side_stream = _want(d, "side_stream", int, what, 0) or 0
+        side_stream = optional(d, "side_stream", int, what, 0) or 0
         if not 0 <= side_stream <= 0xFFFFFFFF:
             raise RemoteProtocolError(f"{what}: bad 'side_stream'")
         spec = cls(
             argv=argv, env=dict(env), cwd=_string(d.get("cwd") or "", f"{what}: 'cwd'"),
             user=_string(d.get("user") or "", f"{what}: 'user'"),
-            tty=bool(_want(d, "tty", bool, what, False)),
-            stdin=bool(_want(d, "stdin", bool, what, False)),
+            tty=bool(optional(d, "tty", bool, what, False)),
+            stdin=bool(optional(d, "stdin", bool, what, False)),
             timeout=float(timeout) if timeout is not None else None,
-            detach=bool(_want(d, "detach", bool, what, False)), rows=rows, cols=cols,
+            detach=bool(optional(d, "detach", bool, what, False)), rows=rows, cols=cols,
             term=_string(d.get("term") or "", f"{what}: 'term'")[:64], side_stream=side_stream,
         )
         if spec.detach and (spec.tty or spec.stdin):
@@ -169,8 +154,10 @@ class ExecSpec:
 
 
 @dataclass(frozen=True)
-class StartReply:
-    """The executor's answer to START: the pid, or why the program did not start."""
+class StartReply(Message, entity=Entity.CMD_EXECUTOR, message_id=ExecMessage.START,
+                 name="START reply"):
+    """The executor's answer to START (the ACK's payload): the pid, or why the program did
+    not start."""
 
     pid: int = 0
     exit_code: int = 0
@@ -181,25 +168,26 @@ class StartReply:
         return self.pid > 0
 
     def to_body(self) -> dict[str, Any]:
+        """``{"pid": N}`` or ``{"exit_code": N, "message": text}``."""
         if self.started:
             return {"pid": self.pid}
         return {"exit_code": self.exit_code, "message": self.message}
 
     @classmethod
-    def from_body(cls, d: Any) -> StartReply:
-        if not isinstance(d, dict):
-            raise RemoteProtocolError("START reply: expected a map")
+    def from_body(cls, body: Any) -> StartReply:
+        """Check the executor's answer; RemoteProtocolError if malformed."""
+        d = body_map(body, cls.NAME)
         if "pid" in d:
-            pid = _want(d, "pid", int, "START reply")
-            if pid <= 0:
-                raise RemoteProtocolError("START reply: bad pid")
+            pid = optional(d, "pid", int, cls.NAME)
+            if pid is None or pid <= 0:
+                raise RemoteProtocolError(f"{cls.NAME}: bad pid")
             return cls(pid=pid)
-        code = _want(d, "exit_code", int, "START reply", EXIT_FAILURE)
-        return cls(exit_code=code, message=str(d.get("message", ""))[:2000])
+        code = optional(d, "exit_code", int, cls.NAME, EXIT_FAILURE)
+        return cls(exit_code=code, message=optional(d, "message", str, cls.NAME, "")[:2000])
 
 
 @dataclass(frozen=True)
-class ExitStatus:
+class ExitStatus(Message, entity=Entity.CMD_EXECUTOR, message_id=ExecMessage.EXIT, name="EXIT"):
     """How an exec ended (the EXIT message, and the STATUS channel to the client)."""
 
     exit_code: int
@@ -211,6 +199,7 @@ class ExitStatus:
     signal: int = 0
 
     def to_body(self) -> dict[str, Any]:
+        """The EXIT map (fields at their defaults left out)."""
         body: dict[str, Any] = {"exit_code": self.exit_code, "reason": self.reason.value}
         if self.message:
             body["message"] = self.message
@@ -221,18 +210,18 @@ class ExitStatus:
         return body
 
     @classmethod
-    def from_body(cls, d: Any, what: str = "EXIT") -> ExitStatus:
-        if not isinstance(d, dict):
-            raise RemoteProtocolError(f"{what}: expected a map")
-        code = _want(d, "exit_code", int, what)
+    def from_body(cls, body: Any, what: str = "EXIT") -> ExitStatus:
+        """Check an EXIT; RemoteProtocolError if malformed."""
+        d = body_map(body, what)
+        code = optional(d, "exit_code", int, what)
         if code is None or not 0 <= code <= 255:
             raise RemoteProtocolError(f"{what}: 'exit_code' must be in 0..255")
         try:
             reason = ExitReason(d.get("reason"))
         except ValueError:
             raise RemoteProtocolError(f"{what}: unknown reason {d.get('reason')!r}") from None
-        return cls(code, reason, str(d.get("message", ""))[:2000],
-                   _want(d, "id", int, what, 0) or 0, _want(d, "signal", int, what, 0) or 0)
+        return cls(code, reason, optional(d, "message", str, what, "")[:2000],
+                   optional(d, "id", int, what, 0) or 0, optional(d, "signal", int, what, 0) or 0)
 
 
 def status_from_returncode(returncode: int, exec_id: int = 0) -> ExitStatus:
@@ -263,17 +252,54 @@ def parse_signal(name: Any) -> signal.Signals:
 
 
 @dataclass(frozen=True)
-class Resize:
-    """A terminal size change."""
+class Resize(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.RESIZE, name="RESIZE"):
+    """A terminal size change: the RESIZE message (``id``: the exec), and the client's RESIZE
+    channel (no ``id``)."""
 
     rows: int
     cols: int
+    #: The exec's main stream id (the RESIZE message only).
+    id: int = 0
+
+    def to_body(self) -> dict[str, Any]:
+        """``{"id": N, "rows": R, "cols": C}`` (no ``id`` when 0)."""
+        body: dict[str, Any] = {"id": self.id} if self.id else {}
+        body.update(rows=self.rows, cols=self.cols)
+        return body
 
     @classmethod
-    def from_body(cls, d: Any, what: str = "RESIZE") -> Resize:
-        if not isinstance(d, dict):
-            raise RemoteProtocolError(f"{what}: expected a map")
-        rows, cols = _want(d, "rows", int, what, 0), _want(d, "cols", int, what, 0)
+    def from_body(cls, body: Any, what: str = "RESIZE") -> Resize:
+        """Check a size change; RemoteProtocolError if malformed or out of range."""
+        d = body_map(body, what)
+        rows, cols = optional(d, "rows", int, what, 0), optional(d, "cols", int, what, 0)
         if not (0 < rows <= 0xFFFF and 0 < cols <= 0xFFFF):
             raise RemoteProtocolError(f"{what}: 'rows' and 'cols' must be in 1..65535")
-        return cls(rows, cols)
+        return cls(rows, cols, optional(d, "id", int, what, 0))
+
+
+@dataclass(frozen=True)
+class SendSignal(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.SIGNAL, name="SIGNAL"):
+    """SIGNAL: deliver ``signal`` (a forwardable name, ``INT``) to the exec ``id``."""
+
+    id: int
+    signal: str
+
+    @property
+    def signum(self) -> Signals:
+        """The signal to deliver."""
+        return parse_signal(self.signal)
+
+    @classmethod
+    def from_body(cls, body: Any) -> SendSignal:
+        """Check a SIGNAL; RemoteProtocolError if malformed or not a forwardable signal."""
+        msg = super().from_body(body)
+        parse_signal(msg.signal)
+        return msg
+
+
+@dataclass(frozen=True)
+class Kill(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.KILL, name="KILL"):
+    """KILL: the client of the exec ``id`` went away; kill the whole process tree."""
+
+    id: int
+    reason: str = field(default="killed by the listener", metadata=limit(200))

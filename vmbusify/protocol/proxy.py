@@ -31,7 +31,8 @@ from enum import IntEnum
 from typing import Any
 
 from vmbusify.errors import LocalProtocolError, RemoteProtocolError
-from vmbusify.protocol.serialize import dumps, loads_dict
+from vmbusify.protocol.entities import Entity
+from vmbusify.protocol.message import Message, body_map, optional
 
 #: Longest host name a proxy message may carry (RFC 1035 limit; SOCKS5 allows 255).
 MAX_HOST = 255
@@ -121,35 +122,38 @@ def _check_target(host: Any, port: Any, what: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True, slots=True)
-class ProxyOpen:
+class ProxyOpen(Message, entity=Entity.PROXY_CLIENT, message_id=ProxyMessage.OPEN,
+                name="PROXY-OPEN"):
     """PROXY-OPEN: connect to ``host`` (an IP literal or a name resolved on the far side)."""
 
     host: str
     port: int
     command: Command = Command.CONNECT
 
-    def encode(self) -> dict[str, Any]:
+    def to_body(self) -> dict[str, Any]:
         """The msgpack-ready body (WorkerLink.sync_send serializes it)."""
         if not 0 < len(self.host) <= MAX_HOST or not 0 <= self.port <= 65535:
             raise LocalProtocolError(f"bad proxy target {self.host!r}:{self.port}")
         return {"host": self.host, "port": self.port, "cmd": int(self.command)}
 
     @classmethod
-    def decode(cls, body: Any) -> ProxyOpen:
+    def from_body(cls, body: Any) -> ProxyOpen:
         """Validate a received body; raises RemoteProtocolError."""
-        if not isinstance(body, dict):
-            raise RemoteProtocolError("PROXY-OPEN: expected a map")
-        host, port = _check_target(body.get("host"), body.get("port"), "PROXY-OPEN")
+        d = body_map(body, cls.NAME)
+        host, port = _check_target(d.get("host"), d.get("port"), cls.NAME)
+        cmd = optional(d, "cmd", int, cls.NAME, Command.CONNECT)
         try:
-            command = Command(body.get("cmd", Command.CONNECT))
+            command = Command(cmd)
         except ValueError:
-            raise RemoteProtocolError(f"PROXY-OPEN: unknown command {body.get('cmd')!r}") from None
+            raise RemoteProtocolError(f"{cls.NAME}: unknown command {cmd!r}") from None
         return cls(host, port, command)
 
 
 @dataclass(frozen=True, slots=True)
-class OpenAck:
-    """PROXY-OPEN-ACK: the far side's outcome and the address it connected from."""
+class OpenAck(Message, entity=Entity.PROXY_SERVER, message_id=ProxyMessage.OPEN,
+              name="PROXY-OPEN-ACK"):
+    """PROXY-OPEN-ACK (the ACK's payload): the far side's outcome and the address it
+    connected from."""
 
     reply: ReplyCode
     bound_host: str = "0.0.0.0"
@@ -160,32 +164,22 @@ class OpenAck:
     def ok(self) -> bool:
         return self.reply is ReplyCode.SUCCEEDED
 
-    def encode(self) -> dict[str, Any]:
+    def to_body(self) -> dict[str, Any]:
+        """The msgpack-ready body."""
         return {"reply": int(self.reply), "host": self.bound_host, "port": self.bound_port,
                 "reason": self.reason[:500]}
 
-    def payload(self) -> bytes:
-        """The encoded ACK payload (msgpack)."""
-        return dumps(self.encode())
-
     @classmethod
-    def decode(cls, body: Any) -> OpenAck:
+    def from_body(cls, body: Any) -> OpenAck:
         """Validate a received body; raises RemoteProtocolError."""
-        if not isinstance(body, dict):
-            raise RemoteProtocolError("PROXY-OPEN-ACK: expected a map")
-        raw = body.get("reply")
+        d = body_map(body, cls.NAME)
+        raw = d.get("reply")
         try:
             reply = ReplyCode(raw if isinstance(raw, int) and not isinstance(raw, bool) else -1)
         except ValueError:
-            raise RemoteProtocolError(
-                f"PROXY-OPEN-ACK: unknown reply code {body.get('reply')!r}") from None
-        host, port = _check_target(body.get("host"), body.get("port"), "PROXY-OPEN-ACK")
-        reason = body.get("reason", "")
-        return cls(reply, host, port, reason[:500] if isinstance(reason, str) else "")
-
-    @classmethod
-    def from_payload(cls, payload: bytes) -> OpenAck:
-        return cls.decode(loads_dict(payload, "PROXY-OPEN-ACK"))
+            raise RemoteProtocolError(f"{cls.NAME}: unknown reply code {raw!r}") from None
+        host, port = _check_target(d.get("host"), d.get("port"), cls.NAME)
+        return cls(reply, host, port, optional(d, "reason", str, cls.NAME, "")[:500])
 
 
 class HandshakeError(RemoteProtocolError):

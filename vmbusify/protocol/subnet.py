@@ -32,6 +32,8 @@ from enum import IntEnum
 from typing import Any
 
 from vmbusify.errors import LocalProtocolError, RemoteProtocolError
+from vmbusify.protocol.entities import Entity
+from vmbusify.protocol.message import Message, body_map, limit, optional
 
 #: struct virtio_net_hdr (no num_buffers): what IFF_VNET_HDR puts before each packet.
 VNET_HDR_SIZE = 10
@@ -64,31 +66,19 @@ class IPVersion(IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Attach:
-    """What a guest says when it attaches."""
+class Attach(Message, entity=Entity.IP_BEARER, message_id=SubnetMessage.ATTACH, name="ATTACH"):
+    """ATTACH: what a guest says when it attaches (the package's stream: the bearer)."""
 
     #: The guest's name (for logs; the host knows the VM by the tunnel's vmid).
-    name: str = ""
+    name: str = field(default="", metadata=limit(255))
     #: Whether the guest's TUN hands out GSO packets (informational).
     offload: bool = True
 
-    def to_body(self) -> dict[str, Any]:
-        return {"name": self.name, "offload": self.offload}
-
-    @classmethod
-    def from_body(cls, body: Any) -> Attach:
-        """Parse an ATTACH body; RemoteProtocolError if malformed."""
-        if not isinstance(body, dict):
-            raise RemoteProtocolError("ATTACH: expected a map")
-        name, offload = body.get("name", ""), body.get("offload", True)
-        if not isinstance(name, str) or not isinstance(offload, bool):
-            raise RemoteProtocolError("ATTACH: name must be a string, offload a boolean")
-        return cls(name[:255], offload)
-
 
 @dataclass(frozen=True, slots=True)
-class Lease:
-    """A VM's place on the subnet, given by the host at ATTACH (the same one every time)."""
+class Lease(Message, entity=Entity.IP_BEARER, message_id=SubnetMessage.ATTACH, name="lease"):
+    """A VM's place on the subnet: the host's reply to ATTACH (the same one every time); also
+    what `vmbusifyctl status` shows."""
 
     vmid: str
     address: str
@@ -103,25 +93,17 @@ class Lease:
     prefixlen6: int = 0
     gateway6: str = ""
 
-    def to_body(self) -> dict[str, Any]:
-        return {
-            "vmid": self.vmid, "address": self.address, "prefixlen": self.prefixlen,
-            "gateway": self.gateway, "mtu": self.mtu, "metric": self.metric,
-            "dns": list(self.dns), "address6": self.address6, "prefixlen6": self.prefixlen6,
-            "gateway6": self.gateway6,
-        }
-
     @classmethod
     def from_body(cls, body: Any) -> Lease:
         """Parse and validate a lease from the host; RemoteProtocolError if malformed."""
-        if not isinstance(body, dict):
-            raise RemoteProtocolError("lease: expected a map")
+        body = body_map(body, cls.NAME)
+        dns = optional(body, "dns", list, cls.NAME, [])
         try:
             lease = cls(
                 vmid=_str(body, "vmid"), address=_str(body, "address"),
                 prefixlen=_int(body, "prefixlen", 1, 30), gateway=_str(body, "gateway"),
                 mtu=_int(body, "mtu", 1280, MAX_PACKET), metric=_int(body, "metric", 0, 2**32 - 1),
-                dns=[str(ipaddress.ip_address(a)) for a in body.get("dns", [])],
+                dns=[str(ipaddress.ip_address(a)) for a in dns],
                 address6=_str(body, "address6", ""), prefixlen6=_int(body, "prefixlen6", 0, 126),
                 gateway6=_str(body, "gateway6", ""),
             )
@@ -135,6 +117,28 @@ class Lease:
         except (ValueError, TypeError) as exc:
             raise RemoteProtocolError(f"lease: {exc}") from None
         return lease
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive(Message, entity=Entity.IP_BEARER, message_id=SubnetMessage.KEEPALIVE,
+                name="KEEPALIVE"):
+    """KEEPALIVE: the guest's bearer ``stream`` is still in use (an error reply: attach again)."""
+
+    stream: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveReply(Message, entity=Entity.IP_BEARER, message_id=SubnetMessage.KEEPALIVE,
+                     name="KEEPALIVE reply"):
+    """The host's answer to a KEEPALIVE for a bearer it still has."""
+
+    ok: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class HostReady(Message, entity=Entity.IP_BEARER, message_id=SubnetMessage.HOST_READY,
+                name="HOST_READY"):
+    """HOST_READY: the host's subnet worker (re)started; attach again now. An empty map."""
 
 
 def _str(body: dict[str, Any], key: str, default: str | None = None) -> str:
@@ -160,7 +164,8 @@ def encode_frames(frames: Iterable[bytes | bytearray | memoryview]) -> bytes:
     for frame in frames:
         n = len(frame)
         if not VNET_HDR_SIZE < n <= MAX_FRAME:
-            raise LocalProtocolError(f"frame of {n} bytes (must be {VNET_HDR_SIZE + 1}..{MAX_FRAME})")
+            raise LocalProtocolError(
+                f"frame of {n} bytes (must be {VNET_HDR_SIZE + 1}..{MAX_FRAME})")
         parts.append(_LENGTH.pack(n))
         parts.append(frame)
     return b"".join(parts)

@@ -1,23 +1,17 @@
-"""The tunnel's own messages (Entity.TUNNEL), as dataclasses with strict decoding."""
+"""The tunnel's own messages (Entity.TUNNEL): ``vmbusify.protocol.message.Message``
+dataclasses with strict decoding; the mux sends them with ``package()``."""
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from vmbusify.errors import RemoteProtocolError
 from vmbusify.protocol.entities import Entity, TunnelMessage
-from vmbusify.protocol.package import PROTOCOL_VERSION, Package, PackageType, Payload
-from vmbusify.protocol.serialize import dumps, loads_dict
-
-
-def _require(d: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
-    value = d.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise RemoteProtocolError(f"{what}: field {key!r} missing or of the wrong type")
-    return value
+from vmbusify.protocol.message import Message, body_map, limit, required
+from vmbusify.protocol.package import PROTOCOL_VERSION
 
 
 class Feature(str, Enum):
@@ -39,11 +33,12 @@ FEATURE_MAX = 64
 
 
 @dataclass(frozen=True)
-class Hello:
+class Hello(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.HELLO, name="HELLO"):
     """Sent first by both ends, and again by the guest when its addresses change.
 
     ``nonce`` (fresh random bytes for each connection) and ``features`` came after 0.1.0: a
     peer of 0.1.0 leaves them out (decoded as empty) and ignores them when we send them.
+    The fields' order is the order on the wire (``to_body``): new ones go at the end.
     """
 
     role: str
@@ -54,24 +49,21 @@ class Hello:
     nonce: bytes = b""
     features: list[str] = field(default_factory=list)
 
-    def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.HELLO,
-                       payload=dumps(asdict(self)))
-
     def has(self, feature: Feature) -> bool:
         """Whether the sender listed ``feature``."""
         return feature.value in self.features
 
     @classmethod
-    def decode(cls, payload: Payload) -> Hello:
-        d = loads_dict(payload, "HELLO")
-        ips = _require(d, "ips", list, "HELLO")
+    def from_body(cls, body: Any) -> Hello:
+        """Check a peer's HELLO; RemoteProtocolError if malformed."""
+        d = body_map(body, cls.NAME)
+        ips = required(d, "ips", list, "HELLO")
         for ip in ips:
             try:
                 ipaddress.ip_address(ip)
             except (ValueError, TypeError):
                 raise RemoteProtocolError(f"HELLO: {ip!r} is not an IP address") from None
-        role = _require(d, "role", str, "HELLO")
+        role = required(d, "role", str, "HELLO")
         if role not in ("host", "guest"):
             raise RemoteProtocolError(f"HELLO: unknown role {role!r}")
         nonce = d.get("nonce", b"")
@@ -82,9 +74,9 @@ class Hello:
             raise RemoteProtocolError("HELLO: features must be a list of strings")
         return cls(
             role=role,
-            hostname=_require(d, "hostname", str, "HELLO")[:255],
-            software_version=_require(d, "software_version", str, "HELLO")[:64],
-            protocol_version=_require(d, "protocol_version", int, "HELLO"),
+            hostname=required(d, "hostname", str, "HELLO")[:255],
+            software_version=required(d, "software_version", str, "HELLO")[:64],
+            protocol_version=required(d, "protocol_version", int, "HELLO"),
             ips=list(ips[:256]),
             nonce=nonce,
             features=[f[:FEATURE_MAX] for f in features[:MAX_FEATURES]],
@@ -92,66 +84,40 @@ class Hello:
 
 
 @dataclass(frozen=True)
-class Ping:
+class Ping(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.PING, name="PING"):
     """Liveness probe; the peer answers with a Pong carrying the same nonce."""
 
     nonce: int
 
-    def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.PING,
-                       payload=dumps({"nonce": self.nonce}))
-
-    @classmethod
-    def decode(cls, payload: Payload) -> Ping:
-        return cls(_require(loads_dict(payload, "PING"), "nonce", int, "PING"))
-
 
 @dataclass(frozen=True)
-class Pong:
+class Pong(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.PONG, name="PONG"):
     """Answer to a Ping."""
 
     nonce: int
 
-    def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.PONG,
-                       payload=dumps({"nonce": self.nonce}))
-
-    @classmethod
-    def decode(cls, payload: Payload) -> Pong:
-        return cls(_require(loads_dict(payload, "PONG"), "nonce", int, "PONG"))
-
 
 @dataclass(frozen=True)
-class WorkerLost:
+class WorkerLost(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.WORKER_LOST,
+                 name="WORKER_LOST"):
     """A worker process on the sender's side went away; its entities' streams are gone."""
 
     entities: list[int]
 
-    def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.WORKER_LOST,
-                       payload=dumps({"entities": list(self.entities)}))
-
     @classmethod
-    def decode(cls, payload: Payload) -> WorkerLost:
-        entities = _require(loads_dict(payload, "WORKER_LOST"), "entities", list, "WORKER_LOST")
+    def from_body(cls, body: Any) -> WorkerLost:
+        """Check a WORKER_LOST; RemoteProtocolError if malformed."""
+        entities = required(body_map(body, cls.NAME), "entities", list, cls.NAME)
         if not all(isinstance(e, int) and not isinstance(e, bool) for e in entities):
             raise RemoteProtocolError("WORKER_LOST: entities must be integers")
         return cls(entities[:64])
 
 
 @dataclass(frozen=True)
-class Bye:
+class Bye(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.BYE, name="BYE"):
     """The sender closes the tunnel, and says why."""
 
-    reason: str
-
-    def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.BYE,
-                       payload=dumps({"reason": self.reason}))
-
-    @classmethod
-    def decode(cls, payload: Payload) -> Bye:
-        return cls(_require(loads_dict(payload, "BYE"), "reason", str, "BYE")[:500])
+    reason: str = field(metadata=limit(500))
 
 
 #: Length of an AUTH proof (HMAC-SHA256).
@@ -159,7 +125,7 @@ PROOF_SIZE = 32
 
 
 @dataclass(frozen=True)
-class Auth:
+class Auth(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.AUTH, name="AUTH"):
     """The sender proves it knows the tunnel's shared key (vmbusify/protocol/auth.py).
 
     Sent once each way after the HELLOs, when both HELLOs list Feature.KEY: the host first,
@@ -168,13 +134,10 @@ class Auth:
 
     proof: bytes
 
-    def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.AUTH,
-                       payload=dumps({"proof": self.proof}))
-
     @classmethod
-    def decode(cls, payload: Payload) -> Auth:
-        proof = _require(loads_dict(payload, "AUTH"), "proof", bytes, "AUTH")
-        if len(proof) != PROOF_SIZE:
+    def from_body(cls, body: Any) -> Auth:
+        """Check an AUTH; RemoteProtocolError if malformed."""
+        auth = super().from_body(body)
+        if len(auth.proof) != PROOF_SIZE:
             raise RemoteProtocolError(f"AUTH: proof must be {PROOF_SIZE} bytes")
-        return cls(proof)
+        return auth

@@ -47,7 +47,9 @@ from vmbusify.protocol.exec import (
     ExecMessage,
     ExecSpec,
     ExitStatus,
+    Kill,
     Resize,
+    SendSignal,
     StartReply,
     parse_signal,
 )
@@ -132,8 +134,7 @@ class ExecService(Worker):
 
     async def _start_request(self, vmid: str, spec: ExecSpec, stream: int = 0) -> StartReply:
         try:
-            body = await self.link.sync_send(vmid, Entity.CMD_LISTENER, ExecMessage.START,
-                                             spec.to_body(), stream=stream,
+            return await self.link.sync_send(vmid, spec, StartReply, stream=stream,
                                              timeout=START_TIMEOUT)
         except RequestTimeout:
             raise RequestTimeout(f"the command executor on {vmid} did not answer within "
@@ -146,7 +147,6 @@ class ExecService(Worker):
                 raise TunnelError(f"the command executor is not running on {vmid} (check: "
                                   "supervisorctl status exec, in the VM)") from None
             raise
-        return StartReply.from_body(body)
 
     async def launch(self, target: str, spec: ExecSpec) -> Relay | StartReply:
         """Start ``spec`` on ``target``: the Relay of a started attached exec, else the reply."""
@@ -198,8 +198,7 @@ class ExecService(Worker):
             return  # finished already
         if reason:
             try:
-                await self.link.async_send(relay.vmid, Entity.CMD_LISTENER, ExecMessage.KILL,
-                                           {"id": relay.main.id, "reason": reason})
+                await self.link.async_send(relay.vmid, Kill(relay.main.id, reason))
             except TunnelError:
                 pass  # the tunnel is gone: the executor kills the tree on its own
         for s in (relay.main, relay.side):
@@ -363,12 +362,10 @@ async def _pump_in(ws: web.WebSocketResponse, service: ExecService, relay: Relay
                     await relay.main.write_eof()
             elif channel == Channel.SIGNAL:
                 sig = parse_signal(json.loads(data).get("signal"))
-                await link.async_send(relay.vmid, Entity.CMD_LISTENER, ExecMessage.SIGNAL,
-                                      {"id": body_id, "signal": sig.name[3:]})
+                await link.async_send(relay.vmid, SendSignal(body_id, sig.name[3:]))
             elif channel == Channel.RESIZE:
                 r = Resize.from_body(json.loads(data))
-                await link.async_send(relay.vmid, Entity.CMD_LISTENER, ExecMessage.RESIZE,
-                                      {"id": body_id, "rows": r.rows, "cols": r.cols})
+                await link.async_send(relay.vmid, Resize(r.rows, r.cols, body_id))
         except (ValueError, AttributeError, ProtocolError) as exc:
             log.warning("%s: bad client message ignored: %s", relay.ctx, exc)
         except StreamReset:

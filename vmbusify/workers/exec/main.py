@@ -23,9 +23,10 @@ from vmbusify.protocol.exec import (
     ExecMessage,
     ExecSpec,
     ExitStatus,
+    Kill,
     Resize,
+    SendSignal,
     StartReply,
-    parse_signal,
 )
 from vmbusify.workers.base import Worker, run_worker
 from vmbusify.workers.exec.ledger import Ledger
@@ -110,7 +111,7 @@ class Executor(Worker):
         session = self._session(msg)
         if session is not None:
             try:
-                session.signal(parse_signal(msg.body.get("signal")))
+                session.signal(SendSignal.from_body(msg.body).signum)
             except ProtocolError as exc:
                 log.warning("%s: %s", session.ctx, exc)
 
@@ -127,7 +128,11 @@ class Executor(Worker):
     async def on_kill(self, msg: Inbound) -> None:
         session = self._session(msg)
         if session is not None:
-            session.abort(str(msg.body.get("reason", "killed by the listener"))[:200])
+            try:
+                reason = Kill.from_body(msg.body).reason
+            except ProtocolError as exc:  # a malformed KILL still kills
+                reason = f"killed by the listener ({exc})"
+            session.abort(reason)
 
     async def on_event(self, event: TunnelEvent, vmid: str, info: dict[str, Any]) -> None:
         """The tunnel went down: kill every exec it carried."""
@@ -146,8 +151,7 @@ class Executor(Worker):
 
     # -- life ------------------------------------------------------------------------------
     async def _send_exit(self, status: ExitStatus) -> None:
-        await self.link.async_send(None, Entity.CMD_EXECUTOR, ExecMessage.EXIT,
-                                   status.to_body())
+        await self.link.async_send(None, status)
 
     async def _run(self, session: ExecSession) -> None:
         try:

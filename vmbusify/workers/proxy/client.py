@@ -254,12 +254,10 @@ class ProxyClient:
                                                  Entity.PROXY_SERVER, ProxyMessage.DATA)
         except LimitReached as exc:  # this VM (or every VM) is at its stream cap
             return OpenAck(ReplyCode.GENERAL_FAILURE, reason=str(exc)), None
-        body = ProxyOpen(route.host, route.port, command).encode()
+        request = ProxyOpen(route.host, route.port, command)
         try:
-            raw = await self.link.sync_send(route.vmid, Entity.PROXY_CLIENT, ProxyMessage.OPEN,
-                                            body, stream=stream.id,
+            ack = await self.link.sync_send(route.vmid, request, OpenAck, stream=stream.id,
                                             timeout=self.cfg.connect_timeout + ACK_MARGIN)
-            ack = OpenAck.decode(raw)
         except RequestTimeout as exc:
             ack = OpenAck(ReplyCode.TTL_EXPIRED, reason=str(exc))
         except NotConnectedError as exc:

@@ -67,11 +67,11 @@ class ProxyServer:
         """Handle one PROXY-OPEN; the return value is the PROXY-OPEN-ACK."""
         label = f"vm={msg.vmid} stream={msg.stream}"
         try:
-            req = ProxyOpen.decode(msg.body)
+            req = ProxyOpen.from_body(msg.body)
         except ProtocolError as exc:
             log.warning("%s: bad PROXY-OPEN: %s", label, exc)
             self.stats.refused(msg.vmid)
-            return OpenAck(ReplyCode.GENERAL_FAILURE, reason=str(exc)).encode()
+            return OpenAck(ReplyCode.GENERAL_FAILURE, reason=str(exc)).to_body()
         label += f" target={req.host}:{req.port}"
         if req.command is Command.UDP:
             return await self._open_udp(msg, label)
@@ -81,7 +81,7 @@ class ProxyServer:
         ack, sock = await self.connect(req.host, req.port, label)
         if sock is None:
             self.stats.refused(msg.vmid)
-            return ack.encode()
+            return ack.to_body()
         try:
             stream = self.link.streams.accept(msg.vmid, Entity.PROXY_SERVER, msg.package,
                                               ProxyMessage.DATA)
@@ -91,7 +91,7 @@ class ProxyServer:
         self.stats.opened(stream)
         log.debug("%s: connected", label)
         self.spawn(self._relay(sock, stream, label), msg.vmid, "relaying")
-        return ack.encode()
+        return ack.to_body()
 
     async def _relay(self, sock: socket.socket, stream: Any, label: str) -> None:
         try:
@@ -102,7 +102,7 @@ class ProxyServer:
     def _refuse(self, vmid: str, label: str, code: ReplyCode, reason: str) -> dict[str, Any]:
         log.info("%s: refused (%d %s): %s", label, code, code.text, reason)
         self.stats.refused(vmid)
-        return OpenAck(code, reason=reason).encode()
+        return OpenAck(code, reason=reason).to_body()
 
     async def allowed_addresses(self, host: str, port: int, label: str,
                                 kind: int = socket.SOCK_STREAM, quiet: bool = False
@@ -184,7 +184,7 @@ class ProxyServer:
             return self._refuse(msg.vmid, label, reply_for_errno(exc.errno), str(exc))
         self.stats.opened(stream)
         self.spawn(self._run_udp(udp, stream), msg.vmid, "relaying UDP")
-        return OpenAck(ReplyCode.SUCCEEDED).encode()
+        return OpenAck(ReplyCode.SUCCEEDED).to_body()
 
     async def _run_udp(self, udp: UdpRelay, stream: Any) -> None:
         try:

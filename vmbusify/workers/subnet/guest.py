@@ -18,7 +18,13 @@ from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.config import Config
 from vmbusify.errors import ProtocolError, RequestTimeout, TunnelError, VMBusifyError
 from vmbusify.protocol.entities import Entity
-from vmbusify.protocol.subnet import Attach, Lease, SubnetMessage
+from vmbusify.protocol.subnet import (
+    Attach,
+    Keepalive,
+    KeepaliveReply,
+    Lease,
+    SubnetMessage,
+)
 from vmbusify.workers.base import Worker
 from vmbusify.workers.subnet import routes
 from vmbusify.workers.subnet.bearer import Bearer, TunReader
@@ -150,11 +156,9 @@ class SubnetGuest(Worker):
         stream = await self.link.open_stream(None, Entity.IP_BEARER, Entity.IP_BEARER,
                                              SubnetMessage.DATA)
         try:
-            reply = await self.link.sync_send(
-                None, Entity.IP_BEARER, SubnetMessage.ATTACH,
-                Attach(self.config.name or socket.gethostname(), self.sub.offload).to_body(), stream=stream.id,
-                timeout=10.0)
-            lease = Lease.from_body(reply)
+            lease = await self.link.sync_send(
+                None, Attach(self.config.name or socket.gethostname(), self.sub.offload), Lease,
+                stream=stream.id, timeout=10.0)
         except (VMBusifyError, asyncio.CancelledError):
             self.link.streams.forget(stream)
             raise
@@ -177,8 +181,8 @@ class SubnetGuest(Worker):
         while not bearer.closed.is_set():
             await asyncio.sleep(KEEPALIVE_INTERVAL)
             try:
-                await self.link.sync_send(None, Entity.IP_BEARER, SubnetMessage.KEEPALIVE,
-                                          {"stream": bearer.stream.id}, timeout=KEEPALIVE_INTERVAL)
+                await self.link.sync_send(None, Keepalive(bearer.stream.id), KeepaliveReply,
+                                          timeout=KEEPALIVE_INTERVAL)
                 misses = 0
             except RequestTimeout:
                 misses += 1

@@ -20,6 +20,9 @@ from vmbusify.errors import SubnetError, VMBusifyError
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.subnet import (
     Attach,
+    HostReady,
+    Keepalive,
+    KeepaliveReply,
     Lease,
     SubnetMessage,
     packet_addresses,
@@ -125,8 +128,7 @@ class SubnetHost(Worker):
         for vm in vms or []:
             if vm.get("state") == "connected":
                 try:
-                    await self.link.async_send(vm["vmid"], Entity.IP_BEARER,
-                                               SubnetMessage.HOST_READY, {})
+                    await self.link.async_send(vm["vmid"], HostReady())
                 except VMBusifyError as exc:
                     log.debug("vm=%s: HOST_READY not sent: %s", vm["vmid"], exc)
 
@@ -221,10 +223,10 @@ class SubnetHost(Worker):
 
     async def _on_keepalive(self, msg: Inbound) -> dict[str, Any]:
         bearer = self.bearers.get(msg.vmid)
-        stream = msg.body.get("stream") if isinstance(msg.body, dict) else None
+        stream = Keepalive.from_body(msg.body).stream
         if bearer is None or bearer.closed.is_set() or bearer.stream.id != stream:
             raise SubnetError(f"{msg.vmid} is not attached with stream {stream}")
-        return {"ok": True}
+        return KeepaliveReply().to_body()
 
     def stats(self) -> dict[str, Any]:
         """Counters for `vmbusifyctl status`."""
