@@ -35,7 +35,7 @@ from vmbusify.lab.external import WEB_GREETING
 from vmbusify.lab.layout import EXT_NAME, SUBNET_CIDR, LabLayout, guest_config
 from vmbusify.lab.netns import ns_argv
 from vmbusify.lab.release import commit_of, config_error, export
-from vmbusify.lab.testing import BIN, LabHandle, lab_status
+from vmbusify.lab.testing import BIN, LabHandle, lab_status, vm_states
 from vmbusify.lab.testing import vmbusify as vmbusify_cli
 
 #: The previous release: a host of this checkout must serve its guests.
@@ -149,6 +149,11 @@ def test_vm2_runs_the_old_release(old: LabHandle) -> None:
     # ... and the host sees it on the wire: a HELLO of 0.1.0 lists no features
     log = (old.layout.host.run_dir / "mux.log").read_text(errors="replace")
     assert f"vm={OLD}: the guest lists no features" in log, "the host saw no 0.1.0 HELLO"
+    # the guest's own view, from its release's vmbusifyctl (first on PATH inside the VM)
+    inside = old.run_in_vm(OLD, ["sh", "-c", "command -v vmbusifyctl; vmbusifyctl status --json"])
+    where, _, doc = inside.stdout.partition("\n")
+    assert where == str(old.layout.release_dir(OLD_RELEASE) / "bin" / "vmbusifyctl")
+    assert vm_states(json.loads(doc)) == {"host": "connected"}
     # no key for it in the host's config (0.1.0 has none); vm1 keeps its key
     keys = {vm.vmid: vm.key_file for vm in load_config(old.layout.host.config_path).vms}
     assert keys[OLD] == "" and keys[NEW] == old.layout.vm(NEW).key_path

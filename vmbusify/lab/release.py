@@ -7,10 +7,11 @@ supervisord, with that release's ``conf/``) against this checkout's host stack::
     vmbusify lab up --guest-release vm2=v0.1.0     # vm2 runs v0.1.0, the rest this checkout
     vmbusify lab up --guest-release vm2=current    # back to this checkout
 
-The release's ``vmbusify/`` and ``conf/`` are exported (``git archive REF``) into
-``<lab root>/releases/REF/tree``; ``releases/REF/bin/vmbusify`` runs that tree's programs with
-this venv's interpreter and packages (a release's dependencies are the ones installed here),
-and the VM's supervisord gets that directory as ``VMBUSIFY_BIN``. Which release a VM runs is
+The release's ``vmbusify/``, ``conf/`` and ``pyproject.toml`` are exported (``git archive
+REF``) into ``<lab root>/releases/REF/tree``; ``releases/REF/bin/`` holds its console scripts
+(``vmbusify``, ``vmbusifyctl``, ...), which run that tree with this venv's interpreter and
+packages (a release's dependencies are the ones installed here). The VM's supervisord gets
+that directory as ``VMBUSIFY_BIN``, and commands run in the VM find them first on ``PATH``. Which release a VM runs is
 kept in ``vmK/release``, so a later ``lab up`` keeps it, as it keeps the number of VMs.
 
 Nothing here starts a process but ``git``, ``tar`` and the release's own config check.
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +37,11 @@ log = logging.getLogger(__name__)
 #: What ``--guest-release VMID=current`` names: this checkout (no release tree).
 CURRENT = "current"
 #: The parts of a release a guest stack needs (tests, docs and packaging stay in git).
-EXPORTED = ("vmbusify", "conf")
+EXPORTED = ("vmbusify", "conf", "pyproject.toml")
+#: Written beside the commit: a tree exported by an older lab (other scripts) is exported again.
+_EXPORT_FORMAT = "scripts-1"
+#: ``module:function`` of a console script.
+_ENTRY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 #: The release's own config loader, run on a candidate file: the message of its ConfigError
 #: on stdout and exit 1 when it refuses it. ``-P``: the working directory is never on the path.
@@ -69,7 +76,8 @@ class ReleaseTree:
 
     @property
     def commit_file(self) -> Path:
-        """The commit the tree was exported from (written last: a tree without it is partial)."""
+        """The commit the tree was exported from, and how (written last: a tree without it
+        is partial)."""
         return self.dir / "commit"
 
     @property
@@ -124,8 +132,9 @@ def export(ref: str, layout: LabLayout) -> tuple[ReleaseTree, bool]:
     commit; (the tree, whether it was exported now)."""
     release = tree_for(ref, layout)
     commit = commit_of(ref)
+    stamp = f"{commit} {_EXPORT_FORMAT}"
     try:
-        if release.commit_file.read_text().strip() == commit:
+        if release.commit_file.read_text().strip() == stamp:
             return release, False
     except FileNotFoundError:
         pass
@@ -149,18 +158,36 @@ def export(ref: str, layout: LabLayout) -> tuple[ReleaseTree, bool]:
     # Compiled now, as bin/setup does for this checkout: its programs start without it.
     ip.run([str(python), "-m", "compileall", "-q", str(release.tree / "vmbusify")], check=False)
     release.bin_dir.mkdir(mode=0o700)
-    script = release.bin_dir / "vmbusify"
-    script.write_text(
-        "#!/bin/sh\n"
-        f"# Written by `vmbusify lab up`: the programs of release {ref} ({commit}) from its\n"
-        "# exported tree, with this venv's interpreter and packages.\n"
-        f"PYTHONPATH='{release.tree}'\n"
-        "export PYTHONPATH\n"
-        f"exec '{python}' -P -c 'import sys; sys.argv[0] = \"vmbusify\"; "
-        "from vmbusify.cli.main import main; main()' \"$@\"\n")
-    script.chmod(0o700)
-    release.commit_file.write_text(commit + "\n")
+    for name, entry in _scripts(release).items():
+        module, func = entry.split(":")
+        script = release.bin_dir / name
+        script.write_text(
+            "#!/bin/sh\n"
+            f"# Written by `vmbusify lab up`: {name} of release {ref} ({commit}) from its\n"
+            "# exported tree, with this venv's interpreter and packages.\n"
+            f"PYTHONPATH='{release.tree}'\n"
+            "export PYTHONPATH\n"
+            f"exec '{python}' -P -c 'import sys; sys.argv[0] = \"{name}\"; "
+            f"from {module} import {func}; sys.exit({func}())' \"$@\"\n")
+        script.chmod(0o700)
+    release.commit_file.write_text(stamp + "\n")
     return release, True
+
+
+def _scripts(release: ReleaseTree) -> dict[str, str]:
+    """The release's console scripts (name -> ``module:function``), from its pyproject.toml."""
+    try:
+        with open(release.tree / "pyproject.toml", "rb") as fh:
+            scripts = tomllib.load(fh).get("project", {}).get("scripts", {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise LabError(f"release {release.ref}: cannot read its pyproject.toml: {exc}") from None
+    if not isinstance(scripts, dict) or "vmbusify" not in scripts:
+        raise LabError(f"release {release.ref} has no `vmbusify` console script")
+    for name, entry in scripts.items():
+        if not (re.fullmatch(r"[a-z][a-z0-9_-]*", name) and isinstance(entry, str)
+                and _ENTRY_RE.match(entry)):
+            raise LabError(f"release {release.ref}: cannot run its console script {name!r}")
+    return dict(scripts)
 
 
 def config_error(release: ReleaseTree, text: str, scratch: Path) -> str | None:

@@ -65,14 +65,16 @@ class Stack:
         return self.run_dir / "supervisord.log"
 
     def env(self) -> dict[str, str]:
-        """The environment for this stack's supervisord, supervisorctl and VMBusify commands."""
+        """The environment for this stack's supervisord, supervisorctl and VMBusify commands
+        (on ``PATH``: its release's scripts, if any, then this venv's)."""
         bindir = venv_bin()
         env = dict(os.environ)
         env.update(
             VMBUSIFY_CONFIG=str(self.config),
             VMBUSIFY_RUN_DIR=str(self.run_dir),
             VMBUSIFY_BIN=str(self.release.bin_dir if self.release else bindir),
-            PATH=f"{bindir}{os.pathsep}{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+            PATH=os.pathsep.join([*([str(self.release.bin_dir)] if self.release else []),
+                                  str(bindir), env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")]),
         )
         return env
 
