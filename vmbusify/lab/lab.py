@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import vmbusify.lab.release as releases
 from vmbusify.errors import LabError, SubnetError
 from vmbusify.lab import external
 from vmbusify.lab import netns as ip
-from vmbusify.lab import release as releases
 from vmbusify.lab import stack as stacks
 from vmbusify.lab.layout import (
     ETC_NETNS,

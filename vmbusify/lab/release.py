@@ -28,8 +28,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import vmbusify.lab.netns as ip
 from vmbusify.errors import LabError
-from vmbusify.lab import netns as ip
 from vmbusify.lab.layout import LabLayout, VMLayout, repo_root, venv_bin
 
 log = logging.getLogger(__name__)
