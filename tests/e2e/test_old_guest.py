@@ -116,10 +116,34 @@ def _wait(lab: LabHandle, what: str, ok: Callable[[dict[str, dict[str, Any]]], b
         time.sleep(0.5)
 
 
+def _serving(vm: dict[str, Any]) -> bool:
+    subnet = ipaddress.ip_network(SUBNET_CIDR)
+    return vm["state"] == "connected" and any(ipaddress.ip_address(ip) in subnet
+                                              for ip in vm["ips"])
+
+
 def _switch(lab: LabHandle, release: str) -> None:
+    """Run vm2 from ``release`` and wait until the lab serves again as before: both VMs
+    connected with their subnet leases, the host's workers registered, an exec in each VM.
+    (The host's programs restart when vm2's key goes or comes back; the modules after this
+    one find the lab as they expect it.)"""
     vmbusify_cli("lab", "-q", "up", "--guest-release", f"{OLD}={release}")
     lab.refresh()
     lab.wait_connected([NEW, OLD])
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            doc = json.loads(lab.ctl("status", "--json", check=False).stdout or "{}")
+        except ValueError:
+            doc = {}
+        vms = {v["vmid"]: v for v in doc.get("vms", [])}
+        workers = {w["name"] for w in doc.get("workers", [])}
+        if (all(v in vms and _serving(vms[v]) for v in (NEW, OLD))
+                and {"proxy", "subnet", "control"} <= workers
+                and all(run_exec(v, "--", "true").returncode == 0 for v in (NEW, OLD))):
+            return
+        assert time.monotonic() < deadline, f"the lab did not settle: {doc}"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
