@@ -322,3 +322,45 @@ def test_the_old_guest_comes_back_after_the_host_mux_restarts(old: LabHandle) ->
     old.wait_connected([NEW, OLD])
     p = run_exec(OLD, "--", "echo", "again")
     assert (p.returncode, p.stdout) == (0, b"again\n"), p.stderr
+
+
+def _wait_exec(vmid: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (p := run_exec(vmid, "--", "true")).returncode != 0:
+        assert time.monotonic() < deadline, p.stderr
+        time.sleep(0.3)
+
+
+@pytest.mark.lab
+def test_error_acks_cross_in_the_form_0_1_0_reads(old: LabHandle) -> None:
+    """An ERROR ACK is UTF-8 text for a peer of 0.1.0, both ways: the old guest's mux
+    answers an exec with no executor in text, which this host still understands; this
+    host's answer to the old guest's proxy when no host proxy runs reaches its log as text."""
+    old.supervisorctl(OLD, "stop", "exec")
+    try:
+        p = run_exec(OLD, "--", "true")
+        assert (p.returncode, p.stderr) == (255, (
+            f"vmbusifyexec: the command executor is not running on {OLD} (check: "
+            "supervisorctl status exec, in the VM)\n").encode())
+    finally:
+        old.supervisorctl(OLD, "start", "exec")
+    _wait_exec(OLD)
+
+    proxy_log = old.layout.vm(OLD).run_dir / "proxy.log"
+    seen = proxy_log.stat().st_size
+    old.supervisorctl("host", "stop", "proxy")
+    try:
+        p = _curl(old, OLD, "--socks5-hostname", GUEST_PROXY, f"http://{EXT_NAME}/")
+        assert p.returncode == 97 and p.stderr.rstrip().endswith(b"(1)"), p.stderr  # general
+    finally:
+        old.supervisorctl("host", "start", "proxy")
+    with open(proxy_log, "rb") as fh:
+        fh.seek(seen)
+        logged = fh.read().decode(errors="replace")
+    assert "refused by the far side (1 general failure): no worker on host handles " \
+           "proxy-client message 1" in logged, logged
+    deadline = time.monotonic() + 30
+    while (p := _curl(old, OLD, "--socks5-hostname", GUEST_PROXY,
+                      f"http://{EXT_NAME}/")).returncode != 0:
+        assert time.monotonic() < deadline, p.stderr
+        time.sleep(0.3)
