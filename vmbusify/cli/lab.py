@@ -36,13 +36,30 @@ def lab(quiet: bool) -> None:
                         format="lab: %(message)s")
 
 
+def _releases(ctx: click.Context, param: click.Parameter,
+              values: tuple[str, ...]) -> dict[str, str]:
+    """``("vm2=v0.1.0", ...)`` -> ``{"vm2": "v0.1.0"}``; a usage error for anything else."""
+    found: dict[str, str] = {}
+    for value in values:
+        vmid, sep, ref = value.partition("=")
+        if not sep or not vmid or not ref:
+            raise click.BadParameter(f"{value!r}: expected VMID=RELEASE, e.g. vm2=v0.1.0")
+        found[vmid] = ref
+    return found
+
+
 @lab.command("up")
 @click.option("--vms", type=click.IntRange(1, MAX_VMS), default=None,
               help="Number of VMs (vm1..vmN). Default: keep the lab's, or 2 for a new lab.")
+@click.option("--guest-release", "guest_releases", multiple=True, metavar="VMID=RELEASE",
+              callback=_releases,
+              help="Run VMID's guest stack from an older release (a git tag of this checkout, "
+                   "e.g. vm2=v0.1.0), or from this checkout again (vm2=current). Repeatable; "
+                   "VMs not named keep theirs.")
 @_lab_errors
-def up(vms: int | None) -> None:
+def up(vms: int | None, guest_releases: dict[str, str]) -> None:
     """Bring the lab up, or repair it (idempotent)."""
-    click.echo(lab_impl.up(vms).render())
+    click.echo(lab_impl.up(vms, guest_releases=dict(guest_releases)).render())
 
 
 @lab.command("down")

@@ -7,7 +7,8 @@ See ``layout`` for every name, address and path.
 
 Modules: ``layout`` (names, paths, generated configs), ``netns`` (``ip`` commands), ``stack``
 (one supervisord per machine), ``access`` (run commands on a lab machine), ``external`` (the
-external network's services: the hook for its DNS server), ``lab`` (up / down / status),
+external network's services: the hook for its DNS server), ``release`` (a VM's guest stack
+from an older release: ``lab up --guest-release vm2=v0.1.0``), ``lab`` (up / down / status),
 ``testing`` (what the e2e fixtures yield: ``LabHandle``, ``vmbusify()``, ``lab_status()``).
 
 Helpers for tests and tools::

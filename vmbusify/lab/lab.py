@@ -15,12 +15,13 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import vmbusify.lab.release as releases
 from vmbusify.errors import LabError, SubnetError
 from vmbusify.lab import external
 from vmbusify.lab import netns as ip
@@ -95,6 +96,8 @@ class VMStatus:
     config: str
     netns_present: bool
     supervisord_pid: int | None
+    #: The older release its guest stack runs (None: this checkout's).
+    release: str | None = None
 
 
 @dataclass
@@ -155,6 +158,7 @@ class LabStatus:
         for vm in self.vms:
             lines.append(
                 f"  {vm.vmid:<8}  {vm.netns:<10}  {SDN_IF} {vm.sdn_ip}  {pid(vm.supervisord_pid)}"
+                + (f"  release {vm.release}" if vm.release else "")
                 + ("" if vm.netns_present else "  NETNS MISSING"))
         return "\n".join(lines)
 
@@ -185,7 +189,8 @@ def status(layout: LabLayout | None = None) -> LabStatus:
         vms.append(VMStatus(
             vmid=vm.vmid, netns=vm.netns, sdn_ip=vm.sdn_ip, tunnel=str(vm.tunnel_path),
             run_dir=str(vm.run_dir), config=str(vm.config_path),
-            netns_present=vm.netns in namespaces, supervisord_pid=proc.pid if proc else None))
+            netns_present=vm.netns in namespaces, supervisord_pid=proc.pid if proc else None,
+            release=releases.release_of(vm)))
     ext = layout.external
     host_proc = stacks.supervisord_process(stacks.stack_for("host", layout))
     return LabStatus(
@@ -240,8 +245,30 @@ def _up_external(layout: LabLayout) -> None:
     _write_etc(ext.etc_dir, layout, None)
 
 
-def _up_vm(layout: LabLayout, vm: VMLayout) -> bool:
-    """Make VM ``vm``'s namespace, link and files; True if its config changed."""
+def _guest_config(layout: LabLayout, vm: VMLayout) -> tuple[str, bool, bool]:
+    """(VM ``vm``'s guest config, whether it has a key, whether its release was exported now).
+
+    A VM of an older release gets the newest shape its release's own loader accepts: this
+    checkout's, else 0.1.0's (no key, no [control]); the host then asks it for no proof.
+    """
+    ref = releases.release_of(vm)
+    if ref is None:
+        return guest_config(vm), True, False
+    release, exported = releases.export(ref, layout)
+    errors = []
+    for first_release in (False, True):
+        text = guest_config(vm, first_release=first_release)
+        error = releases.config_error(release, text, vm.dir)
+        if error is None:
+            return text, not first_release, exported
+        errors.append(error)
+    raise LabError(f"{vm.vmid}: release {ref} takes no config the lab can write "
+                   f"({'; '.join(errors)})")
+
+
+def _up_vm(layout: LabLayout, vm: VMLayout) -> tuple[bool, bool]:
+    """Make VM ``vm``'s namespace, link and files; (whether its config or release changed,
+    whether its guest has a key)."""
     ip.ensure_netns(vm.netns)
     ip.ensure_nowhere_link(SDN_IF, vm.netns)
     ip.ensure_addr(SDN_IF, vm.sdn_cidr, vm.netns)
@@ -251,7 +278,8 @@ def _up_vm(layout: LabLayout, vm: VMLayout) -> bool:
     _write_etc(vm.etc_dir, layout, vm)
     if not os.path.exists(vm.key_path):  # a key per VM, kept across `lab up` runs
         _write(Path(vm.key_path), secrets.token_hex(32) + "\n", 0o600)
-    return _write(vm.config_path, guest_config(vm), 0o600)
+    text, keyed, exported = _guest_config(layout, vm)
+    return _write(vm.config_path, text, 0o600) or exported, keyed
 
 
 def _start(stack: stacks.Stack, config_changed: bool) -> None:
@@ -265,19 +293,37 @@ def _start(stack: stacks.Stack, config_changed: bool) -> None:
     stacks.start(stack)
 
 
-def up(vms: int | None = None, layout: LabLayout | None = None) -> LabStatus:
+def up(vms: int | None = None, layout: LabLayout | None = None,
+       guest_releases: Mapping[str, str | None] | None = None) -> LabStatus:
     """Bring the lab up with VMs 1..``vms``, or repair it; the resulting status.
 
     ``vms`` None keeps the VMs there are (2 for a new lab); a number adds or removes VMs to
-    match it.
+    match it. ``guest_releases`` maps a VM id to the release its guest stack is to run (a git
+    tag such as "v0.1.0", exported from this checkout: lab/release.py), or to None (or
+    "current") for this checkout's; VMs it does not name keep the release they run.
     """
     require_root()
     layout = layout or LabLayout()
     with locked(layout):
-        return _up(layout, vms)
+        return _up(layout, vms, dict(guest_releases or {}))
 
 
-def _up(layout: LabLayout, vms: int | None) -> LabStatus:
+def _set_releases(layout: LabLayout, wanted: list[VMLayout],
+                  guest_releases: dict[str, str | None]) -> None:
+    """Record which release each VM named in ``guest_releases`` runs (checked first)."""
+    known = {vm.vmid: vm for vm in wanted}
+    for vmid, ref in guest_releases.items():
+        if vmid not in known:
+            raise LabError(f"--guest-release {vmid}: the lab has no such VM "
+                           f"(vm1..vm{len(wanted)})")
+        if ref not in (None, releases.CURRENT):
+            layout.release_dir(ref)  # a LabError for a name that cannot be one
+            releases.commit_of(ref)  # ... and for one this checkout does not have
+    for vmid, ref in guest_releases.items():
+        releases.set_release(known[vmid], None if ref == releases.CURRENT else ref)
+
+
+def _up(layout: LabLayout, vms: int | None, guest_releases: dict[str, str | None]) -> LabStatus:
     present = existing_vms(layout)
     count = vms if vms is not None else (max(present) if present else DEFAULT_VMS)
     if not 1 <= count <= MAX_VMS:
@@ -293,12 +339,17 @@ def _up(layout: LabLayout, vms: int | None) -> LabStatus:
     _up_external(layout)
     _remove_vms(layout, [layout.vm(k) for k in present if k > count])
     wanted = layout.vms(count)
-    changed = {vm.vmid: _up_vm(layout, vm) for vm in wanted}
+    for vm in wanted:
+        vm.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _set_releases(layout, wanted, guest_releases)
+    made = {vm.vmid: _up_vm(layout, vm) for vm in wanted}
+    changed = {vmid: c for vmid, (c, _) in made.items()}
+    keyless = frozenset(vmid for vmid, (_, keyed) in made.items() if not keyed)
     host = layout.host
     for d in (host.dir, host.run_dir, host.state_dir):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
     host.dir.chmod(0o711)  # run/ and state/ stay 0700; control/ is the listener's to set
-    host_changed = _write(host.config_path, host_config(layout, wanted), 0o600)
+    host_changed = _write(host.config_path, host_config(layout, wanted, keyless), 0o600)
 
     for vm in wanted:  # guests first: they listen, the host connects
         _start(stacks.stack_for(vm.vmid, layout), changed[vm.vmid])

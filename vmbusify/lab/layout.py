@@ -12,7 +12,9 @@ Layout (K = 1..N)::
     /run/vmbusify-lab/  (0711: traversable, not listable)
         host/ (0711) vmbusify.toml, run/, state/, control/ (the command listener's socket
               and token: 0750 with group vmbusify when it exists, as in production)
-        vmK/ (0700) vmbusify.toml, run/, state/, control/, tunnel.sock, tunnel.key
+        vmK/ (0700) vmbusify.toml, run/, state/, control/, tunnel.sock, tunnel.key, and
+              release when the VM runs an older release's guest stack (it names the release)
+        releases/REF/ (0700) an older release's tree (exported from git) and bin/vmbusify
         ext/run/        pid and log files of the external network's services
     /etc/netns/vmbl-ext/{hosts,resolv.conf}, /etc/netns/vmbl-vmK/{hosts,resolv.conf}
 
@@ -88,6 +90,8 @@ SDN_IF = "sdn0"
 SDN_PREFIXLEN = 24
 
 _VMID_RE = re.compile(r"^vm([1-9][0-9]*)$")
+#: A release a VM's guest stack may run (a git tag or branch; it names a directory).
+RELEASE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def vm_index(vmid: str) -> int:
@@ -176,6 +180,11 @@ class VMLayout(_MachineDirs):
     def etc_dir(self) -> Path:
         return ETC_NETNS / self.netns
 
+    @property
+    def release_path(self) -> Path:
+        """Names the release this VM's guest stack runs (absent: this checkout's)."""
+        return self.dir / "release"
+
 
 @dataclass(frozen=True)
 class HostLayout(_MachineDirs):
@@ -249,6 +258,13 @@ class LabLayout:
     def host(self) -> HostLayout:
         return HostLayout(self.root)
 
+    def release_dir(self, ref: str) -> Path:
+        """Where release ``ref``'s tree is exported (see lab/release.py)."""
+        if not RELEASE_RE.match(ref):
+            raise LabError(f"{ref!r} is not a release name (a tag such as v0.1.0: letters, "
+                           "digits, '.', '_' and '-')")
+        return self.root / "releases" / ref
+
     @property
     def external(self) -> ExternalLayout:
         return ExternalLayout(self.root)
@@ -317,23 +333,35 @@ def toml_dumps(doc: dict[str, Any]) -> str:
 _HEADER = "# Written by `vmbusify lab up` (on every run); `vmbusify lab down` removes it.\n"
 
 
-def guest_config(vm: VMLayout) -> str:
-    """The guest stack's vmbusify.toml: it listens on the VM's tunnel socket."""
-    return _HEADER + toml_dumps({
+def guest_config(vm: VMLayout, *, first_release: bool = False) -> str:
+    """The guest stack's vmbusify.toml: it listens on the VM's tunnel socket.
+
+    ``first_release``: in the shape release 0.1.0 reads (it refuses keys it does not know):
+    no ``tunnel.key_file`` (0.1.0 has no keys) and no ``[control]`` (0.1.0's listener takes
+    HOST:PORT only; its default, 127.0.0.1:6543, is the VM's own loopback in its namespace).
+    """
+    doc: dict[str, Any] = {
         "role": "guest",
         "name": vm.vmid,
         "run_dir": str(vm.run_dir),
         "state_dir": str(vm.state_dir),
         "tunnel": {"listen": vm.tunnel_address, "key_file": vm.key_path},
         "control": {"listen": vm.control},
-    })
+    }
+    if first_release:
+        doc["tunnel"] = {"listen": vm.tunnel_address}
+        del doc["control"]
+    return _HEADER + toml_dumps(doc)
 
 
-def host_config(layout: LabLayout, vms: list[VMLayout]) -> str:
+def host_config(layout: LabLayout, vms: list[VMLayout],
+                keyless: frozenset[str] = frozenset()) -> str:
     """The host stack's vmbusify.toml: every VM, and egress confined to the external network.
 
     The proxy server may reach the external subnet only; the virtual subnet's NAT goes out of
     the lab's veth and its DNS forwarder asks the external namespace, never the real network.
+    The VMs in ``keyless`` (guests of a release without keys) get no ``key_file``: the host
+    then asks them for no proof.
     """
     ext = layout.external
     return _HEADER + toml_dumps({
@@ -347,8 +375,8 @@ def host_config(layout: LabLayout, vms: list[VMLayout]) -> str:
                   "hosts_file": str(ext.etc_dir / "hosts")},
         "subnet": {"uplink": ext.host_if, "dns_upstream": [ext.ip], "ifname": SUBNET_IF,
                    "table": SUBNET_TABLE, "cidr": SUBNET_CIDR, "cidr6": SUBNET_CIDR6},
-        "vms": [{"vmid": vm.vmid, "address": vm.tunnel_address, "key_file": vm.key_path}
-                for vm in vms],
+        "vms": [{"vmid": vm.vmid, "address": vm.tunnel_address}
+                | ({} if vm.vmid in keyless else {"key_file": vm.key_path}) for vm in vms],
     })
 
 

@@ -5,6 +5,9 @@ A stack is the host's (root namespace) or a VM's (inside ``vmbl-vmK``). Its supe
 itself and keeps its socket, pid file and logs in the run directory. Its programs inherit that
 environment, which is how leftovers are found: a process whose ``VMBUSIFY_RUN_DIR`` is a
 stack's run directory belongs to that stack.
+
+A VM may run an older release's guest stack (lab/release.py): its supervisord then runs that
+release's ``conf/supervisord.conf`` with ``VMBUSIFY_BIN`` pointing at the release's programs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import psutil
 from vmbusify.errors import LabError
 from vmbusify.lab import netns as ip
 from vmbusify.lab.layout import LabLayout, supervisord_conf, venv_bin
+from vmbusify.lab.release import ReleaseTree, release_of, tree_for
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,18 @@ class Stack:
     netns: str | None
     config: Path
     run_dir: Path
+    #: The older release this stack runs (None: this checkout).
+    release: ReleaseTree | None = None
+
+    @property
+    def conf(self) -> Path:
+        """The supervisord.conf it runs: this checkout's, or its release's."""
+        if self.release is None:
+            return supervisord_conf()
+        if not self.release.conf.is_file():
+            raise LabError(f"{self.name}: release {self.release.ref} is not exported "
+                           f"({self.release.conf} is missing): run `vmbusify lab up`")
+        return self.release.conf
 
     @property
     def pidfile(self) -> Path:
@@ -49,14 +65,16 @@ class Stack:
         return self.run_dir / "supervisord.log"
 
     def env(self) -> dict[str, str]:
-        """The environment for this stack's supervisord, supervisorctl and VMBusify commands."""
+        """The environment for this stack's supervisord, supervisorctl and VMBusify commands
+        (on ``PATH``: its release's scripts, if any, then this venv's)."""
         bindir = venv_bin()
         env = dict(os.environ)
         env.update(
             VMBUSIFY_CONFIG=str(self.config),
             VMBUSIFY_RUN_DIR=str(self.run_dir),
-            VMBUSIFY_BIN=str(bindir),
-            PATH=f"{bindir}{os.pathsep}{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+            VMBUSIFY_BIN=str(self.release.bin_dir if self.release else bindir),
+            PATH=os.pathsep.join([*([str(self.release.bin_dir)] if self.release else []),
+                                  str(bindir), env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")]),
         )
         return env
 
@@ -68,7 +86,9 @@ def stack_for(target: str, layout: LabLayout | None = None) -> Stack:
         h = layout.host
         return Stack("host", None, h.config_path, h.run_dir)
     vm = layout.vm(target)
-    return Stack(vm.vmid, vm.netns, vm.config_path, vm.run_dir)
+    ref = release_of(vm)
+    return Stack(vm.vmid, vm.netns, vm.config_path, vm.run_dir,
+                 tree_for(ref, layout) if ref else None)
 
 
 def as_stack(target: Stack | str) -> Stack:
@@ -88,8 +108,9 @@ def supervisorctl_command(target: Stack | str, *args: str) -> tuple[list[str], d
     supervisorctl reaches supervisord over the Unix socket in the run directory, which every
     namespace sees, so it runs in the root namespace whatever the stack.
     """
-    argv = [str(venv_bin() / "supervisorctl"), "-c", str(supervisord_conf()), *args]
-    return argv, as_stack(target).env()
+    stack = as_stack(target)
+    argv = [str(venv_bin() / "supervisorctl"), "-c", str(stack.conf), *args]
+    return argv, stack.env()
 
 
 def supervisorctl(target: Stack | str, *args: str, check: bool = True) -> str:
@@ -133,14 +154,15 @@ def supervisord_process(stack: Stack) -> psutil.Process | None:
 
 
 def is_current(stack: Stack, proc: psutil.Process) -> bool:
-    """Whether ``proc`` runs this checkout's programs with this stack's config."""
+    """Whether ``proc`` runs the stack's programs (this checkout's or its release's) with this
+    stack's config."""
     try:
         env = proc.environ()
     except psutil.Error:
         return False
     want = stack.env()
     return all(env.get(k) == want[k] for k in ("VMBUSIFY_CONFIG", "VMBUSIFY_BIN")) and str(
-        supervisord_conf()) in proc.cmdline()
+        stack.conf) in proc.cmdline()
 
 
 def start(stack: Stack, timeout: float = 20.0) -> int:
@@ -159,9 +181,11 @@ def start(stack: Stack, timeout: float = 20.0) -> int:
     stop_leftovers(stack)
     stack.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # -d and -j repeat the run directory on the command line, so `ps` shows whose it is.
-    argv = [str(venv_bin() / "supervisord"), "-c", str(supervisord_conf()),
+    argv = [str(venv_bin() / "supervisord"), "-c", str(stack.conf),
             "-d", str(stack.run_dir), "-j", str(stack.pidfile)]
-    log.info("%s: starting supervisord%s", stack.name, f" in {stack.netns}" if stack.netns else "")
+    log.info("%s: starting supervisord%s%s", stack.name,
+             f" in {stack.netns}" if stack.netns else "",
+             f" (release {stack.release.ref})" if stack.release else "")
     ip.run(ip.ns_argv(stack.netns, argv), env=stack.env())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -181,7 +205,10 @@ def stop(*targets: Stack, timeout: float = 30.0) -> None:
     for stack, proc in running:
         if proc is not None:
             log.info("%s: shutting supervisord %d down", stack.name, proc.pid)
-            supervisorctl(stack, "shutdown", check=False)
+            try:
+                supervisorctl(stack, "shutdown", check=False)
+            except LabError as exc:  # e.g. its release's tree is gone: killed below
+                log.warning("%s", exc)
     for stack, proc in running:
         if proc is None:
             continue
