@@ -37,6 +37,7 @@ import select
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from vmbusify.errors import TransportError
 from vmbusify.logs import RateLimitedLog, printable
@@ -93,6 +94,16 @@ def port_path(address: VportAddress, dev_root: str = "/dev", sys_root: str = "/s
 
 
 # -- the device ----------------------------------------------------------------------------
+class Port(Protocol):
+    """What the listener needs of a port (PortDevice; a stand-in in tests)."""
+
+    def fileno(self) -> int: ...
+    def read(self, n: int) -> bytes | None: ...
+    def write(self, data: bytes | memoryview) -> int: ...
+    def host_connected(self) -> bool: ...
+    def close(self) -> None: ...
+
+
 class PortDevice:
     """The guest's end of a port: a non-blocking file descriptor, opened once.
 
@@ -268,7 +279,7 @@ class _Session:
 class VportListener(asyncio.AbstractServer):
     """Serves host sessions on one virtio-serial port (see the module docstring)."""
 
-    def __init__(self, device: PortDevice, client_connected_cb: ClientConnected,
+    def __init__(self, device: Port, client_connected_cb: ClientConnected,
                  label: str, hup_poll: float = HUP_POLL) -> None:
         self.loop = asyncio.get_running_loop()
         self.device = device
@@ -279,6 +290,7 @@ class VportListener(asyncio.AbstractServer):
         self._session: _Session | None = None
         self._last_task: asyncio.Task[None] | None = None
         self._reading = False
+        self._reading_fd = -1
         self._poller: asyncio.TimerHandle | None = None
         self._closed = False
         self._out = _Out(self.loop, device.fileno, device.write, self._resume_tunnel,
@@ -339,12 +351,13 @@ class VportListener(asyncio.AbstractServer):
             return
         if session is not None and session.to_tunnel.pending > HIGH_WATER:
             return
-        self.loop.add_reader(self.device.fileno(), self._on_port_readable)
+        self._reading_fd = self.device.fileno()
+        self.loop.add_reader(self._reading_fd, self._on_port_readable)
         self._reading = True
 
     def _pause_port(self) -> None:
         if self._reading:
-            self.loop.remove_reader(self.device.fileno())
+            self.loop.remove_reader(self._reading_fd)
             self._reading = False
 
     def _resume_tunnel(self) -> None:
@@ -469,7 +482,7 @@ class VportListener(asyncio.AbstractServer):
 
 
 async def listen_vport(address: VportAddress, client_connected_cb: ClientConnected,
-                       device: PortDevice | None = None) -> VportListener:
+                       device: Port | None = None) -> VportListener:
     """Serve host sessions on the port ``address`` names (or on ``device``, a stand-in)."""
     if device is None:
         device = PortDevice.open(port_path(address), str(address))
@@ -485,5 +498,5 @@ async def connect_vport(address: VportAddress, timeout: float) -> tuple[
                          "connects to the QEMU chardev's socket (unix:/path, docs/deploy.md)")
 
 
-__all__ = ["BYE_REASON", "HIGH_WATER", "HUP_POLL", "PortDevice", "VportListener",
+__all__ = ["BYE_REASON", "HIGH_WATER", "HUP_POLL", "Port", "PortDevice", "VportListener",
            "connect_vport", "find_port", "listen_vport", "port_path"]
