@@ -176,6 +176,6 @@ def test_the_guest_restarting_tells_the_connected_host_to_reconnect(tmp_path: Pa
             guest.kill(signal.SIGKILL)
             guest.start()
             await _echo_round(host, guest)
-            assert "the guest's virtio-serial session ended" in host.log()
+            assert "peer said goodbye: the guest's virtio-serial session ended" in host.log()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
