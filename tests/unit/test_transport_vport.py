@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vmbusify.errors import AddressError, TransportError
 from vmbusify.protocol.entities import Entity, TunnelMessage
@@ -41,7 +43,13 @@ from vmbusify.transport.resync import (
     NewHost,
     PortReader,
 )
-from vmbusify.transport.vport import BYE_REASON, VportListener
+from vmbusify.transport.vport import (
+    BYE_REASON,
+    VportListener,
+    host_address,
+    libvirt_channel,
+    qemu_args,
+)
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -445,3 +453,66 @@ def test_a_pty_stands_in_for_the_port() -> None:
         os.close(slave)
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+# -- fuzzing the resync ----------------------------------------------------------------------
+
+
+_STALE = st.one_of(
+    st.binary(max_size=300),
+    st.just(SIGNATURE_BYTES),
+    st.builds(lambda n: exec_start()[:n], st.integers(0, 39)),
+    st.builds(lambda n: ping(7)[:n], st.integers(0, 40)),
+    st.just(exec_start()),
+    st.just(hello(role="guest")),
+    st.builds(lambda b: hello(nonce=b), st.binary(max_size=31)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stale=st.lists(_STALE, max_size=12), cuts=st.lists(st.integers(1, 400), max_size=20))
+def test_whatever_came_before_only_a_fresh_host_hello_starts_a_session(
+        stale: list[bytes], cuts: list[int]) -> None:
+    r = PortReader(1 << 20)
+    h = hello()
+    stream = b"".join(stale) + h + ping(9)
+    events: list[Any] = []
+    at = 0
+    for n in cuts:
+        events += r.feed(stream[at:at + n])
+        at += n
+    events += r.feed(stream[at:])
+    starts = [e for e in events if isinstance(e, NewHost)]
+    assert len(starts) == 1 and starts[0].hello == Hello.decode(h[24:])
+    assert delivered(events) == h + ping(9)
+
+
+def test_a_truncated_host_hello_before_the_real_one_is_skipped() -> None:
+    r = PortReader(1 << 20)
+    old = hello(name="old")
+    for cut in (25, 40, len(old) - 1):
+        r.reset()
+        h = hello()
+        events = r.feed(old[:cut] + h + ping())
+        assert [type(e) for e in events] == [NewHost, Deliver]
+        assert delivered(events) == h + ping()
+
+
+# -- what a lab gives QEMU -----------------------------------------------------------------
+
+
+def test_qemu_args_and_libvirt_xml_for_a_port() -> None:
+    args = qemu_args("/run/vmbusify-qemu/vm1.sock")
+    assert args == [
+        "-device", "virtio-serial-pci,id=vmbusify-vser0",
+        "-chardev", "socket,id=vmbusify0,path=/run/vmbusify-qemu/vm1.sock,server=on,wait=off",
+        "-device", "virtserialport,bus=vmbusify-vser0.0,chardev=vmbusify0,name=org.vmbusify.0"]
+    assert host_address("/run/vmbusify-qemu/vm1.sock") == "unix:/run/vmbusify-qemu/vm1.sock"
+    assert parse_address(host_address("/run/vmbusify-qemu/vm1.sock")).kind is TransportKind.UNIX
+    xml = libvirt_channel("/run/vmbusify-qemu/vm1.sock")
+    assert "<source mode='bind' path='/run/vmbusify-qemu/vm1.sock'/>" in xml
+    assert "<target type='virtio' name='org.vmbusify.0'/>" in xml
+    with pytest.raises(TransportError, match="','"):
+        qemu_args("/run/a,b.sock")
+    with pytest.raises(AddressError):
+        qemu_args("/run/x.sock", name="bad name")

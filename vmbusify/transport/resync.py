@@ -128,7 +128,7 @@ class PortReader:
         that may start a session."""
         try:
             hello = Hello.decode(bytes(view[HEADER_SIZE:HEADER_SIZE + header.length]))
-        except (VMBusifyError, ValueError, TypeError):
+        except (VMBusifyError, ValueError, TypeError, OverflowError):
             return None
         if hello.role != self.role or len(hello.nonce) != NONCE_SIZE:
             return None

@@ -44,7 +44,7 @@ from vmbusify.logs import RateLimitedLog, printable
 from vmbusify.protocol.package import MAX_PAYLOAD_LIMIT
 from vmbusify.protocol.tunnel import Bye
 from vmbusify.transport._streams import STREAM_LIMIT, ClientConnected, transport_error
-from vmbusify.transport.address import VportAddress
+from vmbusify.transport.address import UnixAddress, VportAddress
 from vmbusify.transport.resync import Deliver, Lost, NewHost, PortReader
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,38 @@ HANDOVER_TIMEOUT = 5.0
 _READ_SIZE = 64 << 10
 #: What a host still connected from before is told when the guest starts or ends a session.
 BYE_REASON = "the guest's virtio-serial session ended: connect again"
+#: The port name VMBusify uses unless told otherwise (qemu-ga's is org.qemu.guest_agent.0).
+DEFAULT_PORT_NAME = "org.vmbusify.0"
+
+
+# -- what the host (or a lab) gives QEMU -------------------------------------------------------
+def qemu_args(chardev_path: str, name: str = DEFAULT_PORT_NAME, chardev_id: str = "vmbusify0",
+              bus: str = "vmbusify-vser0") -> list[str]:
+    """QEMU options for a virtio-serial port ``name`` whose host side is a listening Unix
+    socket at ``chardev_path`` (``server=on,wait=off``: the VM boots without a host). The
+    host mux then connects to ``host_address(chardev_path)``. Keep the socket's directory
+    root-only: whoever connects drives the guest."""
+    VportAddress(name)  # the same rule for the name as the guest's address
+    if "," in chardev_path:
+        raise TransportError(f"{chardev_path}: QEMU option values cannot hold ','")
+    return ["-device", f"virtio-serial-pci,id={bus}",
+            "-chardev", f"socket,id={chardev_id},path={chardev_path},server=on,wait=off",
+            "-device", f"virtserialport,bus={bus}.0,chardev={chardev_id},name={name}"]
+
+
+def host_address(chardev_path: str) -> str:
+    """The host mux's address (``[[vms]] address``) for a VM whose chardev socket is
+    ``chardev_path``: a plain Unix socket."""
+    return str(UnixAddress(chardev_path))
+
+
+def libvirt_channel(chardev_path: str, name: str = DEFAULT_PORT_NAME) -> str:
+    """The libvirt ``<channel>`` element for the same port (QEMU listens: mode='bind')."""
+    VportAddress(name)
+    UnixAddress(chardev_path)
+    path = chardev_path.replace("&", "&amp;").replace("'", "&apos;").replace("<", "&lt;")
+    return (f"<channel type='unix'>\n  <source mode='bind' path='{path}'/>\n"
+            f"  <target type='virtio' name='{name}'/>\n</channel>")
 
 
 # -- finding the port ----------------------------------------------------------------------
@@ -140,10 +172,13 @@ class PortDevice:
             raise
 
     def write(self, data: bytes | memoryview) -> int:
-        """Write what the port takes now (0 if none)."""
+        """Write what the port takes now (0 if none); BrokenPipeError if the host is away
+        (the port then never takes a byte, and would wake a writer for ever)."""
         try:
             return os.write(self.fd, data)
         except BlockingIOError:
+            if not self.host_connected():
+                raise BrokenPipeError(errno.EPIPE, "no host on the port (POLLHUP)") from None
             return 0
 
     def host_connected(self) -> bool:
@@ -498,5 +533,6 @@ async def connect_vport(address: VportAddress, timeout: float) -> tuple[
                          "connects to the QEMU chardev's socket (unix:/path, docs/deploy.md)")
 
 
-__all__ = ["BYE_REASON", "HIGH_WATER", "HUP_POLL", "Port", "PortDevice", "VportListener",
-           "connect_vport", "find_port", "listen_vport", "port_path"]
+__all__ = ["BYE_REASON", "DEFAULT_PORT_NAME", "HIGH_WATER", "HUP_POLL", "Port", "PortDevice",
+           "VportListener", "connect_vport", "find_port", "host_address", "libvirt_channel",
+           "listen_vport", "port_path", "qemu_args"]
