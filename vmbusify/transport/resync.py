@@ -75,18 +75,6 @@ def _is_hello_header(header: Header) -> bool:
             and header.length <= HELLO_MAX)
 
 
-def _joined(events: list[Event]) -> list[Event]:
-    """``events`` with neighbouring Delivers made one (a header and its payload, say)."""
-    out: list[Event] = []
-    for ev in events:
-        last = out[-1] if out else None
-        if isinstance(ev, Deliver) and isinstance(last, Deliver):
-            out[-1] = Deliver(last.data + ev.data)
-        else:
-            out.append(ev)
-    return out
-
-
 class PortReader:
     """Splits a port's byte stream into host sessions (see the module docstring)."""
 
@@ -120,7 +108,7 @@ class PortReader:
                 self._scan(events)
             if len(self._buf) == before and not self._progressed:
                 break
-        return _joined(events)
+        return events
 
     # -- scanning ------------------------------------------------------------------------
     def _hello(self, view: bytes | bytearray, header: Header) -> Hello | None:
@@ -180,43 +168,52 @@ class PortReader:
 
     # -- in session ----------------------------------------------------------------------
     def _follow(self, events: list[Event]) -> None:
-        """Pass session bytes on, watching each header."""
+        """Pass session bytes on, watching each header: everything up to the first header
+        that needs a decision (or the end of what is held) goes out as one Deliver."""
         buf = self._buf
         self._progressed = False
-        if self._remaining:
-            n = min(self._remaining, len(buf))
-            events.append(Deliver(bytes(buf[:n])))
-            del buf[:n]
-            self._remaining -= n
+        i = 0  # bytes of buf judged to be the session's
+        end = len(buf)
+        stop: Event | None = None
+        hello: Hello | None = None
+        while i < end:
+            if self._remaining:
+                n = min(self._remaining, end - i)
+                i += n
+                self._remaining -= n
+                continue
+            if end - i < HEADER_SIZE:
+                break
+            header = self._header_at(i)
+            if header is None:
+                try:
+                    decode_header(bytes(buf[i:i + HEADER_SIZE]), self.max_payload)
+                except VMBusifyError as exc:
+                    stop = Lost(f"not a package header: {exc}")
+                else:  # pragma: no cover - _header_at said it does not decode
+                    stop = Lost("not a package header")
+                break
+            if _is_hello_header(header):
+                if end - i < HEADER_SIZE + header.length:
+                    break  # hold a HELLO until it is whole: it may be a new host's
+                hello = self._hello(buf[i:i + HEADER_SIZE + header.length], header)
+                if hello is not None:  # the host went and came back before we saw it go
+                    break
+            # An ordinary package (or a HELLO that starts nothing: the tunnel judges it).
+            self._remaining = HEADER_SIZE + header.length
+        if i:
+            events.append(Deliver(bytes(buf[:i])))
+            del buf[:i]
             self._progressed = True
-            return
-        if len(buf) < HEADER_SIZE:
-            return
-        header = self._header_at(0)
-        if header is None:
-            try:
-                decode_header(bytes(buf[:HEADER_SIZE]), self.max_payload)
-            except VMBusifyError as exc:
-                reason = str(exc)
-            else:  # pragma: no cover - _header_at said it does not decode
-                reason = "bad header"
-            events.append(Lost(f"not a package header: {reason}"))
+        if hello is not None:
+            self._start(0, hello, events)
+        elif stop is not None:
+            events.append(stop)
             self.in_session = False
             # The next host's HELLO may start anywhere after this byte: scan from there.
             self.skipped += 1
             del buf[:1]
             self._progressed = True
-            return
-        if _is_hello_header(header):
-            if len(buf) < HEADER_SIZE + header.length:
-                return  # hold a HELLO until it is whole: it may be a new host's
-            hello = self._hello(buf, header)
-            if hello is not None:  # the host went and came back before we saw it go
-                self._start(0, hello, events)
-                return
-        # An ordinary package (or a HELLO that starts nothing: the tunnel judges it).
-        self._remaining = header.length + HEADER_SIZE
-        self._progressed = True
 
     _progressed = False
 
