@@ -69,8 +69,9 @@ class GuestSide:
             # A character device has no peer address: only QEMU's side of the chardev can
             # write to it, so the guard is who may open that socket on the host (root only,
             # docs/deploy.md "virtio-serial"), and the shared key where there is one.
-            log.info("listening for the host on virtio-serial port %s (sessions start at a "
-                     "host HELLO with a fresh nonce; shared key: %s)", listen_at,
+            log.info("listening for the host on virtio-serial port %s (no caller to check: "
+                     "require_privileged_port does not apply; sessions start at a host HELLO "
+                     "with a fresh nonce; shared key: %s)", listen_at,
                      "yes" if self.key else "no")
             if self.key is None:
                 log.warning("no tunnel.key_file: whoever can open the VM's chardev socket on "
