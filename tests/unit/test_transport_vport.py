@@ -516,3 +516,46 @@ def test_qemu_args_and_libvirt_xml_for_a_port() -> None:
         qemu_args("/run/a,b.sock")
     with pytest.raises(AddressError):
         qemu_args("/run/x.sock", name="bad name")
+
+
+def test_a_tunnel_that_does_not_read_stops_the_port_being_read() -> None:
+    """Flow control: what waits for the session's tunnel is bounded (the port is not read
+    meanwhile), and every byte arrives once the tunnel reads again."""
+    from vmbusify.transport.vport import HIGH_WATER
+
+    async def scenario() -> None:
+        port = SwappablePort()
+        release = asyncio.Event()
+        got = bytearray()
+
+        async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await release.wait()
+            while chunk := await reader.read(1 << 20):
+                got.extend(chunk)
+
+        listener = VportListener(port, slow, "vport:test", hup_poll=0.02)
+        listener.start()
+        await asyncio.sleep(0.05)
+        host = port.attach()
+        host.setblocking(False)
+        loop = asyncio.get_running_loop()
+        h = hello()
+        # More than the handler's StreamReader takes before it stops reading (2 x its
+        # limit), the socket buffers, and the listener's own HIGH_WATER.
+        big = b"".join(Package(PackageType.DATA, Entity.CMD_LISTENER, 0, stream=1,
+                               payload=os.urandom(12 << 20)).encode() for _ in range(2))
+        sender = loop.create_task(loop.sock_sendall(host, h + big))
+        await asyncio.sleep(0.5)
+        session = listener._session
+        assert session is not None
+        assert session.to_tunnel.pending <= HIGH_WATER + (64 << 10)
+        assert not listener._reading  # the port waits for the tunnel
+        assert not sender.done()      # and so the host waits for the port
+        release.set()
+        await asyncio.wait_for(sender, 10)
+        await until(lambda: len(got) == len(h + big), 10)
+        assert bytes(got) == h + big
+        listener.close()
+        host.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
