@@ -559,3 +559,37 @@ def test_a_tunnel_that_does_not_read_stops_the_port_being_read() -> None:
         host.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_the_port_is_read_again_when_a_tunnel_that_stopped_reading_ends() -> None:
+    async def scenario() -> None:
+        port = SwappablePort()
+        stop = asyncio.Event()
+        sessions: list[int] = []
+
+        async def stuck(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sessions.append(1)
+            if len(sessions) == 1:
+                await stop.wait()  # reads nothing, then gives up (its dead_after, say)
+                writer.close()
+                return
+            await reader.read(100)
+
+        listener = VportListener(port, stuck, "vport:test", hup_poll=0.02)
+        listener.start()
+        await asyncio.sleep(0.05)
+        host = port.attach()
+        host.setblocking(False)
+        loop = asyncio.get_running_loop()
+        big = b"".join(Package(PackageType.DATA, Entity.CMD_LISTENER, 0, stream=1,
+                               payload=bytes(12 << 20)).encode() for _ in range(2))
+        sender = loop.create_task(loop.sock_sendall(host, hello() + big))
+        await until(lambda: not listener._reading and listener._session is not None)
+        stop.set()  # the stuck tunnel ends: what is left of its stream is skipped
+        await asyncio.wait_for(sender, 10)
+        await loop.sock_sendall(host, hello())
+        await until(lambda: len(sessions) == 2, 10)
+        listener.close()
+        host.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -328,6 +328,7 @@ class VportListener(asyncio.AbstractServer):
         self._reading_fd = -1
         self._poller: asyncio.TimerHandle | None = None
         self._closed = False
+        self._away = False  # no host on the chardev: the port is polled, not read
         self._out = _Out(self.loop, device.fileno, device.write, self._resume_tunnel,
                          self._port_error)
         self._warn = RateLimitedLog(log, 10)
@@ -375,14 +376,12 @@ class VportListener(asyncio.AbstractServer):
             self._host_away(first=True)
 
     def _say_bye(self) -> None:
-        try:
-            self.device.write(Bye(BYE_REASON).package().encode())
-        except OSError:
-            pass  # best effort: the host's dead_after finds it out otherwise
+        """Queue a BYE for the host (after whatever is still going to it)."""
+        self._out.write(Bye(BYE_REASON).package().encode())
 
     def _resume_port(self) -> None:
         session = self._session
-        if self._closed or self._reading:
+        if self._closed or self._reading or self._away:
             return
         if session is not None and session.to_tunnel.pending > HIGH_WATER:
             return
@@ -431,6 +430,7 @@ class VportListener(asyncio.AbstractServer):
     def _host_away(self, first: bool = False) -> None:
         """No host on the chardev: end the session, forget the buffers, poll for its return."""
         self._pause_port()
+        self._away = True
         self._out.clear()
         self._reader.reset()
         if not first:
@@ -447,6 +447,7 @@ class VportListener(asyncio.AbstractServer):
             return
         if self.device.host_connected():
             log.info("%s: a host is connected: waiting for its HELLO", self.label)
+            self._away = False
             self._resume_port()
         else:
             self._poller = self.loop.call_later(self.hup_poll, self._poll_back)
@@ -478,7 +479,8 @@ class VportListener(asyncio.AbstractServer):
         if session is not None:
             session.end()
         if bye:  # after what the tunnel still had to say (its own BYE, say)
-            self._out.write(Bye(BYE_REASON).package().encode())
+            self._say_bye()
+        self._resume_port()  # it may have waited for that session's tunnel to read
 
     def _session_over(self, session: _Session) -> None:
         """The tunnel closed its end: the host is told, and the port scans for a HELLO."""
