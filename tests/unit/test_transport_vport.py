@@ -593,3 +593,26 @@ def test_the_port_is_read_again_when_a_tunnel_that_stopped_reading_ends() -> Non
         host.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_broken_stream_ends_the_session_tells_the_host_and_a_new_hello_is_taken() -> None:
+    async def scenario() -> None:
+        port = SwappablePort()
+        sessions = Sessions()
+        listener = VportListener(port, sessions, "vport:test", hup_poll=0.02)
+        listener.start()
+        await asyncio.sleep(0.05)
+        host = port.attach()
+        host.sendall(hello())
+        await until(lambda: len(sessions.got) == 1)
+        h2 = hello(name="again")
+        host.sendall(b"this is no header, not at all" + h2[:30])  # the next HELLO, in parts
+        await until(lambda: sessions.ended == 1)
+        got = packages(await recv_some(host))
+        assert [Bye.decode(p.payload).reason for p in got] == [BYE_REASON]
+        host.sendall(h2[30:])
+        await until(lambda: len(sessions.got) == 2 and sessions.got[1] == h2)
+        listener.close()
+        host.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

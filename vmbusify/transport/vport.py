@@ -419,9 +419,9 @@ class VportListener(asyncio.AbstractServer):
             elif isinstance(event, NewHost):
                 self._new_session(event)
             elif isinstance(event, Lost):
-                self._warn.warning("lost", "%s: the session's stream broke (%s): waiting for a "
-                                   "host's HELLO", self.label, event.reason)
-                self._end_session(bye=False)
+                self._warn.warning("lost", "%s: the session's stream broke (%s): telling the "
+                                   "host to connect again", self.label, event.reason)
+                self._end_session(bye=True)
 
     def _port_error(self, exc: OSError) -> None:
         self._warn.warning("error", "%s: %s: treating the host as gone", self.label, exc)
