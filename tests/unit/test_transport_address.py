@@ -76,7 +76,7 @@ def test_kinds() -> None:
     assert parse_address("fc:/v.sock").kind is TransportKind.FC
     assert parse_address("unix:/u").kind is TransportKind.UNIX
     assert parse_address("tcp:127.0.0.1:1").kind is TransportKind.TCP
-    assert [k.value for k in TransportKind] == ["vsock", "hyperv", "fc", "unix", "tcp"]
+    assert [k.value for k in TransportKind] == ["vsock", "hyperv", "fc", "unix", "tcp", "vport"]
 
 
 BAD = [

@@ -18,7 +18,7 @@ from vmbusify.protocol import auth
 from vmbusify.protocol.package import PROTOCOL_VERSION
 from vmbusify.protocol.tunnel import Auth, Bye, Hello
 from vmbusify.system import interface_addresses
-from vmbusify.transport import listen
+from vmbusify.transport import TransportKind, listen, parse_address
 from vmbusify.transport.vsock import guest_transport
 
 log = logging.getLogger("vmbusify.mux.guest")
@@ -64,14 +64,29 @@ class GuestSide:
     async def start(self) -> None:
         self._server = await listen(self.config.tunnel.listen, self._on_connection)
         rule = self.admission
-        log.info("listening for the host at %s (host CID only: %s, privileged port only: %s: "
-                 "%s; shared key: %s)", self.config.tunnel.listen,
-                 "yes" if rule.host_cid_only else "no", "yes" if rule.privileged_port else "no",
-                 rule.why, "yes" if self.key else "no")
-        if self.key is None and not rule.privileged_port:
-            log.warning("no tunnel.key_file and no privileged-port rule: whoever can reach "
-                        "%s can run commands in this guest (docs/deploy.md)",
-                        self.config.tunnel.listen)
+        listen_at = self.config.tunnel.listen
+        if parse_address(listen_at).kind is TransportKind.VPORT:
+            # A character device has no peer address: only QEMU's side of the chardev can
+            # write to it, so the guard is who may open that socket on the host (root only,
+            # docs/deploy.md "virtio-serial"), and the shared key where there is one.
+            log.info("listening for the host on virtio-serial port %s (no caller to check: "
+                     "require_privileged_port does not apply; sessions start at a host HELLO "
+                     "with a fresh nonce; shared key: %s)", listen_at,
+                     "yes" if self.key else "no")
+            if self.key is None:
+                log.warning("no tunnel.key_file: whoever can open the VM's chardev socket on "
+                            "the host can run commands in this guest; keep that socket "
+                            "root-only or set a key (docs/deploy.md)")
+        else:
+            log.info("listening for the host at %s (host CID only: %s, privileged port only: "
+                     "%s: %s; shared key: %s)", listen_at,
+                     "yes" if rule.host_cid_only else "no",
+                     "yes" if rule.privileged_port else "no", rule.why,
+                     "yes" if self.key else "no")
+            if self.key is None and not rule.privileged_port:
+                log.warning("no tunnel.key_file and no privileged-port rule: whoever can "
+                            "reach %s can run commands in this guest (docs/deploy.md)",
+                            listen_at)
         asyncio.ensure_future(self._watch_ips())
 
     async def _watch_ips(self) -> None:

@@ -1,7 +1,7 @@
 """One address syntax for every hypervisor socket VMBusify can use.
 
 Theory of operation: an address is a short string that a person writes in the config file
-or on the command line. ``parse_address`` turns it into one of five frozen dataclasses,
+or on the command line. ``parse_address`` turns it into one of six frozen dataclasses,
 each tagged with a ``TransportKind``; ``str()`` of a parsed address gives it back in
 canonical form, so ``parse_address(str(a)) == a`` always holds::
 
@@ -10,6 +10,8 @@ canonical form, so ``parse_address(str(a)) == a`` always holds::
     fc:/path/v.sock[:PORT]    Firecracker / Cloud Hypervisor hybrid vsock (a Unix socket)
     unix:/path                plain Unix socket
     tcp:HOST:PORT             TCP, for development and tests (IPv6 as ``tcp:[::1]:PORT``)
+    vport:NAME                a guest's virtio-serial port by name (/dev/virtio-ports/NAME)
+    vport:/dev/vport0p1       ... or by device path; the guest listens on it, never connects
 
 The port defaults to ``DEFAULT_TUNNEL_PORT`` where it is optional. Parsing is strict: every
 part is checked, nothing may trail, and an ``AddressError`` names the part that is wrong.
@@ -71,6 +73,9 @@ class TransportKind(str, Enum):
     FC = "fc"
     UNIX = "unix"
     TCP = "tcp"
+    #: A virtio-serial port in the guest (the host reaches it through QEMU's chardev
+    #: socket, a ``unix:`` address): vmbusify/transport/vport.py.
+    VPORT = "vport"
 
 
 def service_guid(port: int) -> str:
@@ -216,8 +221,43 @@ class TcpAddress:
         return f"tcp:{host}:{self.port}"
 
 
+#: A virtio-serial port name: what QEMU's ``virtserialport,name=`` and libvirt's
+#: ``<target type='virtio' name=.../>`` accept in practice (e.g. ``org.vmbusify.0``).
+_VPORT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True, slots=True)
+class VportAddress:
+    """A guest's virtio-serial port: by its name (``org.vmbusify.0``), or by the path of
+    its character device (``/dev/vport0p1``; also how tests hand in a stand-in)."""
+
+    kind: ClassVar[TransportKind] = TransportKind.VPORT
+    #: The port name, or an absolute device path (starts with ``/``).
+    port: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, str) or not self.port:
+            raise AddressError("vport needs a port name (as in vport:org.vmbusify.0) or a "
+                               "device path")
+        if self.port.startswith("/"):
+            if "\0" in self.port or len(self.port.encode()) > 4095:
+                raise AddressError("vport device path is not a usable path")
+        elif not _VPORT_NAME_RE.fullmatch(self.port):
+            raise AddressError(f"vport port name {self.port!r} must be letters, digits, "
+                               "'.', '_' or '-' (at most 128), or an absolute device path")
+
+    def __str__(self) -> str:
+        return f"vport:{self.port}"
+
+    @property
+    def is_path(self) -> bool:
+        """Whether ``port`` is a device path rather than a port name."""
+        return self.port.startswith("/")
+
+
 #: Any parsed address; ``address.kind`` says which.
-Address = VsockAddress | HypervAddress | FirecrackerAddress | UnixAddress | TcpAddress
+Address = (VsockAddress | HypervAddress | FirecrackerAddress | UnixAddress | TcpAddress
+           | VportAddress)
 
 
 def _normalise_host(host: str) -> str:
@@ -335,6 +375,7 @@ _PARSERS: dict[TransportKind, Callable[[str], Address]] = {
     TransportKind.FC: _parse_fc,
     TransportKind.UNIX: UnixAddress,
     TransportKind.TCP: _parse_tcp,
+    TransportKind.VPORT: VportAddress,
 }
 
 

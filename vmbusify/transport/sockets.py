@@ -22,6 +22,7 @@ from vmbusify.transport.firecracker import connect_fc, listen_fc
 from vmbusify.transport.hyperv import connect_hyperv, listen_hyperv
 from vmbusify.transport.tcp import connect_tcp, listen_tcp
 from vmbusify.transport.unix import connect_unix, listen_unix
+from vmbusify.transport.vport import connect_vport, listen_vport
 from vmbusify.transport.vsock import connect_vsock, listen_vsock
 
 _Connector = Callable[[Any, float], Awaitable[Streams]]
@@ -33,6 +34,7 @@ _CONNECTORS: dict[TransportKind, _Connector] = {
     TransportKind.FC: connect_fc,
     TransportKind.UNIX: connect_unix,
     TransportKind.TCP: connect_tcp,
+    TransportKind.VPORT: connect_vport,
 }
 _LISTENERS: dict[TransportKind, _Listener] = {
     TransportKind.VSOCK: listen_vsock,
@@ -40,6 +42,7 @@ _LISTENERS: dict[TransportKind, _Listener] = {
     TransportKind.FC: listen_fc,
     TransportKind.UNIX: listen_unix,
     TransportKind.TCP: listen_tcp,
+    TransportKind.VPORT: listen_vport,
 }
 
 
