@@ -122,7 +122,7 @@ for program in "$source_dir"/conf/programs/*.conf; do
     if [ "$dry_run" = 1 ]; then
         echo "+ append stdout_syslog=true to $etc/programs/$(basename "$program")"
     else
-        printf '; VMBusify packaging: under systemd, to the journal too\nstdout_syslog=true\n' \
+        printf '\n; VMBusify packaging: under systemd, to the journal too\nstdout_syslog=true\n' \
             >> "$etc/programs/$(basename "$program")"
     fi
 done
