@@ -3,11 +3,16 @@
 #
 #   packaging/install.sh host|guest [--source DIR] [--python PY] [--now] [--dry-run]
 #
-# It makes /opt/vmbusify/venv and installs VMBusify (and supervisor) into it, puts
-# conf/supervisord.conf, the programs it includes (conf/programs/*.conf) and the role's
-# example config into /etc/vmbusify (an existing vmbusify.toml is kept), installs
-# vmbusify-ROLE.service and enables it (--now: starts it too). --dry-run prints the
-# commands instead of running them, and needs no root.
+# It makes /opt/vmbusify/venv and installs VMBusify (and supervisor) into it, with pip:
+# on the host with the host-only extras (vmbusify[host]: aiohttp, uvloop). It puts
+# conf/supervisord.conf, the programs it includes (conf/programs/*.conf, each with a line
+# that sends its output to the journal too) and the role's example config into
+# /etc/vmbusify (an existing vmbusify.toml is kept), installs vmbusify-ROLE.service and
+# enables it (--now: starts it too). --dry-run prints the commands instead of running them,
+# and needs no root.
+#
+# pip needs a network (or a wheelhouse). A guest with no network installs the Debian
+# package instead, built on the host by packaging/build-guest.py (docs/deploy.md).
 set -eu
 
 usage() {
@@ -69,12 +74,17 @@ if [ "$dry_run" = 0 ]; then
         die "$python is older than Python 3.11"
 fi
 
-# 1. The virtualenv, with VMBusify and its dependencies (supervisor included).
+# 1. The virtualenv, with VMBusify and its dependencies (supervisor included); the host's
+# command listener needs aiohttp and its programs run faster on uvloop: vmbusify[host].
 if [ ! -x "$venv/bin/python" ]; then
     run install -d -m 0755 "$prefix"
     run "$python" -m venv "$venv"
 fi
-run "$venv/bin/pip" install --upgrade "$source_dir"
+if [ "$role" = host ]; then
+    run "$venv/bin/pip" install --upgrade "$source_dir[host]"
+else
+    run "$venv/bin/pip" install --upgrade "$source_dir"
+fi
 if [ -f "$source_dir/docs/deploy.md" ]; then
     run install -D -m 0644 "$source_dir/docs/deploy.md" "$prefix/docs/deploy.md"
 fi
@@ -104,8 +114,17 @@ fi
 run install -m 0644 "$source_dir/conf/supervisord.conf" "$etc/supervisord.conf"
 # supervisord.conf includes programs/*.conf beside it: without them it starts nothing.
 run install -d -m 0755 "$etc/programs"
+# Under systemd each program's output goes to the journal too (supervisord sends it to
+# syslog, which journald attributes to this unit: journalctl -u vmbusify-ROLE), besides
+# the file in the run directory that conf/programs/*.conf names.
 for program in "$source_dir"/conf/programs/*.conf; do
     run install -m 0644 "$program" "$etc/programs/$(basename "$program")"
+    if [ "$dry_run" = 1 ]; then
+        echo "+ append stdout_syslog=true to $etc/programs/$(basename "$program")"
+    else
+        printf '\n; VMBusify packaging: under systemd, to the journal too\nstdout_syslog=true\n' \
+            >> "$etc/programs/$(basename "$program")"
+    fi
 done
 if [ -e "$etc/vmbusify.toml" ]; then
     echo "keeping the existing $etc/vmbusify.toml"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import signal
 from collections.abc import Coroutine
 from typing import Any
@@ -45,13 +46,20 @@ def release_free_memory() -> bool:
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine on uvloop (a faster event loop, same semantics) or plain asyncio."""
+    """Run a coroutine on uvloop (a faster event loop, same semantics) or plain asyncio.
+
+    uvloop is a host extra (``vmbusify[host]``): a guest installed from Debian's packages
+    runs without it, and says so in one line."""
     keep_buffers_mapped()
     try:
         import uvloop
-    except ImportError:
+        run = uvloop.run  # 0.18 and later
+    except (ImportError, AttributeError):
+        logging.getLogger("vmbusify.runtime").info(
+            "uvloop (0.18 or later) is not installed: running on asyncio's own event loop "
+            "(same behaviour, more CPU per package)")
         return asyncio.run(coro)
-    return uvloop.run(coro)
+    return run(coro)
 
 
 def stop_on_signals(stop: asyncio.Event | None = None) -> asyncio.Event:

@@ -99,11 +99,15 @@ def test_install_dry_run_plan(role: str) -> None:
     done = _install(role, "--dry-run", "--source", str(ROOT))
     assert done.returncode == 0, done.stderr
     plan = done.stdout
-    assert f"/opt/vmbusify/venv/bin/pip install --upgrade {ROOT}" in plan
+    # the host-only extras (aiohttp, uvloop) on the host alone
+    extra = "[host]" if role == "host" else ""
+    assert f"+ /opt/vmbusify/venv/bin/pip install --upgrade {ROOT}{extra}\n" in plan
     assert f"{ROOT}/conf/supervisord.conf /etc/vmbusify/supervisord.conf" in plan
     # every program supervisord.conf includes is installed beside it (else it starts none)
     for program in sorted((ROOT / "conf" / "programs").glob("*.conf")):
         assert f"{program} /etc/vmbusify/programs/{program.name}" in plan, program.name
+        # ... and sends its output to syslog too: the journal, under systemd
+        assert f"+ append stdout_syslog=true to /etc/vmbusify/programs/{program.name}" in plan
     assert f"/etc/systemd/system/vmbusify-{role}.service" in plan
     assert f"+ systemctl enable vmbusify-{role}.service" in plan
     # The host makes group vmbusify (the command listener's and the proxy's, as docker's),
@@ -134,6 +138,10 @@ def test_the_installed_supervisord_conf_starts_every_program(tmp_path: Path) -> 
                                      re.MULTILINE):
         (etc / target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, etc / target)
+    for target in re.findall(r"^\+ append stdout_syslog=true to /etc/vmbusify/(\S+)$", plan,
+                             re.MULTILINE):
+        with open(etc / target, "a") as f:
+            f.write("stdout_syslog=true\n")
     with pytest.MonkeyPatch.context() as mp:  # what the systemd unit sets
         mp.setenv("VMBUSIFY_RUN_DIR", str(tmp_path / "run"))
         mp.setenv("VMBUSIFY_BIN", "/opt/vmbusify/venv/bin")
@@ -142,6 +150,7 @@ def test_the_installed_supervisord_conf_starts_every_program(tmp_path: Path) -> 
         options.realize(args=["-c", str(etc / "supervisord.conf")])
     shipped = {p.stem for p in (ROOT / "conf" / "programs").glob("*.conf")}
     assert {g.name for g in options.process_group_configs} == shipped
+    assert all(g.process_configs[0].stdout_syslog for g in options.process_group_configs)
     assert {"mux", "control", "exec", "proxy", "subnet"} <= shipped
 
 

@@ -6,16 +6,18 @@ Each runs in the foreground, logs to stdout, exits 0 on SIGTERM and non-zero on 
 
 from __future__ import annotations
 
+import functools
+import logging
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import click
 
-from vmbusify.config import Config, load_config
+from vmbusify.config import Config, Role, load_config
 from vmbusify.errors import VMBusifyError
 from vmbusify.logs import setup_logging
-from vmbusify.runtime import run_async
+from vmbusify.runtime import run_async, stop_on_signals
 
 #: Worker programs: `vmbusify worker NAME` runs ``vmbusify.workers.NAME.main:run(config)``,
 #: which fills in vmbusify.workers.base.Worker and runs it with run_worker.
@@ -60,8 +62,38 @@ def mux(config_path: str | None) -> None:
 @config_option
 def control(config_path: str | None) -> None:
     """Run the command listener (HTTP on the Unix socket of [control] listen)."""
+    missing = listener_missing()
+    if missing is not None:
+        run_program("control", config_path, functools.partial(run_without_listener, missing))
+        return
     from vmbusify.control.server import run_control
     run_program("control", config_path, run_control)
+
+
+def listener_missing() -> str | None:
+    """Why this machine cannot run the command listener, or None: it is aiohttp's (3.9 or
+    later, for web.AppKey), a host extra that a guest installed from Debian's packages may
+    lack (Debian 12 has no aiohttp that new)."""
+    try:
+        import aiohttp
+        from aiohttp import web
+    except ImportError:
+        return "aiohttp is not installed"
+    if not hasattr(web, "AppKey"):
+        return f"aiohttp {getattr(aiohttp, '__version__', '?')} is older than 3.9"
+    return None
+
+
+async def run_without_listener(reason: str, config: Config) -> None:
+    """Say once why there is no command listener, then wait for SIGTERM: exiting would have
+    supervisord start the program again and again, each time with the same line."""
+    level = logging.ERROR if config.role is Role.HOST else logging.WARNING
+    logging.getLogger("vmbusify.control").log(
+        level, "the command listener is off: %s (it needs aiohttp 3.9 or later: "
+        "pip install 'vmbusify[host]', or a python3-aiohttp that new); vmbusifyctl and "
+        "vmbusifyexec on this machine get no answer, the tunnel and the workers run without it",
+        reason)
+    await stop_on_signals().wait()
 
 
 @click.command()
