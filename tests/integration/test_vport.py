@@ -136,10 +136,10 @@ async def _echo_round(host: MuxProc, guest: MuxProc) -> None:
     g = await link_for(guest, "t-guest", [Entity.CMD_EXECUTOR], [(Entity.CMD_LISTENER, ECHO, echo)])
     h = await link_for(host, "t-host", [Entity.CMD_LISTENER])
     await wait_state(h, "vm1", "connected")
-    assert await h.sync_send("vm1", Entity.CMD_LISTENER, ECHO, {"x": 1}) == {
+    assert await h.request_body("vm1", Entity.CMD_LISTENER, ECHO, {"x": 1}) == {
         "echo": {"x": 1}, "from": "host"}
     big = "z" * 300_000  # more than a pty holds at once: flow both ways through the bridge
-    assert (await h.sync_send("vm1", Entity.CMD_LISTENER, ECHO, big))["echo"] == big
+    assert (await h.request_body("vm1", Entity.CMD_LISTENER, ECHO, big))["echo"] == big
     ping = await h.control({"cmd": "ping", "vmid": "vm1"})
     assert ping["rtt_ms"] > 0
     await h.close()

@@ -334,7 +334,7 @@ def test_sessions_follow_the_host_going_and_coming_back() -> None:
         # A host was connected when the guest started: it is told to connect again.
         bye = packages(await recv_some(host1))
         assert bye[0].message_id == TunnelMessage.BYE
-        assert Bye.decode(bye[0].payload).reason == BYE_REASON
+        assert Bye.from_payload(bye[0].payload).reason == BYE_REASON
         assert sessions.started == []
         h1 = hello(name="one")
         host1.sendall(h1 + ping(1))
@@ -400,7 +400,7 @@ def test_when_the_guest_ends_the_session_the_host_gets_a_bye() -> None:
         host.sendall(h)
         got = packages(await recv_some(host))
         assert seen == [h]
-        assert [Bye.decode(p.payload).reason for p in got] == [BYE_REASON]
+        assert [Bye.from_payload(p.payload).reason for p in got] == [BYE_REASON]
         # The port scans again: the same host's later bytes start nothing ...
         host.sendall(ping(5))
         await asyncio.sleep(0.1)
@@ -483,7 +483,7 @@ def test_whatever_came_before_only_a_fresh_host_hello_starts_a_session(
         at += n
     events += r.feed(stream[at:])
     starts = [e for e in events if isinstance(e, NewHost)]
-    assert len(starts) == 1 and starts[0].hello == Hello.decode(h[24:])
+    assert len(starts) == 1 and starts[0].hello == Hello.from_payload(h[24:])
     assert delivered(events) == h + ping(9)
 
 
@@ -609,7 +609,7 @@ def test_a_broken_stream_ends_the_session_tells_the_host_and_a_new_hello_is_take
         host.sendall(b"this is no header, not at all" + h2[:30])  # the next HELLO, in parts
         await until(lambda: sessions.ended == 1)
         got = packages(await recv_some(host))
-        assert [Bye.decode(p.payload).reason for p in got] == [BYE_REASON]
+        assert [Bye.from_payload(p.payload).reason for p in got] == [BYE_REASON]
         host.sendall(h2[30:])
         await until(lambda: len(sessions.got) == 2 and sessions.got[1] == h2)
         listener.close()

@@ -115,7 +115,7 @@ class PortReader:
         """The host HELLO in ``view`` (header and whole payload), or None if it is not one
         that may start a session."""
         try:
-            hello = Hello.decode(bytes(view[HEADER_SIZE:HEADER_SIZE + header.length]))
+            hello = Hello.from_payload(bytes(view[HEADER_SIZE:HEADER_SIZE + header.length]))
         except (VMBusifyError, ValueError, TypeError, OverflowError):
             return None
         if hello.role != self.role or len(hello.nonce) != NONCE_SIZE:
