@@ -13,6 +13,8 @@ from types import ModuleType
 
 import pytest
 
+from vmbusify import __version__
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "packaging" / "build-guest.py"
 
@@ -56,7 +58,7 @@ def test_depends_only_on_debian_packages_at_pyproject_floors(deb: Path) -> None:
     # the host-only extras are suggested, never required
     assert _field(deb, "Suggests") == "python3-aiohttp (>= 3.9), python3-uvloop (>= 0.19)"
     assert _field(deb, "Architecture") == "all"
-    assert _field(deb, "Version").startswith("0.1.0+src")
+    assert _field(deb, "Version").startswith(f"{__version__}+src")
 
 
 def test_files_unit_and_configs(deb: Path, tmp_path: Path) -> None:
@@ -64,7 +66,7 @@ def test_files_unit_and_configs(deb: Path, tmp_path: Path) -> None:
     site = root / "usr/lib/python3/dist-packages"
     assert (site / "vmbusify/mux/main.py").is_file()
     assert not list(site.rglob("*.pyc"))  # postinst compiles them on the guest's python
-    entry = (site / "vmbusify-0.1.0.dist-info/entry_points.txt").read_text()
+    entry = (site / f"vmbusify-{__version__}.dist-info/entry_points.txt").read_text()
     assert "vmbusify = vmbusify.cli.main:main" in entry
     for name in ("vmbusify", "vmbusifyctl", "vmbusifyexec"):
         script = root / "usr/bin" / name
