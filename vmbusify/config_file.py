@@ -112,3 +112,34 @@ def listener_of(path: str | os.PathLike[str] | None = None) -> tuple[str, str, i
     except ConfigError as exc:
         raise ConfigError(f"{chosen}.control.listen: {exc}") from None
     return kind, where, port, token_path(state_dir, listen)
+
+
+def read_private_file(path: str, what: str, limit: int) -> bytes:
+    """The bytes of a secret file (a key, credentials), which must be a regular file owned
+    by this user that neither group nor others may read or write: anything else raises
+    ConfigError naming ``what``, the file and the fix. Links are not followed; a file larger
+    than ``limit`` bytes is refused."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} {path}: not a regular file")
+        if st.st_uid != os.geteuid():
+            raise ConfigError(f"{what} {path}: owned by uid {st.st_uid}, not by this user "
+                              f"(uid {os.geteuid()}): chown it")
+        if st.st_mode & 0o077:
+            raise ConfigError(f"{what} {path}: group or others may read or write it (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 {path}")
+        data = os.read(fd, limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ConfigError(f"{what} {path}: larger than {limit} bytes")
+    return data

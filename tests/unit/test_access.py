@@ -226,8 +226,8 @@ def test_credentials_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "mode", "why"), [
-    ("a:b\n", 0o644, "must be root's alone"),
-    ("a:b\n", 0o640, "must be root's alone"),
+    ("a:b\n", 0o644, "group or others may read"),
+    ("a:b\n", 0o640, "group or others may read"),
     ("nocolon\n", 0o600, "expected user:password"),
     (":pw\n", 0o600, "expected user:password"),
     ("u:" + "x" * 300 + "\n", 0o600, "longer than 255"),

@@ -15,11 +15,11 @@ import hmac
 import logging
 import os
 import pwd
-import stat
 import time
 from enum import Enum
 
 from vmbusify.config import ProxyConfig, Role
+from vmbusify.config_file import read_private_file
 from vmbusify.errors import ConfigError
 
 log = logging.getLogger("vmbusify.access")
@@ -88,23 +88,9 @@ class LocalUsers:
 
 def read_credentials(path: str) -> dict[str, str]:
     """``user:password`` lines of a root-only file (``#`` comments and blank lines skipped);
-    ConfigError if it cannot be read, is not this user's or is readable by others."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise ConfigError(f"proxy credentials_file {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"proxy credentials_file {path}: not a regular file")
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise ConfigError(f"proxy credentials_file {path}: must be root's alone (owner "
-                              f"uid {os.geteuid()}, mode 0600 or 0400; it is uid {st.st_uid}, "
-                              f"mode {stat.S_IMODE(st.st_mode):04o})")
-        with os.fdopen(os.dup(fd), encoding="utf-8", errors="replace") as fh:
-            text = fh.read(1 << 20)
-    finally:
-        os.close(fd)
+    ConfigError if it cannot be read, is not this user's or others may read it."""
+    text = read_private_file(path, "proxy credentials_file", 1 << 20).decode(
+        "utf-8", "replace")
     out: dict[str, str] = {}
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
