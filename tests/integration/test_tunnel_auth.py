@@ -188,7 +188,7 @@ def _intruder(path: Path, *after_hello: bytes) -> list[Package]:
 
 
 def _request(message_id: int) -> bytes:
-    return Package(PackageType.REQUEST, Entity.CMD_LISTENER, message_id, id=1,
+    return Package(type=PackageType.REQUEST, entity=Entity.CMD_LISTENER, message_id=message_id, id=1,
                    payload=dumps({"x": 1})).encode()
 
 

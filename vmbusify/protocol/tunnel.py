@@ -28,6 +28,10 @@ class Feature(str, Enum):
     #: The sender holds a shared key for this tunnel: both ends must prove it (AUTH) before
     #: anything else is accepted.
     KEY = "key"
+    #: The sender's ERROR ACKs carry msgpack ``{code, reason}`` (an ErrorCode, see
+    #: vmbusify/errors.py) and it reads them so; without it on both ends, the reason alone
+    #: as UTF-8 text (0.1.0).
+    ERROR_CODES = "error-codes"
 
 
 #: Length of a HELLO's nonce; longer ones are a protocol error, shorter ones cannot be used
@@ -55,8 +59,8 @@ class Hello:
     features: list[str] = field(default_factory=list)
 
     def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.HELLO,
-                       payload=dumps(asdict(self)))
+        return Package(type=PackageType.MESSAGE, entity=Entity.TUNNEL,
+                       message_id=TunnelMessage.HELLO, payload=dumps(asdict(self)))
 
     def has(self, feature: Feature) -> bool:
         """Whether the sender listed ``feature``."""
@@ -98,8 +102,8 @@ class Ping:
     nonce: int
 
     def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.PING,
-                       payload=dumps({"nonce": self.nonce}))
+        return Package(type=PackageType.MESSAGE, entity=Entity.TUNNEL,
+                       message_id=TunnelMessage.PING, payload=dumps({"nonce": self.nonce}))
 
     @classmethod
     def decode(cls, payload: Payload) -> Ping:
@@ -113,8 +117,8 @@ class Pong:
     nonce: int
 
     def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.PONG,
-                       payload=dumps({"nonce": self.nonce}))
+        return Package(type=PackageType.MESSAGE, entity=Entity.TUNNEL,
+                       message_id=TunnelMessage.PONG, payload=dumps({"nonce": self.nonce}))
 
     @classmethod
     def decode(cls, payload: Payload) -> Pong:
@@ -128,7 +132,8 @@ class WorkerLost:
     entities: list[int]
 
     def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.WORKER_LOST,
+        return Package(type=PackageType.MESSAGE, entity=Entity.TUNNEL,
+                       message_id=TunnelMessage.WORKER_LOST,
                        payload=dumps({"entities": list(self.entities)}))
 
     @classmethod
@@ -146,8 +151,8 @@ class Bye:
     reason: str
 
     def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.BYE,
-                       payload=dumps({"reason": self.reason}))
+        return Package(type=PackageType.MESSAGE, entity=Entity.TUNNEL,
+                       message_id=TunnelMessage.BYE, payload=dumps({"reason": self.reason}))
 
     @classmethod
     def decode(cls, payload: Payload) -> Bye:
@@ -169,8 +174,8 @@ class Auth:
     proof: bytes
 
     def package(self) -> Package:
-        return Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.AUTH,
-                       payload=dumps({"proof": self.proof}))
+        return Package(type=PackageType.MESSAGE, entity=Entity.TUNNEL,
+                       message_id=TunnelMessage.AUTH, payload=dumps({"proof": self.proof}))
 
     @classmethod
     def decode(cls, payload: Payload) -> Auth:
