@@ -53,15 +53,10 @@ class VMBusifyError(Exception):
     """Base of every VMBusify error; ``str(err)`` is a one-line reason for the user.
 
     ``code`` is the class's ErrorCode; an error made from a peer's reply may carry the peer's
-    code instead (``with_code``), so what the user sees follows what happened over there.
+    code instead (set on the instance), so what the user sees follows what happened there.
     """
 
     code: ErrorCode = ErrorCode.GENERIC
-
-    def with_code(self, code: ErrorCode) -> VMBusifyError:
-        """This error, carrying ``code`` (returns self)."""
-        self.code = code
-        return self
 
 
 class ConfigError(VMBusifyError):

@@ -32,7 +32,8 @@ packages = st.builds(
 
 
 def test_header_is_24_bytes_big_endian() -> None:
-    pkg = Package(type=PackageType.REQUEST, entity=3, message_id=7, id=0x01020304, stream=9, payload=b"abc")
+    pkg = Package(type=PackageType.REQUEST, entity=3, id=0x01020304, message_id=7, stream=9,
+                  payload=b"abc")
     raw = pkg.encode()
     assert len(raw) == HEADER_SIZE + 3
     assert raw[:4] == b"VMBU"
@@ -120,7 +121,8 @@ def test_fuzzed_mutations_of_valid_packages(pkg: Package, junk: bytes, pos: int)
 def test_large_payload_is_received_in_place() -> None:
     """Read into the decoder as a BufferedProtocol does: a 1 MiB payload is filled where it
     will be handed on (no copy), and small packages around it come out whole."""
-    big = Package(type=PackageType.DATA, entity=3, message_id=7, stream=1, payload=bytes(range(256)) * 4096)
+    big = Package(type=PackageType.DATA, entity=3, message_id=7, stream=1,
+                  payload=bytes(range(256)) * 4096)
     small = Package(type=PackageType.MESSAGE, entity=3, message_id=8, payload=b"after")
     wire = memoryview(big.encode() + small.encode())
     dec = PackageDecoder(max_payload=1 << 20)

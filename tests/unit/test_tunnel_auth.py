@@ -415,7 +415,8 @@ def test_receive_auth_holds_what_comes_behind_until_run() -> None:
         tunnel, peer = await _tunnel_on_socketpair(got)
         loop = asyncio.get_running_loop()
         proof = Auth(b"p" * PROOF_SIZE)
-        behind = Package(type=PackageType.MESSAGE, entity=Entity.CMD_EXECUTOR, message_id=9, payload=b"x")
+        behind = Package(type=PackageType.MESSAGE, entity=Entity.CMD_EXECUTOR, message_id=9,
+                         payload=b"x")
         await loop.sock_sendall(peer, _hello(role="guest").package().encode()
                                 + proof.package().encode() + behind.encode())
         await tunnel.handshake(_hello(), 5)

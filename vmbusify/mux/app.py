@@ -144,10 +144,8 @@ class MuxApp:
         name = info.name if info else identity.decode(errors="replace")
         log.warning("worker=%s unreachable (%s); unregistering it", name, exc)
 
-    def broadcast(self, event: TunnelEvent, vmid: str, **info: Any) -> None:
-        """Tell every worker that a tunnel came up or went down."""
-        evt = Evt(event, vmid, ips=list(info.get("ips", [])),
-                  reason=str(info.get("reason", "")), entities=list(info.get("entities", [])))
+    def broadcast(self, evt: Evt) -> None:
+        """Tell every worker that a tunnel came up or went down, or a peer's worker went."""
         for w in self.routes.workers():
             self.to_worker(w.identity, evt)
 
@@ -305,7 +303,7 @@ class MuxApp:
         log.info("vm=%s connected via %s (peer %s, version %s, ips %s)", peer.vmid,
                  peer.address, hello.hostname if hello else "?",
                  hello.software_version if hello else "?", ", ".join(peer.ips) or "none")
-        self.broadcast(TunnelEvent.UP, peer.vmid, ips=peer.ips)
+        self.broadcast(Evt(TunnelEvent.UP, peer.vmid, ips=list(peer.ips)))
         self._announce_holdings(others)
         waiting, peer.waiting = peer.waiting, []
         for header, payload, identity in waiting:
@@ -324,7 +322,7 @@ class MuxApp:
 
     def _on_hello(self, peer: Peer, hello: Hello) -> None:
         others = self._claim(peer, hello.ips)
-        self.broadcast(TunnelEvent.UP, peer.vmid, ips=peer.ips)
+        self.broadcast(Evt(TunnelEvent.UP, peer.vmid, ips=list(peer.ips)))
         self._announce_holdings(others)
 
     def _claim(self, peer: Peer, ips: list[str]) -> set[str]:
@@ -355,7 +353,7 @@ class MuxApp:
                 # Rate-limited: another (hostile) VM's HELLOs can toggle this.
                 self._address_log.log(logging.INFO, (vmid, "held"), "vm=%s: addresses held "
                                       "now %s", vmid, ", ".join(p.ips) or "none")
-                self.broadcast(TunnelEvent.UP, vmid, ips=p.ips)
+                self.broadcast(Evt(TunnelEvent.UP, vmid, ips=list(p.ips)))
 
     def detach(self, peer: Peer, tunnel: Tunnel, reason: str) -> None:
         """The tunnel to ``peer`` ended."""
@@ -368,7 +366,7 @@ class MuxApp:
         self._sync_addresses(changed | {peer.vmid})
         log.warning("vm=%s disconnected: %s", peer.vmid, reason)
         self.execute(self.switch.tunnel_down(peer.vmid, reason))
-        self.broadcast(TunnelEvent.DOWN, peer.vmid, reason=reason)
+        self.broadcast(Evt(TunnelEvent.DOWN, peer.vmid, reason=reason))
         self._announce_holdings(changed - {peer.vmid})
 
     def fail_waiting(self, peer: Peer, reason: str) -> None:
@@ -461,7 +459,7 @@ class MuxApp:
     def _on_worker_lost(self, peer: Peer, lost: WorkerLost) -> None:
         log.info("vm=%s: a worker of the peer (%s) went away", peer.vmid,
                  ", ".join(entity_label(e) for e in lost.entities))
-        self.broadcast(TunnelEvent.PEER_LOST, peer.vmid, entities=lost.entities)
+        self.broadcast(Evt(TunnelEvent.PEER_LOST, peer.vmid, entities=list(lost.entities)))
 
     async def housekeeping(self) -> None:
         """Periodic clean-up: silent workers, stale pending requests."""
