@@ -33,12 +33,18 @@ from enum import Enum, IntEnum
 from typing import Any, ClassVar
 
 from vmbusify.errors import ErrorCode, RemoteProtocolError, VMBusifyError, code_of, error_from
-from vmbusify.protocol.package import HEADER_SIZE, MAX_PAYLOAD_LIMIT, Package, decode_header
+from vmbusify.protocol.package import (
+    HEADER_SIZE,
+    MAX_PAYLOAD_LIMIT,
+    Package,
+    PackageType,
+    Payload,
+    decode_header,
+)
 from vmbusify.protocol.serialize import dumps, loads_dict
 
 #: The frames of one bus message: small ones as bytes, big received ones as views.
 Frames = list[bytes | memoryview]
-Payload = bytes | memoryview
 
 
 class BusKind(bytes, Enum):
@@ -63,6 +69,16 @@ class RouteKind(IntEnum):
     REQUEST = 2
     #: DATA and WINDOW of a stream.
     STREAM = 4
+
+
+#: The route kind each package type must arrive on (ACKs are matched by id, not routed):
+#: checked by the mux's switch and again by the worker's link.
+KIND_OF_TYPE: dict[PackageType, RouteKind] = {
+    PackageType.MESSAGE: RouteKind.MESSAGE,
+    PackageType.REQUEST: RouteKind.REQUEST,
+    PackageType.DATA: RouteKind.STREAM,
+    PackageType.WINDOW: RouteKind.STREAM,
+}
 
 
 class TunnelEvent(str, Enum):

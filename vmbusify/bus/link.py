@@ -45,6 +45,7 @@ from typing import Any
 from vmbusify.bus.budget import Budget, Counter, VMShare
 from vmbusify.bus.frames import (
     HOST_VMID,
+    KIND_OF_TYPE,
     BusMessage,
     CtlReply,
     CtlRequest,
@@ -116,13 +117,6 @@ class Inbound:
 
 Handler = Callable[[Inbound], Awaitable[Any]]
 EventHandler = Callable[[TunnelEvent, str, dict[str, Any]], Awaitable[None]]
-#: The route kind each package type must arrive on (ACKs are matched by id, not routed).
-KIND_OF_TYPE: dict[PackageType, RouteKind] = {
-    PackageType.MESSAGE: RouteKind.MESSAGE,
-    PackageType.REQUEST: RouteKind.REQUEST,
-    PackageType.DATA: RouteKind.STREAM,
-    PackageType.WINDOW: RouteKind.STREAM,
-}
 #: What a stalled link does (given the reason); the default exits the process.
 StallAction = Callable[[str], None]
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from vmbusify.bus.frames import RouteKind
+from vmbusify.bus.frames import KIND_OF_TYPE, RouteKind
 from vmbusify.errors import ErrorCode
 from vmbusify.mux.router import RouteTable, WorkerInfo, kind_label
 from vmbusify.protocol.entities import Side, entity_label, foreign_entities
@@ -200,13 +200,6 @@ class WorkerGone:
 
 Action = ToWorker | ToTunnel | AnswerError | Drop | Hold | WorkerJoined | WorkerGone
 
-#: The RouteKind bit a package type needs (ACKs are routed by id, not by route).
-_KIND_OF = {
-    PackageType.MESSAGE: RouteKind.MESSAGE,
-    PackageType.REQUEST: RouteKind.REQUEST,
-    PackageType.DATA: RouteKind.STREAM,
-    PackageType.WINDOW: RouteKind.STREAM,
-}
 _MESSAGE_BIT = int(RouteKind.MESSAGE)
 _REQUEST_BIT = int(RouteKind.REQUEST)
 _MAY_WAIT = (PackageType.REQUEST, PackageType.MESSAGE)
@@ -287,7 +280,7 @@ class Switch:
             return self._refuse(vmid, pkg, DropReason.NO_ROUTE)
         if ptype is PackageType.REQUEST:
             return self._request(vmid, pkg, routes)
-        bit = _KIND_OF[ptype]
+        bit = KIND_OF_TYPE[ptype]
         header = pkg.header()
         out: list[Action] = [ToWorker(w.identity, vmid, header, pkg.payload)
                              for w, kind in routes if kind & bit]
