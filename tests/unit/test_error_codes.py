@@ -109,3 +109,14 @@ def test_sync_send_raises_by_the_code_and_always_a_tunnel_error() -> None:
     # the peer's text is escaped: no control character reaches a terminal or a log
     evil = reply_error(ErrorReply(ErrorCode.GENERIC, "boom\x1b[2J\nforged"))
     assert "\x1b" not in str(evil) and "\n" not in str(evil)
+
+
+def test_the_listeners_error_body_gives_back_the_error_of_its_code() -> None:
+    from vmbusify.control.client import _error_of
+
+    got = _error_of({"error": "unknown VM 'vm9'", "code": int(ErrorCode.UNKNOWN_VM)}, "HTTP 404")
+    assert type(got) is UnknownVMError and str(got) == "unknown VM 'vm9'"
+    assert type(_error_of({"error": "missing or wrong bearer token"}, "HTTP 401")) is (
+        errors.ControlError)  # a refusal without a code
+    assert type(_error_of({"error": "x", "code": 4242}, "HTTP 500")) is VMBusifyError
+    assert str(_error_of(None, "HTTP 502 Bad Gateway")) == "HTTP 502 Bad Gateway"
