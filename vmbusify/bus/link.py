@@ -17,7 +17,8 @@ The peer is not trusted (root in a guest is hostile), so the receive loop:
   once, "wrong package type"), counted and logged a few lines a minute at most;
 - runs REQUEST handlers in a task of their own (at most ``[limits] requests_per_vm`` per
   VM; past it the request is refused at once), in registration order; the first handler's
-  return value is the ACK's payload (a VMBusifyError raised becomes an error ACK);
+  return value is the ACK's payload (a VMBusifyError raised becomes an ERROR ACK carrying its
+  ErrorCode and text, docs/protocol.md "Error codes");
 - runs MESSAGE handlers inline, in order of arrival: they must never wait on anything a
   peer controls (start a task with ``link.spawn`` for that);
 - survives any exception from a handler or a malformed message: logged, counted, the
