@@ -2,8 +2,9 @@
 types and forged entities are dropped, answered when a request is due, and counted per VM.
 
 The guest is written by hand here (raw wire packages on the VM's socket) and so is the
-worker (raw REG and PKG frames on the mux's ZeroMQ bus, with route kinds), so the test
-depends on neither the guest mux nor the worker library.
+worker (REG and PKG on the mux's ZeroMQ bus, with route kinds, framed by bus/frames.py's
+dataclasses on a bare DEALER), so the test depends on neither the guest mux nor the worker
+library.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import zmq
 
 from tests.integration.flood_guest import msgpack_map, package
 from tests.integration.harness import MuxProc, free_port, write_config
-from vmbusify.protocol.package import PackageDecoder, PackageFlag, PackageType
+from vmbusify.bus.frames import CtlReply, CtlRequest, Pkg, Reg, RegOk, from_mux
+from vmbusify.errors import ErrorCode
+from vmbusify.protocol.package import ErrorReply, PackageDecoder, PackageFlag, PackageType
 
 MESSAGE, REQUEST, ACK = 1, 2, 3
 CMD_LISTENER, CMD_EXECUTOR, PROXY_CLIENT = 1, 2, 3
@@ -33,7 +36,9 @@ KIND_MESSAGE, KIND_REQUEST = 1, 2
 class FakeGuest:
     """Accepts the host mux's connection, says HELLO, and collects what the host sends."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, features: list[str] | None = None) -> None:
+        #: The HELLO's features: None sends none at all (as a guest of 0.1.0).
+        self.features = features
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.srv.bind(str(path))
         self.srv.listen(1)
@@ -45,8 +50,11 @@ class FakeGuest:
     def _serve(self) -> None:
         conn, _ = self.srv.accept()
         dec = PackageDecoder()
-        hello = msgpack_map({"role": "guest", "hostname": "fake", "software_version": "0",
-                             "protocol_version": 1, "ips": []})
+        fields: dict[str, Any] = {"role": "guest", "hostname": "fake",
+                                  "software_version": "0", "protocol_version": 1, "ips": []}
+        if self.features is not None:
+            fields["features"] = self.features
+        hello = msgpack_map(fields)
         conn.sendall(package(MESSAGE, 0, 1, hello))
         self.conn = conn
         self.connected.set()
@@ -78,11 +86,10 @@ class RawWorker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, b"raw-worker")
         self.sock.connect(endpoint)
-        self.body = msgpack.packb({"name": "raw", "pid": 4242, "entities": [4],
-                                   "routes": routes})
-        self.sock.send_multipart([b"REG", self.body])
+        self.sock.send_multipart(Reg(name="raw", pid=4242, entities=[4],
+                                     routes=routes).to_frames())
         assert self.sock.poll(10_000), "no REGOK"
-        assert self.sock.recv_multipart()[0] == b"REGOK"
+        assert isinstance(from_mux(self.sock.recv_multipart()), RegOk)
         self.packages: list[tuple[bytes, bytes]] = []
 
     def collect(self, seconds: float) -> None:
@@ -90,21 +97,20 @@ class RawWorker:
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             if self.sock.poll(int(left * 1000) + 1):
-                frames = self.sock.recv_multipart()
-                if frames[0] == b"PKG":
-                    self.packages.append((frames[2], frames[3]))
+                msg = from_mux(self.sock.recv_multipart())
+                if isinstance(msg, Pkg):
+                    self.packages.append((msg.header, bytes(msg.payload)))
 
     def status(self) -> dict[str, Any]:
         """The mux's built-in status command (CTL), as vmbusifyctl status --json shows it."""
-        self.sock.send_multipart([b"CTL", b"1", msgpack.packb({"cmd": "status"})])
+        self.sock.send_multipart(CtlRequest(b"1", "status").to_frames())
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.sock.poll(1000):
-                frames = self.sock.recv_multipart()
-                if frames[0] == b"CTL" and frames[1] == b"1":
-                    reply = msgpack.unpackb(frames[2])
-                    assert reply["ok"], reply
-                    return reply["result"]  # type: ignore[no-any-return]
+                reply = from_mux(self.sock.recv_multipart())
+                if isinstance(reply, CtlReply) and reply.call_id == b"1":
+                    assert reply.ok, reply
+                    return reply.result  # type: ignore[no-any-return]
         raise AssertionError("no status from the mux")
 
     def close(self) -> None:
@@ -112,9 +118,10 @@ class RawWorker:
         self.ctx.term()
 
 
-@pytest.fixture
-def host_with_fake_guest(tmp_path: Path) -> Iterator[tuple[MuxProc, FakeGuest]]:
-    guest = FakeGuest(tmp_path / "vm2.sock")
+@pytest.fixture(params=[None, ["auth", "error-codes"]], ids=["v0.1.0-guest", "coded-guest"])
+def host_with_fake_guest(tmp_path: Path, request: pytest.FixtureRequest
+                         ) -> Iterator[tuple[MuxProc, FakeGuest]]:
+    guest = FakeGuest(tmp_path / "vm2.sock", request.param)
     cfg = write_config(tmp_path / "host.toml", (
         f'role = "host"\nname = "hostA"\nrun_dir = "{tmp_path}/host-run"\n'
         f'state_dir = "{tmp_path}/host-state"\n'
@@ -146,11 +153,17 @@ def test_wrong_types_and_forged_entities_are_dropped_answered_and_counted(
         guest.send(ACK, PROXY_CLIENT, OPEN, 99, "stray")        # answers nothing
         guest.send(REQUEST, PROXY_CLIENT, OPEN, 4, "good")     # the one that goes through
         guest.send(MESSAGE, PROXY_CLIENT, NOTE, 0, "good too")
-        for pid, text in ((1, "cmd-listener is not an entity of a guest"),
-                          (2, "wrong package type for proxy-client message 701"),
-                          (3, "no worker on hostA handles proxy-client message 702")):
+        for pid, text, code in (
+                (1, "cmd-listener is not an entity of a guest", ErrorCode.PROTOCOL),
+                (2, "wrong package type for proxy-client message 701", ErrorCode.PROTOCOL),
+                (3, "no worker on hostA handles proxy-client message 702",
+                 ErrorCode.NO_HANDLER)):
             ack = guest.answer_to(pid)
-            assert ack.flags & PackageFlag.ERROR and bytes(ack.payload).decode() == text
+            assert ack.flags & PackageFlag.ERROR
+            if guest.features is None:  # 0.1.0: the reason alone, as text
+                assert bytes(ack.payload).decode() == text
+            else:  # both list error-codes: msgpack {code, reason}
+                assert ErrorReply.decode(ack.payload) == ErrorReply(code, text)
         worker.collect(1.0)
         got = [(struct.unpack(">B", h[5:6])[0], struct.unpack(">H", h[14:16])[0],
                 msgpack.unpackb(p)) for h, p in worker.packages]

@@ -17,6 +17,7 @@ import pytest
 
 from tests.integration.harness import MuxProc, Pair, free_port, link_for, wait_state, write_config
 from vmbusify.bus.link import Inbound
+from vmbusify.errors import ErrorCode, LimitReached, TunnelError
 from vmbusify.protocol import auth
 from vmbusify.protocol.entities import Entity, TunnelMessage
 from vmbusify.protocol.package import Package, PackageDecoder, PackageType
@@ -188,8 +189,8 @@ def _intruder(path: Path, *after_hello: bytes) -> list[Package]:
 
 
 def _request(message_id: int) -> bytes:
-    return Package(PackageType.REQUEST, Entity.CMD_LISTENER, message_id, id=1,
-                   payload=dumps({"x": 1})).encode()
+    return Package(type=PackageType.REQUEST, entity=Entity.CMD_LISTENER, id=1,
+                   message_id=message_id, payload=dumps({"x": 1})).encode()
 
 
 def test_a_guest_with_a_key_dispatches_nothing_before_the_hosts_proof(
@@ -273,6 +274,89 @@ def test_a_guest_of_the_previous_release_is_served(tmp_path: Path, pairs: list[P
     run(scenario())
     # the guest really was the old code: its HELLO listed no features
     assert "vm=vm1: the guest lists no features" in pair.host.log()
+    log = pair.guest.log()
+    assert "Traceback" not in log and "protocol error" not in log, log
+
+
+#: A worker of the previous release in the old guest: it refuses message 902 (as 0.1.0's link
+#: does: the reason alone goes back), then asks the host for 903 (nobody handles it there) and
+#: 904 (the host's handler refuses) and prints what its own link made of the answers.
+_OLD_WORKER = """
+import asyncio, sys
+from vmbusify.bus.link import WorkerLink
+from vmbusify.config import load_config
+from vmbusify.errors import TunnelError, VMBusifyError
+
+async def main():
+    link = WorkerLink(load_config(sys.argv[1]), "t-old", [2])
+
+    async def refuse(msg):
+        raise VMBusifyError("old guest: refused, as 0.1.0 says it")
+
+    link.route(1, 902, refuse)
+    await link.start(wait=15)
+    for mid in (903, 904):
+        try:
+            await link.sync_send(None, 2, mid, {}, timeout=10)
+            print("OK", mid, flush=True)
+        except TunnelError as exc:
+            print("ERR", mid, type(exc).__name__, exc, flush=True)
+    print("READY", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_errors_cross_to_and_from_a_guest_of_the_previous_release_as_plain_text(
+        tmp_path: Path, pairs: list[Pair]) -> None:
+    """A v0.1.0 peer sends and expects the reason alone (its decoder refuses unknown flag
+    bits, so nothing new may be flagged): the host's mux turns its plain reasons into the
+    coded form for the host's workers (code GENERIC), and the host's coded ones into plain
+    text for it. Every reason reads as it was written, both ways."""
+    old = _old_release(tmp_path / "old")
+    pair = make_keyed_pair(tmp_path, None, None, guest_python_path=old)
+    pairs.append(pair)
+
+    async def scenario() -> None:
+        async def limited(msg: Inbound) -> Any:
+            raise LimitReached("host: 3 requests in flight: limit reached")
+
+        host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER],
+                              [(Entity.CMD_EXECUTOR, 904, limited)])
+        await wait_state(host, "vm1", "connected")
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _OLD_WORKER, str(pair.guest.config_path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env=_old_guest_env(old), cwd=str(old.parent))
+        try:
+            assert worker.stdout is not None
+            lines: list[str] = []
+            while not lines or lines[-1] != "READY":
+                line = await asyncio.wait_for(worker.stdout.readline(), 60)
+                assert line, "the old worker ended: " + "\n".join(lines)
+                lines.append(line.decode().strip())
+            # the old guest's link read the host's answers as 0.1.0 wrote them
+            assert lines[-3:] == [
+                "ERR 903 TunnelError no worker on host handles cmd-executor message 903",
+                "ERR 904 TunnelError host: 3 requests in flight: limit reached",
+                "READY"]
+            # and the host reads the old guest's plain reasons (code GENERIC)
+            with pytest.raises(TunnelError) as refused:
+                await host.request_body("vm1", Entity.CMD_LISTENER, 902, {}, timeout=10)
+            assert str(refused.value) == "old guest: refused, as 0.1.0 says it"
+            assert refused.value.code is ErrorCode.GENERIC
+            with pytest.raises(TunnelError) as nobody:
+                await host.request_body("vm1", Entity.CMD_LISTENER, 905, {}, timeout=10)
+            assert str(nobody.value) == "no worker on guest1 handles cmd-listener message 905"
+            # the tunnel is still up: nothing confused either end
+            assert (await host.control({"cmd": "ping", "vmid": "vm1"}))["rtt_ms"] > 0
+        finally:
+            worker.kill()
+            await worker.wait()
+            await host.close()
+
+    run(scenario())
     log = pair.guest.log()
     assert "Traceback" not in log and "protocol error" not in log, log
 

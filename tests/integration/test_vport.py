@@ -96,8 +96,8 @@ async def vport_pair(root: Path, key: bytes | None) -> AsyncIterator[tuple[MuxPr
     tty.setraw(slave)
     device = os.ttyname(slave)
     # What an earlier host left in the port: half a package and a whole exec START.
-    start = Package(PackageType.REQUEST, Entity.CMD_LISTENER, 1, id=9, stream=1,
-                    payload=b"\x81\xa4argv\x91\xa5touch").encode()
+    start = Package(type=PackageType.REQUEST, entity=Entity.CMD_LISTENER, id=9, message_id=1,
+                    stream=1, payload=b"\x81\xa4argv\x91\xa5touch").encode()
     os.write(master, start[:17] + start)
     tun = "ping_interval = 0.5\ndead_after = 3.0\nbackoff_initial = 0.1\nbackoff_max = 1.0\n"
     keyline = ""

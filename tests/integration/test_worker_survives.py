@@ -98,16 +98,16 @@ def test_raising_handlers_and_wrong_types_do_not_stop_the_worker(pair: Pair) -> 
         s = await host.open_stream("vm1", Entity.CMD_LISTENER, Entity.CMD_EXECUTOR, DATA)
         assert await host.request_body("vm1", Entity.CMD_LISTENER, OPEN, {}, stream=s.id) is True
         g = await asyncio.wait_for(accepted.get(), 5)
-        grab = Package(PackageType.WINDOW, Entity.CMD_LISTENER, DATA, 0, s.id,
-                       payload=encode_increment(0xFFFFFFF0))
+        grab = Package(type=PackageType.WINDOW, entity=Entity.CMD_LISTENER, message_id=DATA,
+                       stream=s.id, payload=encode_increment(0xFFFFFFF0))
         await host._send_package("vm1", grab)
         with pytest.raises(StreamReset, match="window"):
             await asyncio.wait_for(s.read(), 5)
         with pytest.raises(StreamReset):
             await g.write(b"x")
         # DATA for that stream, now gone: dropped
-        await host._send_package("vm1", Package(PackageType.DATA, Entity.CMD_LISTENER, DATA,
-                                                0, s.id, payload=b"late"))
+        await host._send_package("vm1", Package(type=PackageType.DATA, entity=Entity.CMD_LISTENER,
+                                                message_id=DATA, stream=s.id, payload=b"late"))
         assert await host.request_body("vm1", Entity.CMD_LISTENER, ECHO, 2, timeout=5) == 2
 
         # what the worker counted reaches the status (`vmbusifyctl status`)

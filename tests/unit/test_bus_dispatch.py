@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from vmbusify.bus import link as link_module
-from vmbusify.bus.frames import BusKind, RouteKind
+from vmbusify.bus.frames import BusKind, BusMessage, Evt, Pkg, Reg, RegOk, RouteKind, TunnelEvent
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.config import Config, LimitsConfig, Role
 from vmbusify.errors import LocalProtocolError, RemoteProtocolError
 from vmbusify.protocol.entities import Entity
-from vmbusify.protocol.package import Package, PackageFlag, PackageType
+from vmbusify.protocol.package import ErrorReply, Package, PackageFlag, PackageType
 from vmbusify.protocol.serialize import dumps, loads
 from vmbusify.protocol.window import encode_increment
 
@@ -35,14 +35,11 @@ class Harness:
         self.release = asyncio.Event()
         self.accepted: list[Any] = []
 
-        async def send_frames(frames: list[Any]) -> None:
-            if frames[0] == BusKind.PKG.value:
-                from vmbusify.protocol.package import MAX_PAYLOAD_LIMIT, decode_header
-                h = decode_header(frames[2], MAX_PAYLOAD_LIMIT)
-                self.sent.append((frames[1].decode(), Package(
-                    h.type, h.entity, h.message_id, h.id, h.stream, h.flags, bytes(frames[3]))))
+        async def send(msg: BusMessage) -> None:
+            if isinstance(msg, Pkg):
+                self.sent.append((msg.vmid, msg.package()))
 
-        self.link._send_frames = send_frames  # type: ignore[method-assign]
+        self.link._send = send  # type: ignore[method-assign]
         link = self.link
         link.route(PEER, NOTE, self.on_note, RouteKind.MESSAGE)
         link.route(PEER, ASK, self.on_ask, RouteKind.REQUEST)
@@ -75,7 +72,7 @@ class Harness:
         return "open"
 
     def feed(self, vmid: str, pkg: Package) -> None:
-        self.link._on_bus([BusKind.PKG.value, vmid.encode(), pkg.header(), pkg.payload])
+        self.link._on_bus(Pkg.of(vmid, pkg).to_frames())
 
     async def settle(self) -> None:
         for _ in range(5):
@@ -87,8 +84,14 @@ class Harness:
         for _, p in self.sent:
             if p.type is PackageType.ACK:
                 err = bool(p.flags & PackageFlag.ERROR)
-                out.append((p.id, err, bytes(p.payload).decode() if err else loads(p.payload)))
+                out.append((p.id, err, ErrorReply.decode(p.payload).reason if err
+                            else loads(p.payload)))
         return out
+
+    def error_codes(self) -> list[int]:
+        """The ErrorCode of every ERROR ACK sent (on the bus they are always coded)."""
+        return [ErrorReply.decode(p.payload).code for _, p in self.sent
+                if p.type is PackageType.ACK and p.flags & PackageFlag.ERROR]
 
     async def close(self) -> None:
         self.release.set()
@@ -99,7 +102,8 @@ class Harness:
 
 def msg(ptype: PackageType, message_id: int, body: Any = None, pid: int = 0,
         stream: int = 0) -> Package:
-    return Package(ptype, PEER, message_id, pid, stream, payload=dumps(body))
+    return Package(type=ptype, entity=PEER, message_id=message_id, id=pid, stream=stream,
+                   payload=dumps(body))
 
 
 def run(scenario: Callable[[Harness], Awaitable[None]], **limits: int) -> None:
@@ -164,10 +168,11 @@ def test_a_raising_request_handler_is_an_error_ack_and_a_count() -> None:
 
 def test_malformed_bus_messages_are_dropped_and_the_loop_goes_on() -> None:
     async def scenario(h: Harness) -> None:
-        h.link._on_bus([BusKind.PKG.value, b"vm1", b"\x00" * 24, b""])  # bad signature
-        h.link._on_bus([BusKind.PKG.value, b"vm1"])  # frames missing
+        h.link._on_bus(Pkg("vm1", b"\x00" * 24, b"").to_frames())  # bad signature
+        h.link._on_bus([BusKind.PKG.value, b"vm1"])  # frames missing (malformed on purpose)
         h.link._on_bus([b"WHAT"])
-        body = Package(PackageType.MESSAGE, PEER, NOTE, payload=b"\xc1")  # not msgpack
+        body = Package(type=PackageType.MESSAGE, entity=PEER, message_id=NOTE,
+                       payload=b"\xc1")  # not msgpack
         h.feed("vm1", body)
         h.feed("vm1", msg(PackageType.MESSAGE, NOTE, "still here"))
         await h.settle()
@@ -218,16 +223,18 @@ def test_stream_packages_excess_credit_and_unknown_streams() -> None:
         h.feed("vm1", msg(PackageType.REQUEST, OPEN, pid=1, stream=11))
         await h.settle()
         stream = h.accepted[0]
-        data = Package(PackageType.DATA, PEER, DATA, 0, 11, payload=b"hello")
+        data = Package(type=PackageType.DATA, entity=PEER, message_id=DATA, stream=11,
+                       payload=b"hello")
         h.feed("vm1", data)
         await h.settle()
         assert await stream.read() == b"hello"
-        h.feed("vm1", Package(PackageType.WINDOW, PEER, DATA, 0, 11,
+        h.feed("vm1", Package(type=PackageType.WINDOW, entity=PEER, message_id=DATA, stream=11,
                               payload=encode_increment(0xFFFFFFFF)))
         await h.settle()
         assert stream.state.value == "reset" and "window" in stream.reset_reason
         h.feed("vm1", data)  # the stream is gone now
-        h.feed("vm1", Package(PackageType.DATA, PEER, DATA, 0, 77, payload=b"x"))
+        h.feed("vm1", Package(type=PackageType.DATA, entity=PEER, message_id=DATA, stream=77,
+                              payload=b"x"))
         await h.settle()
         assert h.link.limit_stats() == {"vm1": {"credit_resets": 1, "unknown_stream": 2}}
     run(scenario)
@@ -285,11 +292,11 @@ def test_a_stuck_loop_stops_the_heartbeat_and_calls_the_stall_action(
                           on_stall=stalls.append)
         regs: list[float] = []
 
-        async def send_frames(frames: list[Any]) -> None:
-            if frames[0] == BusKind.REG.value:
+        async def send(msg: BusMessage) -> None:
+            if isinstance(msg, Reg):
                 regs.append(asyncio.get_running_loop().time())
 
-        link._send_frames = send_frames  # type: ignore[method-assign]
+        link._send = send  # type: ignore[method-assign]
         stuck = asyncio.Event()
 
         async def wait_forever(msg: Inbound) -> None:
@@ -300,15 +307,14 @@ def test_a_stuck_loop_stops_the_heartbeat_and_calls_the_stall_action(
         reg_task = asyncio.ensure_future(link._register_loop())
         # busy but making progress, then idle for longer than stall_after: healthy
         for i in range(30):
-            link._on_bus([BusKind.EVT.value, dumps({"event": "up", "vmid": "vm1"})])
+            link._on_bus(Evt(TunnelEvent.UP, "vm1").to_frames())
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.4)
         assert not stalls and not reg_task.done()
         # a handler that waits forever, with messages piling up behind it
-        link._on_bus([BusKind.PKG.value, b"vm1", msg(PackageType.MESSAGE, NOTE).header(),
-                      dumps(None)])
+        link._on_bus(Pkg.of("vm1", msg(PackageType.MESSAGE, NOTE)).to_frames())
         for _ in range(3):
-            link._on_bus([BusKind.REGOK.value, dumps({"mux_id": "m"})])
+            link._on_bus(RegOk("", "m").to_frames())
         await asyncio.wait_for(reg_task, 2)
         assert len(stalls) == 1 and "finished no message" in stalls[0]
         assert link.stalled

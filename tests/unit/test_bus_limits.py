@@ -49,11 +49,12 @@ def run(coro: Callable[[], Awaitable[Any]]) -> Any:
 
 def data(stream: Stream, n: int, flags: PackageFlag = PackageFlag.NONE) -> Package:
     """A DATA package from the peer on ``stream``."""
-    return Package(PackageType.DATA, stream.peer, MID, 0, stream.id, flags, b"x" * n)
+    return Package(type=PackageType.DATA, flags=flags, entity=stream.peer, message_id=MID,
+                   stream=stream.id, payload=b"x" * n)
 
 
 def window(stream: Stream, n: int) -> Package:
-    return Package(PackageType.WINDOW, stream.peer, MID, 0, stream.id,
+    return Package(type=PackageType.WINDOW, entity=stream.peer, message_id=MID, stream=stream.id,
                    payload=encode_increment(n))
 
 
@@ -66,7 +67,7 @@ def test_streams_are_capped_per_vm_and_in_total_with_the_reason() -> None:
         t.open("vm1", LOCAL, PEER, MID)
         with pytest.raises(LimitReached, match="^vm1: 2 streams open: limit reached$"):
             t.open("vm1", LOCAL, PEER, MID)
-        open_req = Package(PackageType.REQUEST, PEER, 1, 5, 99)
+        open_req = Package(type=PackageType.REQUEST, entity=PEER, message_id=1, id=5, stream=99)
         with pytest.raises(LimitReached, match="vm1: 2 streams open"):
             t.accept("vm1", LOCAL, open_req, MID)
         t.open("vm2", LOCAL, PEER, MID)  # another VM is not refused for vm1's streams
@@ -279,8 +280,9 @@ def test_a_peers_reset_reason_is_kept_as_printable_text() -> None:
     async def scenario() -> None:
         t, _ = table()
         s = t.open("vm1", LOCAL, PEER, MID)
-        evil = Package(PackageType.DATA, PEER, MID, 0, s.id, PackageFlag.RESET,
-                       b"gone\n2026-12-03 INFO forged line")
+        evil = Package(type=PackageType.DATA, flags=PackageFlag.RESET, entity=PEER, message_id=MID,
+                       stream=s.id,
+                       payload=b"gone\n2026-12-03 INFO forged line")
         await t.on_package("vm1", evil)
         assert "\n" not in s.reset_reason and "\\x0a" in s.reset_reason
 
@@ -295,7 +297,8 @@ def test_no_new_stream_while_the_vms_send_budget_is_used_up() -> None:
         a = t.open("vm1", LOCAL, PEER, MID)
         await a.write(b"q" * 2 * MAX_CHUNK)
         with pytest.raises(LimitReached, match="^vm1: 2 MiB sent and not yet acknowledged"):
-            t.accept("vm1", LOCAL, Package(PackageType.REQUEST, PEER, 1, 5, 99), MID)
+            t.accept("vm1", LOCAL, Package(type=PackageType.REQUEST, entity=PEER, id=5,
+                                           message_id=1, stream=99), MID)
         t.open("vm2", LOCAL, PEER, MID)  # another VM is not refused
         await t.on_package("vm1", window(a, MAX_CHUNK))
         t.open("vm1", LOCAL, PEER, MID)

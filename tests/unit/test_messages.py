@@ -254,6 +254,15 @@ def _v010(module: str, where: Path) -> ModuleType | None:
     return mod
 
 
+def _v010_package(type: PackageType, entity: int, message_id: int, id: int = 0,
+                  stream: int = 0, flags: PackageFlag = PackageFlag.NONE,
+                  payload: bytes = b"") -> Package:
+    """v0.1.0's ``Package(type, entity, message_id, id, stream, flags, payload)``, positional as
+    its codecs call it, made with today's keyword-only Package (same fields, same wire)."""
+    return Package(type=type, flags=flags, entity=entity, id=id, message_id=message_id,
+                   stream=stream, payload=payload)
+
+
 def test_the_bodies_match_what_v0_1_0_sends(tmp_path: Path) -> None:
     """The same messages encoded by v0.1.0's codecs: the very same bytes (HELLO gained
     optional fields since, which 0.1.0 ignores; its own test is in test_tunnel_auth)."""
@@ -262,6 +271,7 @@ def test_the_bodies_match_what_v0_1_0_sends(tmp_path: Path) -> None:
         pytest.skip("no git or no tag v0.1.0 here")
     ox, op, os_, ot = (old[m] for m in ("exec", "proxy", "subnet", "tunnel"))
     assert ox is not None and op is not None and os_ is not None and ot is not None
+    vars(ot)["Package"] = _v010_package  # its package() calls Package positionally, as 0.1.0 did
     pairs: list[tuple[str, Any]] = []
     for name in ("START", "START_min", "START_detach"):
         spec = SAMPLES[name]
@@ -301,8 +311,9 @@ def test_sync_send_goes_out_as_its_entity_and_decodes_the_typed_reply() -> None:
             assert (vmid, req.type, req.entity, req.message_id, req.stream) == (
                 "vm1", PackageType.REQUEST, Entity.PROXY_CLIENT, ProxyMessage.OPEN, 9)
             assert bytes(req.payload) == _golden("OPEN")
-            h.feed("vm1", Package(PackageType.ACK, Entity.PROXY_SERVER, ProxyMessage.OPEN,
-                                  req.id, 9, payload=_golden("OPEN_ACK")))
+            h.feed("vm1", Package(type=PackageType.ACK, entity=Entity.PROXY_SERVER, id=req.id,
+                                  message_id=ProxyMessage.OPEN, stream=9,
+                                  payload=_golden("OPEN_ACK")))
             assert await call == SAMPLES["OPEN_ACK"]
 
             # A reply that does not fit its type: RemoteProtocolError, with the reason.
@@ -310,8 +321,9 @@ def test_sync_send_goes_out_as_its_entity_and_decodes_the_typed_reply() -> None:
                                                                sn.KeepaliveReply, timeout=5))
             await h.settle()
             req = h.sent[-1][1]
-            h.feed("vm1", Package(PackageType.ACK, Entity.IP_BEARER, sn.SubnetMessage.KEEPALIVE,
-                                  req.id, payload=dumps({"ok": "yes"})))
+            h.feed("vm1", Package(type=PackageType.ACK, entity=Entity.IP_BEARER, id=req.id,
+                                  message_id=sn.SubnetMessage.KEEPALIVE,
+                                  payload=dumps({"ok": "yes"})))
             with pytest.raises(RemoteProtocolError, match="KEEPALIVE reply: 'ok'"):
                 await keepalive
 
@@ -319,8 +331,9 @@ def test_sync_send_goes_out_as_its_entity_and_decodes_the_typed_reply() -> None:
             bare = asyncio.ensure_future(h.link.sync_send("vm1", sn.HostReady(), timeout=5))
             await h.settle()
             req = h.sent[-1][1]
-            h.feed("vm1", Package(PackageType.ACK, Entity.IP_BEARER, sn.SubnetMessage.HOST_READY,
-                                  req.id, flags=PackageFlag(0), payload=b""))
+            h.feed("vm1", Package(type=PackageType.ACK, flags=PackageFlag(0),
+                                  entity=Entity.IP_BEARER, id=req.id,
+                                  message_id=sn.SubnetMessage.HOST_READY, payload=b""))
             await bare
             assert bare.result() is None
         finally:

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import pytest
 
 from vmbusify.bus.frames import RouteKind
-from vmbusify.errors import RemoteProtocolError
+from vmbusify.errors import ErrorCode, RemoteProtocolError
 from vmbusify.mux.switch import (
     Action,
     AnswerError,
@@ -24,6 +24,7 @@ from vmbusify.mux.switch import (
 from vmbusify.protocol.entities import Entity, TunnelMessage, may_send_as
 from vmbusify.protocol.package import (
     MAX_PAYLOAD_LIMIT,
+    ErrorReply,
     Package,
     PackageFlag,
     PackageType,
@@ -48,14 +49,15 @@ def host_switch(vms: tuple[str, ...] = ("vm1", "vm2"), up: tuple[str, ...] = ("v
                 ) -> Switch:
     sw = Switch("host", "hostA", set(vms))
     for vmid in up:
-        assert sw.tunnel_up(vmid) == []
+        assert sw.tunnel_up(vmid, coded_errors=True) == []
     return sw
 
 
 def pkg(ptype: PackageType, entity: int = PROXY_C, message_id: int = OPEN, pid: int = 7,
         stream: int = 0, payload: bytes = b"\x80", flags: PackageFlag = NO_FLAGS
         ) -> Package:
-    return Package(ptype, entity, message_id, pid, stream, flags, payload)
+    return Package(type=ptype, flags=flags, entity=entity, id=pid, message_id=message_id,
+                   stream=stream, payload=payload)
 
 
 def header_of(action: ToWorker | ToTunnel) -> Any:
@@ -136,11 +138,12 @@ def test_a_request_where_a_message_is_due_gets_an_error_ack() -> None:
                            "takes message")
     answer = one(acts[1], AnswerError)
     assert answer == AnswerError("vm1", 9, OPEN, "wrong package type for proxy-client message 1",
-                                 None, 3)
+                                 None, 3, ErrorCode.PROTOCOL)
     ack = answer.package()
     assert ack.type is PackageType.ACK and ack.flags & PackageFlag.ERROR
     assert (ack.id, ack.message_id, ack.stream, ack.entity) == (9, OPEN, 3, 0)
-    assert ack.payload == b"wrong package type for proxy-client message 1"
+    assert ErrorReply.decode(ack.payload) == ErrorReply(
+        ErrorCode.PROTOCOL, "wrong package type for proxy-client message 1")
 
 
 @pytest.mark.parametrize("ptype", [PackageType.DATA, PackageType.WINDOW])
@@ -170,7 +173,8 @@ def test_no_worker_answers_a_request_with_an_error_and_drops_the_rest() -> None:
     acts = sw.from_tunnel("vm1", pkg(PackageType.REQUEST, message_id=4242, pid=3))
     assert one(acts[0], Drop).reason is DropReason.NO_ROUTE
     assert acts[1] == AnswerError("vm1", 3, 4242,
-                                  "no worker on hostA handles proxy-client message 4242")
+                                  "no worker on hostA handles proxy-client message 4242",
+                                  code=ErrorCode.NO_HANDLER)
     for ptype in (PackageType.MESSAGE, PackageType.DATA):
         dropped = sw.from_tunnel("vm1", pkg(ptype, message_id=4242))
         assert [type(a) for a in dropped] == [Drop]
@@ -198,7 +202,8 @@ def test_a_guest_cannot_send_as_the_command_listener() -> None:
                                      message_id=1, pid=5))
     assert acts == [Drop("vm1", DropReason.FOREIGN_ENTITY, PackageType.REQUEST,
                          Entity.CMD_LISTENER, 1, 1),
-                    AnswerError("vm1", 5, 1, "cmd-listener is not an entity of a guest")]
+                    AnswerError("vm1", 5, 1, "cmd-listener is not an entity of a guest",
+                                code=ErrorCode.PROTOCOL)]
     assert one(acts[0], Drop).detail == ("REQUEST for cmd-listener message 1: cmd-listener "
                                          "is not an entity of a guest")
     # nor ACK as it, even a pending one (the id stays pending for the real answer)
@@ -218,7 +223,7 @@ def test_a_guest_cannot_send_as_the_command_listener() -> None:
 
 def test_a_host_cannot_send_as_the_command_executor() -> None:
     sw = Switch("guest", "vm1", {"host"})
-    sw.tunnel_up("host")
+    sw.tunnel_up("host", coded_errors=True)
     sw.register(b"w1", reg("exec", [[Entity.CMD_EXECUTOR, 3], [Entity.CMD_LISTENER, 3]]))
     bad = sw.from_tunnel("host", pkg(PackageType.MESSAGE, entity=Entity.CMD_EXECUTOR,
                                      message_id=3))
@@ -251,7 +256,7 @@ def test_request_ids_are_rewritten_and_the_ack_finds_the_worker_with_its_own_id(
     assert [a.reason for a in again] == [DropReason.STRAY_ACK]
     assert again[0].detail == f"ACK for proxy-server message 1: its id {id2} answers no request"
     # another VM's tunnel has ids of its own: vm1's id means nothing there
-    sw.tunnel_up("vm2")
+    sw.tunnel_up("vm2", coded_errors=True)
     stray = sw.from_tunnel("vm2", pkg(PackageType.ACK, entity=PROXY_S, pid=id1))
     assert [type(a) for a in stray] == [Drop]
 
@@ -271,7 +276,8 @@ def test_a_vm_that_is_not_up_holds_what_may_wait_and_an_unknown_vm_is_an_error()
     (data_hold,) = sw.from_worker(b"wA", "vm2", pkg(PackageType.DATA).header(), b"")
     assert isinstance(data_hold, Hold) and not data_hold.may_wait
     (err,) = sw.from_worker(b"wA", "nope", req, b"x")
-    assert err == AnswerError("nope", 12, OPEN, "unknown VM 'nope'", b"wA")
+    assert err == AnswerError("nope", 12, OPEN, "unknown VM 'nope'", b"wA",
+                              code=ErrorCode.UNKNOWN_VM)
     (drop,) = sw.from_worker(b"wA", "nope", pkg(PackageType.MESSAGE).header(), b"")
     assert isinstance(drop, Drop)
     assert drop.reason is DropReason.UNKNOWN_VM and not drop.reason.from_peer
@@ -285,12 +291,13 @@ def test_a_tunnel_going_down_fails_every_request_waiting_on_it() -> None:
     acts = sw.tunnel_down("vm1", "peer closed the connection")
     reason = "not connected: tunnel to vm1 lost (peer closed the connection)"
     assert sorted(of(acts, AnswerError), key=lambda a: a.call_id) == [
-        AnswerError("vm1", 1, 0, reason, b"wA"), AnswerError("vm1", 2, 0, reason, b"wB")]
+        AnswerError("vm1", 1, 0, reason, b"wA", code=ErrorCode.NOT_CONNECTED),
+        AnswerError("vm1", 2, 0, reason, b"wB", code=ErrorCode.NOT_CONNECTED)]
     assert not sw.is_up("vm1") and sw.is_up("vm2")
     assert isinstance(sw.from_worker(b"wA", "vm1", pkg(PackageType.MESSAGE).header(),
                                      b"")[0], Hold)
     # a new tunnel starts with no pending request: an old id's ACK is stray
-    sw.tunnel_up("vm1")
+    sw.tunnel_up("vm1", coded_errors=True)
     assert [type(a) for a in sw.from_tunnel("vm1", pkg(PackageType.ACK, pid=1))] == [Drop]
 
 
@@ -313,7 +320,8 @@ def test_a_gone_answering_worker_hands_the_request_to_the_next_one() -> None:
     # when the last one is gone too, the peer hears "no worker"
     again = sw.undeliverable(routed[0])
     assert [a for a in again if isinstance(a, AnswerError)] == [
-        AnswerError("vm1", 3, OPEN, "no worker on hostA handles proxy-client message 1")]
+        AnswerError("vm1", 3, OPEN, "no worker on hostA handles proxy-client message 1",
+                    code=ErrorCode.NO_HANDLER)]
 
 
 def test_a_gone_worker_that_was_only_copied_is_forgotten_and_nothing_rerouted() -> None:
@@ -357,3 +365,68 @@ def test_status_shows_route_kinds() -> None:
     assert sw.routes.workers()[0].describe()["routes"] == [
         "proxy-client:1/request", "proxy-client:2/stream", "proxy-client:3",
         "proxy-client:4/message|request"]
+
+
+# -- error codes, and peers of 0.1.0 (plain-text reasons) -------------------------------------
+
+def _error_ack(pid: int, payload: bytes) -> Package:
+    return pkg(PackageType.ACK, entity=PROXY_S, pid=pid, payload=payload,
+               flags=PackageFlag.ERROR)
+
+
+def test_a_coded_peer_gets_and_gives_coded_error_acks_unchanged() -> None:
+    sw = host_switch()
+    (req,) = of(sw.from_worker(b"wA", "vm1", pkg(PackageType.REQUEST, pid=7).header(), b""),
+                ToTunnel)
+    coded = ErrorReply(ErrorCode.LIMIT, "vm1: 512 requests in flight: limit reached").encode()
+    (back,) = of(sw.from_tunnel("vm1", _error_ack(header_of(req).id, coded)), ToWorker)
+    assert back.payload == coded and header_of(back).length == len(coded)
+    assert header_of(back).id == 7
+    # a worker's coded ERROR ACK goes out as it is
+    mine = _error_ack(3, coded)
+    (out,) = of(sw.from_worker(b"wA", "vm1", mine.header(), mine.payload), ToTunnel)
+    assert out.payload == coded and out.header == mine.header()
+    # and the mux's own answers are coded too
+    (_drop, answer) = sw.from_tunnel("vm1", pkg(PackageType.REQUEST, message_id=4242, pid=5))
+    assert not one(answer, AnswerError).plain
+    assert ErrorReply.decode(one(answer, AnswerError).package().payload).code is (
+        ErrorCode.NO_HANDLER)
+
+
+def test_an_old_peers_plain_reason_reaches_the_worker_coded_as_generic() -> None:
+    """A guest of 0.1.0 lists no error-codes: its ERROR ACK is the reason alone, as text."""
+    sw = Switch("host", "hostA", {"vm1"})
+    sw.tunnel_up("vm1", coded_errors=False)
+    (req,) = of(sw.from_worker(b"wA", "vm1", pkg(PackageType.REQUEST, pid=7).header(), b""),
+                ToTunnel)
+    text = b"no worker on guest1 handles cmd-listener message 1"
+    (back,) = of(sw.from_tunnel("vm1", _error_ack(header_of(req).id, text)), ToWorker)
+    h = header_of(back)
+    assert h.flags & PackageFlag.ERROR and h.id == 7 and h.length == len(back.payload)
+    assert ErrorReply.decode(back.payload) == ErrorReply(ErrorCode.GENERIC, text.decode())
+    # invalid UTF-8 from it is read, not refused
+    (req2,) = of(sw.from_worker(b"wA", "vm1", pkg(PackageType.REQUEST, pid=8).header(), b""),
+                 ToTunnel)
+    (bad,) = of(sw.from_tunnel("vm1", _error_ack(header_of(req2).id, b"\xff\xfeoops")),
+                ToWorker)
+    assert ErrorReply.decode(bad.payload).reason == "\ufffd\ufffdoops"
+
+
+def test_an_old_peer_gets_plain_text_from_workers_and_from_the_mux() -> None:
+    sw = Switch("host", "hostA", {"vm1"})
+    sw.tunnel_up("vm1", coded_errors=False)
+    coded = ErrorReply(ErrorCode.UNKNOWN_VM, "unknown VM 'x'").encode()
+    mine = _error_ack(3, coded)
+    (out,) = of(sw.from_worker(b"wA", "vm1", mine.header(), mine.payload), ToTunnel)
+    h = header_of(out)
+    assert out.payload == b"unknown VM 'x'" and h.length == len(out.payload)
+    assert (h.type, h.flags, h.id, h.entity) == (PackageType.ACK, PackageFlag.ERROR, 3, PROXY_S)
+    # a reply that is not an error passes untouched
+    ok = pkg(PackageType.ACK, entity=PROXY_S, pid=4, payload=b"\xc3")
+    (out_ok,) = of(sw.from_worker(b"wA", "vm1", ok.header(), ok.payload), ToTunnel)
+    assert out_ok.payload == b"\xc3" and out_ok.header == ok.header()
+    # the mux's own refusal: plain text, exactly what 0.1.0 sent
+    (_drop, answer) = sw.from_tunnel("vm1", pkg(PackageType.REQUEST, message_id=4242, pid=5))
+    err = one(answer, AnswerError)
+    assert err.plain and err.code is ErrorCode.NO_HANDLER
+    assert err.package().payload == b"no worker on hostA handles proxy-client message 4242"

@@ -32,7 +32,8 @@ packages = st.builds(
 
 
 def test_header_is_24_bytes_big_endian() -> None:
-    pkg = Package(PackageType.REQUEST, 3, 7, id=0x01020304, stream=9, payload=b"abc")
+    pkg = Package(type=PackageType.REQUEST, entity=3, id=0x01020304, message_id=7, stream=9,
+                  payload=b"abc")
     raw = pkg.encode()
     assert len(raw) == HEADER_SIZE + 3
     assert raw[:4] == b"VMBU"
@@ -86,7 +87,7 @@ def test_four_gib_length_is_refused_before_any_payload() -> None:
 
 def test_encoding_out_of_range_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
-        Package(PackageType.MESSAGE, entity=70000, message_id=1).encode()
+        Package(type=PackageType.MESSAGE, entity=70000, message_id=1).encode()
 
 
 @settings(max_examples=500)
@@ -120,8 +121,9 @@ def test_fuzzed_mutations_of_valid_packages(pkg: Package, junk: bytes, pos: int)
 def test_large_payload_is_received_in_place() -> None:
     """Read into the decoder as a BufferedProtocol does: a 1 MiB payload is filled where it
     will be handed on (no copy), and small packages around it come out whole."""
-    big = Package(PackageType.DATA, 3, 7, stream=1, payload=bytes(range(256)) * 4096)
-    small = Package(PackageType.MESSAGE, 3, 8, payload=b"after")
+    big = Package(type=PackageType.DATA, entity=3, message_id=7, stream=1,
+                  payload=bytes(range(256)) * 4096)
+    small = Package(type=PackageType.MESSAGE, entity=3, message_id=8, payload=b"after")
     wire = memoryview(big.encode() + small.encode())
     dec = PackageDecoder(max_payload=1 << 20)
     views = []
@@ -141,7 +143,7 @@ def test_large_payload_is_received_in_place() -> None:
 
 
 def test_packages_before_a_bad_header_are_delivered_first() -> None:
-    good = Package(PackageType.MESSAGE, 1, 2, payload=b"ok")
+    good = Package(type=PackageType.MESSAGE, entity=1, message_id=2, payload=b"ok")
     dec = PackageDecoder()
     dec.receive_data(good.encode() + _header(sig=0xDEADBEEF))
     assert dec.next_package() == good

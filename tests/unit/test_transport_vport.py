@@ -65,8 +65,8 @@ def ping(n: int = 1) -> bytes:
 
 def exec_start() -> bytes:
     """An exec START as an earlier host would have sent it (a REQUEST to the executor)."""
-    return Package(PackageType.REQUEST, Entity.CMD_LISTENER, 1, id=7, stream=3,
-                   payload=b"\x82\xa4argv\x91\xa2id\xa3env\x80").encode()
+    return Package(type=PackageType.REQUEST, entity=Entity.CMD_LISTENER, id=7, message_id=1,
+                   stream=3, payload=b"\x82\xa4argv\x91\xa2id\xa3env\x80").encode()
 
 
 def delivered(events: list[Any]) -> bytes:
@@ -166,7 +166,7 @@ def test_a_hello_split_byte_by_byte_is_found() -> None:
     hello(role="guest"),                 # not the host
     hello(nonce=b""),                    # a 0.1.0 host: no nonce to make the session fresh
     hello(nonce=b"x" * 16),              # a short nonce
-    Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.HELLO,
+    Package(type=PackageType.MESSAGE, entity=Entity.TUNNEL, message_id=TunnelMessage.HELLO,
             payload=b"\xc1garbage").encode(),
 ])
 def test_what_is_not_a_fresh_host_hello_starts_nothing(bad: bytes) -> None:
@@ -185,7 +185,8 @@ def test_a_replayed_hello_starts_nothing() -> None:
 
 def test_a_fake_header_promising_a_long_payload_does_not_hide_the_real_hello() -> None:
     r = PortReader(1 << 20)
-    fake = Package(PackageType.MESSAGE, Entity.TUNNEL, TunnelMessage.HELLO).header()
+    fake = Package(type=PackageType.MESSAGE, entity=Entity.TUNNEL,
+                   message_id=TunnelMessage.HELLO).header()
     fake = fake[:20] + (HELLO_MAX).to_bytes(4, "big")  # waits for 64 KiB that never come
     h = hello()
     events = r.feed(fake + h)
@@ -222,7 +223,7 @@ def test_a_hello_inside_a_data_payload_is_data() -> None:
     """Only package boundaries are looked at: bytes a program sends cannot start a session."""
     r = PortReader(1 << 20)
     r.feed(hello())
-    data = Package(PackageType.DATA, Entity.CMD_LISTENER, 0, stream=1,
+    data = Package(type=PackageType.DATA, entity=Entity.CMD_LISTENER, message_id=0, stream=1,
                    payload=b"x" * 100 + hello() + b"y" * 100).encode()
     events = r.feed(data)
     assert events == [Deliver(data)]
@@ -542,8 +543,9 @@ def test_a_tunnel_that_does_not_read_stops_the_port_being_read() -> None:
         h = hello()
         # More than the handler's StreamReader takes before it stops reading (2 x its
         # limit), the socket buffers, and the listener's own HIGH_WATER.
-        big = b"".join(Package(PackageType.DATA, Entity.CMD_LISTENER, 0, stream=1,
-                               payload=os.urandom(12 << 20)).encode() for _ in range(2))
+        big = b"".join(Package(type=PackageType.DATA, entity=Entity.CMD_LISTENER, message_id=0,
+                               stream=1, payload=os.urandom(12 << 20)).encode()
+                       for _ in range(2))
         sender = loop.create_task(loop.sock_sendall(host, h + big))
         await asyncio.sleep(0.5)
         session = listener._session
@@ -581,8 +583,8 @@ def test_the_port_is_read_again_when_a_tunnel_that_stopped_reading_ends() -> Non
         host = port.attach()
         host.setblocking(False)
         loop = asyncio.get_running_loop()
-        big = b"".join(Package(PackageType.DATA, Entity.CMD_LISTENER, 0, stream=1,
-                               payload=bytes(12 << 20)).encode() for _ in range(2))
+        big = b"".join(Package(type=PackageType.DATA, entity=Entity.CMD_LISTENER, message_id=0,
+                               stream=1, payload=bytes(12 << 20)).encode() for _ in range(2))
         sender = loop.create_task(loop.sock_sendall(host, hello() + big))
         await until(lambda: not listener._reading and listener._session is not None)
         stop.set()  # the stuck tunnel ends: what is left of its stream is skipped

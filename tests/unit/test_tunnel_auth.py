@@ -121,7 +121,8 @@ def test_no_keys_at_all_changes_nothing() -> None:
     old = Hello.from_payload(_old_payload())
     assert auth.guest_refusal(False, old, auth.new_nonce()) is None
     assert auth.host_refusal(False, old, auth.new_nonce()) is None
-    assert auth.features(False) == ["auth"]  # no "key": a keyless peer expects no AUTH
+    # no "key": a keyless peer expects no AUTH
+    assert auth.features(False) == ["auth", "error-codes"]
 
 
 def test_a_guest_with_a_key_refuses_a_host_that_cannot_prove_it() -> None:
@@ -414,7 +415,8 @@ def test_receive_auth_holds_what_comes_behind_until_run() -> None:
         tunnel, peer = await _tunnel_on_socketpair(got)
         loop = asyncio.get_running_loop()
         proof = Auth(b"p" * PROOF_SIZE)
-        behind = Package(PackageType.MESSAGE, Entity.CMD_EXECUTOR, 9, payload=b"x")
+        behind = Package(type=PackageType.MESSAGE, entity=Entity.CMD_EXECUTOR, message_id=9,
+                         payload=b"x")
         await loop.sock_sendall(peer, _hello(role="guest").package().encode()
                                 + proof.package().encode() + behind.encode())
         await tunnel.handshake(_hello(), 5)

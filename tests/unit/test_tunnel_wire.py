@@ -43,7 +43,8 @@ def test_garbage_after_the_handshake_closes_with_a_reason_and_no_traceback(
         got: list[Package] = []
         tunnel, peer = await _tunnel_pair(lambda t, p: got.append(p))
         loop = asyncio.get_running_loop()
-        ok = Package(PackageType.MESSAGE, 3, 9, payload=b"x" * 100_000).encode()
+        ok = Package(type=PackageType.MESSAGE, entity=3, message_id=9,
+                     payload=b"x" * 100_000).encode()
         await loop.sock_sendall(peer, HELLO + ok)
         await tunnel.handshake(Hello(role="host", hostname="h", software_version="0"), 5)
         runner = asyncio.ensure_future(tunnel.run())
@@ -70,7 +71,8 @@ def test_peer_closing_mid_package_ends_the_tunnel_as_eof() -> None:
         tunnel, peer = await _tunnel_pair(lambda t, p: None)
         loop = asyncio.get_running_loop()
         runner = await _running(tunnel, peer)
-        half = Package(PackageType.DATA, 3, 9, stream=1, payload=b"y" * 500_000).encode()
+        half = Package(type=PackageType.DATA, entity=3, message_id=9, stream=1,
+                       payload=b"y" * 500_000).encode()
         await loop.sock_sendall(peer, half[:300_000])
         await loop.sock_recv(peer, 65536)  # our HELLO: unread, it would turn the close into an RST
         peer.close()
@@ -142,7 +144,7 @@ def test_stream_data_the_peer_never_reads_is_bounded_too() -> None:
         runner = await _running(tunnel, peer)
         chunk = b"d" * (256 << 10)
         for i in range(64):  # 16 MiB the peer never reads
-            header = Package(PackageType.DATA, 3, 9, stream=1 + i % 3,
+            header = Package(type=PackageType.DATA, entity=3, message_id=9, stream=1 + i % 3,
                              payload=chunk).header()
             tunnel.send_raw(header, chunk, PackageType.DATA, 3, 1 + i % 3)
             assert tunnel.out.bytes_queued <= 4 << 20
@@ -168,7 +170,8 @@ def test_past_the_total_over_every_vm_the_tunnel_with_the_most_waiting_is_closed
 
         def queue(t: Tunnel, n: int) -> None:
             for _ in range(n):
-                header = Package(PackageType.DATA, 3, 9, stream=1, payload=chunk).header()
+                header = Package(type=PackageType.DATA, entity=3, message_id=9, stream=1,
+                                 payload=chunk).header()
                 t.send_raw(header, chunk, PackageType.DATA, 3, 1)
 
         queue(a, 7)  # 1.75 MiB: under its own cap
@@ -198,7 +201,8 @@ def test_the_read_budget_lets_other_work_run_between_slices_of_a_flood() -> None
         tunnel, peer = await _tunnel_pair(lambda t, p: got.append(p.id))
         tunnel.read_budget = 50
         runner = await _running(tunnel, peer)
-        burst = b"".join(Package(PackageType.MESSAGE, 3, 9, i, payload=b"x").encode()
+        burst = b"".join(Package(type=PackageType.MESSAGE, entity=3, id=i, message_id=9,
+                                 payload=b"x").encode()
                          for i in range(1, 1001))  # 25 KiB: one read
         stop = False
 
@@ -237,7 +241,8 @@ def test_before_it_runs_a_tunnel_reads_no_more_than_a_hello() -> None:
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(peer, HELLO)
         await tunnel.receive_hello(5)
-        flood = b"".join(Package(PackageType.MESSAGE, 3, 9, i, payload=b"m" * 1000).encode()
+        flood = b"".join(Package(type=PackageType.MESSAGE, entity=3, id=i, message_id=9,
+                                 payload=b"m" * 1000).encode()
                          for i in range(1, 201))
         sent = 0
         for _ in range(100):  # until the socket is full: the tunnel stopped reading
@@ -252,8 +257,8 @@ def test_before_it_runs_a_tunnel_reads_no_more_than_a_hello() -> None:
         assert sent > tunnel.bytes_in + (100 << 10), (sent, tunnel.bytes_in)  # left unread
         tunnel.answer(Hello(role="guest", hostname="g", software_version="0"))
         runner = asyncio.ensure_future(tunnel.run())
-        expected = sent // len(Package(PackageType.MESSAGE, 3, 9, 1, payload=b"m" * 1000)
-                                .encode())
+        expected = sent // len(Package(type=PackageType.MESSAGE, entity=3, id=1, message_id=9,
+                                       payload=b"m" * 1000).encode())
         for _ in range(500):
             if len(got) >= expected:
                 break

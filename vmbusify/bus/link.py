@@ -18,7 +18,8 @@ The peer is not trusted (root in a guest is hostile), so the receive loop:
   once, "wrong package type"), counted and logged a few lines a minute at most;
 - runs REQUEST handlers in a task of their own (at most ``[limits] requests_per_vm`` per
   VM; past it the request is refused at once), in registration order; the first handler's
-  return value is the ACK's payload (a VMBusifyError raised becomes an error ACK);
+  return value is the ACK's payload (a VMBusifyError raised becomes an ERROR ACK carrying its
+  ErrorCode and text, docs/protocol.md "Error codes");
 - runs MESSAGE handlers inline, in order of arrival: they must never wait on anything a
   peer controls (start a task with ``link.spawn`` for that);
 - survives any exception from a handler or a malformed message: logged, counted, the
@@ -43,34 +44,44 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
-import zmq
-
 from vmbusify.bus.budget import Budget, Counter, VMShare
-from vmbusify.bus.frames import HOST_VMID, BusKind, RouteKind, TunnelEvent
-from vmbusify.bus.sockets import BusSocket, Frames, connect_dealer, shared_context
+from vmbusify.bus.frames import (
+    HOST_VMID,
+    KIND_OF_TYPE,
+    BusMessage,
+    CtlReply,
+    CtlRequest,
+    Evt,
+    Frames,
+    Pkg,
+    Reg,
+    RegOk,
+    Rereg,
+    RouteKind,
+    TunnelEvent,
+    Unreg,
+    from_mux,
+    vmid_of,
+)
+from vmbusify.bus.sockets import BusSocket
 from vmbusify.bus.streams import Stream, StreamTable
 from vmbusify.config import Config, Role
 from vmbusify.errors import (
-    ControlError,
+    BusError,
+    ErrorCode,
     LocalProtocolError,
     NotConnectedError,
     ProtocolError,
     RequestTimeout,
     TunnelError,
-    UnknownVMError,
     VMBusifyError,
+    error_from,
 )
 from vmbusify.logs import RateLimitedLog, printable
 from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.message import Message
-from vmbusify.protocol.package import (
-    MAX_PAYLOAD_LIMIT,
-    Package,
-    PackageFlag,
-    PackageType,
-    decode_header,
-)
-from vmbusify.protocol.serialize import dumps, loads, loads_dict
+from vmbusify.protocol.package import ErrorReply, Package, PackageFlag, PackageType
+from vmbusify.protocol.serialize import dumps, loads
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +100,8 @@ STALL_AFTER = 10.0
 #: Exit status of a worker whose receive loop stalled (EX_SOFTWARE): not 0, so supervisord's
 #: ``autorestart=unexpected`` (conf/programs/*.conf) restarts it.
 STALL_EXIT_CODE = 70
-#: Errors of the mux's built-in commands that keep their kind across the bus.
-_CONTROL_ERRORS: dict[str, type[VMBusifyError]] = {
-    e.__name__: e for e in (UnknownVMError, NotConnectedError, RequestTimeout, TunnelError)}
+#: The longest error text sent in an ERROR ACK (characters).
+MAX_ERROR_TEXT = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,15 +122,21 @@ class Inbound:
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Inbound], Awaitable[Any]]
 EventHandler = Callable[[TunnelEvent, str, dict[str, Any]], Awaitable[None]]
-#: The route kind each package type must arrive on (ACKs are matched by id, not routed).
-KIND_OF_TYPE: dict[PackageType, RouteKind] = {
-    PackageType.MESSAGE: RouteKind.MESSAGE,
-    PackageType.REQUEST: RouteKind.REQUEST,
-    PackageType.DATA: RouteKind.STREAM,
-    PackageType.WINDOW: RouteKind.STREAM,
-}
 #: What a stalled link does (given the reason); the default exits the process.
 StallAction = Callable[[str], None]
+
+
+def reply_error(reply: ErrorReply) -> TunnelError:
+    """The error a sync_send raises for an ERROR ACK: the class of its code where that is a
+    TunnelError (UnknownVMError, NotConnectedError, RequestTimeout, NoHandlerError, ...),
+    else a TunnelError (the request failed over there) carrying the code. The text is the
+    peer's: escaped, since it may be a guest's."""
+    exc = error_from(reply.code, printable(reply.reason, MAX_ERROR_TEXT))
+    if isinstance(exc, TunnelError):
+        return exc
+    failed = TunnelError(str(exc))
+    failed.code = reply.code
+    return failed
 
 
 def _where(exc: BaseException) -> str:
@@ -154,7 +170,7 @@ class WorkerLink:
         self._inbox: collections.deque[Frames] = collections.deque()
         self._inbox_ready = asyncio.Event()
         self._calls: dict[int, asyncio.Future[Package]] = {}
-        self._ctl: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+        self._ctl: dict[bytes, asyncio.Future[CtlReply]] = {}
         self._next_call = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warn = RateLimitedLog(log, config.limits.log_lines_per_minute)
@@ -203,9 +219,7 @@ class WorkerLink:
 
     async def start(self, wait: float | None = 30.0) -> None:
         """Connect to the mux, register, and start receiving. Waits for the first REGOK."""
-        self._bus = BusSocket(connect_dealer(shared_context(), self.config.bus_endpoint,
-                                             self.name),
-                              self._on_bus)
+        self._bus = BusSocket.dealer(self.config.bus_endpoint, self.name, self._on_bus)
         self._spawn(self._receive_loop())
         self._spawn(self._register_loop())
         if wait:
@@ -228,9 +242,9 @@ class WorkerLink:
         linger = 0
         if self.registered.is_set():
             try:
-                self._bus.send([BusKind.UNREG.value])
+                self._bus.send_message(Unreg())
                 linger = UNREG_LINGER_MS
-            except zmq.ZMQError:
+            except BusError:
                 pass  # the mux is gone: nothing to tell
         self._bus.close(linger)
         self._bus = None
@@ -303,11 +317,8 @@ class WorkerLink:
             os._exit(STALL_EXIT_CODE)
 
     async def _register(self) -> None:
-        body = {
-            "name": self.name, "pid": os.getpid(), "entities": [int(e) for e in self.entities],
-            "routes": self.routes(),
-        }
-        await self._send_frames([BusKind.REG.value, dumps(body)])
+        await self._send(Reg(name=self.name, pid=os.getpid(),
+                             entities=[int(e) for e in self.entities], routes=self.routes()))
 
     # -- sending ---------------------------------------------------------------------------
     def _target(self, vmid: str | None) -> str:
@@ -317,16 +328,16 @@ class WorkerLink:
             raise TunnelError("the host must name the target vmid")
         return vmid
 
-    async def _send_frames(self, frames: Frames) -> None:
+    async def _send(self, msg: BusMessage) -> None:
         if self._bus is None:
             raise TunnelError("the link to the mux is closed")
         try:
-            self._bus.send(frames)
-        except zmq.ZMQError as exc:  # high-water marks are off: not expected
+            self._bus.send_message(msg)
+        except BusError as exc:  # high-water marks are off: not expected
             raise TunnelError(f"cannot reach the mux: {exc}") from None
 
     async def _send_package(self, vmid: str, pkg: Package) -> None:
-        await self._send_frames([BusKind.PKG.value, vmid.encode(), pkg.header(), pkg.payload])
+        await self._send(Pkg.of(vmid, pkg))
 
     async def async_send(self, vmid: str | None, msg: Message, stream: int = 0) -> None:
         """Send a one-way message (spec async_send) as its entity and message id; returns once
@@ -357,8 +368,8 @@ class WorkerLink:
                         stream: int = 0) -> None:
         """``async_send`` of any msgpack-able ``body`` (untyped: for tests and tools that probe
         the bus; a worker sends ``Message`` dataclasses with ``async_send``)."""
-        pkg = Package(PackageType.MESSAGE, int(entity), int(message_id), 0, stream,
-                      payload=dumps(body))
+        pkg = Package(type=PackageType.MESSAGE, entity=int(entity), message_id=int(message_id),
+                      stream=stream, payload=dumps(body))
         await self._send_package(self._target(vmid), pkg)
 
     async def request_body(self, vmid: str | None, entity: int, message_id: int, body: Any, *,
@@ -367,15 +378,17 @@ class WorkerLink:
         is (untyped: for tests and tools; a worker uses ``sync_send`` with a reply type).
 
         Raises RequestTimeout when no ACK comes in ``timeout`` seconds, NotConnectedError when
-        the tunnel is down, TunnelError carrying the peer's reason when its handler failed.
+        the tunnel is down, UnknownVMError for a VM the mux does not know, NoHandlerError when
+        nothing over there handles it, else a TunnelError carrying the reason and ErrorCode
+        of the ERROR ACK (``exc.code``: e.g. LIMIT when the peer was at a cap).
         """
         target = self._target(vmid)
         self._next_call = self._next_call % 0xFFFFFFFF + 1
         call_id = self._next_call
         fut: asyncio.Future[Package] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = fut
-        pkg = Package(PackageType.REQUEST, int(entity), int(message_id), call_id, stream,
-                      payload=dumps(body))
+        pkg = Package(type=PackageType.REQUEST, entity=int(entity), id=call_id,
+                      message_id=int(message_id), stream=stream, payload=dumps(body))
         try:
             await self._send_package(target, pkg)
             ack = await asyncio.wait_for(fut, timeout)
@@ -386,32 +399,30 @@ class WorkerLink:
         finally:
             self._calls.pop(call_id, None)
         if ack.flags & PackageFlag.ERROR:
-            reason = printable(ack.payload, 2000)
-            if reason.startswith("not connected:"):
-                raise NotConnectedError(reason)
-            raise TunnelError(reason)
+            raise reply_error(ErrorReply.read(ack.payload))
         return loads(ack.payload) if ack.payload else None
 
     async def control(self, request: dict[str, Any], timeout: float = DEFAULT_TIMEOUT) -> Any:
         """A built-in command to the mux itself (status, connect, ...); returns its result."""
         self._next_call = self._next_call % 0xFFFFFFFF + 1
         call_id = str(self._next_call).encode()
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[CtlReply] = asyncio.get_running_loop().create_future()
         self._ctl[call_id] = fut
+        args = dict(request)
+        cmd = str(args.pop("cmd", ""))
         try:
-            await self._send_frames([BusKind.CTL.value, call_id, dumps(request)])
+            await self._send(CtlRequest(call_id, cmd, args))
             reply = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise RequestTimeout(f"the mux did not answer {request.get('cmd')!r} "
                                  f"within {timeout:g}s") from None
         finally:
             self._ctl.pop(call_id, None)
-        if not reply.get("ok"):
-            # The mux's error keeps its kind across the bus (an unknown VM is a 404 to the
-            # listener's clients, a timeout a 504); any other is a failed command.
-            kind = _CONTROL_ERRORS.get(str(reply.get("kind")), ControlError)
-            raise kind(str(reply.get("error", "failed")))
-        return reply.get("result")
+        if not reply.ok:
+            # The mux's error keeps its code across the bus (an unknown VM is a 404 to the
+            # listener's clients, a timeout a 504).
+            raise reply.exception()
+        return reply.result
 
     async def report(self, stats: dict[str, Any]) -> None:
         """Publish this worker's counters; `vmbusifyctl status` shows them under its name.
@@ -482,55 +493,50 @@ class WorkerLink:
 
     def _loop_error(self, frames: Frames, exc: Exception) -> None:
         """A bus message that could not be handled at all (malformed): log, count, go on."""
-        vmid = ""
-        try:
-            if bytes(frames[0]) == BusKind.PKG.value:
-                vmid = bytes(frames[1]).decode("utf-8", "replace")
-        except (IndexError, TypeError):
-            pass
+        vmid = vmid_of(frames)
         if vmid:
             self.budget.count(vmid, Counter.BAD_PACKAGES)
         self._warn.warning((vmid, "malformed"), "worker=%s vm=%s: bad bus message dropped: "
                            "%s: %s%s", self.name, printable(vmid or "-"), type(exc).__name__,
                            printable(exc), "" if isinstance(exc, ProtocolError) else _where(exc))
 
-    async def _dispatch(self, frames: list[Any]) -> None:
-        kind = BusKind(bytes(frames[0]))
-        if kind is BusKind.PKG:
-            await self._on_package(frames[1].decode(), frames[2], frames[3])
-        elif kind is BusKind.REGOK:
-            info = loads_dict(frames[1], "REGOK")
-            mux_id = str(info.get("mux_id", ""))
-            if self.mux_id and mux_id != self.mux_id:
+    async def _dispatch(self, frames: Frames) -> None:
+        msg = from_mux(frames)  # RemoteProtocolError if malformed
+        if type(msg) is Pkg:
+            await self._on_package(msg.vmid, msg.package())
+        elif type(msg) is RegOk:
+            if self.mux_id and msg.mux_id != self.mux_id:
                 self._on_mux_restart()
-            self.mux_id = mux_id
+            self.mux_id = msg.mux_id
             self.registered.set()
-        elif kind is BusKind.REREG:
+        elif type(msg) is Rereg:
             await self._register()
-        elif kind is BusKind.CTL:
-            fut = self._ctl.get(frames[1])
+        elif type(msg) is CtlReply:
+            fut = self._ctl.get(msg.call_id)
             if fut is not None and not fut.done():
-                fut.set_result(loads_dict(frames[2], "CTL reply"))
-        elif kind is BusKind.EVT:
-            info = loads_dict(frames[1], "EVT")
-            event, vmid = TunnelEvent(info["event"]), str(info["vmid"])
-            if event is TunnelEvent.DOWN:
-                self._on_tunnel_down(vmid, str(info.get("reason", "tunnel down")))
-            elif event is TunnelEvent.PEER_LOST:
-                entities = [int(e) for e in info.get("entities", [])]
-                n = self.streams.drop_peer(vmid, entities, "the peer's worker went away")
-                if n:
-                    log.info("worker=%s vm=%s: %d streams reset: the peer's %s went away",
-                             self.name, vmid, n, ", ".join(entity_label(e) for e in entities))
-            for handler in self._event_handlers:
-                try:
-                    await handler(event, vmid, info)
-                except Exception as exc:  # noqa: BLE001 (one handler's bug stops nothing)
-                    self.budget.count(vmid, Counter.HANDLER_ERRORS)
-                    self._warn.log(logging.ERROR, (vmid, "event"),
-                                   "worker=%s vm=%s: %s event handler failed: %s: %s%s",
-                                   self.name, vmid, event.value, type(exc).__name__,
-                                   printable(exc), _where(exc))
+                fut.set_result(msg)
+        elif type(msg) is Evt:
+            await self._on_event(msg)
+
+    async def _on_event(self, evt: Evt) -> None:
+        event, vmid = evt.event, evt.vmid
+        if event is TunnelEvent.DOWN:
+            self._on_tunnel_down(vmid, evt.reason)
+        elif event is TunnelEvent.PEER_LOST:
+            n = self.streams.drop_peer(vmid, evt.entities, "the peer's worker went away")
+            if n:
+                log.info("worker=%s vm=%s: %d streams reset: the peer's %s went away",
+                         self.name, vmid, n, ", ".join(entity_label(e) for e in evt.entities))
+        info = evt.info()
+        for handler in self._event_handlers:
+            try:
+                await handler(event, vmid, info)
+            except Exception as exc:  # noqa: BLE001 (one handler's bug stops nothing)
+                self.budget.count(vmid, Counter.HANDLER_ERRORS)
+                self._warn.log(logging.ERROR, (vmid, "event"),
+                               "worker=%s vm=%s: %s event handler failed: %s: %s%s",
+                               self.name, vmid, event.value, type(exc).__name__,
+                               printable(exc), _where(exc))
 
     def _on_mux_restart(self) -> None:
         log.warning("worker=%s: the mux restarted; every stream and call is lost", self.name)
@@ -547,9 +553,7 @@ class WorkerLink:
             log.info("worker=%s vm=%s: tunnel down (%s), %d streams reset",
                      self.name, vmid, reason, n)
 
-    async def _on_package(self, vmid: str, header: bytes, payload: bytes) -> None:
-        h = decode_header(header, MAX_PAYLOAD_LIMIT)
-        pkg = Package(h.type, h.entity, h.message_id, h.id, h.stream, h.flags, payload)
+    async def _on_package(self, vmid: str, pkg: Package) -> None:
         if pkg.type is PackageType.ACK:
             fut = self._calls.get(pkg.id)
             if fut is not None and not fut.done():
@@ -560,8 +564,12 @@ class WorkerLink:
         kind = KIND_OF_TYPE[pkg.type]
         handlers = kinds.get(kind) if kinds is not None else None
         if handlers is None:
-            await self._refuse_package(vmid, pkg, "wrong package type" if kinds else
-                                       f"{self.name} has no route for it")
+            if kinds:
+                await self._refuse_package(vmid, pkg, "wrong package type",
+                                           ErrorCode.PROTOCOL)
+            else:
+                await self._refuse_package(vmid, pkg, f"{self.name} has no route for it",
+                                           ErrorCode.NO_HANDLER)
         elif kind is RouteKind.STREAM:
             await self.streams.on_package(vmid, pkg)
         elif kind is RouteKind.REQUEST:
@@ -578,13 +586,14 @@ class WorkerLink:
         return (f"worker={self.name} vm={vmid} stream={pkg.stream}: {pkg.type.name} "
                 f"{entity_label(pkg.entity)} message {pkg.message_id}")
 
-    async def _refuse_package(self, vmid: str, pkg: Package, why: str) -> None:
+    async def _refuse_package(self, vmid: str, pkg: Package, why: str, code: ErrorCode
+                              ) -> None:
         """Drop a package its route does not take; a REQUEST gets an ERROR ACK at once."""
         self.budget.count(vmid, Counter.BAD_PACKAGES)
         self._warn.warning((vmid, Counter.BAD_PACKAGES), "%s dropped: %s",
                            self._describe(vmid, pkg), why)
         if pkg.type is PackageType.REQUEST:
-            await self._send_error_ack(vmid, pkg, f"{self.name}: {why}")
+            await self._send_error_ack(vmid, pkg, f"{self.name}: {why}", code)
 
     async def _handler_failed(self, vmid: str, pkg: Package, exc: Exception) -> None:
         """A MESSAGE handler raised: log, count, reset the stream the package belonged to."""
@@ -597,11 +606,14 @@ class WorkerLink:
         if stream is not None:
             await stream.reset(str(exc) if protocol else f"{self.name}: internal error")
 
-    async def _send_error_ack(self, vmid: str, pkg: Package, error: str) -> None:
+    async def _send_error_ack(self, vmid: str, pkg: Package, error: str, code: ErrorCode
+                              ) -> None:
+        """Answer ``pkg`` (a REQUEST) with an ERROR ACK: ``code`` and the text (the mux
+        turns it into the plain text of 0.1.0 for a peer that lists no ``error-codes``)."""
         local = self.entities[0] if self.entities else 0
-        await self._send_package(vmid, Package(PackageType.ACK, local, pkg.message_id, pkg.id,
-                                               pkg.stream, PackageFlag.ERROR,
-                                               error.encode()[:2000]))
+        reply = ErrorReply(code, error[:MAX_ERROR_TEXT])
+        await self._send_package(vmid, reply.ack(entity=local, id=pkg.id,
+                                                 message_id=pkg.message_id, stream=pkg.stream))
 
     async def _call(self, handler: Handler, vmid: str, pkg: Package) -> Any:
         body = loads(pkg.payload) if pkg.payload else None
@@ -613,6 +625,7 @@ class WorkerLink:
         """Refuse a request at once at a cap, else run its handlers in a task of their own."""
         share = self.budget.vm(vmid)
         why = ""
+        code = ErrorCode.LIMIT
         if share.requests >= self.config.limits.requests_per_vm:
             self.budget.count(vmid, Counter.REQUESTS_REFUSED)
             why = f"{vmid}: {share.requests} requests in flight: limit reached"
@@ -623,7 +636,7 @@ class WorkerLink:
         if why:
             self._warn.warning((vmid, "refused"), "%s refused: %s", self._describe(vmid, pkg),
                                why)
-            await self._send_error_ack(vmid, pkg, why)
+            await self._send_error_ack(vmid, pkg, why, code)
             return
         share.requests += 1
         self.spawn(self._handle_request(vmid, pkg, handlers, share, opens), vmid,
@@ -634,12 +647,15 @@ class WorkerLink:
         try:
             reply: Any = None
             error = ""
+            code = ErrorCode.GENERIC
             for i, handler in enumerate(handlers):
                 assert handler is not None
                 try:
                     result = await self._call(handler, vmid, pkg)
                 except VMBusifyError as exc:
-                    result, error = None, error or str(exc)
+                    if not error:
+                        error, code = str(exc), exc.code
+                    result = None
                     if isinstance(exc, ProtocolError):
                         self.budget.count(vmid, Counter.BAD_PACKAGES)
                         self._warn.warning((vmid, "handler"), "%s: refused: %s",
@@ -649,7 +665,9 @@ class WorkerLink:
                     self._warn.log(logging.ERROR, (vmid, "handler"),
                                    "%s: handler failed: %s: %s%s", self._describe(vmid, pkg),
                                    type(exc).__name__, printable(exc), _where(exc))
-                    result, error = None, error or f"{self.name}: internal error"
+                    if not error:
+                        error, code = f"{self.name}: internal error", ErrorCode.GENERIC
+                    result = None
                 if i == 0:
                     reply = result
             if error:
@@ -658,17 +676,19 @@ class WorkerLink:
                     stream = self.streams.get(vmid, pkg.entity, pkg.stream)
                     if stream is not None:
                         await stream.reset(error)
-                await self._send_error_ack(vmid, pkg, error)
+                await self._send_error_ack(vmid, pkg, error, code)
                 return
             try:
                 payload = dumps(reply)
             except VMBusifyError as exc:  # a handler returned what cannot be sent
                 self.budget.count(vmid, Counter.HANDLER_ERRORS)
                 log.error("%s: reply not sent: %s", self._describe(vmid, pkg), exc)
-                await self._send_error_ack(vmid, pkg, f"{self.name}: internal error")
+                await self._send_error_ack(vmid, pkg, f"{self.name}: internal error",
+                                           ErrorCode.GENERIC)
                 return
             local = self.entities[0] if self.entities else 0
-            await self._send_package(vmid, Package(PackageType.ACK, local, pkg.message_id,
-                                                   pkg.id, pkg.stream, payload=payload))
+            await self._send_package(vmid, Package(
+                type=PackageType.ACK, entity=local, id=pkg.id, message_id=pkg.message_id,
+                stream=pkg.stream, payload=payload))
         finally:
             share.requests -= 1

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import zmq
 
+from vmbusify.bus.frames import BusMessage, Frames
+from vmbusify.errors import BusError
+
 log = logging.getLogger(__name__)
 
 #: Messages handled per wake-up before other callbacks get a turn.
@@ -92,9 +95,6 @@ def connect_dealer(ctx: zmq.Context, endpoint: str, name: str) -> zmq.Socket:
     return sock
 
 
-Frames = list[bytes | memoryview]
-
-
 class BusSocket:
     """A ZeroMQ socket served by the running asyncio loop: ``on_message(frames)`` is called
     for each message received (frames as ``frame_payloads`` gives them); ``send`` never waits.
@@ -104,8 +104,11 @@ class BusSocket:
     until nothing is left, and every send checks whether a message is waiting.
     """
 
-    def __init__(self, sock: zmq.Socket, on_message: Callable[[Frames], None]) -> None:
+    def __init__(self, sock: zmq.Socket, on_message: Callable[[Frames], None],
+                 context: zmq.Context | None = None) -> None:
         self.sock = sock
+        #: A context of its own, terminated on close (the mux's); None: the shared one.
+        self._context = context
         self.on_message = on_message
         self._loop = asyncio.get_running_loop()
         self._fd = int(sock.getsockopt(zmq.FD))
@@ -135,12 +138,42 @@ class BusSocket:
             self._scheduled = True
             self._loop.call_soon(self._readable)
 
+    @classmethod
+    def router(cls, endpoint: str, on_message: Callable[[Frames], None]) -> BusSocket:
+        """The mux's end of the bus: a ROUTER bound at ``endpoint`` (bind_router), with a
+        ZeroMQ context of its own that ``close`` terminates."""
+        ctx = zmq.Context()
+        try:
+            sock = bind_router(ctx, endpoint)
+        except zmq.ZMQError as exc:
+            ctx.term()
+            raise BusError(f"cannot bind the bus at {endpoint}: {exc}") from None
+        return cls(sock, on_message, ctx)
+
+    @classmethod
+    def dealer(cls, endpoint: str, name: str, on_message: Callable[[Frames], None]
+               ) -> BusSocket:
+        """A worker's end of the bus: a DEALER connected to ``endpoint`` (connect_dealer) on
+        the process's shared context."""
+        return cls(connect_dealer(shared_context(), endpoint, name), on_message)
+
     def send(self, frames: Frames) -> None:
-        """Queue a message (copied); raises zmq.ZMQError, e.g. EHOSTUNREACH for a ROUTER
-        addressing a peer that is gone."""
-        self.sock.send_multipart(frames, zmq.NOBLOCK)
+        """Queue a message (copied); raises BusError (e.g. EHOSTUNREACH: a ROUTER addressing
+        a peer that is gone)."""
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            raise BusError(str(exc)) from None
         if int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._schedule()
+
+    def send_message(self, msg: BusMessage) -> None:
+        """Send a bus message (a vmbusify.bus.frames dataclass); raises BusError."""
+        self.send(msg.to_frames())
+
+    def send_to(self, identity: bytes, msg: BusMessage) -> None:
+        """On a ROUTER: send a bus message to the peer ``identity``; raises BusError."""
+        self.send([identity, *msg.to_frames()])
 
     def close(self, linger_ms: int = 0) -> None:
         """Stop watching and close the socket (idempotent); ``linger_ms``: how long what is
@@ -151,3 +184,6 @@ class BusSocket:
         if not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
         self.sock.close(linger=linger_ms)
+        if self._context is not None:
+            self._context.term()
+            self._context = None

@@ -106,7 +106,8 @@ class Stream:
     # -- sending ---------------------------------------------------------------------------
     def _package(self, ptype: PackageType, payload: Payload = b"",
                  flags: PackageFlag = PackageFlag.NONE) -> Package:
-        return Package(ptype, self.local, self.message_id, 0, self.id, flags, payload)
+        return Package(type=ptype, flags=flags, entity=self.local, message_id=self.message_id,
+                       stream=self.id, payload=payload)
 
     def _check_writable(self) -> None:
         if self.state is StreamState.RESET:

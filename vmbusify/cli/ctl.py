@@ -1,6 +1,7 @@
 """`vmbusifyctl`: the operator's view of the tunnels (through the command listener).
 
 Exit codes: 0 success, 1 the command failed (the reason is printed on one line), 2 usage.
+The status of a failure comes from its ErrorCode (vmbusify.errors.OUTCOMES, the one table).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import click
 
 from vmbusify.config import load_config
 from vmbusify.control.client import ControlClient, q
-from vmbusify.errors import VMBusifyError
+from vmbusify.errors import ErrorCode, VMBusifyError, ctl_exit
 from vmbusify.logs import printable
 from vmbusify.text import for_terminal
 
@@ -24,10 +25,10 @@ def _client(ctx: click.Context) -> ControlClient:
     return ctx.obj["client"]  # type: ignore[no-any-return]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: ErrorCode = ErrorCode.GENERIC) -> None:
     # The reason may be a guest's text (an ERROR ACK, a BYE): never raw on a terminal.
     click.echo(f"vmbusifyctl: {for_terminal(message)}", err=True)
-    sys.exit(1)
+    sys.exit(ctl_exit(code))
 
 
 class _Group(click.Group):
@@ -37,7 +38,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except VMBusifyError as exc:
-            _fail(str(exc))
+            _fail(str(exc), exc.code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

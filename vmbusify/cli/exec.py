@@ -29,7 +29,7 @@ import time
 from _queue import SimpleQueue  # what queue.SimpleQueue is, without queue's imports
 
 from vmbusify.cli.escape import EscapeFilter
-from vmbusify.errors import RemoteProtocolError, VMBusifyError
+from vmbusify.errors import ErrorCode, VMBusifyError, code_of, exec_exit
 from vmbusify.protocol.exec_api import EXIT_FAILURE, SIGNAL_BASE, Channel, ExitReason
 from vmbusify.protocol.websocket import (
     FrameDecoder,
@@ -80,7 +80,7 @@ STDIN_CHUNK = 256 << 10
 GIVE_UP_AFTER = 3
 GIVE_UP_WINDOW = 3.0
 #: The largest exec request (JSON) the listener takes: its WebSocket message and POST body
-#: limits (control/exec.py, control/server.py), in round figures.
+#: limits (workers/exec/host.py, control/server.py), in round figures.
 MAX_REQUEST = 1 << 20
 #: The remote terminal's size (rows, columns) for -t when no local terminal tells one.
 DEFAULT_TTY_SIZE = (24, 80)
@@ -294,8 +294,12 @@ def _http_error(sock: socket.socket, status: int, headers: dict[str, str], rest:
         doc = None
     reason = doc.get("error") if isinstance(doc, dict) else None
     code = doc.get("exit_code") if isinstance(doc, dict) else None
-    return Failure(str(reason or f"HTTP {status}"),
-                   code if isinstance(code, int) and 0 < code < 256 else EXIT_FAILURE)
+    if not isinstance(code, int) or not 0 < code < 256:
+        # Not the program's status (a detached start that failed): the listener's error,
+        # whose ErrorCode gives the exit status (vmbusify.errors.OUTCOMES).
+        error = doc.get("code") if isinstance(doc, dict) else None
+        code = exec_exit(code_of(error) if isinstance(error, int) else ErrorCode.GENERIC)
+    return Failure(str(reason or f"HTTP {status}"), code)
 
 
 def _request_body(opts: Options, rows: int = 0, cols: int = 0) -> bytes:
@@ -584,9 +588,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = exc.code
     except BrokenPipeError:
         code = SIGNAL_BASE + signal.SIGPIPE  # our stdout went away: stop, as a shell pipe does
-    except (VMBusifyError, RemoteProtocolError) as exc:
+    except VMBusifyError as exc:
         _err(str(exc))
-        code = EXIT_FAILURE
+        code = exec_exit(exc.code)
     except KeyboardInterrupt:
         code = SIGNAL_BASE + signal.SIGINT
     except OSError as exc:

@@ -9,7 +9,7 @@ from urllib.parse import quote
 from vmbusify.config_file import parse_control_listen
 from vmbusify.control.token import read_token_owned
 from vmbusify.control.verify import connect_verified, describe
-from vmbusify.errors import ControlError
+from vmbusify.errors import ControlError, VMBusifyError, error_from
 
 if TYPE_CHECKING:
     import http.client
@@ -56,7 +56,8 @@ class ControlClient:
 
     def request(self, method: str, path: str, body: Any = None,
                 timeout: float | None = None) -> Any:
-        """One JSON request; returns the decoded body or raises ControlError with the reason."""
+        """One JSON request; returns the decoded body, or raises the listener's error (its
+        class by the body's ``code``; ControlError when it gives none) with the reason."""
         headers = self.headers()
         data = None
         if body is not None:
@@ -81,9 +82,18 @@ class ControlClient:
             raise ControlError(f"the command listener sent a non-JSON answer "
                                f"(HTTP {resp.status})") from None
         if resp.status >= 400:
-            msg = decoded.get("error") if isinstance(decoded, dict) else None
-            raise ControlError(msg or f"HTTP {resp.status} {resp.reason}")
+            raise _error_of(decoded, f"HTTP {resp.status} {resp.reason}")
         return decoded
+
+
+def _error_of(doc: Any, fallback: str) -> VMBusifyError:
+    """The error an error body stands for: ``{"error": reason, "code": ErrorCode}``."""
+    msg = doc.get("error") if isinstance(doc, dict) else None
+    code = doc.get("code") if isinstance(doc, dict) else None
+    text = str(msg) if msg else fallback
+    if not isinstance(code, int) or isinstance(code, bool):
+        return ControlError(text)  # a refusal without a code (bad token, bad request)
+    return error_from(code, text)
 
 
 def q(part: str) -> str:

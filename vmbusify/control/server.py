@@ -7,7 +7,8 @@ first start beside the socket (Config.token_path): root's, readable by group ``v
 when that group exists (0640), else by root only (0600). Clients check that the listener is
 root's before they send it (control/verify.py). Built-in commands are in control/builtin.py;
 the host half of exec (workers/exec/host.py) adds its routes and runs on the listener's link.
-Errors are JSON ``{"error": "..."}`` with a status that says whose fault it was.
+Errors are JSON ``{"error": "...", "code": N}`` (N: the ErrorCode, vmbusify/errors.py) with
+the HTTP status errors.OUTCOMES gives that code.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -29,14 +31,7 @@ from vmbusify.control.context import CTX_KEY, ControlContext
 from vmbusify.control.peer import unix_peer_uid
 from vmbusify.control.sockdir import group_id, prepare_dir, secure_socket
 from vmbusify.control.token import ensure_token, token_matches
-from vmbusify.errors import (
-    ControlError,
-    NotConnectedError,
-    RequestTimeout,
-    TunnelError,
-    UnknownVMError,
-    VMBusifyError,
-)
+from vmbusify.errors import ControlError, VMBusifyError, http_status
 from vmbusify.logs import printable
 from vmbusify.protocol.entities import Entity
 from vmbusify.runtime import stop_on_signals
@@ -45,22 +40,18 @@ from vmbusify.workers.exec import host as exec_host
 
 log = logging.getLogger("vmbusify.control")
 
-def error_response(status: int, message: str) -> web.Response:
-    """A JSON error body, as every failing request gets."""
-    return web.json_response({"error": message}, status=status)
+
+def error_response(status: int, message: str, code: int | None = None) -> web.Response:
+    """A JSON error body, as every failing request gets (with the ErrorCode, if any)."""
+    body: dict[str, Any] = {"error": message}
+    if code is not None:
+        body["code"] = int(code)
+    return web.json_response(body, status=status)
 
 
 def status_for(exc: VMBusifyError) -> int:
-    """The HTTP status that fits an error."""
-    if isinstance(exc, UnknownVMError):
-        return 404
-    if isinstance(exc, RequestTimeout):
-        return 504
-    if isinstance(exc, (NotConnectedError, TunnelError)):
-        return 503
-    if isinstance(exc, ControlError):
-        return 400
-    return 500
+    """The HTTP status that fits an error: by its code, from the one table (errors.OUTCOMES)."""
+    return http_status(exc.code)
 
 
 @web.middleware
@@ -87,7 +78,7 @@ async def auth_and_errors(request: web.Request,
             return resp
         raise
     except VMBusifyError as exc:
-        return error_response(status_for(exc), str(exc))
+        return error_response(status_for(exc), str(exc), exc.code)
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal error in the command listener (see its log)")

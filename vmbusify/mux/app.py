@@ -20,15 +20,28 @@ import time
 import uuid
 from typing import Any
 
-import zmq
-
 from vmbusify import __version__
-from vmbusify.bus.frames import BusKind, TunnelEvent
+from vmbusify.bus.frames import (
+    BusMessage,
+    CtlReply,
+    CtlRequest,
+    Evt,
+    Frames,
+    Pkg,
+    Reg,
+    RegOk,
+    Rereg,
+    TunnelEvent,
+    Unreg,
+    from_worker,
+)
 from vmbusify.bus.link import REGISTER_INTERVAL
-from vmbusify.bus.sockets import BusSocket, Frames, bind_router, ensure_private_dir
+from vmbusify.bus.sockets import BusSocket, ensure_private_dir
 from vmbusify.config import Config, Role
 from vmbusify.errors import (
+    BusError,
     ControlError,
+    ErrorCode,
     ProtocolError,
     TunnelError,
     UnknownVMError,
@@ -54,14 +67,11 @@ from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.package import (
     MAX_PAYLOAD_LIMIT,
     Package,
-    PackageFlag,
     PackageType,
     Payload,
     decode_header,
-    encode_header,
 )
-from vmbusify.protocol.serialize import dumps, loads_dict
-from vmbusify.protocol.tunnel import Hello, WorkerLost
+from vmbusify.protocol.tunnel import Feature, Hello, WorkerLost
 
 log = logging.getLogger("vmbusify.mux")
 
@@ -101,28 +111,27 @@ class MuxApp:
         #: What waits in every tunnel's send queue together.
         self.backlog = BacklogPool(config.limits.tunnel_backlog_total)
         self.side: Any = None  # HostSide or GuestSide, set by run_mux
-        self._ctx = zmq.Context()
         self._bus: BusSocket | None = None
 
     # -- bus -------------------------------------------------------------------------------
     def bind(self) -> None:
         """Bind the bus and start serving workers (call with the loop running)."""
         ensure_private_dir(self.config.run_dir)
-        self._bus = BusSocket(bind_router(self._ctx, self.config.bus_endpoint), self._on_bus)
+        self._bus = BusSocket.router(self.config.bus_endpoint, self._on_bus)
         log.info("bus listening at %s", self.config.bus_endpoint)
 
     def close(self) -> None:
         if self._bus is not None:
-            self._bus.close()
-        self._ctx.term()
+            self._bus.close()  # and its ZeroMQ context
+            self._bus = None
 
-    def to_worker(self, identity: bytes, frames: Frames) -> bool:
+    def to_worker(self, identity: bytes, msg: BusMessage) -> bool:
         """Send to one worker without ever blocking; a vanished worker is unregistered."""
         assert self._bus is not None
         try:
-            self._bus.send([identity, *frames])
+            self._bus.send_to(identity, msg)
             return True
-        except zmq.ZMQError as err:
+        except BusError as err:
             exc = err
         self._unreachable(identity, exc)
         info = self.routes.by_identity(identity)
@@ -135,48 +144,46 @@ class MuxApp:
         name = info.name if info else identity.decode(errors="replace")
         log.warning("worker=%s unreachable (%s); unregistering it", name, exc)
 
-    def broadcast(self, event: TunnelEvent, vmid: str, **info: Any) -> None:
-        """Tell every worker that a tunnel came up or went down."""
-        body = dumps({"event": event.value, "vmid": vmid, **info})
+    def broadcast(self, evt: Evt) -> None:
+        """Tell every worker that a tunnel came up or went down, or a peer's worker went."""
         for w in self.routes.workers():
-            self.to_worker(w.identity, [BusKind.EVT.value, body])
+            self.to_worker(w.identity, evt)
 
     def _on_bus(self, frames: Frames) -> None:
         """One message from a worker (a big payload arrives as a view of the ZeroMQ frame
         and goes on to the tunnel as it is)."""
         try:
-            self._from_bus(frames)
-        except (ProtocolError, ValueError, IndexError, KeyError, UnicodeDecodeError) as exc:
+            if len(frames) < 2:
+                raise ProtocolError("bus message without an identity and a kind")
+            self._from_bus(bytes(frames[0]), from_worker(frames[1:]))
+        except ProtocolError as exc:
             log.warning("malformed bus message dropped: %s", exc)
 
-    def _from_bus(self, frames: list[Any]) -> None:
-        identity, kind = bytes(frames[0]), BusKind(bytes(frames[1]))
-        if kind is BusKind.PKG:
+    def _from_bus(self, identity: bytes, msg: BusMessage) -> None:
+        if type(msg) is Pkg:
             if self.routes.by_identity(identity) is None:
-                self.to_worker(identity, [BusKind.REREG.value])
-            self.from_worker(identity, frames[2].decode(), frames[3], frames[4])
-        elif kind is BusKind.REG:
-            self.execute(self.switch.register(identity, loads_dict(frames[2], "REG")))
-            self.to_worker(identity, [BusKind.REGOK.value,
-                                      dumps({"role": self.role.value, "mux_id": self.mux_id})])
-        elif kind is BusKind.CTL:
-            self._spawn_control(identity, frames[2], frames[3])
-        elif kind is BusKind.UNREG:
+                self.to_worker(identity, Rereg())
+            self.from_worker(identity, msg.vmid, msg.header, msg.payload)
+        elif type(msg) is Reg:
+            self.execute(self.switch.register(identity, msg.body()))
+            self.to_worker(identity, RegOk(self.role.value, self.mux_id))
+        elif type(msg) is CtlRequest:
+            self._spawn_control(identity, msg)
+        elif type(msg) is Unreg:
             stopping = self.routes.by_identity(identity)
             if stopping is not None:
                 self.execute(self.switch.worker_lost(stopping, "stopped", orderly=True))
 
-    def _spawn_control(self, identity: bytes, call_id: bytes, body: bytes) -> None:
+    def _spawn_control(self, identity: bytes, req: CtlRequest) -> None:
         async def answer() -> None:
             try:
-                result = await self.control(loads_dict(body, "CTL"))
-                reply = {"ok": True, "result": result}
+                reply = CtlReply(req.call_id, True, await self.control(req.body()))
             except VMBusifyError as exc:
-                reply = {"ok": False, "error": str(exc), "kind": type(exc).__name__}
+                reply = CtlReply.failure(req.call_id, exc)
             except Exception as exc:  # never let a control bug kill the mux
                 log.exception("control command failed")
-                reply = {"ok": False, "error": f"internal error: {exc}"}
-            self.to_worker(identity, [BusKind.CTL.value, call_id, dumps(reply)])
+                reply = CtlReply(req.call_id, False, error=f"internal error: {exc}")
+            self.to_worker(identity, reply)
 
         asyncio.ensure_future(answer())
 
@@ -216,10 +223,9 @@ class MuxApp:
         """One package to one worker; False (and logged) if the worker is gone."""
         assert self._bus is not None
         try:
-            self._bus.send([act.identity, BusKind.PKG.value, act.vmid.encode(), act.header,
-                            act.payload])
+            self._bus.send_to(act.identity, Pkg(act.vmid, act.header, act.payload))
             return True
-        except zmq.ZMQError as exc:
+        except BusError as exc:
             self._unreachable(act.identity, exc)
             return False
 
@@ -242,10 +248,7 @@ class MuxApp:
             if peer is not None and peer.tunnel is not None:
                 peer.tunnel.send_package(act.package())
             return
-        reason = act.reason.encode()
-        header = encode_header(PackageType.ACK, 0, act.message_id, act.call_id, 0,
-                               PackageFlag.ERROR, len(reason))
-        self.to_worker(act.identity, [BusKind.PKG.value, act.vmid.encode(), header, reason])
+        self.to_worker(act.identity, Pkg.of(act.vmid, act.package()))
 
     def _hold(self, act: Hold) -> None:
         """A worker's package for a VM that is not connected: wait for a connect on demand
@@ -258,7 +261,8 @@ class MuxApp:
         h = decode_header(act.header, MAX_PAYLOAD_LIMIT)
         self._fail(act.identity, act.vmid, h.type, h.id, h.message_id,
                    f"not connected: {act.vmid} is {peer.state.value}"
-                   + (f" ({peer.last_error})" if peer.last_error else ""))
+                   + (f" ({peer.last_error})" if peer.last_error else ""),
+                   ErrorCode.NOT_CONNECTED)
 
     # -- worker -> tunnel ------------------------------------------------------------------
     def from_worker(self, identity: bytes, vmid: str, header: bytes,
@@ -267,12 +271,13 @@ class MuxApp:
         self.execute(self.switch.from_worker(identity, vmid, header, payload))
 
     def _fail(self, identity: bytes, vmid: str, ptype: PackageType, call_id: int,
-              message_id: int, reason: str) -> None:
+              message_id: int, reason: str, code: ErrorCode) -> None:
         """Answer a worker's REQUEST with an error ACK; other kinds are dropped with a log."""
         if ptype is not PackageType.REQUEST:
             log.debug("vm=%s: %s package dropped: %s", vmid, ptype.name, reason)
             return
-        self._answer_error(AnswerError(vmid, call_id, message_id, reason, identity))
+        self._answer_error(AnswerError(vmid, call_id, message_id, reason, identity,
+                                       code=code))
 
     # -- tunnel -> workers -----------------------------------------------------------------
     def from_tunnel(self, peer: Peer, tunnel: Tunnel, pkg: Package) -> None:
@@ -298,7 +303,7 @@ class MuxApp:
         log.info("vm=%s connected via %s (peer %s, version %s, ips %s)", peer.vmid,
                  peer.address, hello.hostname if hello else "?",
                  hello.software_version if hello else "?", ", ".join(peer.ips) or "none")
-        self.broadcast(TunnelEvent.UP, peer.vmid, ips=peer.ips)
+        self.broadcast(Evt(TunnelEvent.UP, peer.vmid, ips=list(peer.ips)))
         self._announce_holdings(others)
         waiting, peer.waiting = peer.waiting, []
         for header, payload, identity in waiting:
@@ -311,11 +316,13 @@ class MuxApp:
         tunnel.backlog_limit = limits.tunnel_backlog
         if not tunnel.closed.is_set():
             self.backlog.join(tunnel)
-        self.execute(self.switch.tunnel_up(peer.vmid))
+        hello = tunnel.peer_hello
+        coded = hello is not None and hello.has(Feature.ERROR_CODES)
+        self.execute(self.switch.tunnel_up(peer.vmid, coded_errors=coded))
 
     def _on_hello(self, peer: Peer, hello: Hello) -> None:
         others = self._claim(peer, hello.ips)
-        self.broadcast(TunnelEvent.UP, peer.vmid, ips=peer.ips)
+        self.broadcast(Evt(TunnelEvent.UP, peer.vmid, ips=list(peer.ips)))
         self._announce_holdings(others)
 
     def _claim(self, peer: Peer, ips: list[str]) -> set[str]:
@@ -346,7 +353,7 @@ class MuxApp:
                 # Rate-limited: another (hostile) VM's HELLOs can toggle this.
                 self._address_log.log(logging.INFO, (vmid, "held"), "vm=%s: addresses held "
                                       "now %s", vmid, ", ".join(p.ips) or "none")
-                self.broadcast(TunnelEvent.UP, vmid, ips=p.ips)
+                self.broadcast(Evt(TunnelEvent.UP, vmid, ips=list(p.ips)))
 
     def detach(self, peer: Peer, tunnel: Tunnel, reason: str) -> None:
         """The tunnel to ``peer`` ended."""
@@ -359,7 +366,7 @@ class MuxApp:
         self._sync_addresses(changed | {peer.vmid})
         log.warning("vm=%s disconnected: %s", peer.vmid, reason)
         self.execute(self.switch.tunnel_down(peer.vmid, reason))
-        self.broadcast(TunnelEvent.DOWN, peer.vmid, reason=reason)
+        self.broadcast(Evt(TunnelEvent.DOWN, peer.vmid, reason=reason))
         self._announce_holdings(changed - {peer.vmid})
 
     def fail_waiting(self, peer: Peer, reason: str) -> None:
@@ -368,7 +375,7 @@ class MuxApp:
         for header, _payload, identity in waiting:
             h = decode_header(header, MAX_PAYLOAD_LIMIT)
             self._fail(identity, peer.vmid, h.type, h.id, h.message_id,
-                       f"not connected: {peer.vmid}: {reason}")
+                       f"not connected: {peer.vmid}: {reason}", ErrorCode.NOT_CONNECTED)
 
     # -- built-in commands -----------------------------------------------------------------
     def peer(self, vmid: str) -> Peer:
@@ -452,7 +459,7 @@ class MuxApp:
     def _on_worker_lost(self, peer: Peer, lost: WorkerLost) -> None:
         log.info("vm=%s: a worker of the peer (%s) went away", peer.vmid,
                  ", ".join(entity_label(e) for e in lost.entities))
-        self.broadcast(TunnelEvent.PEER_LOST, peer.vmid, entities=lost.entities)
+        self.broadcast(Evt(TunnelEvent.PEER_LOST, peer.vmid, entities=list(lost.entities)))
 
     async def housekeeping(self) -> None:
         """Periodic clean-up: silent workers, stale pending requests."""

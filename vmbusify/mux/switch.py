@@ -30,6 +30,12 @@ Rules for a package from a tunnel (the peer is untrusted: root in a guest writes
    an ERROR ACK saying why ("no worker on NAME handles ENTITY message N", "wrong package type
    for ENTITY message N"), so the sender does not wait out its timeout.
 
+Error ACKs carry an ErrorCode (vmbusify/errors.py) and a reason: msgpack ``{code, reason}``
+on the bus, and over a tunnel whose peer listed the HELLO feature ``error-codes``. A peer of
+0.1.0 sends and expects the reason alone, as UTF-8 text: for such a tunnel the switch turns
+the workers' coded ERROR ACKs into plain text on the way out, and the peer's plain ones into
+the coded form (code GENERIC) on the way in, so workers only ever see the coded form.
+
 Every check is a set or dict lookup and a bit test: the data path stays one hop.
 """
 
@@ -41,11 +47,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from vmbusify.bus.frames import RouteKind
+from vmbusify.bus.frames import KIND_OF_TYPE, RouteKind
+from vmbusify.errors import ErrorCode
 from vmbusify.mux.router import RouteTable, WorkerInfo, kind_label
 from vmbusify.protocol.entities import Side, entity_label, foreign_entities
 from vmbusify.protocol.package import (
     MAX_PAYLOAD_LIMIT,
+    ErrorReply,
     Package,
     PackageFlag,
     PackageType,
@@ -106,7 +114,7 @@ class ToTunnel:
 
 @dataclass(frozen=True, slots=True)
 class AnswerError:
-    """Answer request ``call_id`` with an ERROR ACK carrying ``reason``."""
+    """Answer request ``call_id`` with an ERROR ACK carrying ``code`` and ``reason``."""
 
     vmid: str
     call_id: int
@@ -115,11 +123,15 @@ class AnswerError:
     #: The worker that asked; None: the peer at the far end of ``vmid``'s tunnel.
     identity: bytes | None = None
     stream: int = 0
+    code: ErrorCode = ErrorCode.GENERIC
+    #: The reason alone, as text: the peer is of 0.1.0 (its HELLO lists no error-codes).
+    plain: bool = False
 
     def package(self) -> Package:
         """The ACK itself (entity 0: the mux answers, not a worker)."""
-        return Package(PackageType.ACK, 0, self.message_id, self.call_id, self.stream,
-                       PackageFlag.ERROR, self.reason.encode())
+        return ErrorReply(self.code, self.reason).ack(
+            entity=0, id=self.call_id, message_id=self.message_id, stream=self.stream,
+            plain=self.plain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,25 +200,21 @@ class WorkerGone:
 
 Action = ToWorker | ToTunnel | AnswerError | Drop | Hold | WorkerJoined | WorkerGone
 
-#: The RouteKind bit a package type needs (ACKs are routed by id, not by route).
-_KIND_OF = {
-    PackageType.MESSAGE: RouteKind.MESSAGE,
-    PackageType.REQUEST: RouteKind.REQUEST,
-    PackageType.DATA: RouteKind.STREAM,
-    PackageType.WINDOW: RouteKind.STREAM,
-}
 _MESSAGE_BIT = int(RouteKind.MESSAGE)
 _REQUEST_BIT = int(RouteKind.REQUEST)
 _MAY_WAIT = (PackageType.REQUEST, PackageType.MESSAGE)
 
 
 class _Link:
-    """What the switch keeps about one live tunnel: the ids it gives forwarded requests."""
+    """What the switch keeps about one live tunnel: the ids it gives forwarded requests, and
+    whether the peer speaks coded error ACKs."""
 
-    __slots__ = ("_ids",)
+    __slots__ = ("_ids", "coded")
 
-    def __init__(self) -> None:
+    def __init__(self, coded: bool) -> None:
         self._ids = itertools.count(1)
+        #: Both HELLOs list ``error-codes``: ERROR ACKs cross as msgpack {code, reason}.
+        self.coded = coded
 
     def next_id(self) -> int:
         """A fresh request id on this tunnel (1 .. 2**32-1; 0 is never used)."""
@@ -228,16 +236,18 @@ class Switch:
         self._foreign = foreign_entities(self.peer_side.value)
 
     # -- tunnels ---------------------------------------------------------------------------
-    def tunnel_up(self, vmid: str) -> list[Action]:
-        """A tunnel to ``vmid`` completed its handshake."""
-        self._up[vmid] = _Link()
+    def tunnel_up(self, vmid: str, *, coded_errors: bool = False) -> list[Action]:
+        """A tunnel to ``vmid`` completed its handshake; ``coded_errors``: both HELLOs list
+        the feature ``error-codes`` (else the peer is of 0.1.0: plain-text reasons)."""
+        self._up[vmid] = _Link(coded_errors)
         return []
 
     def tunnel_down(self, vmid: str, reason: str) -> list[Action]:
         """The tunnel to ``vmid`` ended: every request still waiting for its ACK fails."""
         self._up.pop(vmid, None)
         lost = f"not connected: tunnel to {vmid} lost ({reason})"
-        return [AnswerError(vmid, call.worker_call_id, 0, lost, call.identity)
+        return [AnswerError(vmid, call.worker_call_id, 0, lost, call.identity,
+                            code=ErrorCode.NOT_CONNECTED)
                 for call in self.routes.pending_for_vm(vmid)]
 
     def is_up(self, vmid: str) -> bool:
@@ -255,15 +265,22 @@ class Switch:
             if pending is None:
                 return [Drop(vmid, DropReason.STRAY_ACK, ptype, pkg.entity, pkg.message_id,
                              pkg.id, pkg.stream)]
-            header = encode_header(ptype, pkg.entity, pkg.message_id, pending.worker_call_id,
-                                   pkg.stream, pkg.flags, len(pkg.payload))
-            return [ToWorker(pending.identity, vmid, header, pkg.payload)]
+            payload = pkg.payload
+            if pkg.flags & PackageFlag.ERROR:
+                link = self._up.get(vmid)
+                if link is None or not link.coded:
+                    # A peer of 0.1.0: its reason is plain text; workers read the coded form.
+                    payload = ErrorReply.from_plain(payload).encode()
+            header = encode_header(type=ptype, flags=pkg.flags, entity=pkg.entity,
+                                   id=pending.worker_call_id, message_id=pkg.message_id,
+                                   stream=pkg.stream, length=len(payload))
+            return [ToWorker(pending.identity, vmid, header, payload)]
         routes = self.routes.destinations(pkg.entity, pkg.message_id)
         if not routes:
             return self._refuse(vmid, pkg, DropReason.NO_ROUTE)
         if ptype is PackageType.REQUEST:
             return self._request(vmid, pkg, routes)
-        bit = _KIND_OF[ptype]
+        bit = KIND_OF_TYPE[ptype]
         header = pkg.header()
         out: list[Action] = [ToWorker(w.identity, vmid, header, pkg.payload)
                              for w, kind in routes if kind & bit]
@@ -285,8 +302,9 @@ class Switch:
         if copies:
             # Only the first handler answers (one ACK per request); the others are handed
             # the same message as a one-way notification.
-            header = encode_header(PackageType.MESSAGE, pkg.entity, pkg.message_id, pkg.id,
-                                   pkg.stream, pkg.flags, len(pkg.payload))
+            header = encode_header(type=PackageType.MESSAGE, flags=pkg.flags,
+                                   entity=pkg.entity, id=pkg.id, message_id=pkg.message_id,
+                                   stream=pkg.stream, length=len(pkg.payload))
             out += [ToWorker(w.identity, vmid, header, pkg.payload) for w in copies]
         return out
 
@@ -305,13 +323,17 @@ class Switch:
         if pkg.type is not PackageType.REQUEST:
             return [drop]
         label = entity_label(pkg.entity)
+        code = ErrorCode.PROTOCOL
         if reason is DropReason.NO_ROUTE:
             answer = f"no worker on {self.name} handles {label} message {pkg.message_id}"
+            code = ErrorCode.NO_HANDLER
         elif reason is DropReason.WRONG_TYPE:
             answer = f"wrong package type for {label} message {pkg.message_id}"
         else:
             answer = f"{label} is not an entity of a {self.peer_side.value}"
-        return [drop, AnswerError(vmid, pkg.id, pkg.message_id, answer, None, pkg.stream)]
+        link = self._up.get(vmid)
+        return [drop, AnswerError(vmid, pkg.id, pkg.message_id, answer, None, pkg.stream,
+                                  code, plain=link is None or not link.coded)]
 
     def undeliverable(self, action: ToWorker) -> list[Action]:
         """The worker of ``action`` could not be reached: forget it, and route a request it
@@ -335,15 +357,22 @@ class Switch:
                 return [Hold(vmid, identity, header, payload, h.type in _MAY_WAIT)]
             reason = f"unknown VM {vmid!r}"
             if h.type is PackageType.REQUEST:
-                return [AnswerError(vmid, h.id, h.message_id, reason, identity)]
+                return [AnswerError(vmid, h.id, h.message_id, reason, identity,
+                                    code=ErrorCode.UNKNOWN_VM)]
             return [Drop(vmid, DropReason.UNKNOWN_VM, h.type, h.entity, h.message_id, 0,
                          h.stream)]
         if h.type is PackageType.REQUEST:
             # The tunnel's own id, so ACKs to requests of different workers cannot collide.
             tid = link.next_id()
             self.routes.add_pending(vmid, tid, identity, h.id)
-            header = encode_header(h.type, h.entity, h.message_id, tid, h.stream, h.flags,
-                                   h.length)
+            header = encode_header(type=h.type, flags=h.flags, entity=h.entity, id=tid,
+                                   message_id=h.message_id, stream=h.stream, length=h.length)
+        elif h.flags & PackageFlag.ERROR and h.type is PackageType.ACK and not link.coded:
+            # A peer of 0.1.0 reads the reason alone, as text.
+            payload = ErrorReply.read(payload).plain()
+            header = encode_header(type=h.type, flags=h.flags, entity=h.entity, id=h.id,
+                                   message_id=h.message_id, stream=h.stream,
+                                   length=len(payload))
         return [ToTunnel(vmid, header, payload, h.type, h.entity, h.stream)]
 
     # -- worker registry -------------------------------------------------------------------

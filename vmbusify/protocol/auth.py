@@ -59,7 +59,8 @@ def verify(key: bytes, side: Side, host_nonce: bytes, guest_nonce: bytes,
 
 def features(has_key: bool) -> list[str]:
     """The features an end of this release lists in its HELLO."""
-    return [Feature.AUTH.value] + ([Feature.KEY.value] if has_key else [])
+    return ([Feature.AUTH.value, Feature.ERROR_CODES.value]
+            + ([Feature.KEY.value] if has_key else []))
 
 
 def guest_refusal(has_key: bool, host: Hello, guest_nonce: bytes) -> str | None:

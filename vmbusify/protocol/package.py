@@ -29,7 +29,8 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
-from vmbusify.errors import LocalProtocolError, RemoteProtocolError
+from vmbusify.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, code_of
+from vmbusify.protocol.serialize import dumps, loads_dict
 
 SIGNATURE = 0x564D4255
 PROTOCOL_VERSION = 1
@@ -77,45 +78,48 @@ _KNOWN_FLAGS = int(PackageFlag.EOF | PackageFlag.RESET | PackageFlag.ERROR)
 _TYPES = frozenset(int(t) for t in PackageType)
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, frozen=True, kw_only=True)
 class Package:
-    """One vmbus package. ``entity`` is the sender's Entity code (an int on the wire)."""
+    """One vmbus package: its header's fields in the wire's order, then the payload.
+
+    Keyword-only (``Package(type=..., entity=..., message_id=...)``), as are ``Header`` and
+    ``encode_header``: one order for the fields everywhere, and no call that counts them.
+    ``entity`` is the sender's Entity code (an int on the wire); ``length`` is the payload's.
+    """
 
     type: PackageType
-    entity: int
-    message_id: int
-    id: int = 0
-    stream: int = 0
     flags: PackageFlag = PackageFlag.NONE
+    entity: int
+    id: int = 0
+    message_id: int
+    stream: int = 0
     payload: Payload = b""
 
     def header(self) -> bytes:
         """The 24-byte header of this package (payload not included)."""
-        return encode_header(
-            self.type, self.entity, self.message_id, self.id, self.stream, self.flags,
-            len(self.payload),
-        )
+        return encode_header(type=self.type, flags=self.flags, entity=self.entity, id=self.id,
+                             message_id=self.message_id, stream=self.stream,
+                             length=len(self.payload))
 
     def encode(self) -> bytes:
         """Header and payload as one bytes object."""
         return self.header() + bytes(self.payload)
 
 
-def encode_header(
-    ptype: int, entity: int, message_id: int, pid: int, stream: int, flags: int, length: int,
-) -> bytes:
-    """Pack a header; raises LocalProtocolError for a field out of range."""
+def encode_header(*, type: int, flags: int, entity: int, id: int,
+                  message_id: int, stream: int, length: int) -> bytes:
+    """Pack a header (fields in the wire's order, by keyword); raises LocalProtocolError for
+    a field out of range."""
     try:
-        return HEADER.pack(
-            SIGNATURE, PROTOCOL_VERSION, ptype, flags, entity, pid, message_id, stream, length
-        )
+        return HEADER.pack(SIGNATURE, PROTOCOL_VERSION, type, flags, entity, id, message_id,
+                           stream, length)
     except struct.error as exc:
         raise LocalProtocolError(f"cannot encode package header: {exc}") from None
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, frozen=True, kw_only=True)
 class Header:
-    """A decoded header, before its payload has arrived."""
+    """A decoded header, before its payload has arrived (fields in the wire's order)."""
 
     type: PackageType
     flags: PackageFlag
@@ -125,9 +129,16 @@ class Header:
     stream: int
     length: int
 
+    def package(self, payload: Payload) -> Package:
+        """The package this header starts, with ``payload`` (used as it is, never copied)."""
+        return Package(type=self.type, flags=self.flags, entity=self.entity, id=self.id,
+                       message_id=self.message_id, stream=self.stream, payload=payload)
+
 
 def decode_header(data: bytes | bytearray | memoryview, max_payload: int) -> Header:
     """Unpack and validate a 24-byte header; raises RemoteProtocolError if it is invalid."""
+    if len(data) != HEADER_SIZE:
+        raise RemoteProtocolError(f"a package header is {HEADER_SIZE} bytes, not {len(data)}")
     sig, version, ptype, flags, entity, pid, message_id, stream, length = HEADER.unpack_from(data)
     if sig != SIGNATURE:
         raise RemoteProtocolError(f"bad signature 0x{sig:08x} (expected 0x{SIGNATURE:08x})")
@@ -139,7 +150,70 @@ def decode_header(data: bytes | bytearray | memoryview, max_payload: int) -> Hea
         raise RemoteProtocolError(f"unknown flag bits 0x{flags:04x}")
     if length > max_payload:
         raise RemoteProtocolError(f"payload length {length} exceeds the maximum {max_payload}")
-    return Header(PackageType(ptype), PackageFlag(flags), entity, pid, message_id, stream, length)
+    return Header(type=PackageType(ptype), flags=PackageFlag(flags), entity=entity, id=pid,
+                  message_id=message_id, stream=stream, length=length)
+
+
+#: The longest reason read from an ERROR ACK (characters).
+MAX_REASON = 2000
+
+
+@dataclass(slots=True, frozen=True)
+class ErrorReply:
+    """The payload of an ERROR ACK: why the request failed, as an ErrorCode and a text.
+
+    Two forms on the wire (docs/protocol.md, "Error codes"): ``encode()``, msgpack
+    ``{code, reason}``, between ends that both list the HELLO feature ``error-codes`` (and
+    always on the bus); ``plain()``, the UTF-8 reason alone, to a peer of 0.1.0, whose
+    reasons are read back with ``from_plain`` as GENERIC.
+    """
+
+    code: ErrorCode
+    reason: str
+
+    def encode(self) -> bytes:
+        """The coded form: msgpack ``{"code": int, "reason": str}``."""
+        return dumps({"code": int(self.code), "reason": self.reason[:MAX_REASON]})
+
+    def plain(self) -> bytes:
+        """The form of 0.1.0: the reason as UTF-8 text."""
+        return self.reason[:MAX_REASON].encode()
+
+    def ack(self, *, entity: int, id: int, message_id: int, stream: int = 0,
+            plain: bool = False) -> Package:
+        """The ERROR ACK that answers request ``id`` with this reply (``plain``: for a peer
+        of 0.1.0)."""
+        return Package(type=PackageType.ACK, flags=PackageFlag.ERROR, entity=entity, id=id,
+                       message_id=message_id, stream=stream,
+                       payload=self.plain() if plain else self.encode())
+
+    @classmethod
+    def decode(cls, payload: Payload) -> ErrorReply:
+        """The coded form, strictly (RemoteProtocolError if it is not one); an unknown code
+        reads as GENERIC."""
+        body = loads_dict(payload, "error reply")
+        code, reason = body.get("code"), body.get("reason")
+        if not isinstance(code, int) or isinstance(code, bool) or not isinstance(reason, str):
+            raise RemoteProtocolError("error reply: 'code' (int) and 'reason' (str) wanted")
+        return cls(code_of(code), reason[:MAX_REASON])
+
+    @classmethod
+    def from_plain(cls, payload: Payload) -> ErrorReply:
+        """A reason of 0.1.0 (plain text): GENERIC, the text as it is (invalid UTF-8
+        replaced)."""
+        return cls(ErrorCode.GENERIC,
+                   bytes(payload[:MAX_REASON * 4]).decode("utf-8", "replace")[:MAX_REASON])
+
+    @classmethod
+    def read(cls, payload: Payload, coded: bool = True) -> ErrorReply:
+        """Whatever an ERROR ACK carries, never raising: the coded form when ``coded`` (a
+        malformed one is read as GENERIC, saying so), else plain text."""
+        if not coded:
+            return cls.from_plain(payload)
+        try:
+            return cls.decode(payload)
+        except RemoteProtocolError as exc:
+            return cls(ErrorCode.REMOTE_PROTOCOL, f"the peer's error reply is malformed: {exc}")
 
 
 class PackageDecoder:
@@ -254,8 +328,7 @@ class PackageDecoder:
         head = self._header
         assert head is not None
         self._header = None
-        self._ready.append(Package(head.type, head.entity, head.message_id, head.id,
-                                   head.stream, head.flags, payload))
+        self._ready.append(head.package(payload))
 
     def _fail(self, exc: RemoteProtocolError) -> None:
         self._error = exc

@@ -22,6 +22,10 @@ class Feature(str, Enum):
     #: The sender holds a shared key for this tunnel: both ends must prove it (AUTH) before
     #: anything else is accepted.
     KEY = "key"
+    #: The sender's ERROR ACKs carry msgpack ``{code, reason}`` (an ErrorCode, see
+    #: vmbusify/errors.py) and it reads them so; without it on both ends, the reason alone
+    #: as UTF-8 text (0.1.0).
+    ERROR_CODES = "error-codes"
 
 
 #: Length of a HELLO's nonce; longer ones are a protocol error, shorter ones cannot be used

@@ -36,6 +36,8 @@ from vmbusify.bus.streams import Stream, StreamReset
 from vmbusify.config import Config
 from vmbusify.errors import (
     ControlError,
+    ErrorCode,
+    NoHandlerError,
     ProtocolError,
     RequestTimeout,
     TunnelError,
@@ -140,10 +142,13 @@ class ExecService(Worker):
             raise RequestTimeout(f"the command executor on {vmid} did not answer within "
                                  f"{START_TIMEOUT:g}s (is it stuck? check: supervisorctl "
                                  "status exec, in the VM)") from None
+        except UnknownVMError:  # the host mux's (its code, UNKNOWN_VM): a 404
+            raise
         except TunnelError as exc:
-            if str(exc).startswith("unknown VM"):  # the mux's words for a vmid it lacks
-                raise UnknownVMError(str(exc)) from None
-            if str(exc).startswith("no worker on"):  # the guest mux's: nothing handles START
+            # Nothing on the guest handles START: NO_HANDLER from the guest's mux, or the
+            # same words with no code (GENERIC) from a mux of 0.1.0.
+            if isinstance(exc, NoHandlerError) or (
+                    exc.code is ErrorCode.GENERIC and str(exc).startswith("no worker on")):
                 raise TunnelError(f"the command executor is not running on {vmid} (check: "
                                   "supervisorctl status exec, in the VM)") from None
             raise

@@ -34,6 +34,7 @@ from vmbusify.errors import (
     ProtocolError,
     RequestTimeout,
     TunnelError,
+    UnknownVMError,
 )
 from vmbusify.logs import RateLimitedLog, printable
 from vmbusify.protocol.entities import Entity
@@ -260,12 +261,10 @@ class ProxyClient:
                                             timeout=self.cfg.connect_timeout + ACK_MARGIN)
         except RequestTimeout as exc:
             ack = OpenAck(ReplyCode.TTL_EXPIRED, reason=str(exc))
-        except NotConnectedError as exc:
+        except (NotConnectedError, UnknownVMError) as exc:  # the host mux's, by their codes
             ack = OpenAck(ReplyCode.NETWORK_UNREACHABLE, reason=str(exc))
         except TunnelError as exc:
-            ack = OpenAck(ReplyCode.NETWORK_UNREACHABLE
-                          if "unknown VM" in str(exc) or "not connected" in str(exc)
-                          else ReplyCode.GENERAL_FAILURE, reason=str(exc))
+            ack = OpenAck(ReplyCode.GENERAL_FAILURE, reason=str(exc))
         except ProtocolError as exc:
             ack = OpenAck(ReplyCode.GENERAL_FAILURE, reason=str(exc))
         if not ack.ok:
