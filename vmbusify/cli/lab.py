@@ -31,7 +31,8 @@ def _lab_errors(fn: F) -> F:
 @click.group()
 @click.option("-q", "--quiet", is_flag=True, help="Print no progress, only the result.")
 def lab(quiet: bool) -> None:
-    """Simulated VMs in network namespaces, for demos and tests (needs root)."""
+    """Simulated VMs in network namespaces, or real QEMU guests, for demos and tests (needs
+    root)."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="lab: %(message)s")
 
@@ -50,16 +51,28 @@ def _releases(ctx: click.Context, param: click.Parameter,
 
 @lab.command("up")
 @click.option("--vms", type=click.IntRange(1, MAX_VMS), default=None,
-              help="Number of VMs (vm1..vmN). Default: keep the lab's, or 2 for a new lab.")
+              help="Number of VMs (vm1..vmN). Default: keep the lab's, or 2 for a new lab "
+                   "(1 for a new QEMU lab).")
 @click.option("--guest-release", "guest_releases", multiple=True, metavar="VMID=RELEASE",
               callback=_releases,
               help="Run VMID's guest stack from an older release (a git tag of this checkout, "
                    "e.g. vm2=v0.1.0), or from this checkout again (vm2=current). Repeatable; "
                    "VMs not named keep theirs.")
+@click.option("--qemu", is_flag=True,
+              help="Real Linux guests under QEMU (no NIC; virtio-serial) instead of namespaces. "
+                   "The first run builds the guest image (minutes, cached).")
+@click.option("--accel", type=click.Choice(["kvm", "tcg"]), default=None,
+              help="QEMU's accelerator. Default: KVM if a guest boots under it here "
+                   "(probed once, cached), else TCG.")
 @_lab_errors
-def up(vms: int | None, guest_releases: dict[str, str]) -> None:
+def up(vms: int | None, guest_releases: dict[str, str], qemu: bool, accel: str | None) -> None:
     """Bring the lab up, or repair it (idempotent)."""
-    click.echo(lab_impl.up(vms, guest_releases=dict(guest_releases)).render())
+    if accel and not qemu:
+        raise click.UsageError("--accel goes with --qemu")
+    if guest_releases and qemu:
+        raise click.UsageError("--guest-release is for the namespace lab, not --qemu")
+    click.echo(lab_impl.up(vms, guest_releases=dict(guest_releases), qemu=qemu,
+                           accel=accel).render())
 
 
 @lab.command("down")

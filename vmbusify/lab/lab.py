@@ -8,6 +8,7 @@ or not this run made it, and is a no-op on a lab that is already gone.
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import logging
 import os
@@ -38,15 +39,28 @@ from vmbusify.lab.layout import (
     guest_config,
     host_config,
     hosts_file,
+    qemu_guest_config,
     resolv_conf,
     supervisord_conf,
     venv_bin,
 )
+from vmbusify.lab.qemu import accel as qemu_accel
+from vmbusify.lab.qemu import image as qemu_image
+from vmbusify.lab.qemu import vm as qemu_vm
 from vmbusify.workers.subnet import nat as subnet_nat
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VMS = 2
+#: Left in the lab root: which kind of lab this is (absent: the namespace lab).
+_KIND_FILE = "kind"
+
+
+class Kind(enum.StrEnum):
+    """What plays the VMs."""
+
+    NETNS = "netns"
+    QEMU = "qemu"
 _VM_NETNS_RE = re.compile(rf"^{re.escape(PREFIX)}vm([1-9][0-9]*)$")
 #: Left in the lab root when ``up`` had to create /etc/netns, so ``down`` removes it again.
 _ETC_NETNS_MARKER = ".created-etc-netns"
@@ -98,6 +112,9 @@ class VMStatus:
     supervisord_pid: int | None
     #: The older release its guest stack runs (None: this checkout's).
     release: str | None = None
+    #: QEMU lab only: the VM's QEMU process and serial console (netns is "" there).
+    qemu_pid: int | None = None
+    console: str = ""
 
 
 @dataclass
@@ -129,16 +146,22 @@ class LabStatus:
     vms: list[VMStatus]
     external: ExternalStatus
     host: HostStatus
+    #: "netns" (simulated VMs in namespaces) or "qemu" (real guests, ``lab up --qemu``).
+    kind: str = Kind.NETNS.value
     up: bool = field(init=False)
 
     def __post_init__(self) -> None:
+        def vm_up(vm: VMStatus) -> bool:
+            if self.kind == Kind.QEMU:
+                return vm.qemu_pid is not None
+            return vm.netns_present and vm.supervisord_pid is not None
         self.up = (bool(self.vms) and self.external.present
                    and self.host.supervisord_pid is not None
-                   and all(vm.netns_present and vm.supervisord_pid is not None for vm in self.vms))
+                   and all(vm_up(vm) for vm in self.vms))
 
     def to_json(self) -> dict[str, Any]:
-        """``{"vms": [{"vmid", "netns", "sdn_ip", ...}], "external": {"netns", "ip", ...},
-        "host": {...}, "root", "up"}``."""
+        """``{"vms": [{"vmid", "netns", "sdn_ip", ..., "qemu_pid", "console"}],
+        "external": {"netns", "ip", ...}, "host": {...}, "root", "kind", "up"}``."""
         return asdict(self)
 
     def render(self) -> str:
@@ -149,6 +172,8 @@ class LabStatus:
             return f"supervisord {p}" if p else "supervisord not running"
         ext = self.external
         state = "up" if self.up else "DEGRADED (`vmbusify lab up` repairs it)"
+        if self.kind == Kind.QEMU:
+            state += "  [QEMU guests]"
         host = f"{ext.host_if} {ext.host_ip}  control {self.host.control}"
         lines = [
             f"lab: {state}   ({self.root})",
@@ -156,6 +181,10 @@ class LabStatus:
             f"  external  {ext.netns:<10}  eth0 {ext.ip}" + ("" if ext.present else "  MISSING"),
         ]
         for vm in self.vms:
+            if self.kind == Kind.QEMU:
+                lines.append(f"  {vm.vmid:<8}  QEMU {vm.qemu_pid or 'NOT RUNNING':<11}  "
+                             f"chardev {vm.tunnel}  console {vm.console}")
+                continue
             lines.append(
                 f"  {vm.vmid:<8}  {vm.netns:<10}  {SDN_IF} {vm.sdn_ip}  {pid(vm.supervisord_pid)}"
                 + (f"  release {vm.release}" if vm.release else "")
@@ -178,13 +207,29 @@ def existing_vms(layout: LabLayout) -> list[int]:
     return sorted(found)
 
 
+def lab_kind(layout: LabLayout) -> Kind:
+    """The kind of the lab under ``layout`` (the namespace lab when none is recorded)."""
+    try:
+        return Kind((layout.root / _KIND_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return Kind.NETNS
+
+
 def status(layout: LabLayout | None = None) -> LabStatus:
     """The lab as it is now (reads only)."""
     layout = layout or LabLayout()
     namespaces = set(ip.list_netns())
+    kind = lab_kind(layout)
     vms = []
     for k in existing_vms(layout):
         vm = layout.vm(k)
+        if kind == Kind.QEMU:
+            vms.append(VMStatus(
+                vmid=vm.vmid, netns="", sdn_ip="", tunnel=str(vm.chardev_path),
+                run_dir=str(vm.dir), config=str(vm.config_path), netns_present=False,
+                supervisord_pid=None, qemu_pid=qemu_vm.running_pid(vm),
+                console=str(qemu_vm.console_path(vm))))
+            continue
         proc = stacks.supervisord_process(stacks.stack_for(vm.vmid, layout))
         vms.append(VMStatus(
             vmid=vm.vmid, netns=vm.netns, sdn_ip=vm.sdn_ip, tunnel=str(vm.tunnel_path),
@@ -202,6 +247,7 @@ def status(layout: LabLayout | None = None) -> LabStatus:
         host=HostStatus(
             config=str(layout.host.config_path), run_dir=str(layout.host.run_dir),
             control=layout.host.control, supervisord_pid=host_proc.pid if host_proc else None),
+        kind=kind.value,
     )
 
 
@@ -294,18 +340,27 @@ def _start(stack: stacks.Stack, config_changed: bool) -> None:
 
 
 def up(vms: int | None = None, layout: LabLayout | None = None,
-       guest_releases: Mapping[str, str | None] | None = None) -> LabStatus:
+       guest_releases: Mapping[str, str | None] | None = None, qemu: bool = False,
+       accel: str | None = None) -> LabStatus:
     """Bring the lab up with VMs 1..``vms``, or repair it; the resulting status.
 
-    ``vms`` None keeps the VMs there are (2 for a new lab); a number adds or removes VMs to
-    match it. ``guest_releases`` maps a VM id to the release its guest stack is to run (a git
-    tag such as "v0.1.0", exported from this checkout: lab/release.py), or to None (or
-    "current") for this checkout's; VMs it does not name keep the release they run.
+    ``vms`` None keeps the VMs there are (2 for a new lab, 1 for a new QEMU lab); a number
+    adds or removes VMs to match it. ``guest_releases`` maps a VM id to the release its guest
+    stack is to run (a git tag such as "v0.1.0", exported from this checkout: lab/release.py),
+    or to None (or "current") for this checkout's; VMs it does not name keep the release they
+    run. ``qemu``: the VMs are real QEMU guests (see ``lab/qemu``), booted with ``accel``
+    ("kvm" or "tcg"; None: probe, cached).
     """
     require_root()
     layout = layout or LabLayout()
     with locked(layout):
-        return _up(layout, vms, dict(guest_releases or {}))
+        kind = lab_kind(layout) if layout.root.exists() else Kind.NETNS
+        wanted = Kind.QEMU if qemu else Kind.NETNS
+        if layout.root.exists() and kind != wanted:
+            raise LabError(f"the lab is up as a {kind.value} lab: `vmbusify lab down` first")
+        if qemu and guest_releases:
+            raise LabError("--guest-release is for the namespace lab, not --qemu")
+        return _up(layout, vms, dict(guest_releases or {}), wanted, accel)
 
 
 def _set_releases(layout: LabLayout, wanted: list[VMLayout],
@@ -323,39 +378,92 @@ def _set_releases(layout: LabLayout, wanted: list[VMLayout],
         releases.set_release(known[vmid], None if ref == releases.CURRENT else ref)
 
 
-def _up(layout: LabLayout, vms: int | None, guest_releases: dict[str, str | None]) -> LabStatus:
+def _up(layout: LabLayout, vms: int | None, guest_releases: dict[str, str | None],
+        kind: Kind = Kind.NETNS, accel: str | None = None) -> LabStatus:
     present = existing_vms(layout)
+    if kind == Kind.QEMU and vms is None and not present:
+        vms = 1  # TCG is slow: one guest unless asked
     count = vms if vms is not None else (max(present) if present else DEFAULT_VMS)
     if not 1 <= count <= MAX_VMS:
         raise LabError(f"--vms must be between 1 and {MAX_VMS}, not {count}")
     venv_bin()  # fail early, before touching anything, if the checkout is incomplete
     supervisord_conf()
+    if kind == Kind.QEMU:  # the same: tools, kernel, image (minutes the first time)
+        qemu_image.require_tools()
+        kernel = qemu_image.find_kernel()
+        base = qemu_image.base_image(kernel)
+        chosen = qemu_accel.choose(kernel, accel)
 
     # 0711: others may pass through (to the host's control directory, which decides for
     # itself who may enter, as /run/vmbusify-control does in production) but not list it;
     # every directory below but the host's is 0700.
     layout.root.mkdir(mode=0o700, exist_ok=True)
     layout.root.chmod(0o711)
+    _write(layout.root / _KIND_FILE, kind.value + "\n")
     _up_external(layout)
     _remove_vms(layout, [layout.vm(k) for k in present if k > count])
     wanted = layout.vms(count)
-    for vm in wanted:
-        vm.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _set_releases(layout, wanted, guest_releases)
-    made = {vm.vmid: _up_vm(layout, vm) for vm in wanted}
-    changed = {vmid: c for vmid, (c, _) in made.items()}
-    keyless = frozenset(vmid for vmid, (_, keyed) in made.items() if not keyed)
+    if kind == Kind.QEMU:
+        booting = [vm for vm in wanted if _up_qemu_vm(layout, vm, base, kernel, chosen)]
+        keyless: frozenset[str] = frozenset()
+    else:
+        for vm in wanted:
+            vm.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _set_releases(layout, wanted, guest_releases)
+        made = {vm.vmid: _up_vm(layout, vm) for vm in wanted}
+        changed = {vmid: c for vmid, (c, _) in made.items()}
+        keyless = frozenset(vmid for vmid, (_, keyed) in made.items() if not keyed)
     host = layout.host
     for d in (host.dir, host.run_dir, host.state_dir):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
     host.dir.chmod(0o711)  # run/ and state/ stay 0700; control/ is the listener's to set
-    host_changed = _write(host.config_path, host_config(layout, wanted, keyless), 0o600)
+    host_changed = _write(host.config_path,
+                          host_config(layout, wanted, keyless, qemu=kind == Kind.QEMU), 0o600)
 
-    for vm in wanted:  # guests first: they listen, the host connects
-        _start(stacks.stack_for(vm.vmid, layout), changed[vm.vmid])
+    if kind == Kind.NETNS:
+        for vm in wanted:  # guests first: they listen, the host connects
+            _start(stacks.stack_for(vm.vmid, layout), changed[vm.vmid])
     _start(stacks.stack_for("host", layout), host_changed)
     external.start_services(layout.external)
+    if kind == Kind.QEMU:
+        qemu_vm.wait_ready(booting, chosen)
     return status(layout)
+
+
+def _up_qemu_vm(layout: LabLayout, vm: VMLayout, base: Path, kernel: qemu_image.Kernel,
+                accel: qemu_accel.Accel) -> bool:
+    """Make QEMU VM ``vm``'s files and boot it unless it runs with its current disks; True if
+    it was (re)booted."""
+    for d in (vm.dir, vm.run_dir, vm.state_dir):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not os.path.exists(vm.key_path):  # a key per VM, kept across `lab up` runs
+        _write(Path(vm.key_path), secrets.token_hex(32) + "\n", 0o600)
+    guest = qemu_guest_config(vm, qemu_image.PORT_NAME)
+    changed = _write(vm.config_path, guest, 0o600)  # the host's copy, for reading
+    disk = qemu_vm.config_disk_path(vm)
+    if changed or not disk.exists():
+        qemu_image.config_disk(disk, {
+            "vmbusify.toml": (guest, 0o600),
+            "tunnel.key": (Path(vm.key_path).read_text(), 0o600),
+            "hosts": (hosts_file(layout, None).replace(
+                "127.0.0.1\tlocalhost", f"127.0.0.1\tlocalhost\n127.0.1.1\t{vm.vmid}"), 0o644),
+            "resolv.conf": (resolv_conf(layout), 0o644),
+        })
+    running = qemu_vm.running_pid(vm)
+    if running is not None and not changed and base.name in _backing_file(vm):
+        return False
+    qemu_vm.stop(vm)
+    qemu_vm.start(vm, base, kernel, accel)
+    return True
+
+
+def _backing_file(vm: VMLayout) -> str:
+    """The base image the VM's overlay was made from ("" if unknown)."""
+    import subprocess
+    proc = subprocess.run(["qemu-img", "info", "-U", "--output=json",
+                           str(qemu_vm.overlay_path(vm))], check=False, capture_output=True,
+                          text=True)
+    return proc.stdout if proc.returncode == 0 else ""
 
 
 # --- down -----------------------------------------------------------------------------------
@@ -365,6 +473,7 @@ def _remove_vms(layout: LabLayout, vms: list[VMLayout]) -> None:
     """Stop the VMs' stacks, then remove their namespaces and files."""
     stacks.stop(*(stacks.stack_for(vm.vmid, layout) for vm in vms))
     for vm in vms:
+        qemu_vm.stop(vm)
         log.info("removing %s", vm.vmid)
         ip.delete_netns(vm.netns)
         shutil.rmtree(vm.etc_dir, ignore_errors=True)

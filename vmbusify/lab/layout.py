@@ -172,6 +172,16 @@ class VMLayout(_MachineDirs):
         return f"unix:{self.tunnel_path}"
 
     @property
+    def chardev_path(self) -> Path:
+        """QEMU lab: the Unix socket of the VM's virtio-serial chardev (QEMU listens on it)."""
+        return self.dir / "serial.sock"
+
+    @property
+    def chardev_address(self) -> str:
+        """QEMU lab: the host stack's address for this VM (it connects to the chardev)."""
+        return f"unix:{self.chardev_path}"
+
+    @property
     def key_path(self) -> str:
         """The key this VM shares with the host (root-only; both stacks read this file)."""
         return str(self.dir / "tunnel.key")
@@ -355,13 +365,14 @@ def guest_config(vm: VMLayout, *, first_release: bool = False) -> str:
 
 
 def host_config(layout: LabLayout, vms: list[VMLayout],
-                keyless: frozenset[str] = frozenset()) -> str:
+                keyless: frozenset[str] = frozenset(), qemu: bool = False) -> str:
     """The host stack's vmbusify.toml: every VM, and egress confined to the external network.
 
     The proxy server may reach the external subnet only; the virtual subnet's NAT goes out of
     the lab's veth and its DNS forwarder asks the external namespace, never the real network.
     The VMs in ``keyless`` (guests of a release without keys) get no ``key_file``: the host
     then asks them for no proof.
+    ``qemu``: the VMs are QEMU guests, reached at their virtio-serial chardev sockets.
     """
     ext = layout.external
     return _HEADER + toml_dumps({
@@ -375,8 +386,28 @@ def host_config(layout: LabLayout, vms: list[VMLayout],
                   "hosts_file": str(ext.etc_dir / "hosts")},
         "subnet": {"uplink": ext.host_if, "dns_upstream": [ext.ip], "ifname": SUBNET_IF,
                    "table": SUBNET_TABLE, "cidr": SUBNET_CIDR, "cidr6": SUBNET_CIDR6},
-        "vms": [{"vmid": vm.vmid, "address": vm.tunnel_address}
+        "vms": [{"vmid": vm.vmid,
+                 "address": vm.chardev_address if qemu else vm.tunnel_address}
                 | ({} if vm.vmid in keyless else {"key_file": vm.key_path}) for vm in vms],
+    })
+
+
+#: Where the QEMU lab's image mounts a VM's config disk (see lab/qemu/image.py).
+QEMU_GUEST_ETC = "/etc/vmbusify/vm"
+
+
+def qemu_guest_config(vm: VMLayout, port: str) -> str:
+    """A QEMU guest's vmbusify.toml: it listens on its virtio-serial port ``port``.
+
+    Paths are the guest's own (the packaged ones); the key comes from its config disk.
+    """
+    return _HEADER + toml_dumps({
+        "role": "guest",
+        "name": vm.vmid,
+        "run_dir": "/run/vmbusify",
+        "state_dir": "/var/lib/vmbusify",
+        "tunnel": {"listen": f"vport:{port}", "key_file": f"{QEMU_GUEST_ETC}/tunnel.key"},
+        "control": {"listen": "unix:/run/vmbusify-control/control.sock"},
     })
 
 
