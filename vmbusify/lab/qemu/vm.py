@@ -52,7 +52,7 @@ def argv(vm: VMLayout, kernel: image.Kernel, accel: Accel) -> list[str]:
     """QEMU's command line for ``vm`` (no NIC; virtio-serial to :attr:`VMLayout.chardev_path`)."""
     return [
         "qemu-system-x86_64",
-        "-name", f"vmbusify-lab-{vm.vmid},process=vmbusify-{vm.vmid}",
+        "-name", f"vmbusify-lab-{vm.vmid}",
         "-accel", accel.value, "-cpu", CPU[accel], "-m", str(MEMORY_MB), "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none",
         "-kernel", str(kernel.vmlinuz), "-initrd", str(kernel.initrd),

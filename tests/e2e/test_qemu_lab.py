@@ -1,0 +1,210 @@
+"""The QEMU lab: real Linux guests (Debian, systemd, the cloud kernel) with no NIC, reached only
+over their virtio-serial port (``vmbusify lab up --qemu``).
+
+One guest is booted for the module (TCG here: about 15 s to systemd, 20-40 s more until the
+guest's programs are up), so the whole module takes a few minutes. Marked ``qemu`` and
+``lab``; skipped with the reason when QEMU, the cloud kernel or root is missing, and when the
+lab instance is already up as a namespace lab (run the QEMU tests in a session of their own:
+``pytest -m qemu tests/e2e/test_qemu_lab.py``). The image is built (minutes) on first use and
+cached in /var/cache/vmbusify-lab.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmbusify.errors import LabError
+from vmbusify.lab.external import WEB_GREETING
+from vmbusify.lab.layout import EXT_NAME, LabLayout
+from vmbusify.lab.qemu import image
+from vmbusify.lab.qemu import vm as qemu_vm
+from vmbusify.lab.testing import BIN, LabHandle, lab_status, vm_states, vmbusify
+
+pytestmark = [pytest.mark.qemu, pytest.mark.lab, pytest.mark.timeout(900)]
+
+#: Boot to systemd plus the guest's programs' start, under TCG on a busy 2-core machine.
+CONNECT_TIMEOUT = 240.0
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, QEMU's files in /run)"
+    try:
+        image.require_tools()
+        image.find_kernel()
+    except LabError as exc:
+        return str(exc)
+    return None
+
+
+def _has_vport() -> bool:
+    return importlib.util.find_spec("vmbusify.transport.vport") is not None
+
+
+@pytest.fixture(scope="module")
+def qlab(_lab_session_lock: None) -> Iterator[LabHandle]:
+    """A QEMU lab with vm1 booted; brought down (everything removed) at the end."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    before = lab_status()
+    if before["vms"] and before.get("kind") != "qemu":
+        pytest.skip("this lab instance is up as a namespace lab: run the QEMU tests in a "
+                    "session of their own (pytest -m qemu tests/e2e/test_qemu_lab.py)")
+    vmbusify("lab", "-q", "up", "--qemu", "--vms", "1", timeout=1200)
+    handle = LabHandle(status=lab_status(), started=True)
+    try:
+        yield handle
+    finally:
+        vmbusify("lab", "-q", "down", check=False)
+
+
+def _exec(*argv: str, input: str | None = None, timeout: float = 60.0,
+          ) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, VMBUSIFY_CONFIG=str(LabLayout().host.config_path))
+    return subprocess.run([str(BIN / "vmbusifyexec"), *argv], capture_output=True, text=True,
+                          input=input, timeout=timeout, env=env, check=False,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def _state(lab: LabHandle, vmid: str = "vm1") -> str | None:
+    proc = lab.ctl("status", "--json", check=False)
+    try:
+        return vm_states(json.loads(proc.stdout)).get(vmid)
+    except ValueError:
+        return None
+
+
+# --- the lab itself (needs no transport) -----------------------------------------------------
+
+
+def test_status_says_qemu_and_the_vm_has_no_nic(qlab: LabHandle) -> None:
+    st = qlab.refresh()
+    assert st["kind"] == "qemu" and st["up"], st
+    (vm1,) = st["vms"]
+    assert vm1["vmid"] == "vm1" and vm1["qemu_pid"], vm1
+    assert vm1["tunnel"] == str(LabLayout().vm(1).chardev_path)
+    # The host stack's config reaches vm1 at its chardev socket.
+    host_conf = LabLayout().host.config_path.read_text()
+    assert f'address = "unix:{vm1["tunnel"]}"' in host_conf
+    # QEMU's own command line: no NIC, no default devices, one virtio-serial port.
+    argv = Path(f"/proc/{vm1['qemu_pid']}/cmdline").read_bytes().split(b"\0")
+    assert b"-nodefaults" in argv and b"none" == argv[argv.index(b"-nic") + 1]
+    assert not any(a.startswith((b"-netdev", b"-net")) and a != b"-nic" for a in argv)
+    assert f"name={image.PORT_NAME}".encode() in b" ".join(argv)
+    # The guest booted systemd, whose console says so.
+    console = Path(vm1["console"]).read_text(errors="replace")
+    assert image.READY_MARKER in console
+
+
+def test_vms_share_the_cached_base_image(qlab: LabHandle) -> None:
+    overlay = qemu_vm.overlay_path(LabLayout().vm(1))
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(overlay)],
+                                     capture_output=True, text=True, check=True).stdout)
+    backing = Path(info["backing-filename"])
+    assert backing.parent == image.CACHE and backing.name.startswith("base-"), info
+    assert info["format"] == "qcow2"
+
+
+def test_a_namespace_lab_up_is_refused_while_the_qemu_lab_is_up(qlab: LabHandle) -> None:
+    proc = vmbusify("lab", "-q", "up", check=False)
+    assert proc.returncode == 1
+    assert "up as a qemu lab" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- across the virtio-serial channel --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def connected(qlab: LabHandle) -> LabHandle:
+    if not _has_vport():
+        pytest.skip("needs the guest's virtio-serial transport (vport:NAME, issue 14)")
+    try:
+        qlab.wait_connected(["vm1"], timeout=CONNECT_TIMEOUT)
+    except TimeoutError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return qlab
+
+
+def test_exec_runs_on_the_guests_own_kernel(connected: LabHandle) -> None:
+    proc = _exec("vm1", "--", "uname", "-r")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == image.find_kernel().version
+    # ... on a machine whose only interfaces are loopback and the virtual subnet's TUN.
+    proc = _exec("vm1", "--", "ls", "/sys/class/net")
+    assert set(proc.stdout.split()) <= {"lo", "vmbus0"}, proc.stdout
+
+
+def test_exec_exit_code_and_stdin(connected: LabHandle) -> None:
+    proc = _exec("-i", "vm1", "--", "sh", "-c", "tr a-z A-Z; exit 7", input="hello guest\n")
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == "HELLO GUEST\n"
+
+
+def test_socks_proxy_out_of_the_vm(connected: LabHandle) -> None:
+    proc = _exec("vm1", "--", "curl", "-sS", "--max-time", "20", "--socks5-hostname",
+                 "127.0.0.1:6542", f"http://{EXT_NAME}/")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == WEB_GREETING
+
+
+def test_subnet_curl_and_ping_to_the_external_namespace(connected: LabHandle) -> None:
+    proc = _exec("vm1", "--", "curl", "-sS", "--max-time", "20", f"http://{EXT_NAME}/")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == WEB_GREETING
+    proc = _exec("vm1", "--", "ping", "-c", "1", "-W", "10", EXT_NAME)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_reboot_inside_the_guest_reconnects_by_itself(connected: LabHandle) -> None:
+    boot_id = _exec("vm1", "--", "cat", "/proc/sys/kernel/random/boot_id").stdout.strip()
+    assert boot_id
+    pid = connected.refresh()["vms"][0]["qemu_pid"]
+    proc = _exec("-d", "vm1", "--", "sh", "-c", "sleep 1; systemctl reboot")
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 60
+    while _state(connected) == "connected":
+        assert time.monotonic() < deadline, "vm1 still connected 60 s after its reboot"
+        time.sleep(0.5)
+    connected.wait_connected(["vm1"], timeout=CONNECT_TIMEOUT)
+    after = _exec("vm1", "--", "cat", "/proc/sys/kernel/random/boot_id").stdout.strip()
+    assert after and after != boot_id
+    assert connected.refresh()["vms"][0]["qemu_pid"] == pid  # the same QEMU, a new boot
+
+
+def test_kill_9_of_qemu_shows_the_vm_down_and_down_leaves_nothing(qlab: LabHandle) -> None:
+    # Runs last: it takes the lab down.
+    layout = LabLayout()
+    vm = layout.vm(1)
+    pid = qlab.refresh()["vms"][0]["qemu_pid"]
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:
+        st = lab_status()
+        state = _state(qlab)
+        if st["vms"][0]["qemu_pid"] is None and not st["up"] and state != "connected":
+            break
+        assert time.monotonic() < deadline, (st, state)
+        time.sleep(0.5)
+    vmbusify("lab", "-q", "down")
+    assert not layout.root.exists()
+    assert qemu_vm.stray_pids(vm) == []
+    assert not any("qemu-system" in cmd and str(layout.root) in cmd
+                   for cmd in map(_cmdline, Path("/proc").iterdir()))
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
