@@ -157,6 +157,26 @@ def test_socks_proxy_out_of_the_vm(connected: LabHandle) -> None:
     assert proc.stdout == WEB_GREETING
 
 
+def test_host_reaches_the_vms_loopback_through_the_proxy(connected: LabHandle) -> None:
+    # A web server on the guest's loopback only, serving its config disk's directory.
+    proc = _exec("-d", "vm1", "--", "python3", "-m", "http.server", "--bind", "127.0.0.1",
+                 "--directory", "/etc/vmbusify/vm", "18091")
+    assert proc.returncode == 0, proc.stderr
+    try:
+        url = "http://vm1.vmbusify:18091/hosts"
+        deadline = time.monotonic() + 60
+        while True:  # python3 starts in seconds under TCG
+            out = connected.run_on_host(["curl", "-sS", "--max-time", "20", "--socks5-hostname",
+                                         LabLayout().host.proxy, url], check=False)
+            if out.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert out.returncode == 0, out.stderr
+        assert "127.0.1.1\tvm1\n" in out.stdout
+    finally:
+        _exec("vm1", "--", "pkill", "-f", "http.server --bind 127.0.0.1")
+
+
 def test_subnet_curl_and_ping_to_the_external_namespace(connected: LabHandle) -> None:
     proc = _exec("vm1", "--", "curl", "-sS", "--max-time", "20", f"http://{EXT_NAME}/")
     assert proc.returncode == 0, proc.stderr
