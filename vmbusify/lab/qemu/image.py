@@ -12,9 +12,10 @@ Two levels of cache under :data:`CACHE` (``/var/cache/vmbusify-lab``, or
     Seconds; the hash also covers the VMBusify tree put in. Every VM boots a qcow2 overlay
     of it, so VMs share it and never change it.
 
-Until the guest package of ``packaging/`` exists, :func:`guest_payload` copies this
-checkout's ``vmbusify`` package and ``conf/`` into ``/opt/vmbusify`` with a unit of its own:
-that function is the seam where the package's offline install goes.
+VMBusify goes in as an operator's image would get it: the guest package that
+``packaging/build-guest.py`` builds, installed with ``dpkg -i`` in a chroot with no network
+(:func:`guest_package`, :func:`guest_payload`). A checkout without that builder gets a copy of
+its ``vmbusify`` package and ``conf/`` in ``/opt/vmbusify`` with a unit of the lab's own.
 
 Per VM, a small "config disk" (:func:`config_disk`, an ext4 image labelled ``vmbcfg``)
 carries what differs between VMs: its ``vmbusify.toml``, key, ``hosts`` and ``resolv.conf``.
@@ -49,6 +50,8 @@ PACKAGES = (
 PORT_NAME = "org.vmbusify.0"
 #: The config disk's ext4 label (the image's fstab mounts it by label).
 CONFIG_LABEL = "vmbcfg"
+#: Where the image mounts a VM's config disk.
+GUEST_ETC = "/etc/vmbusify/vm"
 #: What the guest writes to its serial console once VMBusify's unit has started.
 READY_MARKER = "vmbusify-lab: guest ready"
 IMAGE_SIZE = "1536M"
@@ -144,8 +147,9 @@ def _payload_files() -> list[Path]:
     return files
 
 
-_UNIT = f"""\
-# Written by the VMBusify QEMU lab's image builder (a stand-in for the guest package's unit).
+_UNIT = """\
+# Written by the VMBusify QEMU lab's image builder: a stand-in for the guest package's unit,
+# used only when this checkout has no packaging/build-guest.py.
 [Unit]
 Description=VMBusify guest endpoint (tunnel to the host over virtio-serial)
 After=systemd-modules-load.service local-fs.target
@@ -162,7 +166,6 @@ RuntimeDirectoryMode=0700
 StateDirectory=vmbusify
 StateDirectoryMode=0700
 ExecStart=/usr/bin/supervisord -n -c /etc/vmbusify/supervisord.conf
-ExecStartPost=/bin/sh -c 'echo "{READY_MARKER}" > /dev/ttyS0'
 KillMode=mixed
 TimeoutStopSec=45
 Restart=on-failure
@@ -170,6 +173,15 @@ RestartSec=2
 
 [Install]
 WantedBy=multi-user.target
+"""
+
+#: The lab's drop-in for the guest unit (packaged or not): this VM's config from its config
+#: disk, and the readiness marker on the serial console.
+_DROPIN = f"""\
+# Written by the VMBusify QEMU lab's image builder.
+[Service]
+Environment=VMBUSIFY_CONFIG={GUEST_ETC}/vmbusify.toml
+ExecStartPost=/bin/sh -c 'echo "{READY_MARKER}" > /dev/ttyS0'
 """
 
 _SCRIPT = """\
@@ -182,13 +194,44 @@ _SCRIPTS = {"vmbusify": "vmbusify.cli.main", "vmbusifyctl": "vmbusify.cli.ctl",
             "vmbusifyexec": "vmbusify.cli.exec"}
 
 
-def guest_payload(root: Path) -> None:
+def guest_package() -> Path | None:
+    """The guest's Debian package built by ``packaging/build-guest.py`` (cached by it), or None
+    when this checkout has no such builder (then :func:`guest_payload` copies the tree)."""
+    builder = repo_root() / "packaging" / "build-guest.py"
+    if not builder.is_file():
+        return None
+    out = CACHE / "deb"
+    proc = subprocess.run(["python3", str(builder), "--out", str(out), "--source",
+                           str(repo_root())], check=False, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines or not Path(lines[-1]).is_file():
+        raise LabError(f"packaging/build-guest.py failed (exit {proc.returncode}): "
+                       f"{(proc.stderr or proc.stdout).strip()[-800:]}")
+    return Path(lines[-1])
+
+
+def guest_payload(root: Path, deb: Path | None) -> None:
     """Put VMBusify into the unpacked root filesystem ``root``.
 
-    The seam for the guest package: today a copy of this checkout's tree and a unit of the
-    lab's own; once ``packaging/`` builds a .deb, this installs it (``dpkg -i`` in a chroot,
-    no network) instead.
+    ``deb``: the guest package, installed with ``dpkg -i`` in a chroot (no network: its
+    dependencies are Debian's and already in the root filesystem). None: a copy of this
+    checkout's tree and a unit of the lab's own, for a checkout without the package builder.
+    Either way the lab's drop-in points the unit at the VM's config disk.
     """
+    dropin = root / "etc/systemd/system/vmbusify-guest.service.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "vmbusify-lab.conf").write_text(_DROPIN)
+    if deb is not None:
+        shutil.copy(deb, root / "tmp" / deb.name)
+        _run(["chroot", str(root), "dpkg", "-i", f"/tmp/{deb.name}"],
+             "dpkg -i (the guest package, in the image's chroot, no network)",
+             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive"})
+        (root / "tmp" / deb.name).unlink()
+        # The guest's CLIs (vmbusifyctl in the guest) read the same config as its unit.
+        conf = root / "etc/vmbusify/vmbusify.toml"
+        conf.unlink(missing_ok=True)
+        conf.symlink_to("vm/vmbusify.toml")
+        return
     src = repo_root()
     lib = root / "opt/vmbusify/lib"
     shutil.copytree(src / "vmbusify", lib / "vmbusify",
@@ -206,7 +249,6 @@ def guest_payload(root: Path) -> None:
     etc.mkdir(parents=True, exist_ok=True)
     shutil.copy(src / "conf/supervisord.conf", etc / "supervisord.conf")
     shutil.copytree(src / "conf/programs", etc / "programs")
-    (etc / "vm").mkdir()
     (etc / "vmbusify.toml").symlink_to("vm/vmbusify.toml")
     unit = root / "etc/systemd/system/vmbusify-guest.service"
     unit.write_text(_UNIT)
@@ -217,9 +259,10 @@ def guest_payload(root: Path) -> None:
 
 def _system_setup(root: Path) -> None:
     """What makes the root filesystem a bootable lab guest: fstab, modules, console, names."""
+    (root / GUEST_ETC.lstrip("/")).mkdir(parents=True, exist_ok=True)
     (root / "etc/fstab").write_text(
         "/dev/vda / ext4 rw,errors=remount-ro 0 1\n"
-        f"LABEL={CONFIG_LABEL} /etc/vmbusify/vm ext4 ro,nofail 0 0\n")
+        f"LABEL={CONFIG_LABEL} {GUEST_ETC} ext4 ro,nofail 0 0\n")
     (root / "etc/hostname").write_text("vmbusify-guest\n")
     (root / "etc/modules-load.d/vmbusify.conf").write_text("virtio_console\ntun\n")
     # The lab's names: the config disk carries this VM's hosts and resolv.conf.
@@ -248,9 +291,15 @@ def base_image(kernel: Kernel | None = None) -> Path:
     require_tools()
     kernel = kernel or find_kernel()
     tar = rootfs_tarball(kernel)
-    payload = [str(p.relative_to(repo_root())).encode() + b"\0" + p.read_bytes()
-               for p in _payload_files()]
-    img = CACHE / f"base-{_digest(tar.name, _UNIT, *payload)}.img"
+    deb = guest_package()
+    if deb is not None:  # its name says its content (build-guest.py's version has a hash)
+        payload = [deb.name.encode()]
+    else:
+        log.info("no packaging/build-guest.py in this checkout: the image gets a copy of "
+                 "its vmbusify tree and a unit of the lab's own")
+        payload = [str(p.relative_to(repo_root())).encode() + b"\0" + p.read_bytes()
+                   for p in _payload_files()]
+    img = CACHE / f"base-{_digest(tar.name, _UNIT, _DROPIN, *payload)}.img"
     if img.is_file():
         return img
     log.info("making the guest image %s (seconds)", img)
@@ -259,8 +308,8 @@ def base_image(kernel: Kernel | None = None) -> Path:
         root.mkdir()
         with tarfile.open(tar) as tf:
             tf.extractall(root, filter="fully_trusted")  # our own mmdebstrap output
-        guest_payload(root)
         _system_setup(root)
+        guest_payload(root, deb)
         tmp = Path(tmpdir) / "base.img"
         _run(["mkfs.ext4", "-q", "-F", "-L", "vmbusify-root", "-d", str(root), str(tmp),
               IMAGE_SIZE], "mkfs.ext4")
