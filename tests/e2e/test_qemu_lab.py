@@ -106,6 +106,14 @@ def test_status_says_qemu_and_the_vm_has_no_nic(qlab: LabHandle) -> None:
     assert image.READY_MARKER in console
 
 
+def test_a_second_lab_up_changes_nothing(qlab: LabHandle) -> None:
+    pid = qlab.refresh()["vms"][0]["qemu_pid"]
+    start = time.monotonic()
+    vmbusify("lab", "-q", "up", "--qemu", timeout=300)
+    assert time.monotonic() - start < 30  # image cached, QEMU left running
+    assert qlab.refresh()["vms"][0]["qemu_pid"] == pid and qlab.status["up"]
+
+
 def test_vms_share_the_cached_base_image(qlab: LabHandle) -> None:
     overlay = qemu_vm.overlay_path(LabLayout().vm(1))
     info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(overlay)],
