@@ -158,6 +158,23 @@ def test_exec_exit_code_and_stdin(connected: LabHandle) -> None:
     assert proc.stdout == "HELLO GUEST\n"
 
 
+def test_exec_on_a_pseudo_terminal(connected: LabHandle) -> None:
+    proc = _exec("-t", "vm1", "--", "tty")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith("/dev/pts/"), proc.stdout
+    proc = _exec("-it", "vm1", "--", "sort", input="b\na\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.replace("\r\n", "\n").endswith("a\nb\n")
+
+
+def test_ctl_status_shows_the_vm_with_its_round_trip(connected: LabHandle) -> None:
+    doc = json.loads(connected.ctl("status", "--json").stdout)
+    assert vm_states(doc) == {"vm1": "connected"}
+    assert "vm1" in connected.ctl("status").stdout
+    assert "ms" in next(line for line in connected.ctl("status").stdout.splitlines()
+                        if line.startswith("vm1"))
+
+
 def test_socks_proxy_out_of_the_vm(connected: LabHandle) -> None:
     proc = _exec("vm1", "--", "curl", "-sS", "--max-time", "20", "--socks5-hostname",
                  "127.0.0.1:6542", f"http://{EXT_NAME}/")
