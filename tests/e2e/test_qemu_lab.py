@@ -168,11 +168,17 @@ def test_exec_on_a_pseudo_terminal(connected: LabHandle) -> None:
 
 
 def test_ctl_status_shows_the_vm_with_its_round_trip(connected: LabHandle) -> None:
-    doc = json.loads(connected.ctl("status", "--json").stdout)
-    assert vm_states(doc) == {"vm1": "connected"}
-    assert "vm1" in connected.ctl("status").stdout
-    assert "ms" in next(line for line in connected.ctl("status").stdout.splitlines()
-                        if line.startswith("vm1"))
+    deadline = time.monotonic() + 20  # the first ping goes out ping_interval (5 s) after HELLO
+    while True:
+        doc = json.loads(connected.ctl("status", "--json").stdout)
+        (vm1,) = doc["vms"]
+        if vm1.get("rtt_ms") is not None or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert vm1["vmid"] == "vm1" and vm1["state"] == "connected", vm1
+    assert 0 < vm1["rtt_ms"] < 5000, vm1
+    line = next(ln for ln in connected.ctl("status").stdout.splitlines() if ln.startswith("vm1"))
+    assert "connected" in line and "ms" in line, line
 
 
 def test_socks_proxy_out_of_the_vm(connected: LabHandle) -> None:
