@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmbusify.errors import LabError
+from vmbusify.transport.vport import DEFAULT_PORT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ PACKAGES = (
     "procps",
 )
 #: The virtio-serial port's name: the guest finds it as /dev/virtio-ports/PORT_NAME.
-PORT_NAME = "org.vmbusify.0"
+PORT_NAME = DEFAULT_PORT_NAME
 #: The config disk's ext4 label (the image's fstab mounts it by label).
 CONFIG_LABEL = "vmbcfg"
 #: Where the image mounts a VM's config disk.

@@ -22,6 +22,7 @@ from vmbusify.lab.layout import VMLayout
 from vmbusify.lab.qemu import image
 from vmbusify.lab.qemu.accel import CPU, Accel
 from vmbusify.text import printable
+from vmbusify.transport import vport
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,8 @@ def argv(vm: VMLayout, kernel: image.Kernel, accel: Accel) -> list[str]:
                    "quiet systemd.show_status=error"),
         "-drive", f"file={overlay_path(vm)},if=virtio,format=qcow2,cache=unsafe",
         "-drive", f"file={config_disk_path(vm)},if=virtio,format=raw,readonly=on",
-        "-device", "virtio-serial-pci",
-        "-chardev", f"socket,id=vmbusify0,path={vm.chardev_path},server=on,wait=off",
-        "-device", f"virtserialport,chardev=vmbusify0,name={image.PORT_NAME}",
+        # the channel: the transport's own QEMU options (QEMU listens on the chardev socket)
+        *vport.qemu_args(str(vm.chardev_path), image.PORT_NAME),
         # The serial console: a root shell for whoever connects to console.sock (root-only, in
         # the VM's 0700 directory). No logfile= here: QEMU's has no size limit, and the guest
         # is not trusted; wait_ready() copies the boot (capped) into console.log.
