@@ -155,12 +155,12 @@ def test_exec_runs_on_the_guests_own_kernel(connected: LabHandle) -> None:
 def test_the_guest_runs_the_installed_package_under_systemd(connected: LabHandle) -> None:
     if not (image.repo_root() / "packaging" / "build-guest.py").is_file():
         pytest.skip("this checkout builds no guest package")
-    proc = _exec("dpkg-query", "-W", "-f", "${Status} ${Version}", "vmbusify-guest")
+    proc = _exec("vm1", "--", "dpkg-query", "-W", "-f", "${Status} ${Version}", "vmbusify-guest")
     assert proc.stdout.startswith("install ok installed "), proc.stdout + proc.stderr
-    proc = _exec("systemctl", "is-active", "vmbusify-guest")
+    proc = _exec("vm1", "--", "systemctl", "is-active", "vmbusify-guest")
     assert proc.stdout.strip() == "active", proc.stdout + proc.stderr
     # every program's log reaches the journal
-    proc = _exec("journalctl", "-u", "vmbusify-guest", "--no-pager", "-o", "cat")
+    proc = _exec("vm1", "--", "journalctl", "-u", "vmbusify-guest", "--no-pager", "-o", "cat")
     assert proc.returncode == 0, proc.stderr
     assert "guest mux vm1 ready" in proc.stdout, proc.stdout[-2000:]
 
