@@ -52,6 +52,9 @@ from vmbusify.config_file import (
     token_path as _token_path,
 )
 from vmbusify.errors import AddressError, ConfigError
+from vmbusify.protocol.package import MAX_PAYLOAD_LIMIT
+from vmbusify.protocol.window import INITIAL_WINDOW, MAX_CHUNK
+from vmbusify.transport.address import parse_address
 
 __all__ = [
     "DEFAULT_CONFIG_PATH", "DEFAULT_CONTROL_PORT", "DEFAULT_PROXY_PORT", "DEFAULT_TUNNEL_PORT",
@@ -332,9 +335,6 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     chosen, raw = read_config_file(path)
     config = _build(Config, raw, chosen)
     config.path = chosen if os.path.exists(chosen) else ""
-    # Imported here: the protocol package must not depend on the config module's users.
-    from vmbusify.protocol.package import MAX_PAYLOAD_LIMIT
-    from vmbusify.protocol.window import MAX_CHUNK
     if not MAX_CHUNK <= config.tunnel.max_payload <= MAX_PAYLOAD_LIMIT:
         raise ConfigError(f"{chosen}: tunnel.max_payload must be between {MAX_CHUNK} (the "
                           f"largest stream chunk) and {MAX_PAYLOAD_LIMIT}")
@@ -356,8 +356,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 def _check_values(config: Config, where: str) -> None:
     """Values of the right type that still cannot work: say so now, on one line, instead of
     letting a program fail later (with a traceback) or retry forever."""
-    # Imported here: vmbusify.transport.address imports this module (its default port).
-    from vmbusify.transport.address import parse_address
     if config.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"{where}.log_level: {config.log_level!r} is not one of "
                           f"{', '.join(LOG_LEVELS)}")
@@ -403,7 +401,6 @@ def _check_values(config: Config, where: str) -> None:
 
 
 def _check_limits(limits: LimitsConfig, where: str) -> None:
-    from vmbusify.protocol.window import INITIAL_WINDOW, MAX_CHUNK
     for f in fields(limits):
         if not getattr(limits, f.name) > 0:
             raise ConfigError(f"{where}.limits.{f.name}: must be > 0, not "

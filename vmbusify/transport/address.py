@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import ClassVar
 
-from vmbusify.config import DEFAULT_TUNNEL_PORT
+from vmbusify.config_file import DEFAULT_TUNNEL_PORT
 from vmbusify.errors import AddressError
 
 #: AF_VSOCK "any CID": what a listener binds to.
