@@ -14,7 +14,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Sequence
 
-from vmbusify.lab import netns as ip
+import vmbusify.lab.netns as ip
 from vmbusify.lab.layout import vm_index
 from vmbusify.lab.stack import Stack, as_stack
 

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmbusify.lab import netns as ip
+import vmbusify.lab.netns as ip
 from vmbusify.lab.layout import ExternalLayout
 
 log = logging.getLogger(__name__)

@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import vmbusify.lab.netns as ip
 import vmbusify.lab.release as releases
-from vmbusify.errors import LabError, SubnetError
-from vmbusify.lab import external
-from vmbusify.lab import netns as ip
-from vmbusify.lab import stack as stacks
+import vmbusify.lab.stack as stacks
+from vmbusify.errors import LabError
+from vmbusify.lab.external import start_services, stop_services
 from vmbusify.lab.layout import (
     ETC_NETNS,
     EXT_NETNS,
@@ -47,7 +47,6 @@ from vmbusify.lab.layout import (
 from vmbusify.lab.qemu import accel as qemu_accel
 from vmbusify.lab.qemu import image as qemu_image
 from vmbusify.lab.qemu import vm as qemu_vm
-from vmbusify.workers.subnet import nat as subnet_nat
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +423,7 @@ def _up(layout: LabLayout, vms: int | None, guest_releases: dict[str, str | None
         for vm in wanted:  # guests first: they listen, the host connects
             _start(stacks.stack_for(vm.vmid, layout), changed[vm.vmid])
     _start(stacks.stack_for("host", layout), host_changed)
-    external.start_services(layout.external)
+    start_services(layout.external)
     if kind == Kind.QEMU:
         qemu_vm.wait_ready(booting, chosen)
     return status(layout)
@@ -494,12 +493,12 @@ def _down(layout: LabLayout) -> None:
                 *(stacks.stack_for(vm.vmid, layout) for vm in vms))
     # The subnet worker removes its nftables table on stop; after a kill -9 it is still here.
     try:
-        subnet_nat.remove(SUBNET_TABLE)
-    except SubnetError as exc:
+        ip.delete_nft_table(SUBNET_TABLE)
+    except LabError as exc:
         log.warning("%s", exc)
     _remove_vms(layout, vms)
     ext = layout.external
-    external.stop_services(ext)
+    stop_services(ext)
     ip.delete_link(ext.host_if)  # takes its peer in vmbl-ext with it
     ip.delete_netns(EXT_NETNS)
     shutil.rmtree(ext.etc_dir, ignore_errors=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmbusify.config import DEFAULT_PROXY_PORT
+from vmbusify.config_file import DEFAULT_PROXY_PORT
 from vmbusify.errors import LabError
 
 

@@ -1,4 +1,5 @@
-"""Thin wrappers over `ip`: namespaces, links, addresses, routes.
+"""Thin wrappers over `ip` and `nft`: namespaces, links, addresses, routes, the lab's nftables
+table.
 
 Every call is an argument list (no shell). A failing command raises LabError carrying the
 command and its stderr. Functions named ``ensure_*`` are idempotent: they change nothing when
@@ -190,3 +191,16 @@ def ensure_default_route(via: str, netns: str) -> None:
 def route_get(dst: str, netns: str | None = None) -> subprocess.CompletedProcess[str]:
     """``ip route get dst`` (asks the routing table; sends nothing). Not checked."""
     return _ip(netns, "route", "get", dst, check=False)
+
+
+# --- nftables ---------------------------------------------------------------------------------
+
+
+def delete_nft_table(table: str) -> bool:
+    """Delete ``table inet <table>`` if present (the lab's subnet table after a kill -9 of the
+    subnet worker, which removes it on a clean stop); True if it was there."""
+    if run(["nft", "list", "table", "inet", table], check=False).returncode != 0:
+        return False
+    run(["nft", "delete", "table", "inet", table])
+    log.info("nft table inet %s removed", table)
+    return True
