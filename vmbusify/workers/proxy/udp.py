@@ -12,19 +12,28 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from vmbusify.bus.streams import Stream, StreamReset
 from vmbusify.errors import ProtocolError
-from vmbusify.protocol.proxy import DatagramDecoder, encode_datagram
-
-if TYPE_CHECKING:
-    from vmbusify.workers.proxy.server import ProxyServer
+from vmbusify.protocol.proxy import DatagramDecoder, OpenAck, encode_datagram
 
 log = logging.getLogger("vmbusify.proxy.udp")
 
 #: Destinations one association may talk to (bounds the peer table).
 MAX_PEERS = 1024
+
+
+class EgressCheck(Protocol):
+    """What an association asks of the proxy server (``ProxyServer`` is one): the addresses
+    the egress policy allows for a destination. A protocol, so this module need not import
+    the server, which imports it."""
+
+    async def allowed_addresses(self, host: str, port: int, label: str,
+                                kind: int = ..., quiet: bool = ...
+                                ) -> tuple[list[str], OpenAck]:
+        """Resolved addresses the policy allows, or none and the refusal to send."""
+        ...
 
 
 class Receiver(asyncio.DatagramProtocol):
@@ -40,7 +49,7 @@ class Receiver(asyncio.DatagramProtocol):
 class UdpRelay:
     """One UDP association on the server side."""
 
-    def __init__(self, server: ProxyServer, stream: Stream, label: str) -> None:
+    def __init__(self, server: EgressCheck, stream: Stream, label: str) -> None:
         self.server = server
         self.stream = stream
         self.label = label
