@@ -1,11 +1,13 @@
 """Facts and commands of the local system: running commands (ip, nft, ...) by argument list
-with one-line errors, and the addresses of this machine's interfaces."""
+with one-line errors, the addresses of this machine's interfaces, and root-only directories."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import psutil
 
@@ -50,3 +52,11 @@ def run_command(
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise error(f"`{' '.join(argv)}` failed: {lines[-1] if lines else proc.returncode}")
     return proc
+
+
+def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and parents) if needed and make it 0700, so only root reaches inside."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(p, 0o700)
+    return p

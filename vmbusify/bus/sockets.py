@@ -21,6 +21,7 @@ import zmq
 
 from vmbusify.bus.frames import BusMessage, Frames
 from vmbusify.errors import BusError
+from vmbusify.system import ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,6 @@ def frame_payloads(frames: list[zmq.Frame]) -> list[bytes | memoryview]:
     the copy (measured with bench/tunnel.py).
     """
     return [f.buffer if len(f) >= RECV_IN_PLACE else f.bytes for f in frames]
-
-
-def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
-    """Create ``path`` (and parents) if needed and make it 0700, so only root reaches inside."""
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(p, 0o700)
-    return p
 
 
 def bind_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:

@@ -35,6 +35,7 @@ from vmbusify.errors import ControlError, VMBusifyError, http_status
 from vmbusify.logs import printable
 from vmbusify.protocol.entities import Entity
 from vmbusify.runtime import stop_on_signals
+from vmbusify.system import ensure_private_dir
 from vmbusify.workers.base import Worker
 from vmbusify.workers.exec import host as exec_host
 
@@ -129,7 +130,6 @@ def _prepare(config: Config) -> tuple[str, str, int, int | None]:
         gid = prepare_dir(os.path.dirname(where), gid)
     else:
         gid = None  # the state directory is root's alone: a group could not reach the token
-        from vmbusify.bus.sockets import ensure_private_dir
         ensure_private_dir(config.token_path.parent)
         log.warning("the command listener is on TCP %s:%d: for development only (any local "
                     "user may bind it while it is down; clients check its owner)", where, port)
