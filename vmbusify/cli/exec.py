@@ -213,6 +213,8 @@ class Listener:
 
 def _listener(config_path: str | None) -> Listener:
     """This machine's command listener, read from the configuration."""
+    # Imported here: vmbusifyexec's start is its latency, and a usage error needs none of
+    # this (docs/exec.md, "A light client").
     from vmbusify.config_file import listener_of
     from vmbusify.control.token import read_token_owned
 
@@ -246,6 +248,8 @@ def _parse_status(payload: bytes) -> tuple[int, str, str]:
 
 def _connect(listener: Listener) -> socket.socket:
     """A connection to the listener, checked to be root's before the token is sent."""
+    # Imported here: vmbusifyexec's start is its latency, and a usage error needs none of
+    # this (docs/exec.md, "A light client").
     from vmbusify.control.verify import connect_verified
 
     sock = connect_verified(listener.kind, listener.where, listener.port, listener.owner)

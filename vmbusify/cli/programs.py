@@ -54,6 +54,7 @@ def run_program(program: str, config_path: str | None,
 @config_option
 def mux(config_path: str | None) -> None:
     """Run the tunnel-mux (owns the hypervisor connections)."""
+    # Imported here: each program's process loads its own code only (one CLI, many programs).
     from vmbusify.mux.main import run_mux
     run_program("mux", config_path, run_mux)
 
@@ -66,6 +67,8 @@ def control(config_path: str | None) -> None:
     if missing is not None:
         run_program("control", config_path, functools.partial(run_without_listener, missing))
         return
+    # Imported here: each program's process loads its own code only (one CLI, many programs),
+    # and a guest may have no aiohttp.
     from vmbusify.control.server import run_control
     run_program("control", config_path, run_control)
 

@@ -101,6 +101,8 @@ def _connect_tcp(host: str, port: int, trusted: frozenset[int], timeout: float
                  ) -> socket.socket:
     import time
 
+    # Imported here: only a TCP listener (development only) needs it, and vmbusifyexec's
+    # start is its latency (docs/exec.md, "A light client").
     from vmbusify.control.peer import TCP_ESTABLISHED, tcp_peer
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
