@@ -476,7 +476,7 @@ def test_no_heavy_imports_in_the_client(stack: ExecStack) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=stack.env,
                          capture_output=True, text=True, check=True).stdout.split()
     assert "vmbusify.config_file" in out and "vmbusify.control.token" in out
-    assert "vmbusify.control.verify" in out  # control.peer: for a TCP listener only
+    assert "vmbusify.control.verify" in out  # users.peer: for a TCP listener only
     # Each of these costs milliseconds of CPU on every start (dataclasses ~9, urllib.parse and
     # hashlib ~2 each): the client's start is its latency. (typing comes with tomllib.)
     for heavy in ("asyncio", "aiohttp", "zmq", "msgpack", "click", "http.client",

@@ -1,5 +1,5 @@
-"""Who is at the other end (control/peer.py), the client's checks before it sends the token
-(control/verify.py), and who the host proxy serves (control/access.py), without root."""
+"""Who is at the other end (users/peer.py), the client's checks before it sends the token
+(control/verify.py), and who the host proxy serves (users/access.py), without root."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 
 from vmbusify.config import ProxyConfig, Role
-from vmbusify.control import peer
-from vmbusify.control.access import (
+from vmbusify.control.sockdir import prepare_dir
+from vmbusify.control.token import ensure_token, read_token_owned
+from vmbusify.control.verify import connect_verified
+from vmbusify.errors import ConfigError, ControlError
+from vmbusify.users import peer
+from vmbusify.users.access import (
     AccessMode,
     Credentials,
     LocalUsers,
     access_mode,
     read_credentials,
 )
-from vmbusify.control.sockdir import prepare_dir
-from vmbusify.control.token import ensure_token, read_token_owned
-from vmbusify.control.verify import connect_verified
-from vmbusify.errors import ConfigError, ControlError
 
 
 @pytest.fixture

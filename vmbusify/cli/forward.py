@@ -7,7 +7,7 @@ host, ``localhost``/``127.0.0.1``/``::1`` mean the VM's own loopback (``VMID.vmb
 any other TARGET is resolved inside the VM (``TARGET.VMID.vmbusify``); on a guest VMID is
 ``host`` and TARGET is reached from the host. Runs in the foreground until Ctrl-C.
 
-On the host the listener follows the host proxy's rule (control/access.py): it serves root,
+On the host the listener follows the host proxy's rule (users/access.py): it serves root,
 the user running it and members of group ``vmbusify``, and closes connections from any
 other local user at once (a forward run by root would otherwise lend root's view into the
 VM to everyone on the machine). The user is the owner of the client's socket.
@@ -25,12 +25,12 @@ import click
 from vmbusify.bus.frames import HOST_VMID
 from vmbusify.config import Config, Role
 from vmbusify.config_file import split_listen
-from vmbusify.control.access import LocalUsers
-from vmbusify.control.peer import tcp_peer_uid
 from vmbusify.errors import ControlError, VMBusifyError
 from vmbusify.protocol.proxy import ReplyCode
 from vmbusify.protocol.socks import encode_addr
 from vmbusify.runtime import stop_on_signals
+from vmbusify.users.access import LocalUsers
+from vmbusify.users.peer import tcp_peer_uid
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 

@@ -28,7 +28,6 @@ from vmbusify.config import Config
 from vmbusify.config_file import parse_control_listen
 from vmbusify.control import builtin
 from vmbusify.control.context import CTX_KEY, ControlContext
-from vmbusify.control.peer import unix_peer_uid
 from vmbusify.control.sockdir import group_id, prepare_dir, secure_socket
 from vmbusify.control.token import ensure_token, token_matches
 from vmbusify.errors import ControlError, VMBusifyError, http_status
@@ -36,6 +35,7 @@ from vmbusify.logs import printable
 from vmbusify.protocol.entities import Entity
 from vmbusify.runtime import stop_on_signals
 from vmbusify.system import ensure_private_dir
+from vmbusify.users.peer import unix_peer_uid
 from vmbusify.workers.base import Worker
 from vmbusify.workers.exec import host as exec_host
 

@@ -7,7 +7,7 @@ Before a client sends the token it checks who it is talking to:
   the socket is a socket owned by a trusted uid, and the process that accepted the
   connection (SO_PEERCRED) runs as a trusted uid;
 * a TCP listener (development only): the socket at the other end of this very connection
-  (control/peer.py) is owned by a trusted uid.
+  (users/peer.py) is owned by a trusted uid.
 
 Trusted uids: root, the user running the client, and the owner of the token file read (the
 token only ever goes back to whoever could read it anyway). Anything else is refused with a
@@ -88,7 +88,7 @@ def _connect_unix(path: str, trusted: frozenset[int], timeout: float) -> socket.
         sock.close()
         raise ControlError(f"cannot reach the command listener at unix:{path}: "
                            f"{exc.strerror or exc}") from None
-    # SO_PEERCRED (control/peer.py's unix_peer_uid; that module loads for TCP only)
+    # SO_PEERCRED (users/peer.py's unix_peer_uid; that module loads for TCP only)
     uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
     if uid not in trusted:
         sock.close()
@@ -103,7 +103,7 @@ def _connect_tcp(host: str, port: int, trusted: frozenset[int], timeout: float
 
     # Imported here: only a TCP listener (development only) needs it, and vmbusifyexec's
     # start is its latency (docs/exec.md, "A light client").
-    from vmbusify.control.peer import TCP_ESTABLISHED, tcp_peer
+    from vmbusify.users.peer import TCP_ESTABLISHED, tcp_peer
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError:

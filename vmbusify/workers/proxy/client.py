@@ -1,6 +1,6 @@
 """The proxy client (spec 4.3.1): SOCKS5, SOCKS4/4a and HTTP proxy on 127.0.0.1:6542.
 
-Who may use it (``[proxy] access``, control/access.py): on the host, root and members of
+Who may use it (``[proxy] access``, users/access.py): on the host, root and members of
 group ``vmbusify`` without credentials, other local users only with RFC 1929 / Basic
 credentials (SOCKS5 without them: reply 2 "not allowed by ruleset" to the CONNECT; HTTP:
 407 asking for Basic; SOCKS4 has no password: refused); a guest's proxy is open to every
@@ -26,8 +26,6 @@ from vmbusify.bus.link import WorkerLink
 from vmbusify.bus.streams import Stream
 from vmbusify.config import ProxyConfig, Role
 from vmbusify.config_file import split_listen
-from vmbusify.control.access import AccessMode, Credentials, LocalUsers, access_mode
-from vmbusify.control.peer import tcp_peer_uid
 from vmbusify.errors import (
     LimitReached,
     NotConnectedError,
@@ -48,6 +46,8 @@ from vmbusify.protocol.socks import (
     Socks5Greeting,
     TargetRequest,
 )
+from vmbusify.users.access import AccessMode, Credentials, LocalUsers, access_mode
+from vmbusify.users.peer import tcp_peer_uid
 from vmbusify.workers.base import Spawner
 from vmbusify.workers.proxy.relay import abort_socket, relay, tune
 from vmbusify.workers.proxy.route import Route, RouteError, Router

@@ -1,7 +1,7 @@
 """Who may use the host proxy and ``vmbusifyctl forward``: root and members of group
 ``vmbusify`` without credentials, other local users with credentials from a root-only file.
 
-The connecting user is the owner of the client's socket (control/peer.py), asked once per
+The connecting user is the owner of the client's socket (users/peer.py), asked once per
 connection. Membership is the group database's (primary group or member list), cached for
 a few seconds per uid. Credentials are ``user:password`` lines of ``[proxy]
 credentials_file`` (root's, mode 0600 or 0400; re-read when it changes) plus the inline
