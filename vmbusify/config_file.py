@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 DEFAULT_CONFIG_PATH = "/etc/vmbusify/vmbusify.toml"
-#: The tunnel's vsock port. 6541 sits beside the spec's 6542 (SOCKS) and 6543 (command
-#: listener) and clear of the ports other tools claim (1024, 22, 50000-50002, >= 0x40000000).
+#: The tunnel's vsock port. 6541 sits beside the proxy's 6542 (SOCKS) and the command listener's
+#: 6543 and clear of the ports other tools claim (1024, 22, 50000-50002, >= 0x40000000).
 DEFAULT_TUNNEL_PORT = 6541
 DEFAULT_PROXY_PORT = 6542
 #: The port of a TCP command listener (``[control] listen = "tcp:127.0.0.1:6543"``), which

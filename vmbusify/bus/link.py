@@ -1,7 +1,7 @@
-"""WorkerLink: what a worker process uses to reach the tunnel (the spec's worker interface).
+"""WorkerLink: what a worker process uses to reach the tunnel (docs/protocol.md, "The bus").
 
 A worker declares its entities and the (source entity, message id) pairs it handles, each
-with the kind of package it takes, then uses ``sync_send`` / ``async_send`` (spec 4.1) with
+with the kind of package it takes, then uses ``sync_send`` / ``async_send`` with
 message dataclasses (vmbusify.protocol.message: each carries its entity and id). On
 the host every call takes the target vmid; on a guest the only peer is ``HOST_VMID``.
 Handlers learn which VM a message came from.
@@ -340,8 +340,8 @@ class WorkerLink:
         await self._send(Pkg.of(vmid, pkg))
 
     async def async_send(self, vmid: str | None, msg: Message, stream: int = 0) -> None:
-        """Send a one-way message (spec async_send) as its entity and message id; returns once
-        it is handed to the mux."""
+        """Send a one-way message as its entity and message id; returns once it is handed to
+        the mux."""
         await self.send_body(vmid, msg.ENTITY, msg.MESSAGE_ID, msg.to_body(), stream)
 
     @overload
@@ -354,7 +354,7 @@ class WorkerLink:
 
     async def sync_send(self, vmid: str | None, msg: Message, reply: type[M] | None = None, *,
                         stream: int = 0, timeout: float = DEFAULT_TIMEOUT) -> M | None:
-        """Send a request (spec sync_send) and wait for its ACK; the reply decoded strictly as
+        """Send a request and wait for its ACK; the reply decoded strictly as
         ``reply`` (RemoteProtocolError if it does not fit), or None when ``reply`` is None.
 
         ``stream``: the stream the request announces (its id goes in the package header).

@@ -1,4 +1,4 @@
-"""`vmbusifyexec`: run a program on a VM through the command listener (spec 3.1, 4.2.1).
+"""`vmbusifyexec`: run a program on a VM through the command listener (docs/exec.md).
 
     vmbusifyexec [OPTIONS] VMID [OPTIONS] [--] PROGRAM [ARGS...]
 

@@ -1,4 +1,4 @@
-"""The command listener (spec 4.2.2): HTTP for vmbusifyctl and vmbusifyexec on a Unix socket
+"""The command listener (docs/exec.md): HTTP for vmbusifyctl and vmbusifyexec on a Unix socket
 in a directory of its own (``[control] listen``, default
 ``unix:/run/vmbusify-control/control.sock``; control/sockdir.py), or for development on TCP.
 

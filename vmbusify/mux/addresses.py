@@ -209,7 +209,7 @@ class AddressBook:
                 "ips_refused": [r.as_dict() for r in self.refused(vmid)]}
 
     def owner(self, address: str) -> str:
-        """The vmid holding ``address`` (spec get_vmid_by_ip).
+        """The vmid holding ``address`` (docs/proxy.md, "Who holds an address").
 
         UnknownVMError, naming the VMs, if it is in conflict or was refused, or if no VM
         reported it: a lookup never guesses.

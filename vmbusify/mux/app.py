@@ -395,9 +395,9 @@ class MuxApp:
         return p
 
     def vmid_by_ip(self, ip: str) -> str:
-        """The vmid holding ``ip`` (spec get_vmid_by_ip): claimed in its HELLO, allowed by
-        the configuration, claimed by no other VM. UnknownVMError (naming the conflict or
-        refusal) otherwise: never a guess."""
+        """The vmid holding ``ip`` (docs/proxy.md, "Who holds an address"): claimed in
+        its HELLO, allowed by the configuration, claimed by no other VM. UnknownVMError
+        (naming the conflict or refusal) otherwise: never a guess."""
         return self.addresses.owner(ip)
 
     def status(self) -> dict[str, Any]:

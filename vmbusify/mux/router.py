@@ -1,4 +1,5 @@
-"""The application message route table (spec 4.1) and the registry of worker processes.
+"""The application message route table and the registry of worker processes (docs/protocol.md,
+"The bus").
 
     {<self-entity-name, {<message-source-entity-name, message-id, handler>}>}
 

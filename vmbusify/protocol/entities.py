@@ -1,4 +1,5 @@
-"""Application entities (spec 4.1) and the tunnel's own message ids."""
+"""Application entities and the tunnel's own message ids (docs/protocol.md, "Messages of the
+application entities")."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class Entity(IntEnum):
 
     @property
     def label(self) -> str:
-        """The entity's name as the spec writes it, e.g. ``proxy-client``."""
+        """The entity's name as docs/protocol.md writes it, e.g. ``proxy-client``."""
         return self.name.lower().replace("_", "-")
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Command execution messages (spec 4.2): command listener <-> command executor. Sans-I/O;
+"""Command execution messages (docs/exec.md): command listener <-> command executor. Sans-I/O;
 every message a ``vmbusify.protocol.message.Message``. What vmbusifyexec and the listener
 share (channels, exit codes, reasons) is in ``vmbusify.protocol.exec_api``.
 

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 Everything that crosses a tunnel is a *vmbus package*: a fixed 24-byte header followed by
-``length`` bytes of payload (spec section 4.1). All integers are big-endian (network order)::
+``length`` bytes of payload (docs/protocol.md, "The vmbus package"). All integers are
+big-endian (network order)::
 
     offset size field        meaning
     0      4    sig          0x564D4255 ("VMBU"): marks a package start
@@ -50,7 +51,7 @@ Payload = bytes | memoryview
 class PackageType(IntEnum):
     """What a package is for."""
 
-    #: One-way application message (the spec's async_send).
+    #: One-way application message (a worker's ``async_send``).
     MESSAGE = 1
     #: Application message that wants an ACK carrying the reply (sync_send).
     REQUEST = 2

@@ -1,4 +1,5 @@
-"""The proxy's tunnel messages (spec 4.3): PROXY-OPEN, PROXY-OPEN-ACK, PROXY-DATA, PROXY-CLOSE.
+"""The proxy's tunnel messages: PROXY-OPEN, PROXY-OPEN-ACK, PROXY-DATA, PROXY-CLOSE (docs/proxy.md,
+"On the tunnel").
 
 Theory of operation
 -------------------
@@ -14,7 +15,7 @@ accepted the user's socket and the proxy server on the other end of the tunnel::
     PROXY-CLOSE     DATA     both ways          flag EOF: the sender's side shut its write half
                                                (half-close); flag RESET: abort both ways
 
-The proxy-id of the spec is the stream id: the mux and both workers key the connection by
+A proxied connection's id is its stream id: the mux and both workers key the connection by
 (vmid, peer entity, stream id). UDP ASSOCIATE uses the same stream with ``command`` UDP; its
 DATA carries datagrams framed by ``encode_datagram`` (a stream may split a frame across
 packages, so the receiver reassembles with ``DatagramDecoder``).

@@ -1,4 +1,4 @@
-"""The virtual subnet's messages (ip-bearer, spec 4.4.1), sans-I/O.
+"""The virtual subnet's messages (ip-bearer: docs/subnet.md), sans-I/O.
 
 Theory of operation
 -------------------

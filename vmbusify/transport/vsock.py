@@ -191,7 +191,8 @@ async def connect_vsock(address: VsockAddress, timeout: float) -> Streams:
     """Connect to ``(cid, port)``; TransportError on failure or after ``timeout`` seconds.
 
     Only the host's mux connects over vsock: it does so from a privileged source port
-    (``bind_privileged``), which a guest may require (docs/deploy.md, "Who may connect").
+    (``bind_privileged``), which a guest may require (docs/deploy.md, "Who may connect to a
+    guest").
 
     The kernel gives up on an unanswered connect after 2 s and Python cannot change that
     (the option is a timeval), so an ETIMEDOUT is retried until ``timeout`` runs out.

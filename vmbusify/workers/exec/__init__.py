@@ -1,1 +1,1 @@
-"""The command executor worker (spec 4.2.3): runs programs on the guest for vmbusifyexec."""
+"""The command executor worker (docs/exec.md): runs programs on the guest for vmbusifyexec."""

@@ -1,4 +1,4 @@
-"""The command executor (spec 4.2.3): the `exec` program, which runs programs for the host.
+"""The command executor (docs/exec.md): the `exec` program, which runs programs for the host.
 
 On a guest it registers Entity.CMD_EXECUTOR and serves START, SIGNAL and RESIZE from the
 command listener (a Worker, vmbusify.workers.base). On the host the same program set runs,

@@ -1,1 +1,1 @@
-"""The proxy worker: SOCKS/HTTP proxy client and proxy server in one process (spec 4.3)."""
+"""The proxy worker: SOCKS/HTTP proxy client and proxy server in one process (docs/proxy.md)."""

@@ -1,4 +1,4 @@
-"""The proxy client (spec 4.3.1): SOCKS5, SOCKS4/4a and HTTP proxy on 127.0.0.1:6542.
+"""The proxy client (docs/proxy.md): SOCKS5, SOCKS4/4a and HTTP proxy on 127.0.0.1:6542.
 
 Who may use it (``[proxy] access``, users/access.py): on the host, root and members of
 group ``vmbusify`` without credentials, other local users only with RFC 1929 / Basic

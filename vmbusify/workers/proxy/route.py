@@ -4,8 +4,8 @@ On a guest every target goes to the host. On the host the target picks the VM:
 
     VMID.vmbusify          that VM's own loopback ("localhost" resolved inside the VM)
     NAME.VMID.vmbusify     NAME as the VM resolves it (an address or name inside the VM)
-    an IP address          the VM that holds it (vmid-by-ip, spec get_vmid_by_ip: the mux's
-                           AddressBook; an address two VMs claim is held by neither)
+    an IP address          the VM that holds it (vmid-by-ip: the mux's AddressBook, docs/proxy.md
+                           "Who holds an address"; an address two VMs claim is held by neither)
 
 Anything else has no VM to go to and is refused with reply 4 (host unreachable), as is an
 address no VM holds, with the mux's reason (a conflict between two VMs is named, never

@@ -1,4 +1,4 @@
-"""The proxy server (spec 4.3.2): answers PROXY-OPEN by connecting to the target.
+"""The proxy server (docs/proxy.md): answers PROXY-OPEN by connecting to the target.
 
 Resolve, check the egress policy on every resolved address, connect, and only then answer
 PROXY-OPEN-ACK, so the reply code is the real outcome. The stream is accepted only on

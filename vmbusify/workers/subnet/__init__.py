@@ -1,1 +1,1 @@
-"""The virtual subnet worker (spec 3.3, 4.4): IP over the tunnel, with the host as NAT."""
+"""The virtual subnet worker (docs/subnet.md): IP over the tunnel, with the host as NAT."""

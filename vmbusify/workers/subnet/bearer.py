@@ -1,4 +1,4 @@
-"""ip-bearer (spec 4.4.1): IP packets between a TUN device and a peer's bearer stream.
+"""ip-bearer (docs/subnet.md): IP packets between a TUN device and a peer's bearer stream.
 
 Each peer has one ``Bearer``: an ``Outbox`` the TUN reader fills and a task drains into the
 stream, one batch (every frame waiting, up to one DATA package) per write, and a task that

@@ -1,4 +1,4 @@
-"""nat (spec 4.4.3): the host's nftables table and IP forwarding for the subnet.
+"""nat (docs/subnet.md): the host's nftables table and IP forwarding for the subnet.
 
 Every rule lives in one table of our own (``table inet vmbusify`` by default, named per lab
 instance). ``apply`` replaces the table in one nft transaction (``add`` + ``delete`` +

@@ -1,4 +1,4 @@
-"""vir-ethio (spec 4.4.2): a TUN device that reads and writes frames with a virtio-net header.
+"""vir-ethio (docs/subnet.md): a TUN device that reads and writes frames with a virtio-net header.
 
 The device is opened with ``IFF_TUN | IFF_NO_PI | IFF_VNET_HDR``: every read gives, and every
 write takes, a 10-byte ``virtio_net_hdr`` followed by one IP packet (see
