@@ -42,9 +42,11 @@ def _sections(doc: Path) -> set[str]:
 
 
 def _names(cited: str, section: str) -> bool:
-    """Whether ``cited`` names ``section``: all of it, or all before a parenthesis
-    ("The bus" for "The bus (ZeroMQ, one endpoint)")."""
-    return section == cited or section.startswith(f"{cited} (")
+    """Whether ``cited`` names ``section``: all of it, all before a parenthesis or a colon
+    ("The bus" for "The bus (ZeroMQ, one endpoint)"), or all after the colon ("virtio-serial"
+    for "QEMU without vsock: virtio-serial")."""
+    return (section == cited or section.startswith((f"{cited} (", f"{cited}:"))
+            or section.endswith(f": {cited}"))
 
 
 def test_every_cited_doc_and_section_exists() -> None:
@@ -69,6 +71,10 @@ def test_the_patterns_catch_what_they_must() -> None:
         "spec 4", "spec §3", "spec's"]
     assert SPEC.findall("(spec get_vmid_by_ip); an ExecSpec; spec = ExecSpec(...)") == [
         "spec get_vmid_by_ip"]
+    assert _names("The bus", "The bus (ZeroMQ, one endpoint)")
+    assert _names("virtio-serial", "QEMU without vsock: virtio-serial")
+    assert _names("QEMU without vsock", "QEMU without vsock: virtio-serial")
+    assert not _names("The bus", "The business")
     assert [m.groups() for m in CITATION.finditer(
         'docs/exec.md, "A light client" and docs/proxy.md')] == [
         ("exec.md", "A light client"), ("proxy.md", None)]
