@@ -9,9 +9,10 @@
    goal: >= 300 MB/s.
 3. fairness: `vmbusifyexec vm1 -- true` while another exec streams /dev/zero at full speed
    over the same tunnel; goal: <= 2 x its idle latency, measured just before in the same
-   round (medians over 3 rounds: the machine's speed drifts over minutes). The streaming exec is started as
-   from another terminal (its own session), which is how an operator meets this; the same
-   figure with the stream started from the benchmark's own session is printed beside it.
+   round (medians over 3 rounds: the machine's speed drifts over minutes). The streaming exec
+   is started as from another terminal (its own session), which is how an operator meets
+   this; the same figure with the stream started from the benchmark's own session is printed
+   beside it.
    The two differ because Linux's autogroup scheduling (on by default) shares the CPU
    between sessions first: in one session the probe competes with the streaming client for
    that session's share. On a machine of two cores the stream keeps both busy, so either
@@ -93,7 +94,8 @@ class LocalSshd:
                 return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"sshd did not start: {(self.root / 'sshd.log').read_text()}")
+                    raise SystemExit(
+                        f"sshd did not start: {(self.root / 'sshd.log').read_text()}") from None
                 time.sleep(0.05)
 
     def argv(self, *command: str) -> list[str]:
@@ -233,7 +235,8 @@ def main() -> None:
             stack.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"exec benchmark on {os.cpu_count()} cores, vm1 = {'the lab' if args.lab else 'the harness'}"
+    where = "the lab" if args.lab else "the harness"
+    print(f"exec benchmark on {os.cpu_count()} cores, vm1 = {where}"
           f", load average {os.getloadavg()[0]:.1f}")
     print(f"  {'measure':<44} {'vmbusifyexec':>13} {'ssh':>10} {'ratio':>7}  goal")
     print(f"  {'`true`, median wall (ms), ' + str(args.runs) + ' runs each':<44} "

@@ -44,6 +44,7 @@ async def sink_worker(config_path: str) -> None:
     """Guest side: accept one stream, count its bytes, answer the count."""
     from vmbusify.config import load_config
     link: WorkerLink
+    drains: set[asyncio.Task[None]] = set()  # the loop holds tasks by weak reference only
 
     async def on_open(msg: Inbound) -> object:
         stream = link.streams.accept(msg.vmid, Entity.PROXY_SERVER, msg.package, DATA)
@@ -55,7 +56,8 @@ async def sink_worker(config_path: str) -> None:
             await stream.write(str(total).encode())
             await stream.write_eof()
 
-        asyncio.ensure_future(drain())
+        drains.add(task := asyncio.ensure_future(drain()))
+        task.add_done_callback(drains.discard)
         return True
 
     link = WorkerLink(load_config(config_path), "bench-sink", [Entity.PROXY_SERVER])
@@ -89,7 +91,8 @@ async def tunnel_figures(root: Path, mib: int, pings: int) -> dict[str, float]:
             raise SystemExit("the sink worker did not register within 60 s")
         await guest_link.close()
         procs = {"host worker": psutil.Process(), "host mux": psutil.Process(pair.host.pid),
-                 "guest mux": psutil.Process(pair.guest.pid), "guest worker": psutil.Process(sink.pid)}
+                 "guest mux": psutil.Process(pair.guest.pid),
+                 "guest worker": psutil.Process(sink.pid)}
         total = mib << 20
 
         async def one_stream(block_size: int) -> tuple[float, dict[str, float]]:

@@ -34,7 +34,7 @@ class OneLineFormatter(logging.Formatter):
     from a guest can neither forge a log line nor drive the terminal of whoever reads the
     log. A traceback we log ourselves still follows on lines of its own."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         record.message = record.message.translate(UNSAFE_IN_LOG)
         return super().formatMessage(record)
 

@@ -357,8 +357,8 @@ def test_error_acks_cross_in_the_form_0_1_0_reads(old: LabHandle) -> None:
     with open(proxy_log, "rb") as fh:
         fh.seek(seen)
         logged = fh.read().decode(errors="replace")
-    assert "refused by the far side (1 general failure): no worker on host handles " \
-           "proxy-client message 1" in logged, logged
+    assert ("refused by the far side (1 general failure): no worker on host handles "
+            "proxy-client message 1") in logged, logged
     deadline = time.monotonic() + 30
     while (p := _curl(old, OLD, "--socks5-hostname", GUEST_PROXY,
                       f"http://{EXT_NAME}/")).returncode != 0:

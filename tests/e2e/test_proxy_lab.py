@@ -138,7 +138,8 @@ def ext(lab: LabHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
     bulk.stop()
 
 
-def in_vm(lab: LabHandle, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def in_vm(lab: LabHandle, argv: list[str], timeout: float = 120
+          ) -> subprocess.CompletedProcess[str]:
     return lab.run_in_vm(VM, argv, check=False, timeout=timeout)
 
 
@@ -333,8 +334,8 @@ def test_host_reaches_vm_services_by_address_and_by_vmid(lab: LabHandle,
         on_lo.stop()
 
 
-@pytest.mark.skipif(shutil.which("ncat") is None or shutil.which("sshd") is None
-                    and not Path("/usr/sbin/sshd").exists(), reason="needs ncat and sshd")
+@pytest.mark.skipif(shutil.which("ncat") is None or (shutil.which("sshd") is None
+                    and not Path("/usr/sbin/sshd").exists()), reason="needs ncat and sshd")
 def test_ssh_from_the_host_into_a_vm_through_the_proxy(lab: LabHandle, tmp_path: Path) -> None:
     vm = lab.layout.vm(VM)
     d = tmp_path / "ssh"

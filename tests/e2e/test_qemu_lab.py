@@ -98,7 +98,7 @@ def test_status_says_qemu_and_the_vm_has_no_nic(qlab: LabHandle) -> None:
     assert f'address = "unix:{vm1["tunnel"]}"' in host_conf
     # QEMU's own command line: no NIC, no default devices, one virtio-serial port.
     argv = Path(f"/proc/{vm1['qemu_pid']}/cmdline").read_bytes().split(b"\0")
-    assert b"-nodefaults" in argv and b"none" == argv[argv.index(b"-nic") + 1]
+    assert b"-nodefaults" in argv and argv[argv.index(b"-nic") + 1] == b"none"
     assert not any(a.startswith((b"-netdev", b"-net")) and a != b"-nic" for a in argv)
     assert f"name={image.PORT_NAME}".encode() in b" ".join(argv)
     # The guest booted systemd, whose console says so.

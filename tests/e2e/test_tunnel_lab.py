@@ -120,7 +120,7 @@ def test_listeners_are_closed_to_unprivileged_users(lab: LabHandle) -> None:
             assert out.returncode == 1, (target, out.stdout, out.stderr)
             assert "cannot read the control token" in out.stderr, (target, out.stderr)
             cdir = os.stat(os.path.dirname(cfg.control.listen.removeprefix("unix:")))
-            assert cdir.st_uid == 0 and cdir.st_mode & 0o027 == 0 or (
+            assert (cdir.st_uid == 0 and cdir.st_mode & 0o027 == 0) or (
                 _group_exists("vmbusify") and cdir.st_mode & 0o007 == 0), target
     finally:
         shutil.rmtree(readable_dir)

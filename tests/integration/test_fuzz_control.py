@@ -112,7 +112,7 @@ def still_serving(stack: ExecStack) -> None:
     "Authorization: Bearer " + "A" * 4000 + "\r\n",
     "Authorization: Bearer \x7f\x01tok\r\n",
 ])
-@pytest.mark.parametrize("method,path", [
+@pytest.mark.parametrize(("method", "path"), [
     ("GET", "/v1/status"), ("POST", "/v1/vms/vm1/connect"), ("GET", "/v1/vms/vm1/exec"),
     ("POST", "/v1/vms/vm1/exec"), ("GET", "/nope"), ("DELETE", "/v1/status"),
 ])

@@ -57,8 +57,8 @@ def _apt_sources() -> list[Path]:
     """This machine's apt sources: the mirror mmdebstrap takes the packages from."""
     sources = sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))
     legacy = Path("/etc/apt/sources.list")
-    if legacy.is_file() and any(
-            ln.strip() and not ln.lstrip().startswith("#") for ln in legacy.read_text().splitlines()):
+    if legacy.is_file() and any(ln.strip() and not ln.lstrip().startswith("#")
+                                for ln in legacy.read_text().splitlines()):
         sources.append(legacy)
     return sources
 
@@ -199,7 +199,8 @@ print(json.dumps({"failed": failed, "python": sys.executable, "vmbusify": vmbusi
 
 
 def _numbers(version: str) -> tuple[int, ...]:
-    return tuple(int(n) for n in re.findall(r"\d+", version.split("-")[0].split("+")[0])[:3])
+    release = version.split("-", maxsplit=1)[0].split("+", maxsplit=1)[0]
+    return tuple(int(n) for n in re.findall(r"\d+", release)[:3])
 
 
 def test_pyproject_floors_are_met_by_debian(

@@ -306,7 +306,7 @@ def test_a_stuck_loop_stops_the_heartbeat_and_calls_the_stall_action(
         loop_task = asyncio.ensure_future(link._receive_loop())
         reg_task = asyncio.ensure_future(link._register_loop())
         # busy but making progress, then idle for longer than stall_after: healthy
-        for i in range(30):
+        for _ in range(30):
             link._on_bus(Evt(TunnelEvent.UP, "vm1").to_frames())
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.4)

@@ -65,7 +65,7 @@ def test_streams_are_capped_per_vm_and_in_total_with_the_reason() -> None:
         t, _ = table(streams_per_vm=2, streams_total=3)
         a = t.open("vm1", LOCAL, PEER, MID)
         t.open("vm1", LOCAL, PEER, MID)
-        with pytest.raises(LimitReached, match="^vm1: 2 streams open: limit reached$"):
+        with pytest.raises(LimitReached, match=r"^vm1: 2 streams open: limit reached$"):
             t.open("vm1", LOCAL, PEER, MID)
         open_req = Package(type=PackageType.REQUEST, entity=PEER, message_id=1, id=5, stream=99)
         with pytest.raises(LimitReached, match="vm1: 2 streams open"):
@@ -151,25 +151,25 @@ def test_writers_wait_for_the_vms_send_budget_and_are_served_in_order() -> None:
             writers.append(asyncio.ensure_future(s.write(blob)))
             await asyncio.sleep(0)
         await asyncio.sleep(0.01)
-        M = MAX_CHUNK
-        assert [wire.data("vm1", s.id) for s in streams] == [2 * M, 0, 0, 0]  # first come
+        m = MAX_CHUNK
+        assert [wire.data("vm1", s.id) for s in streams] == [2 * m, 0, 0, 0]  # first come
         assert not any(w.done() for w in writers)
         # vm2 is not held back by vm1's budget
         await asyncio.wait_for(t.open("vm2", LOCAL, PEER, MID).write(blob[:cap]), 1)
         # credit back: the writers in line get it, in the order they came
-        await t.on_package("vm1", window(streams[0], M))
+        await t.on_package("vm1", window(streams[0], m))
         await asyncio.sleep(0.01)
-        assert [wire.data("vm1", s.id) for s in streams] == [3 * M, 0, 0, 0]
+        assert [wire.data("vm1", s.id) for s in streams] == [3 * m, 0, 0, 0]
         assert writers[0].done()
-        await t.on_package("vm1", window(streams[0], M))
+        await t.on_package("vm1", window(streams[0], m))
         await asyncio.sleep(0.01)
-        assert [wire.data("vm1", s.id) for s in streams] == [3 * M, M, 0, 0]
+        assert [wire.data("vm1", s.id) for s in streams] == [3 * m, m, 0, 0]
         # a stream that ends gives back what was never credited: the next in line goes on
         await streams[1].reset("gone")
         await asyncio.sleep(0.01)
         with pytest.raises(StreamReset):
             await writers[1]
-        assert [wire.data("vm1", s.id) for s in streams] == [3 * M, M, M, 0]
+        assert [wire.data("vm1", s.id) for s in streams] == [3 * m, m, m, 0]
         assert t.budget.vm("vm1").tx == cap
         for w in writers:
             w.cancel()
@@ -296,7 +296,7 @@ def test_no_new_stream_while_the_vms_send_budget_is_used_up() -> None:
         t, _ = table(buffered_per_vm=2 * MAX_CHUNK)
         a = t.open("vm1", LOCAL, PEER, MID)
         await a.write(b"q" * 2 * MAX_CHUNK)
-        with pytest.raises(LimitReached, match="^vm1: 2 MiB sent and not yet acknowledged"):
+        with pytest.raises(LimitReached, match=r"^vm1: 2 MiB sent and not yet acknowledged"):
             t.accept("vm1", LOCAL, Package(type=PackageType.REQUEST, entity=PEER, id=5,
                                            message_id=1, stream=99), MID)
         t.open("vm2", LOCAL, PEER, MID)  # another VM is not refused

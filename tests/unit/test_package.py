@@ -60,7 +60,7 @@ def _header(**over: int) -> bytes:
     return struct.pack(">IBBHHIHII", *fields.values())
 
 
-@pytest.mark.parametrize("bad, reason", [
+@pytest.mark.parametrize(("bad", "reason"), [
     (_header(sig=0xDEADBEEF), "bad signature"),
     (_header(version=9), "unsupported protocol version"),
     (_header(type=77), "unknown package type"),

@@ -128,7 +128,7 @@ def test_socks5_auth_required_but_not_offered() -> None:
     assert hs.no_acceptable_method() == b"\x05\xff"
 
 
-@pytest.mark.parametrize("request_bytes, code", [
+@pytest.mark.parametrize(("request_bytes", "code"), [
     (b"\x05\x02\x00\x01\x01\x02\x03\x04\x00\x50", ReplyCode.COMMAND_NOT_SUPPORTED),  # BIND
     (b"\x05\x09\x00\x01\x01\x02\x03\x04\x00\x50", ReplyCode.COMMAND_NOT_SUPPORTED),
     (b"\x05\x01\x00\x07\x01\x02\x03\x04\x00\x50", ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED),

@@ -58,7 +58,7 @@ def test_batch_round_trip_keeps_every_frame_and_its_boundaries() -> None:
 def test_decoder_reassembles_frames_split_anywhere(frames: list[bytes], cuts: list[int]) -> None:
     batch = encode_frames(frames)
     decoder, out, pos = FrameDecoder(), [], 0
-    for cut in cuts + [len(batch)]:
+    for cut in [*cuts, len(batch)]:
         out += [bytes(f) for f in decoder.feed(batch[pos:pos + cut])]
         pos += cut
         if pos >= len(batch):
@@ -107,7 +107,7 @@ def test_lease_round_trip() -> None:
     assert Lease.from_body(lease_body(address6="", prefixlen6=0, gateway6="")).address6 == ""
 
 
-@pytest.mark.parametrize("bad, reason", [
+@pytest.mark.parametrize(("bad", "reason"), [
     ({"address": "not-an-ip"}, "not-an-ip"),
     ({"gateway": "10.0.0.1"}, "gateway outside"),
     ({"mtu": 100}, "mtu"),

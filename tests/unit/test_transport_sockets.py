@@ -512,11 +512,15 @@ VMID = "5D8E6F0A-1C2B-4D3E-9F40-0123456789AB"
 @pytest.mark.parametrize("action", ["connect", "listen"])
 def test_hyperv_needs_windows(action: str) -> None:
     address = f"hyperv:{VMID}"
-    with pytest.raises(TransportError) as info:
+
+    def attempt() -> None:
         if action == "connect":
             run(connect(address, timeout=1))
         else:
             run(listen(address, echo))
+
+    with pytest.raises(TransportError) as info:
+        attempt()
     message = one_line(info.value)
     assert message.startswith(f"hyperv:{VMID}:6541: ")
     assert "Windows host with AF_HYPERV" in message

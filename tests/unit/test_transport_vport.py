@@ -94,7 +94,7 @@ def test_vport_addresses_parse_and_round_trip() -> None:
     assert isinstance(b, VportAddress) and b.is_path and str(b) == "vport:/dev/vport0p1"
 
 
-@pytest.mark.parametrize("text, words", [
+@pytest.mark.parametrize(("text", "words"), [
     ("vport:", "needs a port name"),
     ("vport:org vmbusify", "must be letters"),
     ("vport:../etc/passwd", "must be letters"),

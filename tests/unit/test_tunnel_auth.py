@@ -111,7 +111,7 @@ def test_a_missing_or_empty_proof_or_nonce_fails() -> None:
     assert not auth.verify(KEY, Side.HOST, nh, ng, b"")
     assert not auth.verify(KEY, Side.HOST, nh, ng, b"\0" * PROOF_SIZE)
     assert not auth.verify(KEY, Side.HOST, b"", ng, auth.proof(KEY, Side.HOST, nh, ng))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a proof needs two nonces"):
         auth.proof(KEY, Side.HOST, b"", ng)
 
 
@@ -181,7 +181,7 @@ def test_a_key_file_others_may_read_is_refused(tmp_path: Path, mode: int) -> Non
 
 
 def test_a_short_missing_or_odd_key_file_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="at least 16.*urandom"):
+    with pytest.raises(ConfigError, match=r"at least 16.*urandom"):
         load_key(str(_key_file(tmp_path, b"short\n")))
     with pytest.raises(ConfigError, match="No such file"):
         load_key(str(tmp_path / "nope"))
@@ -284,10 +284,10 @@ def test_bind_privileged_skips_taken_ports_downward() -> None:
 
 def test_bind_privileged_gives_up_without_the_right_or_a_free_port() -> None:
     assert bind_privileged(_FakeSock({1023: errno.EACCES})) is None  # type: ignore[arg-type]
-    full = _FakeSock({p: errno.EADDRINUSE for p in range(1, 1024)})
+    full = _FakeSock(dict.fromkeys(range(1, 1024), errno.EADDRINUSE))
     assert bind_privileged(full) is None  # type: ignore[arg-type]
     assert full.tried == list(range(1023, 0, -1))
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match=os.strerror(errno.EINVAL)):
         bind_privileged(_FakeSock({1023: errno.EINVAL}))  # type: ignore[arg-type]
 
 
@@ -456,7 +456,7 @@ def test_receive_auth_reports_a_bye_printably_and_refuses_anything_else() -> Non
         await asyncio.get_running_loop().sock_sendall(peer, _hello(role="guest").package()
                                                       .encode())
         await tunnel.handshake(_hello(), 5)
-        with pytest.raises(TunnelError, match="no AUTH within 0.2s"):
+        with pytest.raises(TunnelError, match=r"no AUTH within 0\.2s"):
             await tunnel.receive_auth(0.2)
         await tunnel.abort()
         peer.close()

@@ -1,0 +1,2 @@
+"""The command-line programs: ``vmbusify`` (programs and the lab), ``vmbusifyctl`` and
+``vmbusifyexec``. The top layer: nothing in the package imports it."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from vmbusify.cli.forward import forward
 from vmbusify.config import load_config
 from vmbusify.control.client import ControlClient, q
 from vmbusify.errors import ErrorCode, VMBusifyError, ctl_exit
@@ -203,7 +204,5 @@ def ping(ctx: click.Context, vmid: str, timeout: float) -> None:
     click.echo(f"{r['vmid']}: rtt {r['rtt_ms']:.3f} ms")
 
 
-# `forward` is a command of its own module; imported here, after `main` exists.
-from vmbusify.cli.forward import forward
-
+# `forward` is a command of its own module.
 main.add_command(forward)

@@ -2,12 +2,13 @@
 
     vmbusifyexec [OPTIONS] VMID [OPTIONS] [--] PROGRAM [ARGS...]
 
-It is started once per command and its start is most of its latency, so it imports only
-light standard modules and VMBusify's light ones: no asyncio, aiohttp, ZeroMQ or msgpack, and
-no dataclasses, urllib, hashlib, queue or pathlib either (their imports cost more CPU than the
-rest of the client; test_no_heavy_imports_in_the_client keeps it so). The configuration is
-read by vmbusify.config_file, not the dataclass model; tomllib brings typing with it. It makes one connection: a
-WebSocket to the listener whose opening request carries the exec right behind the handshake.
+It is started once per command and its start is most of its latency, so it imports only light
+standard modules and VMBusify's light ones: no asyncio, aiohttp, ZeroMQ or msgpack, and no
+dataclasses, urllib, hashlib, queue or pathlib either (their imports cost more CPU than the
+rest of the client; test_no_heavy_imports_in_the_client keeps it so). The configuration is read
+by vmbusify.config_file, not the dataclass model; tomllib brings typing with it. It makes one
+connection: a WebSocket to the listener whose opening request carries the exec right behind the
+handshake.
 
 Threads: the main thread reads the socket and writes stdout/stderr (a slow local reader
 stops it, and with it the whole chain back to the remote program). A stdin thread (``-i``)
@@ -252,8 +253,7 @@ def _connect(listener: Listener) -> socket.socket:
     # this (docs/exec.md, "A light client").
     from vmbusify.control.verify import connect_verified
 
-    sock = connect_verified(listener.kind, listener.where, listener.port, listener.owner)
-    return sock
+    return connect_verified(listener.kind, listener.where, listener.port, listener.owner)
 
 
 def _read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:

@@ -20,6 +20,7 @@ async def _mux(request: web.Request, cmd: str, **args: Any) -> Any:
 
 
 async def status(request: web.Request) -> web.Response:
+    """GET /v1/status: the mux's status, every program's state and the listener's own."""
     ctx = request.app[CTX_KEY]
     result = await _mux(request, "status")
     loop = asyncio.get_running_loop()
@@ -29,6 +30,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def vms(request: web.Request) -> web.Response:
+    """GET /v1/vms: the VMs the mux knows and their state."""
     return web.json_response(await _mux(request, "list"))
 
 
@@ -53,22 +55,27 @@ def query_timeout(request: web.Request, default: float) -> float:
 
 
 async def connect(request: web.Request) -> web.Response:
+    """POST /v1/vms/{vmid}/connect: connect to the VM now (``?timeout=S``, default 10)."""
     timeout = query_timeout(request, 10.0)
     return web.json_response(
         await _mux(request, "connect", vmid=request.match_info["vmid"], timeout=timeout))
 
 
 async def disconnect(request: web.Request) -> web.Response:
+    """POST /v1/vms/{vmid}/disconnect: close the VM's tunnel."""
     return web.json_response(await _mux(request, "disconnect", vmid=request.match_info["vmid"]))
 
 
 async def ping(request: web.Request) -> web.Response:
+    """POST /v1/vms/{vmid}/ping: the round trip through the VM's tunnel (``?timeout=S``,
+    default 5)."""
     timeout = query_timeout(request, 5.0)
     return web.json_response(
         await _mux(request, "ping", vmid=request.match_info["vmid"], timeout=timeout))
 
 
 async def vmid(request: web.Request) -> web.Response:
+    """GET /v1/vmid/{ip}: the vmid holding an IP address (docs/proxy.md, "Who holds an address")."""
     return web.json_response({"vmid": await _mux(request, "vmid", ip=request.match_info["ip"])})
 
 

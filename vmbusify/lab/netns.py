@@ -60,6 +60,7 @@ def list_netns() -> list[str]:
 
 
 def netns_exists(name: str) -> bool:
+    """Whether the named network namespace exists."""
     return name in list_netns()
 
 
@@ -121,6 +122,7 @@ def delete_netns(name: str) -> None:
 
 
 def link_exists(ifname: str, netns: str | None = None) -> bool:
+    """Whether ``ifname`` exists (in ``netns``; None: the root namespace)."""
     return _ip(netns, "link", "show", "dev", ifname, check=False).returncode == 0
 
 
@@ -134,6 +136,7 @@ def delete_link(ifname: str, netns: str | None = None) -> None:
 
 
 def link_up(ifname: str, netns: str | None = None) -> None:
+    """Set ``ifname`` up (in ``netns``; None: the root namespace)."""
     _ip(netns, "link", "set", "dev", ifname, "up")
 
 
@@ -185,6 +188,7 @@ def ensure_veth(host_if: str, peer_netns: str, peer_if: str) -> None:
 
 
 def ensure_default_route(via: str, netns: str) -> None:
+    """Make ``via`` the default route of ``netns``."""
     _ip(netns, "route", "replace", "default", "via", via)
 
 

@@ -10,9 +10,10 @@ supervisord, with that release's ``conf/``) against this checkout's host stack::
 The release's ``vmbusify/``, ``conf/`` and ``pyproject.toml`` are exported (``git archive
 REF``) into ``<lab root>/releases/REF/tree``; ``releases/REF/bin/`` holds its console scripts
 (``vmbusify``, ``vmbusifyctl``, ...), which run that tree with this venv's interpreter and
-packages (a release's dependencies are the ones installed here). The VM's supervisord gets
-that directory as ``VMBUSIFY_BIN``, and commands run in the VM find them first on ``PATH``. Which release a VM runs is
-kept in ``vmK/release``, so a later ``lab up`` keeps it, as it keeps the number of VMs.
+packages (a release's dependencies are the ones installed here). The VM's supervisord gets that
+directory as ``VMBUSIFY_BIN``, and commands run in the VM find them first on ``PATH``. Which
+release a VM runs is kept in ``vmK/release``, so a later ``lab up`` keeps it, as it keeps the
+number of VMs.
 
 Nothing here starts a process but ``git``, ``tar`` and the release's own config check.
 """

@@ -108,6 +108,8 @@ class MuxApp:
         self.routes = self.switch.routes
         #: Drops a peer causes, logged at most log_lines_per_minute per VM and reason.
         self._drop_log = RateLimitedLog(log, config.limits.log_lines_per_minute)
+        #: Control commands being answered (the loop holds only weak references to tasks).
+        self._answers: set[asyncio.Task[None]] = set()
         #: What waits in every tunnel's send queue together.
         self.backlog = BacklogPool(config.limits.tunnel_backlog_total)
         self.side: Any = None  # HostSide or GuestSide, set by run_mux
@@ -185,7 +187,9 @@ class MuxApp:
                 reply = CtlReply(req.call_id, False, error=f"internal error: {exc}")
             self.to_worker(identity, reply)
 
-        asyncio.ensure_future(answer())
+        task = asyncio.ensure_future(answer())
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
 
     # -- executing the switch's actions ----------------------------------------------------
     def execute(self, actions: list[Action]) -> None:

@@ -45,6 +45,8 @@ class GuestSide:
         self._lock = asyncio.Lock()
         self._ips = guest_ips()
         self._server: asyncio.AbstractServer | None = None
+        #: The loop keeps only a weak reference to a task: this one is held here.
+        self._ip_watch: asyncio.Task[None] | None = None
         tunnel = self.config.tunnel
         #: The key shared with the host (None: no key); a bad key file stops the mux here.
         self.key = load_key(tunnel.key_file) if tunnel.key_file else None
@@ -87,7 +89,7 @@ class GuestSide:
                 log.warning("no tunnel.key_file and no privileged-port rule: whoever can "
                             "reach %s can run commands in this guest (docs/deploy.md)",
                             listen_at)
-        asyncio.ensure_future(self._watch_ips())
+        self._ip_watch = asyncio.ensure_future(self._watch_ips())
 
     async def _watch_ips(self) -> None:
         while True:

@@ -167,7 +167,7 @@ def parse_head(buf: bytes | bytearray) -> tuple[HttpRequest, int] | None:
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.match(name):
             raise _bad("malformed header field")
-        if any(b < 0x20 and b != 0x09 or b == 0x7F for b in value):
+        if any((b < 0x20 and b != 0x09) or b == 0x7F for b in value):
             raise _bad("control character in a header value")
         headers.append((name, value.strip(b" \t")))
     method, target, version = raw_method.decode(), raw_target.decode(), raw_version.decode()

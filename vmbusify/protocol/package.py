@@ -259,8 +259,8 @@ class PackageDecoder:
         """Add bytes read from the peer (a malformed package shows at next_package)."""
         if self._error is not None:
             raise self._error
-        with memoryview(data) as view:
-            view = view.cast("B")
+        with memoryview(data) as whole:
+            view = whole.cast("B")
             while view and self._error is None:
                 room = self.get_buffer()
                 n = min(len(room), len(view))

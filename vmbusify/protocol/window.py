@@ -3,9 +3,9 @@
 The receiver of a stream grants the sender ``INITIAL_WINDOW`` bytes up front. The sender
 never has more unacknowledged bytes in flight than its window; the receiver returns credit
 (a WINDOW package) once the application has *consumed* a quarter of a window, so credit
-arrives before the sender runs dry even when four processes sit between the two ends. So a reader that stops
-reading stops its own stream, and only its own: every other stream keeps its credit, and
-nothing anywhere buffers more than one window per stream.
+arrives before the sender runs dry even when four processes sit between the two ends. So a
+reader that stops reading stops its own stream, and only its own: every other stream keeps its
+credit, and nothing anywhere buffers more than one window per stream.
 
 Credit is checked as strictly as data: an honest receiver never returns more than was sent,
 so a sender's available credit never exceeds the window it started with. A WINDOW that

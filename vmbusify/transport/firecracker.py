@@ -54,7 +54,7 @@ async def _read_reply(reader: asyncio.StreamReader, address: FirecrackerAddress)
     try:
         line = await reader.readuntil(b"\n")
     except asyncio.IncompleteReadError:
-        raise _Dropped() from None
+        raise _Dropped from None
     except asyncio.LimitOverrunError:
         line = b"(an over-long line)"
     match = _REPLY_RE.fullmatch(line) if len(line) <= _REPLY_MAX else None
@@ -94,7 +94,7 @@ async def connect_fc(address: FirecrackerAddress, timeout: float) -> Streams:
         remaining = deadline - loop.time()
         try:
             if remaining <= 0:
-                raise TimeoutError()
+                raise TimeoutError
             return await asyncio.wait_for(_handshake(address), remaining)
         except (_Dropped, ConnectionResetError, BrokenPipeError):
             drops += 1

@@ -41,7 +41,7 @@ def _in_use(path: str) -> bool:
     finally:
         probe.close()
     # EAGAIN: a live listener whose backlog is full. Anything else but a refusal: leave it.
-    return err != errno.ECONNREFUSED and err != errno.ENOENT
+    return err not in (errno.ECONNREFUSED, errno.ENOENT)
 
 
 def remove_stale(path: str, shown: object) -> None:

@@ -363,7 +363,7 @@ class VportListener(asyncio.AbstractServer):
         return None
 
     async def serve_forever(self) -> None:  # pragma: no cover - not used by the mux
-        while not self._closed:
+        while not self._closed:  # noqa: ASYNC110 (asyncio.Server's API; nothing waits on it)
             await asyncio.sleep(3600)
 
     # -- the port ----------------------------------------------------------------------------

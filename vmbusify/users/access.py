@@ -92,8 +92,8 @@ def read_credentials(path: str) -> dict[str, str]:
     text = read_private_file(path, "proxy credentials_file", 1 << 20).decode(
         "utf-8", "replace")
     out: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         user, sep, password = line.partition(":")

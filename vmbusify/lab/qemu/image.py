@@ -1,4 +1,5 @@
-"""The QEMU lab's guest image: a Debian root filesystem as an ext4 image, cached outside the checkout.
+"""The QEMU lab's guest image: a Debian root filesystem as an ext4 image, cached outside the
+checkout.
 
 Two levels of cache under :data:`CACHE` (``/var/cache/vmbusify-lab``, or
 ``$VMBUSIFY_LAB_CACHE``):
@@ -44,8 +45,8 @@ SUITE = "bookworm"
 #: What the guest needs from Debian (the guest package's dependencies, and what the tests use).
 PACKAGES = (
     "systemd", "systemd-sysv", "udev", "kmod", "python3", "python3-zmq", "python3-msgpack",
-    "python3-psutil", "python3-click", "python3-aiohttp", "supervisor", "iproute2", "curl", "iputils-ping",
-    "procps",
+    "python3-psutil", "python3-click", "python3-aiohttp", "supervisor", "iproute2", "curl",
+    "iputils-ping", "procps",
 )
 #: The virtio-serial port's name: the guest finds it as /dev/virtio-ports/PORT_NAME.
 PORT_NAME = DEFAULT_PORT_NAME
@@ -138,12 +139,13 @@ def rootfs_tarball(kernel: Kernel) -> Path:
 
 
 def repo_root() -> Path:
+    """This checkout's top directory."""
     return Path(__file__).resolve().parents[3]
 
 
 def _payload_files() -> list[Path]:
     root = repo_root()
-    files = [p for p in sorted((root / "vmbusify").rglob("*.py"))]
+    files = sorted((root / "vmbusify").rglob("*.py"))
     files += sorted((root / "conf").rglob("*.conf"))
     return files
 
@@ -276,11 +278,13 @@ def _system_setup(root: Path) -> None:
     getty = root / "etc/systemd/system/serial-getty@ttyS0.service.d"
     getty.mkdir(parents=True, exist_ok=True)
     (getty / "autologin.conf").write_text(
-        "[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin root --noclear %I 115200 linux\n")
+        "[Service]\nExecStart=\n"
+        "ExecStart=-/sbin/agetty --autologin root --noclear %I 115200 linux\n")
     # Nothing that waits on a network or wakes up to download.
     system = root / "etc/systemd/system"
-    for unit in ("apt-daily.timer", "apt-daily-upgrade.timer", "systemd-networkd-wait-online.service",
-                 "e2scrub_all.timer", "fstrim.timer", "systemd-timesyncd.service"):
+    for unit in ("apt-daily.timer", "apt-daily-upgrade.timer",
+                 "systemd-networkd-wait-online.service", "e2scrub_all.timer", "fstrim.timer",
+                 "systemd-timesyncd.service"):
         link = system / unit
         if not link.exists():
             link.symlink_to("/dev/null")

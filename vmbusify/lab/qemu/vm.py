@@ -33,10 +33,12 @@ BOOT_TIMEOUT = {Accel.KVM: 60.0, Accel.TCG: 300.0}
 
 
 def overlay_path(vm: VMLayout) -> Path:
+    """The VM's copy-on-write disk over the shared image."""
     return vm.dir / "disk.qcow2"
 
 
 def config_disk_path(vm: VMLayout) -> Path:
+    """The small disk that carries the VM's configuration in."""
     return vm.dir / "config.img"
 
 
@@ -46,10 +48,12 @@ def console_path(vm: VMLayout) -> Path:
 
 
 def console_socket(vm: VMLayout) -> Path:
+    """The Unix socket QEMU serves the serial console on."""
     return vm.dir / "console.sock"
 
 
 def pid_path(vm: VMLayout) -> Path:
+    """Where QEMU writes its pid."""
     return vm.dir / "qemu.pid"
 
 

@@ -10,12 +10,12 @@ Routes (every request carries the bearer token; see docs/exec.md)::
                                 messages whose first byte is a Channel (stdin, stdout, ...)
     POST /v1/vms/{vmid}/exec    JSON ExecSpec with "detach": true -> {"vmid", "pid"}
 
-``vmid`` is a vmid or any IP address the VM reported. For each attached exec the listener
-opens two streams to the VM's command executor (main: stdin down, stdout up; side: stderr
-up, and down only its EOF when the exec is over), sends START, and then relays: WebSocket -> streams for stdin, signals and resizes,
-streams -> WebSocket for output. When both output streams ended and the EXIT message came,
-it sends the STATUS message and closes. A client that goes away resets the streams, which
-makes the executor kill the remote process tree.
+``vmid`` is a vmid or any IP address the VM reported. For each attached exec the listener opens
+two streams to the VM's command executor (main: stdin down, stdout up; side: stderr up, and
+down only its EOF when the exec is over), sends START, and then relays: WebSocket -> streams
+for stdin, signals and resizes, streams -> WebSocket for output. When both output streams ended
+and the EXIT message came, it sends the STATUS message and closes. A client that goes away
+resets the streams, which makes the executor kill the remote process tree.
 """
 
 from __future__ import annotations
@@ -293,8 +293,7 @@ async def _start(ws: web.WebSocketResponse, service: ExecService, target: str
         raise ControlError(str(exc)) from None
     if spec.detach:
         raise ControlError("a detached exec is a POST, not a WebSocket")
-    result = await service.launch(target, spec)
-    return result
+    return await service.launch(target, spec)
 
 
 async def _send_status(ws: web.WebSocketResponse, status: ExitStatus) -> None:

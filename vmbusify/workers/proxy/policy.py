@@ -3,12 +3,13 @@
 Rules are ``CIDR`` or ``CIDR:PORTS`` (``[v6-CIDR]:PORTS`` for IPv6), PORTS being a comma list
 of ports and ``LOW-HIGH`` ranges: ``10.0.0.0/8:80,443,8000-8999``. An address must match an
 allow rule and no deny rule: deny wins. Checks run on the *resolved* address (resolve, check,
-connect: a name cannot rebind around the policy), in every dress an IPv4 address can wear
-in IPv6 (``forms``): IPv4-mapped (``::ffff:127.0.0.1``), -translated and -compatible forms are
-judged as the IPv4 address alone; NAT64 (64:ff9b::/96, and the local-use 64:ff9b:1::/48 in
-its last 32 bits and at the other RFC 6052 positions: ``embedded_ipv4``), 6to4 (2002::/16) and Teredo (2001::/32) addresses are judged as
-themselves *and* as each IPv4 address inside: denied if any of them is, allowed only if all
-are. So a denied IPv4 address is denied whatever IPv6 form it comes in.
+connect: a name cannot rebind around the policy), in every dress an IPv4 address can wear in
+IPv6 (``forms``): IPv4-mapped (``::ffff:127.0.0.1``), -translated and -compatible forms are
+judged as the IPv4 address alone; NAT64 (64:ff9b::/96, and the local-use 64:ff9b:1::/48 in its
+last 32 bits and at the other RFC 6052 positions: ``embedded_ipv4``), 6to4 (2002::/16) and
+Teredo (2001::/32) addresses are judged as themselves *and* as each IPv4 address inside: denied
+if any of them is, allowed only if all are. So a denied IPv4 address is denied whatever IPv6
+form it comes in.
 
 Built-in denials (``default_deny = true``, the default) come before any configured rule:
 on the host its own loopback and unspecified addresses and every address of its own
