@@ -23,6 +23,7 @@ from vmbusify.bus.link import WorkerLink
 from vmbusify.config import Config, load_config
 from vmbusify.errors import VMBusifyError
 from vmbusify.protocol.entities import Entity
+from vmbusify.protocol.package import Package, PackageDecoder
 
 BIN = Path(sys.executable).parent
 
@@ -156,3 +157,19 @@ async def wait_state(link: WorkerLink, vmid: str, state: str, timeout: float = 2
             pass
         await asyncio.sleep(0.1)
     raise AssertionError(f"{vmid} not {state} after {timeout}s; last: {last}")
+
+
+def read_packages_until_closed(s: socket.socket) -> list[Package]:
+    """Every package a raw peer socket receives until it is closed, reset or times out."""
+    dec = PackageDecoder()
+    out: list[Package] = []
+    while True:
+        try:
+            data = s.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not data:
+            break
+        dec.receive_data(data)
+        out.extend(dec.packages())
+    return out

@@ -13,12 +13,18 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import Pair, link_for, make_pair, wait_state
+from tests.integration.harness import (
+    Pair,
+    link_for,
+    make_pair,
+    read_packages_until_closed,
+    wait_state,
+)
 from vmbusify.bus.frames import RouteKind
 from vmbusify.bus.link import Inbound, WorkerLink
 from vmbusify.errors import RequestTimeout, TunnelError
 from vmbusify.protocol.entities import Entity, TunnelMessage
-from vmbusify.protocol.package import Package, PackageDecoder, PackageType
+from vmbusify.protocol.package import PackageType
 from vmbusify.protocol.tunnel import Bye, Hello
 from vmbusify.protocol.window import INITIAL_WINDOW
 
@@ -318,7 +324,7 @@ async def _bye_reason(pair: Pair, hello: Hello) -> str:
     answer must be a BYE; returns its reason."""
     s = _raw_connect(pair.tunnel_path)
     s.sendall(hello.package().encode())
-    pkgs = await asyncio.to_thread(_read_packages, s)
+    pkgs = await asyncio.to_thread(read_packages_until_closed, s)
     s.close()
     assert pkgs and pkgs[0].type is PackageType.MESSAGE, pkgs
     assert pkgs[0].message_id == TunnelMessage.BYE, pkgs  # not a HELLO
@@ -332,21 +338,6 @@ async def _host_with_vm1_disconnected(pair: Pair) -> WorkerLink:
     await wait_state(host, "vm1", "connected")
     await host.control({"cmd": "disconnect", "vmid": "vm1"})
     return host
-
-
-def _read_packages(s: socket.socket) -> list[Package]:
-    dec = PackageDecoder()
-    out: list[Package] = []
-    while True:
-        try:
-            data = s.recv(65536)
-        except (TimeoutError, ConnectionResetError):
-            break
-        if not data:
-            break
-        dec.receive_data(data)
-        out.extend(dec.packages())
-    return out
 
 
 def test_second_host_connection_is_refused(pair: Pair) -> None:
@@ -374,7 +365,8 @@ def test_garbage_is_dropped_and_the_guest_keeps_serving(pair: Pair) -> None:
                 s.sendall(junk)
             except (BrokenPipeError, ConnectionResetError):
                 pass
-            await asyncio.to_thread(_read_packages, s)  # returns once the guest hangs up
+            # returns once the guest hangs up
+            await asyncio.to_thread(read_packages_until_closed, s)
             s.close()
         await asyncio.sleep(0.5)
         log = pair.guest.log()

@@ -15,12 +15,20 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import MuxProc, Pair, free_port, link_for, wait_state, write_config
+from tests.integration.harness import (
+    MuxProc,
+    Pair,
+    free_port,
+    link_for,
+    read_packages_until_closed,
+    wait_state,
+    write_config,
+)
 from vmbusify.bus.link import Inbound
 from vmbusify.errors import ErrorCode, LimitReached, TunnelError
 from vmbusify.protocol import auth
 from vmbusify.protocol.entities import Entity, TunnelMessage
-from vmbusify.protocol.package import Package, PackageDecoder, PackageType
+from vmbusify.protocol.package import Package, PackageType
 from vmbusify.protocol.serialize import dumps
 from vmbusify.protocol.tunnel import PROOF_SIZE, Auth, Bye, Hello
 
@@ -158,21 +166,6 @@ def test_a_key_file_others_can_read_stops_the_guest_with_one_line(tmp_path: Path
 
 # -- a would-be host speaking the wire by hand ---------------------------------------------
 
-def _read_until_closed(s: socket.socket) -> list[Package]:
-    dec = PackageDecoder()
-    out: list[Package] = []
-    while True:
-        try:
-            data = s.recv(65536)
-        except (TimeoutError, ConnectionResetError):
-            break
-        if not data:
-            break
-        dec.receive_data(data)
-        out.extend(dec.packages())
-    return out
-
-
 def _intruder(path: Path, *after_hello: bytes) -> list[Package]:
     """Connect as a host with a key it does not have: HELLO, then ``after_hello`` in the
     same write; returns what the guest sent until it hung up."""
@@ -183,7 +176,7 @@ def _intruder(path: Path, *after_hello: bytes) -> list[Package]:
                   features=auth.features(True))
     s.sendall(hello.package().encode() + b"".join(after_hello))
     try:
-        return _read_until_closed(s)
+        return read_packages_until_closed(s)
     finally:
         s.close()
 
