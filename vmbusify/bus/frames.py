@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from vmbusify.errors import ErrorCode, RemoteProtocolError, VMBusifyError, code_of, error_from
 from vmbusify.protocol.package import (
@@ -164,18 +164,25 @@ class Reg:
 
 
 @dataclass(frozen=True, slots=True)
-class Unreg:
+class _Signal:
+    """A bus message that is its kind alone (no body): UNREG, REREG."""
+
+    KIND: ClassVar[BusKind]
+
+    def to_frames(self) -> Frames:
+        return [self.KIND.value]
+
+    @classmethod
+    def parse(cls, frames: Frames) -> Self:
+        _frames(frames, cls.KIND, 1)
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class Unreg(_Signal):
     """The worker is stopping: the mux forgets it at once and tells the far side."""
 
     KIND: ClassVar[BusKind] = BusKind.UNREG
-
-    def to_frames(self) -> Frames:
-        return [BusKind.UNREG.value]
-
-    @classmethod
-    def parse(cls, frames: Frames) -> Unreg:
-        _frames(frames, BusKind.UNREG, 1)
-        return cls()
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,18 +233,10 @@ class RegOk:
 
 
 @dataclass(frozen=True, slots=True)
-class Rereg:
+class Rereg(_Signal):
     """The mux does not know this worker (it restarted): register again."""
 
     KIND: ClassVar[BusKind] = BusKind.REREG
-
-    def to_frames(self) -> Frames:
-        return [BusKind.REREG.value]
-
-    @classmethod
-    def parse(cls, frames: Frames) -> Rereg:
-        _frames(frames, BusKind.REREG, 1)
-        return cls()
 
 
 @dataclass(frozen=True, slots=True)
