@@ -15,6 +15,7 @@ from tests.integration.harness import BIN, Pair, make_pair
 from vmbusify.config import load_config
 from vmbusify.config_file import parse_control_listen
 from vmbusify.control.token import read_token
+from vmbusify.control.verify import connect_unix_socket
 
 EXEC = str(BIN / "vmbusifyexec")
 
@@ -31,10 +32,7 @@ class Listener:
     def connect(self, timeout: float = 10) -> socket.socket:
         """A raw connection (no checks: the tests know whose listener it is)."""
         if self.kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(self.where)
-            return sock
+            return connect_unix_socket(self.where, timeout)
         return socket.create_connection((self.where, self.port), timeout=timeout)
 
     def http(self, timeout: float = 10) -> http.client.HTTPConnection:

@@ -126,6 +126,50 @@ def test_a_listener_directory_others_may_write_is_refused(tmp_path: Path, mode: 
     assert "refusing to send the control token" in str(err.value)
 
 
+def test_a_full_backlog_is_waited_out_not_an_error(tmp_path: Path) -> None:
+    """A burst of clients fills the listener's accept queue: Linux answers a Unix connect
+    with EAGAIN at once then, and the client waits until the listener accepts (or its
+    timeout runs out, said in words), instead of failing on the spot."""
+    import threading
+
+    d = tmp_path / "control"
+    prepare_dir(str(d), None)
+    path = d / "control.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(0)
+    queued = []
+    try:
+        for _ in range(64):  # fill the queue: connects that the listener never accepts
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            if s.connect_ex(str(path)) != 0:
+                s.close()
+                break
+            queued.append(s)
+        with pytest.raises(ControlError, match="backlog stayed full"):
+            connect_verified("unix", str(path), 0, os.geteuid(), 0.3)
+
+        def accept_later() -> None:
+            time.sleep(0.3)
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                conn.close()
+
+        threading.Thread(target=accept_later, daemon=True).start()
+        t0 = time.monotonic()
+        with connect_verified("unix", str(path), 0, os.geteuid(), 5.0) as s:
+            assert s.family == socket.AF_UNIX
+        assert 0.2 < time.monotonic() - t0 < 5.0
+    finally:
+        for s in queued:
+            s.close()
+        srv.close()
+
+
 def test_a_missing_listener_is_said_plainly(tmp_path: Path) -> None:
     with pytest.raises(ControlError, match="is not running"):
         connect_verified("unix", str(tmp_path / "none" / "control.sock"), 0, os.geteuid())

@@ -152,9 +152,9 @@ async def run_control(config: Config, stop: asyncio.Event | None = None) -> None
     await runner.setup()
     site: web.BaseSite
     if kind == "unix":
-        site = web.UnixSite(runner, where)
+        site = web.UnixSite(runner, where, backlog=1024)  # bursts of clients
     else:
-        site = web.TCPSite(runner, where, port, reuse_address=True)
+        site = web.TCPSite(runner, where, port, reuse_address=True, backlog=1024)
     try:
         await site.start()
         if kind == "unix":

@@ -70,22 +70,48 @@ def check_unix_path(path: str, trusted: frozenset[int]) -> None:
                            f"{_owner(sst.st_uid)}, not root")
 
 
+def connect_unix_socket(path: str, timeout: float) -> socket.socket:
+    """A connected Unix stream socket (with ``timeout`` set), waiting out a full backlog.
+
+    A Unix connect with a timeout is non-blocking underneath, and Linux answers it with EAGAIN
+    at once while the listener's accept queue is full (a burst of clients, a busy listener),
+    instead of waiting as a TCP connect does: retried here until ``timeout`` runs out.
+    OSError as connect() raises it.
+    """
+    import time  # here: the common case never waits
+
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() + pause >= deadline:
+                raise TimeoutError(f"{path}: the listener's backlog stayed full for "
+                                   f"{timeout:g}s") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
 def _connect_unix(path: str, trusted: frozenset[int], timeout: float) -> socket.socket:
     check_unix_path(path, trusted)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
     try:
-        sock.connect(path)
+        sock = connect_unix_socket(path, timeout)
     except (ConnectionRefusedError, FileNotFoundError):
-        sock.close()
         raise ControlError(f"the command listener at unix:{path} is not running "
                            "(check: supervisorctl status control)") from None
     except PermissionError:
-        sock.close()
         raise ControlError(f"cannot reach the command listener at unix:{path}: permission "
                            "denied (run as root or as a member of group vmbusify)") from None
     except OSError as exc:
-        sock.close()
         raise ControlError(f"cannot reach the command listener at unix:{path}: "
                            f"{exc.strerror or exc}") from None
     # SO_PEERCRED (users/peer.py's unix_peer_uid; that module loads for TCP only)
