@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from tests.integration.harness import (
 )
 from vmbusify.bus.link import Inbound
 from vmbusify.errors import ErrorCode, LimitReached, TunnelError
+from vmbusify.lab.release import release_tar
 from vmbusify.protocol import auth
 from vmbusify.protocol.entities import Entity, TunnelMessage
 from vmbusify.protocol.package import Package, PackageType
@@ -33,7 +33,6 @@ from vmbusify.protocol.serialize import dumps
 from vmbusify.protocol.tunnel import PROOF_SIZE, Auth, Bye, Hello
 
 ECHO = 901
-REPO = Path(__file__).resolve().parents[2]
 #: The previous release: guests are upgraded last, so this host must still serve its guest.
 OLD_RELEASE = "v0.1.0"
 
@@ -229,19 +228,10 @@ def test_a_guest_with_a_key_dispatches_nothing_before_the_hosts_proof(
 # -- a guest of the previous release ---------------------------------------------------------
 
 def _old_release(dest: Path) -> Path:
-    """The source tree of OLD_RELEASE, extracted from this repository (skip if absent)."""
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-    tag = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet",
-                          f"{OLD_RELEASE}^{{commit}}"], capture_output=True, text=True,
-                         check=False)
-    if tag.returncode != 0:
-        pytest.skip(f"tag {OLD_RELEASE} is not in this clone (a shallow clone?): "
-                    f"`git fetch --tags` to run this test")
+    """The source tree of OLD_RELEASE (from git, or the archive the repository ships)."""
+    _commit, tar = release_tar(OLD_RELEASE)
     dest.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", OLD_RELEASE, "vmbusify"],
-                             capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest), "vmbusify"], input=tar, check=True)
     return dest
 
 

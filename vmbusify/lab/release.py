@@ -7,24 +7,28 @@ supervisord, with that release's ``conf/``) against this checkout's host stack::
     vmbusify lab up --guest-release vm2=v0.1.0     # vm2 runs v0.1.0, the rest this checkout
     vmbusify lab up --guest-release vm2=current    # back to this checkout
 
-The release's ``vmbusify/``, ``conf/`` and ``pyproject.toml`` are exported (``git archive
-REF``) into ``<lab root>/releases/REF/tree``; ``releases/REF/bin/`` holds its console scripts
-(``vmbusify``, ``vmbusifyctl``, ...), which run that tree with this venv's interpreter and
-packages (a release's dependencies are the ones installed here). The VM's supervisord gets that
-directory as ``VMBUSIFY_BIN``, and commands run in the VM find them first on ``PATH``. Which
-release a VM runs is kept in ``vmK/release``, so a later ``lab up`` keeps it, as it keeps the
-number of VMs.
+The release's ``vmbusify/``, ``conf/`` and ``pyproject.toml`` are exported (``git archive REF``,
+or where this clone lacks the tag, as CI's does, the copy of that archive the repository ships
+in ``packaging/releases/REF.tar.xz``) into ``<lab root>/releases/REF/tree``;
+``releases/REF/bin/`` holds its console scripts (``vmbusify``, ``vmbusifyctl``, ...), which run
+that tree with this venv's interpreter and packages (a release's dependencies are the ones
+installed here). The VM's supervisord gets that directory as ``VMBUSIFY_BIN``, and commands run
+in the VM find them first on ``PATH``. Which release a VM runs is kept in ``vmK/release``, so a
+later ``lab up`` keeps it, as it keeps the number of VMs.
 
 Nothing here starts a process but ``git``, ``tar`` and the release's own config check.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import lzma
 import os
 import re
 import shutil
 import subprocess
+import tarfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,15 +121,78 @@ def _git(*args: str) -> subprocess.CompletedProcess[str]:
     return ip.run(["git", "-C", str(repo_root()), *args], check=False)
 
 
-def commit_of(ref: str) -> str:
-    """The commit ``ref`` names in this checkout; LabError when it names none."""
+def shipped_archive(ref: str) -> Path:
+    """Where this repository ships release ``ref``'s exported parts (``git archive`` of its
+    tag, xz-compressed): a clone without tags (CI's, a shallow one) still has them."""
+    return repo_root() / "packaging" / "releases" / f"{ref}.tar.xz"
+
+
+def _git_commit(ref: str) -> str | None:
     proc = _git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
-    if proc.returncode != 0 or not proc.stdout.strip():
-        shallow = _git("rev-parse", "--is-shallow-repository").stdout.strip() == "true"
-        hint = (" (this is a shallow clone: `git fetch --unshallow --tags`)" if shallow
-                else " (`git fetch --tags` if it is a tag of the upstream repository)")
-        raise LabError(f"release {ref!r} is not in {repo_root()}{hint}")
-    return proc.stdout.strip()
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def _shipped(ref: str) -> tuple[str, bytes] | None:
+    """(commit, tar bytes) of the shipped archive of ``ref``, None when none is shipped."""
+    path = shipped_archive(ref)
+    if not re.fullmatch(r"v\d+(\.\d+)*", ref) or not path.is_file():
+        return None
+    try:
+        data = lzma.decompress(path.read_bytes())
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            commit = tar.pax_headers.get("comment", "")  # git archive's commit id
+    except (OSError, lzma.LZMAError, tarfile.TarError) as exc:
+        raise LabError(f"release {ref}: cannot read {path}: {exc}") from None
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise LabError(f"release {ref}: {path} names no commit (not made by git archive)")
+    return commit, data
+
+
+def commit_of(ref: str) -> str:
+    """The commit ``ref`` names (in this checkout's git, else in the archive shipped for it);
+    LabError when neither has it."""
+    commit = _git_commit(ref)
+    if commit is not None:
+        return commit
+    shipped = _shipped(ref)
+    if shipped is not None:
+        return shipped[0]
+    shallow = _git("rev-parse", "--is-shallow-repository").stdout.strip() == "true"
+    hint = (" (this is a shallow clone: `git fetch --unshallow --tags`)" if shallow
+            else " (`git fetch --tags` if it is a tag of the upstream repository)")
+    raise LabError(f"release {ref!r} is neither in {repo_root()} nor shipped in "
+                   f"{shipped_archive(ref).parent}{hint}")
+
+
+def release_tar(ref: str) -> tuple[str, bytes]:
+    """(commit, a tar of ``EXPORTED`` as release ``ref`` has them): from git where this
+    checkout has the ref, else from the shipped archive; LabError when neither has it."""
+    commit = _git_commit(ref)
+    if commit is None:
+        shipped = _shipped(ref)
+        if shipped is not None:
+            return shipped
+        commit_of(ref)  # raises, with the hint
+    archive = subprocess.run(["git", "-C", str(repo_root()), "archive", "--format=tar",
+                              str(commit), *EXPORTED], capture_output=True, check=False,
+                             timeout=60)
+    if archive.returncode != 0:
+        raise LabError(f"git archive {ref} failed: "
+                       f"{archive.stderr.decode(errors='replace').strip()}")
+    return str(commit), archive.stdout
+
+
+def release_file(ref: str, path: str) -> bytes:
+    """One file of release ``ref`` (``path`` under one of ``EXPORTED``); LabError if absent."""
+    _commit, data = release_tar(ref)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        try:
+            member = tar.extractfile(path)
+        except KeyError:
+            member = None
+        if member is None:
+            raise LabError(f"release {ref} has no file {path}")
+        return member.read()
 
 
 def export(ref: str, layout: LabLayout) -> tuple[ReleaseTree, bool]:
@@ -143,12 +210,8 @@ def export(ref: str, layout: LabLayout) -> tuple[ReleaseTree, bool]:
     release.dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     shutil.rmtree(release.dir, ignore_errors=True)
     release.tree.mkdir(parents=True, mode=0o700)
-    archive = subprocess.run(["git", "-C", str(repo_root()), "archive", "--format=tar", commit,
-                              *EXPORTED], capture_output=True, check=False, timeout=60)
-    if archive.returncode != 0:
-        raise LabError(f"git archive {ref} failed: "
-                       f"{archive.stderr.decode(errors='replace').strip()}")
-    untar = subprocess.run(["tar", "-x", "-C", str(release.tree)], input=archive.stdout,
+    _commit, tar = release_tar(ref)
+    untar = subprocess.run(["tar", "-x", "-C", str(release.tree)], input=tar,
                            capture_output=True, check=False, timeout=60)
     if untar.returncode != 0:
         raise LabError(f"unpacking release {ref} failed: "
