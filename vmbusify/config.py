@@ -58,8 +58,8 @@ from vmbusify.transport.address import parse_address
 
 __all__ = [
     "DEFAULT_CONFIG_PATH", "DEFAULT_CONTROL_PORT", "DEFAULT_PROXY_PORT", "DEFAULT_TUNNEL_PORT",
-    "Config", "ControlConfig", "HostConfig", "LimitsConfig", "ProxyConfig", "Role", "SubnetConfig",
-    "TunnelConfig", "VMEntry", "as_dict", "load_config",
+    "Config", "ControlConfig", "HostConfig", "LimitsConfig", "MetricsConfig", "ProxyConfig",
+    "Role", "SubnetConfig", "TunnelConfig", "VMEntry", "as_dict", "load_config",
 ]
 
 
@@ -119,7 +119,24 @@ class HostConfig:
     """Host-only settings."""
 
     keep_connected: bool = True
-
+    # Appended for issue 16 (VMs found, not listed; docs/discovery.md):
+    #: Where else to find VMs besides [[vms]]: "libvirt" (running domains: their vsock CID or
+    #: virtio-serial channel), "firecracker" / "cloud-hypervisor" (vsock Unix sockets
+    #: matching socket_globs). Looked at every discover_interval seconds.
+    discover: list[str] = field(default_factory=list)
+    discover_interval: float = 5.0
+    #: libvirt: the connection URI given to ``virsh -c`` and the virtio-serial channel name
+    #: a domain without a vsock device is reached through.
+    libvirt_uri: str = "qemu:///system"
+    libvirt_channel: str = "org.vmbusify.0"
+    #: Firecracker / Cloud Hypervisor: globs of the VMMs' vsock Unix sockets (the host side
+    #: of each VM's vsock); the vmid is the socket's name without its extension ("stem") or
+    #: the name of the directory holding it ("dir").
+    socket_globs: list[str] = field(default_factory=list)
+    socket_vmid: str = "stem"
+    #: A root-only directory of shared keys for found VMs: ``<dir>/<vmid>.key`` when it
+    #: exists ("" = found VMs get no key).
+    discover_key_dir: str = ""
 
 @dataclass
 class ControlConfig:
@@ -164,6 +181,16 @@ class ProxyConfig:
     #: A root-only file (mode 0600 or 0400) of ``user:password`` lines: credentials accepted
     #: from users who are not served without ("" = none).
     credentials_file: str = ""
+
+
+@dataclass
+class MetricsConfig:
+    """Added for issue 16: the Prometheus endpoint (docs/metrics.md), served by the command
+    listener on the host."""
+
+    #: ``HOST:PORT`` to serve ``/metrics`` on ("" = off, the default). Anyone who can reach
+    #: it reads every VM's name, state and counters: docs/security.md, "Metrics".
+    listen: str = ""
 
 
 @dataclass
@@ -256,6 +283,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     #: Where this configuration was read from ("" when built in code).
     path: str = ""
+    #: Appended for issue 16: the Prometheus endpoint (host only).
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def bus_endpoint(self) -> str:
@@ -300,6 +329,7 @@ def _convert(type_name: Any, value: Any, where: str) -> Any:
     nested = {
         "TunnelConfig": TunnelConfig, "HostConfig": HostConfig, "ControlConfig": ControlConfig,
         "ProxyConfig": ProxyConfig, "SubnetConfig": SubnetConfig, "LimitsConfig": LimitsConfig,
+        "MetricsConfig": MetricsConfig,
     }
     if type_name in nested:
         return _build(nested[type_name], value, where)
@@ -392,12 +422,48 @@ def _check_values(config: Config, where: str) -> None:
     if t.require_privileged_port not in ("auto", "on", "off"):
         raise ConfigError(f"{where}.tunnel.require_privileged_port: must be 'auto', 'on' or "
                           f"'off', not {t.require_privileged_port!r}")
+    _check_discovery(config.host, where)
+    if config.metrics.listen:
+        _check_metrics_listen(config.metrics.listen, where)
     for server in config.subnet.dns_upstream:
         try:
             ipaddress.ip_address(server)
         except ValueError:
             raise ConfigError(f"{where}.subnet.dns_upstream: {server!r} is not an IP "
                               "address") from None
+
+
+#: What ``[host] discover`` may name.
+DISCOVERY_SOURCES = ("libvirt", "firecracker", "cloud-hypervisor")
+
+
+def _check_discovery(host: HostConfig, where: str) -> None:
+    for source in host.discover:
+        if source not in DISCOVERY_SOURCES:
+            raise ConfigError(f"{where}.host.discover: {source!r} is not one of "
+                              f"{', '.join(DISCOVERY_SOURCES)}")
+    if not host.discover_interval > 0:
+        raise ConfigError(f"{where}.host.discover_interval: must be > 0")
+    if host.socket_vmid not in ("stem", "dir"):
+        raise ConfigError(f"{where}.host.socket_vmid: must be 'stem' or 'dir', not "
+                          f"{host.socket_vmid!r}")
+    sockets = {"firecracker", "cloud-hypervisor"} & set(host.discover)
+    if sockets and not host.socket_globs:
+        raise ConfigError(f"{where}.host.discover lists {min(sockets)!r}: "
+                          "host.socket_globs must name where its vsock sockets are")
+
+
+def _check_metrics_listen(listen: str, where: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        ok = bool(sep) and 0 < int(port) < 65536
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where}.metrics.listen: expected IP:PORT (e.g. 127.0.0.1:9641 or "
+                          f"[::1]:9641), not {listen!r}")
 
 
 def _check_limits(limits: LimitsConfig, where: str) -> None:

@@ -204,5 +204,16 @@ def ping(ctx: click.Context, vmid: str, timeout: float) -> None:
     click.echo(f"{r['vmid']}: rtt {r['rtt_ms']:.3f} ms")
 
 
+@main.command()
+@click.pass_context
+def reload(ctx: click.Context) -> None:
+    """Read the configuration again: add and drop VMs, keeping the others' sessions."""
+    r = _client(ctx).request("POST", "/v1/reload", timeout=75)
+    click.echo(f"added {', '.join(r['added']) or 'none'}; dropped "
+               f"{', '.join(r['dropped']) or 'none'}; kept {len(r['kept'])}")
+    if r.get("restart_needed"):
+        click.echo("changed, applied at the next restart: " + ", ".join(r["restart_needed"]))
+
+
 # `forward` is a command of its own module.
 main.add_command(forward)

@@ -1,4 +1,5 @@
-"""Built-in commands of the command listener: status, list, connect, disconnect, vmid, ping."""
+"""Built-in commands of the command listener: status, list, connect, disconnect, vmid, ping,
+reload."""
 
 from __future__ import annotations
 
@@ -79,6 +80,12 @@ async def vmid(request: web.Request) -> web.Response:
     return web.json_response({"vmid": await _mux(request, "vmid", ip=request.match_info["ip"])})
 
 
+async def reload(request: web.Request) -> web.Response:
+    """POST /v1/reload: the mux reads its configuration file again and adds or drops VMs
+    (docs/discovery.md, "Reload"); sessions of VMs that stay go on."""
+    return web.json_response(await _mux(request, "reload", timeout=60.0))
+
+
 def setup(app: web.Application, ctx: ControlContext) -> None:
     """Add the built-in routes."""
     app.router.add_get("/v1/status", status)
@@ -87,3 +94,4 @@ def setup(app: web.Application, ctx: ControlContext) -> None:
     app.router.add_post("/v1/vms/{vmid}/disconnect", disconnect)
     app.router.add_post("/v1/vms/{vmid}/ping", ping)
     app.router.add_get("/v1/vmid/{ip}", vmid)
+    app.router.add_post("/v1/reload", reload)

@@ -26,7 +26,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from vmbusify.bus.link import WorkerLink
 from vmbusify.config import Config
 from vmbusify.config_file import parse_control_listen
-from vmbusify.control import builtin
+from vmbusify.control import builtin, metrics
 from vmbusify.control.context import CTX_KEY, ControlContext
 from vmbusify.control.sockdir import group_id, prepare_dir, secure_socket
 from vmbusify.control.token import ensure_token, token_matches
@@ -164,12 +164,20 @@ async def run_control(config: Config, stop: asyncio.Event | None = None) -> None
         await link.close()
         raise ControlError(f"cannot listen on {config.control.listen}: "
                            f"{exc.strerror or exc}") from None
+    try:
+        metrics_runner = await metrics.start(ctx, app[exec_host.EXEC_KEY])
+    except VMBusifyError:
+        await runner.cleanup()
+        await link.close()
+        raise
     log.info("command listener on %s (token in %s, %s)", config.control.listen,
              config.token_path, f"group {config.control.group}" if gid is not None
              else "root only")
     try:
         await stop.wait()
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
         await link.close()
         if kind == "unix":

@@ -114,6 +114,12 @@ class AddressBook:
         """The book for a mux with this configuration (``[[vms]] ips``)."""
         return cls({vm.vmid: vm.ips for vm in config.vms})
 
+    def set_allowed(self, allowed: Mapping[str, Sequence[str]]) -> None:
+        """Replace what the configuration allows each VM (a reload); claims already held
+        are judged again at the VM's next HELLO."""
+        self._allowed = {vmid: tuple(ipaddress.ip_network(n, strict=False) for n in nets)
+                         for vmid, nets in allowed.items() if nets}
+
     # -- claims ----------------------------------------------------------------------------
     def claim(self, vmid: str, ips: Iterable[str]) -> set[str]:
         """Replace ``vmid``'s claims with ``ips`` (every HELLO carries the full list).

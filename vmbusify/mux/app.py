@@ -113,6 +113,12 @@ class MuxApp:
         #: What waits in every tunnel's send queue together.
         self.backlog = BacklogPool(config.limits.tunnel_backlog_total)
         self.side: Any = None  # HostSide or GuestSide, set by run_mux
+        #: Other names of VMs (a libvirt domain's UUID) -> vmid (docs/discovery.md).
+        self.aliases: dict[str, str] = {}
+        #: Per worker name: the pid it last registered with, and how many times it came
+        #: back with another (a restart; docs/metrics.md).
+        self.worker_pids: dict[str, int] = {}
+        self.worker_restarts: dict[str, int] = {}
         self._bus: BusSocket | None = None
 
     # -- bus -------------------------------------------------------------------------------
@@ -215,6 +221,10 @@ class MuxApp:
                 self._hold(act)
             elif type(act) is WorkerJoined:
                 info = act.info
+                last = self.worker_pids.get(info.name)
+                if last is not None and last != info.pid:
+                    self.worker_restarts[info.name] = self.worker_restarts.get(info.name, 0) + 1
+                self.worker_pids[info.name] = info.pid
                 log.info("worker=%s pid=%d registered: entities %s, routes %s", info.name,
                          info.pid, [entity_label(e) for e in info.entities],
                          [f"{entity_label(s)}:{m}/{kind_label(k)}" for s, m, k in info.routes])
@@ -384,7 +394,7 @@ class MuxApp:
     # -- built-in commands -----------------------------------------------------------------
     def peer(self, vmid: str) -> Peer:
         """The peer with this vmid (or, on the host, an address it holds)."""
-        p = self.peers.get(vmid)
+        p = self.peers.get(vmid) or self.peers.get(self.aliases.get(vmid.lower(), ""))
         if p is not None:
             return p
         try:
@@ -414,6 +424,7 @@ class MuxApp:
             "started": self.started,
             "vms": [p.status() for p in self.peers.values()],
             "workers": [w.describe() for w in self.routes.workers()],
+            "worker_restarts": dict(self.worker_restarts),
         }
 
     async def control(self, req: dict[str, Any]) -> Any:
@@ -433,6 +444,8 @@ class MuxApp:
             return None
         if cmd == "vmid":
             ip = str(req.get("ip", ""))
+            if ip.lower() in self.aliases:
+                return self.aliases[ip.lower()]
             try:
                 ipaddress.ip_address(ip)
             except ValueError:
@@ -445,6 +458,10 @@ class MuxApp:
                                   + (f": {p.last_error}" if p.last_error else ""))
             rtt = await p.tunnel.ping(float(req.get("timeout", 5.0)))
             return {"vmid": p.vmid, "rtt_ms": round(rtt, 3)}
+        if cmd == "reload":
+            if self.role is not Role.HOST:
+                raise ControlError("reload is a host command: a guest serves one host")
+            return await self.side.reload()
         if cmd in ("connect", "disconnect"):
             if self.role is not Role.HOST:
                 raise TunnelError(f"{cmd} is a host command; the guest waits for its host")

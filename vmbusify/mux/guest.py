@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from typing import Any
 
 from vmbusify.bus.frames import HOST_VMID
 from vmbusify.errors import ProtocolError, VMBusifyError
@@ -16,7 +17,15 @@ from vmbusify.mux.peer import Peer, PeerState
 from vmbusify.mux.tunnel import Tunnel
 from vmbusify.protocol import auth
 from vmbusify.protocol.package import PROTOCOL_VERSION
-from vmbusify.protocol.tunnel import Auth, Bye, Hello
+from vmbusify.protocol.tunnel import (
+    STATS_INTERVAL,
+    Auth,
+    Bye,
+    Feature,
+    Hello,
+    Stats,
+    flatten_stats,
+)
 from vmbusify.system import interface_addresses
 from vmbusify.transport import TransportKind, listen, parse_address
 from vmbusify.transport.vsock import guest_transport
@@ -47,6 +56,7 @@ class GuestSide:
         self._server: asyncio.AbstractServer | None = None
         #: The loop keeps only a weak reference to a task: this one is held here.
         self._ip_watch: asyncio.Task[None] | None = None
+        self._stats_task: asyncio.Task[None] | None = None
         tunnel = self.config.tunnel
         #: The key shared with the host (None: no key); a bad key file stops the mux here.
         self.key = load_key(tunnel.key_file) if tunnel.key_file else None
@@ -90,6 +100,34 @@ class GuestSide:
                             "reach %s can run commands in this guest (docs/deploy.md)",
                             listen_at)
         self._ip_watch = asyncio.ensure_future(self._watch_ips())
+        self._stats_task = asyncio.ensure_future(self._send_stats())
+
+    def own_stats(self) -> dict[str, float]:
+        """This guest's counters for its STATS: the mux's (bytes, drops, connects, ...) and
+        each worker's, flattened (``mux.bytes_in``, ``proxy.open``, ...)."""
+        st = self.app.status()
+        tree: dict[str, Any] = {"mux": {k: v for k, v in self.peer.status().items()
+                                        if k not in ("guest_stats", "guest_stats_at")}}
+        for w in st["workers"]:
+            tree.setdefault(str(w["name"]), w.get("stats") or {})
+        return flatten_stats(tree)
+
+    async def _send_stats(self) -> None:
+        """Every STATS_INTERVAL (and soon after each connect) send our counters to a host
+        whose HELLO lists ``stats``; a host that does not (0.1.0) gets none."""
+        sent_to: Tunnel | None = None
+        last = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            tunnel = self.peer.tunnel
+            hello = tunnel.peer_hello if tunnel is not None else None
+            if tunnel is None or hello is None or not hello.has(Feature.STATS):
+                continue
+            if tunnel is sent_to and loop.time() - last < STATS_INTERVAL:
+                continue
+            tunnel.send_package(Stats(self.own_stats()).package())
+            sent_to, last = tunnel, loop.time()
 
     async def _watch_ips(self) -> None:
         while True:

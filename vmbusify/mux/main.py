@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 from vmbusify.config import Config, Role
+from vmbusify.errors import VMBusifyError
 from vmbusify.mux.app import MuxApp
 from vmbusify.mux.guest import GuestSide
 from vmbusify.mux.host import HostSide
@@ -21,6 +23,11 @@ async def run_mux(config: Config, stop: asyncio.Event | None = None) -> None:
     app.side = HostSide(app) if config.role is Role.HOST else GuestSide(app)
     app.bind()
     tasks = [asyncio.ensure_future(app.housekeeping())]
+    if config.role is Role.HOST:
+        # SIGHUP: read the configuration again, as `vmbusifyctl reload` does (never send it
+        # to supervisord, which would restart every program).
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: tasks.append(asyncio.ensure_future(_reload(app))))
     try:
         await app.side.start()
         log.info("%s mux %s ready (%d VMs configured)", config.role.value, app.name,
@@ -37,3 +44,13 @@ async def run_mux(config: Config, stop: asyncio.Event | None = None) -> None:
                 await p.tunnel.abort("mux stopping")
         await asyncio.gather(*tasks, return_exceptions=True)
         app.close()
+
+
+async def _reload(app: MuxApp) -> None:
+    """A SIGHUP: reload, and log (never raise) what went wrong."""
+    try:
+        await app.side.reload()
+    except VMBusifyError as exc:
+        log.error("reload refused, nothing changed: %s", exc)
+    except Exception:  # a reload bug must not end the mux
+        log.exception("reload failed")

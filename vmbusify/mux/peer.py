@@ -53,6 +53,10 @@ class Peer:
     #: and tunnels closed because the peer left too many bytes waiting: past tunnels only.
     read_yields: int = 0
     backlog_closes: int = 0
+    # Added for issue 16 (docs/discovery.md): other names of the VM (a libvirt domain's
+    # UUID) and where it came from ("config", "libvirt", "firecracker", ...).
+    aliases: tuple[str, ...] = ()
+    source: str = "config"
 
     def add_tunnel_counters(self, tunnel: Tunnel) -> None:
         """Keep the counters of a tunnel that ended."""
@@ -90,4 +94,9 @@ class Peer:
             "dropped": dict(self.dropped),
             "read_yields": self.read_yields + (t.read_yields if t else 0),
             "backlog_closes": self.backlog_closes + (t.backlog_closes if t else 0),
+            # Added for issue 16 (docs/metrics.md):
+            "aliases": list(self.aliases),
+            "source": self.source,
+            "guest_stats": dict(t.peer_stats.counters) if t and t.peer_stats else None,
+            "guest_stats_at": t.peer_stats_at if t and t.peer_stats else None,
         }

@@ -28,7 +28,7 @@ from vmbusify.logs import printable
 from vmbusify.mux.scheduler import PACKAGE_COST, OutQueue, Tally
 from vmbusify.protocol.entities import Entity, TunnelMessage
 from vmbusify.protocol.package import PROTOCOL_VERSION, Package, PackageDecoder, PackageType
-from vmbusify.protocol.tunnel import Auth, Bye, Hello, Ping, Pong, WorkerLost
+from vmbusify.protocol.tunnel import Auth, Bye, Hello, Ping, Pong, Stats, WorkerLost
 from vmbusify.runtime import release_free_memory
 from vmbusify.transport import take_over
 
@@ -135,6 +135,9 @@ class Tunnel:
         self.on_hello: Callable[[Tunnel, Hello], None] | None = None
         self.on_worker_lost: Callable[[Tunnel, WorkerLost], None] | None = None
         self.peer_hello: Hello | None = None
+        #: The peer's last STATS (a guest's own counters, cleaned) and when it came.
+        self.peer_stats: Stats | None = None
+        self.peer_stats_at = 0.0
         self.connected_since = time.time()
         self.rtt_ms: float | None = None
         self.bytes_in = 0
@@ -464,6 +467,9 @@ class Tunnel:
             lost = WorkerLost.from_payload(pkg.payload)
             if self.on_worker_lost is not None:
                 self.on_worker_lost(self, lost)
+        elif pkg.message_id == TunnelMessage.STATS:
+            self.peer_stats = Stats.from_payload(pkg.payload)
+            self.peer_stats_at = time.time()
         elif pkg.message_id == TunnelMessage.BYE:
             self._set_reason(f"{CloseReason.BYE.value}: {Bye.from_payload(pkg.payload).reason}")
             self.close()

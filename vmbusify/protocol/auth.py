@@ -59,7 +59,7 @@ def verify(key: bytes, side: Side, host_nonce: bytes, guest_nonce: bytes,
 
 def features(has_key: bool) -> list[str]:
     """The features an end of this release lists in its HELLO."""
-    return ([Feature.AUTH.value, Feature.ERROR_CODES.value]
+    return ([Feature.AUTH.value, Feature.ERROR_CODES.value, Feature.STATS.value]
             + ([Feature.KEY.value] if has_key else []))
 
 

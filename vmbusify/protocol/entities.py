@@ -90,3 +90,6 @@ class TunnelMessage(IntEnum):
     WORKER_LOST = 5
     #: The sender's proof that it knows the tunnel's shared key (after both HELLOs).
     AUTH = 6
+    #: Guest -> host, only to a host whose HELLO lists ``stats``: the guest's own counters
+    #: (guests have no network to be scraped on; docs/metrics.md).
+    STATS = 7

@@ -4,6 +4,8 @@ dataclasses with strict decoding; the mux sends them with ``package()``."""
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -26,6 +28,8 @@ class Feature(str, Enum):
     #: vmbusify/errors.py) and it reads them so; without it on both ends, the reason alone
     #: as UTF-8 text (0.1.0).
     ERROR_CODES = "error-codes"
+    #: Host: it reads STATS. Guest: it sends them (every STATS_INTERVAL) to a host listing it.
+    STATS = "stats"
 
 
 #: Length of a HELLO's nonce; longer ones are a protocol error, shorter ones cannot be used
@@ -145,3 +149,58 @@ class Auth(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.AUTH, name="A
         if len(auth.proof) != PROOF_SIZE:
             raise RemoteProtocolError(f"AUTH: proof must be {PROOF_SIZE} bytes")
         return auth
+
+
+#: A STATS carries at most this many counters, each name at most STAT_NAME_MAX characters
+#: of ``[a-z0-9_.:-]`` (others become ``_``); anything else in it is left out.
+MAX_STATS = 256
+STAT_NAME_MAX = 100
+#: Seconds between a guest's STATS.
+STATS_INTERVAL = 10.0
+_NOT_STAT_NAME = re.compile(r"[^a-z0-9_.:-]")
+
+
+def stat_name(name: str) -> str:
+    """A peer's counter name as the host keeps it: lower case, at most STAT_NAME_MAX
+    characters of ``[a-z0-9_.:-]`` (any other becomes ``_``)."""
+    return _NOT_STAT_NAME.sub("_", name[:STAT_NAME_MAX].lower())
+
+
+@dataclass(frozen=True)
+class Stats(Message, entity=Entity.TUNNEL, message_id=TunnelMessage.STATS, name="STATS"):
+    """The guest's own counters, ``{name: number}`` (names like ``proxy.open``,
+    ``mux.bytes_in``), relayed to the host's /metrics. A guest is hostile: ``from_body``
+    keeps at most MAX_STATS finite numbers under cleaned names and drops the rest."""
+
+    counters: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_body(cls, body: Any) -> Stats:
+        """Check a peer's STATS; RemoteProtocolError if it is not a map of counters."""
+        counters = required(body_map(body, cls.NAME), "counters", dict, cls.NAME)
+        kept: dict[str, float] = {}
+        for name, value in counters.items():
+            if len(kept) >= MAX_STATS:
+                break
+            if (not isinstance(name, str) or isinstance(value, bool)
+                    or not isinstance(value, (int, float)) or not math.isfinite(value)):
+                continue
+            clean = stat_name(name)
+            if clean:
+                kept[clean] = float(value)
+        return cls(kept)
+
+
+def flatten_stats(tree: Any, prefix: str = "", out: dict[str, float] | None = None
+                  ) -> dict[str, float]:
+    """The numbers in a status tree as ``{"a.b.c": n}`` (booleans as 0/1, text left out),
+    at most MAX_STATS of them: what a guest puts in its STATS."""
+    out = {} if out is None else out
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if len(out) >= MAX_STATS:
+                break
+            flatten_stats(value, f"{prefix}.{key}" if prefix else str(key), out)
+    elif isinstance(tree, (int, float)) and prefix and math.isfinite(tree):  # bool is an int
+        out[stat_name(prefix)] = float(tree)
+    return out

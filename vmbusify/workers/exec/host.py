@@ -25,6 +25,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +102,16 @@ class ExecService(Worker):
         super().__init__(config, link)
         self.relays: dict[tuple[str, int], Relay] = {}
         self.started = 0
+        #: Attached execs ended, by exit class (issue 16: docs/metrics.md).
+        self.exits: dict[str, int] = {}
+
+    def count_exit(self, status: ExitStatus) -> None:
+        """Count an ended exec under its class: ``ok`` (exit 0), ``failed`` (another exit
+        status), else its reason (``signaled``, ``timeout``, ``not-found``, ...)."""
+        cls = status.reason.value
+        if status.reason is ExitReason.EXITED:
+            cls = "ok" if status.exit_code == 0 else "failed"
+        self.exits[cls] = self.exits.get(cls, 0) + 1
 
     def install(self) -> None:
         """Routes on the worker link (before it starts)."""
@@ -124,11 +135,15 @@ class ExecService(Worker):
                 relay.lost(f"tunnel to {vmid} lost ({info.get('reason', 'down')})")
 
     async def resolve(self, target: str) -> str:
-        """The vmid for ``target``: itself, or the VM that reported it as an IP address."""
+        """The vmid for ``target``: itself, the VM that reported it as an IP address, or
+        the VM with this alias (a libvirt domain's UUID: docs/discovery.md)."""
         try:
             ipaddress.ip_address(target)
         except ValueError:
-            return target
+            try:
+                uuid.UUID(target)
+            except ValueError:
+                return target
         try:
             return str(await self.link.control({"cmd": "vmid", "ip": target}))
         except ControlError as exc:
@@ -266,11 +281,15 @@ async def exec_attached(request: web.Request) -> web.StreamResponse:
     try:
         relay = await _start(ws, service, target)
     except VMBusifyError as exc:
-        await _send_status(ws, ExitStatus(EXIT_FAILURE, ExitReason.LOST, str(exc)))
+        lost = ExitStatus(EXIT_FAILURE, ExitReason.LOST, str(exc))
+        service.count_exit(lost)
+        await _send_status(ws, lost)
         return ws
     if isinstance(relay, StartReply):
         reason = ExitReason.NOT_FOUND if relay.exit_code == 127 else ExitReason.CANNOT_RUN
-        await _send_status(ws, ExitStatus(relay.exit_code, reason, relay.message))
+        refused = ExitStatus(relay.exit_code, reason, relay.message)
+        service.count_exit(refused)
+        await _send_status(ws, refused)
         return ws
     log.info("%s pid=%d: exec %s", relay.ctx, relay.pid, relay.spec.argv[0])
     await _relay(ws, service, relay)
@@ -327,6 +346,7 @@ async def _relay(ws: web.WebSocketResponse, service: ExecService, relay: Relay) 
         if abort:
             relay.lost(f"exec on {relay.vmid} lost: {abort}")
         status = await relay.exit
+        service.count_exit(status)
         log.info("%s: %s", relay.ctx, status.message or f"exit {status.exit_code}")
         await _send_status(ws, status)
     finally:
