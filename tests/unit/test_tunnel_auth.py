@@ -122,7 +122,7 @@ def test_no_keys_at_all_changes_nothing() -> None:
     assert auth.guest_refusal(False, old, auth.new_nonce()) is None
     assert auth.host_refusal(False, old, auth.new_nonce()) is None
     # no "key": a keyless peer expects no AUTH
-    assert auth.features(False) == ["auth", "error-codes"]
+    assert auth.features(False) == ["auth", "error-codes", "stats"]
 
 
 def test_a_guest_with_a_key_refuses_a_host_that_cannot_prove_it() -> None:

@@ -74,6 +74,8 @@ EXT_SUBNET = f"198.18.{INSTANCE_NUMBER}.0/24"
 #: The host stack's proxy port (shifted per instance; the command listeners are Unix
 #: sockets in each machine's directory).
 PROXY_PORT = DEFAULT_PROXY_PORT + 10 * INSTANCE_NUMBER
+#: The host's /metrics (docs/metrics.md), on loopback, in the same per-instance block.
+METRICS_PORT = PROXY_PORT + 9
 #: The host's virtual-subnet interface name (per instance, so instances never share one).
 SUBNET_IF = f"{PREFIX}sub0" if INSTANCE else "vmbus0"
 #: The virtual subnet's nftables table and addresses (per instance: the host stacks of all
@@ -382,6 +384,7 @@ def host_config(layout: LabLayout, vms: list[VMLayout],
         "state_dir": str(layout.host.state_dir),
         "host": {"keep_connected": True},
         "control": {"listen": layout.host.control},
+        "metrics": {"listen": f"127.0.0.1:{METRICS_PORT}"},
         "proxy": {"listen": layout.host.proxy, "allow": [ext.subnet],
                   "hosts_file": str(ext.etc_dir / "hosts")},
         "subnet": {"uplink": ext.host_if, "dns_upstream": [ext.ip], "ifname": SUBNET_IF,
