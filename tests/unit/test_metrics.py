@@ -23,7 +23,7 @@ def _stats_payload(counters: Any) -> bytes:
 
 
 def test_a_hostile_stats_is_cleaned_and_bounded() -> None:
-    hostile = {f"n{i}": i for i in range(MAX_STATS * 4)}
+    hostile: dict[str, Any] = {f"n{i}": i for i in range(MAX_STATS * 4)}
     hostile.update({'x"} 1\nvmbusify_vm_up{vm="vm9': 5, "A" * 5000: 1, "nan": math.nan,
                     "inf": math.inf, "text": "12", "flag": True, "neg": -3})
     got = Stats.from_payload(_stats_payload(hostile)).counters
