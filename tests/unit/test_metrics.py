@@ -4,7 +4,10 @@ says, with label values from a guest made harmless."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -116,3 +119,22 @@ def test_without_the_mux_the_programs_and_exec_still_show() -> None:
     fams = _families(render(Snapshot({}, [{"error": "supervisord away"}], {}, {})))
     assert _value(fams, "vmbusify_exec_running") == 0
     assert not fams["vmbusify_vm_up"].samples
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_page_has() -> None:
+    """packaging/grafana/vmbusify.json parses, and every vmbusify_* name in its queries is a
+    sample name /metrics renders (a renamed metric would leave a panel empty)."""
+    path = Path(__file__).resolve().parents[2] / "packaging" / "grafana" / "vmbusify.json"
+    dash = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    used = {m for e in exprs for m in re.findall(r"vmbusify_[a-z_]+", e)}
+    status = {"vms": [{"vmid": "vm1", "state": "connected", "rtt_ms": 1.0, "connects": 1,
+                       "dropped": {"x": 1}, "guest_stats": {"a": 1}, "guest_stats_at": 1.0}],
+              "workers": [{"name": "proxy", "stats": {"open": 1, "vms": {"vm1": {"open": 1}},
+                                                      "limits": {"vm1": {"x": 1}}}}],
+              "worker_restarts": {"proxy": 1}}
+    programs = [{"name": "mux", "state": "RUNNING", "pid": 1, "uptime": 5}]
+    page = _families(render(Snapshot(status, programs, {"ok": 1}, {"vm1": 2})))
+    rendered = {s.name for f in page.values() for s in f.samples}
+    assert used and used <= rendered, used - rendered

@@ -68,6 +68,14 @@ def test_systemd_unit(role: str) -> None:
     assert unit["Install.WantedBy"] == ["multi-user.target"]
 
 
+def test_only_the_host_unit_reloads_and_through_vmbusifyctl() -> None:
+    """systemctl reload runs `vmbusifyctl reload` (the mux re-reads its VMs); a SIGHUP to
+    supervisord, systemd's default, would restart every program."""
+    host = _unit(PACKAGING / "vmbusify-host.service")
+    assert host["Service.ExecReload"] == ["/opt/vmbusify/venv/bin/vmbusifyctl reload"]
+    assert "Service.ExecReload" not in _unit(PACKAGING / "vmbusify-guest.service")
+
+
 def test_units_supply_what_supervisord_conf_expects() -> None:
     conf = (ROOT / "conf" / "supervisord.conf").read_text()
     wanted = set(re.findall(r"%\(ENV_(\w+)\)s", conf))
