@@ -59,6 +59,7 @@ DEBIAN_NAMES = {
     "click": "python3-click",
     "aiohttp": "python3-aiohttp",
     "uvloop": "python3-uvloop",
+    "prometheus-client": "python3-prometheus-client",
 }
 
 #: What install.sh appends to every program too (packaging/install.sh, step 3).

@@ -56,7 +56,8 @@ def test_depends_only_on_debian_packages_at_pyproject_floors(deb: Path) -> None:
     assert depends == ("python3 (>= 3.11), python3-psutil (>= 5.9), python3-zmq (>= 24), "
                        "python3-msgpack (>= 1.0), supervisor (>= 4.2), python3-click (>= 8.1)")
     # the host-only extras are suggested, never required
-    assert _field(deb, "Suggests") == "python3-aiohttp (>= 3.9), python3-uvloop (>= 0.19)"
+    assert _field(deb, "Suggests") == ("python3-aiohttp (>= 3.9), python3-uvloop (>= 0.19), "
+                                       "python3-prometheus-client (>= 0.16)")
     assert _field(deb, "Architecture") == "all"
     assert _field(deb, "Version").startswith(f"{__version__}+src")
 

@@ -27,7 +27,7 @@ from vmbusify.protocol.message import Message
 from vmbusify.protocol.package import Package, PackageFlag, PackageType
 from vmbusify.protocol.proxy import Command, OpenAck, ProxyMessage, ProxyOpen, ReplyCode
 from vmbusify.protocol.serialize import dumps
-from vmbusify.protocol.tunnel import Auth, Bye, Hello, Ping, Pong, WorkerLost
+from vmbusify.protocol.tunnel import Auth, Bye, Hello, Ping, Pong, Stats, WorkerLost
 
 #: One sample of each message, as the code before the one-scheme change built it (the call
 #: sites' dicts for SIGNAL, RESIZE, KILL, KEEPALIVE and HOST_READY, which had no class).
@@ -61,6 +61,7 @@ SAMPLES: dict[str, Message] = {
     "WORKER_LOST": WorkerLost([3, 4]),
     "BYE": Bye("another host"),
     "AUTH": Auth(b"p" * 32),
+    "STATS": Stats({"mux.bytes_in": 10.0}),
 }
 
 #: The payloads those samples had before the change (hex of the msgpack), fixed here.
@@ -122,6 +123,7 @@ GOLDEN: dict[str, str | tuple[str, ...]] = {
         "81a570726f6f66c42070707070707070707070707070707070707070707070707070707070707070"
         "70"
     ),
+    "STATS": "81a8636f756e7465727381ac6d75782e62797465735f696ecb4024000000000000",
 }
 
 #: (entity, message id) each message goes out as (the package header).
@@ -145,6 +147,7 @@ HEADERS: dict[type[Message], tuple[int, int]] = {
     WorkerLost: (Entity.TUNNEL, TunnelMessage.WORKER_LOST),
     Bye: (Entity.TUNNEL, TunnelMessage.BYE),
     Auth: (Entity.TUNNEL, TunnelMessage.AUTH),
+    Stats: (Entity.TUNNEL, TunnelMessage.STATS),
 }
 
 
