@@ -5,6 +5,8 @@ streams output from vm1, and /metrics scraped with curl (docs/metrics.md, docs/d
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -128,3 +130,24 @@ def test_metrics_scraped_with_curl(lab: LabHandle) -> None:
         lab.ctl("connect", "vm2")
     assert _get(_scrape(), "vmbusify_vm_up", vm="vm2") == 1
     assert (_get(_scrape(), "vmbusify_vm_reconnects_total", vm="vm2") or 0) >= 1
+
+
+def test_a_worker_restart_shows_in_metrics(lab: LabHandle) -> None:
+    """SIGKILL the host's proxy: supervisord starts it again, the mux sees it register with
+    another pid, and /metrics counts it (and the program's start time moves)."""
+    before = _scrape()
+    restarts = _get(before, "vmbusify_worker_restarts_total", worker="proxy") or 0
+    started = _get(before, "vmbusify_program_start_time_seconds", program="proxy")
+    pid = lab.program_pid("host", "proxy")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        after = _scrape()
+        if (_get(after, "vmbusify_worker_restarts_total", worker="proxy") or 0) > restarts:
+            break
+        assert time.monotonic() < deadline, "the proxy's restart never showed"
+        time.sleep(0.5)
+    assert _get(after, "vmbusify_worker_up", worker="proxy") == 1
+    moved = _get(after, "vmbusify_program_start_time_seconds", program="proxy")
+    assert started is not None and moved is not None and moved > started

@@ -176,8 +176,9 @@ class Snapshot:
             if "error" in p:
                 continue
             running.add_metric([label(p["name"])], 1.0 if p["state"] == "RUNNING" else 0.0)
-            if p.get("uptime"):
-                started.add_metric([label(p["name"])], time.time() - float(p["uptime"]))
+            if p.get("pid"):  # started (RUNNING or STARTING); uptime is whole seconds
+                started.add_metric([label(p["name"])],
+                                   float(int(time.time() - float(p.get("uptime") or 0))))
         yield from (running, started)
 
     def _exec(self) -> Iterator[Metric]:

@@ -166,10 +166,9 @@ async def run_control(config: Config, stop: asyncio.Event | None = None) -> None
                            f"{exc.strerror or exc}") from None
     try:
         metrics_runner = await metrics.start(ctx, app[exec_host.EXEC_KEY])
-    except VMBusifyError:
-        await runner.cleanup()
-        await link.close()
-        raise
+    except VMBusifyError as exc:  # the listener matters more: it goes on without /metrics
+        log.error("%s: no /metrics until the listener restarts", exc)
+        metrics_runner = None
     log.info("command listener on %s (token in %s, %s)", config.control.listen,
              config.token_path, f"group {config.control.group}" if gid is not None
              else "root only")
