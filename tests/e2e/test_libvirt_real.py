@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.test_qemu_lab import _skip_reason as qemu_lab_skip_reason
 from tests.integration.harness import MuxProc, link_for, wait_state, write_config
 from vmbusify.bus.link import WorkerLink
-from vmbusify.errors import LabError
 from vmbusify.lab.qemu import image
 from vmbusify.protocol.entities import Entity
 
@@ -45,15 +45,11 @@ def _virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
+    reason = qemu_lab_skip_reason()  # root, QEMU's tools, the cloud kernel
+    if reason:
+        return reason
     if shutil.which("virsh") is None:
         return "virsh (libvirt-clients) is not installed"
-    try:
-        image.require_tools()
-        image.find_kernel()
-    except LabError as exc:
-        return str(exc)
     probe = _virsh("list", "--name", check=False)
     if probe.returncode != 0:
         return f"no libvirtd at {URI}: {probe.stderr.strip()[-200:]}"

@@ -22,7 +22,8 @@ def run(coro: Any) -> Any:
 
 
 @pytest.fixture
-def pairs() -> Iterator[list[Pair]]:
+def started() -> Iterator[list[Pair]]:
+    """The pairs a test started, stopped after it."""
     made: list[Pair] = []
     yield made
     for p in made:
@@ -30,9 +31,9 @@ def pairs() -> Iterator[list[Pair]]:
 
 
 def test_the_guests_counters_arrive_soon_after_it_connects(tmp_path: Path,
-                                                           pairs: list[Pair]) -> None:
+                                                           started: list[Pair]) -> None:
     pair = make_pair(tmp_path)
-    pairs.append(pair)
+    started.append(pair)
 
     async def scenario() -> dict[str, Any]:
         host = await link_for(pair.host, "t-host", [Entity.CMD_LISTENER])
@@ -54,13 +55,13 @@ def test_the_guests_counters_arrive_soon_after_it_connects(tmp_path: Path,
 
 
 def test_a_guest_sends_no_stats_to_a_host_of_the_previous_release(
-        tmp_path: Path, pairs: list[Pair]) -> None:
+        tmp_path: Path, started: list[Pair]) -> None:
     old = _old_release(tmp_path / "old")
     pair = make_pair(tmp_path, keep_connected=True)
     pair.host.kill()
     pair.host.extra_env = {"PYTHONPATH": str(old)}
     pair.host.start()
-    pairs.append(pair)
+    started.append(pair)
 
     async def scenario() -> dict[str, Any]:
         guest = await link_for(pair.guest, "t-guest", [Entity.CMD_EXECUTOR])
