@@ -128,8 +128,10 @@ class HostSide:
                 log.info("vm=%s added at %s (%s)", vmid, vm.address, new.source)
                 if self.config.host.keep_connected:
                     self._start_runner(new, persistent=True)
-            elif vmid in meta:
-                known.aliases = meta[vmid].aliases
+            else:  # kept: only what names it may change
+                found = meta.get(vmid)
+                known.aliases = found.aliases if found else ()
+                known.source = found.source if found else "config"
         self.app.aliases = {a: p.vmid for p in self.app.peers.values() for a in p.aliases
                             if a not in self.app.peers}
         kept = [v for v in entries if v not in added]
