@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -47,6 +48,7 @@ from vmbusify.config_file import (
     DEFAULT_TUNNEL_PORT,
     parse_control_listen,
     read_config_file,
+    split_listen,
 )
 from vmbusify.config_file import (
     token_path as _token_path,
@@ -57,9 +59,25 @@ from vmbusify.protocol.window import INITIAL_WINDOW, MAX_CHUNK
 from vmbusify.transport.address import parse_address
 
 __all__ = [
-    "DEFAULT_CONFIG_PATH", "DEFAULT_CONTROL_PORT", "DEFAULT_PROXY_PORT", "DEFAULT_TUNNEL_PORT",
-    "Config", "ControlConfig", "HostConfig", "LimitsConfig", "MetricsConfig", "ProxyConfig",
-    "Role", "SubnetConfig", "TunnelConfig", "VMEntry", "as_dict", "load_config",
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_CONTROL_PORT",
+    "DEFAULT_PROXY_PORT",
+    "DEFAULT_TUNNEL_PORT",
+    "Config",
+    "ControlConfig",
+    "HostConfig",
+    "LimitsConfig",
+    "MetricsConfig",
+    "ProxyConfig",
+    "Role",
+    "Rule",
+    "SubnetConfig",
+    "TunnelConfig",
+    "VMEntry",
+    "as_dict",
+    "check_config",
+    "load_config",
+    "parse_rule",
 ]
 
 
@@ -68,6 +86,63 @@ class Role(str, Enum):
 
     HOST = "host"
     GUEST = "guest"
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One proxy allow or deny rule (``[proxy] allow``, ``deny``): a network and the ports it
+    covers (empty: every port). The policy that applies them is workers/proxy/policy.py."""
+
+    network: IPNetwork
+    ports: tuple[tuple[int, int], ...] = ()
+    text: str = ""
+
+    def matches(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+        """Whether ``ip``:``port`` falls under this rule."""
+        if ip.version != self.network.version or ip not in self.network:
+            return False
+        return not self.ports or any(lo <= port <= hi for lo, hi in self.ports)
+
+
+def _ports(text: str, rule: str) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for part in text.split(","):
+        lo_text, sep, hi_text = part.strip().partition("-")
+        try:
+            lo = int(lo_text)
+            hi = int(hi_text) if sep else lo
+        except ValueError:
+            raise ConfigError(f"proxy rule {rule!r}: bad port {part!r}") from None
+        if not 0 <= lo <= hi <= 65535:
+            raise ConfigError(f"proxy rule {rule!r}: port range {part!r} out of 0..65535")
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def parse_rule(text: str) -> Rule:
+    """A rule from its config text (``CIDR``, ``CIDR:PORTS``, ``[v6-CIDR]:PORTS``);
+    ConfigError if malformed."""
+    raw = text.strip()
+    ports, sep = "", ""
+    if raw.startswith("["):
+        end = raw.find("]")
+        if end < 0 or (raw[end + 1:] and not raw[end + 1:].startswith(":")):
+            raise ConfigError(f"proxy rule {text!r}: expected [CIDR] or [CIDR]:PORTS")
+        cidr, sep, ports = raw[1:end], raw[end + 1:end + 2], raw[end + 2:]
+    elif raw.count(":") == 1:
+        cidr, sep, ports = raw.partition(":")
+    else:
+        cidr = raw
+    if sep and not ports:
+        raise ConfigError(f"proxy rule {text!r}: empty port list after ':'")
+    try:
+        network = ipaddress.ip_network(cidr, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"proxy rule {text!r}: {exc}") from None
+    return Rule(network, _ports(ports, text) if sep else (), raw)
 
 
 @dataclass
@@ -301,21 +376,41 @@ class Config:
         return next((v for v in self.vms if v.vmid == vmid), None)
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types."""
+class _Problems:
+    """Every problem found in one file, each a line ``FILE: KEY: what is wrong``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lines: list[str] = []
+
+    def add(self, key: str, message: str) -> None:
+        """Record one problem with ``key`` (dotted, e.g. ``proxy.allow[0]``; "" = the file)."""
+        self.lines.append(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
+
+
+def _build(cls: type, raw: Any, where: str, problems: _Problems) -> Any:
+    """Build dataclass ``cls`` from a TOML table; an unknown key or a value of the wrong type
+    is a problem, and the key keeps its default (None if a required key is missing)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table")
+        problems.add(where, "expected a table")
+        raw = {}
     known = {f.name: f for f in fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         f = known.get(key)
+        name = f"{where}.{key}" if where else key
         if f is None or key == "path":
-            raise ConfigError(f"{where}: unknown key {key!r}")
-        kwargs[key] = _convert(f.type, value, f"{where}.{key}")
+            problems.add(where, f"unknown key {key!r}")
+            continue
+        try:
+            kwargs[key] = _convert(f.type, value, name, problems)
+        except ConfigError as exc:
+            problems.add(name, str(exc))
     missing = [f.name for f in fields(cls) if f.name not in kwargs
                and f.default is MISSING and f.default_factory is MISSING]
     if missing:
-        raise ConfigError(f"{where}: missing key {missing[0]!r}")
+        problems.add(where, f"missing key {missing[0]!r}")
+        return None
     return cls(**kwargs)
 
 
@@ -324,7 +419,8 @@ _SIMPLE: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def _convert(type_name: Any, value: Any, where: str) -> Any:
+def _convert(type_name: Any, value: Any, where: str, problems: _Problems) -> Any:
+    """``value`` as a ``type_name``; ConfigError (without the key) when it is not one."""
     type_name = str(type_name)
     nested = {
         "TunnelConfig": TunnelConfig, "HostConfig": HostConfig, "ControlConfig": ControlConfig,
@@ -332,48 +428,59 @@ def _convert(type_name: Any, value: Any, where: str) -> Any:
         "MetricsConfig": MetricsConfig,
     }
     if type_name in nested:
-        return _build(nested[type_name], value, where)
+        return _build(nested[type_name], value, where, problems)
     if type_name == "Role":
         try:
             return Role(value)
         except ValueError:
-            raise ConfigError(f"{where}: must be 'host' or 'guest', not {value!r}") from None
+            raise ConfigError(f"must be 'host' or 'guest', not {value!r}") from None
     if type_name == "list[VMEntry]":
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected an array of tables")
-        return [_build(VMEntry, v, f"{where}[{i}]") for i, v in enumerate(value)]
+            raise ConfigError("expected an array of tables")
+        built = [_build(VMEntry, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return [vm for vm in built if vm is not None]
     if type_name == "list[str]":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected an array of strings")
+            raise ConfigError("expected an array of strings")
         return list(value)
     expected = _SIMPLE.get(type_name)
     if expected is not None:
         if isinstance(value, bool) and type_name != "bool":
-            raise ConfigError(f"{where}: expected {type_name}, got a boolean")
+            raise ConfigError(f"expected {type_name}, got a boolean")
         if not isinstance(value, expected):
-            raise ConfigError(f"{where}: expected {type_name}, got {type(value).__name__}")
+            raise ConfigError(f"expected {type_name}, got {type(value).__name__}")
         return float(value) if type_name == "float" else value  # type: ignore[arg-type]
-    raise ConfigError(f"{where}: unsupported type {type_name}")  # pragma: no cover
+    raise ConfigError(f"unsupported type {type_name}")  # pragma: no cover
+
+
+def check_config(path: str | os.PathLike[str] | None = None) -> tuple[Config | None, list[str]]:
+    """Read and check a configuration file (``path``, ``$VMBUSIFY_CONFIG`` or the default):
+    the config (None when the file cannot be read) and every problem found, one line each
+    (``FILE: KEY: what is wrong``), as ``vmbusify check-config`` prints them."""
+    try:
+        chosen, raw = read_config_file(path)
+    except ConfigError as exc:
+        return None, [str(exc)]
+    problems = _Problems(chosen)
+    config = _build(Config, raw, "", problems)
+    config.path = chosen if os.path.exists(chosen) else ""
+    _check_values(config, problems)
+    return config, problems.lines
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load the configuration from ``path``, ``$VMBUSIFY_CONFIG`` or the default path.
 
     A missing default file gives the defaults; a missing file that was asked for by name,
-    unreadable TOML, an unknown key or a value of the wrong type raises ConfigError.
+    unreadable TOML, an unknown key, a value of the wrong type or one that cannot work
+    (check_config) raises ConfigError with the first problem (and how many more there are).
     """
-    chosen, raw = read_config_file(path)
-    config = _build(Config, raw, chosen)
-    config.path = chosen if os.path.exists(chosen) else ""
-    if not MAX_CHUNK <= config.tunnel.max_payload <= MAX_PAYLOAD_LIMIT:
-        raise ConfigError(f"{chosen}: tunnel.max_payload must be between {MAX_CHUNK} (the "
-                          f"largest stream chunk) and {MAX_PAYLOAD_LIMIT}")
-    seen: set[str] = set()
-    for vm in config.vms:
-        if vm.vmid in seen:
-            raise ConfigError(f"{chosen}: vmid {vm.vmid!r} appears twice")
-        seen.add(vm.vmid)
-    _check_values(config, chosen)
+    config, problems = check_config(path)
+    if problems:
+        more = len(problems) - 1
+        raise ConfigError(problems[0] + (f" (and {more} more problem{'s' if more > 1 else ''}"
+                                         ": vmbusify check-config lists them)" if more else ""))
+    assert config is not None
     return config
 
 
@@ -381,79 +488,179 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 PROXY_ACCESS = ("auto", "open", "group", "credentials")
 #: The levels ``log_level`` may name (any case).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: A network interface name as Linux takes it (IFNAMSIZ: 15 characters).
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+#: An nftables table name.
+_NFT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+#: The MTU a subnet may have: IPv6's minimum to the largest IP packet (protocol/subnet.py's
+#: MAX_PACKET, which a lease may carry; not imported: that module costs config's start 20 ms).
+MTU_RANGE = (1280, 0xFFFF)
 
 
-def _check_values(config: Config, where: str) -> None:
-    """Values of the right type that still cannot work: say so now, on one line, instead of
-    letting a program fail later (with a traceback) or retry forever."""
+def _check_values(config: Config, problems: _Problems) -> None:
+    """Values of the right type that still cannot work: say so now, on one line each,
+    instead of letting a program fail later (with a traceback) or restart in a loop."""
+    add = problems.add
     if config.log_level.upper() not in LOG_LEVELS:
-        raise ConfigError(f"{where}.log_level: {config.log_level!r} is not one of "
-                          f"{', '.join(LOG_LEVELS)}")
+        add("log_level", f"{config.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    for key in ("run_dir", "state_dir"):
+        _check_path(getattr(config, key), key, problems, required=True)
+    _check_tunnel(config, problems)
+    _check_vms(config, problems)
+    _check_limits(config.limits, problems)
+    try:
+        parse_control_listen(config.control.listen)
+    except ConfigError as exc:
+        add("control.listen", str(exc))
+    else:
+        if not config.control.listen.startswith("unix:"):
+            _check_listen(config.control.listen.removeprefix("tcp:"), "control.listen",
+                          problems)
+    _check_proxy(config.proxy, problems)
+    _check_subnet(config.subnet, problems)
+    _check_discovery(config.host, problems)
+    if config.metrics.listen:
+        _check_metrics_listen(config.metrics.listen, problems)
+
+
+def _check_path(value: str, key: str, problems: _Problems, required: bool = False) -> None:
+    """A path in the file must be absolute (programs start in any directory)."""
+    if not value and not required:
+        return
+    if not value.startswith("/") or "\0" in value:
+        problems.add(key, f"{value!r} is not an absolute path")
+
+
+def _check_listen(listen: str, key: str, problems: _Problems) -> None:
+    """A ``HOST:PORT`` to listen on: the port 1-65535."""
+    try:
+        _host, port = split_listen(listen)
+    except ConfigError as exc:
+        problems.add(key, str(exc))
+        return
+    if not 0 < port <= 65535:
+        problems.add(key, f"port {port} is not a port (1-65535)")
+
+
+def _check_tunnel(config: Config, problems: _Problems) -> None:
     t = config.tunnel
     for key in ("ping_interval", "dead_after", "connect_timeout", "backoff_initial",
                 "backoff_max"):
         if not getattr(t, key) > 0:
-            raise ConfigError(f"{where}.tunnel.{key}: must be > 0, not {getattr(t, key)!r}")
-    if t.dead_after <= t.ping_interval:
-        raise ConfigError(f"{where}.tunnel.dead_after ({t.dead_after:g}) must be longer than "
-                          f"ping_interval ({t.ping_interval:g})")
-    addresses = [("tunnel.listen", t.listen)] if config.role is Role.GUEST else []
-    addresses += [(f"vms[{i}].address", vm.address) for i, vm in enumerate(config.vms)]
-    for key, text in addresses:
+            problems.add(f"tunnel.{key}", f"must be > 0, not {getattr(t, key)!r}")
+    if t.ping_interval > 0 and t.dead_after > 0 and t.dead_after <= t.ping_interval:
+        problems.add("tunnel.dead_after", f"dead_after ({t.dead_after:g}) must be longer than "
+                     f"ping_interval ({t.ping_interval:g})")
+    if not MAX_CHUNK <= t.max_payload <= MAX_PAYLOAD_LIMIT:
+        problems.add("tunnel.max_payload", f"must be between {MAX_CHUNK} (the largest stream "
+                     f"chunk) and {MAX_PAYLOAD_LIMIT}, not {t.max_payload}")
+    if t.require_privileged_port not in ("auto", "on", "off"):
+        problems.add("tunnel.require_privileged_port", "must be 'auto', 'on' or 'off', not "
+                     f"{t.require_privileged_port!r}")
+    _check_path(t.key_file, "tunnel.key_file", problems)
+    if config.role is Role.GUEST:
         try:
-            parse_address(text)
+            parse_address(t.listen)
         except AddressError as exc:
-            raise ConfigError(f"{where}.{key}: {exc}") from None
-    _check_limits(config.limits, where)
-    try:
-        parse_control_listen(config.control.listen)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}.control.listen: {exc}") from None
-    if config.proxy.access not in PROXY_ACCESS:
-        raise ConfigError(f"{where}.proxy.access: must be one of {', '.join(PROXY_ACCESS)}, "
-                          f"not {config.proxy.access!r}")
+            problems.add("tunnel.listen", str(exc))
+
+
+def _check_vms(config: Config, problems: _Problems) -> None:
+    seen: set[str] = set()
     for i, vm in enumerate(config.vms):
+        key = f"vms[{i}]"
+        if not vm.vmid or not vm.vmid.isprintable() or any(c in vm.vmid for c in " /"):
+            problems.add(f"{key}.vmid", f"{vm.vmid!r} is not a VM id (printable, no spaces "
+                         "or '/')")
+        if vm.vmid in seen:
+            problems.add(f"{key}.vmid", f"vmid {vm.vmid!r} appears twice")
+        seen.add(vm.vmid)
+        try:
+            parse_address(vm.address)
+        except AddressError as exc:
+            problems.add(f"{key}.address", str(exc))
         for net in vm.ips:
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
-                raise ConfigError(f"{where}.vms[{i}].ips: {net!r} is not an address or "
-                                  "network") from None
-    if t.require_privileged_port not in ("auto", "on", "off"):
-        raise ConfigError(f"{where}.tunnel.require_privileged_port: must be 'auto', 'on' or "
-                          f"'off', not {t.require_privileged_port!r}")
-    _check_discovery(config.host, where)
-    if config.metrics.listen:
-        _check_metrics_listen(config.metrics.listen, where)
-    for server in config.subnet.dns_upstream:
+                problems.add(f"{key}.ips", f"{net!r} is not an address or network")
+        _check_path(vm.key_file, f"{key}.key_file", problems)
+
+
+def _check_proxy(proxy: ProxyConfig, problems: _Problems) -> None:
+    _check_listen(proxy.listen, "proxy.listen", problems)
+    for key in ("allow", "deny"):
+        for i, text in enumerate(getattr(proxy, key)):
+            try:
+                parse_rule(text)
+            except ConfigError as exc:
+                problems.add(f"proxy.{key}[{i}]", str(exc))
+    if proxy.access not in PROXY_ACCESS:
+        problems.add("proxy.access", f"must be one of {', '.join(PROXY_ACCESS)}, not "
+                     f"{proxy.access!r}")
+    if not proxy.connect_timeout > 0:
+        problems.add("proxy.connect_timeout", f"must be > 0, not {proxy.connect_timeout!r}")
+    for key in ("hosts_file", "credentials_file"):
+        _check_path(getattr(proxy, key), f"proxy.{key}", problems)
+
+
+def _check_subnet(sub: SubnetConfig, problems: _Problems) -> None:
+    add = problems.add
+    try:
+        net = ipaddress.IPv4Network(sub.cidr)
+    except ValueError as exc:
+        add("subnet.cidr", f"{sub.cidr!r} is not an IPv4 network: {exc}")
+    else:
+        if net.prefixlen > 30:
+            add("subnet.cidr", f"{sub.cidr!r} is too small: a /30 at least (the host and "
+                "one VM)")
+    if sub.cidr6:
+        try:
+            net6 = ipaddress.IPv6Network(sub.cidr6)
+        except ValueError as exc:
+            add("subnet.cidr6", f"{sub.cidr6!r} is not an IPv6 network: {exc}")
+        else:
+            if net6.prefixlen > 126:
+                add("subnet.cidr6", f"{sub.cidr6!r} is too small: a /126 at least")
+    if not MTU_RANGE[0] <= sub.mtu <= MTU_RANGE[1]:
+        add("subnet.mtu", f"must be between {MTU_RANGE[0]} and {MTU_RANGE[1]}, not {sub.mtu}")
+    if not 0 <= sub.route_metric <= 2**32 - 1:
+        add("subnet.route_metric", f"must be between 0 and {2**32 - 1}, not {sub.route_metric}")
+    for key in ("ifname", "uplink"):
+        value = getattr(sub, key)
+        if (value or key == "ifname") and not _IFNAME.fullmatch(value):
+            add(f"subnet.{key}", f"{value!r} is not an interface name (1-15 letters, digits, "
+                "'_', '.', '-')")
+    if not _NFT_NAME.fullmatch(sub.table):
+        add("subnet.table", f"{sub.table!r} is not an nftables table name")
+    for server in sub.dns_upstream:
         try:
             ipaddress.ip_address(server)
         except ValueError:
-            raise ConfigError(f"{where}.subnet.dns_upstream: {server!r} is not an IP "
-                              "address") from None
+            add("subnet.dns_upstream", f"{server!r} is not an IP address")
 
 
 #: What ``[host] discover`` may name.
 DISCOVERY_SOURCES = ("libvirt", "firecracker", "cloud-hypervisor")
 
 
-def _check_discovery(host: HostConfig, where: str) -> None:
+def _check_discovery(host: HostConfig, problems: _Problems) -> None:
     for source in host.discover:
         if source not in DISCOVERY_SOURCES:
-            raise ConfigError(f"{where}.host.discover: {source!r} is not one of "
-                              f"{', '.join(DISCOVERY_SOURCES)}")
+            problems.add("host.discover", f"{source!r} is not one of "
+                         f"{', '.join(DISCOVERY_SOURCES)}")
     if not host.discover_interval > 0:
-        raise ConfigError(f"{where}.host.discover_interval: must be > 0")
+        problems.add("host.discover_interval", "must be > 0")
     if host.socket_vmid not in ("stem", "dir"):
-        raise ConfigError(f"{where}.host.socket_vmid: must be 'stem' or 'dir', not "
-                          f"{host.socket_vmid!r}")
+        problems.add("host.socket_vmid", f"must be 'stem' or 'dir', not {host.socket_vmid!r}")
     sockets = {"firecracker", "cloud-hypervisor"} & set(host.discover)
     if sockets and not host.socket_globs:
-        raise ConfigError(f"{where}.host.discover lists {min(sockets)!r}: "
-                          "host.socket_globs must name where its vsock sockets are")
+        problems.add("host.discover", f"lists {min(sockets)!r}: host.socket_globs must name "
+                     "where its vsock sockets are")
+    _check_path(host.discover_key_dir, "host.discover_key_dir", problems)
 
 
-def _check_metrics_listen(listen: str, where: str) -> None:
+def _check_metrics_listen(listen: str, problems: _Problems) -> None:
     host, sep, port = listen.rpartition(":")
     host = host.strip("[]")
     try:
@@ -462,27 +669,26 @@ def _check_metrics_listen(listen: str, where: str) -> None:
     except ValueError:
         ok = False
     if not ok:
-        raise ConfigError(f"{where}.metrics.listen: expected IP:PORT (e.g. 127.0.0.1:9641 or "
-                          f"[::1]:9641), not {listen!r}")
+        problems.add("metrics.listen", "expected IP:PORT (e.g. 127.0.0.1:9641 or "
+                     f"[::1]:9641), not {listen!r}")
 
 
-def _check_limits(limits: LimitsConfig, where: str) -> None:
+def _check_limits(limits: LimitsConfig, problems: _Problems) -> None:
+    add = problems.add
     for f in fields(limits):
         if not getattr(limits, f.name) > 0:
-            raise ConfigError(f"{where}.limits.{f.name}: must be > 0, not "
-                              f"{getattr(limits, f.name)!r}")
+            add(f"limits.{f.name}", f"must be > 0, not {getattr(limits, f.name)!r}")
     floor = INITIAL_WINDOW + MAX_CHUNK
     if limits.buffered_per_vm < floor:
-        raise ConfigError(f"{where}.limits.buffered_per_vm: at least {floor} (one stream "
-                          "window and one chunk)")
+        add("limits.buffered_per_vm", f"at least {floor} (one stream window and one chunk)")
     for per_vm, total in (("streams_per_vm", "streams_total"),
                           ("buffered_per_vm", "buffered_total")):
         if getattr(limits, total) < getattr(limits, per_vm):
-            raise ConfigError(f"{where}.limits.{total} must be at least {per_vm}")
+            add(f"limits.{total}", f"must be at least {per_vm}")
     if limits.tunnel_backlog < floor:
-        raise ConfigError(f"{where}.limits.tunnel_backlog: at least {floor}")
+        add("limits.tunnel_backlog", f"at least {floor}")
     if limits.tunnel_backlog_total < limits.tunnel_backlog:
-        raise ConfigError(f"{where}.limits.tunnel_backlog_total must be at least tunnel_backlog")
+        add("limits.tunnel_backlog_total", "must be at least tunnel_backlog")
 
 
 def as_dict(obj: Any) -> Any:

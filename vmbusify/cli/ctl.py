@@ -10,46 +10,189 @@ import datetime
 import json
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from vmbusify.cli.forward import forward
-from vmbusify.config import load_config
+from vmbusify import __version__
+from vmbusify.cli import locate
 from vmbusify.control.client import ControlClient, q
+from vmbusify.control.token import ListenerDown
 from vmbusify.errors import ErrorCode, VMBusifyError, ctl_exit
-from vmbusify.logs import printable
-from vmbusify.text import for_terminal
+from vmbusify.text import for_terminal, printable
+
+if TYPE_CHECKING:
+    from vmbusify.config import Config
+
+PROG = "vmbusifyctl"
+
+
+class Endpoint:
+    """What a command works on, each part loaded when a command first asks for it: the few
+    keys a client of the command listener needs (``settings``, read with config_file), the
+    whole checked configuration (``config``: vmbusify.config, for ``forward``), the listener's
+    client. ``completion`` and ``--help`` need none of them (docs/cli.md "Start-up time")."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._path: tuple[str | None] | None = None
+        self._settings: locate.Settings | None = None
+        self._config: Config | None = None
+        self._client: ControlClient | None = None
+
+    @property
+    def path(self) -> str | None:
+        """The configuration file (cli/locate.py finds it; None: the defaults). A non-root
+        user who may not read it is told once what access is needed."""
+        if self._path is None:
+            path = locate.config_path(self.config_path)
+            if path:
+                locate.check_access(PROG, path, "", "")
+            self._path = (path,)
+        return self._path[0]
+
+    @property
+    def settings(self) -> locate.Settings:
+        """The listener's address, its token file, run_dir and the granted group."""
+        if self._settings is None:
+            self._settings = locate.Settings(self.path)
+        return self._settings
+
+    @property
+    def config(self) -> Config:
+        """This endpoint's whole configuration, checked (vmbusify.config)."""
+        if self._config is None:
+            from vmbusify.config import load_config  # start-up time: forward's alone
+            self._config = load_config(self.path)
+        return self._config
+
+    @property
+    def client(self) -> ControlClient:
+        """The command listener's client; a non-root user without access to its token or
+        socket is told once what access is needed (cli/locate.py)."""
+        if self._client is None:
+            st = self.settings
+            locate.check_access(PROG, None, st.token_path, st.socket_path, st.group)
+            self._client = ControlClient.for_listener(st.listen, st.token_path)
+        return self._client
+
+    def __getitem__(self, key: str) -> Any:
+        """``ctx.obj["config"]``, ``ctx.obj["client"]``: as commands wrote it before."""
+        if key not in ("config", "client"):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def hint(self, exc: ListenerDown) -> str:
+        """The listener is not running: the reason and a command that shows its state."""
+        try:
+            run_dir = self.settings.run_dir
+        except VMBusifyError:
+            return str(exc)
+        return f"{exc}: see {locate.supervisorctl_hint(run_dir, 'status', 'control')}"
+
+
+def _endpoint(ctx: click.Context) -> Endpoint:
+    return ctx.find_root().obj  # type: ignore[no-any-return]
 
 
 def _client(ctx: click.Context) -> ControlClient:
-    return ctx.obj["client"]  # type: ignore[no-any-return]
+    return _endpoint(ctx).client
 
 
 def _fail(message: str, code: ErrorCode = ErrorCode.GENERIC) -> None:
     # The reason may be a guest's text (an ERROR ACK, a BYE): never raw on a terminal.
-    click.echo(f"vmbusifyctl: {for_terminal(message)}", err=True)
+    click.echo(f"{PROG}: {for_terminal(message)}", err=True)
     sys.exit(ctl_exit(code))
 
 
+def _emit(as_json: bool, data: Any, text: str) -> None:
+    """``data`` as JSON (``--json``: indented, keys as the listener gives them) or ``text``."""
+    click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print the answer as JSON (docs/cli.md lists its keys).")
+
+#: Commands whose module is loaded only when one of them runs (or its help is asked for):
+#: name -> (loader, one-line help for the command list). ``forward`` brings asyncio, msgpack
+#: (through bus/frames) and the SOCKS code, which no other command needs: loading it for every
+#: command cost each start about half its time (docs/cli.md "Start-up time").
+LAZY: dict[str, tuple[Callable[[], click.Command], str]] = {}
+
+
+def lazy(name: str, short_help: str) -> Callable[[Callable[[], click.Command]],
+                                                 Callable[[], click.Command]]:
+    """Register a command whose module loads only when it runs: decorate a function that
+    imports the command (inside the function) and returns it."""
+    def register(loader: Callable[[], click.Command]) -> Callable[[], click.Command]:
+        LAZY[name] = (loader, short_help)
+        return loader
+    return register
+
+
 class _Group(click.Group):
-    """Turns every VMBusifyError into one line on stderr and exit code 1."""
+    """Turns every VMBusifyError into one line on stderr and exit code 1, and loads the
+    LAZY commands when they are used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in LAZY:
+            command = LAZY[cmd_name][0]()
+            self.add_command(command, cmd_name)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY and name not in self.commands:
+                rows.append((name, LAZY[name][1]))
+                continue
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except ListenerDown as exc:
+            _fail(_endpoint(ctx).hint(exc), exc.code)
         except VMBusifyError as exc:
             _fail(str(exc), exc.code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", envvar="VMBUSIFY_CONFIG", default=None,
-              help="Configuration file (default $VMBUSIFY_CONFIG or /etc/vmbusify/vmbusify.toml).")
+              help="Configuration file (default $VMBUSIFY_CONFIG, /etc/vmbusify/vmbusify.toml, "
+                   "or the one lab running here).")
+@click.version_option(__version__, "-V", "--version", prog_name=PROG,
+                      message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Inspect and steer VMBusify tunnels."""
-    config = load_config(config_path)
-    ctx.obj = {"config": config, "client": ControlClient(config)}
+    ctx.obj = Endpoint(config_path)
+
+
+def complete_vmids(ctx: click.Context, _param: click.Parameter,
+                   incomplete: str) -> list[str]:
+    """The VM ids the command listener knows, for shell completion (nothing on any error:
+    a completion must never print one)."""
+    try:
+        root = ctx.find_root()
+        endpoint = Endpoint(root.params.get("config_path"))
+        return [vm["vmid"] for vm in endpoint.client.request("GET", "/v1/vms", timeout=3.0)
+                if str(vm.get("vmid", "")).startswith(incomplete)]
+    except Exception:  # noqa: BLE001 - whatever went wrong, complete nothing
+        return []
+
+
+vmid_argument = click.argument("vmid", shell_complete=complete_vmids)
 
 
 def _age(since: float | None) -> str:
@@ -158,50 +301,89 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command("list")
+@json_option
+@click.option("-q", "--quiet", is_flag=True, help="Print the VM ids only, one a line.")
 @click.pass_context
-def list_vms(ctx: click.Context) -> None:
+def list_vms(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     """One line per VM: vmid, state, addresses."""
-    for vm in _client(ctx).request("GET", "/v1/vms"):
-        click.echo(f"{vm['vmid']}\t{vm['state']}\t{','.join(vm['ips']) or '-'}")
+    vms = _client(ctx).request("GET", "/v1/vms")
+    if quiet and not as_json:
+        _emit(False, vms, "\n".join(vm["vmid"] for vm in vms))
+        return
+    _emit(as_json, vms, "\n".join(f"{vm['vmid']}\t{vm['state']}\t{','.join(vm['ips']) or '-'}"
+                                   for vm in vms))
 
 
 @main.command()
-@click.argument("vmid")
+@vmid_argument
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait.")
+@json_option
 @click.pass_context
-def connect(ctx: click.Context, vmid: str, timeout: float) -> None:
+def connect(ctx: click.Context, vmid: str, timeout: float, as_json: bool) -> None:
     """Bring the tunnel to VMID up now."""
     vm = _client(ctx).request("POST", f"/v1/vms/{q(vmid)}/connect?timeout={timeout}",
                               timeout=timeout + 5)
-    click.echo(f"{vm['vmid']}: {vm['state']}")
+    _emit(as_json, vm, f"{vm['vmid']}: {vm['state']}")
 
 
 @main.command()
-@click.argument("vmid")
+@vmid_argument
+@json_option
 @click.pass_context
-def disconnect(ctx: click.Context, vmid: str) -> None:
+def disconnect(ctx: click.Context, vmid: str, as_json: bool) -> None:
     """Drop the tunnel to VMID and keep it down until it is needed again."""
     vm = _client(ctx).request("POST", f"/v1/vms/{q(vmid)}/disconnect")
-    click.echo(f"{vm['vmid']}: {vm['state']}")
+    _emit(as_json, vm, f"{vm['vmid']}: {vm['state']}")
 
 
 @main.command()
 @click.argument("ip")
+@json_option
 @click.pass_context
-def vmid(ctx: click.Context, ip: str) -> None:
+def vmid(ctx: click.Context, ip: str, as_json: bool) -> None:
     """Print the vmid of the VM that reported IP."""
-    click.echo(_client(ctx).request("GET", f"/v1/vmid/{q(ip)}")["vmid"])
+    found = _client(ctx).request("GET", f"/v1/vmid/{q(ip)}")["vmid"]
+    _emit(as_json, {"ip": ip, "vmid": found}, found)
 
 
 @main.command()
-@click.argument("vmid")
+@vmid_argument
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for a PONG.")
+@json_option
 @click.pass_context
-def ping(ctx: click.Context, vmid: str, timeout: float) -> None:
+def ping(ctx: click.Context, vmid: str, timeout: float, as_json: bool) -> None:
     """Round-trip time of one PING through the tunnel to VMID."""
     r = _client(ctx).request("POST", f"/v1/vms/{q(vmid)}/ping?timeout={timeout}",
                              timeout=timeout + 5)
-    click.echo(f"{r['vmid']}: rtt {r['rtt_ms']:.3f} ms")
+    _emit(as_json, r, f"{r['vmid']}: rtt {r['rtt_ms']:.3f} ms")
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+@click.pass_context
+def completion(ctx: click.Context, shell: str) -> None:
+    """Print the completion script of vmbusifyctl and vmbusifyexec for SHELL.
+
+    \b
+    bash:  source <(vmbusifyctl completion bash)      (in ~/.bashrc)
+    zsh:   source <(vmbusifyctl completion zsh)       (after compinit)
+    fish:  vmbusifyctl completion fish | source
+    """
+    from click.shell_completion import get_completion_class
+
+    from vmbusify.cli.completion import exec_script
+    cls = get_completion_class(shell)
+    assert cls is not None
+    root = ctx.find_root()
+    ours = cls(root.command, {}, PROG, "_VMBUSIFYCTL_COMPLETE").source()
+    click.echo(ours.rstrip("\n") + "\n\n" + exec_script(shell), nl=False)
+
+
+@lazy("forward", "Forward a local port to TARGET:TARGET_PORT as seen from VMID (like ssh -L).")
+def _forward() -> click.Command:
+    # Imported here: asyncio, msgpack and the SOCKS code are forward's alone (start-up time).
+    from vmbusify.cli.forward import forward
+    return forward
 
 
 @main.command()
@@ -213,7 +395,3 @@ def reload(ctx: click.Context) -> None:
                f"{', '.join(r['dropped']) or 'none'}; kept {len(r['kept'])}")
     if r.get("restart_needed"):
         click.echo("changed, applied at the next restart: " + ", ".join(r["restart_needed"]))
-
-
-# `forward` is a command of its own module.
-main.add_command(forward)

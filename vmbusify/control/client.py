@@ -22,8 +22,22 @@ class ControlClient:
     that the listener is root's (control/verify.py): the token goes nowhere else."""
 
     def __init__(self, config: Config, timeout: float = 30.0) -> None:
-        self.config = config
-        self.kind, self.where, self.port = parse_control_listen(config.control.listen)
+        self.config: Config | None = config
+        self._setup(config.control.listen, str(config.token_path), timeout)
+
+    @classmethod
+    def for_listener(cls, listen: str, token_path: str, timeout: float = 30.0
+                     ) -> ControlClient:
+        """A client from the listener's address and token file alone (``vmbusifyctl`` reads
+        just these with config_file, not the whole model, which costs its start)."""
+        client = cls.__new__(cls)
+        client.config = None
+        client._setup(listen, token_path, timeout)
+        return client
+
+    def _setup(self, listen: str, token_path: str, timeout: float) -> None:
+        self.kind, self.where, self.port = parse_control_listen(listen)
+        self.token_path = token_path
         self.timeout = timeout
         self._token: tuple[str, int] | None = None
 
@@ -34,7 +48,7 @@ class ControlClient:
 
     def _token_owned(self) -> tuple[str, int]:
         if self._token is None:
-            self._token = read_token_owned(self.config.token_path)
+            self._token = read_token_owned(self.token_path)
         return self._token
 
     def connection(self, timeout: float | None = None) -> http.client.HTTPConnection:

@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
+class ListenerDown(ControlError):
+    """The command listener is not running (no token, no socket, nobody listening). The CLIs
+    add how to look, as a command for this endpoint's supervisord (cli/locate.py)."""
+
+
 def ensure_token(path: Path, gid: int | None = None) -> str:
     """Return the token at ``path``, creating it if it does not exist; its mode is 0640 with
     group ``gid`` when one is given, 0600 otherwise. The directory must exist and be safe
@@ -63,8 +68,8 @@ def read_token_owned(path: str | os.PathLike[str]) -> tuple[str, int]:
         raise ControlError(f"cannot read the control token {path}: run as root or as a member "
                            "of group vmbusify") from None
     except FileNotFoundError:
-        raise ControlError(f"no control token at {path}: is the command listener running "
-                           "(supervisorctl status control)?") from None
+        raise ListenerDown(f"no control token at {path}: the command listener is not "
+                           "running (it makes the token when it starts)") from None
     except OSError as exc:
         raise ControlError(f"cannot read the control token {path}: {exc.strerror}") from None
     except UnicodeDecodeError:

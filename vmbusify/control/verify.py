@@ -21,6 +21,7 @@ import socket
 import stat
 import struct
 
+from vmbusify.control.token import ListenerDown
 from vmbusify.errors import ControlError
 
 #: How long a TCP client waits for the listener to accept the connection (until then the
@@ -50,8 +51,7 @@ def check_unix_path(path: str, trusted: frozenset[int]) -> None:
         dst = os.lstat(where)
         sst = os.lstat(path)
     except FileNotFoundError:
-        raise ControlError(f"the command listener at unix:{path} is not running "
-                           "(check: supervisorctl status control)") from None
+        raise ListenerDown(f"the command listener at unix:{path} is not running") from None
     except PermissionError:
         raise ControlError(f"cannot reach the command listener at unix:{path}: permission "
                            "denied (run as root or as a member of group vmbusify)") from None
@@ -106,8 +106,7 @@ def _connect_unix(path: str, trusted: frozenset[int], timeout: float) -> socket.
     try:
         sock = connect_unix_socket(path, timeout)
     except (ConnectionRefusedError, FileNotFoundError):
-        raise ControlError(f"the command listener at unix:{path} is not running "
-                           "(check: supervisorctl status control)") from None
+        raise ListenerDown(f"the command listener at unix:{path} is not running") from None
     except PermissionError:
         raise ControlError(f"cannot reach the command listener at unix:{path}: permission "
                            "denied (run as root or as a member of group vmbusify)") from None
@@ -133,8 +132,7 @@ def _connect_tcp(host: str, port: int, trusted: frozenset[int], timeout: float
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError:
-        raise ControlError(f"the command listener at {host}:{port} is not running "
-                           "(check: supervisorctl status control)") from None
+        raise ListenerDown(f"the command listener at {host}:{port} is not running") from None
     except OSError as exc:
         raise ControlError(f"cannot reach the command listener at {host}:{port}: "
                            f"{exc.strerror or exc}") from None

@@ -33,69 +33,16 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from vmbusify.config import ProxyConfig, Role, SubnetConfig, VMEntry
-from vmbusify.errors import ConfigError
+# Rule and parse_rule live in the config model, which checks every rule at load; they are
+# re-exported here, where the policy uses them.
+from vmbusify.config import ProxyConfig, Role, Rule, SubnetConfig, VMEntry, parse_rule
 from vmbusify.system import IPAddress, interface_addresses
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Denied on both ends unless default_deny is off: link-local and cloud metadata.
 METADATA_DENY = ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128")
 #: Also denied on the host: the host's own loopback, and the unspecified addresses that
 #: Linux connects to loopback.
 HOST_DENY = ("127.0.0.0/8", "::1/128", "0.0.0.0/8", "::/128")
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """One allow or deny rule: a network and the ports it covers (empty: every port)."""
-
-    network: IPNetwork
-    ports: tuple[tuple[int, int], ...] = ()
-    text: str = ""
-
-    def matches(self, ip: IPAddress, port: int) -> bool:
-        """Whether ``ip``:``port`` falls under this rule."""
-        if ip.version != self.network.version or ip not in self.network:
-            return False
-        return not self.ports or any(lo <= port <= hi for lo, hi in self.ports)
-
-
-def _ports(text: str, rule: str) -> tuple[tuple[int, int], ...]:
-    out: list[tuple[int, int]] = []
-    for part in text.split(","):
-        lo_text, sep, hi_text = part.strip().partition("-")
-        try:
-            lo = int(lo_text)
-            hi = int(hi_text) if sep else lo
-        except ValueError:
-            raise ConfigError(f"proxy rule {rule!r}: bad port {part!r}") from None
-        if not 0 <= lo <= hi <= 65535:
-            raise ConfigError(f"proxy rule {rule!r}: port range {part!r} out of 0..65535")
-        out.append((lo, hi))
-    return tuple(out)
-
-
-def parse_rule(text: str) -> Rule:
-    """A rule from its config text; ConfigError if malformed."""
-    raw = text.strip()
-    ports, sep = "", ""
-    if raw.startswith("["):
-        end = raw.find("]")
-        if end < 0 or (raw[end + 1:] and not raw[end + 1:].startswith(":")):
-            raise ConfigError(f"proxy rule {text!r}: expected [CIDR] or [CIDR]:PORTS")
-        cidr, sep, ports = raw[1:end], raw[end + 1:end + 2], raw[end + 2:]
-    elif raw.count(":") == 1:
-        cidr, sep, ports = raw.partition(":")
-    else:
-        cidr = raw
-    if sep and not ports:
-        raise ConfigError(f"proxy rule {text!r}: empty port list after ':'")
-    try:
-        network = ipaddress.ip_network(cidr, strict=False)
-    except ValueError as exc:
-        raise ConfigError(f"proxy rule {text!r}: {exc}") from None
-    return Rule(network, _ports(ports, text) if sep else (), raw)
 
 
 def unwrap(ip: IPAddress) -> IPAddress:
