@@ -58,6 +58,16 @@ HIDDEN_ALLOWED = {
         "vmbusifyexec loads it for a TCP listener only",
     ("vmbusify.control.client", "vmbusify.config"):
         "a type only: vmbusifyctl's client is stdlib-only so it starts fast",
+    ("vmbusify.cli.exec", "vmbusify.cli.completion"):
+        "vmbusifyexec's start is its latency: its completion script only when asked",
+    ("vmbusify.cli.exec", "vmbusify.cli.locate"):
+        "vmbusifyexec's start is its latency (docs/exec.md, 'A light client')",
+    ("vmbusify.cli.ctl", "vmbusify.cli.forward"):
+        "vmbusifyctl loads forward (asyncio, msgpack) only when it runs (docs/cli.md)",
+    ("vmbusify.cli.ctl", "vmbusify.cli.completion"):
+        "vmbusifyctl loads its completion scripts only when asked (docs/cli.md)",
+    ("vmbusify.cli.ctl", "vmbusify.config"):
+        "vmbusifyctl loads the whole config model only for forward (docs/cli.md)",
     ("vmbusify.cli.programs", "vmbusify.mux.main"):
         "each program's process loads its own code only",
     ("vmbusify.cli.programs", "vmbusify.control.server"):

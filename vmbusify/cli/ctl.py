@@ -18,7 +18,6 @@ import click
 from vmbusify import __version__
 from vmbusify.cli import locate
 from vmbusify.control.client import ControlClient, q
-from vmbusify.control.token import ListenerDown
 from vmbusify.errors import ErrorCode, VMBusifyError, ctl_exit
 from vmbusify.text import for_terminal, printable
 
@@ -43,13 +42,9 @@ class Endpoint:
 
     @property
     def path(self) -> str | None:
-        """The configuration file (cli/locate.py finds it; None: the defaults). A non-root
-        user who may not read it is told once what access is needed."""
+        """The configuration file (cli/locate.py finds it; None: the defaults)."""
         if self._path is None:
-            path = locate.config_path(self.config_path)
-            if path:
-                locate.check_access(PROG, path, "", "")
-            self._path = (path,)
+            self._path = (locate.config_path(self.config_path),)
         return self._path[0]
 
     @property
@@ -69,11 +64,9 @@ class Endpoint:
 
     @property
     def client(self) -> ControlClient:
-        """The command listener's client; a non-root user without access to its token or
-        socket is told once what access is needed (cli/locate.py)."""
+        """The command listener's client."""
         if self._client is None:
             st = self.settings
-            locate.check_access(PROG, None, st.token_path, st.socket_path, st.group)
             self._client = ControlClient.for_listener(st.listen, st.token_path)
         return self._client
 
@@ -82,14 +75,6 @@ class Endpoint:
         if key not in ("config", "client"):
             raise KeyError(key)
         return getattr(self, key)
-
-    def hint(self, exc: ListenerDown) -> str:
-        """The listener is not running: the reason and a command that shows its state."""
-        try:
-            run_dir = self.settings.run_dir
-        except VMBusifyError:
-            return str(exc)
-        return f"{exc}: see {locate.supervisorctl_hint(run_dir, 'status', 'control')}"
 
 
 def _endpoint(ctx: click.Context) -> Endpoint:
@@ -161,10 +146,10 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except ListenerDown as exc:
-            _fail(_endpoint(ctx).hint(exc), exc.code)
         except VMBusifyError as exc:
-            _fail(str(exc), exc.code)
+            # A non-root user is told what access is needed, a listener that is down comes
+            # with a command that shows it (cli/locate.py).
+            _fail(locate.explain(PROG, exc, _endpoint(ctx).config_path), exc.code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -29,6 +29,7 @@ import threading
 import time
 from _queue import SimpleQueue  # what queue.SimpleQueue is, without queue's imports
 
+from vmbusify import __version__
 from vmbusify.cli.escape import EscapeFilter
 from vmbusify.errors import ErrorCode, VMBusifyError, code_of, exec_exit
 from vmbusify.protocol.exec_api import EXIT_FAILURE, SIGNAL_BASE, Channel, ExitReason
@@ -49,19 +50,26 @@ if TYPE_CHECKING:
 PROG = "vmbusifyexec"
 USAGE = f"""\
 Usage: {PROG} [OPTIONS] VMID [OPTIONS] [--] PROGRAM [ARGS...]
+       {PROG} -i [-t] [OPTIONS] VMID
 
 Run PROGRAM on the VM VMID (its vmid, or any IP address it reported) and relay its
-stdout, stderr and exit status; with -i also stdin.
+stdout, stderr and exit status; with -i also stdin. With -i and no PROGRAM, the user's
+login shell (as ssh does), on a pseudo-terminal when the local terminal is one.
 
 Options:
   -i, --interactive      send stdin to the program (EOF closes its stdin)
   -t, --tty              run it on a pseudo-terminal (local terminal in raw mode)
+      --tty=WHEN         always (-t), never, or auto: when stdin and stdout are
+                         terminals (the default without PROGRAM, else never)
   -e, --env KEY=VAL      set an environment variable (repeatable; KEY alone: local value)
   -w, --workdir DIR      working directory (default: the user's home)
   -u, --user USER        run as USER (name or uid)
       --timeout SECONDS  kill the whole remote process tree after SECONDS (exit 124)
   -d, --detach           start it in the background, print its pid and return
-      --config FILE      configuration file (default $VMBUSIFY_CONFIG)
+      --config FILE      configuration file (default $VMBUSIFY_CONFIG,
+                         /etc/vmbusify/vmbusify.toml, or the one lab running here)
+      --completion SHELL print the completion script for bash, zsh or fish
+  -V, --version          print the version
   -h, --help             show this help
 
 Exit status: the program's own; 128+N if it died of signal N; 124 --timeout expired;
@@ -71,9 +79,19 @@ within 3 seconds give up (the remote process tree is killed). With -it on a term
 Ctrl-C is a key for the remote program; there ~. at the start of a line disconnects (the
 remote process tree is killed) and ~~ types a ~.
 """
-_SHORT = "ite:w:u:dh"
-_LONG = ["interactive", "tty", "env=", "workdir=", "user=", "timeout=", "detach", "config=",
-         "help"]
+_SHORT = "ite:w:u:dhV"
+_LONG = ["interactive", "tty", "tty-mode=", "env=", "workdir=", "user=", "timeout=", "detach",
+         "config=", "completion=", "version", "help"]
+#: Short options that take a value (the rest of the word, or the next word).
+_SHORT_VALUES = "ewu"
+#: Long options that take a value in the next word when not given with '='.
+_LONG_VALUES = ("--env", "--workdir", "--user", "--timeout", "--config", "--completion")
+#: --tty=WHEN.
+TTY_MODES = ("always", "never", "auto")
+#: What runs when -i is given without PROGRAM: the user's login shell, which the guest's exec
+#: worker puts in SHELL (from the account, as sshd does); ``-l`` makes it a login shell in
+#: every common shell (bash, zsh, dash, ash, fish).
+LOGIN_SHELL = ["/bin/sh", "-c", 'exec "${SHELL:-/bin/sh}" -l']
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 READ_SIZE = 1 << 20
 STDIN_CHUNK = 256 << 10
@@ -110,6 +128,11 @@ class Options:
                  tty: bool = False, env: dict[str, str] | None = None, workdir: str = "",
                  user: str = "", timeout: float | None = None, detach: bool = False,
                  config: str | None = None, help: bool = False) -> None:
+        #: --tty=WHEN as given ("" = not given); -t is "always".
+        self.tty_mode = ""
+        #: --version, --completion SHELL: print and exit.
+        self.version = False
+        self.completion = ""
         self.vmid = vmid
         self.argv = argv or []
         self.interactive = interactive
@@ -139,7 +162,17 @@ def _apply(opts: Options, pairs: list[tuple[str, str]]) -> None:
         if name in ("-i", "--interactive"):
             opts.interactive = True
         elif name in ("-t", "--tty"):
-            opts.tty = True
+            opts.tty_mode = "always"
+        elif name == "--tty-mode":
+            if value not in TTY_MODES:
+                raise UsageError(f"--tty wants one of {', '.join(TTY_MODES)}, not {value!r}")
+            opts.tty_mode = value
+        elif name in ("-V", "--version"):
+            opts.version = True
+        elif name == "--completion":
+            if value not in ("bash", "zsh", "fish"):
+                raise UsageError(f"--completion wants bash, zsh or fish, not {value!r}")
+            opts.completion = value
         elif name in ("-d", "--detach"):
             opts.detach = True
         elif name in ("-h", "--help"):
@@ -167,27 +200,54 @@ def _apply(opts: Options, pairs: list[tuple[str, str]]) -> None:
                 raise UsageError("--timeout must be more than 0 seconds")
 
 
+def _spell_tty(args: list[str]) -> list[str]:
+    """``--tty=WHEN`` as getopt takes it (``--tty-mode=WHEN``: getopt has no optional
+    values), in the options before the first word that is not one; the rest as it is."""
+    out = list(args)
+    i = 0
+    while i < len(out):
+        word = out[i]
+        if word == "--" or not word.startswith("-") or word == "-":
+            break
+        if word.startswith("--tty="):
+            out[i] = "--tty-mode=" + word[len("--tty="):]
+        elif word in _LONG_VALUES:
+            i += 1
+        elif not word.startswith("--"):
+            for j, ch in enumerate(word[1:], 1):
+                if ch in _SHORT_VALUES:
+                    i += j == len(word) - 1  # the value is the next word
+                    break
+        i += 1
+    return out
+
+
 def parse_args(args: list[str]) -> Options:
     """Options may come before and after VMID; the first word after them is the program."""
     opts = Options()
     try:
-        pairs, rest = getopt.getopt(args, _SHORT, _LONG)
+        pairs, rest = getopt.getopt(_spell_tty(args), _SHORT, _LONG)
         _apply(opts, pairs)
-        if opts.help:
+        if opts.help or opts.version or opts.completion:
             return opts
         if not rest:
             raise UsageError("missing VMID and PROGRAM")
         opts.vmid = rest[0]
-        pairs, rest = getopt.getopt(rest[1:], _SHORT, _LONG)
+        pairs, rest = getopt.getopt(_spell_tty(rest[1:]), _SHORT, _LONG)
         _apply(opts, pairs)
     except getopt.GetoptError as exc:
         raise UsageError(str(exc)) from None
-    if opts.help:
+    if opts.help or opts.version or opts.completion:
         return opts
     if not opts.vmid:
         raise UsageError("VMID is empty")
     if not rest:
-        raise UsageError("missing PROGRAM")
+        if not opts.interactive:
+            raise UsageError("missing PROGRAM (or -i, or -it, for a login shell)")
+        rest = LOGIN_SHELL
+        opts.tty_mode = opts.tty_mode or "auto"
+    mode = opts.tty_mode or "never"
+    opts.tty = mode == "always" or (mode == "auto" and os.isatty(0) and os.isatty(1))
     opts.argv = rest
     if opts.detach and (opts.interactive or opts.tty):
         raise UsageError("-d cannot be combined with -i or -t")
@@ -216,10 +276,11 @@ def _listener(config_path: str | None) -> Listener:
     """This machine's command listener, read from the configuration."""
     # Imported here: vmbusifyexec's start is its latency, and a usage error needs none of
     # this (docs/exec.md, "A light client").
+    from vmbusify.cli.locate import config_path as find_config
     from vmbusify.config_file import listener_of
     from vmbusify.control.token import read_token_owned
 
-    kind, where, port, token_file = listener_of(config_path)
+    kind, where, port, token_file = listener_of(find_config(config_path))
     return Listener(kind, where, port, *read_token_owned(token_file))
 
 
@@ -571,6 +632,30 @@ def _err(message: str) -> None:
         pass
 
 
+def _print_and_exit(opts: Options) -> NoReturn:
+    """--help, --version, --completion SHELL."""
+    if opts.completion:
+        from vmbusify.cli.completion import exec_script  # start-up time: only when asked
+        text = exec_script(opts.completion)
+    elif opts.version:
+        text = f"{PROG} {__version__}\n"
+    else:
+        text = USAGE
+    try:
+        _write_all(1, memoryview(text.encode()))
+    except OSError:
+        pass
+    sys.exit(0)
+
+
+def _explain(exc: VMBusifyError, config: str | None) -> str:
+    """What access a non-root user needs, or how to see a listener that is down, else the
+    error's own text (cli/locate.py)."""
+    # Imported here: only a failure needs it (start-up time: docs/exec.md "A light client").
+    from vmbusify.cli.locate import explain
+    return explain(PROG, exc, config)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of the console script."""
     _open_standard_fds()
@@ -579,12 +664,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except UsageError as exc:
         _err(f"{exc}\nTry '{PROG} --help'.")
         sys.exit(EXIT_FAILURE)
-    if opts.help:
-        try:
-            _write_all(1, memoryview(USAGE.encode()))
-        except OSError:
-            pass
-        sys.exit(0)
+    if opts.help or opts.version or opts.completion:
+        _print_and_exit(opts)
     try:
         code = run_detached(opts) if opts.detach else Session(opts).run()
     except Failure as exc:
@@ -593,7 +674,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except BrokenPipeError:
         code = SIGNAL_BASE + signal.SIGPIPE  # our stdout went away: stop, as a shell pipe does
     except VMBusifyError as exc:
-        _err(str(exc))
+        _err(_explain(exc, opts.config))
         code = exec_exit(exc.code)
     except KeyboardInterrupt:
         code = SIGNAL_BASE + signal.SIGINT

@@ -14,8 +14,16 @@ from __future__ import annotations
 
 import os
 
-from vmbusify.config_file import DEFAULT_CONFIG_PATH, DEFAULT_GROUP
-from vmbusify.errors import ConfigError
+from vmbusify.config_file import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_GROUP,
+    DEFAULT_RUN_DIR,
+    listener_of,
+    parse_control_listen,
+    read_config_file,
+)
+from vmbusify.control.token import ListenerDown
+from vmbusify.errors import ConfigError, VMBusifyError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -136,18 +144,27 @@ def _user_name() -> str:
         return str(os.getuid())
 
 
-def check_access(prog: str, config: str | None, token_file: str, socket_path: str,
-                 group: str = DEFAULT_GROUP) -> None:
-    """For a non-root user: ConfigError with access_needed's one sentence when the config
-    file, the token or the listener's socket cannot be reached (nothing for root)."""
-    if os.geteuid() == 0:
-        return
-    targets = [p for p in (config, token_file) if p]
-    for path in targets:
-        if os.path.exists(os.path.dirname(path) or "/") and _denied(path, os.R_OK):
-            raise ConfigError(access_needed(prog, path, group))
-    if socket_path and _denied(socket_path, os.W_OK):
-        raise ConfigError(access_needed(prog, socket_path, group))
+def explain(prog: str, exc: Exception, explicit: str | None = None) -> str:
+    """The one line a CLI prints for ``exc``: for a non-root user refused the config file, the
+    token or the listener's socket, what access is needed (once, whichever was refused
+    first); for a listener that is not running, the reason and a supervisorctl command that
+    shows it; otherwise the error's own text."""
+    try:
+        path = config_path(explicit)
+        if os.geteuid() != 0:
+            if path and _denied(path, os.R_OK):
+                return access_needed(prog, path)
+            st = Settings(path)
+            if _denied(st.token_path, os.R_OK):
+                return access_needed(prog, st.token_path, st.group)
+            if st.socket_path and _denied(st.socket_path, os.W_OK):
+                return access_needed(prog, st.socket_path, st.group)
+        if isinstance(exc, ListenerDown):
+            hint = supervisorctl_hint(Settings(path).run_dir, "status", "control")
+            return f"{exc}: see {hint}"
+    except VMBusifyError:
+        pass
+    return str(exc)
 
 
 def _denied(path: str, mode: int) -> bool:
@@ -166,13 +183,6 @@ class Settings:
     whole model, vmbusify.config, is for the programs and ``vmbusify check-config``)."""
 
     def __init__(self, path: str | None) -> None:
-        from vmbusify.config_file import (
-            DEFAULT_RUN_DIR,
-            listener_of,
-            parse_control_listen,
-            read_config_file,
-        )
-
         chosen, raw = read_config_file(path)
         self.path = chosen
         self.kind, self.where, self.port, self.token_path = listener_of(path)
