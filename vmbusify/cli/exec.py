@@ -68,7 +68,8 @@ Options:
   -d, --detach           start it in the background, print its pid and return
       --config FILE      configuration file (default $VMBUSIFY_CONFIG,
                          /etc/vmbusify/vmbusify.toml, or the one lab running here)
-      --completion SHELL print the completion script for bash, zsh or fish
+      --completion SHELL
+                         print the completion script for bash, zsh or fish
   -V, --version          print the version
   -h, --help             show this help
 
