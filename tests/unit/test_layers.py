@@ -68,6 +68,8 @@ HIDDEN_ALLOWED = {
         "vmbusifyctl loads its completion scripts only when asked (docs/cli.md)",
     ("vmbusify.cli.ctl", "vmbusify.config"):
         "vmbusifyctl loads the whole config model only for forward (docs/cli.md)",
+    ("vmbusify.cli.main", "vmbusify.cli.manpages"):
+        "the man pages load every CLI, which no other vmbusify command needs",
     ("vmbusify.cli.programs", "vmbusify.mux.main"):
         "each program's process loads its own code only",
     ("vmbusify.cli.programs", "vmbusify.control.server"):
