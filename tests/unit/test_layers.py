@@ -64,8 +64,6 @@ HIDDEN_ALLOWED = {
         "vmbusifyexec's start is its latency (docs/exec.md, 'A light client')",
     ("vmbusify.cli.ctl", "vmbusify.cli.forward"):
         "vmbusifyctl loads forward (asyncio, msgpack) only when it runs (docs/cli.md)",
-    ("vmbusify.cli.ctl", "vmbusify.cli.completion"):
-        "vmbusifyctl loads its completion scripts only when asked (docs/cli.md)",
     ("vmbusify.cli.ctl", "vmbusify.config"):
         "vmbusifyctl loads the whole config model only for forward (docs/cli.md)",
     ("vmbusify.cli.main", "vmbusify.cli.manpages"):

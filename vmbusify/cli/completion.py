@@ -10,6 +10,13 @@ typed) and, after the VM, the command to run. ``vmbusifyctl completion SHELL`` p
 
 from __future__ import annotations
 
+from vmbusify.cli.locate import Settings, config_path
+from vmbusify.control.client import ControlClient
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import click
+
 SHELLS = ("bash", "zsh", "fish")
 
 #: vmbusifyexec's options that take a value as the next word.
@@ -139,3 +146,15 @@ def exec_script(shell: str) -> str:
     return (text.replace("@VALUE_CASE@", _EXEC_VALUE_OPTIONS.replace(" ", "|"))
             .replace("@VALUE_FISH@", _EXEC_VALUE_OPTIONS)
             .replace("@OPTIONS@", _EXEC_OPTIONS).lstrip("\n"))
+
+
+def complete_vmids(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[str]:
+    """The VM ids the command listener knows, for a click VMID argument's completion
+    (nothing on any error: a completion must never print one)."""
+    try:
+        settings = Settings(config_path(ctx.find_root().params.get("config_path")))
+        client = ControlClient.for_listener(settings.listen, settings.token_path, timeout=3.0)
+        return [str(vm["vmid"]) for vm in client.request("GET", "/v1/vms")
+                if str(vm.get("vmid", "")).startswith(incomplete)]
+    except Exception:  # noqa: BLE001 - whatever went wrong, complete nothing
+        return []

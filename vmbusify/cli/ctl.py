@@ -17,6 +17,7 @@ import click
 
 from vmbusify import __version__
 from vmbusify.cli import locate
+from vmbusify.cli.completion import complete_vmids, exec_script
 from vmbusify.control.client import ControlClient, q
 from vmbusify.errors import ErrorCode, VMBusifyError, ctl_exit
 from vmbusify.text import for_terminal, printable
@@ -162,19 +163,6 @@ class _Group(click.Group):
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Inspect and steer VMBusify tunnels."""
     ctx.obj = Endpoint(config_path)
-
-
-def complete_vmids(ctx: click.Context, _param: click.Parameter,
-                   incomplete: str) -> list[str]:
-    """The VM ids the command listener knows, for shell completion (nothing on any error:
-    a completion must never print one)."""
-    try:
-        root = ctx.find_root()
-        endpoint = Endpoint(root.params.get("config_path"))
-        return [vm["vmid"] for vm in endpoint.client.request("GET", "/v1/vms", timeout=3.0)
-                if str(vm.get("vmid", "")).startswith(incomplete)]
-    except Exception:  # noqa: BLE001 - whatever went wrong, complete nothing
-        return []
 
 
 vmid_argument = click.argument("vmid", shell_complete=complete_vmids)
@@ -356,7 +344,6 @@ def completion(ctx: click.Context, shell: str) -> None:
     """
     from click.shell_completion import get_completion_class
 
-    from vmbusify.cli.completion import exec_script
     cls = get_completion_class(shell)
     assert cls is not None
     root = ctx.find_root()

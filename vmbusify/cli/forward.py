@@ -16,16 +16,21 @@ VM to everyone on the machine). The user is the owner of the client's socket.
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import click
 
 from vmbusify.bus.frames import HOST_VMID
+from vmbusify.cli.completion import complete_vmids
+from vmbusify.cli.locate import supervisorctl_hint
 from vmbusify.config import Config, Role
 from vmbusify.config_file import split_listen
-from vmbusify.errors import ControlError, VMBusifyError
+from vmbusify.errors import ControlError, UnknownVMError, VMBusifyError
 from vmbusify.protocol.proxy import ReplyCode
 from vmbusify.protocol.socks import encode_addr
 from vmbusify.runtime import stop_on_signals
@@ -169,8 +174,7 @@ async def _serve_one(config: Config, host: str, port: int, c_reader: asyncio.Str
     try:
         p_reader, p_writer = await _socks_open(config, host, port)
     except (VMBusifyError, OSError, asyncio.IncompleteReadError) as exc:
-        click.echo(f"vmbusifyctl forward: {exc or 'the proxy closed the connection'}",
-                   err=True)
+        click.echo(f"vmbusifyctl forward: {in_words(exc, config)}", err=True)
         c_writer.close()
         return
     await asyncio.gather(_pipe(c_reader, p_writer), _pipe(p_reader, c_writer))
@@ -196,8 +200,40 @@ async def run_forward(config: Config, vmid: str, spec: ForwardSpec) -> None:
         await stop.wait()
 
 
+def in_words(exc: BaseException, config: Config) -> str:
+    """A failure to reach TARGET through the proxy, in words (no raw errno)."""
+    where = config.proxy.listen
+    if isinstance(exc, ConnectionRefusedError):
+        return (f"the proxy at {where} is not running (connection refused): see "
+                f"{supervisorctl_hint(config.run_dir, 'status', 'proxy')}")
+    if isinstance(exc, asyncio.IncompleteReadError | ConnectionResetError | BrokenPipeError):
+        return f"the proxy at {where} closed the connection"
+    if isinstance(exc, TimeoutError):
+        return f"the proxy at {where} did not answer in time"
+    if isinstance(exc, OSError):
+        return f"cannot reach the proxy at {where}: {exc.strerror or 'error ' + str(exc.errno)}"
+    return str(exc)
+
+
+def preflight(config: Config, vmid: str, known_vms: Callable[[], list[dict[str, Any]]]
+              ) -> None:
+    """Before listening: VMID is a VM this host knows (``known_vms``: the listener's
+    ``/v1/vms``) and the proxy answers at ``[proxy] listen``; ControlError in words if not."""
+    if config.role is Role.HOST:
+        vms = known_vms()
+        ids = [str(vm.get("vmid")) for vm in vms]
+        if vmid not in ids and not any(vmid in vm.get("ips", ()) for vm in vms):
+            raise UnknownVMError(f"forward: unknown VM {vmid!r} (this host knows "
+                                 f"{', '.join(ids) or 'no VM'})")
+    host, port = split_listen(config.proxy.listen)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        raise ControlError(f"forward: {in_words(exc, config)}") from None
+
+
 @click.command()
-@click.argument("vmid")
+@click.argument("vmid", shell_complete=complete_vmids)
 @click.argument("spec", metavar="[BIND:]PORT:TARGET:TARGET_PORT")
 @click.pass_context
 def forward(ctx: click.Context, vmid: str, spec: str) -> None:
@@ -205,6 +241,7 @@ def forward(ctx: click.Context, vmid: str, spec: str) -> None:
     config: Config = ctx.obj["config"]
     parsed = parse_spec(spec)
     socks_target(config, vmid, parsed.target)  # refuse a bad VMID before listening
-    split_listen(config.proxy.listen)  # and a bad proxy address
+    # and a VM the host does not know, or a proxy that is not there
+    preflight(config, vmid, lambda: ctx.obj["client"].request("GET", "/v1/vms"))
     asyncio.run(run_forward(config, vmid, parsed))
     sys.exit(0)
