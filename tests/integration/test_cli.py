@@ -132,8 +132,9 @@ def test_zsh_completion_loads(stack: ExecStack, tmp_path: Path) -> None:
     script = tmp_path / "c.zsh"
     script.write_text(ctl(stack, "completion", "zsh").stdout)
     assert run(["zsh", "-n", str(script)]).returncode == 0
-    p = run(["zsh", "-f", "-c", f"autoload -U compinit; compinit -u -d {tmp_path}/zc; "
-             f"source {script}; whence -w _vmbusifyexec _vmbusifyctl_completion"],
+    load = (f"autoload -U compinit; compinit -u -d {tmp_path}/zc; "
+            f"source {script}; whence -w _vmbusifyexec _vmbusifyctl_completion")
+    p = run(["zsh", "-f", "-c", load],
             env={**stack.env, "HOME": str(tmp_path)})
     assert p.stdout.split() == ["_vmbusifyexec:", "function", "_vmbusifyctl_completion:",
                                 "function"], p
@@ -168,8 +169,8 @@ def test_it_opens_the_login_shell_on_a_terminal(stack: ExecStack) -> None:
                        shell=True, env=stack.env, capture_output=True, text=True, timeout=60,
                        check=False)
     out = p.stdout.replace("\r", "")
-    assert re.search(r"^/\S+ -l$", out, re.M), out
-    assert re.search(r"^/dev/pts/\d+$", out, re.M), out
+    assert re.search(r"^/\S+ -l$", out, re.MULTILINE), out
+    assert re.search(r"^/dev/pts/\d+$", out, re.MULTILINE), out
     assert p.returncode == 3, (p.returncode, out)
 
 
@@ -180,8 +181,8 @@ def test_tty_auto_follows_the_local_terminal(stack: ExecStack) -> None:
             env=stack.env, input="")
     assert re.match(r"/dev/pts/\d+", p.stdout), p
     for args, message in (([EXEC, "--tty=maybe", "vm1", "true"], "--tty wants one of"),
-                          ([EXEC, "vm1"], "missing PROGRAM (or -i, or -it, for a login "
-                                          "shell)")):
+                          ([EXEC, "vm1"], "missing PROGRAM (or -i, or -it, for a login shell)")
+                          ):
         p = run(args, env=stack.env)
         assert p.returncode == 255 and message in p.stderr, p
 
