@@ -15,7 +15,8 @@ reused (built once, then found in seconds) unless --force. The default DIR,
 What the package holds (docs/deploy.md, "Installing either end"):
 
 - the ``vmbusify`` Python package in /usr/lib/python3/dist-packages (with its dist-info, so
-  ``vmbusify --version`` works), and /usr/bin/vmbusify, vmbusifyctl, vmbusifyexec;
+  ``vmbusify --version`` works), and /usr/bin/vmbusify, vmbusifyctl, vmbusifyexec, with their
+  man pages (made from their help by ``vmbusify man``) in /usr/share/man/man1;
 - /etc/vmbusify: supervisord.conf, programs/*.conf (each sending its output to the journal
   too: ``journalctl -u vmbusify-guest`` shows supervisord, the mux and every worker), and
   vmbusify.toml from packaging/guest.toml (0600 in a 0700 directory); all are conffiles;
@@ -32,6 +33,7 @@ runs, and says in one log line what it does without. Needs python3 (3.11+) and d
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import os
 import re
@@ -48,6 +50,7 @@ DEFAULT_OUT = Path("/var/cache/vmbusify-lab/deb")
 SITE = "usr/lib/python3/dist-packages"
 UNIT_DIR = "usr/lib/systemd/system"
 DOC_DIR = f"usr/share/doc/{PACKAGE}"
+MAN_DIR = "usr/share/man/man1"
 
 #: pyproject dependency -> the Debian package that provides it. A new dependency must be
 #: added here (and be in Debian), or the guest could not install it with no network.
@@ -94,15 +97,8 @@ if [ "$1" = configure ]; then
     python3 -m compileall -q "$site/vmbusify" >/dev/null || true
     # The unit's StateDirectory= makes it too; outside systemd nothing would.
     install -d -m 0700 /var/lib/vmbusify
-    if ! python3 -c '
-import sys
-from vmbusify.config import load_config
-from vmbusify.errors import VMBusifyError
-try:
-    load_config(sys.argv[1])
-except VMBusifyError as exc:
-    sys.exit(f"vmbusify-guest: /etc/vmbusify/vmbusify.toml: {exc}")
-' /etc/vmbusify/vmbusify.toml; then
+    # Every problem of the config, one a line (vmbusify check-config), before the unit runs.
+    if ! /usr/bin/vmbusify check-config -q /etc/vmbusify/vmbusify.toml; then
         echo "vmbusify-guest: fix /etc/vmbusify/vmbusify.toml before starting $unit" >&2
     fi
     if [ -z "$2" ]; then
@@ -220,6 +216,22 @@ def unit_text(source: Path) -> str:
     return text
 
 
+def man_pages(source: Path) -> dict[str, bytes]:
+    """The man pages of the package's commands, made by the checkout's own ``vmbusify man``
+    (from the CLIs' help: vmbusify/cli/manpages.py) with this Python, which has click."""
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run(
+            [sys.executable, "-c", "from vmbusify.cli.main import main; main()", "man",
+             "--output", tmp], cwd=source, env={**os.environ, "PYTHONPATH": str(source)},
+            capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise BuildError(f"making the man pages failed: {done.stderr.strip()[-500:]}")
+        pages = {p.name: p.read_bytes() for p in sorted(Path(tmp).glob("*.1"))}
+    if not pages:
+        raise BuildError("vmbusify man made no page")
+    return pages
+
+
 def write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(text, str):
@@ -259,6 +271,9 @@ def stage(source: Path, root: Path, project: dict, deb_version: str) -> None:
     write(etc / "vmbusify.toml", (source / "packaging/guest.toml").read_bytes(), 0o600)
     etc.chmod(0o700)
     conffiles = sorted("/" + str(p.relative_to(root)) for p in etc.rglob("*") if p.is_file())
+
+    for name, page in man_pages(source).items():
+        write(root / MAN_DIR / f"{name}.gz", gzip.compress(page, mtime=0))
 
     write(root / UNIT_DIR / UNIT, unit_text(source))
     write(root / DOC_DIR / "deploy.md", (source / "docs/deploy.md").read_bytes())

@@ -7,7 +7,8 @@
 # on the host with the host-only extras (vmbusify[host]: aiohttp, uvloop). It puts
 # conf/supervisord.conf, the programs it includes (conf/programs/*.conf, each with a line
 # that sends its output to the journal too) and the role's example config into
-# /etc/vmbusify (an existing vmbusify.toml is kept), installs vmbusify-ROLE.service and
+# /etc/vmbusify (an existing vmbusify.toml is kept; `vmbusify check-config` checks it), the
+# man pages into /usr/local/share/man/man1, installs vmbusify-ROLE.service and
 # enables it (--now: starts it too). --dry-run prints the commands instead of running them,
 # and needs no root.
 #
@@ -46,6 +47,7 @@ venv=$prefix/venv
 etc=/etc/vmbusify
 unit=vmbusify-$role.service
 unit_dir=/etc/systemd/system
+man_dir=/usr/local/share/man/man1
 other=vmbusify-host.service
 [ "$role" = host ] && other=vmbusify-guest.service
 
@@ -138,19 +140,14 @@ else
         echo "installed $etc/vmbusify.toml from packaging/$role.toml (it works as it is)"
     fi
 fi
-# Check it loads and that every address in it parses, without a traceback.
-run "$venv/bin/python" -c '
-import sys
-from vmbusify.config import load_config
-from vmbusify.errors import VMBusifyError
-from vmbusify.transport import parse_address
-try:
-    config = load_config(sys.argv[1])
-    for address in [config.tunnel.listen] + [vm.address for vm in config.vms]:
-        parse_address(address)
-except VMBusifyError as exc:
-    sys.exit(f"invalid configuration: {exc}")
-' "$etc/vmbusify.toml"
+# Check it as the programs will load it: every problem on a line of its own, before the
+# service would start and stop on the first.
+run "$venv/bin/vmbusify" check-config -q "$etc/vmbusify.toml" ||
+    die "invalid configuration: fix the lines above, then run this again"
+
+# The man pages of vmbusify, vmbusifyctl and vmbusifyexec, made from their own --help.
+run install -d -m 0755 "$man_dir"
+run "$venv/bin/vmbusify" man --output "$man_dir"
 
 # 4. The systemd unit.
 run install -m 0644 "$source_dir/packaging/$unit" "$unit_dir/$unit"

@@ -4,6 +4,7 @@ installs it into a Debian root filesystem with no network."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import shutil
 import subprocess
@@ -73,6 +74,10 @@ def test_files_unit_and_configs(deb: Path, tmp_path: Path) -> None:
         script = root / "usr/bin" / name
         assert script.stat().st_mode & 0o755 == 0o755
         assert script.read_text().startswith("#!/usr/bin/python3\n")
+    # the commands' man pages, made from their own help (vmbusify man)
+    for name in ("vmbusify", "vmbusifyctl", "vmbusifyexec"):
+        page = gzip.decompress((root / f"usr/share/man/man1/{name}.1.gz").read_bytes())
+        assert page.startswith(f".TH {name.upper()} 1 ".encode()), name
     unit = (root / "usr/lib/systemd/system/vmbusify-guest.service").read_text()
     assert "ExecStart=/usr/bin/supervisord -n -c /etc/vmbusify/supervisord.conf" in unit
     assert "Environment=VMBUSIFY_BIN=/usr/bin" in unit

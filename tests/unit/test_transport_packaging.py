@@ -116,6 +116,10 @@ def test_install_dry_run_plan(role: str) -> None:
         assert f"{program} /etc/vmbusify/programs/{program.name}" in plan, program.name
         # ... and sends its output to syslog too: the journal, under systemd
         assert f"+ append stdout_syslog=true to /etc/vmbusify/programs/{program.name}" in plan
+    # the config checked as the programs load it, and the man pages made from the help
+    assert "+ /opt/vmbusify/venv/bin/vmbusify check-config -q /etc/vmbusify/vmbusify.toml\n" in plan
+    assert ("+ /opt/vmbusify/venv/bin/vmbusify man --output /usr/local/share/man/man1\n"
+            in plan)
     assert f"/etc/systemd/system/vmbusify-{role}.service" in plan
     assert f"+ systemctl enable vmbusify-{role}.service" in plan
     # The host makes group vmbusify (the command listener's and the proxy's, as docker's),
