@@ -606,22 +606,10 @@ def _check_proxy(proxy: ProxyConfig, problems: _Problems) -> None:
 
 def _check_subnet(sub: SubnetConfig, problems: _Problems) -> None:
     add = problems.add
-    try:
-        net = ipaddress.IPv4Network(sub.cidr)
-    except ValueError as exc:
-        add("subnet.cidr", f"{sub.cidr!r} is not an IPv4 network: {exc}")
-    else:
-        if net.prefixlen > 30:
-            add("subnet.cidr", f"{sub.cidr!r} is too small: a /30 at least (the host and "
-                "one VM)")
+    _check_network(sub.cidr, "subnet.cidr", ipaddress.IPv4Network, 30,
+                   "(the host and one VM)", problems)
     if sub.cidr6:
-        try:
-            net6 = ipaddress.IPv6Network(sub.cidr6)
-        except ValueError as exc:
-            add("subnet.cidr6", f"{sub.cidr6!r} is not an IPv6 network: {exc}")
-        else:
-            if net6.prefixlen > 126:
-                add("subnet.cidr6", f"{sub.cidr6!r} is too small: a /126 at least")
+        _check_network(sub.cidr6, "subnet.cidr6", ipaddress.IPv6Network, 126, "", problems)
     if not MTU_RANGE[0] <= sub.mtu <= MTU_RANGE[1]:
         add("subnet.mtu", f"must be between {MTU_RANGE[0]} and {MTU_RANGE[1]}, not {sub.mtu}")
     if not 0 <= sub.route_metric <= 2**32 - 1:
@@ -671,6 +659,20 @@ def _check_metrics_listen(listen: str, problems: _Problems) -> None:
     if not ok:
         problems.add("metrics.listen", "expected IP:PORT (e.g. 127.0.0.1:9641 or "
                      f"[::1]:9641), not {listen!r}")
+
+
+def _check_network(text: str, key: str, kind: type[IPNetwork], longest: int, why: str,
+                   problems: _Problems) -> None:
+    """A subnet's network: of ``kind`` (IPv4Network or IPv6Network), no host bits, and a
+    prefix no longer than ``longest``."""
+    try:
+        net = kind(text)
+    except ValueError as exc:
+        version = 4 if kind is ipaddress.IPv4Network else 6
+        problems.add(key, f"{text!r} is not an IPv{version} network: {exc}")
+        return
+    if net.prefixlen > longest:
+        problems.add(key, f"{text!r} is too small: a /{longest} at least {why}".rstrip())
 
 
 def _check_limits(limits: LimitsConfig, problems: _Problems) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vmbusify.config import load_config
+from vmbusify.config import check_config, load_config
 from vmbusify.config_file import listener_of, parse_control_listen
 from vmbusify.errors import ConfigError
 
@@ -119,3 +119,61 @@ def test_a_run_dir_that_cannot_be_made_is_one_line_not_a_traceback(tmp_path: Pat
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit)  # not the OSError itself
     assert "Not a directory" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ('[proxy]\nallow = ["10.0.0.0/33"]\n',
+     "proxy.allow[0]: proxy rule '10.0.0.0/33': '10.0.0.0/33' does not appear to be an IPv4"),
+    ('[proxy]\ndeny = ["10.0.0.0/8:80,99999"]\n',
+     "proxy.deny[0]: proxy rule '10.0.0.0/8:80,99999': port range '99999' out of 0..65535"),
+    ('[proxy]\nlisten = "127.0.0.1:0"\n', "proxy.listen: port 0 is not a port (1-65535)"),
+    ('[proxy]\nconnect_timeout = 0\n', "proxy.connect_timeout: must be > 0"),
+    ('[proxy]\ncredentials_file = "creds"\n', "proxy.credentials_file: 'creds' is not an"),
+    ('[control]\nlisten = "tcp:127.0.0.1:70000"\n', "control.listen: port 70000 is not a port"),
+    ('[subnet]\ncidr = "100.77.0.0/40"\n', "subnet.cidr: '100.77.0.0/40' is not an IPv4 network"),
+    ('[subnet]\ncidr = "100.77.0.1/24"\n', "subnet.cidr: '100.77.0.1/24' is not an IPv4 network: "
+                                          "100.77.0.1/24 has host bits set"),
+    ('[subnet]\ncidr = "100.77.0.0/31"\n', "subnet.cidr: '100.77.0.0/31' is too small"),
+    ('[subnet]\ncidr6 = "fd77::/127"\n', "subnet.cidr6: 'fd77::/127' is too small"),
+    ('[subnet]\ncidr6 = "10.0.0.0/8"\n', "subnet.cidr6: '10.0.0.0/8' is not an IPv6 network"),
+    ("[subnet]\nmtu = 100\n", "subnet.mtu: must be between 1280 and 65535, not 100"),
+    ("[subnet]\nroute_metric = -1\n", "subnet.route_metric: must be between 0 and"),
+    ('[subnet]\nifname = "a-name-longer-than-15"\n', "subnet.ifname: 'a-name-longer-than-15' is "
+                                                     "not an interface name"),
+    ('[subnet]\ntable = "no spaces"\n', "subnet.table: 'no spaces' is not an nftables"),
+    ('run_dir = "relative"\n', "run_dir: 'relative' is not an absolute path"),
+    ('role = "host"\n[[vms]]\nvmid = "a b"\naddress = "vsock:3"\n',
+     "vms[0].vmid: 'a b' is not a VM id"),
+    ('role = "host"\n[[vms]]\nvmid = "a"\naddress = "vsock:3"\n[[vms]]\nvmid = "a"\n'
+     'address = "vsock:4"\n', "vms[1].vmid: vmid 'a' appears twice"),
+    ("[tunnel]\nmax_payload = 1\n", "tunnel.max_payload: must be between"),
+])
+def test_every_value_is_checked_at_load(tmp_path: Path, text: str, line: str) -> None:
+    """Each of these loaded before, and a program then failed on it (a subnet worker that
+    restarted in a loop on a /40), or, for a rule or a port, later still."""
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    _config, problems = check_config(path)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{path}: {line}"), problems
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == problems[0]
+
+
+def test_check_config_finds_every_problem_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('log_level = "LOUD"\nbogus = 1\n[tunnel]\ndead_after = "x"\n'
+                    '[subnet]\nmtu = 1\n[proxy]\nallow = ["x", "10.0.0.0/8"]\n')
+    _config, problems = check_config(path)
+    assert [p.split(": ")[1] for p in problems] == [
+        "unknown key 'bogus'", "tunnel.dead_after", "log_level", "proxy.allow[0]", "subnet.mtu"]
+    with pytest.raises(ConfigError, match=r"unknown key 'bogus' \(and 4 more problems: "
+                                          r"vmbusify check-config lists them\)$"):
+        load_config(path)
+
+
+def test_the_mtu_range_is_the_protocols() -> None:
+    from vmbusify.config import MTU_RANGE
+    from vmbusify.protocol.subnet import MAX_PACKET
+    assert MTU_RANGE[1] == MAX_PACKET
