@@ -131,21 +131,21 @@ def test_a_run_dir_that_cannot_be_made_is_one_line_not_a_traceback(tmp_path: Pat
     ('[proxy]\ncredentials_file = "creds"\n', "proxy.credentials_file: 'creds' is not an"),
     ('[control]\nlisten = "tcp:127.0.0.1:70000"\n', "control.listen: port 70000 is not a port"),
     ('[subnet]\ncidr = "100.77.0.0/40"\n', "subnet.cidr: '100.77.0.0/40' is not an IPv4 network"),
-    ('[subnet]\ncidr = "100.77.0.1/24"\n', "subnet.cidr: '100.77.0.1/24' is not an IPv4 network: "
-                                          "100.77.0.1/24 has host bits set"),
+    ('[subnet]\ncidr = "100.77.0.1/24"\n',
+     "subnet.cidr: '100.77.0.1/24' is not an IPv4 network: 100.77.0.1/24 has host bits set"),
     ('[subnet]\ncidr = "100.77.0.0/31"\n', "subnet.cidr: '100.77.0.0/31' is too small"),
     ('[subnet]\ncidr6 = "fd77::/127"\n', "subnet.cidr6: 'fd77::/127' is too small"),
     ('[subnet]\ncidr6 = "10.0.0.0/8"\n', "subnet.cidr6: '10.0.0.0/8' is not an IPv6 network"),
     ("[subnet]\nmtu = 100\n", "subnet.mtu: must be between 1280 and 65535, not 100"),
     ("[subnet]\nroute_metric = -1\n", "subnet.route_metric: must be between 0 and"),
-    ('[subnet]\nifname = "a-name-longer-than-15"\n', "subnet.ifname: 'a-name-longer-than-15' is "
-                                                     "not an interface name"),
+    ('[subnet]\nifname = "a-name-longer-than-15"\n',
+     "subnet.ifname: 'a-name-longer-than-15' is not an interface name"),
     ('[subnet]\ntable = "no spaces"\n', "subnet.table: 'no spaces' is not an nftables"),
     ('run_dir = "relative"\n', "run_dir: 'relative' is not an absolute path"),
     ('role = "host"\n[[vms]]\nvmid = "a b"\naddress = "vsock:3"\n',
      "vms[0].vmid: 'a b' is not a VM id"),
-    ('role = "host"\n[[vms]]\nvmid = "a"\naddress = "vsock:3"\n[[vms]]\nvmid = "a"\n'
-     'address = "vsock:4"\n', "vms[1].vmid: vmid 'a' appears twice"),
+    (('role = "host"\n[[vms]]\nvmid = "a"\naddress = "vsock:3"\n[[vms]]\nvmid = "a"\n'
+      'address = "vsock:4"\n'), "vms[1].vmid: vmid 'a' appears twice"),
     ("[tunnel]\nmax_payload = 1\n", "tunnel.max_payload: must be between"),
 ])
 def test_every_value_is_checked_at_load(tmp_path: Path, text: str, line: str) -> None:
