@@ -275,3 +275,8 @@ def test_forward_checks_the_vm_and_the_proxy_first(stack: ExecStack) -> None:
                         r"\(connection refused\): see \S*supervisorctl -s unix://\S+/"
                         r"supervisor\.sock status proxy\n", p.stderr), p.stderr
     assert "Errno" not in p.stderr
+
+
+def test_reload_json(stack: ExecStack) -> None:
+    doc = json.loads(ctl(stack, "reload", "--json").stdout)
+    assert doc["kept"] == ["vm1"] and doc["added"] == [] and doc["dropped"] == []

@@ -359,11 +359,13 @@ def _forward() -> click.Command:
 
 
 @main.command()
+@json_option
 @click.pass_context
-def reload(ctx: click.Context) -> None:
+def reload(ctx: click.Context, as_json: bool) -> None:
     """Read the configuration again: add and drop VMs, keeping the others' sessions."""
     r = _client(ctx).request("POST", "/v1/reload", timeout=75)
-    click.echo(f"added {', '.join(r['added']) or 'none'}; dropped "
-               f"{', '.join(r['dropped']) or 'none'}; kept {len(r['kept'])}")
+    text = (f"added {', '.join(r['added']) or 'none'}; dropped "
+            f"{', '.join(r['dropped']) or 'none'}; kept {len(r['kept'])}")
     if r.get("restart_needed"):
-        click.echo("changed, applied at the next restart: " + ", ".join(r["restart_needed"]))
+        text += "\nchanged, applied at the next restart: " + ", ".join(r["restart_needed"])
+    _emit(as_json, r, text)
