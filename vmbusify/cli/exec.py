@@ -31,16 +31,18 @@ from _queue import SimpleQueue  # what queue.SimpleQueue is, without queue's imp
 
 from vmbusify import __version__
 from vmbusify.cli.escape import EscapeFilter
-from vmbusify.errors import ErrorCode, VMBusifyError, code_of, exec_exit
-from vmbusify.protocol.exec_api import EXIT_FAILURE, SIGNAL_BASE, Channel, ExitReason
-from vmbusify.protocol.websocket import (
-    FrameDecoder,
-    Opcode,
-    close_payload,
-    encode_frame,
-    expected_accept,
-    handshake_key,
+from vmbusify.client.wire import (
+    Failure,
+    Listener,
+    find_listener,
+    open_exec,
+    parse_status,
+    post_detached,
+    request_body,
 )
+from vmbusify.errors import VMBusifyError, exec_exit
+from vmbusify.protocol.exec_api import EXIT_FAILURE, SIGNAL_BASE, Channel, ExitReason
+from vmbusify.protocol.websocket import FrameDecoder, Opcode, close_payload, encode_frame
 from vmbusify.text import for_terminal
 
 TYPE_CHECKING = False
@@ -99,9 +101,6 @@ STDIN_CHUNK = 256 << 10
 #: Ctrl-C this many times within GIVE_UP_WINDOW seconds: stop waiting for the program.
 GIVE_UP_AFTER = 3
 GIVE_UP_WINDOW = 3.0
-#: The largest exec request (JSON) the listener takes: its WebSocket message and POST body
-#: limits (workers/exec/host.py, control/server.py), in round figures.
-MAX_REQUEST = 1 << 20
 #: The remote terminal's size (rows, columns) for -t when no local terminal tells one.
 DEFAULT_TTY_SIZE = (24, 80)
 
@@ -112,14 +111,6 @@ _QUIET = (ExitReason.EXITED.value, ExitReason.SIGNALED.value)
 
 class UsageError(Exception):
     """A bad command line."""
-
-
-class Failure(Exception):
-    """vmbusifyexec cannot go on; ``str()`` is the one-line reason, ``code`` the exit status."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Options:
@@ -260,150 +251,25 @@ def parse_args(args: list[str]) -> Options:
 
 # -- connection --------------------------------------------------------------------------------
 
-class Listener:
-    """This machine's command listener: where it is and the token for it."""
-
-    def __init__(self, kind: str, where: str, port: int, token: str, owner: int) -> None:
-        self.kind, self.where, self.port = kind, where, port
-        self.token, self.owner = token, owner
-
-    @property
-    def host(self) -> str:
-        """The Host header's value."""
-        return "localhost" if self.kind == "unix" else f"{self.where}:{self.port}"
-
-
 def _listener(config_path: str | None) -> Listener:
-    """This machine's command listener, read from the configuration."""
+    """This machine's command listener, read from the configuration (the lab's when one
+    runs here and no configuration is given: cli/locate.py)."""
     # Imported here: vmbusifyexec's start is its latency, and a usage error needs none of
     # this (docs/exec.md, "A light client").
     from vmbusify.cli.locate import config_path as find_config
-    from vmbusify.config_file import listener_of
-    from vmbusify.control.token import read_token_owned
 
-    kind, where, port, token_file = listener_of(find_config(config_path))
-    return Listener(kind, where, port, *read_token_owned(token_file))
-
-
-#: What may stand in a URL path segment as it is (RFC 3986 unreserved, plus ':' for IPv6).
-_SEGMENT_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:")
-
-
-def _exec_path(vmid: str) -> str:
-    """``/v1/vms/{vmid}/exec`` with the vmid percent-encoded (urllib.parse costs ~2 ms)."""
-    segment = "".join(chr(b) if b in _SEGMENT_SAFE else f"%{b:02X}" for b in vmid.encode())
-    return f"/v1/vms/{segment}/exec"
-
-
-def _parse_status(payload: bytes) -> tuple[int, str, str]:
-    """(exit code, reason, message) of the listener's STATUS message."""
-    try:
-        doc = json.loads(payload)
-    except ValueError:
-        doc = None
-    if not isinstance(doc, dict):
-        raise Failure("the command listener sent a malformed exit status")
-    code = doc.get("exit_code")
-    if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 255:
-        raise Failure("the command listener sent a malformed exit status")
-    return code, str(doc.get("reason", "")), str(doc.get("message", ""))[:2000]
-
-
-def _connect(listener: Listener) -> socket.socket:
-    """A connection to the listener, checked to be root's before the token is sent."""
-    # Imported here: vmbusifyexec's start is its latency, and a usage error needs none of
-    # this (docs/exec.md, "A light client").
-    from vmbusify.control.verify import connect_verified
-
-    return connect_verified(listener.kind, listener.where, listener.port, listener.owner)
-
-
-def _read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers (lower-case names) and the bytes after them."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise Failure("the command listener closed the connection")
-        buf += chunk
-        if len(buf) > 65536:
-            raise Failure("the command listener sent an oversized answer")
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    try:
-        status = int(lines[0].split(" ", 2)[1])
-    except (IndexError, ValueError):
-        raise Failure(f"the command listener sent a bad status line {lines[0][:80]!r}") from None
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers, rest
-
-
-def _http_error(sock: socket.socket, status: int, headers: dict[str, str], rest: bytes
-                ) -> Failure:
-    """The Failure for a non-101 answer, with the listener's own reason."""
-    length = int(headers.get("content-length", "0") or 0)
-    sock.settimeout(5)
-    try:
-        while len(rest) < min(length, 65536):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
-    except OSError:
-        pass
-    try:
-        doc = json.loads(rest[:length])
-    except ValueError:
-        doc = None
-    reason = doc.get("error") if isinstance(doc, dict) else None
-    code = doc.get("exit_code") if isinstance(doc, dict) else None
-    if not isinstance(code, int) or not 0 < code < 256:
-        # Not the program's status (a detached start that failed): the listener's error,
-        # whose ErrorCode gives the exit status (vmbusify.errors.OUTCOMES).
-        error = doc.get("code") if isinstance(doc, dict) else None
-        code = exec_exit(code_of(error) if isinstance(error, int) else ErrorCode.GENERIC)
-    return Failure(str(reason or f"HTTP {status}"), code)
+    return find_listener(find_config(config_path))
 
 
 def _request_body(opts: Options, rows: int = 0, cols: int = 0) -> bytes:
     """The JSON request, or Failure when the listener would refuse it for its size."""
-    body = json.dumps(opts.request(rows, cols)).encode()
-    if len(body) > MAX_REQUEST:
-        raise Failure(f"the exec request is too large ({len(body)} bytes of arguments and "
-                      f"environment; the limit is {MAX_REQUEST >> 20} MiB)")
-    return body
-
-
-def _request(listener: Listener, method: str, path: str, extra: str = "",
-             body: bytes = b"") -> bytes:
-    head = (f"{method} {path} HTTP/1.1\r\nHost: {listener.host}\r\n"
-            f"Authorization: Bearer {listener.token}\r\n{extra}")
-    if method == "POST":
-        return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
-    return f"{head}\r\n".encode()
+    return request_body(opts.request(rows, cols))
 
 
 def run_detached(opts: Options) -> int:
     """-d: POST the request, print the pid."""
-    body = _request_body(opts)
-    listener = _listener(opts.config)
-    sock = _connect(listener)
-    sock.sendall(_request(listener, "POST", _exec_path(opts.vmid),
-                          "Content-Type: application/json\r\nConnection: close\r\n", body))
-    status, headers, rest = _read_head(sock)
-    if status != 200:
-        raise _http_error(sock, status, headers, rest)
-    length = int(headers.get("content-length", "0") or 0)
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        rest += chunk
-    sock.close()
-    _write_all(1, memoryview(f"{json.loads(rest)['pid']}\n".encode()))
+    answer = post_detached(_listener(opts.config), opts.vmid, _request_body(opts))
+    _write_all(1, memoryview(f"{answer['pid']}\n".encode()))
     return 0
 
 
@@ -482,20 +348,8 @@ class Session:
         # A pty of 0x0 upsets full-screen programs: without a local terminal, the classic size.
         size = (_term_size() or DEFAULT_TTY_SIZE) if self.opts.tty else (0, 0)
         request = _request_body(self.opts, *size)
-        listener = _listener(self.opts.config)
-        self.sock = _connect(listener)
-        key = handshake_key()
-        hello = _request(listener, "GET", _exec_path(self.opts.vmid),
-                         f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n")
-        self.sock.sendall(hello + encode_frame(Opcode.TEXT, request))
-        self.sock.settimeout(None)
-        status, headers, rest = _read_head(self.sock)
-        if status != 101:
-            raise _http_error(self.sock, status, headers, rest)
-        if headers.get("sec-websocket-accept") != expected_accept(key):
-            raise Failure("the command listener answered the upgrade wrongly")
-        self.decoder.receive_data(rest)
+        self.sock = open_exec(_listener(self.opts.config), self.opts.vmid, request,
+                              self.decoder)
 
     def _hang_up(self, escaped: bool) -> None:
         """Stop from this end (three Ctrl-C, or ``~.``): the listener sees the connection
@@ -555,7 +409,7 @@ class Session:
             elif channel == Channel.STDERR:
                 _write_all(2, memoryview(payload)[1:])
             elif channel == Channel.STATUS:
-                code, reason, message = _parse_status(payload[1:])
+                code, reason, message = parse_status(payload[1:])
                 if reason not in _QUIET and message:
                     self._restore_tty()
                     _err(message)
@@ -671,7 +525,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = run_detached(opts) if opts.detach else Session(opts).run()
     except Failure as exc:
         _err(str(exc))
-        code = exc.code
+        code = exc.exit_status
     except BrokenPipeError:
         code = SIGNAL_BASE + signal.SIGPIPE  # our stdout went away: stop, as a shell pipe does
     except VMBusifyError as exc:

@@ -2,15 +2,9 @@
 ``kubectl port-forward`` do, for programs that cannot speak SOCKS.
 
 It listens on BIND:PORT (127.0.0.1 unless given) and carries every connection through this
-endpoint's proxy client (``[proxy] listen``) to TARGET:TARGET_PORT as seen from VMID: on the
-host, ``localhost``/``127.0.0.1``/``::1`` mean the VM's own loopback (``VMID.vmbusify``) and
-any other TARGET is resolved inside the VM (``TARGET.VMID.vmbusify``); on a guest VMID is
-``host`` and TARGET is reached from the host. Runs in the foreground until Ctrl-C.
-
-On the host the listener follows the host proxy's rule (users/access.py): it serves root,
-the user running it and members of group ``vmbusify``, and closes connections from any
-other local user at once (a forward run by root would otherwise lend root's view into the
-VM to everyone on the machine). The user is the owner of the client's socket.
+endpoint's proxy client to TARGET:TARGET_PORT as seen from VMID, with the engine of the
+Python API (vmbusify/client/forward.py says what TARGET means and who may connect). Runs in
+the foreground until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -18,26 +12,19 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from vmbusify.bus.frames import HOST_VMID
 from vmbusify.cli.completion import complete_vmids
 from vmbusify.cli.locate import supervisorctl_hint
+from vmbusify.client.forward import socks_target, start_forward
 from vmbusify.config import Config, Role
 from vmbusify.config_file import split_listen
-from vmbusify.errors import ControlError, UnknownVMError, VMBusifyError
-from vmbusify.protocol.proxy import ReplyCode
-from vmbusify.protocol.socks import encode_addr
+from vmbusify.errors import ControlError, UnknownVMError
 from vmbusify.runtime import stop_on_signals
-from vmbusify.users.access import LocalUsers
-from vmbusify.users.peer import tcp_peer_uid
-
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -84,115 +71,10 @@ def parse_spec(text: str) -> ForwardSpec:
                        _port(parts[3], "TARGET_PORT"))
 
 
-def socks_target(config: Config, vmid: str, target: str) -> str:
-    """The host name to ask this endpoint's proxy client for."""
-    if config.role is Role.GUEST:
-        if vmid != HOST_VMID:
-            raise ControlError(f"forward: on a guest the only peer is {HOST_VMID!r}")
-        return target
-    if target.lower() in LOOPBACK_NAMES:
-        return f"{vmid}.vmbusify"
-    return f"{target}.{vmid}.vmbusify"
-
-
-async def _socks_open(config: Config, host: str, port: int
-                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    phost, pport = split_listen(config.proxy.listen)
-    reader, writer = await asyncio.open_connection(phost, pport)
-    cfg = config.proxy
-    writer.write(b"\x05\x02\x00\x02" if cfg.username else b"\x05\x01\x00")
-    method = await reader.readexactly(2)
-    if cfg.username and method == b"\x05\x02":
-        u, p = cfg.username.encode(), cfg.password.encode()
-        writer.write(b"\x01" + bytes([len(u)]) + u + bytes([len(p)]) + p)
-        if (await reader.readexactly(2))[1] != 0:
-            raise ControlError("forward: the proxy refused the configured credentials")
-    elif method != b"\x05\x00":
-        raise ControlError("forward: the proxy wants credentials (set [proxy] username)")
-    writer.write(b"\x05\x01\x00" + encode_addr(host, port))
-    head = await reader.readexactly(4)
-    if head[3] == 3:
-        await reader.readexactly((await reader.readexactly(1))[0] + 2)
-    else:
-        await reader.readexactly({1: 4, 4: 16}.get(head[3], 0) + 2)
-    if head[1] == ReplyCode.NOT_ALLOWED and config.role is Role.HOST:
-        raise ControlError("forward: the host proxy refused: run as root or as a member of "
-                           f"group {cfg.group or 'vmbusify'} (or set [proxy] username)")
-    if head[1] != 0:
-        code = ReplyCode(head[1]) if head[1] in ReplyCode._value2member_map_ else None
-        raise ControlError(f"forward: {host}:{port}: reply {head[1]}"
-                           + (f" ({code.text})" if code else ""))
-    return reader, writer
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(1 << 18):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (ConnectionError, OSError):
-        writer.transport.abort()
-
-
-@dataclass
-class Gate:
-    """Who may use a forward's listener (on the host: root, its own user, the group)."""
-
-    users: LocalUsers | None
-    #: When each refused uid was last reported (one line a minute per uid).
-    said: dict[int | None, float] = field(default_factory=dict)
-
-    @classmethod
-    def for_config(cls, config: Config) -> Gate:
-        return cls(LocalUsers(config.proxy.group) if config.role is Role.HOST else None)
-
-    def admit(self, writer: asyncio.StreamWriter) -> bool:
-        """Whether the user at the other end of this connection may use the forward."""
-        if self.users is None:
-            return True
-        sock = writer.get_extra_info("socket")
-        uid = tcp_peer_uid(sock) if sock is not None else None
-        if self.users.privileged(uid):
-            return True
-        now = time.monotonic()
-        if now - self.said.get(uid, -60.0) >= 60.0:
-            self.said[uid] = now
-            who = f"uid {uid}" if uid is not None else "an unknown (non-local?) user"
-            click.echo(f"vmbusifyctl forward: refused a connection from {who}: not root, "
-                       "this user or a member of group "
-                       f"{self.users.group or '(none)'}", err=True)
-        return False
-
-
-async def _serve_one(config: Config, host: str, port: int, c_reader: asyncio.StreamReader,
-                     c_writer: asyncio.StreamWriter, gate: Gate | None = None) -> None:
-    if gate is not None and not gate.admit(c_writer):
-        c_writer.transport.abort()
-        return
-    try:
-        p_reader, p_writer = await _socks_open(config, host, port)
-    except (VMBusifyError, OSError, asyncio.IncompleteReadError) as exc:
-        click.echo(f"vmbusifyctl forward: {in_words(exc, config)}", err=True)
-        c_writer.close()
-        return
-    await asyncio.gather(_pipe(c_reader, p_writer), _pipe(p_reader, c_writer))
-    p_writer.close()
-    c_writer.close()
-
-
 async def run_forward(config: Config, vmid: str, spec: ForwardSpec) -> None:
     """Listen and forward until SIGINT/SIGTERM."""
-    host = socks_target(config, vmid, spec.target)
-    gate = Gate.for_config(config)
-    try:
-        server = await asyncio.start_server(
-            lambda r, w: _serve_one(config, host, spec.target_port, r, w, gate), spec.bind,
-            spec.port)
-    except OSError as exc:
-        raise ControlError(f"forward: cannot listen on {spec.bind}:{spec.port}: "
-                           f"{exc.strerror or exc}") from None
+    server = await start_forward(config, vmid, spec.target, spec.target_port, spec.bind,
+                                 spec.port)
     stop = stop_on_signals()
     click.echo(f"forwarding {spec.bind}:{spec.port} -> {spec.target}:{spec.target_port} "
                f"in {vmid} (Ctrl-C to stop)", err=True)

@@ -1,0 +1,136 @@
+"""``Client``: this machine's VMBusify from Python (docs/api.md): status, exec, files and
+forwards, through the command listener that ``vmbusifyctl`` and ``vmbusifyexec`` use, with the
+same checks (the listener must be root's before the token goes out) and the same rights."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from vmbusify.client.execution import ExecProcess, ExecRequest, ExecResult, argv_of
+from vmbusify.client.forward import Forward, Report, say_on_stderr
+from vmbusify.client.status import Status, VMStatus
+from vmbusify.client.wire import Listener, find_listener, post_detached, request_body
+from vmbusify.config import Config, load_config
+from vmbusify.control.client import ControlClient, q
+
+#: The size of a remote terminal when ``tty=True`` and none is given (rows, columns).
+DEFAULT_TTY_SIZE = (24, 80)
+
+
+class Client:
+    """This machine's VMBusify endpoint (a host; on a guest the one VM is ``host``).
+
+    ``config`` is the configuration file (default ``$VMBUSIFY_CONFIG``, then
+    ``/etc/vmbusify/vmbusify.toml``); ``timeout`` bounds each request to the command listener
+    (an exec's run time is bounded by its own ``timeout``). Errors are VMBusifyErrors
+    (vmbusify.errors) with one-line reasons: UnknownVMError, NotConnectedError,
+    RequestTimeout, ControlError... A Client holds no connection between calls, and may be
+    used from several threads.
+    """
+
+    def __init__(self, config: str | os.PathLike[str] | None = None,
+                 timeout: float = 30.0) -> None:
+        self.config_path = None if config is None else os.fspath(config)
+        self.timeout = timeout
+        self._config: Config | None = None
+        self._control: ControlClient | None = None
+        self._listener: Listener | None = None
+
+    # -- what the listener needs ---------------------------------------------------------------
+    @property
+    def config(self) -> Config:
+        """The configuration, loaded and checked at first use."""
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+    def _ctl(self) -> ControlClient:
+        if self._control is None:
+            self._control = ControlClient(self.config, self.timeout)
+        return self._control
+
+    def _exec_listener(self) -> Listener:
+        if self._listener is None:
+            self._listener = find_listener(self.config_path)
+        return self._listener
+
+    # -- status ---------------------------------------------------------------------------
+    def status(self) -> Status:
+        """This endpoint's mux, VMs, workers and programs (``vmbusifyctl status``)."""
+        return Status.from_json(self._ctl().request("GET", "/v1/status"))
+
+    def vms(self) -> list[VMStatus]:
+        """Every VM with its state and addresses (``vmbusifyctl list``: fewer fields than
+        ``status().vms``, and cheaper)."""
+        answer = self._ctl().request("GET", "/v1/vms")
+        return [VMStatus.from_json(vm) for vm in answer if isinstance(vm, dict)]
+
+    def ping(self, vmid: str, timeout: float = 5.0) -> float:
+        """The round trip of one PING through the VM's tunnel, in milliseconds."""
+        answer = self._ctl().request("POST", f"/v1/vms/{q(vmid)}/ping?timeout={timeout}",
+                                     timeout=timeout + 5)
+        return float(answer["rtt_ms"])
+
+    def connect(self, vmid: str, timeout: float = 10.0) -> str:
+        """Bring the VM's tunnel up now; its state after."""
+        answer = self._ctl().request("POST", f"/v1/vms/{q(vmid)}/connect?timeout={timeout}",
+                                     timeout=timeout + 5)
+        return str(answer["state"])
+
+    def disconnect(self, vmid: str) -> str:
+        """Drop the VM's tunnel and keep it down until it is needed again; its state after."""
+        return str(self._ctl().request("POST", f"/v1/vms/{q(vmid)}/disconnect")["state"])
+
+    def vmid_of(self, ip: str) -> str:
+        """The vmid of the VM holding this address (UnknownVMError if none does)."""
+        return str(self._ctl().request("GET", f"/v1/vmid/{q(ip)}")["vmid"])
+
+    # -- exec -----------------------------------------------------------------------------
+    def start(self, vmid: str, command: str | Sequence[str], *, stdin: bool = False,
+              env: Mapping[str, str] | None = None, cwd: str = "", user: str = "",
+              timeout: float | None = None, tty: bool = False,
+              size: tuple[int, int] | None = None, term: str = "") -> ExecProcess:
+        """Start a program on the VM and return it running (its streams, signals, status).
+
+        ``command`` is an argv, or a string for ``/bin/sh -c``. ``stdin=True`` lets you write
+        its stdin (``close_stdin()`` for EOF); without it the program's stdin is empty.
+        ``timeout`` kills the whole remote process tree after that many seconds (status
+        124). ``tty=True`` runs it on a pseudo-terminal of ``size`` (rows, columns).
+        """
+        rows, cols = (size or DEFAULT_TTY_SIZE) if tty else (0, 0)
+        request = ExecRequest(argv_of(command), dict(env or {}), cwd, user, timeout, stdin,
+                              tty, rows, cols, term or ("xterm" if tty else ""))
+        return ExecProcess(self._exec_listener(), vmid, request, self.timeout)
+
+    def run(self, vmid: str, command: str | Sequence[str], *, input: bytes | None = None,
+            env: Mapping[str, str] | None = None, cwd: str = "", user: str = "",
+            timeout: float | None = None, check: bool = False) -> ExecResult:
+        """Run a program on the VM to its end and return its status with its stdout and
+        stderr (as ``subprocess.run(capture_output=True)``). ``input`` is its stdin;
+        ``timeout`` kills the remote process tree after that many seconds (status 124,
+        reason ``timeout``); ``check=True`` raises ExecFailed unless it exited with 0."""
+        with self.start(vmid, command, stdin=input is not None, env=env, cwd=cwd, user=user,
+                        timeout=timeout) as proc:
+            result = proc.communicate(input)
+        return result.check() if check else result
+
+    def spawn(self, vmid: str, command: str | Sequence[str], *,
+              env: Mapping[str, str] | None = None, cwd: str = "", user: str = "") -> int:
+        """Start a program detached (stdio on /dev/null, outliving the call) and return its
+        pid in the VM (``vmbusifyexec -d``)."""
+        body = {**ExecRequest(argv_of(command), dict(env or {}), cwd, user).body(),
+                "detach": True}
+        answer: dict[str, Any] = post_detached(self._exec_listener(), vmid, request_body(body),
+                                               self.timeout)
+        return int(answer["pid"])
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, vmid: str, target_port: int, *, target: str = "localhost",
+                bind: str = "127.0.0.1", port: int = 0,
+                report: Report = say_on_stderr) -> Forward:
+        """Listen on ``bind:port`` (0: a free port, see ``.port``) and carry each connection
+        to ``target:target_port`` as seen from the VM (``vmbusifyctl forward``), until
+        ``close()``. ``report`` gets one line for each connection refused or not opened."""
+        return Forward(self.config, vmid, target, target_port, bind, port, report)
