@@ -165,7 +165,8 @@ class ExecProcess:
     def read(self, timeout: float | None = None) -> tuple[Stream, bytes] | None:
         """The next chunk of output, or None once the program's status has arrived (then in
         ``result``). TimeoutError if nothing came within ``timeout`` seconds; Failure if the
-        listener went away."""
+        exec could not start or was lost (unknown or unreachable VM, tunnel or listener
+        gone: status 255, reason ``lost``; ``result`` has it)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.result is None:
             while (frame := self._decoder.next_frame()) is not None:
@@ -216,6 +217,9 @@ class ExecProcess:
             if channel == Channel.STATUS:
                 code, reason, message = parse_status(payload[1:])
                 self.result = ExecResult(self.vmid, code, _reason(reason, code), message)
+                if self.result.reason is ExitReason.LOST:  # VMBusify's failure, not the program's
+                    self.close()
+                    raise Failure(message or f"{self.vmid}: the exec was lost", code)
         elif opcode is Opcode.PING:
             self._send(payload, Opcode.PONG)
         elif opcode is Opcode.CLOSE:
