@@ -1,0 +1,273 @@
+# VMBusify's connection plugin for Ansible (docs/ansible.md).
+"""Run Ansible's commands in a VM over the hypervisor's host-guest socket, with vmbusifyexec."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+    name: vmbusify
+    short_description: Reach VMs over the hypervisor socket with VMBusify (no network in the VM)
+    description:
+        - Runs each command in the VM with C(vmbusifyexec) on its hypervisor, which reaches
+          the VM over vsock, hv_sock or virtio-serial, so the VM needs no network, no sshd
+          and no keys.
+        - The hypervisor is this machine, or a host reached over ssh
+          (C(ansible_vmbusify_hypervisor)); one control node then drives the VMs of many
+          hypervisors. On a remote hypervisor one ssh master connection is kept per
+          hypervisor and every command goes through it.
+        - Files are copied through the same exec (the file on the program's stdin, or its
+          stdout into the file), so C(copy), C(template) and C(fetch) work as usual.
+        - Become works as with ssh (C(sudo), C(su)... in the VM, passwords included);
+          C(remote_user) is the user the commands run as (C(vmbusifyexec -u)), root when
+          unset.
+    author: VMBusify
+    version_added: "0.2.0"
+    extends_documentation_fragment:
+        - connection_pipelining
+    options:
+      remote_addr:
+        description: The VM's vmid (or any address it reported), as the hypervisor knows it.
+        default: inventory_hostname
+        type: str
+        vars:
+          - name: inventory_hostname
+          - name: ansible_host
+          - name: ansible_vmbusify_vmid
+      remote_user:
+        description: The user to run commands as in the VM (root when unset).
+        type: str
+        vars:
+          - name: ansible_user
+          - name: ansible_vmbusify_user
+      hypervisor:
+        description:
+          - The hypervisor running the VM, as an ssh destination (C([user@]host)); empty
+            for this machine.
+        type: str
+        default: ""
+        vars:
+          - name: ansible_vmbusify_hypervisor
+      config:
+        description: VMBusify's configuration file on the hypervisor (its default when empty).
+        type: str
+        default: ""
+        vars:
+          - name: ansible_vmbusify_config
+      exec_path:
+        description: The vmbusifyexec program on the hypervisor.
+        type: str
+        default: vmbusifyexec
+        vars:
+          - name: ansible_vmbusify_exec
+      ssh_executable:
+        description: The ssh client used to reach a remote hypervisor.
+        type: str
+        default: ssh
+        vars:
+          - name: ansible_vmbusify_ssh_executable
+      ssh_args:
+        description:
+          - Extra arguments for ssh to a remote hypervisor (C(-p PORT), C(-i KEY), C(-o ...)).
+        type: str
+        default: ""
+        vars:
+          - name: ansible_vmbusify_ssh_args
+      control_persist:
+        description:
+          - Seconds the ssh master connection to a remote hypervisor stays up once idle.
+        type: int
+        default: 60
+        vars:
+          - name: ansible_vmbusify_control_persist
+      control_dir:
+        description: Where the ssh master connections' sockets go.
+        type: str
+        default: ~/.ansible/cp
+        vars:
+          - name: ansible_vmbusify_control_dir
+"""
+
+import fcntl
+import os
+import selectors
+import shlex
+import subprocess
+import typing as t
+
+from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
+from ansible.module_utils.common.text.converters import to_bytes, to_native, to_text
+from ansible.plugins.connection import ConnectionBase
+from ansible.utils.display import Display
+
+display = Display()
+
+#: vmbusifyexec's exit status when it (not the program) failed: the VM is unknown or
+#: unreachable, the tunnel was lost, the command listener is not there (docs/exec.md).
+EXEC_FAILURE = 255
+#: How long an ssh master connection may take to come up.
+MASTER_TIMEOUT = 30
+
+
+class Connection(ConnectionBase):
+    """Commands, files and become in a VM, through vmbusifyexec on its hypervisor."""
+
+    transport = "vmbusify.vmbusify.vmbusify"
+    has_pipelining = True
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._control_path = ""
+
+    # -- the way to the hypervisor -----------------------------------------------------------
+    def _hypervisor(self) -> str:
+        return str(self.get_option("hypervisor") or "")
+
+    def _ssh_base(self) -> list[str]:
+        """ssh's argv up to the destination, through this hypervisor's master connection."""
+        return [self.get_option("ssh_executable"), *shlex.split(self.get_option("ssh_args")),
+                "-o", f"ControlPath={self._control_path}", "-o", "BatchMode=yes"]
+
+    def _connect(self) -> Connection:
+        if self._connected:
+            return self
+        hypervisor = self._hypervisor()
+        display.vvv(f"ESTABLISH VMBUSIFY CONNECTION TO {self.get_option('remote_addr')} ON "
+                    f"{hypervisor or 'this machine'}", host=self.get_option("remote_addr"))
+        if hypervisor:
+            self._start_master(hypervisor)
+        self._connected = True
+        return self
+
+    def _start_master(self, hypervisor: str) -> None:
+        """Make sure an ssh master connection to the hypervisor is up (one per hypervisor,
+        shared by every fork: a lock file keeps two forks from starting two)."""
+        directory = os.path.expanduser(self.get_option("control_dir"))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._control_path = os.path.join(directory, "vmbusify-%C")
+        base = self._ssh_base()
+        with open(os.path.join(directory, ".vmbusify-master.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            check = subprocess.run([*base, "-O", "check", hypervisor], stdin=subprocess.DEVNULL,
+                                   capture_output=True, check=False)
+            if check.returncode == 0:
+                return
+            # -f: ssh goes to the background once connected; its stdio must not be ours
+            # (a pipe it held would keep a caller waiting for EOF until it exits).
+            master = subprocess.run(
+                [*base, "-o", "ControlMaster=yes",
+                 "-o", f"ControlPersist={int(self.get_option('control_persist'))}",
+                 "-f", "-N", hypervisor],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                check=False, timeout=MASTER_TIMEOUT)
+            if master.returncode != 0:
+                raise AnsibleConnectionFailure(
+                    f"cannot reach the hypervisor {hypervisor} over ssh: "
+                    f"{to_native(master.stderr.strip()) or f'ssh exited {master.returncode}'}")
+
+    def _exec_argv(self, argv: list[str], stdin: bool) -> list[str]:
+        """The argv that runs ``argv`` in the VM: vmbusifyexec here, or through ssh."""
+        command = [self.get_option("exec_path")]
+        if self.get_option("config"):
+            command += ["--config", self.get_option("config")]
+        if stdin:
+            command.append("-i")
+        user = self.get_option("remote_user")
+        if user:
+            command += ["-u", user]
+        command += [self.get_option("remote_addr"), "--", *argv]
+        hypervisor = self._hypervisor()
+        if not hypervisor:
+            return command
+        # ssh hands the remote shell one string: each word quoted.
+        return [*self._ssh_base(), "-o", "ControlMaster=no", hypervisor, "--",
+                shlex.join(command)]
+
+    def _failed(self, what: str, returncode: int, stderr: bytes) -> AnsibleError:
+        reason = to_native(stderr.strip()) or f"status {returncode}"
+        if returncode == EXEC_FAILURE:
+            return AnsibleConnectionFailure(f"{what}: {reason}")
+        return AnsibleError(f"{what}: {reason}")
+
+    # -- Ansible's four operations ------------------------------------------------------------
+    def exec_command(self, cmd: str, in_data: bytes | None = None,
+                     sudoable: bool = True) -> tuple[int, bytes, bytes]:
+        """Run ``cmd`` (a shell command line) in the VM; ``in_data`` is its stdin
+        (pipelining). vmbusifyexec's own failure (255 with its one line) is a connection
+        failure, so Ansible marks the host unreachable."""
+        super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
+        prompt = bool(sudoable and self.become and self.become.expect_prompt())
+        argv = self._exec_argv(["/bin/sh", "-c", cmd], stdin=in_data is not None or prompt)
+        display.vvv(f"EXEC {shlex.join(argv)}", host=self.get_option("remote_addr"))
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        if prompt:
+            self._answer_prompt(proc)
+        stdout, stderr = proc.communicate(in_data)
+        if proc.returncode == EXEC_FAILURE and stderr.startswith(b"vmbusifyexec: "):
+            raise AnsibleConnectionFailure(
+                f"{self.get_option('remote_addr')}: {to_native(stderr.strip())}")
+        return proc.returncode, stdout, stderr
+
+    def _answer_prompt(self, proc: subprocess.Popen[bytes]) -> None:
+        """Become with a password: read until the prompt (or success) and send it."""
+        assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
+        become = self.become
+        assert become is not None
+        for stream in (proc.stdout, proc.stderr):
+            fcntl.fcntl(stream, fcntl.F_SETFL, fcntl.fcntl(stream, fcntl.F_GETFL) | os.O_NONBLOCK)
+        output = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            selector.register(proc.stderr, selectors.EVENT_READ)
+            while not become.check_success(output) and not become.check_password_prompt(output):
+                events = selector.select(self._play_context.timeout)
+                if not events:
+                    proc.kill()
+                    raise AnsibleError("timeout waiting for the privilege escalation prompt: "
+                                       + to_native(output))
+                for key, _ in events:
+                    chunk = key.fileobj.read()  # type: ignore[union-attr]
+                    if not chunk:
+                        proc.communicate()
+                        raise AnsibleError("privilege escalation ended before its prompt: "
+                                           + to_native(output))
+                    output += chunk
+        if not become.check_success(output):
+            password = become.get_option("become_pass", playcontext=self._play_context)
+            proc.stdin.write(to_bytes(password or "", errors="surrogate_or_strict") + b"\n")
+            proc.stdin.flush()
+        for stream in (proc.stdout, proc.stderr):
+            fcntl.fcntl(stream, fcntl.F_SETFL,
+                        fcntl.fcntl(stream, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+
+    def put_file(self, in_path: str, out_path: str) -> None:
+        """Copy a local file to ``out_path`` in the VM (written by the connection's user)."""
+        super().put_file(in_path, out_path)
+        display.vvv(f"PUT {in_path} TO {out_path}", host=self.get_option("remote_addr"))
+        if not os.path.isfile(to_bytes(in_path, errors="surrogate_or_strict")):
+            raise AnsibleFileNotFound(f"file or module does not exist: {to_native(in_path)}")
+        argv = self._exec_argv(["/bin/sh", "-c", 'cat > "$1"', "sh", out_path], stdin=True)
+        with open(to_bytes(in_path, errors="surrogate_or_strict"), "rb") as source:
+            proc = subprocess.run(argv, stdin=source, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, check=False)
+        if proc.returncode != 0:
+            raise self._failed(f"failed to transfer {to_text(in_path)} to {out_path}",
+                               proc.returncode, proc.stderr)
+
+    def fetch_file(self, in_path: str, out_path: str) -> None:
+        """Copy ``in_path`` in the VM to a local file."""
+        super().fetch_file(in_path, out_path)
+        display.vvv(f"FETCH {in_path} TO {out_path}", host=self.get_option("remote_addr"))
+        argv = self._exec_argv(["cat", "--", in_path], stdin=False)
+        b_out = to_bytes(out_path, errors="surrogate_or_strict")
+        partial = b_out + b".vmbusify-part"
+        with open(partial, "wb") as target:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=target,
+                                  stderr=subprocess.PIPE, check=False)
+        if proc.returncode != 0:
+            os.unlink(partial)
+            raise self._failed(f"failed to fetch {in_path}", proc.returncode, proc.stderr)
+        os.replace(partial, b_out)
+
+    def close(self) -> None:
+        """Nothing to close: the ssh master outlives the connection (ControlPersist)."""
+        self._connected = False
