@@ -91,6 +91,7 @@ import os
 import selectors
 import shlex
 import subprocess
+import tempfile
 import typing as t
 
 from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
@@ -105,6 +106,12 @@ display = Display()
 EXEC_FAILURE = 255
 #: How long an ssh master connection may take to come up.
 MASTER_TIMEOUT = 30
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class Connection(ConnectionBase):
@@ -259,13 +266,16 @@ class Connection(ConnectionBase):
         display.vvv(f"FETCH {in_path} TO {out_path}", host=self.get_option("remote_addr"))
         argv = self._exec_argv(["cat", "--", in_path], stdin=False)
         b_out = to_bytes(out_path, errors="surrogate_or_strict")
-        partial = b_out + b".vmbusify-part"
-        with open(partial, "wb") as target:
+        # A partial file of its own beside the target, renamed over it once complete.
+        fd, partial = tempfile.mkstemp(prefix=os.path.basename(b_out) + b".",
+                                       suffix=b".part", dir=os.path.dirname(b_out) or b".")
+        with os.fdopen(fd, "wb") as target:
             proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=target,
                                   stderr=subprocess.PIPE, check=False)
         if proc.returncode != 0:
             os.unlink(partial)
             raise self._failed(f"failed to fetch {in_path}", proc.returncode, proc.stderr)
+        os.chmod(partial, 0o644 & ~_umask())
         os.replace(partial, b_out)
 
     def close(self) -> None:
