@@ -17,8 +17,9 @@ import json
 import select
 import socket
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
+from vmbusify.config import Config
 from vmbusify.control.client import ControlClient, q
 from vmbusify.errors import (
     ControlError,
@@ -38,11 +39,6 @@ from vmbusify.protocol.websocket import (
     handshake_key,
 )
 from vmbusify.protocol.window import MAX_CHUNK
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from vmbusify.config import Config
 
 #: The largest message the listener takes (its max_msg_size is MAX_CHUNK + 1024).
 MAX_MESSAGE = MAX_CHUNK + 512

@@ -13,8 +13,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
+from vmbusify.config import Config, load_config
 from vmbusify.errors import FileCopyError, VMBusifyError
 from vmbusify.files import remote
 from vmbusify.files.channel import MAX_MESSAGE, ExecChannel, Status
@@ -41,9 +42,6 @@ from vmbusify.files.wire import (
 )
 from vmbusify.protocol.exec_api import Channel
 from vmbusify.text import printable
-
-if TYPE_CHECKING:
-    from vmbusify.config import Config
 
 PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 #: What a helper may write on stderr that is kept for an error message.
@@ -129,7 +127,6 @@ class _Meter:
 def _load(config: Config | None) -> Config:
     if config is not None:
         return config
-    from vmbusify.config import load_config
     return load_config(None)
 
 
