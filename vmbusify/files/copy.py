@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from vmbusify.config import Config, load_config
-from vmbusify.errors import FileCopyError, VMBusifyError
+from vmbusify.errors import FileCopyError, TunnelError, VMBusifyError
 from vmbusify.files import remote
 from vmbusify.files.channel import MAX_MESSAGE, ExecChannel, Status
 from vmbusify.files.tree import (
@@ -225,6 +225,14 @@ def _finish(channel: ExecChannel, replies: _Replies) -> Status:
             return status
 
 
+def _drain(channel: ExecChannel, replies: _Replies) -> Status | None:
+    """What is left to read after sending failed (None if the connection is gone)."""
+    try:
+        return _finish(channel, replies)
+    except VMBusifyError:
+        return None
+
+
 def _helper_error(channel: ExecChannel, status: Status, stderr: bytes) -> VMBusifyError:
     """Why the helper ended without an answer: the exec's own reason, or its stderr."""
     if status.reason in ("exited", "signaled") and stderr:
@@ -305,7 +313,14 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
     replies = _Replies()
     channel.open()
     try:
-        status = _send_all(channel, pieces, replies)
+        try:
+            status = _send_all(channel, pieces, replies)
+        except TunnelError as exc:
+            # The helper may have stopped first (disk full, permission denied): its answer
+            # is still to be read, and says more than the broken pipe.
+            status = _drain(channel, replies)
+            if replies.failure is None:
+                raise exc from None
         if status is None:
             channel.close_stdin()
             status = _finish(channel, replies)
@@ -314,6 +329,8 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
     if replies.failure is not None:
         raise replies.failure
     if replies.end is None:
+        if status is None:
+            raise TunnelError(f"lost the copy to {vm}")
         raise _helper_error(channel, status, bytes(replies.stderr))
     result = CopyResult(vm, "push", seconds=time.monotonic() - started, resumed_from=offset)
     for key in ("files", "dirs", "links", "bytes"):
