@@ -68,10 +68,9 @@ def sha(path: Path) -> str:
 
 
 def make_big(path: Path, size: int) -> None:
+    block = os.urandom(1 << 20)
     with open(path, "wb") as f:
-        block = os.urandom(1 << 20)
-        for i in range(size >> 20):
-            f.write(block[:16] + i.to_bytes(8, "big") + block[24:])
+        f.writelines(block[:16] + i.to_bytes(8, "big") + block[24:] for i in range(size >> 20))
 
 
 @pytest.fixture
@@ -173,7 +172,7 @@ def test_stdin_and_stdout(lab: LabHandle, work: Path) -> None:
     assert proc.returncode == 0 and proc.stdout == data
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(("args", "message"), [
     (["{work}/f", "vm9:/tmp/"], "no such VM: vm9"),
     (["{work}/missing", "vm1:{work}/"], "cannot read {work}/missing: No such file"),
     (["vm1:{work}/missing", "{work}/out"], "cannot read {work}/missing: No such file"),

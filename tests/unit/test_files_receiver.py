@@ -32,15 +32,19 @@ END = encode_note(Kind.END, {"files": 0})
 
 
 def file_records(name: bytes, data: bytes, mode: int = 0o644, sha: bytes | None = None,
-                 **kw: int) -> bytes:
-    out = encode_entry(Entry(Kind.FILE, name, mode, **{"size": len(data), **kw}))
+                 uid: int = 0, gid: int = 0, size: int | None = None, offset: int = 0
+                 ) -> bytes:
+    out = encode_entry(Entry(Kind.FILE, name, mode, uid, gid, size=len(data) if size is None
+                             else size, offset=offset))
     if data:
         out += encode_chunk_header(len(data)) + data
     return out + encode_file_end(hashlib.sha256(data).digest() if sha is None else sha)
 
 
-def receive(dest: Path, stream: bytes, n_sources: int = 1, **kw: bool) -> Receiver:
-    receiver = Receiver(open_target(os.fsencode(dest), n_sources), **kw)
+def receive(dest: Path, stream: bytes, n_sources: int = 1, *, preserve: bool = False,
+            checksum: bool = False) -> Receiver:
+    receiver = Receiver(open_target(os.fsencode(dest), n_sources), preserve=preserve,
+                        checksum=checksum)
     decoder = Decoder()
     try:
         decoder.feed(stream)
@@ -212,7 +216,7 @@ def test_target_rules(tmp_path: Path) -> None:
     assert err.value.kind == "not-dir"
 
 
-@pytest.mark.parametrize("stream, reason", [
+@pytest.mark.parametrize(("stream", "reason"), [
     (b"Q\0\0\0\0", "unknown record kind"),
     (record_header(Kind.CHUNK, MAX_CHUNK + 1), "too large"),
     (encode_chunk_header(1) + b"x", "outside a file"),
@@ -222,11 +226,13 @@ def test_target_rules(tmp_path: Path) -> None:
     (record_header(Kind.FILE, 3) + b"abc", "too short"),
 ])
 def test_the_decoder_is_strict(stream: bytes, reason: str) -> None:
-    decoder = Decoder()
-    with pytest.raises(StreamError, match=reason):
+    def decode_all() -> None:
+        decoder = Decoder()
         decoder.feed(stream)
         while decoder.next_event() is not None:
             pass
+    with pytest.raises(StreamError, match=reason):
+        decode_all()
 
 
 def test_the_decoder_holds_at_most_one_record() -> None:

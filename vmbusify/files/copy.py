@@ -40,7 +40,7 @@ from vmbusify.files.wire import (
     encode_file_end,
     encode_note,
 )
-from vmbusify.protocol.exec_api import Channel
+from vmbusify.protocol.exec_api import EXIT_NOT_FOUND, Channel
 from vmbusify.text import printable
 
 PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
@@ -235,10 +235,13 @@ def _drain(channel: ExecChannel, replies: _Replies) -> Status | None:
 
 def _helper_error(channel: ExecChannel, status: Status, stderr: bytes) -> VMBusifyError:
     """Why the helper ended without an answer: the exec's own reason, or its stderr."""
-    if status.reason in ("exited", "signaled") and stderr:
+    if status.reason in ("exited", "signaled") and not (
+            status.exit_code == EXIT_NOT_FOUND and not stderr):
         last = stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
-        return FileCopyError(f"the copy's helper in {channel.vm} failed: "
-                             f"{printable(last[0] if last else '', 400)}", "io")
+        why = printable(last[0], 400) if last else (
+            f"it ended ({status.reason}, status {status.exit_code}) before the end of its "
+            "stream")
+        return FileCopyError(f"the copy's helper in {channel.vm} failed: {why}", "protocol")
     return channel.explain(status)
 
 
@@ -405,23 +408,25 @@ def pull(vm: str, sources: Sequence[str], dest: PathArg, *, recursive: bool = Fa
     except CopyFailed as exc:
         raise _error(exc) from None
     channel = ExecChannel(config, vm, remote.agent_argv(request), user=user, stdin=False)
-    keep = True  # a copy cut off half-way keeps its part file, for --resume
     try:
         channel.open()
         status, stderr, decoder = _receive_all(channel, receiver)
         if not decoder.finished:
             raise _helper_error(channel, status, stderr)
         receiver.finish()
-        keep = False
     except CopyFailed as exc:
-        keep = exc.kind == "lost"
-        receiver.abort(keep_part=keep)
+        receiver.abort()
         raise _error(exc) from None
     except StreamError as exc:
         receiver.abort()
         raise FileCopyError(f"bad stream from {vm}: {exc}", "protocol") from None
+    except FileCopyError:
+        receiver.abort()
+        raise
     except BaseException:
-        receiver.abort(keep_part=keep)
+        # Cut off half-way (the tunnel, the listener, Ctrl-C): the part file is kept for
+        # --resume; it is never at the target's name.
+        receiver.abort(keep_part=True)
         raise
     finally:
         channel.close()
