@@ -38,6 +38,8 @@ from vmbusify.files.wire import VERSION, Decoder, Kind, StreamError, encode_note
 #: Bytes gathered before one write to stdout.
 WRITE_BATCH = 1 << 20
 READ_SIZE = 1 << 20
+#: Pieces in one writev (Linux's IOV_MAX is 1024).
+MAX_PIECES = 256
 
 
 def write_pieces(fd: int, pieces: Iterable[bytes | memoryview]) -> None:
@@ -47,7 +49,7 @@ def write_pieces(fd: int, pieces: Iterable[bytes | memoryview]) -> None:
     for piece in pieces:
         batch.append(piece)
         size += len(piece)
-        if size >= WRITE_BATCH:
+        if size >= WRITE_BATCH or len(batch) >= MAX_PIECES:
             _writev_all(fd, batch)
             batch, size = [], 0
     if batch:

@@ -46,6 +46,10 @@ from vmbusify.text import printable
 PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 #: What a helper may write on stderr that is kept for an error message.
 STDERR_KEEP = 8 << 10
+#: Pieces in one stdin message (one sendmsg: Linux's IOV_MAX is 1024).
+MAX_PIECES = 256
+#: Seconds to wait for the helper's answer after sending failed.
+DRAIN_TIMEOUT = 10.0
 #: Seconds between two progress reports (besides one at each new file).
 PROGRESS_EVERY = 0.2
 
@@ -227,6 +231,8 @@ def _finish(channel: ExecChannel, replies: _Replies) -> Status:
 
 def _drain(channel: ExecChannel, replies: _Replies) -> Status | None:
     """What is left to read after sending failed (None if the connection is gone)."""
+    if channel.sock is not None:
+        channel.sock.settimeout(DRAIN_TIMEOUT)
     try:
         return _finish(channel, replies)
     except VMBusifyError:
@@ -350,7 +356,7 @@ def _send_all(channel: ExecChannel, pieces: Iterator[bytes | memoryview], replie
     batch: list[bytes | memoryview] = []
     size = 1
     for piece in pieces:
-        if size + len(piece) > MAX_MESSAGE - 64 and batch:
+        if batch and (size + len(piece) > MAX_MESSAGE - 64 or len(batch) >= MAX_PIECES):
             channel.send(batch)
             batch, size = [], 1
             while channel.readable():
