@@ -178,7 +178,7 @@ def test_stdin_and_stdout(lab: LabHandle, work: Path) -> None:
     (["vm1:{work}/missing", "{work}/out"], "cannot read {work}/missing: No such file"),
     (["{work}/d", "vm1:{work}/x"], "is a directory (copy it with -r)"),
     (["{work}/f", "{work}/f", "vm1:{work}/f"], "is not a directory"),
-    (["-r", "{work}/d", "vm1:{work}/f"], "a file or symlink of that name is in the way"),
+    (["-r", "{work}/d", "vm1:{work}/f"], "the directory f: a file or symlink"),
     (["{work}/f", "vm1:{work}/nodir/sub/"], "no such directory"),
 ])
 def test_clear_errors(lab: LabHandle, work: Path, args: list[str], message: str) -> None:

@@ -380,6 +380,13 @@ class Receiver:
         self.failure: Note | None = None
 
     # -- names ----------------------------------------------------------------------------
+    def landed(self, name: bytes) -> str:
+        """``name`` as it lands under DST (the first component renamed), for messages."""
+        if self.target.rename is None:
+            return show(name)
+        _first, sep, rest = name.partition(b"/")
+        return show(self.target.rename + sep + rest)
+
     def _place(self, name: bytes) -> tuple[int, bytes]:
         """The directory fd and leaf for ``name``, every parent opened without following."""
         parts = check_name(name)
@@ -472,7 +479,8 @@ class Receiver:
             sub = os.open(leaf, _DIR_FLAGS, dir_fd=fd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise CopyFailed("not-dir", f"cannot make the directory {show(entry.name)}: "
+                raise CopyFailed("not-dir", f"cannot make the directory "
+                                 f"{self.landed(entry.name)}: "
                                  "a file or symlink of that name is in the way",
                                  show(entry.name)) from None
             raise
@@ -490,7 +498,7 @@ class Receiver:
             if self.preserve:
                 os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd,
                          follow_symlinks=False)
-            _rename(tmp, leaf, fd, entry.name)
+            _rename(tmp, leaf, fd, self.landed(entry.name))
         except BaseException:
             _unlink_quiet(tmp, fd)
             raise
@@ -556,7 +564,7 @@ class Receiver:
             os.fchmod(f.fd, self._mode(f.entry) & 0o777)
         os.close(f.fd)
         f.fd = -1
-        _rename(f.part, f.leaf, f.dirfd, f.entry.name)
+        _rename(f.part, f.leaf, f.dirfd, self.landed(f.entry.name))
         self._file = None
         self.counts.files += 1
 
@@ -598,13 +606,13 @@ class Receiver:
             self.target.fd = -1
 
 
-def _rename(part: bytes, leaf: bytes, dirfd: int, name: bytes) -> None:
+def _rename(part: bytes, leaf: bytes, dirfd: int, name: str) -> None:
     try:
         os.rename(part, leaf, src_dir_fd=dirfd, dst_dir_fd=dirfd)
     except IsADirectoryError:
         _unlink_quiet(part, dirfd)
-        raise CopyFailed("is-dir", f"cannot overwrite the directory {show(name)} with a "
-                         "file", show(name)) from None
+        raise CopyFailed("is-dir", f"cannot overwrite the directory {name} with a file",
+                         name) from None
 
 
 def _unlink_quiet(name: bytes, dirfd: int) -> None:
