@@ -312,3 +312,17 @@ def test_a_resume_whose_part_differs_starts_over(lab: LabHandle, work: Path) -> 
     assert json.loads(proc.stdout)["resumed_from"] == 0
     assert (out / "f.bin").read_bytes() == src.read_bytes()
     shutil.rmtree(out)
+
+
+def test_a_progress_line_on_a_terminal_only(lab: LabHandle, work: Path) -> None:
+    src = work / "p.bin"
+    make_big(src, 256 << 20)
+    cmd = f"{CTL} cp {src} vm1:{work}/on-tty.bin"
+    proc = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True,
+                          env=env(), timeout=120, check=False, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout
+    assert b"\rp.bin  " in proc.stdout and b"MiB/s" in proc.stdout and b"ETA" in proc.stdout
+    quiet = subprocess.run(["script", "-qec", cmd + " --quiet", "/dev/null"],
+                           capture_output=True, env=env(), timeout=120, check=False,
+                           stdin=subprocess.DEVNULL)
+    assert quiet.returncode == 0 and b"MiB/s" not in quiet.stdout

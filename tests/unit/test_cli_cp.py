@@ -55,3 +55,10 @@ def test_progress_line_escapes_names_and_shows_rate_and_eta(
     assert "ETA 0:00:02" in text and "3 files" in text
     line.done()
     assert err.getvalue().endswith("\r")
+
+
+def test_a_pull_shows_the_current_file_s_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    ProgressLine()(Progress("big.img", 1 << 20, 4 << 20, 1 << 20, None, 0, 1.0))
+    assert "1.0 MiB / 4.0 MiB (25%)" in err.getvalue() and "ETA 0:00:03" in err.getvalue()

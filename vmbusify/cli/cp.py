@@ -57,12 +57,14 @@ class ProgressLine:
 
     def __call__(self, p: Progress) -> None:
         rate = p.bytes / p.elapsed if p.elapsed > 0.05 else 0.0
-        parts = [_size(p.bytes)]
-        if p.total_bytes:
-            parts[0] += f" / {_size(p.total_bytes)} ({100 * p.bytes // max(1, p.total_bytes)}%)"
+        # The whole copy's total when known (a push), else the current file's (a pull).
+        done, total = (p.bytes, p.total_bytes) if p.total_bytes else (p.file_bytes, p.file_size)
+        parts = [_size(done)]
+        if total:
+            parts[0] += f" / {_size(total)} ({100 * done // max(1, total)}%)"
         parts.append(f"{_size(rate)}/s")
-        if p.total_bytes and rate > 0:
-            parts.append(f"ETA {_clock((p.total_bytes - p.bytes) / rate)}")
+        if total and rate > 0 and done <= total:
+            parts.append(f"ETA {_clock((total - done) / rate)}")
         if p.files:
             parts.append(f"{p.files} files")
         name = for_terminal(p.name, 60).replace("\n", "\\n").replace("\t", "\\t")
