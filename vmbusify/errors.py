@@ -49,6 +49,9 @@ class ErrorCode(IntEnum):
     BUS = 18
     #: A worker's core loop (accept or attach loop) ended; the worker exits to be restarted.
     CORE_LOOP_ENDED = 19
+    #: A file copy (vmbusifyctl cp, vmbusify.files) failed: no such file, permission denied,
+    #: disk full, target is (not) a directory, an unsafe stream from the guest...
+    FILES = 20
 
 
 class VMBusifyError(Exception):
@@ -172,13 +175,25 @@ class CoreLoopEnded(VMBusifyError):
     code = ErrorCode.CORE_LOOP_ENDED
 
 
+class FileCopyError(VMBusifyError):
+    """A copy into or out of a VM failed; ``kind`` says why in a word (vmbusify/files/tree.py
+    KINDS: "not-found", "permission", "no-space", "is-dir", "not-dir", "unsafe", ...)."""
+
+    code = ErrorCode.FILES
+
+    def __init__(self, message: str, kind: str = "io", path: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.path = path
+
+
 #: The class of each code (each error class has its own code).
 CLASS_OF: dict[ErrorCode, type[VMBusifyError]] = {
     cls.code: cls for cls in (
         VMBusifyError, ConfigError, ProtocolError, LocalProtocolError, RemoteProtocolError,
         FlowControlError, TransportError, AddressError, TunnelError, UnknownVMError,
         NotConnectedError, RequestTimeout, NoHandlerError, BusError, ControlError, SubnetError,
-        LabError, LimitReached, CoreLoopEnded)}
+        LabError, LimitReached, CoreLoopEnded, FileCopyError)}
 
 #: Exit status of vmbusifyctl when a command failed, and of vmbusifyexec when it (not the
 #: program) failed: usage, the command listener, an unknown, unreachable or lost VM.

@@ -30,8 +30,8 @@ LAYERS: list[set[str]] = [
     {"users", "bus"},
     {"mux", "workers"},
     {"control"},
+    {"lab", "files"},
     {"client"},
-    {"lab"},
     {"cli"},
 ]
 
@@ -77,6 +77,8 @@ HIDDEN_ALLOWED = {
         "vmbusifyexec's start is its latency (docs/exec.md, 'A light client')",
     ("vmbusify.cli.ctl", "vmbusify.cli.forward"):
         "vmbusifyctl loads forward (asyncio, msgpack) only when it runs (docs/cli.md)",
+    ("vmbusify.cli.ctl", "vmbusify.cli.cp"):
+        "vmbusifyctl loads cp (vmbusify.files, the configuration model) only when it runs",
     ("vmbusify.cli.ctl", "vmbusify.config"):
         "vmbusifyctl loads the whole config model only for forward (docs/cli.md)",
     ("vmbusify.cli.main", "vmbusify.cli.manpages"):

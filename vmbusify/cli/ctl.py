@@ -358,6 +358,13 @@ def _forward() -> click.Command:
     return forward
 
 
+@lazy("cp", "Copy files into or out of a VM (SRC... VM:DST, or VM:SRC... DST).")
+def _cp() -> click.Command:
+    # Imported here: the copy's code (and the configuration model) is cp's alone.
+    from vmbusify.cli.cp import cp
+    return cp
+
+
 @main.command()
 @json_option
 @click.pass_context

@@ -1,0 +1,328 @@
+"""`vmbusifyctl cp` in the lab (root): the real CLI on the host, the helper in vm1.
+
+The lab's VMs share the host's file system, so a copy that never crossed the tunnel would
+still leave the right bytes at the target: every test that copies data also checks that the
+tunnel's byte counters (``vmbusifyctl status --json``) grew by at least the bytes copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmbusify.lab.access import command
+from vmbusify.lab.testing import BIN, LabHandle
+
+CTL = str(BIN / "vmbusifyctl")
+GIB = 1 << 30
+NOBODY = 65534
+
+
+def env() -> dict[str, str]:
+    """The lab host's environment (its VMBUSIFY_CONFIG)."""
+    return command("host", ["true"])[1]
+
+
+def cp(*args: str, input: bytes | None = None, timeout: float = 300
+       ) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([CTL, "cp", *args], input=input, capture_output=True, env=env(),
+                          timeout=timeout, check=False,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def counters(vm: str = "vm1") -> tuple[int, int]:
+    """The host's (bytes_in, bytes_out) for ``vm``'s tunnel."""
+    out = subprocess.run([CTL, "status", "--json"], capture_output=True, env=env(),
+                         check=True, timeout=30).stdout
+    rec = next(v for v in json.loads(out)["vms"] if v["vmid"] == vm)
+    return rec["bytes_in"], rec["bytes_out"]
+
+
+@contextlib.contextmanager
+def crossed(inbound: int = 0, outbound: int = 0) -> Iterator[None]:
+    """The block moved at least these many bytes through vm1's tunnel (host's view)."""
+    in0, out0 = counters()
+    yield
+    in1, out1 = counters()
+    assert in1 - in0 >= inbound, f"only {in1 - in0} bytes came in from vm1"
+    assert out1 - out0 >= outbound, f"only {out1 - out0} bytes went out to vm1"
+
+
+def sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(1 << 20):
+            h.update(data)
+    return h.hexdigest()
+
+
+def make_big(path: Path, size: int) -> None:
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        f.writelines(block[:16] + i.to_bytes(8, "big") + block[24:] for i in range(size >> 20))
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    tmp_path.chmod(0o755)
+    return tmp_path
+
+
+def test_a_1gib_file_in_and_out(lab: LabHandle, work: Path) -> None:
+    src = work / "big.bin"
+    make_big(src, GIB)
+    (work / "in").mkdir()
+    with crossed(outbound=GIB):
+        proc = cp("--json", str(src), f"vm1:{work}/in/")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["ok"] and summary["bytes"] == GIB and summary["files"] == 1
+    with crossed(inbound=GIB):
+        proc = cp("--checksum", f"vm1:{work}/in/big.bin", str(work / "back.bin"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"" and proc.stderr == b""  # not a terminal: no progress line
+    assert sha(work / "in" / "big.bin") == sha(src) == sha(work / "back.bin")
+    assert sorted(os.listdir(work / "in")) == ["big.bin"]  # no part file left
+
+
+NAMES = [b"with space", b"new\nline", b"\xff\xfe-not-utf8", b"tab\tand 'quote'"]
+
+
+def make_tree(root: Path) -> int:
+    """A tree with modes, owners, symlinks, empty directories and awkward names; its bytes."""
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "sub" / "empty2").mkdir()
+    total = 0
+    for i, name in enumerate(NAMES):
+        p = Path(os.fsdecode(os.fsencode(root / "sub") + b"/" + name))
+        data = os.urandom(1000 * (i + 1))
+        p.write_bytes(data)
+        total += len(data)
+    (root / "sub" / "deeper" / "exe").write_bytes(b"#!/bin/sh\necho hi\n")
+    (root / "sub" / "deeper" / "exe").chmod(0o750)
+    (root / "private").write_bytes(b"secret")
+    (root / "private").chmod(0o600)
+    os.chown(root / "private", NOBODY, NOBODY)
+    os.chown(root / "sub" / "deeper", 1234, 1234)
+    (root / "sub" / "deeper").chmod(0o2775)
+    (root / "link").symlink_to("sub/deeper/exe")
+    (root / "dangling").symlink_to("/nonexistent/target")
+    os.utime(root / "private", ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+    return total + len(b"#!/bin/sh\necho hi\n") + 6
+
+
+def stats(root: Path) -> dict[str, tuple[int, int, int, int]]:
+    """path -> (mode, uid, gid, mtime_ns) of everything below root (links: not followed);
+    directories' mtimes left out (the copy itself sets them last, but the tree is walked)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            mtime = 0 if os.path.isdir(p) and not os.path.islink(p) else st.st_mtime_ns
+            out[os.fsdecode(os.path.relpath(p, os.fsencode(root)))] = (
+                st.st_mode, st.st_uid, st.st_gid, mtime)
+    return out
+
+
+def test_a_tree_with_modes_owners_links_and_awkward_names(lab: LabHandle, work: Path) -> None:
+    src = work / "tree"
+    total = make_tree(src)
+    with crossed(outbound=total):
+        proc = cp("-r", "-p", str(src), f"vm1:{work}/pushed")
+    assert proc.returncode == 0, proc.stderr
+    with crossed(inbound=total):
+        proc = cp("-r", "-p", f"vm1:{work}/pushed", str(work / "pulled"))
+    assert proc.returncode == 0, proc.stderr
+    for copy in ("pushed", "pulled"):
+        diff = subprocess.run(["diff", "-r", "--no-dereference", str(src), str(work / copy)],
+                              capture_output=True, check=False)
+        assert diff.returncode == 0, diff.stdout
+        want = stats(src)
+        if copy == "pulled":  # a pull drops setuid/setgid (the guest is not trusted)
+            want = {k: (v[0] & ~0o6000, *v[1:]) for k, v in want.items()}
+        assert stats(work / copy) == want
+    # Without -p the modes are the sources' less the umask, the owners the copier's.
+    proc = cp("-r", f"vm1:{work}/pushed", str(work / "plain"))
+    assert proc.returncode == 0, proc.stderr
+    st = os.lstat(work / "plain" / "private")
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
+
+
+def test_stdin_and_stdout(lab: LabHandle, work: Path) -> None:
+    data = os.urandom(3 << 20)
+    with crossed(outbound=len(data)):
+        proc = cp("-", f"vm1:{work}/from-stdin", input=data)
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "from-stdin").read_bytes() == data
+    with crossed(inbound=len(data)):
+        proc = cp(f"vm1:{work}/from-stdin", "-")
+    assert proc.returncode == 0 and proc.stdout == data
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["{work}/f", "vm9:/tmp/"], "no such VM: vm9"),
+    (["{work}/missing", "vm1:{work}/"], "cannot read {work}/missing: No such file"),
+    (["vm1:{work}/missing", "{work}/out"], "cannot read {work}/missing: No such file"),
+    (["{work}/d", "vm1:{work}/x"], "is a directory (copy it with -r)"),
+    (["{work}/f", "{work}/f", "vm1:{work}/f"], "is not a directory"),
+    (["-r", "{work}/d", "vm1:{work}/f"], "the directory f: a file or symlink"),
+    (["{work}/f", "vm1:{work}/nodir/sub/"], "no such directory"),
+])
+def test_clear_errors(lab: LabHandle, work: Path, args: list[str], message: str) -> None:
+    (work / "f").write_text("x")
+    (work / "d").mkdir()
+    before = sorted(os.listdir(work))
+    proc = cp(*[a.format(work=work) for a in args])
+    assert proc.returncode == 1
+    assert proc.stderr.decode().startswith("vmbusifyctl: ")
+    assert message.format(work=work) in proc.stderr.decode()
+    assert sorted(os.listdir(work)) == before  # nothing partial
+
+
+def test_permission_denied_as_another_user(lab: LabHandle, work: Path) -> None:
+    (work / "f").write_text("x")
+    root_only = work / "root-only"
+    root_only.mkdir(mode=0o700)
+    (root_only / "secret").write_text("s")
+    proc = cp("-u", "nobody", str(work / "f"), f"vm1:{root_only}/")
+    assert proc.returncode == 1 and b"Permission denied" in proc.stderr, proc.stderr
+    proc = cp("-u", "nobody", f"vm1:{root_only}/secret", str(work / "got"))
+    assert proc.returncode == 1 and b"Permission denied" in proc.stderr, proc.stderr
+    assert sorted(os.listdir(root_only)) == ["secret"] and not (work / "got").exists()
+    # As that user, new files are that user's (pytest's tmp is root's alone: /tmp instead).
+    open_dir = Path(tempfile.mkdtemp(prefix="vmbcp-"))
+    try:
+        open_dir.chmod(0o777)
+        src = open_dir / "src"
+        src.write_text("x")
+        src.chmod(0o644)
+        proc = cp("-u", "nobody", str(src), f"vm1:{open_dir}/copied")
+        assert proc.returncode == 0, proc.stderr
+        assert (open_dir / "copied").stat().st_uid == NOBODY
+    finally:
+        shutil.rmtree(open_dir)
+
+
+def test_disk_full_in_the_guest(lab: LabHandle, work: Path) -> None:
+    # The guest's programs have a mount namespace of their own (ip netns exec): the small
+    # tmpfs is mounted there, where the helper writes.
+    pid = lab.program_pid("vm1", "exec")
+    assert pid
+    in_guest = ["nsenter", "-t", str(pid), "-m"]
+    small = work / "small"
+    small.mkdir()
+    subprocess.run([*in_guest, "mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)],
+                   check=True)
+    try:
+        make_big(work / "32m", 32 << 20)
+        proc = cp(str(work / "32m"), f"vm1:{small}/")
+        assert proc.returncode == 1
+        assert b"no space left" in proc.stderr, proc.stderr
+        left = subprocess.run([*in_guest, "ls", "-A", str(small)], capture_output=True,
+                              check=True).stdout
+        assert left == b""  # the part file is gone too
+    finally:
+        subprocess.run([*in_guest, "umount", str(small)], check=False)
+
+
+def _part(directory: Path, name: str) -> Path:
+    return directory / f".{name}.vmbcp-part"
+
+
+def _kill_when_part_grows(args: list[str], part: Path, at: int) -> None:
+    proc = subprocess.Popen([CTL, "cp", *args], env=env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(FileNotFoundError):
+            if part.stat().st_size >= at:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the copy ended before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_resume_after_kill_9_of_the_client(lab: LabHandle, work: Path, direction: str) -> None:
+    src = work / "big.bin"
+    make_big(src, GIB)
+    out = work / "out"
+    out.mkdir()
+    args = [str(src), f"vm1:{out}/"] if direction == "push" else [f"vm1:{src}", str(out)]
+    _kill_when_part_grows(args, _part(out, "big.bin"), 200 << 20)
+    time.sleep(1)  # the helper is killed with the exec
+    assert not (out / "big.bin").exists()  # nothing half-written at the name
+    done = _part(out, "big.bin").stat().st_size
+    assert done >= 200 << 20
+    with crossed(**{"outbound" if direction == "push" else "inbound": GIB - done}):
+        proc = cp("--resume", "--json", "--checksum", *args)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["resumed_from"] >= 200 << 20
+    assert summary["bytes"] == GIB - summary["resumed_from"]
+    assert sha(out / "big.bin") == sha(src)
+    assert sorted(os.listdir(out)) == ["big.bin"]
+
+
+def test_resume_after_a_tunnel_drop(lab: LabHandle, work: Path) -> None:
+    src = work / "big.bin"
+    make_big(src, GIB)
+    out = work / "out"
+    out.mkdir()
+    proc = subprocess.Popen([CTL, "cp", f"vm1:{src}", str(out)], env=env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    part = _part(out, "big.bin")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (part.exists() and part.stat().st_size > 100 << 20):
+        time.sleep(0.02)
+    lab.ctl("disconnect", "vm1")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.startswith(b"vmbusifyctl: "), err
+    assert not (out / "big.bin").exists() and part.exists()
+    lab.ctl("connect", "vm1")
+    proc2 = cp("--resume", "--json", f"vm1:{src}", str(out))
+    assert proc2.returncode == 0, proc2.stderr
+    assert json.loads(proc2.stdout)["resumed_from"] > 0
+    assert sha(out / "big.bin") == sha(src)
+
+
+def test_a_resume_whose_part_differs_starts_over(lab: LabHandle, work: Path) -> None:
+    src = work / "f.bin"
+    src.write_bytes(os.urandom(5 << 20))
+    out = work / "out"
+    out.mkdir()
+    _part(out, "f.bin").write_bytes(b"not the same prefix" * 1000)
+    proc = cp("--resume", "--json", str(src), f"vm1:{out}/")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["resumed_from"] == 0
+    assert (out / "f.bin").read_bytes() == src.read_bytes()
+    shutil.rmtree(out)
+
+
+def test_a_progress_line_on_a_terminal_only(lab: LabHandle, work: Path) -> None:
+    src = work / "p.bin"
+    make_big(src, 256 << 20)
+    cmd = f"{CTL} cp {src} vm1:{work}/on-tty.bin"
+    proc = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True,
+                          env=env(), timeout=120, check=False, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout
+    assert b"\rp.bin  " in proc.stdout and b"MiB/s" in proc.stdout and b"ETA" in proc.stdout
+    quiet = subprocess.run(["script", "-qec", cmd + " --quiet", "/dev/null"],
+                           capture_output=True, env=env(), timeout=120, check=False,
+                           stdin=subprocess.DEVNULL)
+    assert quiet.returncode == 0 and b"MiB/s" not in quiet.stdout

@@ -1,0 +1,163 @@
+"""The guest's half of `vmbusifyctl cp`: a small program the host runs through exec.
+
+The host sends this module's source with wire.py and tree.py as arguments of one exec
+(``python3 -I -c BOOTSTRAP REQUEST WIRE TREE AGENT``: see vmbusify/files/remote.py), so a copy
+needs nothing installed in the guest but ``python3`` (which the guest's VMBusify runs on), and
+a guest of an older release copies with the host's code. It runs as the exec's user (``-u``),
+so the guest's own permissions decide what it may read and write.
+
+Standard library, wire.py and tree.py only. The request is one JSON object::
+
+    {"v": 1, "op": "recv" | "send" | "probe", "dest": ..., "sources": [...],
+     "recursive": bool, "preserve": bool, "checksum": bool, "resume": bool,
+     "offset": int, "expect": hex sha256 of the first offset bytes, "stdin": bool}
+
+recv (a push): the stream on stdin is written under ``dest``; stdout gets W records for what
+was not written, then E with the counts, or X with the reason. send (a pull): ``sources`` are
+sent on stdout as a stream. probe (a push's ``--resume``): one E record with the part file's
+``size`` and ``sha256``. Names travel as strings whose undecodable bytes are surrogates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable
+
+from vmbusify.files.tree import (
+    CopyFailed,
+    Receiver,
+    Sender,
+    hash_prefix,
+    open_target,
+    probe_part,
+)
+from vmbusify.files.wire import VERSION, Decoder, Kind, StreamError, encode_note
+
+#: Bytes gathered before one write to stdout.
+WRITE_BATCH = 1 << 20
+READ_SIZE = 1 << 20
+#: Pieces in one writev (Linux's IOV_MAX is 1024).
+MAX_PIECES = 256
+
+
+def write_pieces(fd: int, pieces: Iterable[bytes | memoryview]) -> None:
+    """Write every piece to ``fd``, small ones gathered into one writev of ~1 MiB."""
+    batch: list[bytes | memoryview] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece)
+        if size >= WRITE_BATCH or len(batch) >= MAX_PIECES:
+            _writev_all(fd, batch)
+            batch, size = [], 0
+    if batch:
+        _writev_all(fd, batch)
+
+
+def _writev_all(fd: int, batch: list[bytes | memoryview]) -> None:
+    views = [memoryview(b) for b in batch]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def _fail(exc: CopyFailed) -> int:
+    doc = {"kind": exc.kind, "message": str(exc), "path": exc.path}
+    write_pieces(1, [encode_note(Kind.FAILURE, doc)])
+    return 1
+
+
+def _recv(req: dict[str, object]) -> int:
+    dest = os.fsencode(str(req["dest"]))
+    preserve = bool(req.get("preserve"))
+    root = os.geteuid() == 0
+    target = open_target(dest, int(req.get("n_sources", 1)))  # type: ignore[call-overload]
+    if req.get("stdin") and target.rename is None:
+        os.close(target.fd)
+        raise CopyFailed("is-dir", f"{os.fsdecode(dest)} is a directory: name the file to "
+                         "write stdin to", os.fsdecode(dest))
+    receiver = Receiver(target, preserve=preserve, chown=preserve and root,
+                        allow_setid=preserve and root, checksum=bool(req.get("checksum")),
+                        resume=bool(req.get("resume")))
+    decoder = Decoder()
+    try:
+        while not decoder.finished:
+            data = os.read(0, READ_SIZE)
+            if not data:
+                receiver.abort(keep_part=True)
+                return 1  # the host went away: nobody to tell
+            decoder.feed(data)
+            while (event := decoder.next_event()) is not None:
+                receiver.handle(event)
+        receiver.finish()
+    except StreamError as exc:
+        receiver.abort()
+        raise CopyFailed("protocol", f"bad stream from the host: {exc}") from None
+    except BaseException:
+        receiver.abort()
+        raise
+    c = receiver.counts
+    write_pieces(1, [encode_note(Kind.END, {"files": c.files, "dirs": c.dirs,
+                                            "links": c.links, "bytes": c.bytes})])
+    return 0
+
+
+def _send(req: dict[str, object]) -> int:
+    sources = [os.fsencode(str(s)) for s in req["sources"]]  # type: ignore[attr-defined]
+    offset = int(req.get("offset") or 0)  # type: ignore[call-overload]
+    if offset and (len(sources) != 1 or hash_prefix(sources[0], offset) != req.get("expect")):
+        offset = 0  # the part at the host is not a prefix of this file: send it all
+    sender = Sender(sources, recursive=bool(req.get("recursive")),
+                    checksum=bool(req.get("checksum")), offset=offset)
+    sender.check()
+    write_pieces(1, sender.pieces())
+    return 0
+
+
+def _probe(req: dict[str, object]) -> int:
+    size, digest = probe_part(os.fsencode(str(req["dest"])), os.fsencode(str(req["name"])))
+    write_pieces(1, [encode_note(Kind.END, {"size": size, "sha256": digest})])
+    return 0
+
+
+def main(request: str) -> int:
+    """Run one request (the JSON text); the exit status is 0 when the copy was whole."""
+    try:
+        req = json.loads(request)
+        if not isinstance(req, dict) or req.get("v") != VERSION:
+            raise CopyFailed("usage", f"this helper speaks version {VERSION} of the stream")
+        op = {"recv": _recv, "send": _send, "probe": _probe}.get(str(req.get("op")))
+        if op is None:
+            raise CopyFailed("usage", f"unknown operation {req.get('op')!r}")
+        return op(req)
+    except CopyFailed as exc:
+        return _fail(exc)
+    except BrokenPipeError:
+        return 1
+    except OSError as exc:
+        return _fail(CopyFailed("io", f"{exc.strerror or exc}"))
+    except ValueError as exc:
+        return _fail(CopyFailed("usage", f"bad request: {exc}"))
+
+
+#: What the host runs with ``python3 -I -c``: it installs the three modules from the
+#: arguments under their own names, then runs ``main(REQUEST)``.
+BOOTSTRAP = """\
+import sys, types
+for n in ("vmbusify", "vmbusify.files"):
+    m = types.ModuleType(n); m.__path__ = []; sys.modules[n] = m
+for n, src in zip(("wire", "tree", "agent"), sys.argv[2:5]):
+    m = types.ModuleType("vmbusify.files." + n); m.__file__ = "<vmbusify.files." + n + ">"
+    sys.modules[m.__name__] = m; setattr(sys.modules["vmbusify.files"], n, m)
+    exec(compile(src, m.__file__, "exec"), m.__dict__)
+sys.exit(sys.modules["vmbusify.files.agent"].main(sys.argv[1]))
+"""
+
+if __name__ == "__main__":  # pragma: no cover - run by the bootstrap, or by hand for a test
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,460 @@
+"""The host's half of a copy: ``push`` (host -> guest) and ``pull`` (guest -> host).
+
+Each is one exec of the guest's helper (agent.py) through the command listener
+(channel.py); ``--resume`` of a push adds one short exec before it (the probe of the part
+file). The host's side of a pull is tree.Receiver: the guest's stream is hostile.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from vmbusify.config import Config, load_config
+from vmbusify.errors import FileCopyError, TunnelError, VMBusifyError
+from vmbusify.files import remote
+from vmbusify.files.channel import MAX_MESSAGE, ExecChannel, Status
+from vmbusify.files.tree import (
+    READ_CHUNK,
+    CopyFailed,
+    Receiver,
+    Sender,
+    StdoutReceiver,
+    hash_prefix,
+    open_target,
+    probe_part,
+)
+from vmbusify.files.wire import (
+    Decoder,
+    Entry,
+    Kind,
+    Note,
+    StreamError,
+    encode_chunk_header,
+    encode_entry,
+    encode_file_end,
+    encode_note,
+)
+from vmbusify.protocol.exec_api import EXIT_NOT_FOUND, Channel
+from vmbusify.text import printable
+
+PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+#: What a helper may write on stderr that is kept for an error message.
+STDERR_KEEP = 8 << 10
+#: Pieces in one stdin message (one sendmsg: Linux's IOV_MAX is 1024).
+MAX_PIECES = 256
+#: Seconds to wait for the helper's answer after sending failed.
+DRAIN_TIMEOUT = 10.0
+#: Seconds between two progress reports (besides one at each new file).
+PROGRESS_EVERY = 0.2
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a copy is, for a progress line: the current file and the totals so far."""
+
+    name: str
+    file_bytes: int
+    file_size: int
+    bytes: int
+    total_bytes: int | None
+    files: int
+    elapsed: float
+
+
+@dataclass
+class CopyResult:
+    """What a copy did. ``warnings``: entries not copied (``{"path", "kind", "message"}``)."""
+
+    vm: str
+    direction: str
+    files: int = 0
+    dirs: int = 0
+    links: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+    warnings: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every entry was copied."""
+        return not self.warnings
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` summary."""
+        return {"vm": self.vm, "direction": self.direction, "ok": self.ok,
+                "files": self.files, "dirs": self.dirs, "links": self.links,
+                "bytes": self.bytes, "seconds": round(self.seconds, 3),
+                "rate_bps": int(self.bytes / self.seconds) if self.seconds > 0 else None,
+                "resumed_from": self.resumed_from, "warnings": self.warnings}
+
+
+class _Meter:
+    """Turns the sender's or receiver's callbacks into Progress reports (throttled)."""
+
+    def __init__(self, report: Callable[[Progress], None] | None, total: int | None) -> None:
+        self.report = report
+        self.total = total
+        self.start = time.monotonic()
+        self.name, self.file_bytes, self.file_size = "", 0, 0
+        self.bytes = 0
+        self.files = 0
+        self._last = 0.0
+
+    def on_file(self, name: str, size: int) -> None:
+        if self.name:
+            self.files += 1
+        self.name, self.file_bytes, self.file_size = name, 0, size
+        self._emit(force=True)
+
+    def on_bytes(self, n: int) -> None:
+        self.file_bytes += n
+        self.bytes += n
+        self._emit()
+
+    def _emit(self, force: bool = False) -> None:
+        if self.report is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last >= PROGRESS_EVERY:
+            self._last = now
+            self.report(Progress(self.name, self.file_bytes, self.file_size, self.bytes,
+                                 self.total, self.files, now - self.start))
+
+
+def _load(config: Config | None) -> Config:
+    if config is not None:
+        return config
+    return load_config(None)
+
+
+def _error(exc: CopyFailed) -> FileCopyError:
+    return FileCopyError(str(exc), exc.kind, exc.path)
+
+
+def _size_of(paths: Sequence[bytes], recursive: bool) -> int:
+    """Bytes of regular files under ``paths`` (for the progress line's ETA)."""
+    total = 0
+    for path in paths:
+        try:
+            st = os.lstat(path) if recursive else os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            total += st.st_size
+        elif stat.S_ISDIR(st.st_mode) and recursive:
+            for root, _dirs, files in os.walk(path):
+                for name in files:
+                    try:
+                        fst = os.lstat(os.path.join(root, name))
+                    except OSError:
+                        continue
+                    if stat.S_ISREG(fst.st_mode):
+                        total += fst.st_size
+    return total
+
+
+def _stdin_pieces(fd: int, name: bytes, checksum: bool, meter: _Meter
+                  ) -> Iterator[bytes | memoryview]:
+    """A stream of one file read from ``fd`` (``cp - VM:FILE``)."""
+    import hashlib
+
+    digest = hashlib.sha256() if checksum else None
+    yield encode_entry(Entry(Kind.FILE, name, mode=0o644, mtime_ns=time.time_ns()))
+    meter.on_file("-", 0)
+    n = 0
+    while data := os.read(fd, READ_CHUNK):
+        if digest is not None:
+            digest.update(data)
+        yield encode_chunk_header(len(data))
+        yield data
+        n += len(data)
+        meter.on_bytes(len(data))
+    yield encode_file_end(digest.digest() if digest is not None else b"")
+    yield encode_note(Kind.END, {"files": 1, "dirs": 0, "links": 0, "bytes": n})
+
+
+class _Replies:
+    """What the guest's helper writes back during a push: W records, then E or X."""
+
+    def __init__(self) -> None:
+        self.decoder = Decoder()
+        self.warnings: list[dict[str, str]] = []
+        self.end: dict[str, object] | None = None
+        self.failure: FileCopyError | None = None
+        self.stderr = bytearray()
+
+    def take(self, events: list[tuple[Channel, object]]) -> Status | None:
+        for channel, data in events:
+            if channel is Channel.STATUS:
+                assert isinstance(data, Status)
+                return data
+            assert isinstance(data, bytes)
+            if channel is Channel.STDERR:
+                self.stderr += data[:max(0, STDERR_KEEP - len(self.stderr))]
+                continue
+            try:
+                self.decoder.feed(data)
+                while (event := self.decoder.next_event()) is not None:
+                    if not isinstance(event, Note):
+                        raise StreamError("the guest's helper answered with file data")
+                    self._note(event)
+            except StreamError as exc:
+                self.failure = FileCopyError(f"bad answer from the guest's helper: {exc}",
+                                             "protocol")
+        return None
+
+    def _note(self, note: Note) -> None:
+        doc = {k: str(v)[:1000] for k, v in note.doc.items()}
+        if note.kind is Kind.WARNING and len(self.warnings) < 1000:
+            self.warnings.append(doc)
+        elif note.kind is Kind.END:
+            self.end = note.doc
+        elif note.kind is Kind.FAILURE and self.failure is None:
+            self.failure = FileCopyError(doc.get("message", "the copy failed in the guest"),
+                                         doc.get("kind", "io"), doc.get("path", ""))
+
+
+def _finish(channel: ExecChannel, replies: _Replies) -> Status:
+    """Read until the STATUS (stopping early at an X record)."""
+    while True:
+        status = replies.take(channel.receive())
+        if status is not None:
+            return status
+
+
+def _drain(channel: ExecChannel, replies: _Replies) -> Status | None:
+    """What is left to read after sending failed (None if the connection is gone)."""
+    if channel.sock is not None:
+        channel.sock.settimeout(DRAIN_TIMEOUT)
+    try:
+        return _finish(channel, replies)
+    except VMBusifyError:
+        return None
+
+
+def _helper_error(channel: ExecChannel, status: Status, stderr: bytes) -> VMBusifyError:
+    """Why the helper ended without an answer: the exec's own reason, or its stderr."""
+    if status.reason in ("exited", "signaled") and not (
+            status.exit_code == EXIT_NOT_FOUND and not stderr):
+        last = stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+        why = printable(last[0], 400) if last else (
+            f"it ended ({status.reason}, status {status.exit_code}) before the end of its "
+            "stream")
+        return FileCopyError(f"the copy's helper in {channel.vm} failed: {why}", "protocol")
+    return channel.explain(status)
+
+
+def _probe(config: Config, vm: str, dest: str, name: bytes, user: str) -> tuple[int, str]:
+    """The size and sha256 of the guest's part file for a resumed push."""
+    channel = ExecChannel(config, vm, remote.agent_argv(
+        {"op": "probe", "dest": dest, "name": os.fsdecode(name)}), user=user, stdin=False)
+    replies = _Replies()
+    channel.open()
+    try:
+        status = _finish(channel, replies)
+    finally:
+        channel.close()
+    if replies.failure is not None:
+        raise replies.failure
+    if replies.end is None:
+        raise _helper_error(channel, status, bytes(replies.stderr))
+    size, digest = replies.end.get("size"), replies.end.get("sha256")
+    return (size, str(digest)) if isinstance(size, int) and size > 0 else (0, "")
+
+
+def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = False,
+         preserve: bool = False, user: str = "", resume: bool = False,
+         checksum: bool = False, config: Config | None = None,
+         progress: Callable[[Progress], None] | None = None,
+         stdin: BinaryIO | None = None) -> CopyResult:
+    """Copy local ``sources`` to ``dest`` in the VM ``vm`` (a vmid or an address it reported).
+
+    As cp: an existing directory ``dest`` receives the sources by their names; otherwise
+    (one source) ``dest`` is the new name. ``recursive`` copies directories; ``preserve``
+    keeps modes and times (and owners when the guest's helper runs as root); ``user`` runs
+    the helper as that guest user (owner of what it creates, as exec's ``-u``); ``resume``
+    continues a single file from its part file in the guest after checking it is a prefix of
+    the source; ``checksum`` compares sha256 at both ends. A source ``"-"`` is ``stdin``
+    (default: this process's stdin), written to the file ``dest``.
+    """
+    config = _load(config)
+    started = time.monotonic()
+    srcs = [os.fsencode(s) for s in sources]
+    if not srcs:
+        raise FileCopyError("nothing to copy", "usage")
+    from_stdin = srcs == [b"-"]
+    if b"-" in srcs and not from_stdin:
+        raise FileCopyError("'-' (stdin) must be the only source", "usage")
+    offset = 0
+    request: dict[str, Any] = {"op": "recv", "dest": dest, "n_sources": len(srcs),
+                               "preserve": preserve, "checksum": checksum, "resume": resume,
+                               "stdin": from_stdin}
+    if from_stdin:
+        fd = (stdin or sys.stdin.buffer).fileno()
+        leaf = os.path.basename(os.fsencode(dest).rstrip(b"/")) or b"stdin"
+        meter = _Meter(progress, None)
+        pieces: Iterator[bytes | memoryview] = _stdin_pieces(fd, leaf, checksum, meter)
+        sender: Sender | None = None
+    else:
+        sender = Sender(srcs, recursive=recursive, checksum=checksum)
+        try:
+            sender.check()
+        except CopyFailed as exc:
+            raise _error(exc) from None
+        meter = _Meter(progress, _size_of(srcs, recursive) if progress else None)
+        sender.on_file, sender.on_bytes = meter.on_file, meter.on_bytes
+        if resume:
+            if len(srcs) != 1 or not os.path.isfile(srcs[0]):
+                raise FileCopyError("--resume continues one regular file", "usage")
+            size, digest = _probe(config, vm, dest, sender.names[0], user)
+            if size and size <= os.path.getsize(srcs[0]) and \
+                    hash_prefix(srcs[0], size) == digest:
+                offset = sender.offset = size
+        pieces = sender.pieces()
+    channel = ExecChannel(config, vm, remote.agent_argv(request), user=user)
+    replies = _Replies()
+    channel.open()
+    try:
+        try:
+            status = _send_all(channel, pieces, replies)
+        except TunnelError as exc:
+            # The helper may have stopped first (disk full, permission denied): its answer
+            # is still to be read, and says more than the broken pipe.
+            status = _drain(channel, replies)
+            if replies.failure is None:
+                raise exc from None
+        if status is None:
+            channel.close_stdin()
+            status = _finish(channel, replies)
+    finally:
+        channel.close()
+    if replies.failure is not None:
+        raise replies.failure
+    if replies.end is None:
+        if status is None:
+            raise TunnelError(f"lost the copy to {vm}")
+        raise _helper_error(channel, status, bytes(replies.stderr))
+    result = CopyResult(vm, "push", seconds=time.monotonic() - started, resumed_from=offset)
+    for key in ("files", "dirs", "links", "bytes"):
+        value = replies.end.get(key)
+        setattr(result, key, value if isinstance(value, int) else 0)
+    result.warnings = (sender.counts.warnings if sender else []) + replies.warnings
+    return result
+
+
+def _send_all(channel: ExecChannel, pieces: Iterator[bytes | memoryview], replies: _Replies
+              ) -> Status | None:
+    """Send the stream as stdin messages of up to MAX_MESSAGE bytes; between messages, read
+    what came back, and stop at the helper's failure (its X record, or its end)."""
+    batch: list[bytes | memoryview] = []
+    size = 1
+    for piece in pieces:
+        if batch and (size + len(piece) > MAX_MESSAGE - 64 or len(batch) >= MAX_PIECES):
+            channel.send(batch)
+            batch, size = [], 1
+            while channel.readable():
+                status = replies.take(channel.receive())
+                if status is not None:
+                    return status
+                if replies.failure is not None:
+                    return None
+        batch.append(piece)
+        size += len(piece)
+    if batch:
+        channel.send(batch)
+    return None
+
+
+def pull(vm: str, sources: Sequence[str], dest: PathArg, *, recursive: bool = False,
+         preserve: bool = False, user: str = "", resume: bool = False,
+         checksum: bool = False, config: Config | None = None,
+         progress: Callable[[Progress], None] | None = None,
+         stdout: BinaryIO | None = None) -> CopyResult:
+    """Copy ``sources`` of the VM ``vm`` to the local ``dest`` (cp's rules, as ``push``).
+
+    The guest's stream is checked as hostile: nothing is written outside ``dest`` (no
+    absolute names, no ``..``, no symlink followed), setuid/setgid bits are dropped, device
+    nodes never made, owners set only when this process is root and ``preserve`` is asked.
+    ``dest`` ``"-"`` writes the one file's data to ``stdout`` (default: this process's).
+    """
+    config = _load(config)
+    started = time.monotonic()
+    if not sources:
+        raise FileCopyError("nothing to copy", "usage")
+    meter = _Meter(progress, None)
+    dest_b = os.fsencode(dest)
+    request: dict[str, Any] = {"op": "send", "sources": list(sources), "recursive": recursive,
+                               "checksum": checksum}
+    receiver: Receiver | StdoutReceiver
+    try:
+        if dest_b == b"-":
+            if len(sources) != 1:
+                raise CopyFailed("usage", "only one file can be written to stdout")
+            out = stdout or sys.stdout.buffer
+            out.flush()
+            receiver = StdoutReceiver(out.fileno(), checksum, meter.on_file, meter.on_bytes)
+        else:
+            if resume:
+                if len(sources) != 1:
+                    raise CopyFailed("usage", "--resume continues one regular file")
+                name = os.path.basename(os.fsencode(sources[0]).rstrip(b"/"))
+                size, digest = probe_part(dest_b, name)
+                if size:
+                    request.update(offset=size, expect=digest)
+            receiver = Receiver(open_target(dest_b, len(sources)), preserve=preserve,
+                                chown=preserve and os.geteuid() == 0, checksum=checksum,
+                                resume=resume, on_file=meter.on_file, on_bytes=meter.on_bytes)
+    except CopyFailed as exc:
+        raise _error(exc) from None
+    channel = ExecChannel(config, vm, remote.agent_argv(request), user=user, stdin=False)
+    try:
+        channel.open()
+        status, stderr, decoder = _receive_all(channel, receiver)
+        if not decoder.finished:
+            raise _helper_error(channel, status, stderr)
+        receiver.finish()
+    except CopyFailed as exc:
+        receiver.abort()
+        raise _error(exc) from None
+    except StreamError as exc:
+        receiver.abort()
+        raise FileCopyError(f"bad stream from {vm}: {exc}", "protocol") from None
+    except FileCopyError:
+        receiver.abort()
+        raise
+    except BaseException:
+        # Cut off half-way (the tunnel, the listener, Ctrl-C): the part file is kept for
+        # --resume; it is never at the target's name.
+        receiver.abort(keep_part=True)
+        raise
+    finally:
+        channel.close()
+    c = receiver.counts
+    return CopyResult(vm, "pull", c.files, c.dirs, c.links, c.bytes,
+                      time.monotonic() - started, c.resumed_from, c.warnings)
+
+
+def _receive_all(channel: ExecChannel, receiver: Receiver | StdoutReceiver
+                 ) -> tuple[Status, bytes, Decoder]:
+    """Feed the helper's stdout to the receiver until the STATUS."""
+    decoder = Decoder()
+    stderr = bytearray()
+    while True:
+        for ch, data in channel.receive():
+            if ch is Channel.STATUS:
+                assert isinstance(data, Status)
+                return data, bytes(stderr), decoder
+            assert isinstance(data, bytes)
+            if ch is Channel.STDERR:
+                stderr += data[:max(0, STDERR_KEEP - len(stderr))]
+                continue
+            decoder.feed(data)
+            while (event := decoder.next_event()) is not None:
+                receiver.handle(event)

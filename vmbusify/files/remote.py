@@ -1,0 +1,30 @@
+"""The command line that runs the guest's half of a copy (vmbusify/files/agent.py).
+
+``python3 -I -c BOOTSTRAP REQUEST WIRE TREE AGENT``: the three modules travel as arguments
+(each far below Linux's 128 KiB limit for one argument), ``-I`` keeps the guest's
+``PYTHON*`` variables and user site out.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from vmbusify.files import agent, tree, wire
+
+#: The guest's interpreter, found on the exec's PATH.
+PYTHON = "python3"
+
+
+@functools.cache
+def _sources() -> tuple[str, str, str]:
+    return tuple(Path(m.__file__ or "").read_text()  # type: ignore[return-value]
+                 for m in (wire, tree, agent))
+
+
+def agent_argv(request: dict[str, Any]) -> list[str]:
+    """The exec's argv for one request (see agent.py for its fields)."""
+    body = json.dumps({"v": wire.VERSION, **request})
+    return [PYTHON, "-I", "-c", agent.BOOTSTRAP, body, *_sources()]

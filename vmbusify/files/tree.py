@@ -1,0 +1,699 @@
+"""Both ends of a copy on a file system: the sender (walks the sources, makes records) and the
+strict receiver (writes what a stream says, and nothing it should not).
+
+Standard library and vmbusify.files.wire only: like wire.py it is also sent to the guest as
+source (vmbusify/files/agent.py), where it pushes (receiver) and pulls (sender).
+
+The receiver treats the stream as hostile (a pull's stream comes from the guest):
+
+- every name is relative, made of components that are not empty, ``.`` or ``..`` and hold no
+  NUL; each is reached from the destination directory one component at a time with
+  ``openat(O_NOFOLLOW | O_DIRECTORY)``: a symlink, whoever made it (the stream itself, a
+  moment ago), is never followed; nothing is written outside the destination;
+- files are written to a part file beside the target (``.NAME.vmbcp-part``, created
+  ``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600) and renamed over the name when complete, so a
+  name only ever shows a whole file; the part is removed on failure (kept when the copy was
+  lost half-way, for ``--resume``);
+- setuid, setgid and other special bits are dropped unless ``allow_setid`` (a push by root
+  with ``-p``); owners are set only with ``chown`` (root asked for ``-p``); the format has
+  no device nodes, FIFOs or sockets (a sender skips them with a warning);
+- memory is bounded: one record at a time, and a stack of open directories no deeper than
+  the deepest name (MAX_NAME bytes).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+from vmbusify.files.wire import (
+    MAX_NAME,
+    Chunk,
+    Entry,
+    Event,
+    FileEnd,
+    Kind,
+    Note,
+    encode_chunk_header,
+    encode_entry,
+    encode_file_end,
+    encode_note,
+)
+
+#: Bytes read from a file per C record.
+READ_CHUNK = 1 << 20
+#: Suffix of a part file (``.NAME.vmbcp-part``).
+PART_SUFFIX = b".vmbcp-part"
+#: The mode bits a receiver may set: permissions and the sticky bit (not setuid/setgid).
+SAFE_BITS = 0o1777
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class CopyFailed(Exception):
+    """The copy (or one entry of it) failed; ``kind`` is one of KINDS, ``str()`` the reason."""
+
+    def __init__(self, kind: str, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.path = path
+
+
+#: Why a copy fails (the ``kind`` of W and X records, and of CopyFailed).
+KINDS = ("not-found", "permission", "no-space", "is-dir", "not-dir", "exists", "unsafe",
+         "protocol", "checksum", "resume", "usage", "lost", "io", "unsupported")
+_ERRNO_KIND = {errno.ENOENT: "not-found", errno.EACCES: "permission", errno.EPERM: "permission",
+               errno.EROFS: "permission", errno.ENOSPC: "no-space", errno.EDQUOT: "no-space",
+               errno.EFBIG: "no-space", errno.EISDIR: "is-dir", errno.ENOTDIR: "not-dir",
+               errno.EEXIST: "exists", errno.ENOTEMPTY: "is-dir", errno.ELOOP: "unsafe"}
+
+
+def show(name: bytes | str) -> str:
+    """A name for a message (undecodable bytes as surrogates; callers escape for output)."""
+    return os.fsdecode(name) if isinstance(name, bytes) else name
+
+
+def failed(exc: OSError, what: str, path: bytes | str = b"") -> CopyFailed:
+    """The CopyFailed for an OSError while doing ``what``."""
+    kind = _ERRNO_KIND.get(exc.errno or 0, "io")
+    reason = {"no-space": "no space left on the target's file system"}.get(
+        kind, exc.strerror or str(exc))
+    where = f" {show(path)}" if path else ""
+    return CopyFailed(kind, f"{what}{where}: {reason}", show(path))
+
+
+def part_name(leaf: bytes) -> bytes:
+    """The part file's name for a target named ``leaf`` (kept under NAME_MAX)."""
+    if len(leaf) <= 255 - len(PART_SUFFIX) - 1:
+        return b"." + leaf + PART_SUFFIX
+    return b".vmbcp-" + hashlib.sha256(leaf).hexdigest()[:32].encode() + b".part"
+
+
+def check_name(name: bytes) -> list[bytes]:
+    """The components of an entry's name, or CopyFailed("unsafe")."""
+    parts = name.split(b"/")
+    if (not name or len(name) > MAX_NAME or name.startswith(b"/") or b"\0" in name
+            or any(p in (b"", b".", b"..") or len(p) > 255 for p in parts)):
+        raise CopyFailed("unsafe", f"refused an unsafe name from the sender: {show(name)!r}",
+                         show(name))
+    return parts
+
+
+# -- the sender ---------------------------------------------------------------------------------
+
+@dataclass
+class SendCounts:
+    """What a sender sent."""
+
+    files: int = 0
+    dirs: int = 0
+    links: int = 0
+    bytes: int = 0
+    warnings: list[dict[str, str]] = field(default_factory=list)
+
+
+class Sender:
+    """Makes the records for ``sources`` (paths as bytes). ``pieces()`` yields bytes to send
+    in order (a chunk's header and its data as two pieces: no copy).
+
+    ``recursive`` copies directories; without it a directory is a failure. A symlink named
+    on the command line is followed without ``recursive`` (as cp does) and copied as a link
+    with it; symlinks inside a tree are always copied as links. Device nodes, FIFOs and
+    sockets are skipped with a warning. ``names`` gives each source's name in the stream
+    (default: its base name).
+    """
+
+    def __init__(self, sources: Sequence[bytes], *, recursive: bool = False,
+                 checksum: bool = False, offset: int = 0, names: Sequence[bytes] = (),
+                 on_file: Callable[[str, int], None] | None = None,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
+        self.sources = list(sources)
+        self.names = list(names) or [os.path.basename(s.rstrip(b"/")) or s for s in sources]
+        self.recursive = recursive
+        self.checksum = checksum
+        self.offset = offset
+        self.counts = SendCounts()
+        self.on_file = on_file
+        self.on_bytes = on_bytes
+
+    def check(self) -> None:
+        """Every source exists and is of a kind this copy takes (CopyFailed otherwise):
+        called before anything is sent, so a bad command line copies nothing."""
+        for src in self.sources:
+            try:
+                st = os.stat(src) if not self.recursive else os.lstat(src)
+            except OSError as exc:
+                raise failed(exc, "cannot read", src) from None
+            if stat.S_ISDIR(st.st_mode) and not self.recursive:
+                raise CopyFailed("is-dir", f"{show(src)} is a directory (copy it with -r)",
+                                 show(src))
+            if not stat.S_ISDIR(st.st_mode) and not self.recursive and not os.access(
+                    src, os.R_OK):
+                raise CopyFailed("permission", f"cannot read {show(src)}: Permission denied",
+                                 show(src))
+
+    def pieces(self) -> Iterator[bytes | memoryview]:
+        """The whole stream, E record last (or an X record if a source vanished)."""
+        for src, name in zip(self.sources, self.names, strict=True):
+            try:
+                st = os.stat(src) if not self.recursive else os.lstat(src)
+            except OSError as exc:
+                err = failed(exc, "cannot read", src)
+                yield encode_note(Kind.FAILURE, {"kind": err.kind, "message": str(err)})
+                return
+            yield from self._entry(src, name, st, top=True)
+        c = self.counts
+        yield encode_note(Kind.END, {"files": c.files, "dirs": c.dirs, "links": c.links,
+                                     "bytes": c.bytes})
+
+    def _warn(self, name: bytes, kind: str, message: str) -> bytes:
+        doc = {"path": show(name), "kind": kind, "message": message}
+        self.counts.warnings.append(doc)
+        return encode_note(Kind.WARNING, doc)
+
+    def _entry(self, path: bytes, name: bytes, st: os.stat_result, top: bool = False
+               ) -> Iterator[bytes | memoryview]:
+        mode = st.st_mode
+        common = Entry(Kind.FILE, name, stat.S_IMODE(mode), st.st_uid, st.st_gid,
+                       st.st_mtime_ns)
+        if stat.S_ISREG(mode):
+            yield from self._file(path, name, st, common, top)
+        elif stat.S_ISDIR(mode):
+            yield encode_entry(replace(common, kind=Kind.DIR))
+            self.counts.dirs += 1
+            try:
+                with os.scandir(path) as it:
+                    children = sorted(e.name for e in it)
+            except OSError as exc:
+                yield self._warn(name, failed(exc, "").kind,
+                                 f"cannot list {show(path)}: {exc.strerror}")
+                return
+            for child in children:
+                cpath = os.path.join(path, child)
+                try:
+                    cst = os.lstat(cpath)
+                except OSError as exc:
+                    yield self._warn(name + b"/" + child, failed(exc, "").kind,
+                                     f"cannot read {show(cpath)}: {exc.strerror}")
+                    continue
+                yield from self._entry(cpath, name + b"/" + child, cst)
+        elif stat.S_ISLNK(mode):
+            try:
+                target = os.readlink(path)
+            except OSError as exc:
+                yield self._warn(name, failed(exc, "").kind,
+                                 f"cannot read the link {show(path)}: {exc.strerror}")
+                return
+            yield encode_entry(replace(common, kind=Kind.LINK, link=target))
+            self.counts.links += 1
+        else:
+            what = "a device node" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else (
+                "a FIFO" if stat.S_ISFIFO(mode) else "a socket")
+            yield self._warn(name, "unsupported", f"not copied: {show(path)} is {what}")
+
+    def _file(self, path: bytes, name: bytes, st: os.stat_result, common: Entry,
+              top: bool) -> Iterator[bytes | memoryview]:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (
+                0 if top and not self.recursive else os.O_NOFOLLOW))
+        except OSError as exc:
+            yield self._warn(name, failed(exc, "").kind,
+                             f"cannot read {show(path)}: {exc.strerror}")
+            return
+        try:
+            digest = hashlib.sha256() if self.checksum else None
+            offset = self.offset if top and len(self.sources) == 1 else 0
+            if offset:
+                if digest is not None:
+                    _hash_fd(fd, offset, digest)
+                os.lseek(fd, offset, os.SEEK_SET)
+            yield encode_entry(replace(common, size=st.st_size, offset=offset))
+            if self.on_file:
+                self.on_file(show(name), st.st_size - offset)
+            while True:
+                try:
+                    data = os.read(fd, READ_CHUNK)
+                except OSError as exc:
+                    yield self._warn(name, "io", f"cannot read {show(path)}: {exc.strerror}")
+                    return
+                if not data:
+                    break
+                if digest is not None:
+                    digest.update(data)
+                yield encode_chunk_header(len(data))
+                yield data
+                self.counts.bytes += len(data)
+                if self.on_bytes:
+                    self.on_bytes(len(data))
+            yield encode_file_end(digest.digest() if digest is not None else b"")
+            self.counts.files += 1
+        finally:
+            os.close(fd)
+
+
+def _hash_fd(fd: int, length: int, digest: hashlib._Hash) -> int:
+    """Feed the first ``length`` bytes of ``fd`` to ``digest`` (pread: the offset stays);
+    returns how many there were."""
+    done = 0
+    while done < length:
+        data = os.pread(fd, min(READ_CHUNK, length - done), done)
+        if not data:
+            break
+        digest.update(data)
+        done += len(data)
+    return done
+
+
+def hash_prefix(path: bytes, length: int) -> str:
+    """sha256 (hex) of the first ``length`` bytes of ``path`` ("" if it is shorter)."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return digest.hexdigest() if _hash_fd(fd, length, digest) == length else ""
+    finally:
+        os.close(fd)
+
+
+# -- the receiver -------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """Where a copy lands: entries go into the directory ``fd``; the first component of each
+    name is replaced by ``rename`` when set (``cp SRC NEWNAME``)."""
+
+    fd: int
+    rename: bytes | None
+
+
+def open_target(dest: bytes, n_sources: int) -> Target:
+    """Resolve DST as cp does: an existing directory receives the sources by their names;
+    otherwise (one source) DST is the new name, in its parent directory. DST itself is the
+    user's own path and may be reached through symlinks; nothing below it is."""
+    try:
+        return Target(os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), None)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise failed(exc, "cannot open", dest) from None
+        if exc.errno == errno.ENOTDIR and dest.endswith(b"/"):
+            raise CopyFailed("not-dir", f"{show(dest)} is not a directory", show(dest)) from None
+        if n_sources > 1:
+            kind = "not-dir" if exc.errno == errno.ENOTDIR or os.path.lexists(dest) else (
+                "not-found")
+            raise CopyFailed(kind, f"target {show(dest)} is not a directory "
+                             f"(copying {n_sources} sources)", show(dest)) from None
+    if dest.endswith(b"/"):
+        raise CopyFailed("not-found", f"no such directory: {show(dest)}", show(dest))
+    parent, leaf = os.path.split(dest)
+    try:
+        fd = os.open(parent or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise failed(exc, "cannot open the directory", parent) from None
+    if leaf in (b".", b".."):
+        os.close(fd)
+        raise CopyFailed("usage", f"bad target name {show(dest)}", show(dest))
+    return Target(fd, leaf)
+
+
+@dataclass
+class ReceiveCounts:
+    """What a receiver wrote."""
+
+    files: int = 0
+    dirs: int = 0
+    links: int = 0
+    bytes: int = 0
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    end: dict[str, object] | None = None
+    #: Where a resumed file's data started (its part file held that much).
+    resumed_from: int = 0
+
+
+@dataclass
+class _Dir:
+    name: bytes
+    fd: int
+    entry: Entry | None  # set for a directory the stream made (its attributes, at the end)
+
+
+@dataclass
+class _Open:
+    entry: Entry
+    dirfd: int
+    leaf: bytes
+    part: bytes
+    fd: int
+    digest: hashlib._Hash | None
+    written: int = 0
+
+
+class Receiver:
+    """Writes a stream's entries under ``target`` (see the module docstring for the rules).
+
+    ``preserve``: modes and times as sent (else modes as sent less ``umask``, times now);
+    ``chown``: owners as sent; ``allow_setid``: keep setuid/setgid; ``checksum``: a file's Z
+    must carry a sha256 equal to what was written; ``resume``: a file whose entry has an
+    offset continues its part file (which must be this user's, a regular file, and hold at
+    least that many bytes). ``handle(event)`` raises CopyFailed to stop the copy;
+    ``finish()`` after the E record, ``abort(keep_part)`` after any failure.
+    """
+
+    def __init__(self, target: Target, *, preserve: bool = False, chown: bool = False,
+                 allow_setid: bool = False, checksum: bool = False, resume: bool = False,
+                 on_file: Callable[[str, int], None] | None = None,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
+        self.target = target
+        self.preserve = preserve
+        self.chown = chown
+        self.bits = 0o7777 if allow_setid else SAFE_BITS
+        self.checksum = checksum
+        self.resume = resume
+        self.counts = ReceiveCounts()
+        self.on_file = on_file
+        self.on_bytes = on_bytes
+        self._umask = os.umask(0o022)
+        os.umask(self._umask)
+        self._stack: list[_Dir] = []
+        self._file: _Open | None = None
+        self.failure: Note | None = None
+
+    # -- names ----------------------------------------------------------------------------
+    def landed(self, name: bytes) -> str:
+        """``name`` as it lands under DST (the first component renamed), for messages."""
+        if self.target.rename is None:
+            return show(name)
+        _first, sep, rest = name.partition(b"/")
+        return show(self.target.rename + sep + rest)
+
+    def _place(self, name: bytes) -> tuple[int, bytes]:
+        """The directory fd and leaf for ``name``, every parent opened without following."""
+        parts = check_name(name)
+        if self.target.rename is not None:
+            parts[0] = self.target.rename
+        parents, leaf = parts[:-1], parts[-1]
+        keep = 0
+        while keep < min(len(self._stack), len(parents)) and \
+                self._stack[keep].name == parents[keep]:
+            keep += 1
+        while len(self._stack) > keep:
+            self._pop()
+        for comp in parents[keep:]:
+            fd = self._stack[-1].fd if self._stack else self.target.fd
+            try:
+                sub = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise CopyFailed("unsafe", f"refused {show(name)!r}: "
+                                     f"{show(comp)!r} is not a directory (a symlink is "
+                                     "never followed)", show(name)) from None
+                raise failed(exc, "cannot open the directory", name) from None
+            self._stack.append(_Dir(comp, sub, None))
+        return (self._stack[-1].fd if self._stack else self.target.fd), leaf
+
+    def _pop(self) -> None:
+        d = self._stack.pop()
+        try:
+            if d.entry is not None:
+                self._apply(d.fd, d.entry, is_dir=True)
+        finally:
+            os.close(d.fd)
+
+    def _mode(self, entry: Entry) -> int:
+        mode = entry.mode & self.bits
+        return mode if self.preserve else mode & ~self._umask
+
+    def _apply(self, fd: int, entry: Entry, is_dir: bool = False) -> None:
+        """Owner, mode and times of an open file or directory."""
+        if self.chown:
+            os.fchown(fd, entry.uid, entry.gid)
+        if self.preserve or is_dir:
+            os.fchmod(fd, self._mode(entry))
+        if self.preserve:
+            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+
+    # -- events -----------------------------------------------------------------------------
+    def handle(self, event: Event) -> None:
+        """Act on one decoded record."""
+        try:
+            if isinstance(event, Chunk):
+                self._chunk(event.data)
+            elif isinstance(event, FileEnd):
+                self._file_end(event.sha256)
+            elif isinstance(event, Entry):
+                if event.kind is Kind.FILE:
+                    self._file_start(event)
+                elif event.kind is Kind.DIR:
+                    self._dir(event)
+                else:
+                    self._link(event)
+            elif isinstance(event, Note):
+                self._note(event)
+        except OSError as exc:
+            name = self._file.entry.name if self._file else getattr(event, "name", b"")
+            raise failed(exc, "cannot write", name) from None
+
+    def _note(self, note: Note) -> None:
+        doc = {k: str(v)[:1000] for k, v in note.doc.items()}
+        if note.kind is Kind.WARNING:
+            if self._file is not None:  # the sender could not finish this file
+                self._discard(keep=False)
+            if len(self.counts.warnings) < 1000:
+                self.counts.warnings.append(doc)
+        elif note.kind is Kind.END:
+            self.counts.end = note.doc
+        else:
+            kind = doc.get("kind", "io")
+            raise CopyFailed(kind if kind in KINDS else "io",
+                             doc.get("message", "the sender failed"), doc.get("path", ""))
+
+    def _dir(self, entry: Entry) -> None:
+        fd, leaf = self._place(entry.name)
+        try:
+            os.mkdir(leaf, 0o700, dir_fd=fd)
+            made = True
+        except FileExistsError:
+            made = False
+        try:
+            sub = os.open(leaf, _DIR_FLAGS, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CopyFailed("not-dir", f"cannot make the directory "
+                                 f"{self.landed(entry.name)}: "
+                                 "a file or symlink of that name is in the way",
+                                 show(entry.name)) from None
+            raise
+        self._stack.append(_Dir(leaf, sub, entry if made or self.preserve else None))
+        self.counts.dirs += 1
+
+    def _link(self, entry: Entry) -> None:
+        fd, leaf = self._place(entry.name)
+        tmp = part_name(leaf)
+        _unlink_quiet(tmp, fd)
+        os.symlink(entry.link, tmp, dir_fd=fd)
+        try:
+            if self.chown:
+                os.chown(tmp, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
+            if self.preserve:
+                os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd,
+                         follow_symlinks=False)
+            _rename(tmp, leaf, fd, self.landed(entry.name))
+        except BaseException:
+            _unlink_quiet(tmp, fd)
+            raise
+        self.counts.links += 1
+
+    def _file_start(self, entry: Entry) -> None:
+        dirfd, leaf = self._place(entry.name)
+        part = part_name(leaf)
+        digest = hashlib.sha256() if self.checksum else None
+        if entry.offset:
+            if not self.resume:
+                raise CopyFailed("protocol", f"{show(entry.name)}: the sender resumed a copy "
+                                 "that was not asked to resume", show(entry.name))
+            fd = os.open(part, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or \
+                    st.st_size < entry.offset or st.st_nlink != 1:
+                os.close(fd)
+                raise CopyFailed("resume", f"{show(entry.name)}: the part file cannot be "
+                                 "resumed (not this user's plain file, or shorter)",
+                                 show(entry.name))
+            os.ftruncate(fd, entry.offset)
+            self.counts.resumed_from = entry.offset
+            if digest is not None:
+                _hash_fd(fd, entry.offset, digest)
+            os.lseek(fd, entry.offset, os.SEEK_SET)
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(part, flags, 0o600, dir_fd=dirfd)
+            except FileExistsError:  # a part left by an earlier copy: start again
+                os.unlink(part, dir_fd=dirfd)
+                fd = os.open(part, flags, 0o600, dir_fd=dirfd)
+        self._file = _Open(entry, dirfd, leaf, part, fd, digest)
+        if self.on_file:
+            self.on_file(show(entry.name), entry.size - entry.offset)
+
+    def _chunk(self, data: bytes) -> None:
+        f = self._file
+        assert f is not None  # the decoder checks the order
+        view = memoryview(data)
+        while view:
+            view = view[os.write(f.fd, view):]
+        if f.digest is not None:
+            f.digest.update(data)
+        f.written += len(data)
+        self.counts.bytes += len(data)
+        if self.on_bytes:
+            self.on_bytes(len(data))
+
+    def _file_end(self, sha256: bytes) -> None:
+        f = self._file
+        assert f is not None
+        if f.digest is not None:
+            if not sha256:
+                raise CopyFailed("checksum", f"{show(f.entry.name)}: the sender sent no "
+                                 "checksum", show(f.entry.name))
+            if f.digest.digest() != sha256:
+                raise CopyFailed("checksum", f"{show(f.entry.name)}: sha256 differs between "
+                                 "the two ends", show(f.entry.name))
+        self._apply(f.fd, f.entry)
+        if not self.preserve:
+            os.fchmod(f.fd, self._mode(f.entry) & 0o777)
+        os.close(f.fd)
+        f.fd = -1
+        _rename(f.part, f.leaf, f.dirfd, self.landed(f.entry.name))
+        self._file = None
+        self.counts.files += 1
+
+    # -- the end ----------------------------------------------------------------------------
+    def finish(self) -> None:
+        """The stream ended well: directories get their attributes, fds are closed."""
+        if self._file is not None:
+            raise CopyFailed("protocol", "the stream ended inside a file")
+        try:
+            while self._stack:
+                self._pop()
+        except OSError as exc:
+            raise failed(exc, "cannot set the attributes of a directory") from None
+        finally:
+            self.close()
+
+    def _discard(self, keep: bool) -> None:
+        f = self._file
+        if f is None:
+            return
+        self._file = None
+        if f.fd >= 0:
+            os.close(f.fd)
+        if not keep:
+            _unlink_quiet(f.part, f.dirfd)
+
+    def abort(self, keep_part: bool = False) -> None:
+        """After a failure: the part file being written is removed (kept with ``keep_part``,
+        for a later ``--resume``); fds are closed."""
+        self._discard(keep_part)
+        self.close()
+
+    def close(self) -> None:
+        """Close every directory fd (idempotent)."""
+        while self._stack:
+            os.close(self._stack.pop().fd)
+        if self.target.fd >= 0:
+            os.close(self.target.fd)
+            self.target.fd = -1
+
+
+def _rename(part: bytes, leaf: bytes, dirfd: int, name: str) -> None:
+    try:
+        os.rename(part, leaf, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+    except IsADirectoryError:
+        _unlink_quiet(part, dirfd)
+        raise CopyFailed("is-dir", f"cannot overwrite the directory {name} with a file",
+                         name) from None
+
+
+def _unlink_quiet(name: bytes, dirfd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        pass
+
+
+def probe_part(dest: bytes, name: bytes) -> tuple[int, str]:
+    """For ``--resume``: the size and sha256 (hex) of the part file a copy of the source
+    called ``name`` to ``dest`` would continue; (0, "") when there is none usable."""
+    try:
+        target = open_target(dest, 1)
+    except CopyFailed:
+        return 0, ""
+    try:
+        leaf = target.rename or name
+        try:
+            fd = os.open(part_name(leaf), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=target.fd)
+        except OSError:
+            return 0, ""
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or not st.st_size:
+                return 0, ""
+            digest = hashlib.sha256()
+            size = _hash_fd(fd, st.st_size, digest)
+            return size, digest.hexdigest()
+        finally:
+            os.close(fd)
+    finally:
+        os.close(target.fd)
+
+
+class StdoutReceiver:
+    """``cp VM:FILE -``: the data of exactly one file, to ``fd``; anything else fails."""
+
+    def __init__(self, fd: int, checksum: bool = False,
+                 on_file: Callable[[str, int], None] | None = None,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
+        self.fd = fd
+        self.counts = ReceiveCounts()
+        self.digest = hashlib.sha256() if checksum else None
+        self.on_file = on_file
+        self.on_bytes = on_bytes
+        self._seen = False
+
+    def handle(self, event: Event) -> None:
+        """Write a file's data; refuse a second entry or a directory."""
+        if isinstance(event, Entry):
+            if event.kind is not Kind.FILE or self._seen:
+                raise CopyFailed("usage", "only one regular file can be written to stdout")
+            self._seen = True
+            if self.on_file:
+                self.on_file(show(event.name), event.size)
+        elif isinstance(event, Chunk):
+            view = memoryview(event.data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            if self.digest is not None:
+                self.digest.update(event.data)
+            self.counts.bytes += len(event.data)
+            if self.on_bytes:
+                self.on_bytes(len(event.data))
+        elif isinstance(event, FileEnd):
+            if self.digest is not None and self.digest.digest() != event.sha256:
+                raise CopyFailed("checksum", "sha256 differs between the two ends")
+            self.counts.files += 1
+        elif isinstance(event, Note):
+            if event.kind is Kind.FAILURE:
+                raise CopyFailed(str(event.doc.get("kind", "io")),
+                                 str(event.doc.get("message", "the sender failed"))[:1000])
+            if event.kind is Kind.WARNING:
+                self.counts.warnings.append({k: str(v)[:1000] for k, v in event.doc.items()})
+            else:
+                self.counts.end = event.doc
+
+    def finish(self) -> None:
+        """Nothing to do: stdout is not closed here."""
+
+    def abort(self, keep_part: bool = False) -> None:
+        """Nothing to remove."""
