@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,18 @@ def test_importing_the_api_is_lazy() -> None:
                          check=True).stdout.split()
     assert "vmbusify.client.wire" in out
     assert not {"vmbusify.client.api", "vmbusify.config", "vmbusify.client.execution"} & set(out)
+
+
+def test_push_and_pull_a_file(client: Client, tmp_path: Path) -> None:
+    source = tmp_path / "src.bin"
+    source.write_bytes(bytes(range(256)) * 4096)
+    remote = tmp_path / "in-vm"
+    remote.mkdir()
+    pushed = client.push("vm1", source, f"{remote}/copy.bin", checksum=True)
+    assert pushed.ok
+    assert client.run("vm1", ["cat", f"{remote}/copy.bin"], check=True).stdout == \
+        source.read_bytes()
+    back = tmp_path / "back"
+    back.mkdir()
+    assert client.pull("vm1", f"{remote}/copy.bin", back).ok
+    assert (back / "copy.bin").read_bytes() == source.read_bytes()

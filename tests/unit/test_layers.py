@@ -67,6 +67,8 @@ HIDDEN_ALLOWED = {
         "types only: vmbusify.client loads its names lazily, vmbusifyexec imports client.wire",
     ("vmbusify.client", "vmbusify.protocol.exec_api"):
         "types only: vmbusify.client loads its names lazily, vmbusifyexec imports client.wire",
+    ("vmbusify.client", "vmbusify.files"):
+        "types only: vmbusify.client loads its names lazily, vmbusifyexec imports client.wire",
     ("vmbusify.control.verify", "vmbusify.users.peer"):
         "vmbusifyexec loads it for a TCP listener only",
     ("vmbusify.control.client", "vmbusify.config"):

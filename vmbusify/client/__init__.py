@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from vmbusify.client.forward import Forward
     from vmbusify.client.status import Status, VMStatus
     from vmbusify.client.wire import Failure
+    from vmbusify.files import CopyResult
     from vmbusify.protocol.exec_api import ExitReason
 
 #: Public name -> the module that defines it.
@@ -39,9 +40,10 @@ _WHERE = {
     "VMStatus": "vmbusify.client.status",
     "Failure": "vmbusify.client.wire",
     "ExitReason": "vmbusify.protocol.exec_api",
+    "CopyResult": "vmbusify.files",
 }
-__all__ = ["Client", "ExecFailed", "ExecProcess", "ExecRequest", "ExecResult", "ExitReason",
-           "Failure", "Forward", "Status", "Stream", "VMStatus"]
+__all__ = ["Client", "CopyResult", "ExecFailed", "ExecProcess", "ExecRequest", "ExecResult",
+           "ExitReason", "Failure", "Forward", "Status", "Stream", "VMStatus"]
 
 
 def __getattr__(name: str) -> object:

@@ -5,8 +5,8 @@ same checks (the listener must be root's before the token goes out) and the same
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, BinaryIO
 
 from vmbusify.client.execution import ExecProcess, ExecRequest, ExecResult, argv_of
 from vmbusify.client.forward import Forward, Report, say_on_stderr
@@ -14,6 +14,10 @@ from vmbusify.client.status import Status, VMStatus
 from vmbusify.client.wire import Listener, find_listener, post_detached, request_body
 from vmbusify.config import Config, load_config
 from vmbusify.control.client import ControlClient, q
+from vmbusify.files import CopyResult, Progress, pull, push
+
+#: A local path, as the file functions take it.
+LocalPath = str | os.PathLike[str]
 
 #: The size of a remote terminal when ``tty=True`` and none is given (rows, columns).
 DEFAULT_TTY_SIZE = (24, 80)
@@ -125,6 +129,34 @@ class Client:
         answer: dict[str, Any] = post_detached(self._exec_listener(), vmid, request_body(body),
                                                self.timeout)
         return int(answer["pid"])
+
+    # -- files ----------------------------------------------------------------------------
+    def push(self, vmid: str, sources: LocalPath | Sequence[LocalPath], dest: str, *,
+             recursive: bool = False, preserve: bool = False, user: str = "",
+             resume: bool = False, checksum: bool = False,
+             progress: Callable[[Progress], None] | None = None,
+             stdin: BinaryIO | None = None) -> CopyResult:
+        """Copy local files (or trees, with ``recursive``) to ``dest`` in the VM, as
+        ``vmbusifyctl cp`` does (vmbusify.files.push has every option); a source ``"-"``
+        copies ``stdin``. FileCopyError says why a copy failed; ``CopyResult.warnings``
+        lists entries of a tree that were left out."""
+        paths = [sources] if isinstance(sources, str | os.PathLike) else list(sources)
+        return push(vmid, paths, dest, recursive=recursive, preserve=preserve, user=user,
+                    resume=resume, checksum=checksum, config=self.config, progress=progress,
+                    stdin=stdin)
+
+    def pull(self, vmid: str, sources: str | Sequence[str], dest: LocalPath, *,
+             recursive: bool = False, preserve: bool = False, user: str = "",
+             resume: bool = False, checksum: bool = False,
+             progress: Callable[[Progress], None] | None = None,
+             stdout: BinaryIO | None = None) -> CopyResult:
+        """Copy files (or trees) of the VM to the local ``dest``, checked as coming from a
+        hostile guest (vmbusify.files.pull); ``dest`` ``"-"`` writes the one file to
+        ``stdout``."""
+        paths = [sources] if isinstance(sources, str) else list(sources)
+        return pull(vmid, paths, dest, recursive=recursive, preserve=preserve, user=user,
+                    resume=resume, checksum=checksum, config=self.config, progress=progress,
+                    stdout=stdout)
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, vmid: str, target_port: int, *, target: str = "localhost",
