@@ -56,16 +56,19 @@ def ssh_args(sshd: LocalSshd) -> str:
 
 
 def write_inventory(path: Path, lab: LabHandle, sshd: LocalSshd) -> Path:
-    """Two hypervisors that are both the lab's host: ``here`` (this machine) and ``hv1``
-    (through the sshd); ``hv1``'s hosts use pipelining, ``here``'s do not (put_file)."""
+    """Three hypervisors that are all the lab's host: ``here`` (this machine, commands
+    in-process through vmbusify.client), ``exe`` (this machine, through vmbusifyexec) and
+    ``hv1`` (through the sshd); ``hv1``'s hosts use pipelining, the others do not
+    (modules go by put_file)."""
     config = str(lab.layout.host.config_path)
     common = {"config": config, "vmbusifyctl": str(BIN / "vmbusifyctl"),
               "vmbusifyexec": str(BIN / "vmbusifyexec")}
     doc = {"plugin": "vmbusify.vmbusify.vmbusify",
-           "hypervisors": [{"name": "here", **common},
+           "hypervisors": [{"name": "here", **common}, {"name": "exe", **common},
                            {"name": "hv1", "host": f"{sshd.user}@127.0.0.1",
                             "ssh_args": ssh_args(sshd), **common}],
-           "compose": {"ansible_pipelining": "vmbusify_hypervisor == 'hv1'"},
+           "compose": {"ansible_pipelining": "vmbusify_hypervisor == 'hv1'",
+                       "ansible_vmbusify_use_api": "vmbusify_hypervisor == 'here'"},
            "keyed_groups": [{"key": "vmbusify_state", "prefix": "state"}]}
     inventory = path / "lab.vmbusify.yml"
     inventory.write_text(json.dumps(doc))  # JSON is YAML
@@ -135,8 +138,9 @@ def test_playbook_through_local_and_remote_hypervisors(lab: LabHandle, sshd: Loc
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
         recap = re.findall(r"^(\S+)\s+: ok=\d+\s+changed=\d+\s+unreachable=0\s+failed=0",
                            out.stdout, re.MULTILINE)
-        assert sorted(recap) == ["here/vm1", "here/vm2", "hv1/vm1", "hv1/vm2"], out.stdout
-        for hv in ("here", "hv1"):
+        assert sorted(recap) == ["exe/vm1", "exe/vm2", "here/vm1", "here/vm2", "hv1/vm1",
+                                 "hv1/vm2"], out.stdout
+        for hv in ("here", "exe", "hv1"):
             for vmid in ("vm1", "vm2"):
                 report = (outdir / f"{hv}-{vmid}.txt").read_text()
                 # The command ran in the VM: its network namespace's address, not the host's.

@@ -58,6 +58,15 @@ DOCUMENTATION = r"""
         default: vmbusifyexec
         vars:
           - name: ansible_vmbusify_exec
+      use_api:
+        description:
+          - On this machine as the hypervisor, run commands in-process through VMBusify's
+            Python API (C(vmbusify.client)) when Ansible's Python can import it, saving a
+            vmbusifyexec process per command; C(false) always runs vmbusifyexec.
+        type: bool
+        default: true
+        vars:
+          - name: ansible_vmbusify_use_api
       ssh_executable:
         description: The ssh client used to reach a remote hypervisor.
         type: str
@@ -99,6 +108,14 @@ from ansible.module_utils.common.text.converters import to_bytes, to_native, to_
 from ansible.plugins.connection import ConnectionBase
 from ansible.utils.display import Display
 
+try:  # VMBusify's Python API, when Ansible runs where VMBusify is installed
+    from vmbusify.client.execution import ExecProcess, ExecRequest, Stream
+    from vmbusify.client.wire import find_listener
+    from vmbusify.errors import VMBusifyError
+    HAVE_API = True
+except ImportError:
+    HAVE_API = False
+
 display = Display()
 
 #: vmbusifyexec's exit status when it (not the program) failed: the VM is unknown or
@@ -123,6 +140,72 @@ class Connection(ConnectionBase):
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
         self._control_path = ""
+        self._listener: t.Any = None
+
+    # -- in-process, through the Python API ---------------------------------------------------
+    def _api(self) -> bool:
+        """Whether this connection runs commands through vmbusify.client in-process."""
+        return HAVE_API and not self._hypervisor() and bool(self.get_option("use_api"))
+
+    def _start(self, argv: list[str], stdin: bool = True) -> t.Any:
+        """An ExecProcess running ``argv`` in the VM (its stdin open with ``stdin``)."""
+        vmid = self.get_option("remote_addr")
+        try:
+            if self._listener is None:
+                self._listener = find_listener(self.get_option("config") or None)
+            request = ExecRequest(argv, user=self.get_option("remote_user") or "",
+                                  stdin=stdin)
+            return ExecProcess(self._listener, vmid, request)
+        except (VMBusifyError, OSError) as exc:
+            raise AnsibleConnectionFailure(f"{vmid}: {to_native(exc)}") from None
+
+    def _api_exec(self, cmd: str, in_data: bytes | None, prompt: bool
+                  ) -> tuple[int, bytes, bytes]:
+        vmid = self.get_option("remote_addr")
+        try:
+            with self._start(["/bin/sh", "-c", cmd]) as proc:
+                if prompt:
+                    self._api_answer_prompt(proc)
+                result = proc.communicate(in_data or b"")
+        except (VMBusifyError, OSError) as exc:
+            raise AnsibleConnectionFailure(f"{vmid}: {to_native(exc)}") from None
+        return result.exit_code, result.stdout, result.stderr
+
+    def _api_answer_prompt(self, proc: t.Any) -> None:
+        """Become with a password, in-process: read until the prompt and send it."""
+        become = self.become
+        assert become is not None
+        output = b""
+        while not become.check_success(output) and not become.check_password_prompt(output):
+            try:
+                chunk = proc.read(self._play_context.timeout)
+            except TimeoutError:
+                raise AnsibleError("timeout waiting for the privilege escalation prompt: "
+                                   + to_native(output)) from None
+            if chunk is None:
+                raise AnsibleError("privilege escalation ended before its prompt: "
+                                   + to_native(output))
+            output += chunk[1]
+        if not become.check_success(output):
+            password = become.get_option("become_pass", playcontext=self._play_context)
+            proc.write(to_bytes(password or "", errors="surrogate_or_strict") + b"\n")
+
+    def _api_put(self, source: t.BinaryIO, out_path: str) -> tuple[int, bytes]:
+        with self._start(["/bin/sh", "-c", 'cat > "$1"', "sh", out_path]) as proc:
+            while chunk := source.read(1 << 20):
+                proc.write(chunk)
+            result = proc.communicate(b"")
+        return result.exit_code, result.stderr
+
+    def _api_fetch(self, in_path: str, target: t.BinaryIO) -> tuple[int, bytes]:
+        errors = b""
+        with self._start(["cat", "--", in_path], stdin=False) as proc:
+            for stream, chunk in proc:
+                if stream is Stream.STDOUT:
+                    target.write(chunk)
+                elif len(errors) < 65536:
+                    errors += chunk
+        return proc.result.exit_code, errors
 
     # -- the way to the hypervisor -----------------------------------------------------------
     def _hypervisor(self) -> str:
@@ -202,6 +285,9 @@ class Connection(ConnectionBase):
         failure, so Ansible marks the host unreachable."""
         super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
         prompt = bool(sudoable and self.become and self.become.expect_prompt())
+        if self._api():
+            display.vvv(f"EXEC (vmbusify.client) {cmd}", host=self.get_option("remote_addr"))
+            return self._api_exec(cmd, in_data, prompt)
         argv = self._exec_argv(["/bin/sh", "-c", cmd], stdin=in_data is not None or prompt)
         display.vvv(f"EXEC {shlex.join(argv)}", host=self.get_option("remote_addr"))
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -254,11 +340,19 @@ class Connection(ConnectionBase):
             raise AnsibleFileNotFound(f"file or module does not exist: {to_native(in_path)}")
         argv = self._exec_argv(["/bin/sh", "-c", 'cat > "$1"', "sh", out_path], stdin=True)
         with open(to_bytes(in_path, errors="surrogate_or_strict"), "rb") as source:
-            proc = subprocess.run(argv, stdin=source, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, check=False)
-        if proc.returncode != 0:
+            if self._api():
+                try:
+                    returncode, stderr = self._api_put(source, out_path)
+                except (VMBusifyError, OSError) as exc:
+                    raise AnsibleConnectionFailure(f"failed to transfer {to_text(in_path)}: "
+                                                   f"{to_native(exc)}") from None
+            else:
+                proc = subprocess.run(argv, stdin=source, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, check=False)
+                returncode, stderr = proc.returncode, proc.stderr
+        if returncode != 0:
             raise self._failed(f"failed to transfer {to_text(in_path)} to {out_path}",
-                               proc.returncode, proc.stderr)
+                               returncode, stderr)
 
     def fetch_file(self, in_path: str, out_path: str) -> None:
         """Copy ``in_path`` in the VM to a local file."""
@@ -270,11 +364,20 @@ class Connection(ConnectionBase):
         fd, partial = tempfile.mkstemp(prefix=os.path.basename(b_out) + b".",
                                        suffix=b".part", dir=os.path.dirname(b_out) or b".")
         with os.fdopen(fd, "wb") as target:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=target,
-                                  stderr=subprocess.PIPE, check=False)
-        if proc.returncode != 0:
+            if self._api():
+                try:
+                    returncode, stderr = self._api_fetch(in_path, target)
+                except (VMBusifyError, OSError) as exc:
+                    os.unlink(partial)
+                    raise AnsibleConnectionFailure(f"failed to fetch {in_path}: "
+                                                   f"{to_native(exc)}") from None
+            else:
+                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=target,
+                                      stderr=subprocess.PIPE, check=False)
+                returncode, stderr = proc.returncode, proc.stderr
+        if returncode != 0:
             os.unlink(partial)
-            raise self._failed(f"failed to fetch {in_path}", proc.returncode, proc.stderr)
+            raise self._failed(f"failed to fetch {in_path}", returncode, stderr)
         os.chmod(partial, 0o644 & ~_umask())
         os.replace(partial, b_out)
 

@@ -31,6 +31,8 @@ DOCUMENTATION = r"""
             of its hosts' names), C(host) (an ssh destination; empty or absent for this
             machine), and optionally C(config) (VMBusify's configuration file there),
             C(vmbusifyctl) and C(vmbusifyexec) (the programs' paths there) and C(ssh_args).
+          - The status of this machine is read in-process through VMBusify's Python API
+            when Ansible's Python can import it (C(use_api)), else with C(vmbusifyctl).
         type: list
         elements: dict
         required: true
@@ -38,6 +40,10 @@ DOCUMENTATION = r"""
         description: List only the VMs whose tunnel is up.
         type: bool
         default: false
+      use_api:
+        description: Read this machine's status through vmbusify.client when importable.
+        type: bool
+        default: true
       ssh_executable:
         description: The ssh client used to reach remote hypervisors.
         type: str
@@ -72,6 +78,13 @@ from ansible.errors import AnsibleParserError
 from ansible.module_utils.common.text.converters import to_native
 from ansible.plugins.inventory import BaseInventoryPlugin, Constructable
 
+try:  # VMBusify's Python API, when Ansible runs where VMBusify is installed
+    from vmbusify.client import Client
+    from vmbusify.errors import VMBusifyError
+    HAVE_API = True
+except ImportError:
+    HAVE_API = False
+
 #: A hypervisor's name: a group name and the first part of its hosts' names.
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$")
 
@@ -104,6 +117,13 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
             self._add_hypervisor(name, spec, self._status(name, spec))
 
     def _status(self, name: str, spec: dict[str, t.Any]) -> dict[str, t.Any]:
+        if HAVE_API and not spec.get("host") and self.get_option("use_api"):
+            try:
+                status = Client(spec.get("config") or None,
+                                timeout=self.get_option("timeout")).status().raw
+            except (VMBusifyError, OSError) as exc:
+                raise AnsibleParserError(f"hypervisor {name}: {to_native(exc)}") from None
+            return self._checked(name, status)
         command = [str(spec.get("vmbusifyctl") or "vmbusifyctl")]
         if spec.get("config"):
             command += ["--config", str(spec["config"])]
@@ -125,6 +145,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
             status = json.loads(proc.stdout)
         except ValueError:
             raise AnsibleParserError(f"hypervisor {name}: the status is not JSON") from None
+        return self._checked(name, status)
+
+    @staticmethod
+    def _checked(name: str, status: t.Any) -> dict[str, t.Any]:
         if not isinstance(status, dict) or not isinstance(status.get("vms"), list):
             raise AnsibleParserError(f"hypervisor {name}: the status lists no VMs")
         return status

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""`ansible -m ping` over the lab's VMs through VMBusify, beside the same through ssh, in one
+run (docs/ansible.md, "Performance").
+
+    sudo bench/ansible.py [--runs 7]
+
+Each round runs, in turn (median wall time of each over the rounds):
+
+1. **vmbusify**: `ansible all -m ping` over the lab's VMs, listed by the collection's inventory
+   plugin and reached by its connection plugin (vmbusifyexec on this machine);
+2. **ssh**: the same number of hosts through Ansible's own ssh connection to a throwaway sshd
+   on 127.0.0.1 (bench/exec.py's), each host with a master connection of its own made in the
+   run, as on a first run against a fleet or after ControlPersist's 60 s;
+3. **ssh, warm**: the same with the masters of run 2 still up (ControlPersist), the best ssh
+   does for consecutive runs;
+4. **local**: the same number of hosts with `-c local`: Ansible's own cost (its start, a
+   worker per host, the module's Python), which no connection can go below.
+
+Both connections use pipelining and the same interpreter; nothing else is set. The goal is on
+the first ratio (vmbusify / ssh <= 0.5); the ratio of each's time beyond `local` says what
+the connections themselves cost. Needs root and the lab (honours VMBUSIFY_LAB_INSTANCE);
+brings the lab up if it is not (and leaves it up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.exec import LocalSshd
+from vmbusify.lab.testing import LabHandle, lab_status, vmbusify
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = REPO / ".venv" / "bin"
+COLLECTIONS = REPO / "packaging" / "ansible"
+PYTHON = "/usr/bin/python3"
+
+
+def environment(home: Path) -> dict[str, str]:
+    (home / "ansible.cfg").write_text("[defaults]\n")
+    return {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
+            "ANSIBLE_HOME": str(home), "ANSIBLE_LOCAL_TEMP": str(home / "tmp"),
+            "ANSIBLE_CONFIG": str(home / "ansible.cfg"), "ANSIBLE_PIPELINING": "1",
+            "ANSIBLE_PYTHON_INTERPRETER": PYTHON, "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_HOST_KEY_CHECKING": "0", "ANSIBLE_FORKS": "10"}
+
+
+def ping(inventory: Path, env: dict[str, str], hosts: int, *extra: str) -> float:
+    """Seconds one `ansible all -m ping` took; exits if any host did not answer."""
+    t0 = time.perf_counter()
+    out = subprocess.run([str(BIN / "ansible"), "-i", str(inventory), "all", "-m", "ping",
+                          "-o", *extra], env=env, capture_output=True, text=True, check=False,
+                         timeout=300)
+    took = time.perf_counter() - t0
+    if out.returncode != 0 or out.stdout.count("SUCCESS") != hosts:
+        sys.exit(f"ansible failed ({out.returncode}): {out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7, help="rounds (default 7)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/ansible.py needs root (the lab)")
+    if not lab_status()["up"]:
+        vmbusify("lab", "-q", "up", timeout=1800)
+    lab = LabHandle(status=lab_status(), started=False)
+    lab.wait_connected(timeout=120)
+    vmids = lab.vmids
+    tmp = Path(tempfile.mkdtemp(prefix="vmbusify-bench-ansible-"))
+    sshd = LocalSshd(tmp)
+    try:
+        sshd.start()
+        env = environment(tmp)
+        ours = tmp / "lab.vmbusify.yml"
+        ours.write_text(json.dumps({"plugin": "vmbusify.vmbusify.vmbusify", "hypervisors": [
+            {"name": "lab", "config": str(lab.layout.host.config_path),
+             "vmbusifyctl": str(BIN / "vmbusifyctl"),
+             "vmbusifyexec": str(BIN / "vmbusifyexec")}]}))
+        ssh_inv = tmp / "ssh.ini"
+        local_inv = tmp / "local.ini"
+        ssh_lines, local_lines = ["[all]"], ["[all]"]
+        for vmid in vmids:
+            # A ControlPath per host: a fleet's hosts do not share one master.
+            ssh_lines.append(
+                f"{vmid} ansible_host=127.0.0.1 ansible_port={sshd.port} "
+                f"ansible_user={sshd.user} ansible_ssh_private_key_file={sshd.key} "
+                f"ansible_ssh_common_args='-F /dev/null -o UserKnownHostsFile=/dev/null "
+                f"-o ControlPath={tmp}/cp-%r-{vmid}'")
+            local_lines.append(f"{vmid} ansible_connection=local")
+        ssh_inv.write_text("\n".join(ssh_lines) + "\n")
+        local_inv.write_text("\n".join(local_lines) + "\n")
+        n = len(vmids)
+        ping(ours, env, n)  # warm the page cache and bytecode of each path once
+        ping(local_inv, env, n)
+        t_ours, t_ssh, t_warm, t_local = [], [], [], []
+        for _ in range(args.runs):
+            t_ours.append(ping(ours, env, n))
+            for cp in tmp.glob("cp-*"):  # the previous round's masters: a cold start
+                subprocess.run(["ssh", "-o", f"ControlPath={cp}", "-O", "exit", "x"],
+                               capture_output=True, check=False)
+            t_ssh.append(ping(ssh_inv, env, n))
+            t_warm.append(ping(ssh_inv, env, n))
+            t_local.append(ping(local_inv, env, n))
+        for cp in tmp.glob("cp-*"):
+            subprocess.run(["ssh", "-o", f"ControlPath={cp}", "-O", "exit", "x"],
+                           capture_output=True, check=False)
+    finally:
+        sshd.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {name: statistics.median(ts) * 1e3 for name, ts in
+           (("ours", t_ours), ("ssh", t_ssh), ("warm", t_warm), ("local", t_local))}
+    print(f"ansible -m ping over {n} lab VMs, median of {args.runs} rounds (ms)")
+    print(f"  {'measure':<44} {'vmbusify':>9} {'anchor':>9} {'ratio':>6}  goal")
+    print(f"  {'ping, whole command vs ssh':<44} {med['ours']:>9.0f} {med['ssh']:>9.0f} "
+          f"{med['ours'] / med['ssh']:>6.2f}  <= 0.5")
+    print(f"  {'ping, whole command vs ssh with warm masters':<44} {med['ours']:>9.0f} "
+          f"{med['warm']:>9.0f} {med['ours'] / med['warm']:>6.2f}")
+    beyond = med["ours"] - med["local"]
+    print(f"  {'beyond -c local, vs ssh':<44} {beyond:>9.0f} {med['ssh'] - med['local']:>9.0f} "
+          f"{beyond / max(1e-9, med['ssh'] - med['local']):>6.2f}")
+    print(f"  {'ansible -c local (its own cost)':<44} {med['local']:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()
