@@ -77,6 +77,7 @@ import typing as t
 from ansible.errors import AnsibleParserError
 from ansible.module_utils.common.text.converters import to_native
 from ansible.plugins.inventory import BaseInventoryPlugin, Constructable
+from ansible.utils.unsafe_proxy import wrap_var
 
 try:  # VMBusify's Python API, when Ansible runs where VMBusify is installed
     from vmbusify.client import Client
@@ -85,6 +86,9 @@ try:  # VMBusify's Python API, when Ansible runs where VMBusify is installed
 except ImportError:
     HAVE_API = False
 
+#: The host variables whose values the guest chose.
+GUEST_SAID = ("vmbusify_ips", "vmbusify_hostname", "vmbusify_peer_version",
+              "vmbusify_last_error")
 #: A hypervisor's name: a group name and the first part of its hosts' names.
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$")
 
@@ -114,6 +118,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
             if name in names:
                 raise AnsibleParserError(f"{path}: hypervisor {name!r} is listed twice")
             names.add(name)
+        for spec in hypervisors:  # every name checked before any hypervisor is asked
+            name = str(spec["name"])
             self._add_hypervisor(name, spec, self._status(name, spec))
 
     def _status(self, name: str, spec: dict[str, t.Any]) -> dict[str, t.Any]:
@@ -189,6 +195,11 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
                 hostvars["ansible_vmbusify_exec"] = str(spec["vmbusifyexec"])
             if spec.get("ssh_args"):
                 hostvars["ansible_vmbusify_ssh_args"] = str(spec["ssh_args"])
+            # What the guest told its hypervisor (its addresses, host name, version, the
+            # text of its errors) may come from a hostile guest: marked unsafe, so Ansible
+            # never evaluates a "{{ ... }}" in it as a template on the control node.
+            for key in GUEST_SAID:
+                hostvars[key] = wrap_var(hostvars[key])
             for key, value in hostvars.items():
                 self.inventory.set_variable(host, key, value)
             self._set_composite_vars(self.get_option("compose"), hostvars, host, strict=strict)
