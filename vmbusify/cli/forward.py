@@ -74,7 +74,7 @@ def parse_spec(text: str) -> ForwardSpec:
 async def run_forward(config: Config, vmid: str, spec: ForwardSpec) -> None:
     """Listen and forward until SIGINT/SIGTERM."""
     server = await start_forward(config, vmid, spec.target, spec.target_port, spec.bind,
-                                 spec.port)
+                                 spec.port, explain=lambda exc: in_words(exc, config))
     stop = stop_on_signals()
     click.echo(f"forwarding {spec.bind}:{spec.port} -> {spec.target}:{spec.target_port} "
                f"in {vmid} (Ctrl-C to stop)", err=True)

@@ -33,6 +33,13 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 #: Where a forward reports what it refused or could not open: one line each.
 Report = Callable[[str], None]
+#: How a failure to open a connection through the proxy is put in words.
+Explain = Callable[[BaseException], str]
+
+
+def plain_reason(exc: BaseException) -> str:
+    """The default explanation: the error's own text."""
+    return str(exc) or "the proxy closed the connection"
 
 
 def say_on_stderr(line: str) -> None:
@@ -129,7 +136,7 @@ class Gate:
 
 async def serve_one(config: Config, host: str, port: int, c_reader: asyncio.StreamReader,
                     c_writer: asyncio.StreamWriter, gate: Gate | None = None,
-                    report: Report = say_on_stderr) -> None:
+                    report: Report = say_on_stderr, explain: Explain = plain_reason) -> None:
     """Carry one local connection to ``host:port`` through the proxy."""
     if gate is not None and not gate.admit(c_writer):
         c_writer.transport.abort()
@@ -137,7 +144,7 @@ async def serve_one(config: Config, host: str, port: int, c_reader: asyncio.Stre
     try:
         p_reader, p_writer = await socks_open(config, host, port)
     except (VMBusifyError, OSError, asyncio.IncompleteReadError) as exc:
-        report(f"{exc or 'the proxy closed the connection'}")
+        report(explain(exc))
         c_writer.close()
         return
     await asyncio.gather(_pipe(c_reader, p_writer), _pipe(p_reader, c_writer))
@@ -147,7 +154,8 @@ async def serve_one(config: Config, host: str, port: int, c_reader: asyncio.Stre
 
 async def start_forward(config: Config, vmid: str, target: str, target_port: int,
                         bind: str = "127.0.0.1", port: int = 0,
-                        report: Report = say_on_stderr) -> asyncio.Server:
+                        report: Report = say_on_stderr,
+                        explain: Explain = plain_reason) -> asyncio.Server:
     """Listen on ``bind:port`` (0: any free port) and forward each connection; ControlError
     when the VM, the proxy address or the listening address is bad."""
     host = socks_target(config, vmid, target)
@@ -155,7 +163,8 @@ async def start_forward(config: Config, vmid: str, target: str, target_port: int
     gate = Gate.for_config(config, report)
     try:
         return await asyncio.start_server(
-            lambda r, w: serve_one(config, host, target_port, r, w, gate, report), bind, port)
+            lambda r, w: serve_one(config, host, target_port, r, w, gate, report, explain),
+            bind, port)
     except OSError as exc:
         raise ControlError(f"forward: cannot listen on {bind}:{port}: "
                            f"{exc.strerror or exc}") from None
