@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,12 @@ def test_forward_reaches_a_service_on_the_vms_loopback(lab: LabHandle, tmp_path:
                                  text=True, check=False)
             assert out.returncode != 0 and "forwarded" not in out.stdout
             assert len(said) == 1 and "refused a connection from uid 65534" in said[0], said
+            # A connection still open when the forward stops is closed, not left behind.
+            held = socket.create_connection(("127.0.0.1", fwd.port), timeout=10)
+            held.sendall(b"GET /hello HTTP/1.1\r\n")  # half a request: the server waits
+            time.sleep(0.5)
+        with held:
+            assert held.recv(100) == b""
         with socket.socket() as probe:  # closed: nothing listens there any more
             assert probe.connect_ex(("127.0.0.1", fwd.port)) != 0
     finally:

@@ -147,9 +147,11 @@ async def serve_one(config: Config, host: str, port: int, c_reader: asyncio.Stre
         report(explain(exc))
         c_writer.close()
         return
-    await asyncio.gather(_pipe(c_reader, p_writer), _pipe(p_reader, c_writer))
-    p_writer.close()
-    c_writer.close()
+    try:
+        await asyncio.gather(_pipe(c_reader, p_writer), _pipe(p_reader, c_writer))
+    finally:  # also when the forward stops (cancelled): both ends are closed
+        p_writer.close()
+        c_writer.close()
 
 
 async def start_forward(config: Config, vmid: str, target: str, target_port: int,
@@ -196,6 +198,11 @@ class Forward:
             ready.set()
             async with server:
                 await self._stop.wait()
+            # The connections still open: cancelled, which closes both their ends.
+            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(serve(),),
                                         daemon=True, name=f"forward-{vmid}")
