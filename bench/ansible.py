@@ -14,11 +14,13 @@ Each round runs, in turn (median wall time of each over the rounds):
 3. **ssh, warm**: the same with the masters of run 2 still up (ControlPersist), the best ssh
    does for consecutive runs;
 4. **local**: the same number of hosts with `-c local`: Ansible's own cost (its start, a
-   worker per host, the module's Python), which no connection can go below.
+   worker per host, the module's Python), which no connection can go below;
+5. **ssh, Ansible's defaults**: run 2 without pipelining, as ssh runs unless told (the
+   vmbusify connection pipelines by default).
 
-Both connections use pipelining and the same interpreter; nothing else is set. The goal is on
-the first ratio (vmbusify / ssh <= 0.5); the ratio of each's time beyond `local` says what
-the connections themselves cost. Needs root and the lab (honours VMBUSIFY_LAB_INSTANCE);
+Runs 1-4 use pipelining and the same interpreter; nothing else is set. The goal is on the
+first ratio (vmbusify / ssh <= 0.5); the ratio of each's time beyond `local` says what the
+connections themselves cost. Needs root and the lab (honours VMBUSIFY_LAB_INSTANCE);
 brings the lab up if it is not (and leaves it up).
 """
 
@@ -67,6 +69,13 @@ def ping(inventory: Path, env: dict[str, str], hosts: int, *extra: str) -> float
     return took
 
 
+def stop_masters(tmp: Path) -> None:
+    """Stop the ssh masters Ansible left in ``tmp`` (ControlPersist)."""
+    for cp in tmp.glob("cp-*"):
+        subprocess.run(["ssh", "-o", f"ControlPath={cp}", "-O", "exit", "x"],
+                       capture_output=True, check=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7, help="rounds (default 7)")
@@ -104,29 +113,31 @@ def main() -> None:
         n = len(vmids)
         ping(ours, env, n)  # warm the page cache and bytecode of each path once
         ping(local_inv, env, n)
-        t_ours, t_ssh, t_warm, t_local = [], [], [], []
+        t_ours, t_ssh, t_warm, t_local, t_default = [], [], [], [], []
+        no_pipelining = {**env, "ANSIBLE_PIPELINING": "0"}
         for _ in range(args.runs):
             t_ours.append(ping(ours, env, n))
-            for cp in tmp.glob("cp-*"):  # the previous round's masters: a cold start
-                subprocess.run(["ssh", "-o", f"ControlPath={cp}", "-O", "exit", "x"],
-                               capture_output=True, check=False)
+            stop_masters(tmp)  # the previous run's masters: a cold start
             t_ssh.append(ping(ssh_inv, env, n))
             t_warm.append(ping(ssh_inv, env, n))
             t_local.append(ping(local_inv, env, n))
-        for cp in tmp.glob("cp-*"):
-            subprocess.run(["ssh", "-o", f"ControlPath={cp}", "-O", "exit", "x"],
-                           capture_output=True, check=False)
+            stop_masters(tmp)
+            t_default.append(ping(ssh_inv, no_pipelining, n))
+        stop_masters(tmp)
     finally:
         sshd.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     med = {name: statistics.median(ts) * 1e3 for name, ts in
-           (("ours", t_ours), ("ssh", t_ssh), ("warm", t_warm), ("local", t_local))}
+           (("ours", t_ours), ("ssh", t_ssh), ("warm", t_warm), ("local", t_local),
+            ("default", t_default))}
     print(f"ansible -m ping over {n} lab VMs, median of {args.runs} rounds (ms)")
     print(f"  {'measure':<44} {'vmbusify':>9} {'anchor':>9} {'ratio':>6}  goal")
     print(f"  {'ping, whole command vs ssh':<44} {med['ours']:>9.0f} {med['ssh']:>9.0f} "
           f"{med['ours'] / med['ssh']:>6.2f}  <= 0.5")
     print(f"  {'ping, whole command vs ssh with warm masters':<44} {med['ours']:>9.0f} "
           f"{med['warm']:>9.0f} {med['ours'] / med['warm']:>6.2f}")
+    print(f"  {'each at its default (ssh: no pipelining)':<44} {med['ours']:>9.0f} "
+          f"{med['default']:>9.0f} {med['ours'] / med['default']:>6.2f}")
     beyond = med["ours"] - med["local"]
     print(f"  {'beyond -c local, vs ssh':<44} {beyond:>9.0f} {med['ssh'] - med['local']:>9.0f} "
           f"{beyond / max(1e-9, med['ssh'] - med['local']):>6.2f}")

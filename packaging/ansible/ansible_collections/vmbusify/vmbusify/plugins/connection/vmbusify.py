@@ -21,9 +21,26 @@ DOCUMENTATION = r"""
           unset.
     author: VMBusify
     version_added: "0.2.0"
-    extends_documentation_fragment:
-        - connection_pipelining
     options:
+      pipelining:
+        description:
+          - Send each module on the command's stdin (one exec per task) instead of as a file
+            (temporary directory, file, run, clean-up).
+          - On by default, unlike Ansible's other connections, whose default is off because
+            sudo's C(requiretty) breaks it; commands through VMBusify have no terminal either
+            way, so C(requiretty) would break both.
+        type: boolean
+        default: true
+        env:
+          - name: ANSIBLE_PIPELINING
+        ini:
+          - section: defaults
+            key: pipelining
+          - section: connection
+            key: pipelining
+        vars:
+          - name: ansible_pipelining
+          - name: ansible_vmbusify_pipelining
       remote_addr:
         description: The VM's vmid (or any address it reported), as the hypervisor knows it.
         default: inventory_hostname
