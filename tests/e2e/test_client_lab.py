@@ -23,6 +23,7 @@ def test_status_and_exec_in_the_lab(lab: LabHandle) -> None:
     st = client.status()
     assert {"vm1", "vm2"} <= {vm.vmid for vm in st.vms if vm.connected}
     assert lab.layout.vm(VM).sdn_ip in st.vm(VM).ips
+    assert st.vm(VM).source == "config"  # listed in the host's config, not discovered
     out = client.run(VM, ["ip", "-o", "-4", "addr", "show", "sdn0"], check=True).stdout
     assert f"inet {lab.layout.vm(VM).sdn_ip}/".encode() in out
     assert client.vmid_of(lab.layout.vm(VM).sdn_ip) == VM

@@ -31,7 +31,8 @@ def fake_ctl(path: Path, status: dict[str, Any]) -> Path:
 def vm(vmid: str, state: str = "connected", **extra: Any) -> dict[str, Any]:
     return {"vmid": vmid, "state": state, "ips": ["198.19.1.10"], "rtt_ms": 0.4,
             "address": f"vsock:{len(vmid) + 2}", "hostname": vmid, "last_error": "",
-            "peer_version": "0.2.0", **extra}
+            "peer_version": "0.2.0", "source": "libvirt",
+            "aliases": ["6f1c0e0a-5d1b-4c83-9d1e-3f0b8f6c2a11"], **extra}
 
 
 def ansible(tmp: Path, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -66,6 +67,8 @@ def test_hosts_are_named_by_hypervisor_and_grouped(tmp_path: Path) -> None:
     # What the guest said is marked unsafe (never a template): so --list shows it.
     assert one["vmbusify_ips"] == [{"__ansible_unsafe": "198.19.1.10"}]
     assert doc["_meta"]["hostvars"]["hv1/vm2"]["vmbusify_state"] == "backoff"
+    assert one["vmbusify_source"] == "libvirt"
+    assert one["vmbusify_aliases"] == ["6f1c0e0a-5d1b-4c83-9d1e-3f0b8f6c2a11"]
     assert two["ansible_vmbusify_config"] == "/etc/x.toml"
     assert "ansible_vmbusify_config" not in one
 

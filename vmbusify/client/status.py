@@ -15,6 +15,11 @@ def _str(doc: dict[str, Any], key: str) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _strs(doc: dict[str, Any], key: str) -> list[str]:
+    value = doc.get(key)
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
 def _num(doc: dict[str, Any], key: str) -> float | None:
     value = doc.get(key)
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
@@ -46,6 +51,10 @@ class VMStatus:
     hostname: str = ""
     peer_version: str = ""
     last_error: str = ""
+    #: Where the host found it: ``config``, ``libvirt``, ``firecracker``, ``cloud-hypervisor``
+    #: (docs/discovery.md), and its other names (a libvirt domain's UUID).
+    source: str = ""
+    aliases: list[str] = field(default_factory=list)
     #: The whole record as the listener sent it (more counters).
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -57,15 +66,13 @@ class VMStatus:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> VMStatus:
         """The record of one VM of ``/v1/status`` or ``/v1/vms``."""
-        ips = doc.get("ips")
-        return cls(vmid=_str(doc, "vmid"), state=_str(doc, "state"),
-                   ips=[ip for ip in ips if isinstance(ip, str)] if isinstance(ips, list)
-                   else [],
+        return cls(vmid=_str(doc, "vmid"), state=_str(doc, "state"), ips=_strs(doc, "ips"),
                    address=_str(doc, "address"), rtt_ms=_num(doc, "rtt_ms"),
                    connected_since=_num(doc, "connected_since"),
                    bytes_in=_int(doc, "bytes_in"), bytes_out=_int(doc, "bytes_out"),
                    hostname=_str(doc, "hostname"), peer_version=_str(doc, "peer_version"),
-                   last_error=_str(doc, "last_error"), raw=doc)
+                   last_error=_str(doc, "last_error"), source=_str(doc, "source"),
+                   aliases=_strs(doc, "aliases"), raw=doc)
 
 
 @dataclass(frozen=True)

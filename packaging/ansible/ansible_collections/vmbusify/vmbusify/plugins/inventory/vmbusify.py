@@ -14,7 +14,8 @@ DOCUMENTATION = r"""
         - "Host variables: C(vmbusify_vmid), C(vmbusify_hypervisor), C(vmbusify_state)
           (connected, connecting, backoff, disconnected), C(vmbusify_connected),
           C(vmbusify_ips), C(vmbusify_address), C(vmbusify_rtt_ms), C(vmbusify_hostname),
-          C(vmbusify_peer_version), C(vmbusify_last_error)."
+          C(vmbusify_peer_version), C(vmbusify_last_error), C(vmbusify_source) (config,
+          libvirt, firecracker...), C(vmbusify_aliases) (a libvirt domain's UUID)."
         - The inventory file's name must end in C(vmbusify.yml) or C(vmbusify.yaml).
     author: VMBusify
     version_added: "0.2.0"
@@ -171,7 +172,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
             if self.get_option("only_connected") and state != "connected":
                 continue
             host = self.inventory.add_host(f"{name}/{vmid}", group=group)
-            ips = vm.get("ips")
+            ips, aliases = vm.get("ips"), vm.get("aliases")
             hostvars = {
                 "vmbusify_vmid": vmid,
                 "vmbusify_hypervisor": name,
@@ -184,6 +185,11 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
                 "vmbusify_hostname": vm.get("hostname") or "",
                 "vmbusify_peer_version": vm.get("peer_version") or "",
                 "vmbusify_last_error": vm.get("last_error") or "",
+                # Where the host found it (config, libvirt...) and its other names (a
+                # libvirt domain's UUID): docs/discovery.md.
+                "vmbusify_source": vm.get("source") or "",
+                "vmbusify_aliases": [a for a in aliases if isinstance(a, str)]
+                if isinstance(aliases, list) else [],
                 # How the connection plugin reaches it.
                 "ansible_connection": "vmbusify.vmbusify.vmbusify",
                 "ansible_vmbusify_vmid": vmid,
