@@ -1,0 +1,42 @@
+"""The Ansible connection plugin (packaging/ansible) when its hypervisor cannot be reached
+(no root, no lab): the host is UNREACHABLE with ssh's reason, not a failed task or a
+traceback; and with vmbusifyexec failing on this machine, its one line is the reason."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from tests.integration.test_ansible_inventory import ansible
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens once it is closed
+
+
+def test_an_unreachable_hypervisor_makes_the_host_unreachable(tmp_path: Path) -> None:
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text(
+        "[vms]\nvm1 ansible_connection=vmbusify.vmbusify.vmbusify "
+        "ansible_vmbusify_hypervisor=root@127.0.0.1 "
+        f"ansible_vmbusify_ssh_args='-F /dev/null -p {closed_port()} -o ConnectTimeout=5' "
+        f"ansible_vmbusify_control_dir={tmp_path / 'cp'}\n")
+    out = ansible(tmp_path, "ansible", "-i", str(inventory), "vms", "-m", "ping")
+    assert out.returncode == 4, out.stdout + out.stderr  # 4: a host was unreachable
+    assert "UNREACHABLE" in out.stdout and "cannot reach the hypervisor" in out.stdout
+    assert "Connection refused" in out.stdout and "Traceback" not in out.stdout + out.stderr
+
+
+def test_a_failing_vmbusifyexec_makes_the_host_unreachable(tmp_path: Path) -> None:
+    failing = tmp_path / "vmbusifyexec"
+    failing.write_text("#!/bin/sh\necho 'vmbusifyexec: no command listener at x' >&2\n"
+                       "exit 255\n")
+    failing.chmod(0o755)
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text("[vms]\nvm1 ansible_connection=vmbusify.vmbusify.vmbusify "
+                         f"ansible_vmbusify_exec={failing} ansible_vmbusify_use_api=false\n")
+    out = ansible(tmp_path, "ansible", "-i", str(inventory), "vms", "-m", "ping")
+    assert out.returncode == 4, out.stdout + out.stderr
+    assert "UNREACHABLE" in out.stdout and "no command listener at x" in out.stdout
