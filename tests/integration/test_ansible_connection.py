@@ -40,3 +40,15 @@ def test_a_failing_vmbusifyexec_makes_the_host_unreachable(tmp_path: Path) -> No
     out = ansible(tmp_path, "ansible", "-i", str(inventory), "vms", "-m", "ping")
     assert out.returncode == 4, out.stdout + out.stderr
     assert "UNREACHABLE" in out.stdout and "no command listener at x" in out.stdout
+
+
+def test_a_programs_own_255_is_a_failed_task(tmp_path: Path) -> None:
+    program = tmp_path / "vmbusifyexec"  # stands in: the program in the VM said this
+    program.write_text("#!/bin/sh\necho 'the program failed' >&2\nexit 255\n")
+    program.chmod(0o755)
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text("[vms]\nvm1 ansible_connection=vmbusify.vmbusify.vmbusify "
+                         f"ansible_vmbusify_exec={program} ansible_vmbusify_use_api=false\n")
+    out = ansible(tmp_path, "ansible", "-i", str(inventory), "vms", "-m", "raw", "-a", "x")
+    assert out.returncode == 2, out.stdout + out.stderr  # 2: a task failed
+    assert "FAILED" in out.stdout and "rc=255" in out.stdout and "UNREACHABLE" not in out.stdout

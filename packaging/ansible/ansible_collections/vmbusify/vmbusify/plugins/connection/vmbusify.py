@@ -312,9 +312,12 @@ class Connection(ConnectionBase):
         if prompt:
             self._answer_prompt(proc)
         stdout, stderr = proc.communicate(in_data)
-        if proc.returncode == EXEC_FAILURE and stderr.startswith(b"vmbusifyexec: "):
+        last = stderr.rstrip().rsplit(b"\n", 1)[-1]
+        # vmbusifyexec's own failure (its one line, last), or ssh's on the way to the
+        # hypervisor; a program's own 255 is its status.
+        if proc.returncode == EXEC_FAILURE and last.startswith((b"vmbusifyexec: ", b"ssh: ")):
             raise AnsibleConnectionFailure(
-                f"{self.get_option('remote_addr')}: {to_native(stderr.strip())}")
+                f"{self.get_option('remote_addr')}: {to_native(last)}")
         return proc.returncode, stdout, stderr
 
     def _answer_prompt(self, proc: subprocess.Popen[bytes]) -> None:
