@@ -52,3 +52,17 @@ def test_a_programs_own_255_is_a_failed_task(tmp_path: Path) -> None:
     out = ansible(tmp_path, "ansible", "-i", str(inventory), "vms", "-m", "raw", "-a", "x")
     assert out.returncode == 2, out.stdout + out.stderr  # 2: a task failed
     assert "FAILED" in out.stdout and "rc=255" in out.stdout and "UNREACHABLE" not in out.stdout
+
+
+def test_the_collection_builds_and_its_plugins_document_themselves(tmp_path: Path) -> None:
+    collection = Path(__file__).resolve().parents[2] / "packaging" / "ansible" / \
+        "ansible_collections" / "vmbusify" / "vmbusify"
+    out = ansible(tmp_path, "ansible-galaxy", "collection", "build", str(collection),
+                  "--output-path", str(tmp_path))
+    assert out.returncode == 0 and (tmp_path / "vmbusify-vmbusify-0.2.0.tar.gz").is_file(), \
+        out.stdout + out.stderr
+    for kind in ("connection", "inventory"):  # their DOCUMENTATION parses, options and all
+        out = ansible(tmp_path, "ansible-doc", "-t", kind, "--json",
+                      "vmbusify.vmbusify.vmbusify")
+        assert out.returncode == 0, out.stderr
+        assert "hypervisor" in out.stdout and "ERROR" not in out.stderr
