@@ -358,7 +358,7 @@ def _forward() -> click.Command:
     return forward
 
 
-@lazy("cp", "Copy files into or out of a VM (SRC... VM:DST, or VM:SRC... DST).")
+@lazy("cp", "Copy files into or out of a VM (like scp; docs/files.md).")
 def _cp() -> click.Command:
     # Imported here: the copy's code (and the configuration model) is cp's alone.
     from vmbusify.cli.cp import cp
