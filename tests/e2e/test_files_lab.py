@@ -278,14 +278,15 @@ def test_resume_after_kill_9_of_the_client(lab: LabHandle, work: Path, direction
     assert sorted(os.listdir(out)) == ["big.bin"]
 
 
-def test_resume_after_a_tunnel_drop(lab: LabHandle, work: Path) -> None:
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_resume_after_a_tunnel_drop(lab: LabHandle, work: Path, direction: str) -> None:
     src = work / "big.bin"
     make_big(src, GIB)
     out = work / "out"
     out.mkdir()
-    proc = subprocess.Popen([CTL, "cp", f"vm1:{src}", str(out)], env=env(),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    args = [str(src), f"vm1:{out}/"] if direction == "push" else [f"vm1:{src}", str(out)]
+    proc = subprocess.Popen([CTL, "cp", *args], env=env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     part = _part(out, "big.bin")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (part.exists() and part.stat().st_size > 100 << 20):
@@ -293,9 +294,10 @@ def test_resume_after_a_tunnel_drop(lab: LabHandle, work: Path) -> None:
     lab.ctl("disconnect", "vm1")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and err.startswith(b"vmbusifyctl: "), err
+    time.sleep(1)  # a push's helper is killed with the tunnel
     assert not (out / "big.bin").exists() and part.exists()
     lab.ctl("connect", "vm1")
-    proc2 = cp("--resume", "--json", f"vm1:{src}", str(out))
+    proc2 = cp("--resume", "--json", *args)
     assert proc2.returncode == 0, proc2.stderr
     assert json.loads(proc2.stdout)["resumed_from"] > 0
     assert sha(out / "big.bin") == sha(src)
