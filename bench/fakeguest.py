@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import resource
 import sys
 from pathlib import Path
@@ -131,8 +132,8 @@ async def serve(directory: Path, n: int, key: bytes, ping_interval: float) -> No
     for k in range(n):
         path = directory / f"{k}.sock"
         path.unlink(missing_ok=True)
-        servers.append(await loop.create_unix_server(
-            lambda k=k: FakeGuest(farm, k), str(path), backlog=16))
+        servers.append(await loop.create_unix_server(functools.partial(FakeGuest, farm, k),
+                                                     str(path), backlog=16))
     print("listening", flush=True)
     tasks = [asyncio.ensure_future(farm.pinger()), asyncio.ensure_future(farm.reporter())]
     await asyncio.gather(*tasks)

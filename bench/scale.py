@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -49,6 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: The soft open-files limit systemd gives a service by default (DefaultLimitNOFILE=1024:...):
 #: what supervisord starts with under packaging/vmbusify-host.service.
 SERVICE_SOFT_NOFILE = 1024
+#: Start a command with that soft limit (the shell execs it: same process).
+AS_A_SERVICE = ["sh", "-c", f'ulimit -Sn {SERVICE_SOFT_NOFILE} && exec "$0" "$@"']
 
 
 def host_status(lab: LabHandle) -> dict[str, Any]:
@@ -100,11 +101,6 @@ def _host_config(run: Path, n: int, key: Path) -> str:
             f'[control]\nlisten = "unix:{run}/control/control.sock"\n\n{vms}')
 
 
-def _service_limits() -> None:
-    """In the child before exec: the open-files limits a systemd service starts with."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (SERVICE_SOFT_NOFILE, hard))
-
 
 class MuxUnderSupervisord:
     """The shipped supervisord.conf with the shipped mux program alone, in a directory of its
@@ -124,9 +120,9 @@ class MuxUnderSupervisord:
                         VMBUSIFY_RUN_DIR=str(run / "run"),
                         VMBUSIFY_BIN=str(Path(sys.executable).parent))
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "supervisord"), "-n", "-c", str(self.conf)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_service_limits)
+            [*AS_A_SERVICE, str(Path(sys.executable).parent / "supervisord"), "-n", "-c",
+             str(self.conf)],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def mux(self, timeout: float = 30) -> psutil.Process:
         """The running mux (a child of this supervisord)."""
