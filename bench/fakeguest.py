@@ -4,9 +4,12 @@
 Listens on ``DIR/K.sock`` for K in 0..N-1 (Unix sockets, the lab's stand-in for vsock) and
 answers each host connection as a guest mux with a shared key does (docs/protocol.md): the
 host's HELLO, then ours (a fresh nonce, the features of this release), the host's AUTH
-checked, then ours; afterwards it answers every PING with a PONG and pings the host every
-``ping_interval`` (5 s, the default), spread evenly over the interval as independent guests
-would be. Nothing else: an idle VM.
+checked, then ours; afterwards it answers every PING with a PONG and pings the host as a
+guest mux of this release does (vmbusify/mux/tunnel.py ``_ping_tick``): after
+``ping_interval`` (5 s, the default) without a byte from the host, and at least every
+RTT_EVERY intervals; ``--always-ping`` pings every interval, as a guest of 0.1.0 does. The
+guests' clocks are spread evenly over the interval, as independent guests' would be.
+Nothing else: an idle VM.
 
 Prints ``listening`` once every socket is bound, then ``authenticated K`` whenever the count
 of authenticated tunnels changes (at most every 0.2 s).
@@ -21,12 +24,14 @@ import asyncio
 import functools
 import resource
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vmbusify import __version__
 from vmbusify.errors import VMBusifyError
+from vmbusify.mux.tunnel import RTT_EVERY
 from vmbusify.protocol import auth
 from vmbusify.protocol.entities import Entity, TunnelMessage
 from vmbusify.protocol.package import PackageDecoder, PackageType
@@ -45,12 +50,14 @@ class FakeGuest(asyncio.Protocol):
         self.nonce = auth.new_nonce()
         self.authenticated = False
         self.pings = 0
+        self.last_recv = self.last_ping = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        self.last_recv = time.monotonic()
         try:
             self.decoder.receive_data(data)
             while (pkg := self.decoder.next_package()) is not None:
@@ -85,8 +92,14 @@ class FakeGuest(asyncio.Protocol):
         elif mid == TunnelMessage.PING:
             write(Pong(Ping.from_payload(payload).nonce).package().encode())
 
-    def ping(self) -> None:
+    def ping(self, now: float) -> None:
+        """Ping if due (see the module's docstring)."""
+        interval = self.farm.ping_interval
+        if (not self.farm.always_ping and now - self.last_recv < interval
+                and now - self.last_ping < RTT_EVERY * interval):
+            return
         if self.transport is not None and not self.transport.is_closing():
+            self.last_ping = now
             self.pings += 1
             self.transport.write(Ping(self.pings).package().encode())
 
@@ -101,19 +114,21 @@ class FakeGuest(asyncio.Protocol):
 class Farm:
     """Every fake guest of this process, and their shared ping clock."""
 
-    def __init__(self, key: bytes, ping_interval: float) -> None:
+    def __init__(self, key: bytes, ping_interval: float, always_ping: bool) -> None:
         self.key = key
         self.ping_interval = ping_interval
+        self.always_ping = always_ping
         self.up: set[FakeGuest] = set()
 
     async def pinger(self) -> None:
-        """Ping each authenticated guest's host once an interval, spread over it."""
+        """Look at each authenticated guest once an interval (spread over it): ping if due."""
         slots = 50
         while True:
             guests = sorted(self.up, key=lambda g: g.k)
             for i in range(slots):
+                now = time.monotonic()
                 for g in guests[i::slots]:
-                    g.ping()
+                    g.ping(now)
                 await asyncio.sleep(self.ping_interval / slots)
 
     async def reporter(self) -> None:
@@ -125,8 +140,9 @@ class Farm:
             await asyncio.sleep(0.2)
 
 
-async def serve(directory: Path, n: int, key: bytes, ping_interval: float) -> None:
-    farm = Farm(key, ping_interval)
+async def serve(directory: Path, n: int, key: bytes, ping_interval: float,
+                always_ping: bool) -> None:
+    farm = Farm(key, ping_interval, always_ping)
     loop = asyncio.get_running_loop()
     servers = []
     for k in range(n):
@@ -145,12 +161,13 @@ def main() -> None:
     ap.add_argument("n", type=int)
     ap.add_argument("keyfile", type=Path)
     ap.add_argument("--ping-interval", type=float, default=5.0)
+    ap.add_argument("--always-ping", action="store_true", help="as a guest of 0.1.0")
     args = ap.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two descriptors per guest
     key = args.keyfile.read_bytes().strip()
     try:
-        asyncio.run(serve(args.dir, args.n, key, args.ping_interval))
+        asyncio.run(serve(args.dir, args.n, key, args.ping_interval, args.always_ping))
     except KeyboardInterrupt:
         pass
 

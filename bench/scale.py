@@ -12,7 +12,8 @@ Two runs:
   open-files limit a systemd service gets, 1024), keeps N idle VMs connected. The VMs are fake
   guests: one process (``bench/fakeguest.py``) serving all N on Unix sockets, each speaking
   the wire protocol as a guest mux does (HELLO, the shared-key AUTH, PING and PONG every
-  ``ping_interval``). Measured: the mux's CPU (% of one core) and resident memory, per VM
+  ``ping_interval``; the largest size again with guests that ping every interval, as 0.1.0
+  does). Measured: the mux's CPU (% of one core) and resident memory, per VM
   beside a mux with no VM (the anchor, same run), with the default ``[limits]`` on.
 
     .venv/bin/python bench/scale.py [--vms 64] [--keep]
@@ -152,7 +153,8 @@ def _cpu(proc: psutil.Process) -> float:
     return t.user + t.system
 
 
-def fake_figures(n: int, window: float, settle: float) -> dict[str, float]:
+def fake_figures(n: int, window: float, settle: float,
+                 always_ping: bool = False) -> dict[str, float]:
     """One host mux under the shipped supervisord holding ``n`` fake idle VMs: seconds until
     all are connected, then its CPU (% of one core) over ``window`` s and its RSS (MB)."""
     run = Path(tempfile.mkdtemp(prefix=f"vmbusify-scale{n}-", dir="/tmp"))
@@ -162,7 +164,8 @@ def fake_figures(n: int, window: float, settle: float) -> dict[str, float]:
     (run / "g").mkdir()
     guests = subprocess.Popen(
         [sys.executable, str(REPO / "bench" / "fakeguest.py"), str(run / "g"), str(n),
-         str(key)], stdout=subprocess.PIPE, text=True)
+         str(key), *(["--always-ping"] if always_ping else [])],
+        stdout=subprocess.PIPE, text=True)
     sup: MuxUnderSupervisord | None = None
     try:
         assert guests.stdout is not None
@@ -211,10 +214,12 @@ def fake_run(sizes: list[int], window: float, settle: float) -> None:
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"  no VM (anchor): CPU {base['cpu_pct']:.2f} % of a core, RSS "
           f"{base['rss_mb']:.1f} MB, mux open-files limit {base['nofile']:.0f}", flush=True)
-    for n in sizes:
-        f = fake_figures(n, window, settle)
+    runs = [(n, False) for n in sizes] + [(max(sizes), True)]
+    for n, always in runs:
+        f = fake_figures(n, window, settle, always)
         per_vm_kb = (f["rss_mb"] - base["rss_mb"]) * 1e3 / n
-        print(f"  {n} VMs: all connected in {f['connect_s']:.1f} s; CPU "
+        who = " (guests of 0.1.0: ping every interval)" if always else ""
+        print(f"  {n} VMs{who}: all connected in {f['connect_s']:.1f} s; CPU "
               f"{f['cpu_pct']:.2f} % of a core (goal <= {GOAL_CPU_PCT:g} %); RSS "
               f"{f['rss_mb']:.1f} MB, {per_vm_kb:.1f} KB per VM over the anchor "
               f"(goal <= {GOAL_KB_PER_VM:g} KB); {f['fds']:.0f} fds open, limit "
