@@ -1,0 +1,61 @@
+"""The picture bench/run draws of what it measured: each figure as a ratio to its anchor (or,
+without one, to its goal), on a log scale, the goal marked, green where it is met and red
+where not. matplotlib is a benchmark-only dependency (``pip install -e '.[bench]'``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.common import Row
+
+
+def chart_points(rows: list[Row]) -> list[tuple[str, float, float | None, str]]:
+    """(label, ratio, goal as a ratio or None, "yes"/"no"/"") for each row that has a ratio."""
+    out = []
+    for r in rows:
+        if r.ours is None or r.ours <= 0:
+            continue
+        goal: float | None
+        if r.anchor:
+            ratio, label = r.ours / r.anchor, f"{r.area}: {r.figure} / {r.anchor_name}"
+            goal = r.goal_ratio if r.goal_ratio is not None else (
+                r.goal_value / r.anchor if r.goal_value is not None else None)
+        elif r.goal_value:
+            ratio, label = r.ours / r.goal_value, f"{r.area}: {r.figure} / its goal"
+            goal = 1.0
+        else:
+            continue
+        out.append((label, ratio, goal, r.met.replace("*", "")))
+    return out
+
+
+def draw(rows: list[Row], path: Path, title: str) -> str | None:
+    """Draw ``rows`` into ``path`` (PNG); returns why not (matplotlib missing), or None."""
+    try:
+        import matplotlib  # a benchmark-only dependency: imported only to draw
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]'): no picture drawn"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = chart_points(rows)
+    if not points:
+        return "no figure with a ratio: no picture drawn"
+    colours = {"yes": "#3a923a", "no": "#c83737", "": "#8c8c8c"}
+    fig, ax = plt.subplots(figsize=(11, 0.36 * len(points) + 1.6))
+    ys = list(range(len(points)))[::-1]
+    for y, (_, ratio, goal, met) in zip(ys, points, strict=True):
+        ax.barh(y, ratio, left=0, color=colours[met], height=0.6)
+        ax.text(ratio * 1.04, y, f"{ratio:.2f}", va="center", fontsize=7)
+        if goal is not None:
+            ax.plot([goal, goal], [y - 0.42, y + 0.42], color="black", linewidth=2)
+    ax.axvline(1.0, color="#4060c0", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yticks(ys, [p[0][:90] for p in points], fontsize=7)
+    ax.set_xlabel("VMBusify / anchor, same run (log scale; dashed: the anchor; black bar: "
+                  "the goal; green: met, red: not met, grey: no goal)", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
