@@ -5,8 +5,8 @@ Listens on ``DIR/K.sock`` for K in 0..N-1 (Unix sockets, the lab's stand-in for 
 answers each host connection as a guest mux with a shared key does (docs/protocol.md): the
 host's HELLO, then ours (a fresh nonce, the features of this release), the host's AUTH
 checked, then ours; afterwards it answers every PING with a PONG and pings the host as a
-guest mux of this release does (vmbusify/mux/tunnel.py ``_ping_tick``): after
-``ping_interval`` (5 s, the default) without a byte from the host, and at least every
+guest mux of this release does (vmbusify/mux/tunnel.py ``_ping_tick``): when the host's
+PINGs stopped for PASSIVE_GRACE intervals (``ping_interval``, 5 s, the default), and once in
 RTT_EVERY intervals; ``--always-ping`` pings every interval, as a guest of 0.1.0 does. The
 guests' clocks are spread evenly over the interval, as independent guests' would be.
 Nothing else: an idle VM.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vmbusify import __version__
 from vmbusify.errors import VMBusifyError
-from vmbusify.mux.tunnel import RTT_EVERY
+from vmbusify.mux.tunnel import PASSIVE_GRACE, RTT_EVERY
 from vmbusify.protocol import auth
 from vmbusify.protocol.entities import Entity, TunnelMessage
 from vmbusify.protocol.package import PackageDecoder, PackageType
@@ -50,14 +50,13 @@ class FakeGuest(asyncio.Protocol):
         self.nonce = auth.new_nonce()
         self.authenticated = False
         self.pings = 0
-        self.last_recv = self.last_ping = time.monotonic()
+        self.host_ping = self.last_ping = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.last_recv = time.monotonic()
         try:
             self.decoder.receive_data(data)
             while (pkg := self.decoder.next_package()) is not None:
@@ -90,12 +89,13 @@ class FakeGuest(asyncio.Protocol):
             self.authenticated = True
             self.farm.up.add(self)
         elif mid == TunnelMessage.PING:
+            self.host_ping = time.monotonic()
             write(Pong(Ping.from_payload(payload).nonce).package().encode())
 
     def ping(self, now: float) -> None:
         """Ping if due (see the module's docstring)."""
         interval = self.farm.ping_interval
-        if (not self.farm.always_ping and now - self.last_recv < interval
+        if (not self.farm.always_ping and now - self.host_ping < PASSIVE_GRACE * interval
                 and now - self.last_ping < RTT_EVERY * interval):
             return
         if self.transport is not None and not self.transport.is_closing():

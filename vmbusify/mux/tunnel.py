@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 #: same throughput (bench/tunnel.py).
 WRITE_HIGH_WATER = 64 << 10
 _DEFAULT_LIMITS = LimitsConfig()
-#: An end that hears its peer needs no PING of its own to know it is alive; it still pings
-#: once in this many intervals, so its own ``rtt_ms`` stays fresh.
+#: The guest end waits for the host's PINGs: it pings only when none came for this many
+#: intervals (a host that stopped pinging), and once in RTT_EVERY intervals for its own
+#: ``rtt_ms``. More than one interval, so its timer never ties with the host's next PING.
+PASSIVE_GRACE = 1.5
 RTT_EVERY = 6
 #: Dropping at least this much of a gone peer's queue is worth handing memory back to the OS.
 _TRIM_AFTER = 8 << 20
@@ -139,8 +141,11 @@ class Tunnel:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  config: TunnelConfig, label: str,
-                 on_package: Callable[[Tunnel, Package], None]) -> None:
+                 on_package: Callable[[Tunnel, Package], None], lead: bool = True) -> None:
         self.config = config
+        #: The host's end pings every interval; the guest's (lead=False) answers them and
+        #: pings only when they stop (``_ping_tick``).
+        self.lead = lead
         self.label = label
         self.on_package = on_package
         self.on_hello: Callable[[Tunnel, Hello], None] | None = None
@@ -180,6 +185,7 @@ class Tunnel:
         self._ping_timer: asyncio.TimerHandle | None = None
         self._next_ping = 0.0
         self._last_ping = 0.0  # when this end last sent a PING of its own
+        self._peer_ping = 0.0  # when the peer's last PING came
         self._running = False  # packages are dispatched once the handshake is done
         self._arrived = asyncio.Event()  # a package (or the end) came during the handshake
         self._wire = _Wire(self)
@@ -354,14 +360,14 @@ class Tunnel:
             self.bytes_out += len(header) + len(payload)
 
     def _ping_tick(self) -> None:
-        """Ping when the peer has been silent for ``ping_interval`` (and at least once in
-        RTT_EVERY intervals, for ``rtt_ms``); declare it dead exactly ``dead_after`` seconds
-        after the last byte it sent (not at the next ping), so detection time is the setting.
+        """Ping every ``ping_interval`` (the guest's end: only when the host's PINGs stopped
+        for PASSIVE_GRACE intervals, and once in RTT_EVERY intervals for its ``rtt_ms``);
+        declare the peer dead exactly ``dead_after`` seconds after the last byte it sent (not
+        at the next ping), so detection time is the setting.
 
-        A peer heard within the interval is alive: its own PINGs (or anything else it sent)
-        stand in for ours, so between two ends of this release one PING and one PONG cross
-        per interval, not two of each. A timer, not a task: an idle tunnel costs one timer
-        handle per interval."""
+        The host's PINGs tell the guest its host is alive, so between two ends of this
+        release one PING and one PONG cross per idle interval, not two of each. A timer, not
+        a task: an idle tunnel costs one timer handle per interval."""
         self._ping_timer = None
         if self.closed.is_set():
             return
@@ -373,9 +379,10 @@ class Tunnel:
             return
         interval = max(0.05, self.config.ping_interval)
         if now >= self._next_ping:
-            heard = self._last_recv + interval
-            if heard > now and now - self._last_ping < RTT_EVERY * interval:
-                self._next_ping = heard  # heard lately: wait for an interval of silence
+            pinged = self._peer_ping + PASSIVE_GRACE * interval
+            if (not self.lead and pinged > now
+                    and now - self._last_ping < RTT_EVERY * interval):
+                self._next_ping = pinged  # the host pings: wait until it stops
             else:
                 self._next_ping = now + interval
                 self._last_ping = now
@@ -492,6 +499,7 @@ class Tunnel:
         if pkg.type is not PackageType.MESSAGE:
             raise ProtocolError(f"tunnel message of type {pkg.type.name}")
         if pkg.message_id == TunnelMessage.PING:
+            self._peer_ping = time.monotonic()
             self.send_package(Pong(Ping.from_payload(pkg.payload).nonce).package())
         elif pkg.message_id == TunnelMessage.PONG:
             entry = self._pings.pop(Pong.from_payload(pkg.payload).nonce, None)
