@@ -8,7 +8,7 @@ with a logged reason and nothing else.
 
 Nothing runs for an idle tunnel but one timer every ``ping_interval``: writing is a callback
 the loop runs once after packages are queued (and again when the socket drains), pinging a
-timer, not a task each (docs/performance.md, "Idle VMs").
+timer, not a task each (docs/performance.md, "Idle VMs on one host mux").
 
 Reading is done by a BufferedProtocol that lets the socket fill the decoder's own buffers
 (a bulk payload lands straight in the buffer that goes on to ZeroMQ), so the mux copies no

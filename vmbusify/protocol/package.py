@@ -242,7 +242,7 @@ class PackageDecoder:
         # An anonymous mapping, not a bytearray (which is zeroed, so resident, at once): a
         # page is resident only once bytes land in it, and an idle tunnel's reads all start
         # at offset 0. 64 KiB a tunnel was most of the host mux's memory per idle VM
-        # (docs/performance.md, "Idle VMs").
+        # (docs/performance.md, "Idle VMs on one host mux").
         self._scratch = memoryview(mmap.mmap(-1, SCRATCH_SIZE))
         self._start = 0                  # first unparsed byte in the scratch buffer
         self._end = 0                    # end of the bytes received into it
