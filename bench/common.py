@@ -71,6 +71,10 @@ class Row:
     goal: str = ""
     goal_met: Callable[[float, float | None], bool] | None = None
     note: str = ""
+    #: The goal as a number, for the picture (bench/chart.py): a ratio to the anchor, or a
+    #: value in ``unit`` (drawn as a ratio to the anchor, or to itself without one).
+    goal_ratio: float | None = None
+    goal_value: float | None = None
 
     @property
     def ratio(self) -> float | None:

@@ -1,6 +1,8 @@
 """Finding and reading the configuration file, and the defaults every program agrees on.
 
-Light on purpose (os and tomllib only: no dataclasses, no pathlib). ``vmbusifyexec`` starts
+Light on purpose (os and re only: no dataclasses, no pathlib; tomllib only for a file outside
+the plain subset ``plain_toml`` reads, since tomllib brings typing and datetime with it: a
+third of the exec client's imports). ``vmbusifyexec`` starts
 once per command and needs two values of the file, the command listener's address and its
 token, so it reads them here (``listener_of``) instead of loading the whole model of
 ``vmbusify.config``, which builds on this module. Importing that model costs more CPU than
@@ -10,7 +12,7 @@ the rest of the client's start together.
 from __future__ import annotations
 
 import os
-import tomllib
+import re
 
 from vmbusify.errors import ConfigError
 
@@ -51,15 +53,95 @@ def read_config_file(path: str | os.PathLike[str] | None = None) -> tuple[str, d
     chosen = os.fspath(explicit or DEFAULT_CONFIG_PATH)
     try:
         with open(chosen, "rb") as fh:
-            return chosen, tomllib.load(fh)
+            data = fh.read()
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"config file {chosen} does not exist") from None
         return chosen, {}
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{chosen}: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{chosen}: {exc.strerror}") from None
+    plain = plain_toml(data)
+    if plain is not None:
+        return chosen, plain
+    # A function-level import for start-up time: tomllib (with typing and datetime) is
+    # loaded only for a file outside the plain subset.
+    import tomllib
+    try:
+        return chosen, tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{chosen}: {exc}") from None
+
+
+#: One ``key = value`` line of the plain subset: a bare key, then a string without escapes,
+#: an integer, a decimal float, a boolean, or a one-line array of those.
+_SCALAR = (r'"[^"\\\x00-\x1f\x7f]*"'
+           r"|'[^'\x00-\x1f\x7f]*'"
+           r"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?|true|false")
+_LINE = re.compile(rf"([A-Za-z0-9_-]+)[ \t]*=[ \t]*({_SCALAR}"
+                   rf"|\[[ \t]*(?:(?:{_SCALAR})[ \t]*,[ \t]*)*(?:(?:{_SCALAR})[ \t]*)?\])"
+                   r"[ \t]*(?:#[^\x00-\x08\x0a-\x1f\x7f]*)?")
+_ITEM = re.compile(_SCALAR)
+_HEADER = re.compile(r"(\[\[?)[ \t]*([A-Za-z0-9_-]+)[ \t]*(\]\]?)[ \t]*"
+                     r"(?:#[^\x00-\x08\x0a-\x1f\x7f]*)?")
+
+
+def _scalar(token: str) -> Any:
+    if token[0] in "\"'":
+        return token[1:-1]
+    if token in ("true", "false"):
+        return token == "true"
+    return float(token) if "." in token else int(token)
+
+
+def plain_toml(data: bytes) -> dict[str, Any] | None:
+    """The TOML document ``data`` if it is in the plain subset every shipped and generated
+    configuration uses, else None (then tomllib reads it, errors and all).
+
+    The subset: comments; ``[table]`` and ``[[array]]`` headers of one bare name each; and
+    ``key = value`` lines as ``_LINE`` says. Whatever it accepts, it reads as tomllib does;
+    anything else (escapes, multi-line or nested values, dotted keys, a key or table defined
+    twice) is left to tomllib.
+    """
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return None
+    if "\r" in text or "\ufeff" in text:
+        return None
+    doc: dict[str, Any] = {}
+    table = doc
+    arrays: set[str] = set()  # names made by [[name]]
+    for raw in text.split("\n"):
+        line = raw.strip(" \t")
+        if not line:
+            continue
+        if line[0] == "#":
+            if any((c < " " and c != "\t") or c == "\x7f" for c in line):
+                return None
+            continue
+        if line[0] == "[":
+            m = _HEADER.fullmatch(line)
+            if m is None or len(m[1]) != len(m[3]):
+                return None
+            name = m[2]
+            if m[1] == "[[":
+                if name in doc and name not in arrays:
+                    return None
+                arrays.add(name)
+                table = {}
+                doc.setdefault(name, []).append(table)
+            else:
+                if name in doc:
+                    return None
+                table = doc[name] = {}
+            continue
+        m = _LINE.fullmatch(line)
+        if m is None or m[1] in table:
+            return None
+        value = m[2]
+        table[m[1]] = ([_scalar(t) for t in _ITEM.findall(value)] if value[0] == "["
+                       else _scalar(value))
+    return doc
 
 
 def token_path(state_dir: str, listen: str = DEFAULT_CONTROL_LISTEN) -> str:

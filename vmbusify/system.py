@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import resource
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,3 +61,22 @@ def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
     p.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(p, 0o700)
     return p
+
+
+#: The most open files a program asks for when its hard limit is unlimited (or larger).
+MAX_NOFILE = 1 << 20
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one; returns the limit now in force.
+
+    Each tunnel (the mux) and each connection (the proxy) costs a descriptor, and a service
+    starts with a soft limit of 1024 (systemd's default) however high the hard one is.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > MAX_NOFILE:
+        hard = MAX_NOFILE
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft if soft != resource.RLIM_INFINITY else hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard

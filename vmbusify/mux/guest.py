@@ -157,7 +157,7 @@ class GuestSide:
             writer.close()  # a few bytes: the socket takes them, even if nobody reads
             return
         tunnel = Tunnel(reader, writer, cfg, "host",
-                        lambda t, pkg: self.app.from_tunnel(self.peer, t, pkg))
+                        lambda t, pkg: self.app.from_tunnel(self.peer, t, pkg), lead=False)
         # The host speaks first. Its HELLO (and, with a key, its proof) is awaited outside
         # the lock, so a connection that sends nothing (or half a package, or a wrong proof)
         # cannot hold up the real host for connect_timeout.

@@ -12,13 +12,29 @@ from vmbusify.mux.app import MuxApp
 from vmbusify.mux.guest import GuestSide
 from vmbusify.mux.host import HostSide
 from vmbusify.runtime import stop_on_signals
+from vmbusify.system import raise_fd_limit
 
 log = logging.getLogger("vmbusify.mux")
+
+#: Descriptors the mux holds besides one per tunnel (ZeroMQ, its sockets, logs), with room.
+SPARE_FDS = 64
+
+
+def check_fd_limit(vms: int) -> int:
+    """Lift the open-files limit as far as it goes; a limit below what ``vms`` tunnels need
+    is said at start, not found when the VM past it fails to connect. Returns the limit."""
+    limit = raise_fd_limit()
+    if limit < vms + SPARE_FDS:
+        log.warning("the open-files limit is %d, too low for %d VMs (one descriptor each, "
+                    "and %d more): raise LimitNOFILE (systemd) or minfds "
+                    "(conf/supervisord.conf)", limit, vms, SPARE_FDS)
+    return limit
 
 
 async def run_mux(config: Config, stop: asyncio.Event | None = None) -> None:
     """Run the mux until ``stop`` is set or SIGTERM/SIGINT arrives."""
     stop = stop_on_signals(stop)
+    check_fd_limit(len(config.vms))
     app = MuxApp(config)
     app.side = HostSide(app) if config.role is Role.HOST else GuestSide(app)
     app.bind()

@@ -6,6 +6,10 @@ handled here. vsock has no keepalive, so both ends ping every ``ping_interval`` 
 silent for ``dead_after`` seconds is declared dead; a malformed package closes the tunnel
 with a logged reason and nothing else.
 
+Nothing runs for an idle tunnel but one timer every ``ping_interval``: writing is a callback
+the loop runs once after packages are queued (and again when the socket drains), pinging a
+timer, not a task each (docs/performance.md, "Idle VMs on one host mux").
+
 Reading is done by a BufferedProtocol that lets the socket fill the decoder's own buffers
 (a bulk payload lands straight in the buffer that goes on to ZeroMQ), so the mux copies no
 stream byte in user space. The tunnel takes the transport over from the asyncio streams the
@@ -41,6 +45,11 @@ log = logging.getLogger(__name__)
 #: same throughput (bench/tunnel.py).
 WRITE_HIGH_WATER = 64 << 10
 _DEFAULT_LIMITS = LimitsConfig()
+#: The guest end waits for the host's PINGs: it pings only when none came for this many
+#: intervals (a host that stopped pinging), and once in RTT_EVERY intervals for its own
+#: ``rtt_ms``. More than one interval, so its timer never ties with the host's next PING.
+PASSIVE_GRACE = 1.5
+RTT_EVERY = 6
 #: Dropping at least this much of a gone peer's queue is worth handing memory back to the OS.
 _TRIM_AFTER = 8 << 20
 
@@ -92,15 +101,19 @@ class _Wire(asyncio.BufferedProtocol):
 
     def __init__(self, tunnel: Tunnel) -> None:
         self.tunnel = tunnel
-        self.writable = asyncio.Event()
-        self.writable.set()
-        self._spare = memoryview(bytearray(4096))  # for reads after the decoder died
+        #: The transport holds WRITE_HIGH_WATER or more: the writer waits for resume_writing.
+        self.paused = False
+        self._spare: memoryview | None = None  # for reads after the decoder died
 
     def get_buffer(self, sizehint: int) -> memoryview:
         try:
             return self.tunnel._decoder.get_buffer()
         except ProtocolError:
-            return self._spare  # the tunnel is closing; what still arrives is dropped
+            # The tunnel is closing; what still arrives is dropped. Made only then: 4 KiB
+            # a tunnel that almost never needs it.
+            if self._spare is None:
+                self._spare = memoryview(bytearray(4096))
+            return self._spare
 
     def buffer_updated(self, nbytes: int) -> None:
         self.tunnel._on_bytes(nbytes)
@@ -114,13 +127,13 @@ class _Wire(asyncio.BufferedProtocol):
             self.tunnel._on_closed(CloseReason.EOF.value)
         else:
             self.tunnel._on_closed(f"{CloseReason.ERROR.value}: {exc}")
-        self.writable.set()  # wake a waiting writer; it sees the tunnel closed
 
     def pause_writing(self) -> None:
-        self.writable.clear()
+        self.paused = True
 
     def resume_writing(self) -> None:
-        self.writable.set()
+        self.paused = False
+        self.tunnel._schedule_flush()
 
 
 class Tunnel:
@@ -128,8 +141,11 @@ class Tunnel:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  config: TunnelConfig, label: str,
-                 on_package: Callable[[Tunnel, Package], None]) -> None:
+                 on_package: Callable[[Tunnel, Package], None], lead: bool = True) -> None:
         self.config = config
+        #: The host's end pings every interval; the guest's (lead=False) answers them and
+        #: pings only when they stop (``_ping_tick``).
+        self.lead = lead
         self.label = label
         self.on_package = on_package
         self.on_hello: Callable[[Tunnel, Hello], None] | None = None
@@ -160,9 +176,16 @@ class Tunnel:
         self._reading_paused = False
         self._decoder = PackageDecoder(config.max_payload)
         self._last_recv = time.monotonic()
-        self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
+        #: PINGs awaiting their PONG: when sent, and who waits (None: the timer's own).
+        self._pings: dict[int, tuple[float, asyncio.Future[float] | None]] = {}
         self._nonce = itertools.count(1)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._loop = asyncio.get_running_loop()
+        self._writing = False  # packages go out once our HELLO is queued (answer())
+        self._flush_scheduled = False
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._next_ping = 0.0
+        self._last_ping = 0.0  # when this end last sent a PING of its own
+        self._peer_ping = 0.0  # when the peer's last PING came
         self._running = False  # packages are dispatched once the handshake is done
         self._arrived = asyncio.Event()  # a package (or the end) came during the handshake
         self._wire = _Wire(self)
@@ -186,7 +209,8 @@ class Tunnel:
     def answer(self, hello: Hello) -> None:
         """Send our HELLO and start writing (the guest does this once the host's HELLO came)."""
         self.send_package(hello.package())
-        self._tasks.append(asyncio.ensure_future(self._write_loop()))
+        self._writing = True
+        self._schedule_flush()
 
     async def receive_hello(self, timeout: float,
                             protocol_version: int = PROTOCOL_VERSION) -> Hello:
@@ -234,7 +258,8 @@ class Tunnel:
 
     async def run(self) -> str:
         """Serve the tunnel until it ends; returns why it ended. Call after handshake()."""
-        self._tasks.append(asyncio.ensure_future(self._ping_loop()))
+        self._next_ping = time.monotonic() + max(0.05, self.config.ping_interval)
+        self._ping_tick()
         try:
             self._running = True
             self._dispatch()  # anything that came with the HELLO
@@ -309,42 +334,65 @@ class Tunnel:
         self._set_reason(reason)
         self.close()
 
-    async def _write_loop(self) -> None:
-        transport, wire = self.transport, self._wire
-        while True:
-            header, payload = await self.out.get()
+    def _schedule_flush(self) -> None:
+        """Write what is queued at the loop's next turn (once, however many packages come
+        meanwhile: those queued in one turn leave in the OutQueue's order, control first)."""
+        if self._writing and not self._flush_scheduled and not self._wire.paused:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Hand the socket queued packages until it holds WRITE_HIGH_WATER (then
+        resume_writing brings us back) or nothing waits."""
+        self._flush_scheduled = False
+        transport, wire, out = self.transport, self._wire, self.out
+        while not wire.paused:
+            item = out.pop()
+            if item is None:
+                return
             if transport.is_closing():
                 return
+            header, payload = item
             if payload:
                 transport.writelines((header, payload))  # one writev for both
             else:
                 transport.write(header)
             self.bytes_out += len(header) + len(payload)
-            if not wire.writable.is_set():
-                await wire.writable.wait()
 
-    async def _ping_loop(self) -> None:
-        """Ping every ``ping_interval``; declare the peer dead exactly ``dead_after`` seconds
-        after the last byte it sent (not at the next ping), so detection time is the setting."""
+    def _ping_tick(self) -> None:
+        """Ping every ``ping_interval`` (the guest's end: only when the host's PINGs stopped
+        for PASSIVE_GRACE intervals, and once in RTT_EVERY intervals for its ``rtt_ms``);
+        declare the peer dead exactly ``dead_after`` seconds after the last byte it sent (not
+        at the next ping), so detection time is the setting.
+
+        The host's PINGs tell the guest its host is alive, so between two ends of this
+        release one PING and one PONG cross per idle interval, not two of each. A timer, not
+        a task: an idle tunnel costs one timer handle per interval."""
+        self._ping_timer = None
+        if self.closed.is_set():
+            return
+        now = time.monotonic()
+        deadline = self._last_recv + self.config.dead_after
+        if now >= deadline:
+            self._set_reason(f"{CloseReason.DEAD.value} for {now - self._last_recv:.1f}s")
+            self.close()
+            return
         interval = max(0.05, self.config.ping_interval)
-        next_ping = time.monotonic() + interval
-        while True:
-            now = time.monotonic()
-            deadline = self._last_recv + self.config.dead_after
-            if now >= deadline:
-                self._set_reason(f"{CloseReason.DEAD.value} for {now - self._last_recv:.1f}s")
-                self.close()
-                return
-            if now < next_ping:
-                await asyncio.sleep(min(next_ping, deadline) - now)
-                continue
-            next_ping = now + interval
-            nonce = next(self._nonce)
-            fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-            self._pings[nonce] = (time.monotonic(), fut)
-            self.send_package(Ping(nonce).package())
-            for old in [n for n in self._pings if n < nonce - 10]:
-                self._pings.pop(old)
+        if now >= self._next_ping:
+            pinged = self._peer_ping + PASSIVE_GRACE * interval
+            if (not self.lead and pinged > now
+                    and now - self._last_ping < RTT_EVERY * interval):
+                self._next_ping = pinged  # the host pings: wait until it stops
+            else:
+                self._next_ping = now + interval
+                self._last_ping = now
+                nonce = next(self._nonce)
+                self._pings[nonce] = (now, None)
+                self.send_package(Ping(nonce).package())
+                for old in [n for n in self._pings if n < nonce - 10]:
+                    self._pings.pop(old)
+        self._ping_timer = self._loop.call_later(min(self._next_ping, deadline) - now,
+                                                 self._ping_tick)
 
     def _set_reason(self, reason: str) -> None:
         if not self.close_reason:
@@ -378,14 +426,14 @@ class Tunnel:
 
     async def _teardown(self) -> None:
         self.closed.set()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
         for _, fut in self._pings.values():
-            if not fut.done():
+            if fut is not None and not fut.done():
                 fut.set_exception(TunnelError(f"{self.label}: tunnel closed"))
-                # The ping loop's own futures have nobody waiting: mark the exception seen,
-                # or asyncio logs "Future exception was never retrieved" when they go.
+                # Mark the exception seen (a waiter may be gone already), or asyncio logs
+                # "Future exception was never retrieved" when the future goes.
                 fut.exception()
         self.transport.close()
         if self.transport.get_write_buffer_size():
@@ -416,6 +464,7 @@ class Tunnel:
             out.put_stream((entity, stream), (header, payload))
         else:
             out.put_control((header, payload))
+        self._schedule_flush()
 
     def _backlog_full(self, why: str = "") -> None:
         """The peer leaves more waiting than ``backlog_limit`` (it sends PINGs or REQUESTs
@@ -450,13 +499,14 @@ class Tunnel:
         if pkg.type is not PackageType.MESSAGE:
             raise ProtocolError(f"tunnel message of type {pkg.type.name}")
         if pkg.message_id == TunnelMessage.PING:
+            self._peer_ping = time.monotonic()
             self.send_package(Pong(Ping.from_payload(pkg.payload).nonce).package())
         elif pkg.message_id == TunnelMessage.PONG:
             entry = self._pings.pop(Pong.from_payload(pkg.payload).nonce, None)
             if entry is not None:
                 rtt = (time.monotonic() - entry[0]) * 1000
                 self.rtt_ms = rtt
-                if not entry[1].done():
+                if entry[1] is not None and not entry[1].done():
                     entry[1].set_result(rtt)
         elif pkg.message_id == TunnelMessage.HELLO:
             self.peer_hello = Hello.from_payload(pkg.payload)

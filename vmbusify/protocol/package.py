@@ -26,6 +26,7 @@ decoder never holds more than one header plus one maximal payload plus the last 
 from __future__ import annotations
 
 import collections
+import mmap
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
@@ -238,7 +239,11 @@ class PackageDecoder:
         if not 0 < max_payload <= MAX_PAYLOAD_LIMIT:
             raise LocalProtocolError(f"max_payload must be in 1..{MAX_PAYLOAD_LIMIT}")
         self.max_payload = max_payload
-        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
+        # An anonymous mapping, not a bytearray (which is zeroed, so resident, at once): a
+        # page is resident only once bytes land in it, and an idle tunnel's reads all start
+        # at offset 0. 64 KiB a tunnel was most of the host mux's memory per idle VM
+        # (docs/performance.md, "Idle VMs on one host mux").
+        self._scratch = memoryview(mmap.mmap(-1, SCRATCH_SIZE))
         self._start = 0                  # first unparsed byte in the scratch buffer
         self._end = 0                    # end of the bytes received into it
         self._header: Header | None = None   # parsed, its payload not yet whole

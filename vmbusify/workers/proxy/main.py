@@ -10,28 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 from typing import Any
 
 from vmbusify.config import Config
 from vmbusify.errors import ConfigError
 from vmbusify.protocol.entities import Entity
+from vmbusify.system import raise_fd_limit
 from vmbusify.workers.base import Worker, run_worker
 from vmbusify.workers.proxy.client import ProxyClient
 from vmbusify.workers.proxy.server import ProxyServer
 from vmbusify.workers.proxy.stats import ConnStats
 
 log = logging.getLogger("vmbusify.proxy")
-
-
-def raise_fd_limit() -> int:
-    """Lift the soft open-files limit to the hard one (each connection costs a descriptor)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > 1 << 20:
-        hard = 1 << 20
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
 
 
 class ProxyWorker(Worker):

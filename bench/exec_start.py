@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Where `vmbusifyexec true`'s time goes: the client's start, beside ssh, in one run.
+
+    .venv/bin/python bench/exec_start.py [--runs 30] [--lab]
+
+Alternates `vmbusifyexec vm1 true` and `ssh` into a throwaway local sshd (bench/exec.py's),
+median wall of each (goal: vmbusifyexec <= 0.10 x ssh), then splits the client's own part:
+the interpreter alone (``python -c pass``, and with ``-I -S``: no site, no .pth files), the
+client's start without a request (imports and reading the configuration), and the imports
+that cost most (``python -X importtime``, self time summed per top-level module).
+By default vm1 is the non-root harness; ``--lab`` uses the running lab's vm1 (root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.exec import LocalSshd, wall
+from tests.integration.exec_harness import EXEC, start_stack
+
+GOAL = 0.10
+#: The client's start with no request: what vmbusifyexec imports and reads before it connects.
+START = ("import vmbusify.cli.exec as e, vmbusify.control.verify; "
+         "from vmbusify.config_file import listener_of; listener_of()")
+
+
+def median_ms(argv: list[str], env: dict[str, str], runs: int) -> float:
+    return statistics.median(wall(argv, env) for _ in range(runs)) * 1e3
+
+
+def import_costs(env: dict[str, str]) -> list[tuple[str, float]]:
+    """Self time of the client's imports (ms), summed per top-level package, most first."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", START], env=env,
+                          capture_output=True, text=True, check=True)
+    cost: collections.defaultdict[str, float] = collections.defaultdict(float)
+    for line in proc.stderr.splitlines():
+        parts = line.split("|")
+        if len(parts) != 3 or not parts[0].startswith("import time:") or "self" in parts[0]:
+            continue
+        name = parts[2].strip()
+        top = name if name.startswith("vmbusify") else name.split(".")[0]
+        cost[top] += int(parts[0].split(":")[1]) / 1e3
+    return sorted(cost.items(), key=lambda kv: -kv[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--lab", action="store_true", help="use the running lab's vm1")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="vmbusify-bench-start-"))
+    stack = None
+    sshd = LocalSshd(tmp)
+    try:
+        if args.lab:
+            from vmbusify.lab.access import command
+            env = command("host", ["true"])[1]
+        else:
+            stack = start_stack(tmp / "stack")
+            env = stack.env
+        sshd.start()
+        ex = [EXEC, "vm1", "--", "true"]
+        ssh = sshd.argv("true")
+        for _ in range(3):
+            wall(ex, env)
+            wall(ssh, env)
+        t_ex, t_ssh = [], []
+        for _ in range(args.runs):
+            t_ex.append(wall(ex, env))
+            t_ssh.append(wall(ssh, env))
+        ex_ms, ssh_ms = statistics.median(t_ex) * 1e3, statistics.median(t_ssh) * 1e3
+        py = [sys.executable]
+        bare = median_ms([*py, "-c", "pass"], env, args.runs)
+        isolated = median_ms([*py, "-I", "-S", "-c", "pass"], env, args.runs)
+        start = median_ms([*py, "-c", START], env, args.runs)
+        costs = import_costs(env)
+    finally:
+        sshd.stop()
+        if stack is not None:
+            stack.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"exec start benchmark on {os.cpu_count()} cores, vm1 = "
+          f"{'the lab' if args.lab else 'the harness'}, load average {os.getloadavg()[0]:.1f}")
+    print(f"  `vmbusifyexec vm1 true`, median wall: {ex_ms:.1f} ms; ssh {ssh_ms:.1f} ms; "
+          f"ratio {ex_ms / ssh_ms:.3f} (goal <= {GOAL:.2f})")
+    print(f"  python -c pass: {bare:.1f} ms; python -I -S -c pass: {isolated:.1f} ms")
+    print(f"  the client's start alone (imports, configuration; no request): {start:.1f} ms")
+    total = sum(c for _, c in costs)
+    print(f"  its imports, self time by top-level module ({total:.1f} ms in all, "
+          f"python -X importtime):")
+    for name, ms in costs[:10]:
+        print(f"    {name:<32} {ms:6.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
