@@ -45,6 +45,15 @@ def marked(tag: str) -> list[psutil.Process]:
     return found
 
 
+def wait_marked(tag: str, count: int, timeout: float = 10.0) -> None:
+    """Until at least ``count`` processes carry ``tag`` (a shell forks its children a moment
+    after it has printed what came before)."""
+    deadline = time.monotonic() + timeout
+    while len(marked(tag)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(marked(tag)) >= count, [p.cmdline() for p in marked(tag)]
+
+
 def wait_gone(tag: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while marked(tag):
@@ -212,10 +221,7 @@ def test_client_killed_kills_remote_tree(stack: ExecStack) -> None:
                        f"sleep {tag} & (setsid sleep {tag} &); echo ready; sleep {tag}",
                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-    deadline = time.monotonic() + 5
-    while len(marked(tag)) < 4 and time.monotonic() < deadline:  # sh + 3 sleeps
-        time.sleep(0.05)
-    assert len(marked(tag)) >= 4
+    wait_marked(tag, 4)  # sh + 3 sleeps
     proc.kill()
     proc.wait()
     wait_gone(tag, 5)
@@ -439,7 +445,7 @@ def test_mux_crash_kills_remote_tree_and_client_says_why(tmp_path: Path, side: s
         proc = s.popen("vm1", "--", "sh", "-c", f"echo ready; sleep {tag}",
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        assert len(marked(tag)) == 2
+        wait_marked(tag, 2)  # sh and its sleep
         mux = s.pair.host if side == "host" else s.pair.guest
         mux.kill(signal.SIGKILL)
         mux.start()
