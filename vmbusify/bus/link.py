@@ -35,7 +35,6 @@ non-zero, so supervisord restarts it. The counters per VM go into the worker's s
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import time
@@ -63,7 +62,8 @@ from vmbusify.bus.frames import (
     from_mux,
     vmid_of,
 )
-from vmbusify.bus.sockets import BusSocket
+from vmbusify.bus.lanes import Lane, LaneReceiver, split_stamp
+from vmbusify.bus.sockets import LanedDealer
 from vmbusify.bus.streams import Stream, StreamTable
 from vmbusify.config import Config, Role
 from vmbusify.errors import (
@@ -165,9 +165,11 @@ class WorkerLink:
         #: (source entity, message id) -> kind -> handlers in registration order.
         self._routes: dict[tuple[int, int], dict[RouteKind, list[Handler | None]]] = {}
         self._event_handlers: list[EventHandler] = []
-        self._bus: BusSocket | None = None
-        # Messages from the mux, handled in order by one task (handlers may await).
-        self._inbox: collections.deque[Frames] = collections.deque()
+        self._bus: LanedDealer | None = None
+        # Messages from the mux, on two lanes (vmbusify.bus.lanes), handled by one task
+        # (handlers may await) in the order the receiver gives: control first, each
+        # stream in the order it was sent.
+        self._inbox: LaneReceiver[Frames] = LaneReceiver()
         self._inbox_ready = asyncio.Event()
         self._calls: dict[int, asyncio.Future[Package]] = {}
         self._ctl: dict[bytes, asyncio.Future[CtlReply]] = {}
@@ -219,7 +221,7 @@ class WorkerLink:
 
     async def start(self, wait: float | None = 30.0) -> None:
         """Connect to the mux, register, and start receiving. Waits for the first REGOK."""
-        self._bus = BusSocket.dealer(self.config.bus_endpoint, self.name, self._on_bus)
+        self._bus = LanedDealer(self.config.bus_endpoint, self.name, self._on_lane)
         self._spawn(self._receive_loop())
         self._spawn(self._register_loop())
         if wait:
@@ -286,11 +288,21 @@ class WorkerLink:
             except TunnelError as exc:
                 self._warn.warning(("mux", "reg"), "worker=%s: %s", self.name, exc)
             self._report_limits()
+            self._expire_holds()
             await asyncio.sleep(REGISTER_INTERVAL)
+
+    def _expire_holds(self) -> None:
+        """Let go of a message that waits for one of the other lane that is not coming (the
+        mux restarted and it went to the old one): logged, never a silent wait."""
+        n = self._inbox.expire(time.monotonic())
+        if n:
+            self._inbox_ready.set()
+            self._warn.warning(("mux", "lanes"), "worker=%s: %d bus messages taken without "
+                               "the message of the other lane they waited for", self.name, n)
 
     def _stalled_for(self, now: float) -> float:
         """Seconds the receive loop has had work and finished none (0: it is fine)."""
-        if not (self._busy or self._inbox) or self._done != self._seen_done:
+        if not (self._busy or len(self._inbox)) or self._done != self._seen_done:
             self._seen_done = self._done
             self._stuck_since = now
             return 0.0
@@ -473,14 +485,26 @@ class WorkerLink:
 
     # -- receiving -------------------------------------------------------------------------
     def _on_bus(self, frames: Frames) -> None:
-        self._inbox.append(frames)
+        """An unstamped message (a mux of before the lanes; tests): taken in its turn."""
+        self._inbox.push(None, frames)
+        self._inbox_ready.set()
+
+    def _on_lane(self, lane: Lane, frames: Frames) -> None:
+        """A message from the mux on ``lane``, stamp first."""
+        try:
+            stamp, rest = split_stamp(frames)
+            if stamp is not None and stamp.lane is not lane:
+                raise LocalProtocolError(f"a {stamp.lane.name} stamp on the {lane.name} lane")
+        except ProtocolError as exc:
+            self._loop_error(frames, exc)
+            return
+        self._inbox.push(stamp, rest, time.monotonic())
         self._inbox_ready.set()
 
     async def _receive_loop(self) -> None:
         inbox = self._inbox
         while True:
-            while inbox:
-                frames = inbox.popleft()
+            while (frames := inbox.pop()) is not None:
                 self._busy = True
                 try:
                     await self._dispatch(frames)
@@ -507,9 +531,13 @@ class WorkerLink:
         elif type(msg) is RegOk:
             if self.mux_id and msg.mux_id != self.mux_id:
                 self._on_mux_restart()
+                if self._bus is not None:
+                    self._bus.restart_numbering()
             self.mux_id = msg.mux_id
             self.registered.set()
         elif type(msg) is Rereg:
+            if self._bus is not None:
+                self._bus.restart_numbering()  # the mux forgot this worker's numbers
             await self._register()
         elif type(msg) is CtlReply:
             fut = self._ctl.get(msg.call_id)

@@ -20,6 +20,7 @@ from pathlib import Path
 import zmq
 
 from vmbusify.bus.frames import BusMessage, Frames
+from vmbusify.bus.lanes import CONTROL_SUFFIX, Lane, LaneSender
 from vmbusify.errors import BusError
 from vmbusify.system import ensure_private_dir
 
@@ -77,13 +78,19 @@ def bind_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     return sock
 
 
-def connect_dealer(ctx: zmq.Context, endpoint: str, name: str) -> zmq.Socket:
-    """A worker's DEALER with a unique identity (name + random suffix, as circus does)."""
+def worker_identity(name: str) -> bytes:
+    """A unique ZeroMQ identity for a worker: name + pid + random suffix (as circus does)."""
+    return f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}".encode()
+
+
+def connect_dealer(ctx: zmq.Context, endpoint: str, name: str,
+                   identity: bytes | None = None) -> zmq.Socket:
+    """A worker's DEALER with ``identity`` (default: a new ``worker_identity(name)``)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.IDENTITY, f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}".encode())
+    sock.setsockopt(zmq.IDENTITY, identity or worker_identity(name))
     sock.connect(endpoint)
     return sock
 
@@ -180,3 +187,39 @@ class BusSocket:
         if self._context is not None:
             self._context.term()
             self._context = None
+
+
+class LanedDealer:
+    """A worker's end of the bus as two lanes (vmbusify.bus.lanes): a bulk DEALER and a
+    control DEALER, whose identity is the bulk one's followed by CONTROL_SUFFIX, both
+    connected to the mux's ROUTER. ``send_message`` stamps each message and sends it on its
+    lane; ``on_message(lane, frames)`` gets what arrives (stamp still first).
+    """
+
+    def __init__(self, endpoint: str, name: str,
+                 on_message: Callable[[Lane, Frames], None]) -> None:
+        ctx = shared_context()
+        self.identity = worker_identity(name)
+        self.sender = LaneSender()
+        bulk = connect_dealer(ctx, endpoint, name, self.identity)
+        try:
+            control = connect_dealer(ctx, endpoint, name, self.identity + CONTROL_SUFFIX)
+        except zmq.ZMQError:
+            bulk.close(linger=0)
+            raise
+        self._sockets = (BusSocket(bulk, lambda f: on_message(Lane.BULK, f)),
+                         BusSocket(control, lambda f: on_message(Lane.CONTROL, f)))
+
+    def send_message(self, msg: BusMessage) -> None:
+        """Stamp ``msg`` and send it on its lane; raises BusError."""
+        lane, frames = self.sender.frames(msg)
+        self._sockets[lane].send(frames)
+
+    def restart_numbering(self) -> None:
+        """Number from 1 again (the mux restarted: its new process knows no numbers)."""
+        self.sender = LaneSender()
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close both sockets (idempotent); ``linger_ms`` as for BusSocket.close."""
+        for sock in self._sockets:
+            sock.close(linger_ms)

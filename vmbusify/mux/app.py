@@ -35,6 +35,7 @@ from vmbusify.bus.frames import (
     Unreg,
     from_worker,
 )
+from vmbusify.bus.lanes import CONTROL_SUFFIX, Lane, LaneReceiver, LaneSender, Stamp
 from vmbusify.bus.link import REGISTER_INTERVAL
 from vmbusify.bus.sockets import BusSocket, ensure_private_dir
 from vmbusify.config import Config, Role
@@ -91,6 +92,18 @@ class _Detail:
         return self.drop.detail
 
 
+class WorkerLanes:
+    """The mux's end of one worker's two bus lanes (vmbusify.bus.lanes): the identity of its
+    control DEALER, the numbering of what the mux sends it, the order of what it sent."""
+
+    __slots__ = ("control", "receiver", "sender")
+
+    def __init__(self, identity: bytes) -> None:
+        self.control = identity + CONTROL_SUFFIX
+        self.sender = LaneSender()
+        self.receiver: LaneReceiver[Frames] = LaneReceiver()
+
+
 class MuxApp:
     """The state shared by the host and guest sides of the mux."""
 
@@ -120,6 +133,8 @@ class MuxApp:
         self.worker_pids: dict[str, int] = {}
         self.worker_restarts: dict[str, int] = {}
         self._bus: BusSocket | None = None
+        #: Workers that speak in two lanes, by their bulk identity (the switch's).
+        self.lanes: dict[bytes, WorkerLanes] = {}
 
     # -- bus -------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -133,11 +148,21 @@ class MuxApp:
             self._bus.close()  # and its ZeroMQ context
             self._bus = None
 
+    def _send(self, identity: bytes, msg: BusMessage) -> None:
+        """Send ``msg`` to a worker on its lane (a worker without lanes: as it is); raises
+        BusError."""
+        assert self._bus is not None
+        lanes = self.lanes.get(identity)
+        if lanes is None:
+            self._bus.send_to(identity, msg)
+            return
+        lane, frames = lanes.sender.frames(msg)
+        self._bus.send([lanes.control if lane is Lane.CONTROL else identity, *frames])
+
     def to_worker(self, identity: bytes, msg: BusMessage) -> bool:
         """Send to one worker without ever blocking; a vanished worker is unregistered."""
-        assert self._bus is not None
         try:
-            self._bus.send_to(identity, msg)
+            self._send(identity, msg)
             return True
         except BusError as err:
             exc = err
@@ -159,11 +184,37 @@ class MuxApp:
 
     def _on_bus(self, frames: Frames) -> None:
         """One message from a worker (a big payload arrives as a view of the ZeroMQ frame
-        and goes on to the tunnel as it is)."""
+        and goes on to the tunnel as it is). A stamped one (vmbusify.bus.lanes) is taken
+        in the order its worker's two lanes give; an unstamped one as it comes."""
         try:
             if len(frames) < 2:
                 raise ProtocolError("bus message without an identity and a kind")
-            self._from_bus(bytes(frames[0]), from_worker(frames[1:]))
+            identity = bytes(frames[0])
+            if not Stamp.is_stamp(frames[1]):
+                self._take(identity, frames[1:])
+                return
+            stamp = Stamp.parse(frames[1])
+            if stamp.lane is Lane.CONTROL:
+                if not identity.endswith(CONTROL_SUFFIX):
+                    raise ProtocolError("a control stamp from a bulk identity")
+                identity = identity[:-len(CONTROL_SUFFIX)]
+        except ProtocolError as exc:
+            log.warning("malformed bus message dropped: %s", exc)
+            return
+        lanes = self.lanes.get(identity)
+        if lanes is None:
+            lanes = self.lanes[identity] = WorkerLanes(identity)
+        lanes.receiver.push(stamp, frames[2:], time.monotonic())
+        self._drain(identity, lanes)
+
+    def _drain(self, identity: bytes, lanes: WorkerLanes) -> None:
+        """Handle what a worker's lanes let through, in their order."""
+        while (msg := lanes.receiver.pop()) is not None:
+            self._take(identity, msg)
+
+    def _take(self, identity: bytes, frames: Frames) -> None:
+        try:
+            self._from_bus(identity, from_worker(frames))
         except ProtocolError as exc:
             log.warning("malformed bus message dropped: %s", exc)
 
@@ -229,15 +280,15 @@ class MuxApp:
                          info.pid, [entity_label(e) for e in info.entities],
                          [f"{entity_label(s)}:{m}/{kind_label(k)}" for s, m, k in info.routes])
             elif type(act) is WorkerGone:
+                self.lanes.pop(act.info.identity, None)
                 log.log(logging.INFO if act.orderly else logging.WARNING,
                         "worker=%s pid=%d %s; telling the peers its streams are gone",
                         act.info.name, act.info.pid, act.why)
 
     def _deliver(self, act: ToWorker) -> bool:
         """One package to one worker; False (and logged) if the worker is gone."""
-        assert self._bus is not None
         try:
-            self._bus.send_to(act.identity, Pkg(act.vmid, act.header, act.payload))
+            self._send(act.identity, Pkg(act.vmid, act.header, act.payload))
             return True
         except BusError as exc:
             self._unreachable(act.identity, exc)
@@ -482,12 +533,27 @@ class MuxApp:
                  ", ".join(entity_label(e) for e in lost.entities))
         self.broadcast(Evt(TunnelEvent.PEER_LOST, peer.vmid, entities=list(lost.entities)))
 
+    def _tend_lanes(self) -> None:
+        """Forget the lanes of identities that are no worker (gone, never registered), and
+        let go of a message that waits for one that is not coming (a worker that was
+        there before this mux numbers from where it was)."""
+        now = time.monotonic()
+        for identity, lanes in list(self.lanes.items()):
+            if self.routes.by_identity(identity) is None and not len(lanes.receiver):
+                del self.lanes[identity]
+            elif lanes.receiver.expire(now):
+                log.warning("worker identity %s: bus messages taken without the message of "
+                            "the other lane they waited for", printable(identity.decode(
+                                errors="replace")))
+                self._drain(identity, lanes)
+
     async def housekeeping(self) -> None:
         """Periodic clean-up: silent workers, stale pending requests."""
         ticks = 0
         while True:
             await asyncio.sleep(REGISTER_INTERVAL)
             self.execute(self.switch.silent(WORKER_SILENT_AFTER))
+            self._tend_lanes()
             ticks += 1
             if ticks % 15 == 0:
                 n = self.routes.expire()
