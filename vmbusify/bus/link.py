@@ -100,6 +100,9 @@ STALL_AFTER = 10.0
 #: Exit status of a worker whose receive loop stalled (EX_SOFTWARE): not 0, so supervisord's
 #: ``autorestart=unexpected`` (conf/programs/*.conf) restarts it.
 STALL_EXIT_CODE = 70
+#: Set to "0" in a worker's environment to run it in one lane, as before the bus had two
+#: (docs/protocol.md, "The bus: two lanes"): for comparisons only (bench/exec.py --ab).
+LANES_ENV = "VMBUSIFY_BUS_LANES"
 #: The longest error text sent in an ERROR ACK (characters).
 MAX_ERROR_TEXT = 2000
 
@@ -221,7 +224,8 @@ class WorkerLink:
 
     async def start(self, wait: float | None = 30.0) -> None:
         """Connect to the mux, register, and start receiving. Waits for the first REGOK."""
-        self._bus = LanedDealer(self.config.bus_endpoint, self.name, self._on_lane)
+        self._bus = LanedDealer(self.config.bus_endpoint, self.name, self._on_lane,
+                                lanes=os.environ.get(LANES_ENV) != "0")
         self._spawn(self._receive_loop())
         self._spawn(self._register_loop())
         if wait:

@@ -194,30 +194,39 @@ class LanedDealer:
     control DEALER, whose identity is the bulk one's followed by CONTROL_SUFFIX, both
     connected to the mux's ROUTER. ``send_message`` stamps each message and sends it on its
     lane; ``on_message(lane, frames)`` gets what arrives (stamp still first).
+
+    ``lanes=False``: one DEALER and no stamps, as before the lanes (for comparisons:
+    ``VMBUSIFY_BUS_LANES=0``, bench/exec.py ``--ab``).
     """
 
     def __init__(self, endpoint: str, name: str,
-                 on_message: Callable[[Lane, Frames], None]) -> None:
+                 on_message: Callable[[Lane, Frames], None], lanes: bool = True) -> None:
         ctx = shared_context()
         self.identity = worker_identity(name)
-        self.sender = LaneSender()
+        self.sender: LaneSender | None = LaneSender() if lanes else None
         bulk = connect_dealer(ctx, endpoint, name, self.identity)
-        try:
-            control = connect_dealer(ctx, endpoint, name, self.identity + CONTROL_SUFFIX)
-        except zmq.ZMQError:
-            bulk.close(linger=0)
-            raise
-        self._sockets = (BusSocket(bulk, lambda f: on_message(Lane.BULK, f)),
-                         BusSocket(control, lambda f: on_message(Lane.CONTROL, f)))
+        sockets = [BusSocket(bulk, lambda f: on_message(Lane.BULK, f))]
+        if lanes:
+            try:
+                control = connect_dealer(ctx, endpoint, name, self.identity + CONTROL_SUFFIX)
+            except zmq.ZMQError:
+                sockets[0].close()
+                raise
+            sockets.append(BusSocket(control, lambda f: on_message(Lane.CONTROL, f)))
+        self._sockets = sockets
 
     def send_message(self, msg: BusMessage) -> None:
         """Stamp ``msg`` and send it on its lane; raises BusError."""
+        if self.sender is None:
+            self._sockets[0].send(msg.to_frames())
+            return
         lane, frames = self.sender.frames(msg)
         self._sockets[lane].send(frames)
 
     def restart_numbering(self) -> None:
         """Number from 1 again (the mux restarted: its new process knows no numbers)."""
-        self.sender = LaneSender()
+        if self.sender is not None:
+            self.sender = LaneSender()
 
     def close(self, linger_ms: int = 0) -> None:
         """Close both sockets (idempotent); ``linger_ms`` as for BusSocket.close."""
