@@ -28,7 +28,10 @@
    listener, the bus, the tunnel and the executor make (goal: <= 2 x idle; the bus's two
    lanes are for it, docs/protocol.md "The bus: two lanes"); the rest of `vmbusifyexec`'s
    time is a Python process starting.
-6. the machine alone, idle and beside the same stream, touching nothing of VMBusify: a
+6. one bus hop alone (this process, no stack): a control message sent right behind a credit
+   window of another stream's DATA, until the mux's end takes it, with two lanes and with
+   one: the wait the lanes take away, without the CPU sharing of the whole path.
+7. the machine alone, idle and beside the same stream, touching nothing of VMBusify: a
    Python loop of a few ms (CPU), and a token passed 40 times round a ring of 4 processes
    that each do ~0.1 ms of work per hop (40 wake-ups in turn, about what the remote part
    makes through the listener, two muxes and the executor). They show what the machine's
@@ -49,6 +52,7 @@ vm1 is the non-root harness (two muxes over a Unix socket, the real listener and
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import os
 import shutil
@@ -65,7 +69,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.integration.exec_harness import EXEC, ExecStack, start_stack
 from tests.integration.harness import free_port
+from vmbusify.bus.frames import BusKind, CtlRequest, Frames, Pkg
+from vmbusify.bus.lanes import LaneReceiver, split_stamp
 from vmbusify.bus.link import LANES_ENV
+from vmbusify.bus.sockets import BusSocket, LanedDealer
+from vmbusify.protocol.package import Package, PackageType
+from vmbusify.protocol.window import INITIAL_WINDOW
 
 SSHD = "/usr/sbin/sshd"
 
@@ -273,6 +282,58 @@ def fairness(ex: list[str], env: dict[str, str], runs: int, rounds: int, own_ses
                       for i in range(len(Fairness._fields))))
 
 
+async def _hop_ms(endpoint: str, lanes: bool, samples: int) -> list[float]:
+    """One bus hop alone, in this process: a worker's end (LanedDealer) hands ZeroMQ a credit
+    window of one stream's DATA (1 MiB packages) and then a control message; the mux's end
+    (a ROUTER, taking what arrives in the lanes' order as the mux does) notes when the control
+    message is taken. Returns the milliseconds from its send to its taking, per sample."""
+    taken: asyncio.Queue[tuple[bool, float]] = asyncio.Queue()
+    rx: LaneReceiver[Frames] = LaneReceiver()
+
+    def on_router(frames: Frames) -> None:
+        stamp, rest = split_stamp(frames[1:])
+        rx.push(stamp, rest)
+        while (msg := rx.pop()) is not None:
+            if bytes(msg[0]) == BusKind.CTL.value:
+                taken.put_nowait((True, time.perf_counter()))
+            elif bytes(msg[0]) == BusKind.PKG.value and len(msg[3]) < 1 << 20:
+                taken.put_nowait((False, 0.0))  # the window's last package
+
+    router = BusSocket.router(endpoint, on_router)
+    dealer = LanedDealer(endpoint, "hop", lambda lane, frames: None, lanes=lanes)
+    chunk = b"\0" * (1 << 20)
+    out = []
+    try:
+        await asyncio.sleep(0.3)  # both connections up
+        for _ in range(samples):
+            for i in range(INITIAL_WINDOW >> 20):
+                payload = chunk if i < (INITIAL_WINDOW >> 20) - 1 else chunk[:-1]
+                dealer.send_message(Pkg.of("vm1", Package(
+                    type=PackageType.DATA, entity=9, message_id=1, stream=1, payload=payload)))
+            start = time.perf_counter()
+            dealer.send_message(CtlRequest(b"1", "status"))
+            got: dict[bool, float] = {}
+            while len(got) < 2:
+                kind, when = await asyncio.wait_for(taken.get(), 30)
+                got[kind] = when
+            out.append((got[True] - start) * 1e3)
+    finally:
+        dealer.close()
+        router.close()
+    return out
+
+
+def hop(tmp: Path, rounds: int, samples: int = 10) -> dict[str, tuple[float, float]]:
+    """``_hop_ms`` with two lanes and with one, alternated: median and 90th percentile."""
+    got: dict[str, list[float]] = {"two lanes": [], "one lane": []}
+    for r in range(rounds):
+        for name in (list(got) if r % 2 == 0 else list(reversed(got))):
+            endpoint = f"ipc://{tmp}/hop/{name.replace(' ', '-')}-{r}.sock"
+            got[name] += asyncio.run(_hop_ms(endpoint, name == "two lanes", samples))
+    return {name: (statistics.median(v), statistics.quantiles(v, n=10)[-1])
+            for name, v in got.items()}
+
+
 def medians(results: list[Fairness]) -> Fairness:
     """Each field's median over ``results`` (rounds)."""
     return Fairness(*(statistics.median(r[i] for r in results)
@@ -323,6 +384,7 @@ def main() -> None:
         ap.error("--ab starts its own stacks: not with --lab")
     one_lane: ExecStack | None = None
     compared: dict[str, Fairness] = {}
+    one_hop: dict[str, tuple[float, float]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="vmbusify-bench-exec-"))
     stack = None
     sshd = LocalSshd(tmp)
@@ -352,6 +414,7 @@ def main() -> None:
             ssh_mbps = stream_mbps(ssh, env, nbytes)
 
         n = max(10, args.runs // 2)
+        one_hop = hop(tmp, args.rounds)
         if args.ab:
             os.environ[LANES_ENV] = "0"
             try:
@@ -399,6 +462,11 @@ def main() -> None:
     for label, busy, idle, goal in rows:
         print(f"  {label:<44} {busy:>13.1f} {idle:>10.1f} {busy / idle:>7.2f}  {goal}")
     print(verdict(apart))
+    print(f"  one bus hop alone, {args.rounds} alternated rounds of 10: a control message sent "
+          f"right behind a window ({INITIAL_WINDOW >> 20} MiB) of another stream's DATA, until "
+          "the mux's end takes it:")
+    for name, (median, p90) in one_hop.items():
+        print(f"  {'  ' + name + ', median and p90 (ms)':<44} {median:>13.2f} {p90:>10.2f}")
     if compared:
         print(f"  A/B, {args.rounds} alternated rounds ({n} runs each; medians), stream from its "
               "own session:")
