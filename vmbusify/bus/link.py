@@ -72,6 +72,7 @@ from vmbusify.errors import (
     LocalProtocolError,
     NotConnectedError,
     ProtocolError,
+    RemoteProtocolError,
     RequestTimeout,
     TunnelError,
     VMBusifyError,
@@ -498,7 +499,7 @@ class WorkerLink:
         try:
             stamp, rest = split_stamp(frames)
             if stamp is not None and stamp.lane is not lane:
-                raise LocalProtocolError(f"a {stamp.lane.name} stamp on the {lane.name} lane")
+                raise RemoteProtocolError(f"a {stamp.lane.name} stamp on the {lane.name} lane")
         except ProtocolError as exc:
             self._loop_error(frames, exc)
             return
