@@ -111,3 +111,27 @@ def test_a_gone_workers_lanes_are_forgotten(app: MuxApp) -> None:
     assert info is not None
     app.worker_lost(info, "stopped", orderly=True)
     assert WORKER not in app.lanes
+
+
+def test_the_mux_sends_only_on_a_lane_it_heard_the_worker_on(app: MuxApp) -> None:
+    """ZeroMQ knows a DEALER's identity only once it connected: until the worker's bulk lane
+    spoke, its bytes go on the control lane (in that lane's order), never to an identity the
+    ROUTER may not know yet (which would fail, and unregister the worker)."""
+    sender = LaneSender()
+    worker_sends(app, sender, Reg("exec", 1, [9], [[8, 1, 1]]))
+    sent(app)
+    data = Pkg.of("vm1", Package(type=PackageType.DATA, entity=8, message_id=1, stream=4,
+                                 payload=b"y" * 10))
+    app._send(WORKER, data)
+    [(identity, frames)] = sent(app)
+    assert identity == WORKER + CONTROL_SUFFIX
+    assert split_stamp(frames)[0] == Stamp(Lane.CONTROL, 2, 0)
+    lane, reg = sender.frames(Reg("exec", 1, [9], [[8, 1, 1]]), lane=Lane.BULK)
+    assert lane is Lane.BULK
+    app._on_bus([WORKER, *reg])  # the worker's bulk connection speaks: now it is used
+    sent(app)
+    app._send(WORKER, data)
+    [(identity, frames)] = sent(app)
+    assert identity == WORKER
+    # The stream's last message went on the control lane: its bytes on bulk follow it.
+    assert split_stamp(frames)[0] == Stamp(Lane.BULK, 1, 2)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import collections
 import struct
-from collections.abc import Hashable
+from collections.abc import Container, Hashable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Generic, TypeVar
@@ -162,9 +162,14 @@ class LaneSender:
                 self._floor[old_lane] = max(self._floor[old_lane], old_seq)
         return Stamp(lane, seq, dep)
 
-    def frames(self, msg: BusMessage) -> tuple[Lane, list[bytes | memoryview]]:
-        """The lane ``msg`` goes on and its frames, stamp first."""
-        lane, key, barrier = classify(msg)
+    def frames(self, msg: BusMessage, usable: Container[Lane] | None = None,
+               lane: Lane | None = None) -> tuple[Lane, list[bytes | memoryview]]:
+        """The lane ``msg`` goes on and its frames, stamp first. ``usable``: the lanes known
+        to be connected (a message for another goes on the other lane, in its order there);
+        ``lane``: this lane whatever the message (a worker proving its bulk connection)."""
+        kind, key, barrier = classify(msg)
+        if lane is None:
+            lane = kind if usable is None or kind in usable else kind.other
         return lane, [self.stamp(lane, key, barrier).to_frame(), *msg.to_frames()]
 
 

@@ -283,13 +283,15 @@ class WorkerLink:
 
     # -- heartbeat and liveness ------------------------------------------------------------
     async def _register_loop(self) -> None:
+        first = True
         while True:
             stuck = self._stalled_for(time.monotonic())
             if stuck:
                 self._stall(stuck)
                 return
             try:
-                await self._register()
+                await self._register(both_lanes=first or not self.registered.is_set())
+                first = False
             except TunnelError as exc:
                 self._warn.warning(("mux", "reg"), "worker=%s: %s", self.name, exc)
             self._report_limits()
@@ -333,9 +335,18 @@ class WorkerLink:
             logging.shutdown()
             os._exit(STALL_EXIT_CODE)
 
-    async def _register(self) -> None:
-        await self._send(Reg(name=self.name, pid=os.getpid(),
-                             entities=[int(e) for e in self.entities], routes=self.routes()))
+    async def _register(self, both_lanes: bool = False) -> None:
+        """Send REG (the heartbeat, on the control lane). ``both_lanes``: on the bulk lane
+        too, so that the mux knows both connections are up before it sends on either (it
+        sends only on a lane it has heard from)."""
+        reg = Reg(name=self.name, pid=os.getpid(), entities=[int(e) for e in self.entities],
+                  routes=self.routes())
+        if both_lanes and self._bus is not None and self._bus.laned:
+            try:
+                self._bus.send_message(reg, Lane.BULK)
+            except BusError as exc:
+                raise TunnelError(f"cannot reach the mux: {exc}") from None
+        await self._send(reg)
 
     # -- sending ---------------------------------------------------------------------------
     def _target(self, vmid: str | None) -> str:
@@ -538,12 +549,13 @@ class WorkerLink:
                 self._on_mux_restart()
                 if self._bus is not None:
                     self._bus.restart_numbering()
+                    await self._register(both_lanes=True)
             self.mux_id = msg.mux_id
             self.registered.set()
         elif type(msg) is Rereg:
             if self._bus is not None:
                 self._bus.restart_numbering()  # the mux forgot this worker's numbers
-            await self._register()
+            await self._register(both_lanes=True)
         elif type(msg) is CtlReply:
             fut = self._ctl.get(msg.call_id)
             if fut is not None and not fut.done():

@@ -215,13 +215,18 @@ class LanedDealer:
             sockets.append(BusSocket(control, lambda f: on_message(Lane.CONTROL, f)))
         self._sockets = sockets
 
-    def send_message(self, msg: BusMessage) -> None:
-        """Stamp ``msg`` and send it on its lane; raises BusError."""
+    def send_message(self, msg: BusMessage, lane: Lane | None = None) -> None:
+        """Stamp ``msg`` and send it on its lane (``lane``: on that one); raises BusError."""
         if self.sender is None:
             self._sockets[0].send(msg.to_frames())
             return
-        lane, frames = self.sender.frames(msg)
+        lane, frames = self.sender.frames(msg, lane=lane)
         self._sockets[lane].send(frames)
+
+    @property
+    def laned(self) -> bool:
+        """Whether this end speaks in two lanes."""
+        return self.sender is not None
 
     def restart_numbering(self) -> None:
         """Number from 1 again (the mux restarted: its new process knows no numbers)."""

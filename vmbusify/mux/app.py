@@ -96,12 +96,16 @@ class WorkerLanes:
     """The mux's end of one worker's two bus lanes (vmbusify.bus.lanes): the identity of its
     control DEALER, the numbering of what the mux sends it, the order of what it sent."""
 
-    __slots__ = ("control", "receiver", "sender")
+    __slots__ = ("control", "heard", "receiver", "sender")
 
     def __init__(self, identity: bytes) -> None:
         self.control = identity + CONTROL_SUFFIX
         self.sender = LaneSender()
         self.receiver: LaneReceiver[Frames] = LaneReceiver()
+        #: The lanes the worker was heard on: their connections are up (ZeroMQ knows a
+        #: DEALER's identity only once it connected, and a ROUTER send to an identity it
+        #: does not know fails), so the mux sends only on these.
+        self.heard: set[Lane] = set()
 
 
 class MuxApp:
@@ -156,7 +160,7 @@ class MuxApp:
         if lanes is None:
             self._bus.send_to(identity, msg)
             return
-        lane, frames = lanes.sender.frames(msg)
+        lane, frames = lanes.sender.frames(msg, lanes.heard)
         self._bus.send([lanes.control if lane is Lane.CONTROL else identity, *frames])
 
     def to_worker(self, identity: bytes, msg: BusMessage) -> bool:
@@ -204,6 +208,7 @@ class MuxApp:
         lanes = self.lanes.get(identity)
         if lanes is None:
             lanes = self.lanes[identity] = WorkerLanes(identity)
+        lanes.heard.add(stamp.lane)
         lanes.receiver.push(stamp, frames[2:], time.monotonic())
         self._drain(identity, lanes)
 
