@@ -26,6 +26,9 @@ The peer is not trusted (root in a guest is hostile), so the receive loop:
   stream the package belonged to reset;
 - hands DATA and WINDOW packages to ``link.streams``, which bounds what each VM may hold.
 
+The link speaks to the mux on two lanes (vmbusify.bus.lanes: stream bytes on one, all else
+on the other, taken first; each stream keeps its order).
+
 The heartbeat (REG every 2 s) goes out only while the loop makes progress: a loop that has
 work waiting and finishes nothing for STALL_AFTER seconds stops it and the process exits
 non-zero, so supervisord restarts it. The counters per VM go into the worker's stats as
