@@ -8,8 +8,10 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.integration.harness import BIN, Pair, make_pair
 from vmbusify.config import load_config
@@ -105,3 +107,17 @@ def start_stack(root: Path) -> ExecStack:
     except BaseException:
         stack.stop()  # never leave the four processes behind a failed start
         raise
+
+
+def module_stack(name: str) -> Callable[..., Iterator[ExecStack]]:
+    """A module-scoped pytest fixture of a stack under a temporary directory ``name``:
+    ``stack = module_stack("lanes")`` in a test module."""
+    import pytest  # here: bench/exec.py imports this module without pytest
+
+    @pytest.fixture(scope="module")
+    def stack(tmp_path_factory: Any) -> Iterator[ExecStack]:
+        s = start_stack(tmp_path_factory.mktemp(name))
+        yield s
+        s.stop()
+
+    return stack

@@ -13,14 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.exec_harness import ExecStack, start_stack
+from tests.integration.exec_harness import ExecStack, module_stack
 
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExecStack]:
-    s = start_stack(tmp_path_factory.mktemp("lanes"))
-    yield s
-    s.stop()
+stack = module_stack("lanes")
 
 
 @pytest.fixture
