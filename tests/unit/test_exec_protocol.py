@@ -201,7 +201,7 @@ def test_options_make_the_request() -> None:
 def test_exec_path_quotes_the_vmid(vmid: str, path: str) -> None:
     from urllib.parse import quote, unquote
 
-    from vmbusify.client.wire import exec_path as _exec_path
+    from vmbusify.control.exec_wire import exec_path as _exec_path
 
     assert _exec_path(vmid) == path
     assert unquote(path.split("/")[3]) == vmid
@@ -211,8 +211,8 @@ def test_exec_path_quotes_the_vmid(vmid: str, path: str) -> None:
 @pytest.mark.parametrize("payload", [b"", b"[]", b"{}", b'{"exit_code": 256}',
                                      b'{"exit_code": true}', b"\xff"])
 def test_a_malformed_status_is_a_clear_failure(payload: bytes) -> None:
-    from vmbusify.client.wire import Failure
-    from vmbusify.client.wire import parse_status as _parse_status
+    from vmbusify.control.exec_wire import Failure
+    from vmbusify.control.exec_wire import parse_status as _parse_status
 
     with pytest.raises(Failure, match="malformed exit status"):
         _parse_status(payload)

@@ -49,12 +49,14 @@ FORBIDDEN = {
 #: Imports inside a function or under ``if TYPE_CHECKING``, allowed for start-up time only:
 #: (importing module, imported module) -> why.
 HIDDEN_ALLOWED = {
-    ("vmbusify.client.wire", "vmbusify.config_file"):
+    ("vmbusify.control.exec_wire", "vmbusify.config_file"):
         "vmbusifyexec's start is its latency (docs/exec.md, 'A light client')",
-    ("vmbusify.client.wire", "vmbusify.control.token"):
+    ("vmbusify.control.exec_wire", "vmbusify.control.token"):
         "vmbusifyexec's start is its latency (docs/exec.md, 'A light client')",
-    ("vmbusify.client.wire", "vmbusify.control.verify"):
+    ("vmbusify.control.exec_wire", "vmbusify.control.verify"):
         "vmbusifyexec's start is its latency (docs/exec.md, 'A light client')",
+    ("vmbusify.control.client", "vmbusify.control.exec_wire"):
+        "vmbusifyctl's start: only an exec (a copy's transport) needs the exec wire",
     ("vmbusify.client", "vmbusify.client.api"):
         "types only: vmbusify.client loads its names lazily, vmbusifyexec imports client.wire",
     ("vmbusify.client", "vmbusify.client.execution"):
@@ -63,7 +65,7 @@ HIDDEN_ALLOWED = {
         "types only: vmbusify.client loads its names lazily, vmbusifyexec imports client.wire",
     ("vmbusify.client", "vmbusify.client.status"):
         "types only: vmbusify.client loads its names lazily, vmbusifyexec imports client.wire",
-    ("vmbusify.client", "vmbusify.client.wire"):
+    ("vmbusify.client", "vmbusify.control.exec_wire"):
         "types only: vmbusify.client loads its names lazily, vmbusifyexec imports client.wire",
     ("vmbusify.client", "vmbusify.protocol.exec_api"):
         "types only: vmbusify.client loads its names lazily, vmbusifyexec imports client.wire",

@@ -31,15 +31,8 @@ from _queue import SimpleQueue  # what queue.SimpleQueue is, without queue's imp
 
 from vmbusify import __version__
 from vmbusify.cli.escape import EscapeFilter
-from vmbusify.client.wire import (
-    Failure,
-    Listener,
-    find_listener,
-    open_exec,
-    parse_status,
-    post_detached,
-    request_body,
-)
+from vmbusify.client.wire import post_detached, request_body
+from vmbusify.control.exec_wire import Failure, Listener, find_listener, open_exec, parse_status
 from vmbusify.errors import VMBusifyError, exec_exit
 from vmbusify.protocol.exec_api import EXIT_FAILURE, SIGNAL_BASE, Channel, ExitReason
 from vmbusify.protocol.websocket import FrameDecoder, Opcode, close_payload, encode_frame

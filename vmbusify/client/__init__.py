@@ -5,8 +5,8 @@
     vm = Client().run("vm1", ["uname", "-r"], check=True)
 
 Its names are loaded on first use (PEP 562): ``vmbusifyexec`` imports the light
-``vmbusify.client.wire`` at every start and must not pay for the rest of the API
-(docs/exec.md, "A light client").
+``vmbusify.client.wire`` and ``vmbusify.control.exec_wire`` at every start and must not pay for
+the rest of the API (docs/exec.md, "A light client").
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     )
     from vmbusify.client.forward import Forward
     from vmbusify.client.status import Status, VMStatus
-    from vmbusify.client.wire import Failure
+    from vmbusify.control.exec_wire import Failure
     from vmbusify.files import CopyResult
     from vmbusify.protocol.exec_api import ExitReason
 
@@ -38,7 +38,7 @@ _WHERE = {
     "Forward": "vmbusify.client.forward",
     "Status": "vmbusify.client.status",
     "VMStatus": "vmbusify.client.status",
-    "Failure": "vmbusify.client.wire",
+    "Failure": "vmbusify.control.exec_wire",
     "ExitReason": "vmbusify.protocol.exec_api",
     "CopyResult": "vmbusify.files",
 }

@@ -11,9 +11,10 @@ from typing import Any, BinaryIO
 from vmbusify.client.execution import ExecProcess, ExecRequest, ExecResult, argv_of
 from vmbusify.client.forward import Forward, Report, say_on_stderr
 from vmbusify.client.status import Status, VMStatus
-from vmbusify.client.wire import Listener, find_listener, post_detached, request_body
+from vmbusify.client.wire import post_detached, request_body
 from vmbusify.config import Config, load_config
 from vmbusify.control.client import ControlClient, q
+from vmbusify.control.exec_wire import Listener, find_listener
 from vmbusify.files import CopyResult, Progress, pull, push
 
 #: A local path, as the file functions take it.

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Self
 
-from vmbusify.client.wire import Failure, Listener, open_exec, parse_status, request_body
+from vmbusify.client.wire import request_body
+from vmbusify.control.exec_wire import Failure, Listener, open_exec, parse_status
 from vmbusify.errors import VMBusifyError
 from vmbusify.protocol.exec_api import FORWARDABLE, Channel, ExitReason
 from vmbusify.protocol.websocket import FrameDecoder, Opcode, close_payload, encode_frame

@@ -1,155 +1,31 @@
-"""How a client speaks to the command listener's exec API (docs/exec.md), shared by
-``vmbusifyexec`` and the Python API (``vmbusify.client``).
+"""What is the client's own in speaking to the command listener's exec API (docs/exec.md):
+the request's size limit and the POST of a detached exec, for ``vmbusifyexec`` and the Python
+API (``vmbusify.client``). The wire they share with file copies (find and check the listener,
+the upgrade, the head of an answer, a refusal's reason, the STATUS message) is
+vmbusify/control/exec_wire.py.
 
-Light on purpose: ``vmbusifyexec`` imports this module at every start, and its start is its
-latency (docs/exec.md, "A light client"). Standard library only, no dataclasses, urllib,
-http.client or asyncio; the configuration is read by vmbusify.config_file. Each function does
-one step of the one connection an exec makes: find the listener, connect to it (checked to be
-root's before the token is sent), send the WebSocket upgrade with the request right behind it
-(or the POST of a detached exec), read the answer's head, and read the STATUS message.
+Light on purpose, as exec_wire is: ``vmbusifyexec`` imports this module at every start, and its
+start is its latency (docs/exec.md, "A light client").
 """
 
 from __future__ import annotations
 
 import json
-import socket
 
-from vmbusify.errors import ErrorCode, VMBusifyError, code_of, exec_exit
-from vmbusify.protocol.exec_api import EXIT_FAILURE
-from vmbusify.protocol.websocket import (
-    FrameDecoder,
-    Opcode,
-    encode_frame,
-    expected_accept,
-    handshake_key,
+from vmbusify.control.exec_wire import (
+    Failure,
+    Listener,
+    connect,
+    exec_path,
+    http_error,
+    http_request,
+    read_body,
+    read_head,
 )
 
 #: The largest exec request (JSON) the listener takes: its WebSocket message and POST body
 #: limits (workers/exec/host.py, control/server.py), in round figures.
 MAX_REQUEST = 1 << 20
-#: The most of an answer's head (status line and headers) a client reads.
-MAX_HEAD = 65536
-
-
-class Failure(VMBusifyError):
-    """An exec could not go on: the listener refused it or went away. ``str()`` is the
-    one-line reason, ``exit_status`` what vmbusifyexec exits with (255, or the status the
-    listener gave: 127 for a detached program that was not found)."""
-
-    code = ErrorCode.CONTROL
-
-    def __init__(self, message: str, exit_status: int = EXIT_FAILURE) -> None:
-        super().__init__(message)
-        self.exit_status = exit_status
-
-
-class Listener:
-    """This machine's command listener: where it is and the token for it."""
-
-    def __init__(self, kind: str, where: str, port: int, token: str, owner: int) -> None:
-        self.kind, self.where, self.port = kind, where, port
-        self.token, self.owner = token, owner
-
-    @property
-    def host(self) -> str:
-        """The Host header's value."""
-        return "localhost" if self.kind == "unix" else f"{self.where}:{self.port}"
-
-
-def find_listener(config_path: str | None) -> Listener:
-    """This machine's command listener, read from the configuration (``None``: the default
-    file, ``$VMBUSIFY_CONFIG`` first)."""
-    # Imported here: vmbusifyexec's start is its latency, and a usage error needs none of
-    # this (docs/exec.md, "A light client").
-    from vmbusify.config_file import listener_of
-    from vmbusify.control.token import read_token_owned
-
-    kind, where, port, token_file = listener_of(config_path)
-    return Listener(kind, where, port, *read_token_owned(token_file))
-
-
-#: What may stand in a URL path segment as it is (RFC 3986 unreserved, plus ':' for IPv6).
-_SEGMENT_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:")
-
-
-def exec_path(vmid: str) -> str:
-    """``/v1/vms/{vmid}/exec`` with the vmid percent-encoded (urllib.parse costs ~2 ms)."""
-    segment = "".join(chr(b) if b in _SEGMENT_SAFE else f"%{b:02X}" for b in vmid.encode())
-    return f"/v1/vms/{segment}/exec"
-
-
-def parse_status(payload: bytes) -> tuple[int, str, str]:
-    """(exit code, reason, message) of the listener's STATUS message."""
-    try:
-        doc = json.loads(payload)
-    except ValueError:
-        doc = None
-    if not isinstance(doc, dict):
-        raise Failure("the command listener sent a malformed exit status")
-    code = doc.get("exit_code")
-    if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 255:
-        raise Failure("the command listener sent a malformed exit status")
-    return code, str(doc.get("reason", "")), str(doc.get("message", ""))[:2000]
-
-
-def connect(listener: Listener, timeout: float | None = None) -> socket.socket:
-    """A connection to the listener, checked to be root's before the token is sent."""
-    # Imported here: vmbusifyexec's start is its latency, and a usage error needs none of
-    # this (docs/exec.md, "A light client").
-    from vmbusify.control.verify import connect_verified
-
-    return connect_verified(listener.kind, listener.where, listener.port, listener.owner,
-                            10.0 if timeout is None else timeout)
-
-
-def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers (lower-case names) and the bytes after them."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(MAX_HEAD)
-        if not chunk:
-            raise Failure("the command listener closed the connection")
-        buf += chunk
-        if len(buf) > MAX_HEAD:
-            raise Failure("the command listener sent an oversized answer")
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    try:
-        status = int(lines[0].split(" ", 2)[1])
-    except (IndexError, ValueError):
-        raise Failure(f"the command listener sent a bad status line {lines[0][:80]!r}") from None
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers, rest
-
-
-def http_error(sock: socket.socket, status: int, headers: dict[str, str], rest: bytes
-               ) -> Failure:
-    """The Failure for a non-101 answer, with the listener's own reason."""
-    length = int(headers.get("content-length", "0") or 0)
-    sock.settimeout(5)
-    try:
-        while len(rest) < min(length, MAX_HEAD):
-            chunk = sock.recv(MAX_HEAD)
-            if not chunk:
-                break
-            rest += chunk
-    except OSError:
-        pass
-    try:
-        doc = json.loads(rest[:length])
-    except ValueError:
-        doc = None
-    reason = doc.get("error") if isinstance(doc, dict) else None
-    code = doc.get("exit_code") if isinstance(doc, dict) else None
-    if not isinstance(code, int) or not 0 < code < 256:
-        # Not the program's status (a detached start that failed): the listener's error,
-        # whose ErrorCode gives the exit status (vmbusify.errors.OUTCOMES).
-        error = doc.get("code") if isinstance(doc, dict) else None
-        code = exec_exit(code_of(error) if isinstance(error, int) else ErrorCode.GENERIC)
-    return Failure(str(reason or f"HTTP {status}"), code)
 
 
 def request_body(request: dict[str, object]) -> bytes:
@@ -159,16 +35,6 @@ def request_body(request: dict[str, object]) -> bytes:
         raise Failure(f"the exec request is too large ({len(body)} bytes of arguments and "
                       f"environment; the limit is {MAX_REQUEST >> 20} MiB)")
     return body
-
-
-def http_request(listener: Listener, method: str, path: str, extra: str = "",
-                 body: bytes = b"") -> bytes:
-    """The bytes of one HTTP request to the listener, with the token."""
-    head = (f"{method} {path} HTTP/1.1\r\nHost: {listener.host}\r\n"
-            f"Authorization: Bearer {listener.token}\r\n{extra}")
-    if method == "POST":
-        return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
-    return f"{head}\r\n".encode()
 
 
 def post_detached(listener: Listener, vmid: str, body: bytes,
@@ -182,46 +48,9 @@ def post_detached(listener: Listener, vmid: str, body: bytes,
         status, headers, rest = read_head(sock)
         if status != 200:
             raise http_error(sock, status, headers, rest)
-        length = int(headers.get("content-length", "0") or 0)
-        while len(rest) < min(length, MAX_HEAD):
-            chunk = sock.recv(MAX_HEAD)
-            if not chunk:
-                break
-            rest += chunk
+        doc = read_body(sock, headers, rest)
     finally:
         sock.close()
-    try:
-        doc = json.loads(rest[:length])
-    except ValueError:
-        doc = None
     if not isinstance(doc, dict) or not isinstance(doc.get("pid"), int):
         raise Failure("the command listener sent a malformed answer to a detached exec")
     return doc
-
-
-def open_exec(listener: Listener, vmid: str, body: bytes, decoder: FrameDecoder,
-              timeout: float | None = None) -> socket.socket:
-    """Connect, upgrade to a WebSocket and send the request (one write, no wait in between).
-
-    Returns the socket (blocking, no timeout) once the listener accepted the upgrade; the
-    bytes that came behind the answer are fed to ``decoder``.
-    """
-    sock = connect(listener, timeout)
-    try:
-        key = handshake_key()
-        hello = http_request(listener, "GET", exec_path(vmid),
-                             f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n")
-        sock.sendall(hello + encode_frame(Opcode.TEXT, body))
-        sock.settimeout(timeout)
-        status, headers, rest = read_head(sock)
-        if status != 101:
-            raise http_error(sock, status, headers, rest)
-        if headers.get("sec-websocket-accept") != expected_accept(key):
-            raise Failure("the command listener answered the upgrade wrongly")
-    except BaseException:
-        sock.close()
-        raise
-    sock.settimeout(None)
-    decoder.receive_data(rest)
-    return sock

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import http.client
 
     from vmbusify.config import Config
+    from vmbusify.control.exec_wire import Listener
 
 
 class ControlClient:
@@ -63,6 +64,14 @@ class ControlClient:
                                           self.port or None, timeout=timeout or self.timeout)
         conn.sock = sock
         return conn
+
+    def listener(self) -> Listener:
+        """This listener as the exec wire takes it (control/exec_wire.py: an exec, or a copy's
+        transport), with the token (read once)."""
+        # Imported here: vmbusifyctl's other commands need none of the exec wire.
+        from vmbusify.control.exec_wire import Listener
+
+        return Listener(self.kind, self.where, self.port, *self._token_owned())
 
     def headers(self) -> dict[str, str]:
         """The Authorization header (reads the token once)."""

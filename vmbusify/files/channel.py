@@ -1,10 +1,11 @@
 """One attached exec, driven by a program rather than a terminal: the transport of a copy.
 
 It speaks the command listener's exec API (docs/exec.md: a WebSocket whose binary messages
-start with a channel byte) on a connection checked before the token goes out
-(ControlClient.connection). The copy's data rides the exec's stdin and stdout streams, so it
-has their credit windows (memory stays bounded at both ends) and the tunnel's fairness (a
-copy does not make other execs and proxy streams wait).
+start with a channel byte) on a connection checked before the token goes out, through the
+exec wire vmbusifyexec and vmbusify.client speak too (control/exec_wire.py). The copy's data
+rides the exec's stdin and stdout streams, so it has their credit windows (memory stays
+bounded at both ends) and the tunnel's fairness (a copy does not make other execs and proxy
+streams wait).
 
 Client frames are masked with the key 0 (RFC 6455 wants a random key, against proxies that
 cache; the listener is a local Unix socket with no proxy between): the masking is then a copy
@@ -20,7 +21,8 @@ import struct
 from collections.abc import Sequence
 
 from vmbusify.config import Config
-from vmbusify.control.client import ControlClient, q
+from vmbusify.control.client import ControlClient
+from vmbusify.control.exec_wire import Failure, open_exec, parse_status
 from vmbusify.errors import (
     ControlError,
     NotConnectedError,
@@ -30,14 +32,7 @@ from vmbusify.errors import (
     error_from,
 )
 from vmbusify.protocol.exec_api import EXIT_NOT_FOUND, Channel, ExitReason
-from vmbusify.protocol.websocket import (
-    FrameDecoder,
-    Opcode,
-    close_payload,
-    encode_frame,
-    expected_accept,
-    handshake_key,
-)
+from vmbusify.protocol.websocket import FrameDecoder, Opcode, close_payload, encode_frame
 from vmbusify.protocol.window import MAX_CHUNK
 
 #: The largest message the listener takes (its max_msg_size is MAX_CHUNK + 1024).
@@ -80,71 +75,16 @@ class ExecChannel:
 
     def open(self) -> None:
         """Connect, upgrade and send the request (no wait in between)."""
-        conn = self.client.connection()
-        sock = conn.sock
-        assert isinstance(sock, socket.socket)
-        self.sock = sock
-        key = handshake_key()
-        token = self.client.headers()["Authorization"]
-        hello = (f"GET /v1/vms/{q(self.vm)}/exec HTTP/1.1\r\nHost: localhost\r\n"
-                 f"Authorization: {token}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
         body = json.dumps(self.request).encode()
         if len(body) > MAX_MESSAGE:
             raise ControlError(f"the copy's request is too large ({len(body)} bytes)")
         try:
-            sock.sendall(hello + encode_frame(Opcode.TEXT, body))
-            status, headers, rest = self._read_head()
+            self.sock = open_exec(self.client.listener(), self.vm, body, self.decoder,
+                                  self.client.timeout)
+        except Failure as exc:  # a refusal: its class by the listener's ErrorCode
+            raise error_from(exc.code, str(exc)) from None
         except OSError as exc:
             raise ControlError(f"lost the command listener: {exc.strerror or exc}") from None
-        if status != 101:
-            raise self._http_error(status, headers, rest)
-        if headers.get("sec-websocket-accept") != expected_accept(key):
-            raise ControlError("the command listener answered the upgrade wrongly")
-        sock.settimeout(None)
-        self.decoder.receive_data(rest)
-
-    def _read_head(self) -> tuple[int, dict[str, str], bytes]:
-        assert self.sock is not None
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ControlError("the command listener closed the connection")
-            buf += chunk
-            if len(buf) > 65536:
-                raise ControlError("the command listener sent an oversized answer")
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        try:
-            status = int(lines[0].split(" ", 2)[1])
-        except (IndexError, ValueError):
-            raise ControlError("the command listener sent a bad status line") from None
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return status, headers, rest
-
-    def _http_error(self, status: int, headers: dict[str, str], rest: bytes) -> VMBusifyError:
-        assert self.sock is not None
-        length = min(int(headers.get("content-length", "0") or 0), 65536)
-        try:
-            while len(rest) < length:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    break
-                rest += chunk
-        except OSError:
-            pass
-        try:
-            doc = json.loads(rest[:length])
-        except ValueError:
-            doc = None
-        reason = doc.get("error") if isinstance(doc, dict) else None
-        code = doc.get("code") if isinstance(doc, dict) else None
-        text = str(reason or f"HTTP {status}")
-        return error_from(code, text) if isinstance(code, int) else ControlError(text)
 
     # -- sending ----------------------------------------------------------------------------
     def send(self, pieces: Sequence[bytes | memoryview]) -> None:
@@ -193,7 +133,7 @@ class ExecChannel:
                     if channel in (Channel.STDOUT, Channel.STDERR):
                         out.append((Channel(channel), data))
                     elif channel == Channel.STATUS:
-                        self.status = _status(data)
+                        self.status = Status(*parse_status(data))
                         out.append((Channel.STATUS, self.status))
                         return out
                 elif frame.opcode is Opcode.PING:
@@ -251,13 +191,3 @@ class ExecChannel:
                     return NotConnectedError(f"{self.vm}: not connected ({message})")
                 return TunnelError(message)
         return UnknownVMError(f"no such VM: {self.vm}")
-
-
-def _status(payload: bytes) -> Status:
-    try:
-        doc = json.loads(payload)
-    except ValueError:
-        doc = None
-    if not isinstance(doc, dict) or not isinstance(doc.get("exit_code"), int):
-        raise ControlError("the command listener sent a malformed exit status")
-    return Status(doc["exit_code"], str(doc.get("reason", "")), str(doc.get("message", ""))[:2000])
