@@ -19,7 +19,6 @@ host's file system, so both tools copy between two directories of the same machi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.exec import LocalSshd
 from vmbusify.lab.access import command
+from vmbusify.lab.testing import sha256_of, write_big_file
 
 BIN = Path(sys.executable).parent
 CTL = str(BIN / "vmbusifyctl")
@@ -48,20 +48,6 @@ def timed(argv: list[str]) -> float:
     subprocess.run(argv, check=True, env=env(), stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
-
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(1 << 20):
-            h.update(data)
-    return h.hexdigest()
-
-
-def make_file(path: Path, mib: int) -> None:
-    block = os.urandom(1 << 20)
-    with open(path, "wb") as f:
-        f.writelines(block[:16] + i.to_bytes(8, "big") + block[24:] for i in range(mib))
 
 
 def make_tree(root: Path, files: int) -> None:
@@ -102,13 +88,13 @@ def ours_pull(src: Path, dst: Path, recursive: bool = False) -> float:
 def check_same(a: Path, b: Path) -> None:
     if a.is_dir():
         subprocess.run(["diff", "-r", "-q", str(a), str(b)], check=True)
-    elif sha(a) != sha(b):
+    elif sha256_of(a) != sha256_of(b):
         raise SystemExit(f"{b}: sha256 differs from {a}")
 
 
 def one_file(work: Path, scp: Scp, mib: int) -> None:
     src = work / "big.bin"
-    make_file(src, mib)
+    write_big_file(src, mib << 20)
     mb = mib * (1 << 20) / 1e6
     for way in ("push", "pull"):
         times = {}
@@ -164,7 +150,7 @@ def _stream(seconds: float, out: list[float], procs: list[subprocess.Popen[bytes
 
 def fairness(work: Path, mib: int) -> None:
     src = work / "half.bin"
-    make_file(src, mib)
+    write_big_file(src, mib << 20)
     mb = mib * (1 << 20) / 1e6
     alone = mb / ours_push(src, work / "alone.bin")
     stream_alone: list[float] = []

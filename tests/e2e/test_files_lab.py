@@ -8,7 +8,6 @@ tunnel's byte counters (``vmbusifyctl status --json``) grew by at least the byte
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from vmbusify.lab.access import command
-from vmbusify.lab.testing import BIN, LabHandle
+from vmbusify.lab.testing import BIN, LabHandle, sha256_of, write_big_file
 
 CTL = str(BIN / "vmbusifyctl")
 GIB = 1 << 30
@@ -59,20 +58,6 @@ def crossed(inbound: int = 0, outbound: int = 0) -> Iterator[None]:
     assert out1 - out0 >= outbound, f"only {out1 - out0} bytes went out to vm1"
 
 
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(1 << 20):
-            h.update(data)
-    return h.hexdigest()
-
-
-def make_big(path: Path, size: int) -> None:
-    block = os.urandom(1 << 20)
-    with open(path, "wb") as f:
-        f.writelines(block[:16] + i.to_bytes(8, "big") + block[24:] for i in range(size >> 20))
-
-
 @pytest.fixture
 def work(tmp_path: Path) -> Path:
     tmp_path.chmod(0o755)
@@ -81,7 +66,7 @@ def work(tmp_path: Path) -> Path:
 
 def test_a_1gib_file_in_and_out(lab: LabHandle, work: Path) -> None:
     src = work / "big.bin"
-    make_big(src, GIB)
+    write_big_file(src, GIB)
     (work / "in").mkdir()
     with crossed(outbound=GIB):
         proc = cp("--json", str(src), f"vm1:{work}/in/")
@@ -92,7 +77,7 @@ def test_a_1gib_file_in_and_out(lab: LabHandle, work: Path) -> None:
         proc = cp("--checksum", f"vm1:{work}/in/big.bin", str(work / "back.bin"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"" and proc.stderr == b""  # not a terminal: no progress line
-    assert sha(work / "in" / "big.bin") == sha(src) == sha(work / "back.bin")
+    assert sha256_of(work / "in" / "big.bin") == sha256_of(src) == sha256_of(work / "back.bin")
     assert sorted(os.listdir(work / "in")) == ["big.bin"]  # no part file left
 
 
@@ -227,7 +212,7 @@ def test_disk_full_in_the_guest(lab: LabHandle, work: Path) -> None:
     subprocess.run([*in_guest, "mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)],
                    check=True)
     try:
-        make_big(work / "32m", 32 << 20)
+        write_big_file(work / "32m", 32 << 20)
         proc = cp(str(work / "32m"), f"vm1:{small}/")
         assert proc.returncode == 1
         assert b"no space left" in proc.stderr, proc.stderr
@@ -256,13 +241,20 @@ def _kill_when_part_grows(args: list[str], part: Path, at: int) -> None:
     proc.wait(30)
 
 
-@pytest.mark.parametrize("direction", ["push", "pull"])
-def test_resume_after_kill_9_of_the_client(lab: LabHandle, work: Path, direction: str) -> None:
+def _big_copy(work: Path, direction: str) -> tuple[Path, Path, list[str]]:
+    """A GiB file ``big.bin``, an empty directory ``out``, and cp's arguments that copy the
+    file into it through vm1 (in for a push, out for a pull)."""
     src = work / "big.bin"
-    make_big(src, GIB)
+    write_big_file(src, GIB)
     out = work / "out"
     out.mkdir()
     args = [str(src), f"vm1:{out}/"] if direction == "push" else [f"vm1:{src}", str(out)]
+    return src, out, args
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_resume_after_kill_9_of_the_client(lab: LabHandle, work: Path, direction: str) -> None:
+    src, out, args = _big_copy(work, direction)
     _kill_when_part_grows(args, _part(out, "big.bin"), 200 << 20)
     time.sleep(1)  # the helper is killed with the exec
     assert not (out / "big.bin").exists()  # nothing half-written at the name
@@ -274,17 +266,13 @@ def test_resume_after_kill_9_of_the_client(lab: LabHandle, work: Path, direction
     summary = json.loads(proc.stdout)
     assert summary["resumed_from"] >= 200 << 20
     assert summary["bytes"] == GIB - summary["resumed_from"]
-    assert sha(out / "big.bin") == sha(src)
+    assert sha256_of(out / "big.bin") == sha256_of(src)
     assert sorted(os.listdir(out)) == ["big.bin"]
 
 
 @pytest.mark.parametrize("direction", ["push", "pull"])
 def test_resume_after_a_tunnel_drop(lab: LabHandle, work: Path, direction: str) -> None:
-    src = work / "big.bin"
-    make_big(src, GIB)
-    out = work / "out"
-    out.mkdir()
-    args = [str(src), f"vm1:{out}/"] if direction == "push" else [f"vm1:{src}", str(out)]
+    src, out, args = _big_copy(work, direction)
     proc = subprocess.Popen([CTL, "cp", *args], env=env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     part = _part(out, "big.bin")
@@ -300,7 +288,7 @@ def test_resume_after_a_tunnel_drop(lab: LabHandle, work: Path, direction: str) 
     proc2 = cp("--resume", "--json", *args)
     assert proc2.returncode == 0, proc2.stderr
     assert json.loads(proc2.stdout)["resumed_from"] > 0
-    assert sha(out / "big.bin") == sha(src)
+    assert sha256_of(out / "big.bin") == sha256_of(src)
 
 
 def test_a_resume_whose_part_differs_starts_over(lab: LabHandle, work: Path) -> None:
@@ -318,7 +306,7 @@ def test_a_resume_whose_part_differs_starts_over(lab: LabHandle, work: Path) -> 
 
 def test_a_progress_line_on_a_terminal_only(lab: LabHandle, work: Path) -> None:
     src = work / "p.bin"
-    make_big(src, 256 << 20)
+    write_big_file(src, 256 << 20)
     cmd = f"{CTL} cp {src} vm1:{work}/on-tty.bin"
     proc = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True,
                           env=env(), timeout=120, check=False, stdin=subprocess.DEVNULL)

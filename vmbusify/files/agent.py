@@ -29,6 +29,7 @@ from vmbusify.files.tree import (
     CopyFailed,
     Receiver,
     Sender,
+    end_note,
     hash_prefix,
     open_target,
     probe_part,
@@ -102,9 +103,7 @@ def _recv(req: dict[str, object]) -> int:
     except BaseException:
         receiver.abort()
         raise
-    c = receiver.counts
-    write_pieces(1, [encode_note(Kind.END, {"files": c.files, "dirs": c.dirs,
-                                            "links": c.links, "bytes": c.bytes})])
+    write_pieces(1, [end_note(receiver.counts)])
     return 0
 
 

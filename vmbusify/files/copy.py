@@ -22,9 +22,11 @@ from vmbusify.files.channel import MAX_MESSAGE, ExecChannel, Status
 from vmbusify.files.tree import (
     READ_CHUNK,
     CopyFailed,
+    Counts,
     Receiver,
     Sender,
     StdoutReceiver,
+    end_note,
     hash_prefix,
     open_target,
     probe_part,
@@ -38,7 +40,6 @@ from vmbusify.files.wire import (
     encode_chunk_header,
     encode_entry,
     encode_file_end,
-    encode_note,
 )
 from vmbusify.protocol.exec_api import EXIT_NOT_FOUND, Channel
 from vmbusify.text import printable
@@ -177,7 +178,7 @@ def _stdin_pieces(fd: int, name: bytes, checksum: bool, meter: _Meter
         n += len(data)
         meter.on_bytes(len(data))
     yield encode_file_end(digest.digest() if digest is not None else b"")
-    yield encode_note(Kind.END, {"files": 1, "dirs": 0, "links": 0, "bytes": n})
+    yield end_note(Counts(files=1, bytes=n))
 
 
 class _Replies:
@@ -209,6 +210,17 @@ class _Replies:
                 self.failure = FileCopyError(f"bad answer from the guest's helper: {exc}",
                                              "protocol")
         return None
+
+    def answer(self, channel: ExecChannel, status: Status | None) -> dict[str, object]:
+        """The helper's E record; else the error why there is none: its X record, the exec's
+        end (``status``), or the copy lost (no status)."""
+        if self.failure is not None:
+            raise self.failure
+        if self.end is None:
+            if status is None:
+                raise TunnelError(f"lost the copy to {channel.vm}")
+            raise _helper_error(channel, status, bytes(self.stderr))
+        return self.end
 
     def _note(self, note: Note) -> None:
         doc = {k: str(v)[:1000] for k, v in note.doc.items()}
@@ -261,11 +273,8 @@ def _probe(config: Config, vm: str, dest: str, name: bytes, user: str) -> tuple[
         status = _finish(channel, replies)
     finally:
         channel.close()
-    if replies.failure is not None:
-        raise replies.failure
-    if replies.end is None:
-        raise _helper_error(channel, status, bytes(replies.stderr))
-    size, digest = replies.end.get("size"), replies.end.get("sha256")
+    end = replies.answer(channel, status)
+    size, digest = end.get("size"), end.get("sha256")
     return (size, str(digest)) if isinstance(size, int) and size > 0 else (0, "")
 
 
@@ -335,15 +344,10 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
             status = _finish(channel, replies)
     finally:
         channel.close()
-    if replies.failure is not None:
-        raise replies.failure
-    if replies.end is None:
-        if status is None:
-            raise TunnelError(f"lost the copy to {vm}")
-        raise _helper_error(channel, status, bytes(replies.stderr))
+    end = replies.answer(channel, status)
     result = CopyResult(vm, "push", seconds=time.monotonic() - started, resumed_from=offset)
     for key in ("files", "dirs", "links", "bytes"):
-        value = replies.end.get(key)
+        value = end.get(key)
         setattr(result, key, value if isinstance(value, int) else 0)
     result.warnings = (sender.counts.warnings if sender else []) + replies.warnings
     return result

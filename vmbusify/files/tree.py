@@ -105,14 +105,21 @@ def check_name(name: bytes) -> list[bytes]:
 # -- the sender ---------------------------------------------------------------------------------
 
 @dataclass
-class SendCounts:
-    """What a sender sent."""
+class Counts:
+    """What one end of a copy sent or wrote: entries by type, data bytes, and a warning for
+    each entry it could not copy."""
 
     files: int = 0
     dirs: int = 0
     links: int = 0
     bytes: int = 0
     warnings: list[dict[str, str]] = field(default_factory=list)
+
+
+def end_note(counts: Counts) -> bytes:
+    """The E record that closes a stream (or a helper's answer) with ``counts``' totals."""
+    return encode_note(Kind.END, {"files": counts.files, "dirs": counts.dirs,
+                                  "links": counts.links, "bytes": counts.bytes})
 
 
 class Sender:
@@ -135,7 +142,7 @@ class Sender:
         self.recursive = recursive
         self.checksum = checksum
         self.offset = offset
-        self.counts = SendCounts()
+        self.counts = Counts()
         self.on_file = on_file
         self.on_bytes = on_bytes
 
@@ -165,9 +172,7 @@ class Sender:
                 yield encode_note(Kind.FAILURE, {"kind": err.kind, "message": str(err)})
                 return
             yield from self._entry(src, name, st, top=True)
-        c = self.counts
-        yield encode_note(Kind.END, {"files": c.files, "dirs": c.dirs, "links": c.links,
-                                     "bytes": c.bytes})
+        yield end_note(self.counts)
 
     def _warn(self, name: bytes, kind: str, message: str) -> bytes:
         doc = {"path": show(name), "kind": kind, "message": message}
@@ -318,14 +323,9 @@ def open_target(dest: bytes, n_sources: int) -> Target:
 
 
 @dataclass
-class ReceiveCounts:
-    """What a receiver wrote."""
+class ReceiveCounts(Counts):
+    """What a receiver wrote, and what the sender's E record said."""
 
-    files: int = 0
-    dirs: int = 0
-    links: int = 0
-    bytes: int = 0
-    warnings: list[dict[str, str]] = field(default_factory=list)
     end: dict[str, object] | None = None
     #: Where a resumed file's data started (its part file held that much).
     resumed_from: int = 0

@@ -2,12 +2,15 @@
 
 ``vmbusify(*args)`` runs this venv's CLI, ``lab_status()`` parses ``lab status --json``, and a
 ``LabHandle`` is what the e2e ``lab`` / ``lab_up`` fixtures yield: the lab's status and ways to
-run commands on its machines. Nothing here imports pytest.
+run commands on its machines; ``write_big_file`` and ``sha256_of`` make and check the files
+copies move (tests/e2e and bench/files.py). Nothing here imports pytest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -59,6 +62,24 @@ def vm_states(doc: Any) -> dict[str, str]:
             if found:
                 return found
     return {}
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 (hex) of a file, read a MiB at a time (a copy's check in tests and bench)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(1 << 20):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def write_big_file(path: Path, size: int) -> None:
+    """A file of ``size`` bytes (whole MiB) of random data, no two MiB blocks alike (a copy
+    that swapped or repeated blocks would not pass a checksum), made at the speed of writing:
+    one random MiB, each block stamped with its number."""
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        f.writelines(block[:16] + i.to_bytes(8, "big") + block[24:] for i in range(size >> 20))
 
 
 @dataclass
