@@ -9,7 +9,8 @@ Modules: ``layout`` (names, paths, generated configs), ``netns`` (``ip`` command
 (one supervisord per machine), ``access`` (run commands on a lab machine), ``external`` (the
 external network's services: the hook for its DNS server), ``release`` (a VM's guest stack
 from an older release: ``lab up --guest-release vm2=v0.1.0``), ``lab`` (up / down / status),
-``testing`` (what the e2e fixtures yield: ``LabHandle``, ``vmbusify()``, ``lab_status()``).
+``testing`` (what the e2e fixtures yield: ``LabHandle``, ``vmbusify()``, ``lab_status()``;
+the copy tests' and bench's ``write_big_file`` and ``sha256_of``).
 
 Helpers for tests and tools::
 
