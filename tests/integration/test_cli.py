@@ -266,10 +266,16 @@ def test_forward_checks_the_vm_and_the_proxy_first(stack: ExecStack) -> None:
     """An unknown VM and a proxy that is not there are refused before anything listens, in
     words (this stack runs no proxy worker)."""
     port = free_port()
-    p = run([CTL, "forward", "nosuchvm", f"{port}:localhost:22"], env=stack.env, timeout=20)
+    # The stack's config, with its proxy on a port where nothing listens (the default port may
+    # be another stack's, such as the lab host's proxy).
+    config = stack.pair.root / "host-no-proxy.toml"
+    config.write_text(stack.pair.host.config_path.read_text()
+                      + f'[proxy]\nlisten = "127.0.0.1:{free_port()}"\n')
+    env = {**stack.env, "VMBUSIFY_CONFIG": str(config)}
+    p = run([CTL, "forward", "nosuchvm", f"{port}:localhost:22"], env=env, timeout=20)
     assert p.returncode == 1
     assert p.stderr == "vmbusifyctl: forward: unknown VM 'nosuchvm' (this host knows vm1)\n"
-    p = run([CTL, "forward", "vm1", f"{port}:localhost:22"], env=stack.env, timeout=20)
+    p = run([CTL, "forward", "vm1", f"{port}:localhost:22"], env=env, timeout=20)
     assert p.returncode == 1
     assert re.fullmatch(r"vmbusifyctl: forward: the proxy at 127\.0\.0\.1:\d+ is not running "
                         r"\(connection refused\): see \S*supervisorctl -s unix://\S+/"
