@@ -22,7 +22,12 @@ Each round runs, in turn (median wall time of each over the rounds):
 6. **Ansible alone**: `-m debug` over the same hosts: an action that runs on the control node
    and opens no connection at all. What it takes is spent by every connection plugin before
    and around its own work, so when it is above half of run 2, the goal (<= 0.5x ssh) is out
-   of reach for any connection on this machine: the output says so.
+   of reach for any connection on this machine: the output says so;
+7. **vmbusify, static inventory**: run 1 with the same hosts listed in an INI file instead of
+   by the inventory plugin: the difference from run 1 is the inventory plugin's share (its
+   imports and one status request), the difference from run 4 the connection plugin's.
+
+Every round's times are printed under the medians (the machine's load moves them).
 
 Runs 1-4 use pipelining and the same interpreter; nothing else is set. The goal is on the
 first ratio (vmbusify / ssh <= 0.5, both pipelining). Needs root and the lab (honours
@@ -114,12 +119,18 @@ def main() -> None:
                 f"ansible_ssh_common_args='-F /dev/null -o UserKnownHostsFile=/dev/null "
                 f"-o ControlPath={tmp}/cp-%r-{vmid}'")
             local_lines.append(f"{vmid} ansible_connection=local")
+        static_inv = tmp / "static.ini"
+        static_inv.write_text("[all]\n" + "".join(
+            f"lab/{vmid} ansible_connection=vmbusify.vmbusify.vmbusify "
+            f"ansible_vmbusify_vmid={vmid} "
+            f"ansible_vmbusify_config={lab.layout.host.config_path}\n" for vmid in vmids))
         ssh_inv.write_text("\n".join(ssh_lines) + "\n")
         local_inv.write_text("\n".join(local_lines) + "\n")
         n = len(vmids)
         ping(ours, env, n)  # warm the page cache and bytecode of each path once
         ping(local_inv, env, n)
-        t_ours, t_ssh, t_warm, t_local, t_default, t_alone = [], [], [], [], [], []
+        t_ours, t_ssh, t_warm, t_local, t_default, t_alone, t_static = ([], [], [], [], [], [],
+                                                                         [])
         no_pipelining = {**env, "ANSIBLE_PIPELINING": "0"}
         for _ in range(args.runs):
             t_ours.append(ping(ours, env, n))
@@ -130,13 +141,14 @@ def main() -> None:
             stop_masters(tmp)
             t_default.append(ping(ssh_inv, no_pipelining, n))
             t_alone.append(ping(ssh_inv, env, n, "-a", "msg=x", module="debug"))
+            t_static.append(ping(static_inv, env, n))
         stop_masters(tmp)
     finally:
         sshd.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    med = {name: statistics.median(ts) * 1e3 for name, ts in
-           (("ours", t_ours), ("ssh", t_ssh), ("warm", t_warm), ("local", t_local),
-            ("default", t_default), ("alone", t_alone))}
+    runs = {"ours": t_ours, "ssh": t_ssh, "warm": t_warm, "local": t_local,
+            "default": t_default, "alone": t_alone, "static": t_static}
+    med = {name: statistics.median(ts) * 1e3 for name, ts in runs.items()}
     print(f"ansible -m ping over {n} lab VMs, median of {args.runs} rounds (ms)")
     print(f"  {'measure':<44} {'vmbusify':>9} {'anchor':>9} {'ratio':>6}  goal")
     print(f"  {'ping, whole command vs ssh':<44} {med['ours']:>9.0f} {med['ssh']:>9.0f} "
@@ -150,9 +162,17 @@ def main() -> None:
     floor = med["alone"] / med["ssh"]
     print(f"  {'Ansible alone (-m debug, no connection) vs ssh':<44} {med['alone']:>9.0f} "
           f"{med['ssh']:>9.0f} {floor:>6.2f}")
+    print(f"  {'vmbusify, static inventory (no inventory plugin)':<44} {med['static']:>9.0f} "
+          f"{med['ssh']:>9.0f} {med['static'] / med['ssh']:>6.2f}")
     if floor > 0.5:
         print(f"  the goal is out of reach here for any connection: Ansible's own part is "
               f"{floor:.2f}x ssh before a connection does anything (goal 0.5x)")
+    if med["local"] / med["ssh"] > 0.5:
+        print(f"  -c local, which has no transport at all, is {med['local'] / med['ssh']:.2f}x "
+              f"ssh here")
+    print("  every round (ms):")
+    for name, ts in runs.items():
+        print(f"    {name:<8} " + " ".join(f"{t * 1e3:5.0f}" for t in ts))
 
 if __name__ == "__main__":
     main()

@@ -176,3 +176,37 @@ def test_an_unknown_vm_is_unreachable_not_failed(lab: LabHandle, tmp_path: Path)
                          check=False, timeout=120)
     assert out.returncode == 4, out.stdout + out.stderr  # 4: a host was unreachable
     assert "UNREACHABLE" in out.stdout and "nosuch" in out.stdout, out.stdout
+
+
+def test_reset_connection_starts_a_new_master(lab: LabHandle, sshd: LocalSshd,
+                                              tmp_path: Path) -> None:
+    """``meta: reset_connection``: the commands after it still run in the VM, and the remote
+    hypervisor's are through a new ssh master (the old one stopped taking commands)."""
+    inventory = write_inventory(tmp_path, lab, sshd)
+    control = Path(tempfile.mkdtemp(prefix="vbr-"))
+    playbook = tmp_path / "reset.yml"
+    playbook.write_text(
+        "- hosts: 'hv1/vm1,here/vm1'\n  gather_facts: false\n  tasks:\n"
+        "    - raw: echo before\n"
+        "    - meta: reset_connection\n"
+        "    - raw: ip -4 -o addr show\n      register: after\n"
+        "    - debug: var=after.stdout_lines\n")
+    extra = {"ansible_vmbusify_control_dir": str(control),
+             "ansible_vmbusify_control_persist": 30}
+    sessions_before = (sshd.root / "sshd.log").read_text().count("Accepted publickey")
+    try:
+        out = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory),
+                              "-e", json.dumps(extra), str(playbook)],
+                             env=ansible_env(tmp_path), capture_output=True, text=True,
+                             check=False, timeout=300)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+        assert "not implemented" not in out.stdout + out.stderr
+        assert out.stdout.count(f"inet {lab.layout.vm('vm1').sdn_ip}/") == 2, out.stdout
+        # The inventory's status (a plain ssh), one master before the reset, a new one after.
+        accepted = (sshd.root / "sshd.log").read_text().count("Accepted publickey")
+        assert accepted - sessions_before == 3, accepted - sessions_before
+    finally:
+        for sock in control.glob("vmbusify-*"):
+            subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "x"],
+                           capture_output=True, check=False)
+        shutil.rmtree(control, ignore_errors=True)

@@ -66,3 +66,25 @@ def test_the_collection_builds_and_its_plugins_document_themselves(tmp_path: Pat
                       "vmbusify.vmbusify.vmbusify")
         assert out.returncode == 0, out.stderr
         assert "hypervisor" in out.stdout and "ERROR" not in out.stderr
+
+
+def test_reset_connection_is_implemented(tmp_path: Path) -> None:
+    """``meta: reset_connection`` resets (no "not implemented" warning) and the next task
+    runs through a new connection."""
+    program = tmp_path / "vmbusifyexec"  # stands in: runs the command here
+    program.write_text('#!/bin/sh\nwhile [ "$1" != -- ]; do shift; done; shift\nexec "$@"\n')
+    program.chmod(0o755)
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text("[vms]\nvm1 ansible_connection=vmbusify.vmbusify.vmbusify "
+                         f"ansible_vmbusify_exec={program} ansible_vmbusify_use_api=false\n")
+    playbook = tmp_path / "reset.yml"
+    playbook.write_text(
+        "- hosts: vms\n  gather_facts: false\n  tasks:\n"
+        "    - raw: echo before-reset\n"
+        "    - meta: reset_connection\n"
+        "    - raw: echo after-reset\n      register: after\n"
+        "    - debug: var=after.stdout\n")
+    out = ansible(tmp_path, "ansible-playbook", "-i", str(inventory), str(playbook))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "not implemented" not in out.stdout + out.stderr
+    assert '"after.stdout": "after-reset' in out.stdout, out.stdout

@@ -71,6 +71,18 @@ HIDDEN_ALLOWED = {
         "types only: vmbusify.client loads its names lazily, vmbusifyexec imports client.wire",
     ("vmbusify.client", "vmbusify.files"):
         "types only: vmbusify.client loads its names lazily, vmbusifyexec imports client.wire",
+    ("vmbusify.client.api", "vmbusify.client.forward"):
+        "Client loads it for forward, push/pull or config only: status and exec (Ansible's "
+        "inventory and connection plugins) skip ~40 ms of imports (docs/api.md, 'Start-up')",
+    ("vmbusify.client.api", "vmbusify.config"):
+        "Client loads it for forward, push/pull or config only: status and exec (Ansible's "
+        "inventory and connection plugins) skip ~40 ms of imports (docs/api.md, 'Start-up')",
+    ("vmbusify.client.api", "vmbusify.config_file"):
+        "Client loads it for forward, push/pull or config only: status and exec (Ansible's "
+        "inventory and connection plugins) skip ~40 ms of imports (docs/api.md, 'Start-up')",
+    ("vmbusify.client.api", "vmbusify.files"):
+        "Client loads it for forward, push/pull or config only: status and exec (Ansible's "
+        "inventory and connection plugins) skip ~40 ms of imports (docs/api.md, 'Start-up')",
     ("vmbusify.control.verify", "vmbusify.users.peer"):
         "vmbusifyexec loads it for a TCP listener only",
     ("vmbusify.control.client", "vmbusify.config"):

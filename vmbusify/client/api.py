@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from vmbusify.client.execution import ExecProcess, ExecRequest, ExecResult, argv_of
-from vmbusify.client.forward import Forward, Report, say_on_stderr
 from vmbusify.client.status import Status, VMStatus
 from vmbusify.client.wire import post_detached, request_body
-from vmbusify.config import Config, load_config
 from vmbusify.control.client import ControlClient, q
 from vmbusify.control.exec_wire import Listener, find_listener
-from vmbusify.files import CopyResult, Progress, pull, push
+from vmbusify.control.verify import describe
+
+if TYPE_CHECKING:  # loaded on first use: status and exec need none of them (an Ansible
+    # inventory or connection pays ~40 ms for forward's, files' and config's imports)
+    from vmbusify.client.forward import Forward, Report
+    from vmbusify.config import Config
+    from vmbusify.files import CopyResult, Progress
 
 #: A local path, as the file functions take it.
 LocalPath = str | os.PathLike[str]
@@ -48,12 +52,23 @@ class Client:
     def config(self) -> Config:
         """The configuration, loaded and checked at first use."""
         if self._config is None:
+            from vmbusify.config import load_config  # see the imports above
+
             self._config = load_config(self.config_path)
         return self._config
 
     def _ctl(self) -> ControlClient:
+        """The listener's client, from the two keys it needs (as ``vmbusifyctl`` does): the
+        whole configuration is loaded and checked only by the calls that use it."""
         if self._control is None:
-            self._control = ControlClient(self.config, self.timeout)
+            if self._config is not None:
+                self._control = ControlClient(self._config, self.timeout)
+            else:
+                from vmbusify.config_file import listener_of
+
+                kind, where, port, token_file = listener_of(self.config_path)
+                self._control = ControlClient.for_listener(describe(kind, where, port),
+                                                           token_file, self.timeout)
         return self._control
 
     def _exec_listener(self) -> Listener:
@@ -141,6 +156,8 @@ class Client:
         ``vmbusifyctl cp`` does (vmbusify.files.push has every option); a source ``"-"``
         copies ``stdin``. FileCopyError says why a copy failed; ``CopyResult.warnings``
         lists entries of a tree that were left out."""
+        from vmbusify.files import push  # see the imports above
+
         paths = [sources] if isinstance(sources, str | os.PathLike) else list(sources)
         return push(vmid, paths, dest, recursive=recursive, preserve=preserve, user=user,
                     resume=resume, checksum=checksum, config=self.config, progress=progress,
@@ -154,6 +171,8 @@ class Client:
         """Copy files (or trees) of the VM to the local ``dest``, checked as coming from a
         hostile guest (vmbusify.files.pull); ``dest`` ``"-"`` writes the one file to
         ``stdout``."""
+        from vmbusify.files import pull  # see the imports above
+
         paths = [sources] if isinstance(sources, str) else list(sources)
         return pull(vmid, paths, dest, recursive=recursive, preserve=preserve, user=user,
                     resume=resume, checksum=checksum, config=self.config, progress=progress,
@@ -162,8 +181,12 @@ class Client:
     # -- forward --------------------------------------------------------------------------
     def forward(self, vmid: str, target_port: int, *, target: str = "localhost",
                 bind: str = "127.0.0.1", port: int = 0,
-                report: Report = say_on_stderr) -> Forward:
+                report: Report | None = None) -> Forward:
         """Listen on ``bind:port`` (0: a free port, see ``.port``) and carry each connection
         to ``target:target_port`` as seen from the VM (``vmbusifyctl forward``), until
-        ``close()``. ``report`` gets one line for each connection refused or not opened."""
-        return Forward(self.config, vmid, target, target_port, bind, port, report)
+        ``close()``. ``report`` gets one line for each connection refused or not opened
+        (default: said on stderr)."""
+        from vmbusify.client.forward import Forward, say_on_stderr  # see the imports above
+
+        return Forward(self.config, vmid, target, target_port, bind, port,
+                       report or say_on_stderr)

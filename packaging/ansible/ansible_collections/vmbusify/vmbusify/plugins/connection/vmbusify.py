@@ -244,12 +244,17 @@ class Connection(ConnectionBase):
         self._connected = True
         return self
 
+    def _control_directory(self) -> str:
+        """The ssh masters' directory; sets the ControlPath ``_ssh_base`` uses."""
+        directory = os.path.expanduser(self.get_option("control_dir"))
+        self._control_path = os.path.join(directory, "vmbusify-%C")
+        return directory
+
     def _start_master(self, hypervisor: str) -> None:
         """Make sure an ssh master connection to the hypervisor is up (one per hypervisor,
         shared by every fork: a lock file keeps two forks from starting two)."""
-        directory = os.path.expanduser(self.get_option("control_dir"))
+        directory = self._control_directory()
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._control_path = os.path.join(directory, "vmbusify-%C")
         base = self._ssh_base()
         with open(os.path.join(directory, ".vmbusify-master.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -400,6 +405,21 @@ class Connection(ConnectionBase):
             raise self._failed(f"failed to fetch {in_path}", returncode, stderr)
         os.chmod(partial, 0o644 & ~_umask())
         os.replace(partial, b_out)
+
+    def reset(self) -> None:
+        """``meta: reset_connection``: the next command reads the configuration and token
+        again (after VMBusify was reconfigured or its token replaced) and verifies the
+        listener again; a remote hypervisor's ssh master stops taking new commands (those
+        running go on), so the next command starts a new one, as Ansible's ssh does."""
+        self._listener = None
+        hypervisor = self._hypervisor()
+        if hypervisor:
+            self._control_directory()
+            display.vvv(f"STOP THE SSH MASTER TO {hypervisor}",
+                        host=self.get_option("remote_addr"))
+            subprocess.run([*self._ssh_base(), "-O", "stop", hypervisor],
+                           stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        self.close()
 
     def close(self) -> None:
         """Nothing to close: the ssh master outlives the connection (ControlPersist)."""
