@@ -458,6 +458,31 @@ def test_mux_crash_kills_remote_tree_and_client_says_why(tmp_path: Path, side: s
         s.stop()
 
 
+def test_an_exec_right_after_a_host_mux_restart_runs(tmp_path: Path) -> None:
+    """The host mux restarts (as supervisord does after a crash): once the VM is connected
+    again, the next exec runs, even before the listener's next heartbeat (2 s) would have
+    told it of the new mux; it must not be failed as lost to the old one."""
+    s = start_stack(tmp_path)
+    try:
+        for _ in range(3):
+            s.pair.host.kill(signal.SIGKILL)  # waits for it to be gone
+            s.pair.host.start()
+            deadline = time.monotonic() + 20
+            while True:  # the status call answers once the new mux runs with vm1 connected
+                out = subprocess.run([str(BIN / "vmbusifyctl"), "status", "--json"],
+                                     env=s.env, capture_output=True, text=True, check=False)
+                if out.returncode == 0 and any(
+                        vm["vmid"] == "vm1" and vm["state"] == "connected"
+                        for vm in json.loads(out.stdout)["vms"]):
+                    break
+                assert time.monotonic() < deadline, out.stderr
+                time.sleep(0.05)
+            p = s.run("vm1", "--", "echo", "again", timeout=30)
+            assert (p.returncode, p.stdout, p.stderr) == (0, b"again\n", b"")
+    finally:
+        s.stop()
+
+
 def test_listener_stopping_ends_execs_with_a_reason(tmp_path: Path) -> None:
     s = start_stack(tmp_path)
     try:

@@ -38,6 +38,7 @@ non-zero, so supervisord restarts it. The counters per VM go into the worker's s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -196,6 +197,10 @@ class WorkerLink:
         # The worker's last published stats, and the limit counters the mux last took.
         self._last_stats: dict[str, Any] = {}
         self._limits_sent: dict[str, dict[str, int]] = {}
+        # The mux's connection was lost (its process went away) and no REGOK has come since;
+        # set when the connection is made again: register then, not at the next heartbeat.
+        self._mux_gone = False
+        self._reconnected = asyncio.Event()
 
     # -- set-up ----------------------------------------------------------------------------
     def route(self, source: int, message_id: int, handler: Handler | None,
@@ -229,7 +234,7 @@ class WorkerLink:
     async def start(self, wait: float | None = 30.0) -> None:
         """Connect to the mux, register, and start receiving. Waits for the first REGOK."""
         self._bus = LanedDealer(self.config.bus_endpoint, self.name, self._on_lane,
-                                lanes=os.environ.get(LANES_ENV) != "0")
+                                lanes=os.environ.get(LANES_ENV) != "0", on_peer=self._on_peer)
         self._spawn(self._receive_loop())
         self._spawn(self._register_loop())
         if wait:
@@ -299,7 +304,11 @@ class WorkerLink:
                 self._warn.warning(("mux", "reg"), "worker=%s: %s", self.name, exc)
             self._report_limits()
             self._expire_holds()
-            await asyncio.sleep(REGISTER_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reconnected.wait(), REGISTER_INTERVAL)
+            if self._reconnected.is_set():  # a new mux: both lanes, now
+                self._reconnected.clear()
+                first = True
 
     def _expire_holds(self) -> None:
         """Let go of a message that waits for one of the other lane that is not coming (the
@@ -548,16 +557,20 @@ class WorkerLink:
         if type(msg) is Pkg:
             await self._on_package(msg.vmid, msg.package())
         elif type(msg) is RegOk:
-            if self.mux_id and msg.mux_id != self.mux_id:
+            if self.mux_id and msg.mux_id != self.mux_id and not self._mux_gone:
+                # A restart the socket did not report: what is in flight went to the old mux.
                 self._on_mux_restart()
                 if self._bus is not None:
                     self._bus.restart_numbering()
                     await self._register(both_lanes=True)
+            self._mux_gone = False
             self.mux_id = msg.mux_id
             self.registered.set()
         elif type(msg) is Rereg:
-            if self._bus is not None:
-                self._bus.restart_numbering()  # the mux forgot this worker's numbers
+            if self._bus is not None and not self._mux_gone:
+                # the mux forgot this worker's numbers (when the socket reported the restart,
+                # the numbering started again then, and the new mux has seen it from 1)
+                self._bus.restart_numbering()
             await self._register(both_lanes=True)
         elif type(msg) is CtlReply:
             fut = self._ctl.get(msg.call_id)
@@ -585,6 +598,24 @@ class WorkerLink:
                                "worker=%s vm=%s: %s event handler failed: %s: %s%s",
                                self.name, vmid, event.value, type(exc).__name__,
                                printable(exc), _where(exc))
+
+    def _on_peer(self, connected: bool) -> None:
+        """The connection to the mux was made (again) or lost (bus/sockets.py's monitor).
+
+        Lost: every call and stream in flight went to the process that is gone, so they fail
+        now; what is sent from here on is queued for the next mux, which takes it, so a
+        later REGOK with a new ``mux_id`` fails nothing more (a call sent to the new mux
+        before this worker registered again would otherwise be failed though it runs)."""
+        log.debug("worker=%s: the mux's connection %s", self.name,
+                  "is made" if connected else "is lost")
+        if not connected:
+            if not self._mux_gone and self.registered.is_set():
+                self._mux_gone = True
+                self._on_mux_restart()
+                if self._bus is not None:
+                    self._bus.restart_numbering()  # the next mux knows no numbers
+        elif self._mux_gone:
+            self._reconnected.set()
 
     def _on_mux_restart(self) -> None:
         log.warning("worker=%s: the mux restarted; every stream and call is lost", self.name)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from vmbusify.bus.frames import BusMessage, Frames
 from vmbusify.bus.lanes import CONTROL_SUFFIX, Lane, LaneSender
@@ -115,6 +116,29 @@ class BusSocket:
         self._scheduled = False
         self._closed = False
         self._loop.add_reader(self._fd, self._readable)
+        self._monitor: zmq.Socket | None = None
+        self._on_peer: Callable[[bool], None] | None = None
+
+    def watch_peer(self, on_peer: Callable[[bool], None]) -> None:
+        """Call ``on_peer(True)`` when the connection to the peer is made (again) and
+        ``on_peer(False)`` when it is lost (ZeroMQ's socket monitor): a worker learns at
+        once that its mux went away, instead of at its next heartbeat."""
+        mon = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._monitor, self._on_peer = mon, on_peer
+        self._loop.add_reader(int(mon.getsockopt(zmq.FD)), self._monitor_readable)
+        self._loop.call_soon(self._monitor_readable)  # ZeroMQ's FD signals edges: read now
+
+    def _monitor_readable(self) -> None:
+        mon, on_peer = self._monitor, self._on_peer
+        while mon is not None and on_peer is not None and not self._closed:
+            try:
+                event = recv_monitor_message(mon, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                on_peer(event["event"] == zmq.EVENT_CONNECTED)
+            except Exception:  # a handler's bug must not stop the bus
+                log.exception("bus peer event handler failed")
 
     def _readable(self) -> None:
         self._scheduled = False
@@ -183,6 +207,12 @@ class BusSocket:
         self._closed = True
         if not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
+        if self._monitor is not None:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(int(self._monitor.getsockopt(zmq.FD)))
+            self.sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         self.sock.close(linger=linger_ms)
         if self._context is not None:
             self._context.term()
@@ -200,7 +230,8 @@ class LanedDealer:
     """
 
     def __init__(self, endpoint: str, name: str,
-                 on_message: Callable[[Lane, Frames], None], lanes: bool = True) -> None:
+                 on_message: Callable[[Lane, Frames], None], lanes: bool = True,
+                 on_peer: Callable[[bool], None] | None = None) -> None:
         ctx = shared_context()
         self.identity = worker_identity(name)
         self.sender: LaneSender | None = LaneSender() if lanes else None
@@ -214,6 +245,9 @@ class LanedDealer:
                 raise
             sockets.append(BusSocket(control, lambda f: on_message(Lane.CONTROL, f)))
         self._sockets = sockets
+        if on_peer is not None:
+            for sock in sockets:  # each lane's connection is told (a caller takes the first)
+                sock.watch_peer(on_peer)
 
     def send_message(self, msg: BusMessage, lane: Lane | None = None) -> None:
         """Stamp ``msg`` and send it on its lane (``lane``: on that one); raises BusError."""
