@@ -6,12 +6,14 @@ hypervisor reached by ssh (an sshd on 127.0.0.1 with keys the test makes)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 
 from bench.exec import LocalSshd
 from vmbusify.client import Client
+from vmbusify.lab.layout import SUBNET_CIDR, SUBNET_CIDR6
 from vmbusify.lab.testing import LabHandle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,6 +134,9 @@ def test_playbook_through_local_and_remote_hypervisors(lab: LabHandle, sshd: Loc
              "ansible_vmbusify_control_persist": 30}
     sessions_before = (sshd.root / "sshd.log").read_text().count("Accepted publickey")
     client = Client(lab.layout.host.config_path)
+    # The template writes the addresses the inventory sees: let a lab that has just come up
+    # report its virtual subnet's addresses first (they follow the connection by a moment).
+    wait_for_subnet_addresses(client, ["vm1", "vm2"])
     try:
         out = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory),
                               "-e", json.dumps(extra), str(PLAYBOOK)],
@@ -159,6 +165,20 @@ def test_playbook_through_local_and_remote_hypervisors(lab: LabHandle, sshd: Loc
     finally:
         for vmid in ("vm1", "vm2"):
             client.run(vmid, ["rm", "-rf", workdir])
+
+
+def wait_for_subnet_addresses(client: Client, vmids: list[str], timeout: float = 60) -> None:
+    """Until each VM reports an address in the lab's virtual subnet (IPv4 and IPv6)."""
+    nets = [ipaddress.ip_network(SUBNET_CIDR), ipaddress.ip_network(SUBNET_CIDR6)]
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [vmid for vmid in vmids
+                   if not all(any(ipaddress.ip_address(ip) in net for ip in lab_ips(client, vmid))
+                              for net in nets)]
+        if not missing:
+            return
+        assert time.monotonic() < deadline, f"no subnet addresses reported by {missing}"
+        time.sleep(0.2)
 
 
 def lab_ips(client: Client, vmid: str) -> list[str]:
