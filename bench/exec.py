@@ -135,6 +135,17 @@ class LocalSshd:
             shutil.rmtree("/run/sshd", ignore_errors=True)
 
 
+def exec_target(lab: bool, tmp: Path) -> tuple[ExecStack | None, dict[str, str]]:
+    """Where `vmbusifyexec vm1` goes: the running lab's host (``lab``), or a host and guest
+    stack of its own started under ``tmp`` (returned, for the caller to stop); and the
+    environment that points vmbusifyexec at it."""
+    if lab:
+        from vmbusify.lab.access import command
+        return None, command("host", ["true"])[1]
+    stack = start_stack(tmp / "stack")
+    return stack, stack.env
+
+
 def wall(argv: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
     subprocess.run(argv, env=env, check=True, stdin=subprocess.DEVNULL,
@@ -411,12 +422,7 @@ def main() -> None:
     sshd = LocalSshd(tmp)
     ex_ms = ssh_ms = ex_mbps = ssh_mbps = 0.0
     try:
-        if args.lab:
-            from vmbusify.lab.access import command
-            env = command("host", ["true"])[1]
-        else:
-            stack = start_stack(tmp / "stack")
-            env = stack.env
+        stack, env = exec_target(args.lab, tmp)
         ex = [EXEC, "vm1", "--"]
         for _ in range(3):  # warm up (page cache, first connections)
             wall([*ex, "true"], env)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.exec import LocalSshd, wall
-from tests.integration.exec_harness import EXEC, start_stack
+from bench.exec import LocalSshd, exec_target, wall
+from tests.integration.exec_harness import EXEC
 
 GOAL = 0.10
 #: The client's start with no request: what vmbusifyexec imports and reads before it connects.
@@ -62,12 +62,7 @@ def main() -> None:
     stack = None
     sshd = LocalSshd(tmp)
     try:
-        if args.lab:
-            from vmbusify.lab.access import command
-            env = command("host", ["true"])[1]
-        else:
-            stack = start_stack(tmp / "stack")
-            env = stack.env
+        stack, env = exec_target(args.lab, tmp)
         sshd.start()
         ex = [EXEC, "vm1", "--", "true"]
         ssh = sshd.argv("true")
