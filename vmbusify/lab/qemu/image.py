@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -204,7 +205,9 @@ def guest_package() -> Path | None:
     if not builder.is_file():
         return None
     out = CACHE / "deb"
-    proc = subprocess.run(["python3", str(builder), "--out", str(out), "--source",
+    # This interpreter (the checkout's venv): the builder runs the checkout's own
+    # `vmbusify man`, which needs the package's dependencies; a bare python3 may lack them.
+    proc = subprocess.run([sys.executable, str(builder), "--out", str(out), "--source",
                            str(repo_root())], check=False, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines or not Path(lines[-1]).is_file():
