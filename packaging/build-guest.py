@@ -170,6 +170,7 @@ def debian_relations(requirements: list[str]) -> list[str]:
 
 
 def python_floor(requires_python: str) -> str:
+    """The Depends entry for ``requires-python`` (only ``>=X.Y`` is understood)."""
     m = re.fullmatch(r"\s*>=\s*([0-9.]+)\s*", requires_python)
     if not m:
         raise BuildError(f"requires-python {requires_python!r}: expected >=X.Y")
@@ -200,6 +201,7 @@ def inputs(source: Path) -> list[Path]:
 
 
 def content_hash(source: Path, files: list[Path]) -> str:
+    """sha256 over the names and bytes of ``files``: the package's version suffix and cache key."""
     h = hashlib.sha256()
     for rel in files:
         h.update(str(rel).encode() + b"\0")
@@ -208,6 +210,7 @@ def content_hash(source: Path, files: list[Path]) -> str:
 
 
 def unit_text(source: Path) -> str:
+    """The guest's systemd unit: packaging/'s, with the paths the .deb installs to."""
     text = (source / "packaging" / UNIT).read_text()
     for old, new in UNIT_EDITS:
         if old not in text:
@@ -233,6 +236,7 @@ def man_pages(source: Path) -> dict[str, bytes]:
 
 
 def write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
+    """Write ``text`` at ``path`` (parents made) with ``mode``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(text, str):
         path.write_text(text)
@@ -336,6 +340,7 @@ def build(source: Path, out: Path, force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Build the .deb (or find it in the cache) and print its path."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"where the .deb goes (default {DEFAULT_OUT})")
