@@ -60,7 +60,9 @@ PYTHON = "/usr/bin/python3"
 
 def environment(home: Path) -> dict[str, str]:
     (home / "ansible.cfg").write_text("[defaults]\n")
-    return {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # this venv's programs, as
+    # a user of it has them (bench/run runs with the venv's python, not its PATH)
+    return {**os.environ, "PATH": path, "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
             "ANSIBLE_HOME": str(home), "ANSIBLE_LOCAL_TEMP": str(home / "tmp"),
             "ANSIBLE_CONFIG": str(home / "ansible.cfg"), "ANSIBLE_PIPELINING": "1",
             "ANSIBLE_PYTHON_INTERPRETER": PYTHON, "ANSIBLE_NOCOLOR": "1",
@@ -123,7 +125,8 @@ def main() -> None:
         static_inv.write_text("[all]\n" + "".join(
             f"lab/{vmid} ansible_connection=vmbusify.vmbusify.vmbusify "
             f"ansible_vmbusify_vmid={vmid} "
-            f"ansible_vmbusify_config={lab.layout.host.config_path}\n" for vmid in vmids))
+            f"ansible_vmbusify_config={lab.layout.host.config_path} "
+            f"ansible_vmbusify_exec={BIN / 'vmbusifyexec'}\n" for vmid in vmids))
         ssh_inv.write_text("\n".join(ssh_lines) + "\n")
         local_inv.write_text("\n".join(local_lines) + "\n")
         n = len(vmids)
