@@ -88,6 +88,17 @@ def ansible_env(home: Path) -> dict[str, str]:
             "ANSIBLE_FORKS": "4"}
 
 
+def run_playbook(inventory: Path, extra: dict[str, object], playbook: Path, home: Path,
+                 timeout: float) -> subprocess.CompletedProcess[str]:
+    """``ansible-playbook`` with ``extra`` vars; asserts that it succeeded (output shown)."""
+    out = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory),
+                          "-e", json.dumps(extra), str(playbook)],
+                         env=ansible_env(home), capture_output=True, text=True,
+                         check=False, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    return out
+
+
 def test_inventory_lists_each_hypervisors_vms(lab: LabHandle, sshd: LocalSshd,
                                               tmp_path: Path) -> None:
     inventory = write_inventory(tmp_path, lab, sshd)
@@ -138,11 +149,7 @@ def test_playbook_through_local_and_remote_hypervisors(lab: LabHandle, sshd: Loc
     # report its virtual subnet's addresses first (they follow the connection by a moment).
     wait_for_subnet_addresses(client, ["vm1", "vm2"])
     try:
-        out = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory),
-                              "-e", json.dumps(extra), str(PLAYBOOK)],
-                             env=ansible_env(tmp_path), capture_output=True, text=True,
-                             check=False, timeout=600)
-        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+        out = run_playbook(inventory, extra, PLAYBOOK, tmp_path, 600)
         recap = re.findall(r"^(\S+)\s+: ok=\d+\s+changed=\d+\s+unreachable=0\s+failed=0",
                            out.stdout, re.MULTILINE)
         assert sorted(recap) == ["exe/vm1", "exe/vm2", "here/vm1", "here/vm2", "hv1/vm1",
@@ -215,11 +222,7 @@ def test_reset_connection_starts_a_new_master(lab: LabHandle, sshd: LocalSshd,
              "ansible_vmbusify_control_persist": 30}
     sessions_before = (sshd.root / "sshd.log").read_text().count("Accepted publickey")
     try:
-        out = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory),
-                              "-e", json.dumps(extra), str(playbook)],
-                             env=ansible_env(tmp_path), capture_output=True, text=True,
-                             check=False, timeout=300)
-        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+        out = run_playbook(inventory, extra, playbook, tmp_path, 300)
         assert "not implemented" not in out.stdout + out.stderr
         assert out.stdout.count(f"inet {lab.layout.vm('vm1').sdn_ip}/") == 2, out.stdout
         # The inventory's status (a plain ssh), one master before the reset, a new one after.
