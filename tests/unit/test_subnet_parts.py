@@ -18,7 +18,7 @@ import pytest
 from vmbusify.errors import SubnetError
 from vmbusify.protocol.subnet import PLAIN_VNET_HDR, iter_frames
 from vmbusify.workers.subnet import bearer as bearer_module
-from vmbusify.workers.subnet import nat
+from vmbusify.workers.subnet import command, nat
 from vmbusify.workers.subnet.bearer import BULK_FRAME, Bearer, Outbox
 from vmbusify.workers.subnet.dns import DnsForwarder, resolv_conf_servers
 from vmbusify.workers.subnet.leases import LeaseTable
@@ -462,3 +462,26 @@ def test_guest_attaches_again_at_once_when_the_host_worker_restarts_mid_attach(
                 await g.bearer.close("test over")
 
     asyncio.run(scenario())
+
+
+# --- system programs --------------------------------------------------------------------------
+
+
+def test_ip_and_nft_are_found_in_sbin_without_it_on_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A supervisord started with PATH=/usr/bin:/bin still runs the subnet's ip and nft."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr(command, "_found", {})
+    for name in ("ip", "nft"):
+        path = command.find_program(name)
+        assert Path(path).name == name and os.access(path, os.X_OK)
+    proc = command.run(["ip", "-o", "link", "show", "lo"])
+    assert "lo:" in proc.stdout
+
+
+def test_a_missing_program_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(command, "_found", {})
+    monkeypatch.setitem(command.PACKAGES, "vmbusify-no-such-program", "some-package")
+    with pytest.raises(SubnetError, match="vmbusify-no-such-program: command not found on PATH "
+                       r"or in .*/usr/sbin.*install the some-package package"):
+        command.run(["vmbusify-no-such-program", "x"])
