@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -86,10 +87,19 @@ def _terminate(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+class SlirpAnchor(NamedTuple):
+    """What ``slirp_anchor`` made: the namespace, the server's port, the processes' ids."""
+
+    netns: str
+    port: int
+    pids: list[int]
+
+
 @contextlib.contextmanager
-def slirp_anchor(name: str) -> Iterator[tuple[str, int]]:
+def slirp_anchor(name: str) -> Iterator[SlirpAnchor]:
     """A bare namespace ``name`` behind slirp4netns and an iperf3 server on the host's
-    127.0.0.1: yields (namespace, server port); removes all three on every exit."""
+    127.0.0.1 (slirp4netns and the server run in the host's namespace); removes all three on
+    every exit."""
     if ip.netns_exists(name):  # left by a run killed with SIGKILL
         ip.delete_netns(name)
     port = free_loopback_port()
@@ -115,7 +125,7 @@ def slirp_anchor(name: str) -> Iterator[tuple[str, int]]:
         procs.append(subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(0.5)
-        yield name, port
+        yield SlirpAnchor(name, port, [p.pid for p in procs])
     finally:
         for proc in reversed(procs):
             _terminate(proc)
@@ -153,7 +163,7 @@ def main() -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results: dict[tuple[str, bool], list[float]] = {}
     try:
-        with slirp_anchor(f"{PREFIX}slirp") as (slirp_ns, slirp_port):
+        with slirp_anchor(f"{PREFIX}slirp") as (slirp_ns, slirp_port, _):
             print(f"subnet benchmark on {os.cpu_count()} cores: iperf3 -t {args.seconds}, "
                   f"{args.rounds} rounds; subnet mtu {host.subnet.mtu}, offload "
                   f"{'on' if host.subnet.offload else 'off'}; slirp4netns mtu {SLIRP_MTU}; "
