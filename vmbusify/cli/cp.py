@@ -123,10 +123,13 @@ def _parse(paths: tuple[str, ...]) -> tuple[str, str, list[str], str]:
 @click.option("--checksum", is_flag=True, help="Compare sha256 at both ends.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
+@click.option("--fsync", is_flag=True,
+              help="Flush each file to disk before its rename, and the directories after.")
 @click.argument("paths", nargs=-1, required=True)
 @click.pass_context
 def cp(ctx: click.Context, recursive: bool, preserve: bool, user: str, resume: bool,
-       checksum: bool, quiet: bool, as_json: bool, paths: tuple[str, ...]) -> None:
+       checksum: bool, quiet: bool, as_json: bool, fsync: bool, paths: tuple[str, ...]
+       ) -> None:
     """Copy SRC... to VM:DST, or VM:SRC... to DST (VM: a vmid or an address it reported).
 
     As cp: an existing directory DST receives the sources by their names, otherwise DST is
@@ -138,7 +141,7 @@ def cp(ctx: click.Context, recursive: bool, preserve: bool, user: str, resume: b
     line = ProgressLine() if (not quiet and not as_json and sys.stderr.isatty()) else None
     opts: dict[str, Any] = {"recursive": recursive, "preserve": preserve, "user": user,
                             "resume": resume, "checksum": checksum,
-                            "config": ctx.obj["config"], "progress": line}
+                            "config": ctx.obj["config"], "progress": line, "fsync": fsync}
     started = time.monotonic()
     try:
         if direction == "push":

@@ -10,7 +10,8 @@ Standard library, wire.py and tree.py only. The request is one JSON object::
 
     {"v": 1, "op": "recv" | "send" | "probe", "dest": ..., "sources": [...],
      "recursive": bool, "preserve": bool, "checksum": bool, "resume": bool,
-     "offset": int, "expect": hex sha256 of the first offset bytes, "stdin": bool}
+     "offset": int, "expect": hex sha256 of the first offset bytes, "stdin": bool,
+     "fsync": bool}
 
 recv (a push): the stream on stdin is written under ``dest``; stdout gets W records for what
 was not written, then E with the counts, or X with the reason. send (a pull): ``sources`` are
@@ -85,7 +86,8 @@ def _recv(req: dict[str, object]) -> int:
                          "write stdin to", os.fsdecode(dest))
     receiver = Receiver(target, preserve=preserve, chown=preserve and root,
                         allow_setid=preserve and root, checksum=bool(req.get("checksum")),
-                        resume=bool(req.get("resume")))
+                        resume=bool(req.get("resume")), fsync=bool(req.get("fsync")),
+                        unknown_size=bool(req.get("stdin")))
     decoder = Decoder()
     try:
         while not decoder.finished:

@@ -28,10 +28,12 @@ from vmbusify.files.tree import (
     StdoutReceiver,
     end_note,
     hash_prefix,
+    note_doc,
     open_target,
     probe_part,
 )
 from vmbusify.files.wire import (
+    UNKNOWN_SIZE,
     Decoder,
     Entry,
     Kind,
@@ -167,7 +169,8 @@ def _stdin_pieces(fd: int, name: bytes, checksum: bool, meter: _Meter
     import hashlib
 
     digest = hashlib.sha256() if checksum else None
-    yield encode_entry(Entry(Kind.FILE, name, mode=0o644, mtime_ns=time.time_ns()))
+    yield encode_entry(Entry(Kind.FILE, name, mode=0o644, mtime_ns=time.time_ns(),
+                             size=UNKNOWN_SIZE))
     meter.on_file("-", 0)
     n = 0
     while data := os.read(fd, READ_CHUNK):
@@ -223,14 +226,14 @@ class _Replies:
         return self.end
 
     def _note(self, note: Note) -> None:
-        doc = {k: str(v)[:1000] for k, v in note.doc.items()}
+        doc = note_doc(note)
         if note.kind is Kind.WARNING and len(self.warnings) < 1000:
             self.warnings.append(doc)
         elif note.kind is Kind.END:
             self.end = note.doc
         elif note.kind is Kind.FAILURE and self.failure is None:
-            self.failure = FileCopyError(doc.get("message", "the copy failed in the guest"),
-                                         doc.get("kind", "io"), doc.get("path", ""))
+            self.failure = FileCopyError(doc["message"] or "the copy failed in the guest",
+                                         doc["kind"] or "io", doc["path"])
 
 
 def _finish(channel: ExecChannel, replies: _Replies) -> Status:
@@ -282,7 +285,7 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
          preserve: bool = False, user: str = "", resume: bool = False,
          checksum: bool = False, config: Config | None = None,
          progress: Callable[[Progress], None] | None = None,
-         stdin: BinaryIO | None = None) -> CopyResult:
+         stdin: BinaryIO | None = None, fsync: bool = False) -> CopyResult:
     """Copy local ``sources`` to ``dest`` in the VM ``vm`` (a vmid or an address it reported).
 
     As cp: an existing directory ``dest`` receives the sources by their names; otherwise
@@ -291,7 +294,8 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
     the helper as that guest user (owner of what it creates, as exec's ``-u``); ``resume``
     continues a single file from its part file in the guest after checking it is a prefix of
     the source; ``checksum`` compares sha256 at both ends. A source ``"-"`` is ``stdin``
-    (default: this process's stdin), written to the file ``dest``.
+    (default: this process's stdin), written to the file ``dest``. ``fsync``: the guest
+    flushes each file to its disk before the rename, and each directory changed after.
     """
     config = _load(config)
     started = time.monotonic()
@@ -304,7 +308,7 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
     offset = 0
     request: dict[str, Any] = {"op": "recv", "dest": dest, "n_sources": len(srcs),
                                "preserve": preserve, "checksum": checksum, "resume": resume,
-                               "stdin": from_stdin}
+                               "stdin": from_stdin, "fsync": fsync}
     if from_stdin:
         fd = (stdin or sys.stdin.buffer).fileno()
         leaf = os.path.basename(os.fsencode(dest).rstrip(b"/")) or b"stdin"
@@ -380,13 +384,15 @@ def pull(vm: str, sources: Sequence[str], dest: PathArg, *, recursive: bool = Fa
          preserve: bool = False, user: str = "", resume: bool = False,
          checksum: bool = False, config: Config | None = None,
          progress: Callable[[Progress], None] | None = None,
-         stdout: BinaryIO | None = None) -> CopyResult:
+         stdout: BinaryIO | None = None, fsync: bool = False) -> CopyResult:
     """Copy ``sources`` of the VM ``vm`` to the local ``dest`` (cp's rules, as ``push``).
 
     The guest's stream is checked as hostile: nothing is written outside ``dest`` (no
     absolute names, no ``..``, no symlink followed), setuid/setgid bits are dropped, device
     nodes never made, owners set only when this process is root and ``preserve`` is asked.
     ``dest`` ``"-"`` writes the one file's data to ``stdout`` (default: this process's).
+    ``fsync``: each file is flushed to disk before the rename, each directory changed after
+    (not for ``"-"``).
     """
     config = _load(config)
     started = time.monotonic()
@@ -414,7 +420,8 @@ def pull(vm: str, sources: Sequence[str], dest: PathArg, *, recursive: bool = Fa
                     request.update(offset=size, expect=digest)
             receiver = Receiver(open_target(dest_b, len(sources)), preserve=preserve,
                                 chown=preserve and os.geteuid() == 0, checksum=checksum,
-                                resume=resume, on_file=meter.on_file, on_bytes=meter.on_bytes)
+                                resume=resume, on_file=meter.on_file, on_bytes=meter.on_bytes,
+                                fsync=fsync)
     except CopyFailed as exc:
         raise _error(exc) from None
     channel = ExecChannel(config, vm, remote.agent_argv(request), user=user, stdin=False)

@@ -17,8 +17,17 @@ The receiver treats the stream as hostile (a pull's stream comes from the guest)
 - setuid, setgid and other special bits are dropped unless ``allow_setid`` (a push by root
   with ``-p``); owners are set only with ``chown`` (root asked for ``-p``); the format has
   no device nodes, FIFOs or sockets (a sender skips them with a warning);
-- memory is bounded: one record at a time, and a stack of open directories no deeper than
-  the deepest name (MAX_NAME bytes).
+- a file's data is exactly the ``size`` its entry announced: a chunk beyond it, or a file
+  end before it, is a protocol error naming the file (its part removed), so a sender cannot
+  fill the disk past what it announced; an announced size larger than the target's free
+  space fails before anything is written (``no-space``);
+- memory is bounded: one record at a time, a stack of open directories no deeper than
+  MAX_DEPTH, at most MAX_WARNINGS warnings of three short texts each. What is not bounded is
+  what the operator asked for: a stream of many files or directories fills the disk (or its
+  inodes) and stops with ``no-space``, and a stream that never ends runs until interrupted.
+
+With ``fsync`` the receiver flushes each file to disk before renaming it over its name, and
+each directory it changed once it leaves it (rsync's ``--fsync``).
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from vmbusify.files.wire import (
+    MAX_DEPTH,
     MAX_NAME,
+    UNKNOWN_SIZE,
     Chunk,
     Entry,
     Event,
@@ -51,6 +62,10 @@ PART_SUFFIX = b".vmbcp-part"
 #: The mode bits a receiver may set: permissions and the sticky bit (not setuid/setgid).
 SAFE_BITS = 0o1777
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Warnings a receiver keeps (the sender's W records); more are counted, not kept.
+MAX_WARNINGS = 1000
+#: Characters of a peer's text kept in a warning or failure.
+MAX_TEXT = 1000
 
 
 class CopyFailed(Exception):
@@ -97,9 +112,42 @@ def check_name(name: bytes) -> list[bytes]:
     parts = name.split(b"/")
     if (not name or len(name) > MAX_NAME or name.startswith(b"/") or b"\0" in name
             or any(p in (b"", b".", b"..") or len(p) > 255 for p in parts)):
-        raise CopyFailed("unsafe", f"refused an unsafe name from the sender: {show(name)!r}",
-                         show(name))
+        raise CopyFailed("unsafe", f"refused an unsafe name from the sender: "
+                         f"{show(name[:300])!r}", show(name))
+    if len(parts) > MAX_DEPTH:
+        raise CopyFailed("unsafe", f"refused a name deeper than {MAX_DEPTH} directories from "
+                         f"the sender: {show(name[:300])!r}...", show(name))
     return parts
+
+
+def note_doc(note: Note) -> dict[str, str]:
+    """The fields of a peer's W or X record that are kept (``path``, ``kind``, ``message``),
+    each cut to MAX_TEXT characters: a peer cannot make a receiver hold more."""
+    return {k: str(note.doc.get(k, ""))[:MAX_TEXT] for k in ("path", "kind", "message")}
+
+
+def over_size(entry: Entry, have: int, more: int) -> CopyFailed | None:
+    """The error when ``more`` bytes after ``have`` (counted from the start of the file)
+    would go past the size ``entry`` announced; None when they fit."""
+    if entry.size == UNKNOWN_SIZE or have + more <= entry.size:
+        return None
+    return CopyFailed("protocol", f"{show(entry.name)}: the sender sent more than the "
+                      f"{entry.size} bytes it announced", show(entry.name))
+
+
+def short_file(entry: Entry, have: int) -> CopyFailed | None:
+    """The error when a file ends after ``have`` bytes of the size it announced."""
+    if entry.size in (UNKNOWN_SIZE, have):
+        return None
+    return CopyFailed("protocol", f"{show(entry.name)}: the file ended after {have} of the "
+                      f"{entry.size} bytes the sender announced", show(entry.name))
+
+
+def free_space(fd: int) -> int:
+    """Bytes this user may still write on the file system of the directory ``fd`` (root may
+    use the blocks reserved for it)."""
+    st = os.fstatvfs(fd)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 # -- the sender ---------------------------------------------------------------------------------
@@ -196,8 +244,14 @@ class Sender:
                 yield self._warn(name, failed(exc, "").kind,
                                  f"cannot list {show(path)}: {exc.strerror}")
                 return
+            depth = name.count(b"/") + 2
             for child in children:
                 cpath = os.path.join(path, child)
+                if depth > MAX_DEPTH or len(name) + 1 + len(child) > MAX_NAME:
+                    yield self._warn(name + b"/" + child, "unsupported",
+                                     f"not copied: {show(cpath)} is more than {MAX_DEPTH} "
+                                     f"directories or {MAX_NAME} bytes below the copy's root")
+                    continue
                 try:
                     cst = os.lstat(cpath)
                 except OSError as exc:
@@ -221,31 +275,51 @@ class Sender:
 
     def _file(self, path: bytes, name: bytes, st: os.stat_result, common: Entry,
               top: bool) -> Iterator[bytes | memoryview]:
+        """One file: exactly the size fstat gives once it is open (as scp and tar do, a file
+        that grows meanwhile is sent up to that size; one that shrinks is not copied: a W
+        record inside it, naming it, drops it at the receiver)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (
+            # O_NONBLOCK: if the file was replaced by a FIFO since lstat, do not hang on it.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (
                 0 if top and not self.recursive else os.O_NOFOLLOW))
         except OSError as exc:
             yield self._warn(name, failed(exc, "").kind,
                              f"cannot read {show(path)}: {exc.strerror}")
             return
         try:
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode):
+                yield self._warn(name, "unsupported",
+                                 f"not copied: {show(path)} changed type while being read")
+                return
+            size = fst.st_size
             digest = hashlib.sha256() if self.checksum else None
             offset = self.offset if top and len(self.sources) == 1 else 0
+            if offset > size:
+                yield self._warn(name, "io", f"not copied: {show(path)} shrank below the "
+                                 f"{offset} bytes to resume from")
+                return
             if offset:
                 if digest is not None:
                     _hash_fd(fd, offset, digest)
                 os.lseek(fd, offset, os.SEEK_SET)
-            yield encode_entry(replace(common, size=st.st_size, offset=offset))
+            yield encode_entry(replace(common, mode=stat.S_IMODE(fst.st_mode),
+                                       uid=fst.st_uid, gid=fst.st_gid,
+                                       mtime_ns=fst.st_mtime_ns, size=size, offset=offset))
             if self.on_file:
-                self.on_file(show(name), st.st_size - offset)
-            while True:
+                self.on_file(show(name), size - offset)
+            left = size - offset
+            while left:
                 try:
-                    data = os.read(fd, READ_CHUNK)
+                    data = os.read(fd, min(READ_CHUNK, left))
                 except OSError as exc:
                     yield self._warn(name, "io", f"cannot read {show(path)}: {exc.strerror}")
                     return
                 if not data:
-                    break
+                    yield self._warn(name, "io", f"not copied: {show(path)} shrank while "
+                                     f"being read ({size - left} of {size} bytes)")
+                    return
+                left -= len(data)
                 if digest is not None:
                     digest.update(data)
                 yield encode_chunk_header(len(data))
@@ -356,14 +430,18 @@ class Receiver:
     ``chown``: owners as sent; ``allow_setid``: keep setuid/setgid; ``checksum``: a file's Z
     must carry a sha256 equal to what was written; ``resume``: a file whose entry has an
     offset continues its part file (which must be this user's, a regular file, and hold at
-    least that many bytes). ``handle(event)`` raises CopyFailed to stop the copy;
-    ``finish()`` after the E record, ``abort(keep_part)`` after any failure.
+    least that many bytes); ``fsync``: each file reaches the disk before its rename, and each
+    directory changed once the stream leaves it; ``unknown_size``: accept a file whose entry
+    says UNKNOWN_SIZE (stdin pushed to a file; never from a guest). ``handle(event)`` raises
+    CopyFailed to stop the copy; ``finish()`` after the E record, ``abort(keep_part)`` after
+    any failure.
     """
 
     def __init__(self, target: Target, *, preserve: bool = False, chown: bool = False,
                  allow_setid: bool = False, checksum: bool = False, resume: bool = False,
                  on_file: Callable[[str, int], None] | None = None,
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+                 on_bytes: Callable[[int], None] | None = None, fsync: bool = False,
+                 unknown_size: bool = False) -> None:
         self.target = target
         self.preserve = preserve
         self.chown = chown
@@ -378,6 +456,10 @@ class Receiver:
         self._stack: list[_Dir] = []
         self._file: _Open | None = None
         self.failure: Note | None = None
+        self.fsync = fsync
+        self.unknown_size = unknown_size
+        #: Directory fds whose entries changed (fsynced when the stream leaves them).
+        self._dirty: set[int] = set()
 
     # -- names ----------------------------------------------------------------------------
     def landed(self, name: bytes) -> str:
@@ -417,8 +499,24 @@ class Receiver:
         try:
             if d.entry is not None:
                 self._apply(d.fd, d.entry, is_dir=True)
+            self._sync_dir(d.fd)
         finally:
+            self._dirty.discard(d.fd)
             os.close(d.fd)
+
+    def _changed(self, dirfd: int) -> None:
+        """An entry of the directory ``dirfd`` was made or renamed."""
+        if self.fsync:
+            self._dirty.add(dirfd)
+
+    def _sync_dir(self, fd: int) -> None:
+        if fd in self._dirty:
+            self._dirty.discard(fd)
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: a file system without it
+                    raise
 
     def _mode(self, entry: Entry) -> int:
         mode = entry.mode & self.bits
@@ -436,6 +534,7 @@ class Receiver:
     # -- events -----------------------------------------------------------------------------
     def handle(self, event: Event) -> None:
         """Act on one decoded record."""
+        name = self._file.entry.name if self._file else getattr(event, "name", b"")
         try:
             if isinstance(event, Chunk):
                 self._chunk(event.data)
@@ -451,28 +550,31 @@ class Receiver:
             elif isinstance(event, Note):
                 self._note(event)
         except OSError as exc:
-            name = self._file.entry.name if self._file else getattr(event, "name", b"")
             raise failed(exc, "cannot write", name) from None
+        except (ValueError, OverflowError) as exc:  # a field the OS refuses (a NUL, a range)
+            raise CopyFailed("protocol", f"bad entry from the sender: {show(name[:300])!r}: "
+                             f"{exc}", show(name)) from None
 
     def _note(self, note: Note) -> None:
-        doc = {k: str(v)[:1000] for k, v in note.doc.items()}
+        doc = note_doc(note)
         if note.kind is Kind.WARNING:
             if self._file is not None:  # the sender could not finish this file
                 self._discard(keep=False)
-            if len(self.counts.warnings) < 1000:
+            if len(self.counts.warnings) < MAX_WARNINGS:
                 self.counts.warnings.append(doc)
         elif note.kind is Kind.END:
             self.counts.end = note.doc
         else:
-            kind = doc.get("kind", "io")
+            kind = doc["kind"]
             raise CopyFailed(kind if kind in KINDS else "io",
-                             doc.get("message", "the sender failed"), doc.get("path", ""))
+                             doc["message"] or "the sender failed", doc["path"])
 
     def _dir(self, entry: Entry) -> None:
         fd, leaf = self._place(entry.name)
         try:
             os.mkdir(leaf, 0o700, dir_fd=fd)
             made = True
+            self._changed(fd)
         except FileExistsError:
             made = False
         try:
@@ -489,6 +591,9 @@ class Receiver:
 
     def _link(self, entry: Entry) -> None:
         fd, leaf = self._place(entry.name)
+        if b"\0" in entry.link:
+            raise CopyFailed("unsafe", f"refused the symlink {show(entry.name[:300])!r}: a NUL "
+                             "byte in its target", show(entry.name))
         tmp = part_name(leaf)
         _unlink_quiet(tmp, fd)
         os.symlink(entry.link, tmp, dir_fd=fd)
@@ -502,11 +607,20 @@ class Receiver:
         except BaseException:
             _unlink_quiet(tmp, fd)
             raise
+        self._changed(fd)
         self.counts.links += 1
 
     def _file_start(self, entry: Entry) -> None:
         dirfd, leaf = self._place(entry.name)
         part = part_name(leaf)
+        if entry.size == UNKNOWN_SIZE:
+            if not self.unknown_size:
+                raise CopyFailed("protocol", f"{show(entry.name)}: the sender announced no "
+                                 "size", show(entry.name))
+        elif entry.size - entry.offset > (free := free_space(dirfd)):
+            raise CopyFailed("no-space", f"cannot write {self.landed(entry.name)}: no space "
+                             f"left on the target's file system ({entry.size - entry.offset} "
+                             f"bytes to write, {free} free)", show(entry.name))
         digest = hashlib.sha256() if self.checksum else None
         if entry.offset:
             if not self.resume:
@@ -539,6 +653,8 @@ class Receiver:
     def _chunk(self, data: bytes) -> None:
         f = self._file
         assert f is not None  # the decoder checks the order
+        if (err := over_size(f.entry, f.entry.offset + f.written, len(data))) is not None:
+            raise err
         view = memoryview(data)
         while view:
             view = view[os.write(f.fd, view):]
@@ -552,6 +668,8 @@ class Receiver:
     def _file_end(self, sha256: bytes) -> None:
         f = self._file
         assert f is not None
+        if (err := short_file(f.entry, f.entry.offset + f.written)) is not None:
+            raise err
         if f.digest is not None:
             if not sha256:
                 raise CopyFailed("checksum", f"{show(f.entry.name)}: the sender sent no "
@@ -562,9 +680,12 @@ class Receiver:
         self._apply(f.fd, f.entry)
         if not self.preserve:
             os.fchmod(f.fd, self._mode(f.entry) & 0o777)
+        if self.fsync:
+            os.fsync(f.fd)
         os.close(f.fd)
         f.fd = -1
         _rename(f.part, f.leaf, f.dirfd, self.landed(f.entry.name))
+        self._changed(f.dirfd)
         self._file = None
         self.counts.files += 1
 
@@ -576,6 +697,7 @@ class Receiver:
         try:
             while self._stack:
                 self._pop()
+            self._sync_dir(self.target.fd)
         except OSError as exc:
             raise failed(exc, "cannot set the attributes of a directory") from None
         finally:
@@ -599,6 +721,7 @@ class Receiver:
 
     def close(self) -> None:
         """Close every directory fd (idempotent)."""
+        self._dirty.clear()
         while self._stack:
             os.close(self._stack.pop().fd)
         if self.target.fd >= 0:
@@ -660,17 +783,24 @@ class StdoutReceiver:
         self.digest = hashlib.sha256() if checksum else None
         self.on_file = on_file
         self.on_bytes = on_bytes
-        self._seen = False
+        self._entry: Entry | None = None
 
     def handle(self, event: Event) -> None:
-        """Write a file's data; refuse a second entry or a directory."""
+        """Write a file's data (exactly the size it announced); refuse a second entry or a
+        directory."""
         if isinstance(event, Entry):
-            if event.kind is not Kind.FILE or self._seen:
+            if event.kind is not Kind.FILE or self._entry is not None:
                 raise CopyFailed("usage", "only one regular file can be written to stdout")
-            self._seen = True
+            if event.offset or event.size == UNKNOWN_SIZE:
+                raise CopyFailed("protocol", f"{show(event.name)}: the sender resumed, or "
+                                 "announced no size", show(event.name))
+            self._entry = event
             if self.on_file:
                 self.on_file(show(event.name), event.size)
         elif isinstance(event, Chunk):
+            assert self._entry is not None  # the decoder checks the order
+            if (err := over_size(self._entry, self.counts.bytes, len(event.data))) is not None:
+                raise err
             view = memoryview(event.data)
             while view:
                 view = view[os.write(self.fd, view):]
@@ -680,15 +810,20 @@ class StdoutReceiver:
             if self.on_bytes:
                 self.on_bytes(len(event.data))
         elif isinstance(event, FileEnd):
+            assert self._entry is not None
+            if (err := short_file(self._entry, self.counts.bytes)) is not None:
+                raise err
             if self.digest is not None and self.digest.digest() != event.sha256:
                 raise CopyFailed("checksum", "sha256 differs between the two ends")
             self.counts.files += 1
         elif isinstance(event, Note):
+            doc = note_doc(event)
             if event.kind is Kind.FAILURE:
-                raise CopyFailed(str(event.doc.get("kind", "io")),
-                                 str(event.doc.get("message", "the sender failed"))[:1000])
+                raise CopyFailed(doc["kind"] if doc["kind"] in KINDS else "io",
+                                 doc["message"] or "the sender failed", doc["path"])
             if event.kind is Kind.WARNING:
-                self.counts.warnings.append({k: str(v)[:1000] for k, v in event.doc.items()})
+                if len(self.counts.warnings) < MAX_WARNINGS:
+                    self.counts.warnings.append(doc)
             else:
                 self.counts.end = event.doc
 

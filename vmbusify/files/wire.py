@@ -17,9 +17,12 @@ A stream is a sequence of records, each ``KIND (1 byte) | LENGTH (u32, big-endia
 
 Entry header: ``mode u32 | uid u32 | gid u32 | mtime_ns i64 | size u64 | offset u64 |
 name_len u16 | name | link``. ``name`` is the entry's path relative to the copy's root,
-components joined by ``/`` (the first is the source's own name); ``size`` is what the sender
-found at the start (a hint: the C records are the data); ``offset`` is where the data starts
-(non-zero only when resuming). Names and link targets are bytes: any name a file system holds.
+components joined by ``/`` (the first is the source's own name), at most MAX_DEPTH of them;
+``size`` is the file's size in bytes, binding: the C records that follow carry exactly
+``size - offset`` bytes (the receiver refuses a byte more, and a Z before the last), except
+``UNKNOWN_SIZE`` (stdin pushed to a file: only a push's receiver accepts it); ``offset`` is
+where the data starts (non-zero only when resuming). Names and link targets are bytes: any
+name a file system holds.
 
 The decoder checks every record as it comes and keeps at most one record buffered
 (``MAX_RECORD``); it raises ``StreamError`` with a one-line reason. Name checks (no absolute
@@ -40,6 +43,11 @@ VERSION = 1
 MAX_CHUNK = 4 << 20
 #: Largest path of an entry, and of a symlink's target (Linux's PATH_MAX).
 MAX_NAME = 4096
+#: Most components in an entry's name (directories a tree may nest; the receiver holds one fd
+#: for each, and the sender recurses once for each).
+MAX_DEPTH = 256
+#: An F record's ``size`` when the sender does not know it (stdin pushed to a file).
+UNKNOWN_SIZE = (1 << 64) - 1
 #: Largest JSON body (W, X, E records).
 MAX_NOTE = 64 << 10
 _RECORD = struct.Struct(">cI")
@@ -143,8 +151,15 @@ def encode_file_end(sha256: bytes = b"") -> bytes:
 
 
 def encode_note(kind: Kind, doc: Mapping[str, object]) -> bytes:
-    """A W, X or E record (JSON, ASCII: names are escaped, bytes as surrogates)."""
-    body = json.dumps(doc).encode()[:MAX_NOTE]
+    """A W, X or E record (JSON, ASCII: names are escaped, bytes as surrogates). A body
+    longer than MAX_NOTE has its texts cut (never the JSON itself)."""
+    body = json.dumps(doc).encode()
+    if len(body) > MAX_NOTE:
+        body = json.dumps({k: v[:1000] if isinstance(v, str) else v
+                           for k, v in doc.items()}).encode()
+    if len(body) > MAX_NOTE:
+        body = json.dumps({"kind": str(doc.get("kind", "io"))[:100],
+                           "message": "(a note too long to send)"}).encode()
     return record_header(kind, len(body)) + body
 
 
@@ -178,7 +193,7 @@ def _entry(kind: Kind, body: bytes) -> Entry:
 def _note(kind: Kind, body: bytes) -> Note:
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
         raise StreamError(f"{kind.name} record is not JSON") from None
     if not isinstance(doc, dict):
         raise StreamError(f"{kind.name} record is not a JSON object")
