@@ -11,6 +11,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,9 +43,9 @@ def file_records(name: bytes, data: bytes, mode: int = 0o644, sha: bytes | None 
 
 
 def receive(dest: Path, stream: bytes, n_sources: int = 1, *, preserve: bool = False,
-            checksum: bool = False) -> Receiver:
+            checksum: bool = False, **kw: Any) -> Receiver:
     receiver = Receiver(open_target(os.fsencode(dest), n_sources), preserve=preserve,
-                        checksum=checksum)
+                        checksum=checksum, **kw)
     decoder = Decoder()
     try:
         decoder.feed(stream)
