@@ -16,6 +16,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from vmbusify.config import Config, load_config
 from vmbusify.errors import FileCopyError
 from vmbusify.files import pull, remote
 from vmbusify.files.wire import (
+    MAX_DEPTH,
+    UNKNOWN_SIZE,
     Entry,
     Kind,
     encode_chunk_header,
@@ -36,7 +39,7 @@ from vmbusify.files.wire import (
 )
 from vmbusify.lab.access import command
 from vmbusify.lab.layout import LabLayout
-from vmbusify.lab.testing import BIN, LabHandle
+from vmbusify.lab.testing import BIN, LabHandle, write_big_file
 
 END = encode_note(Kind.END, {"files": 1})
 #: Writes argv[1] (hex) on stdout: the hostile "helper".
@@ -121,6 +124,13 @@ def test_setuid_dropped_and_owners_only_for_root_with_p(monkeypatch: pytest.Monk
     (encode_entry(Entry(Kind.FILE, b"f", 0o644, size=10)) + encode_entry(
         Entry(Kind.FILE, b"g", 0o644)), "an entry inside a file"),
     (b"\0" * 64, "unknown record kind"),
+    (encode_entry(Entry(Kind.FILE, b"f", 0o644, size=10)) + encode_chunk_header(11)
+     + b"x" * 11 + encode_file_end() + END, "f: the sender sent more than the 10 bytes"),
+    (encode_entry(Entry(Kind.FILE, b"f", 0o644, size=10)) + encode_chunk_header(3) + b"abc"
+     + encode_file_end() + END, "f: the file ended after 3 of the 10 bytes"),
+    (encode_entry(Entry(Kind.FILE, b"f", 0o644, size=UNKNOWN_SIZE)) + encode_chunk_header(3)
+     + b"abc" + encode_file_end() + END, "announced no size"),
+    (record_header(Kind.WARNING, 50000) + b"[" * 50000, "not JSON"),  # RecursionError
 ])
 def test_malformed_streams_fail_cleanly(monkeypatch: pytest.MonkeyPatch, config: Config,
                                         places: tuple[Path, Path], stream: bytes,
@@ -155,3 +165,100 @@ def test_control_characters_in_guest_text_reach_no_terminal(lab: LabHandle,
     assert proc.returncode == 1
     assert b"\x1b" not in proc.stderr and b"\x07" not in proc.stderr
     assert b"\\x1b]0;owned" in proc.stderr
+
+
+#: Writes argv[1] (hex) on stdout, then argv[2] (hex) again and again, until killed.
+EMIT_FOREVER = ("import os, sys  # cp-endless-helper\n"
+                "os.write(1, bytes.fromhex(sys.argv[1]))\n"
+                "chunk = bytes.fromhex(sys.argv[2])\n"
+                "while True: os.write(1, chunk)")
+
+
+def test_an_endless_file_stops_at_its_announced_size(monkeypatch: pytest.MonkeyPatch,
+                                                     config: Config,
+                                                     places: tuple[Path, Path]) -> None:
+    """The guest announces 10 bytes and sends data until stopped: the host refuses the
+    first chunk past 10 bytes, removes the part, and the helper is ended."""
+    dest, _ = places
+    head = encode_entry(Entry(Kind.FILE, b"endless", 0o644, size=10))
+    chunk = encode_chunk_header(16 << 10) + b"x" * (16 << 10)
+    monkeypatch.setattr(remote, "agent_argv", lambda _request: [
+        "python3", "-c", EMIT_FOREVER, head.hex(), chunk.hex()])
+    with pytest.raises(FileCopyError) as err:
+        pull("vm1", ["/anything"], str(dest), config=config)
+    assert err.value.kind == "protocol"
+    assert str(err.value) == "endless: the sender sent more than the 10 bytes it announced"
+    assert os.listdir(dest) == []
+    deadline = time.monotonic() + 20
+    while _endless_helpers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _endless_helpers(), "the guest's helper still runs after the copy failed"
+
+
+def _endless_helpers() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "cp-endless-helper"], capture_output=True,
+                           check=False).stdout
+    return [int(p) for p in found.split()]
+
+
+def test_a_size_beyond_the_free_space_writes_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                     config: Config,
+                                                     places: tuple[Path, Path]) -> None:
+    dest, _ = places
+    stream = encode_entry(Entry(Kind.FILE, b"huge", 0o644, size=1 << 62)) + \
+        encode_chunk_header(3) + b"abc"
+    with pytest.raises(FileCopyError) as err:
+        hostile_pull(monkeypatch, config, stream, dest)
+    assert err.value.kind == "no-space"
+    assert "cannot write huge: no space left on the target's file system" in str(err.value)
+    assert os.listdir(dest) == []
+
+
+@pytest.mark.parametrize(("stream", "reason"), [
+    (encode_entry(Entry(Kind.LINK, b"l", 0o777, link=b"/etc\0/passwd")) + END,
+     "a NUL byte in its target"),
+    (file_records(b"/".join([b"d"] * (MAX_DEPTH + 1)), b"x") + END,
+     f"deeper than {MAX_DEPTH} directories"),
+])
+def test_bad_names_and_link_targets_are_refused(monkeypatch: pytest.MonkeyPatch,
+                                                config: Config, places: tuple[Path, Path],
+                                                stream: bytes, reason: str) -> None:
+    dest, _ = places
+    with pytest.raises(FileCopyError) as err:
+        hostile_pull(monkeypatch, config, stream, dest)
+    assert err.value.kind == "unsafe" and reason in str(err.value)
+    assert os.listdir(dest) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs on the host, as a pull's DST."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    yield small
+    subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_full_host_disk_is_a_clear_error_and_leaves_no_part(config: Config,
+                                                              small_disk: Path,
+                                                              tmp_path: Path) -> None:
+    """Real bytes the operator asked for, more than DST holds: a file larger than the free
+    space (refused before writing), and a tree whose third file no longer fits."""
+    tmp_path.chmod(0o755)
+    write_big_file(tmp_path / "4m", 4 << 20)
+    with pytest.raises(FileCopyError) as err:
+        pull("vm1", [str(tmp_path / "4m")], str(small_disk), config=config)
+    assert err.value.kind == "no-space"
+    assert "cannot write 4m: no space left on the target's file system" in str(err.value)
+    assert os.listdir(small_disk) == []
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("a", "b", "c"):
+        (tree / name).write_bytes(os.urandom(900 << 10))
+    with pytest.raises(FileCopyError) as err:
+        pull("vm1", [str(tree)], str(small_disk), config=config, recursive=True)
+    assert err.value.kind == "no-space"
+    assert "cannot write tree/c: no space left" in str(err.value)
+    assert sorted(os.listdir(small_disk / "tree")) == ["a", "b"]  # whole, no part file
+    assert (small_disk / "tree" / "b").read_bytes() == (tree / "b").read_bytes()
