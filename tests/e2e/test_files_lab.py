@@ -15,7 +15,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -316,3 +316,50 @@ def test_a_progress_line_on_a_terminal_only(lab: LabHandle, work: Path) -> None:
                            capture_output=True, env=env(), timeout=120, check=False,
                            stdin=subprocess.DEVNULL)
     assert quiet.returncode == 0 and b"MiB/s" not in quiet.stdout
+
+
+def _synced(log: Path, name: str) -> None:
+    """``log`` (strace -y of one copy) shows the part of ``name`` fsynced, then renamed to
+    ``name``, then its directory fsynced."""
+    lines = [line.split(" ", 1)[-1] for line in log.read_text().splitlines()]  # no pid
+    calls = [c for c in lines if c.startswith(("fsync(", "rename")) and "= 0" in c]
+    part = f".{name}.vmbcp-part"
+    directory = str(log.parent / "out")  # DST of both copies
+
+    def first(test: Callable[[str], bool]) -> int:
+        return next((i for i, c in enumerate(calls) if test(c)), -1)
+
+    at_file = first(lambda c: c.startswith("fsync(") and part in c)
+    at_rename = first(lambda c: c.startswith("rename") and f'"{name}"' in c)
+    at_dir = first(lambda c: c.startswith("fsync(") and c.partition("<")[2].startswith(
+        directory + ">"))
+    assert 0 <= at_file < at_rename < at_dir, calls
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_fsync_at_both_ends(lab: LabHandle, work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--fsync: the guest's helper (a push) and the host's CLI (a pull) fsync each file
+    before its rename and the directory after (seen with strace on the real processes)."""
+    from vmbusify.config import load_config
+    from vmbusify.files import push, remote
+    from vmbusify.lab.layout import LabLayout
+
+    (work / "f").write_bytes(os.urandom(3 << 20))
+    (work / "out").mkdir()
+    trace = ["strace", "-f", "-y", "-qq", "-e", "trace=fsync,rename,renameat,renameat2"]
+    real_argv = remote.agent_argv
+    monkeypatch.setattr(remote, "agent_argv", lambda request: [
+        *trace, "-o", str(work / "push.log"), *real_argv(request)])
+    config = load_config(str(LabLayout().host.config_path))
+    with crossed(outbound=3 << 20):
+        push("vm1", [str(work / "f")], f"{work}/out/", config=config, fsync=True)
+    _synced(work / "push.log", "f")
+    assert (work / "out" / "f").read_bytes() == (work / "f").read_bytes()
+    (work / "out" / "f").rename(work / "g")
+    with crossed(inbound=3 << 20):
+        proc = subprocess.run([*trace, "-o", str(work / "pull.log"), CTL, "cp", "--fsync",
+                               f"vm1:{work}/g", f"{work}/out/"], capture_output=True,
+                              env=env(), timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    _synced(work / "pull.log", "g")
+    assert (work / "out" / "g").read_bytes() == (work / "f").read_bytes()
