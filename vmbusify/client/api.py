@@ -151,7 +151,7 @@ class Client:
              recursive: bool = False, preserve: bool = False, user: str = "",
              resume: bool = False, checksum: bool = False,
              progress: Callable[[Progress], None] | None = None,
-             stdin: BinaryIO | None = None) -> CopyResult:
+             stdin: BinaryIO | None = None, fsync: bool = False) -> CopyResult:
         """Copy local files (or trees, with ``recursive``) to ``dest`` in the VM, as
         ``vmbusifyctl cp`` does (vmbusify.files.push has every option); a source ``"-"``
         copies ``stdin``. FileCopyError says why a copy failed; ``CopyResult.warnings``
@@ -161,13 +161,13 @@ class Client:
         paths = [sources] if isinstance(sources, str | os.PathLike) else list(sources)
         return push(vmid, paths, dest, recursive=recursive, preserve=preserve, user=user,
                     resume=resume, checksum=checksum, config=self.config, progress=progress,
-                    stdin=stdin)
+                    stdin=stdin, fsync=fsync)
 
     def pull(self, vmid: str, sources: str | Sequence[str], dest: LocalPath, *,
              recursive: bool = False, preserve: bool = False, user: str = "",
              resume: bool = False, checksum: bool = False,
              progress: Callable[[Progress], None] | None = None,
-             stdout: BinaryIO | None = None) -> CopyResult:
+             stdout: BinaryIO | None = None, fsync: bool = False) -> CopyResult:
         """Copy files (or trees) of the VM to the local ``dest``, checked as coming from a
         hostile guest (vmbusify.files.pull); ``dest`` ``"-"`` writes the one file to
         ``stdout``."""
@@ -176,7 +176,7 @@ class Client:
         paths = [sources] if isinstance(sources, str) else list(sources)
         return pull(vmid, paths, dest, recursive=recursive, preserve=preserve, user=user,
                     resume=resume, checksum=checksum, config=self.config, progress=progress,
-                    stdout=stdout)
+                    stdout=stdout, fsync=fsync)
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, vmid: str, target_port: int, *, target: str = "localhost",
