@@ -318,22 +318,33 @@ def test_a_progress_line_on_a_terminal_only(lab: LabHandle, work: Path) -> None:
     assert quiet.returncode == 0 and b"MiB/s" not in quiet.stdout
 
 
-def _synced(log: Path, name: str) -> None:
-    """``log`` (strace -y of one copy) shows the part of ``name`` fsynced, then renamed to
-    ``name``, then its directory fsynced."""
-    lines = [line.split(" ", 1)[-1] for line in log.read_text().splitlines()]  # no pid
-    calls = [c for c in lines if c.startswith(("fsync(", "rename")) and "= 0" in c]
+def _sync_order(log: Path, name: str) -> tuple[int, int, int]:
+    """Where ``log`` (strace -y of one copy) shows the part of ``name`` fsynced, renamed to
+    ``name``, and its directory fsynced (-1: not seen)."""
+    calls = [c for c in log.read_text().splitlines()
+             if c.startswith(("fsync(", "rename")) and "= 0" in c]
     part = f".{name}.vmbcp-part"
     directory = str(log.parent / "out")  # DST of both copies
 
     def first(test: Callable[[str], bool]) -> int:
         return next((i for i, c in enumerate(calls) if test(c)), -1)
 
-    at_file = first(lambda c: c.startswith("fsync(") and part in c)
-    at_rename = first(lambda c: c.startswith("rename") and f'"{name}"' in c)
-    at_dir = first(lambda c: c.startswith("fsync(") and c.partition("<")[2].startswith(
-        directory + ">"))
-    assert 0 <= at_file < at_rename < at_dir, calls
+    return (first(lambda c: c.startswith("fsync(") and part in c),
+            first(lambda c: c.startswith("rename") and f'"{name}"' in c),
+            first(lambda c: c.startswith("fsync(") and c.partition("<")[2].startswith(
+                directory + ">")))
+
+
+def _synced(log: Path, name: str) -> None:
+    """The part of ``name`` was fsynced, then renamed, then its directory fsynced (strace
+    writes its log as it goes: give it a few seconds on a loaded machine)."""
+    deadline = time.monotonic() + 10
+    while True:
+        at_file, at_rename, at_dir = _sync_order(log, name)
+        if 0 <= at_file < at_rename < at_dir or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert 0 <= at_file < at_rename < at_dir, log.read_text()[-3000:]
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
@@ -346,7 +357,7 @@ def test_fsync_at_both_ends(lab: LabHandle, work: Path, monkeypatch: pytest.Monk
 
     (work / "f").write_bytes(os.urandom(3 << 20))
     (work / "out").mkdir()
-    trace = ["strace", "-f", "-y", "-qq", "-e", "trace=fsync,rename,renameat,renameat2"]
+    trace = ["strace", "-y", "-qq", "-e", "trace=fsync,rename,renameat,renameat2"]
     real_argv = remote.agent_argv
     monkeypatch.setattr(remote, "agent_argv", lambda request: [
         *trace, "-o", str(work / "push.log"), *real_argv(request)])
