@@ -30,6 +30,7 @@ from vmbusify.files.tree import (
 )
 from vmbusify.files.wire import (
     MAX_DEPTH,
+    MAX_NAME,
     MAX_NOTE,
     UNKNOWN_SIZE,
     Decoder,
@@ -221,6 +222,15 @@ def test_a_nul_in_a_link_target_is_refused(dest: Path) -> None:
         receive(dest, stream)
     assert err.value.kind == "unsafe"
     assert listing(dest) == []
+
+
+def test_a_link_target_longer_than_max_name_is_a_stream_error() -> None:
+    body = encode_entry(Entry(Kind.LINK, b"l", 0o777, link=b"t"))
+    long_target = body[5:] + b"t" * MAX_NAME  # the encoder itself refuses to make one
+    decoder = Decoder()
+    decoder.feed(record_header(Kind.LINK, len(long_target)) + long_target)
+    with pytest.raises(StreamError, match=f"target of {MAX_NAME + 1} bytes is too long"):
+        decoder.next_event()
 
 
 def test_warnings_are_capped_and_their_fields_bounded(dest: Path) -> None:

@@ -185,6 +185,8 @@ def _entry(kind: Kind, body: bytes) -> Entry:
         raise StreamError(f"{kind.name} record with trailing bytes")
     if kind is Kind.LINK and not link:
         raise StreamError("symlink record without a target")
+    if len(link) > MAX_NAME:
+        raise StreamError(f"symlink target of {len(link)} bytes is too long")
     if offset > size:
         raise StreamError(f"entry offset {offset} beyond its size {size}")
     return Entry(kind, name, mode, uid, gid, mtime_ns, size, offset, link)
