@@ -262,3 +262,17 @@ def test_a_full_host_disk_is_a_clear_error_and_leaves_no_part(config: Config,
     assert "cannot write tree/c: no space left" in str(err.value)
     assert sorted(os.listdir(small_disk / "tree")) == ["a", "b"]  # whole, no part file
     assert (small_disk / "tree" / "b").read_bytes() == (tree / "b").read_bytes()
+
+
+def test_stdout_gets_no_more_than_announced(monkeypatch: pytest.MonkeyPatch, config: Config,
+                                            places: tuple[Path, Path]) -> None:
+    """`cp VM:FILE -`: the same size contract when the data goes to stdout."""
+    dest, _ = places
+    head = encode_entry(Entry(Kind.FILE, b"endless", 0o644, size=10))
+    chunk = encode_chunk_header(16 << 10) + b"x" * (16 << 10)
+    monkeypatch.setattr(remote, "agent_argv", lambda _request: [
+        "python3", "-c", EMIT_FOREVER, head.hex(), chunk.hex()])
+    with (dest / "out").open("wb") as out, pytest.raises(FileCopyError) as err:
+        pull("vm1", ["/anything"], "-", config=config, stdout=out)
+    assert err.value.kind == "protocol" and "more than the 10 bytes" in str(err.value)
+    assert (dest / "out").stat().st_size == 0
