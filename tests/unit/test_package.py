@@ -142,6 +142,34 @@ def test_large_payload_is_received_in_place() -> None:
     assert dec.buffered == 0
 
 
+def test_large_payloads_go_into_the_buffers_allocate_makes() -> None:
+    """The mux gives the decoder an allocator of ZeroMQ frames (vmbusify.bus.sockets
+    frame_buffer): each large payload is received into one buffer of exactly its length made
+    by it, and small payloads never ask for one."""
+    made: list[memoryview] = []
+
+    def allocate(n: int) -> memoryview:
+        made.append(memoryview(bytearray(n)))
+        return made[-1]
+
+    pkgs = [Package(type=PackageType.DATA, entity=3, message_id=7, stream=1,
+                    payload=bytes([i]) * (300_000 + i)) for i in range(3)]
+    pkgs.insert(1, Package(type=PackageType.MESSAGE, entity=3, message_id=8, payload=b"hi"))
+    wire = memoryview(b"".join(p.encode() for p in pkgs))
+    dec = PackageDecoder(max_payload=1 << 20, allocate=allocate)
+    while wire:
+        room = dec.get_buffer()
+        n = min(len(room), len(wire), 65_000)
+        room[:n] = wire[:n]
+        dec.buffer_updated(n)
+        wire = wire[n:]
+    got = dec.packages()
+    assert got == pkgs
+    assert [len(m) for m in made] == [300_000, 300_001, 300_002]
+    big = [p.payload for p in got if len(p.payload) > 2]
+    assert [v.obj for v in big if isinstance(v, memoryview)] == [m.obj for m in made]
+
+
 def test_packages_before_a_bad_header_are_delivered_first() -> None:
     good = Package(type=PackageType.MESSAGE, entity=1, message_id=2, payload=b"ok")
     dec = PackageDecoder()

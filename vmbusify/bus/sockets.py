@@ -12,23 +12,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import zmq
+from zmq.backend import Socket as _RawSocket
 from zmq.utils.monitor import recv_monitor_message
 
 from vmbusify.bus.frames import BusMessage, Frames
 from vmbusify.bus.lanes import CONTROL_SUFFIX, Lane, LaneSender
 from vmbusify.errors import BusError
+from vmbusify.protocol.package import MAX_PAYLOAD_LIMIT
 from vmbusify.system import ensure_private_dir
 
 log = logging.getLogger(__name__)
 
 #: Messages handled per wake-up before other callbacks get a turn.
 RECV_BATCH = 64
+#: pyzmq's compiled send and recv, without the Python layer of its Socket (zmq.sugar):
+#: its send_multipart and recv_multipart cost 11-21 and 27 us a message of five frames,
+#: these 4.4 and 15 (a getsockopt(RCVMORE) a frame, keyword checks); per package, in
+#: every process of the data path (docs/performance.md, "The tunnel's data path").
+_send_part = _RawSocket.send
+_recv_part = _RawSocket.recv
+_get_option = _RawSocket.get
+_MORE = zmq.SNDMORE | zmq.NOBLOCK
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 def shared_context() -> zmq.Context:
@@ -56,6 +69,37 @@ def frame_payloads(frames: list[zmq.Frame]) -> list[bytes | memoryview]:
     the copy (measured with bench/tunnel.py).
     """
     return [f.buffer if len(f) >= RECV_IN_PLACE else f.bytes for f in frames]
+
+
+#: Zeros to fill a new frame from (a private anonymous mapping that is only ever read, so
+#: every page of it is the kernel's one zero page: the copy reads one cache-hot page).
+_ZEROS = memoryview(mmap.mmap(-1, MAX_PAYLOAD_LIMIT, flags=mmap.MAP_PRIVATE,
+                              prot=mmap.PROT_READ))
+
+
+def frame_buffer(n: int) -> memoryview:
+    """A writable view of a new ZeroMQ frame of ``n`` bytes (an Allocator for
+    PackageDecoder): a payload received into it goes on to the bus without a copy
+    (``BusSocket.send`` hands the frame itself to ZeroMQ, which only counts a reference).
+
+    The mux's decoder received a large payload into a bytearray, which ZeroMQ then copied:
+    the bytearray's zeroing and that copy were 13 % of the guest mux's CPU in
+    bench/tunnel.py (docs/performance.md, "The tunnel's data path").
+    """
+    if not 0 <= n <= MAX_PAYLOAD_LIMIT:
+        raise ValueError(f"a frame buffer of {n} bytes is out of range")
+    return zmq.Frame(_ZEROS[:n], copy=True).buffer
+
+
+def _in_place(frames: Frames) -> Frames:
+    """``frames`` with a last frame that is a whole view of a ZeroMQ frame (frame_buffer's,
+    or a received one) replaced by that frame: ZeroMQ sends it by reference, not a copy."""
+    last = frames[-1] if frames else b""
+    if type(last) is memoryview:
+        frame = last.obj
+        if type(frame) is zmq.Frame and last.nbytes == len(frame):
+            return [*frames[:-1], frame]
+    return frames
 
 
 def bind_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
@@ -144,11 +188,16 @@ class BusSocket:
         self._scheduled = False
         if self._closed:
             return
+        sock = self.sock
         for _ in range(RECV_BATCH):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frame = _recv_part(sock, zmq.NOBLOCK, False)
             except zmq.Again:
                 return
+            frames = [frame]
+            while frame.more:  # the rest of a message is there once its first frame is
+                frame = _recv_part(sock, 0, False)
+                frames.append(frame)
             try:
                 self.on_message(frame_payloads(frames))
             except Exception:  # a handler's bug must not stop the bus
@@ -182,13 +231,18 @@ class BusSocket:
         return cls(connect_dealer(shared_context(), endpoint, name), on_message)
 
     def send(self, frames: Frames) -> None:
-        """Queue a message (copied); raises BusError (e.g. EHOSTUNREACH: a ROUTER addressing
-        a peer that is gone)."""
+        """Queue a message (copied, but for a last frame that is a ZeroMQ frame's whole
+        view: that goes by reference, see ``frame_buffer``); raises BusError (e.g.
+        EHOSTUNREACH: a ROUTER addressing a peer that is gone)."""
+        sock = self.sock
+        frames = _in_place(frames)
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            for part in frames[:-1]:
+                _send_part(sock, part, _MORE)
+            _send_part(sock, frames[-1], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             raise BusError(str(exc)) from None
-        if int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        if cast(int, _get_option(sock, _EVENTS)) & _POLLIN:
             self._schedule()
 
     def send_message(self, msg: BusMessage) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import cast
 
+from vmbusify.bus.sockets import frame_buffer
 from vmbusify.config import LimitsConfig, TunnelConfig
 from vmbusify.errors import ProtocolError, TunnelError
 from vmbusify.logs import printable
@@ -174,7 +175,8 @@ class Tunnel:
         #: The mux's queues over every VM (set when the mux attaches the tunnel).
         self.pool: BacklogPool | None = None
         self._reading_paused = False
-        self._decoder = PackageDecoder(config.max_payload)
+        # Large payloads are received into ZeroMQ frames: the bus sends them on uncopied.
+        self._decoder = PackageDecoder(config.max_payload, frame_buffer)
         self._last_recv = time.monotonic()
         #: PINGs awaiting their PONG: when sent, and who waits (None: the timer's own).
         self._pings: dict[int, tuple[float, asyncio.Future[float] | None]] = {}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
@@ -47,6 +48,14 @@ SCRATCH_SIZE = 64 << 10
 #: A payload: bytes, or a view of a buffer nobody writes to again (a large payload the
 #: decoder received in place, a ZeroMQ frame).
 Payload = bytes | memoryview
+#: Makes the buffer a large payload is received into: ``allocate(n)`` is a writable view of
+#: exactly ``n`` bytes (PackageDecoder's ``allocate``; the mux gives ZeroMQ frames).
+Allocator = Callable[[int], memoryview]
+
+
+def new_buffer(n: int) -> memoryview:
+    """The default Allocator: a fresh bytearray of ``n`` bytes."""
+    return memoryview(bytearray(n))
 
 
 class PackageType(IntEnum):
@@ -226,19 +235,21 @@ class PackageDecoder:
     - ``receive_data(data)``: hand it bytes read elsewhere (they are copied in);
     - ``get_buffer()`` / ``buffer_updated(n)``: read *into* the decoder, as an asyncio
       BufferedProtocol does. Headers and small payloads land in a fixed scratch buffer; a
-      payload larger than half of it is received straight into a buffer of its own size,
-      which becomes the Package's payload, so a bulk DATA package is never copied in user
-      space between the socket and the next hop.
+      payload larger than half of it is received straight into a buffer of its own size
+      (made by ``allocate``), which becomes the Package's payload, so a bulk DATA package is
+      never copied in user space between the socket and the next hop.
 
     Drain with ``next_package`` until it returns None. After a RemoteProtocolError the decoder
     is dead: the connection must be closed. Bytes held never exceed the scratch buffer plus
     one maximal payload (and the whole packages already parsed but not yet taken).
     """
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 allocate: Allocator = new_buffer) -> None:
         if not 0 < max_payload <= MAX_PAYLOAD_LIMIT:
             raise LocalProtocolError(f"max_payload must be in 1..{MAX_PAYLOAD_LIMIT}")
         self.max_payload = max_payload
+        self._allocate = allocate
         # An anonymous mapping, not a bytearray (which is zeroed, so resident, at once): a
         # page is resident only once bytes land in it, and an idle tunnel's reads all start
         # at offset 0. 64 KiB a tunnel was most of the host mux's memory per idle VM
@@ -324,7 +335,7 @@ class PackageDecoder:
                 continue
             if length > SCRATCH_SIZE // 2:
                 # large: receive the rest straight into a buffer of the payload's size
-                body = memoryview(bytearray(length))
+                body = self._allocate(length)
                 body[:avail] = scratch[self._start:self._end]
                 self._body, self._filled = body, avail
                 self._start = self._end = 0
