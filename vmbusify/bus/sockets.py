@@ -64,9 +64,10 @@ RECV_IN_PLACE = 64 << 10
 def frame_payloads(frames: list[zmq.Frame]) -> list[bytes | memoryview]:
     """The contents of frames received with ``copy=False``: big ones as views, small as bytes.
 
-    Sends, by contrast, always copy: a zero-copy send has pyzmq's garbage-collector thread
-    take the GIL for every message to learn when libzmq let go of it, which cost more than
-    the copy (measured with bench/tunnel.py).
+    Sends of Python memory, by contrast, copy: a zero-copy send of it has pyzmq's
+    garbage-collector thread take the GIL for every message to learn when libzmq let go of
+    it, which cost more than the copy (measured with bench/tunnel.py). Memory that is
+    ZeroMQ's own (``frame_buffer``) goes by reference.
     """
     return [f.buffer if len(f) >= RECV_IN_PLACE else f.bytes for f in frames]
 
