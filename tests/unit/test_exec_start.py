@@ -4,12 +4,16 @@ against ssh")."""
 
 from __future__ import annotations
 
+import _socket
 import getopt
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -17,6 +21,7 @@ from hypothesis import strategies as st
 
 from vmbusify.cli.exec import _LONG, _SHORT, _getopt, _GetoptError
 from vmbusify.control import json_light
+from vmbusify.control.verify import connect_verified_as
 
 #: Words a command line of vmbusifyexec is made of: every option, prefixes, clusters, values.
 WORDS = ["-i", "-t", "-it", "-ti", "-e", "-eA=1", "-w", "-w/tmp", "-u", "-unobody", "-d",
@@ -92,7 +97,7 @@ def test_json_light_refuses_what_is_not_json(value: object) -> None:
         json_light.dumps(value)
 
 
-def test_the_start_loads_none_of_the_modules_it_avoids(tmp_path: object) -> None:
+def test_the_start_loads_none_of_the_modules_it_avoids() -> None:
     """What parse_args, the configuration and the listener's address load: none of the
     Python modules the client uses the C modules of (each costs CPU on every start)."""
     code = ("import sys, vmbusify.cli.exec as e, vmbusify.control.verify; "
@@ -105,3 +110,31 @@ def test_the_start_loads_none_of_the_modules_it_avoids(tmp_path: object) -> None
     for avoided in ("re", "socket", "signal", "threading", "json", "getopt", "gettext", "base64",
                     "selectors", "queue", "typing", "tomllib"):
         assert avoided not in out, avoided
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_the_light_socket_class_connects_to_either_listener(kind: str, tmp_path: Path) -> None:
+    """connect_verified_as(_socket.socket, ...): what vmbusifyexec connects with, for a Unix
+    listener and for a TCP one (made with socket.create_connection, then handed over)."""
+    if kind == "unix":
+        d = tmp_path / "control"
+        d.mkdir(mode=0o700)
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(str(d / "control.sock"))
+        where, port = str(d / "control.sock"), 0
+    else:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        where, port = "127.0.0.1", srv.getsockname()[1]
+    srv.listen()
+    with srv:
+        sock = connect_verified_as(_socket.socket, kind, where, port, os.geteuid(), 5.0)
+        try:
+            assert type(sock) is _socket.socket
+            assert sock.gettimeout() == 5.0
+            peer, _ = srv.accept()
+            with peer:
+                sock.sendall(b"ping")
+                assert peer.recv(4) == b"ping"
+        finally:
+            sock.close()
