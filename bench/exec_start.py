@@ -58,19 +58,25 @@ def median_cpu_ms(argv: list[str], env: dict[str, str], runs: int) -> float:
     return statistics.median(cpu_ms(argv, env) for _ in range(runs))
 
 
-def import_costs(env: dict[str, str]) -> list[tuple[str, float]]:
-    """Self time of the client's imports (ms), summed per top-level package, most first."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", START], env=env,
-                          capture_output=True, text=True, check=True)
-    cost: collections.defaultdict[str, float] = collections.defaultdict(float)
-    for line in proc.stderr.splitlines():
-        parts = line.split("|")
-        if len(parts) != 3 or not parts[0].startswith("import time:") or "self" in parts[0]:
-            continue
-        name = parts[2].strip()
-        top = name if name.startswith("vmbusify") else name.split(".")[0]
-        cost[top] += int(parts[0].split(":")[1]) / 1e3
-    return sorted(cost.items(), key=lambda kv: -kv[1])
+def import_costs(env: dict[str, str], runs: int = 9) -> list[tuple[str, float]]:
+    """Self time of the client's imports (ms), summed per top-level package, most first: the
+    median of ``runs`` runs (one run on a loaded machine is mostly other processes' noise)."""
+    samples: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(runs):
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-c", START], env=env,
+                              capture_output=True, text=True, check=True)
+        cost: collections.defaultdict[str, float] = collections.defaultdict(float)
+        for line in proc.stderr.splitlines():
+            parts = line.split("|")
+            if len(parts) != 3 or not parts[0].startswith("import time:") or "self" in parts[0]:
+                continue
+            name = parts[2].strip()
+            top = name if name.startswith("vmbusify") else name.split(".")[0]
+            cost[top] += int(parts[0].split(":")[1]) / 1e3
+        for name, ms in cost.items():
+            samples[name].append(ms)
+    medians = {name: statistics.median(v + [0.0] * (runs - len(v))) for name, v in samples.items()}
+    return sorted(medians.items(), key=lambda kv: -kv[1])
 
 
 def main() -> None:
@@ -118,7 +124,7 @@ def main() -> None:
           f"{start:.1f} ms")
     total = sum(c for _, c in costs)
     print(f"  its imports, self time by top-level module ({total:.1f} ms in all, "
-          f"python -X importtime):")
+          f"python -X importtime, medians of 9):")
     for name, ms in costs[:10]:
         print(f"    {name:<32} {ms:6.2f} ms")
 
