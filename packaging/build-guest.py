@@ -186,11 +186,19 @@ def package_files(source: Path) -> list[Path]:
     return files
 
 
+def script_files(source: Path) -> list[Path]:
+    """pyproject's script files (``[tool.setuptools] script-files``: vmbusifyexec, whose
+    start is its latency, is one instead of a console script), relative to ``source``."""
+    tool = tomllib.loads((source / "pyproject.toml").read_text()).get("tool", {})
+    return [Path(p) for p in tool.get("setuptools", {}).get("script-files", [])]
+
+
 def inputs(source: Path) -> list[Path]:
     """Everything the package is made from, relative to ``source``."""
     fixed = [Path("pyproject.toml"), Path("README.md"), Path("docs/deploy.md"),
              Path("conf/supervisord.conf"), Path("packaging/guest.toml"),
-             Path("packaging") / UNIT, Path("packaging/build-guest.py")]
+             Path("packaging") / UNIT, Path("packaging/build-guest.py"),
+             *script_files(source)]
     programs = sorted(p.relative_to(source) for p in (source / "conf/programs").glob("*.conf"))
     if not programs:
         raise BuildError(f"no conf/programs/*.conf in {source}")
@@ -265,6 +273,13 @@ def stage(source: Path, root: Path, project: dict, deb_version: str) -> None:
         module, _, func = target.partition(":")
         write(root / "usr/bin" / name, CONSOLE_SCRIPT.format(
             name=name, package=PACKAGE, module=module, func=func), 0o755)
+    for rel in script_files(source):
+        # "#!python" made Debian's interpreter, as pip makes it the venv's
+        text = (source / rel).read_text()
+        if not text.startswith("#!python\n"):
+            raise BuildError(f"{rel}: a script file must start with #!python")
+        write(root / "usr/bin" / rel.name, "#!/usr/bin/python3\n" + text[len("#!python\n"):],
+              0o755)
 
     etc = root / "etc/vmbusify"
     write(etc / "supervisord.conf", (source / "conf/supervisord.conf").read_bytes())

@@ -273,6 +273,12 @@ def test_detach_returns_the_pid(stack: ExecStack) -> None:
     p = stack.run("-d", "vm1", "--", "sleep", tag)
     assert p.returncode == 0, p.stderr
     pid = int(p.stdout)
+    # The pid comes back once the exec is under way (Popen's close-on-exec pipe closed);
+    # the kernel fills in the new program's arguments a moment later, and until then its
+    # cmdline reads empty (seen under load: the client is fast enough to look that soon).
+    deadline = time.monotonic() + 5
+    while not psutil.Process(pid).cmdline() and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert psutil.Process(pid).cmdline() == ["sleep", tag]
     psutil.Process(pid).kill()
     p = stack.run("-d", "vm1", "--", "no-such-program-xyz")

@@ -3,6 +3,7 @@ leaves the file to tomllib (issue 18: tomllib was a third of vmbusifyexec's impo
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmbusify.config_file import plain_toml, read_config_file
+from vmbusify.config_file import _header, _key_value, plain_toml, read_config_file
 from vmbusify.lab.layout import LabLayout, guest_config, host_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,6 +91,75 @@ def test_whatever_plain_toml_accepts_tomllib_reads_the_same(pieces: list[str]) -
     got = plain_toml(text.encode())
     if got is not None:
         assert got == tomllib.loads(text)
+
+
+# The regular expressions the reader was first written with (it reads without re now, for the
+# exec client's start): the reference for which lines are in the subset and what they hold.
+_SCALAR = (r'"[^"\\\x00-\x1f\x7f]*"'
+           r"|'[^'\x00-\x1f\x7f]*'"
+           r"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?|true|false")
+_LINE = re.compile(rf"([A-Za-z0-9_-]+)[ \t]*=[ \t]*({_SCALAR}"
+                   rf"|\[[ \t]*(?:(?:{_SCALAR})[ \t]*,[ \t]*)*(?:(?:{_SCALAR})[ \t]*)?\])"
+                   r"[ \t]*(?:#[^\x00-\x08\x0a-\x1f\x7f]*)?")
+_ITEM = re.compile(_SCALAR)
+_HEADER = re.compile(r"(\[\[?)[ \t]*([A-Za-z0-9_-]+)[ \t]*(\]\]?)[ \t]*"
+                     r"(?:#[^\x00-\x08\x0a-\x1f\x7f]*)?")
+
+
+def _reference_scalar(token: str) -> object:
+    if token[0] in "\"'":
+        return token[1:-1]
+    if token in ("true", "false"):
+        return token == "true"
+    return float(token) if "." in token else int(token)
+
+
+def _reference_line(line: str) -> object:
+    """What the regex reader made of one stripped line: a header, a pair, or None."""
+    if line.startswith("["):
+        m = _HEADER.fullmatch(line)
+        if m is not None and len(m[1]) == len(m[3]):
+            return ("header", m[1] == "[[", m[2])
+    m = _LINE.fullmatch(line)
+    if m is None:
+        return None
+    value = m[2]
+    return ("pair", m[1], [_reference_scalar(t) for t in _ITEM.findall(value)]
+            if value[0] == "[" else _reference_scalar(value))
+
+
+def _our_line(line: str) -> object:
+    if line.startswith("["):
+        header = _header(line)
+        if header is not None:
+            return ("header", *header)
+    pair = _key_value(line)
+    return None if pair is None else ("pair", *pair)
+
+
+_LINE_PIECES = [*_PIECES, "-0", "01", "1.5", "1.", ".5", "false", "truex", "9", "\\", "\x7f",
+                "\x01", "\x09", "#c", "A", "key", '"a\\"', "'a\\'", ", ", "[1,", "0.0"]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(_LINE_PIECES), max_size=16))
+def test_each_line_reads_as_the_regular_expressions_read_it(pieces: list[str]) -> None:
+    line = "".join(pieces).strip(" \t")
+    if not line or line[0] == "#" or "\n" in line:
+        return
+    ours, reference = _our_line(line), _reference_line(line)
+    assert ours == reference
+    if ours is not None:  # the same types too: 1 and 1.0 and True compare equal
+        assert repr(ours) == repr(reference)
+
+
+@pytest.mark.parametrize("line", [
+    "a = 1", "a=-0", "a = 0.50 # x", "a = [ 1 , 'x\\', \"y\" , ]", "[t]", "[[t]] # c",
+    " [t ] ".strip(), "a = [,]", "a = [1 2]", "[[t]", "[t]]", "[[t]]]", "a = 1.", "a = --1",
+    "a = truex", "a = 'x'#\x01", "a = \"x\\\"", "k-_9 = false", "a = []]",
+])
+def test_lines_read_as_the_regular_expressions_read_them(line: str) -> None:
+    assert _our_line(line) == _reference_line(line)
 
 
 def test_a_file_outside_the_subset_still_reads_and_a_bad_one_says_where(

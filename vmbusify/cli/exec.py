@@ -19,20 +19,39 @@ forwarded signals, so a signal always interrupts the main thread.
 
 from __future__ import annotations
 
-import getopt
-import json
 import os
-import signal
-import socket
 import sys
-import threading
 import time
-from _queue import SimpleQueue  # what queue.SimpleQueue is, without queue's imports
+
+# The C modules under socket, signal and threading, queue.SimpleQueue itself: the Python
+# modules around them load enum classes, selectors, functools and more (~5 ms of the start;
+# docs/performance.md, "`vmbusifyexec true` against ssh").
+from _queue import SimpleQueue
+from _signal import (
+    SIG_BLOCK,
+    SIGHUP,
+    SIGINT,
+    SIGPIPE,
+    SIGTERM,
+    SIGWINCH,
+    pthread_sigmask,
+)
+from _signal import signal as set_handler
+from _socket import SHUT_RDWR
+from _socket import socket as raw_socket
+from _thread import allocate_lock, start_new_thread
 
 from vmbusify import __version__
 from vmbusify.cli.escape import EscapeFilter
 from vmbusify.client.wire import post_detached, request_body
-from vmbusify.control.exec_wire import Failure, Listener, find_listener, open_exec, parse_status
+from vmbusify.control.exec_wire import (
+    Failure,
+    Listener,
+    find_listener,
+    open_exec_as,
+    parse_status,
+)
+from vmbusify.control.json_light import dumps
 from vmbusify.errors import VMBusifyError, exec_exit
 from vmbusify.protocol.exec_api import EXIT_FAILURE, SIGNAL_BASE, Channel, ExitReason
 from vmbusify.protocol.websocket import FrameDecoder, Opcode, close_payload, encode_frame
@@ -88,7 +107,9 @@ TTY_MODES = ("always", "never", "auto")
 #: worker puts in SHELL (from the account, as sshd does); ``-l`` makes it a login shell in
 #: every common shell (bash, zsh, dash, ash, fish).
 LOGIN_SHELL = ["/bin/sh", "-c", 'exec "${SHELL:-/bin/sh}" -l']
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FORWARDED = (SIGINT, SIGTERM, SIGHUP)
+#: Their names as the SIGNAL message carries them (signal.Signals' without "SIG").
+_SIGNAL_NAMES = {SIGINT: "INT", SIGTERM: "TERM", SIGHUP: "HUP"}
 READ_SIZE = 1 << 20
 STDIN_CHUNK = 256 << 10
 #: Ctrl-C this many times within GIVE_UP_WINDOW seconds: stop waiting for the program.
@@ -207,20 +228,68 @@ def _spell_tty(args: list[str]) -> list[str]:
     return out
 
 
+class _GetoptError(Exception):
+    """getopt.GetoptError's message."""
+
+
+def _getopt(args: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """``getopt.getopt(args, _SHORT, _LONG)``, the same pairs, rest and messages (a unit
+    test compares them), without getopt's import of gettext and with it re (~1 ms)."""
+    pairs: list[tuple[str, str]] = []
+    while args and args[0].startswith("-") and args[0] != "-":
+        word, args = args[0], args[1:]
+        if word == "--":
+            break
+        if word.startswith("--"):
+            name, eq, value = word[2:].partition("=")
+            matches = [o for o in _LONG if o.startswith(name)]
+            if not matches:
+                raise _GetoptError(f"option --{name} not recognized")
+            if name in matches or name + "=" in matches:
+                takes = name not in matches
+            elif len(matches) > 1:
+                raise _GetoptError(f"option --{name} not a unique prefix")
+            else:
+                takes, name = matches[0].endswith("="), matches[0].rstrip("=")
+            if takes and not eq:
+                if not args:
+                    raise _GetoptError(f"option --{name} requires argument")
+                value, args = args[0], args[1:]
+            elif not takes and eq:
+                raise _GetoptError(f"option --{name} must not have an argument")
+            pairs.append(("--" + name, value))
+            continue
+        letters = word[1:]
+        while letters:
+            letter, letters = letters[0], letters[1:]
+            at = _SHORT.find(letter)
+            if letter == ":" or at < 0:
+                raise _GetoptError(f"option -{letter} not recognized")
+            value = ""
+            if _SHORT.startswith(":", at + 1):
+                if not letters:
+                    if not args:
+                        raise _GetoptError(f"option -{letter} requires argument")
+                    letters, args = args[0], args[1:]
+                value, letters = letters, ""
+            pairs.append(("-" + letter, value))
+    return pairs, args
+
+
 def parse_args(args: list[str]) -> Options:
     """Options may come before and after VMID; the first word after them is the program."""
     opts = Options()
     try:
-        pairs, rest = getopt.getopt(_spell_tty(args), _SHORT, _LONG)
+        pairs, rest = _getopt(_spell_tty(args))
         _apply(opts, pairs)
         if opts.help or opts.version or opts.completion:
             return opts
         if not rest:
             raise UsageError("missing VMID and PROGRAM")
         opts.vmid = rest[0]
-        pairs, rest = getopt.getopt(_spell_tty(rest[1:]), _SHORT, _LONG)
+        pairs, rest = _getopt(_spell_tty(rest[1:]))
         _apply(opts, pairs)
-    except getopt.GetoptError as exc:
+    except _GetoptError as exc:
         raise UsageError(str(exc)) from None
     if opts.help or opts.version or opts.completion:
         return opts
@@ -273,9 +342,9 @@ class Session:
 
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        self.sock: socket.socket | None = None
+        self.sock: raw_socket | None = None
         self.decoder = FrameDecoder()
-        self._send_lock = threading.Lock()
+        self._send_lock = allocate_lock()
         self._control: SimpleQueue[tuple[Opcode, bytes] | None] = SimpleQueue()
         self._interrupts: list[float] = []
         self._saved_tty: list | None = None  # type: ignore[type-arg]
@@ -319,21 +388,20 @@ class Session:
 
     # -- signals ---------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: object) -> None:
-        if signum == signal.SIGWINCH:
+        if signum == SIGWINCH:
             size = _term_size()
             if size:
-                self._control.put((Opcode.BINARY, bytes([Channel.RESIZE]) + json.dumps(
+                self._control.put((Opcode.BINARY, bytes([Channel.RESIZE]) + dumps(
                     {"rows": size[0], "cols": size[1]}).encode()))
             return
-        if signum == signal.SIGINT:
+        if signum == SIGINT:
             now = time.monotonic()
             self._interrupts = [t for t in self._interrupts if now - t < GIVE_UP_WINDOW] + [now]
             if len(self._interrupts) >= GIVE_UP_AFTER:
                 self._hang_up(escaped=False)
                 return
-        name = signal.Signals(signum).name[3:]
-        self._control.put((Opcode.BINARY,
-                           bytes([Channel.SIGNAL]) + json.dumps({"signal": name}).encode()))
+        self._control.put((Opcode.BINARY, bytes([Channel.SIGNAL]) + dumps(
+            {"signal": _SIGNAL_NAMES[signum]}).encode()))
 
     # -- life ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -341,8 +409,8 @@ class Session:
         # A pty of 0x0 upsets full-screen programs: without a local terminal, the classic size.
         size = (_term_size() or DEFAULT_TTY_SIZE) if self.opts.tty else (0, 0)
         request = _request_body(self.opts, *size)
-        self.sock = open_exec(_listener(self.opts.config), self.opts.vmid, request,
-                              self.decoder)
+        self.sock = open_exec_as(raw_socket, _listener(self.opts.config), self.opts.vmid,
+                                 request, self.decoder)
 
     def _hang_up(self, escaped: bool) -> None:
         """Stop from this end (three Ctrl-C, or ``~.``): the listener sees the connection
@@ -352,21 +420,22 @@ class Session:
         else:
             self.gave_up = True
         if self.sock is not None:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(SHUT_RDWR)
 
     def run(self) -> int:
         """Relay until the STATUS message; returns the exit status."""
         self.open()
         for sig in FORWARDED:
-            signal.signal(sig, self._on_signal)
+            set_handler(sig, self._on_signal)
         if self.opts.tty:
-            signal.signal(signal.SIGWINCH, self._on_signal)
-        threading.Thread(target=self._control_loop, daemon=True, name="control").start()
+            set_handler(SIGWINCH, self._on_signal)
+        # Plain threads (no threading module): main() ends with os._exit, nothing joins them.
+        start_new_thread(self._control_loop, ())
         if self.opts.interactive:
             if self.opts.tty and os.isatty(0):
                 self._raw_mode()
                 self._escape = EscapeFilter()
-            threading.Thread(target=self._stdin_loop, daemon=True, name="stdin").start()
+            start_new_thread(self._stdin_loop, ())
         try:
             return self._receive_loop()
         finally:
@@ -388,7 +457,7 @@ class Session:
             if not data:
                 if self.gave_up:
                     raise Failure("interrupted: gave up waiting; the remote process tree is "
-                                  "killed", SIGNAL_BASE + signal.SIGINT)
+                                  "killed", SIGNAL_BASE + SIGINT)
                 if self.escaped:
                     raise Failure("disconnected (~.); the remote process tree is killed")
                 raise Failure("lost the connection to the command listener")
@@ -431,7 +500,7 @@ class Session:
 
 
 def _block_forwarded() -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, [*FORWARDED, signal.SIGWINCH])
+    pthread_sigmask(SIG_BLOCK, [*FORWARDED, SIGWINCH])
 
 
 def _term_size() -> tuple[int, int] | None:
@@ -520,12 +589,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
         _err(str(exc))
         code = exc.exit_status
     except BrokenPipeError:
-        code = SIGNAL_BASE + signal.SIGPIPE  # our stdout went away: stop, as a shell pipe does
+        code = SIGNAL_BASE + SIGPIPE  # our stdout went away: stop, as a shell pipe does
     except VMBusifyError as exc:
         _err(_explain(exc, opts.config))
         code = exec_exit(exc.code)
     except KeyboardInterrupt:
-        code = SIGNAL_BASE + signal.SIGINT
+        code = SIGNAL_BASE + SIGINT
     except OSError as exc:
         _err(f"{exc.strerror or exc}")
         code = EXIT_FAILURE

@@ -10,18 +10,19 @@ start is its latency (docs/exec.md, "A light client").
 
 from __future__ import annotations
 
-import json
+from _socket import socket as raw_socket  # socket's own import costs ~3 ms (exec_wire.connect_as)
 
 from vmbusify.control.exec_wire import (
     Failure,
     Listener,
-    connect,
+    connect_as,
     exec_path,
     http_error,
     http_request,
     read_body,
     read_head,
 )
+from vmbusify.control.json_light import dumps
 
 #: The largest exec request (JSON) the listener takes: its WebSocket message and POST body
 #: limits (workers/exec/host.py, control/server.py), in round figures.
@@ -30,7 +31,7 @@ MAX_REQUEST = 1 << 20
 
 def request_body(request: dict[str, object]) -> bytes:
     """The JSON request, or Failure when the listener would refuse it for its size."""
-    body = json.dumps(request).encode()
+    body = dumps(request).encode()
     if len(body) > MAX_REQUEST:
         raise Failure(f"the exec request is too large ({len(body)} bytes of arguments and "
                       f"environment; the limit is {MAX_REQUEST >> 20} MiB)")
@@ -40,7 +41,7 @@ def request_body(request: dict[str, object]) -> bytes:
 def post_detached(listener: Listener, vmid: str, body: bytes,
                   timeout: float | None = None) -> dict[str, object]:
     """A detached exec (``POST``): the listener's answer, ``{"vmid": ..., "pid": N}``."""
-    sock = connect(listener, timeout)
+    sock = connect_as(raw_socket, listener, timeout)
     try:
         sock.sendall(http_request(listener, "POST", exec_path(vmid),
                                   "Content-Type: application/json\r\nConnection: close\r\n",

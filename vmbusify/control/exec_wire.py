@@ -14,9 +14,7 @@ files/channel.py).
 
 from __future__ import annotations
 
-import json
-import socket
-
+from vmbusify.control.json_light import loads
 from vmbusify.errors import ControlError, ErrorCode, code_of, exec_exit
 from vmbusify.protocol.exec_api import EXIT_FAILURE
 from vmbusify.protocol.websocket import (
@@ -26,6 +24,13 @@ from vmbusify.protocol.websocket import (
     expected_accept,
     handshake_key,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import _socket
+    import socket
+
+    from vmbusify.control.verify import S
 
 #: The most of an answer's head (status line and headers), or of a refusal's body, a client
 #: reads.
@@ -81,7 +86,7 @@ def exec_path(vmid: str) -> str:
 def parse_status(payload: bytes) -> tuple[int, str, str]:
     """(exit code, reason, message) of the listener's STATUS message."""
     try:
-        doc = json.loads(payload)
+        doc = loads(payload)
     except ValueError:
         doc = None
     if not isinstance(doc, dict):
@@ -94,15 +99,24 @@ def parse_status(payload: bytes) -> tuple[int, str, str]:
 
 def connect(listener: Listener, timeout: float | None = None) -> socket.socket:
     """A connection to the listener, checked to be root's before the token is sent."""
+    import socket
+
+    return connect_as(socket.socket, listener, timeout)
+
+
+def connect_as(new: type[S], listener: Listener, timeout: float | None = None) -> S:
+    """``connect`` with a socket of class ``new``: socket.socket, or ``_socket.socket``, the
+    C type under it, which vmbusifyexec uses (the socket module's import is ~3 ms of its
+    start)."""
     # Imported here: vmbusifyexec's start is its latency, and a usage error needs none of
     # this (docs/exec.md, "A light client").
-    from vmbusify.control.verify import connect_verified
+    from vmbusify.control.verify import connect_verified_as
 
-    return connect_verified(listener.kind, listener.where, listener.port, listener.owner,
-                            10.0 if timeout is None else timeout)
+    return connect_verified_as(new, listener.kind, listener.where, listener.port,
+                               listener.owner, 10.0 if timeout is None else timeout)
 
 
-def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+def read_head(sock: _socket.socket) -> tuple[int, dict[str, str], bytes]:
     """Status, headers (lower-case names) and the bytes after them."""
     buf = b""
     while b"\r\n\r\n" not in buf:
@@ -125,7 +139,7 @@ def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return status, headers, rest
 
 
-def read_body(sock: socket.socket, headers: dict[str, str], rest: bytes) -> object:
+def read_body(sock: _socket.socket, headers: dict[str, str], rest: bytes) -> object:
     """The JSON body behind a head (at most MAX_HEAD bytes of it), or None when there is
     none, it is cut short or it is not JSON."""
     try:
@@ -141,12 +155,12 @@ def read_body(sock: socket.socket, headers: dict[str, str], rest: bytes) -> obje
     except OSError:
         pass
     try:
-        return json.loads(rest[:length])
+        return loads(rest[:length])
     except ValueError:
         return None
 
 
-def http_error(sock: socket.socket, status: int, headers: dict[str, str], rest: bytes
+def http_error(sock: _socket.socket, status: int, headers: dict[str, str], rest: bytes
                ) -> Failure:
     """The Failure for a refusal (an answer other than the one asked for), with the
     listener's own reason, its ErrorCode as ``code`` and the exit status it means."""
@@ -184,7 +198,15 @@ def open_exec(listener: Listener, vmid: str, body: bytes, decoder: FrameDecoder,
     bytes that came behind the answer are fed to ``decoder``. Raises Failure (a refusal:
     ``http_error``'s), ControlError (a listener not to trust) or OSError.
     """
-    sock = connect(listener, timeout)
+    import socket
+
+    return open_exec_as(socket.socket, listener, vmid, body, decoder, timeout)
+
+
+def open_exec_as(new: type[S], listener: Listener, vmid: str, body: bytes,
+                 decoder: FrameDecoder, timeout: float | None = None) -> S:
+    """``open_exec`` with a socket of class ``new`` (``connect_as``)."""
+    sock = connect_as(new, listener, timeout)
     try:
         key = handshake_key()
         hello = http_request(listener, "GET", exec_path(vmid),

@@ -17,12 +17,23 @@ one-line reason and nothing is sent. Light on purpose: ``vmbusifyexec`` imports 
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import struct
+from _socket import AF_UNIX, IPPROTO_TCP, SO_PEERCRED, SOCK_STREAM, SOL_SOCKET, TCP_NODELAY
+from _socket import socket as raw_socket
 
 from vmbusify.control.token import ListenerDown
 from vmbusify.errors import ControlError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from typing import TypeVar
+
+    #: The socket class a connection is made of: socket.socket, or the C type under it
+    #: (``_socket.socket``), which vmbusifyexec uses: the socket module's import (enum
+    #: classes, selectors) is ~3 ms of its start.
+    S = TypeVar("S", bound=raw_socket)
 
 #: How long a TCP client waits for the listener to accept the connection (until then the
 #: kernel cannot tell whose socket it is).
@@ -71,7 +82,16 @@ def check_unix_path(path: str, trusted: frozenset[int]) -> None:
 
 
 def connect_unix_socket(path: str, timeout: float) -> socket.socket:
-    """A connected Unix stream socket (with ``timeout`` set), waiting out a full backlog.
+    """A connected Unix stream socket (with ``timeout`` set), waiting out a full backlog
+    (``connect_unix_as`` of socket.socket)."""
+    import socket
+
+    return connect_unix_as(socket.socket, path, timeout)
+
+
+def connect_unix_as(new: type[S], path: str, timeout: float) -> S:
+    """A connected Unix stream socket of class ``new`` (with ``timeout`` set), waiting out a
+    full backlog.
 
     A Unix connect with a timeout is non-blocking underneath, and Linux answers it with EAGAIN
     at once while the listener's accept queue is full (a burst of clients, a busy listener),
@@ -83,7 +103,7 @@ def connect_unix_socket(path: str, timeout: float) -> socket.socket:
     deadline = time.monotonic() + timeout
     pause = 0.002
     while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = new(AF_UNIX, SOCK_STREAM)
         sock.settimeout(timeout)
         try:
             sock.connect(path)
@@ -101,10 +121,10 @@ def connect_unix_socket(path: str, timeout: float) -> socket.socket:
         return sock
 
 
-def _connect_unix(path: str, trusted: frozenset[int], timeout: float) -> socket.socket:
+def _connect_unix(new: type[S], path: str, trusted: frozenset[int], timeout: float) -> S:
     check_unix_path(path, trusted)
     try:
-        sock = connect_unix_socket(path, timeout)
+        sock = connect_unix_as(new, path, timeout)
     except (ConnectionRefusedError, FileNotFoundError):
         raise ListenerDown(f"the command listener at unix:{path} is not running") from None
     except PermissionError:
@@ -114,7 +134,7 @@ def _connect_unix(path: str, trusted: frozenset[int], timeout: float) -> socket.
         raise ControlError(f"cannot reach the command listener at unix:{path}: "
                            f"{exc.strerror or exc}") from None
     # SO_PEERCRED (users/peer.py's unix_peer_uid; that module loads for TCP only)
-    uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+    uid = struct.unpack("3i", sock.getsockopt(SOL_SOCKET, SO_PEERCRED, 12))[1]
     if uid not in trusted:
         sock.close()
         raise ControlError(f"{_REFUSE} unix:{path}: the process listening there runs as "
@@ -124,6 +144,7 @@ def _connect_unix(path: str, trusted: frozenset[int], timeout: float) -> socket.
 
 def _connect_tcp(host: str, port: int, trusted: frozenset[int], timeout: float
                  ) -> socket.socket:
+    import socket
     import time
 
     # Imported here: only a TCP listener (development only) needs it, and vmbusifyexec's
@@ -162,9 +183,22 @@ def connect_verified(kind: str, where: str, port: int, token_owner: int,
                      timeout: float = 10.0) -> socket.socket:
     """A connected socket to the command listener, checked as the module says; ControlError
     with a one-line reason otherwise (nothing has been sent)."""
+    import socket
+
+    return connect_verified_as(socket.socket, kind, where, port, token_owner, timeout)
+
+
+def connect_verified_as(new: type[S], kind: str, where: str, port: int, token_owner: int,
+                        timeout: float = 10.0) -> S:
+    """``connect_verified`` with a socket of class ``new`` (socket.socket or the C type
+    under it, ``_socket.socket``, which needs no import of the socket module)."""
     trusted = trusted_uids(token_owner)
     if kind == "unix":
-        return _connect_unix(where, trusted, timeout)
-    sock = _connect_tcp(where, port, trusted, timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _connect_unix(new, where, trusted, timeout)
+    tcp = _connect_tcp(where, port, trusted, timeout)
+    tcp.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+    if type(tcp) is new:
+        return tcp  # type: ignore[return-value]  # socket.socket asked for, and made
+    sock = new(fileno=tcp.detach())
+    sock.settimeout(timeout)
     return sock

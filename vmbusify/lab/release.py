@@ -234,6 +234,18 @@ def export(ref: str, layout: LabLayout) -> tuple[ReleaseTree, bool]:
             f"exec '{python}' -P -c 'import sys; sys.argv[0] = \"{name}\"; "
             f"from {module} import {func}; sys.exit({func}())' \"$@\"\n")
         script.chmod(0o700)
+    for rel in _script_files(release):
+        # A release's script file (vmbusifyexec from 0.2 on: pyproject's script-files), run
+        # as it is with this venv's interpreter.
+        script = release.bin_dir / os.path.basename(rel)
+        script.write_text(
+            "#!/bin/sh\n"
+            f"# Written by `vmbusify lab up`: {script.name} of release {ref} ({commit}) from\n"
+            "# its exported tree, with this venv's interpreter and packages.\n"
+            f"PYTHONPATH='{release.tree}'\n"
+            "export PYTHONPATH\n"
+            f"exec '{python}' -P '{release.tree / rel}' \"$@\"\n")
+        script.chmod(0o700)
     release.commit_file.write_text(stamp + "\n")
     return release, True
 
@@ -252,6 +264,21 @@ def _scripts(release: ReleaseTree) -> dict[str, str]:
                 and _ENTRY_RE.match(entry)):
             raise LabError(f"release {release.ref}: cannot run its console script {name!r}")
     return dict(scripts)
+
+
+def _script_files(release: ReleaseTree) -> list[str]:
+    """The release's script files (``[tool.setuptools] script-files``), relative paths."""
+    try:
+        with open(release.tree / "pyproject.toml", "rb") as fh:
+            tool = tomllib.load(fh).get("tool", {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise LabError(f"release {release.ref}: cannot read its pyproject.toml: {exc}") from None
+    files = tool.get("setuptools", {}).get("script-files", [])
+    for rel in files:
+        if not (isinstance(rel, str) and re.fullmatch(r"[a-z][a-z0-9_/-]*", rel)
+                and ".." not in rel.split("/") and (release.tree / rel).is_file()):
+            raise LabError(f"release {release.ref}: cannot run its script file {rel!r}")
+    return list(files)
 
 
 def config_error(release: ReleaseTree, text: str, scratch: Path) -> str | None:
