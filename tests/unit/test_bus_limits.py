@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
+from vmbusify.bus.budget import TX_STUCK_AFTER
 from vmbusify.bus.streams import BUFFER_LIMIT_REASON, Stream, StreamReset, StreamTable
 from vmbusify.config import LimitsConfig
 from vmbusify.errors import LimitReached
 from vmbusify.protocol.entities import Entity
 from vmbusify.protocol.package import Package, PackageFlag, PackageType
-from vmbusify.protocol.window import INITIAL_WINDOW, MAX_CHUNK, encode_increment
+from vmbusify.protocol.window import INITIAL_WINDOW, MAX_CHUNK, decode_increment, encode_increment
 
 LOCAL, PEER, MID = Entity.PROXY_CLIENT, Entity.PROXY_SERVER, 7
 
@@ -267,7 +268,9 @@ def test_packages_for_no_open_stream_are_counted_and_logged_a_few_times(
         for i in range(500):
             await t.on_package("vm1", data(s, 10) if i % 2 else window(s, 10))
         assert wire.sent == []
-        assert t.budget.snapshot() == {"vm1": {"unknown_stream": 500}}
+        # WINDOWs for a finished stream carry nothing (a peer paying credit as the stream
+        # ended, StreamTable.pay_owed): dropped uncounted; the DATA is counted
+        assert t.budget.snapshot() == {"vm1": {"unknown_stream": 250}}
 
     with caplog.at_level(logging.INFO, logger="vmbusify.bus.streams"):
         run(scenario)
@@ -289,13 +292,18 @@ def test_a_peers_reset_reason_is_kept_as_printable_text() -> None:
     run(scenario)
 
 
-def test_no_new_stream_while_the_vms_send_budget_is_used_up() -> None:
-    """A VM that holds its whole budget unacknowledged gets new opens refused with the reason
-    (they would only wait); once it reads, opens work again."""
+def test_no_new_stream_while_the_vms_send_budget_is_stuck() -> None:
+    """A VM that holds its whole budget unacknowledged for TX_STUCK_AFTER gets new opens
+    refused with the reason (they would only wait); a budget that just filled is busy, not
+    stuck, and refuses nothing; once credit comes back, opens work again."""
     async def scenario() -> None:
         t, _ = table(buffered_per_vm=2 * MAX_CHUNK)
+        now = [100.0]
+        t.budget.clock = lambda: now[0]
         a = t.open("vm1", LOCAL, PEER, MID)
         await a.write(b"q" * 2 * MAX_CHUNK)
+        t.open("vm1", LOCAL, PEER, MID)  # just filled: a burst, not a stall
+        now[0] += TX_STUCK_AFTER
         with pytest.raises(LimitReached, match=r"^vm1: 2 MiB sent and not yet acknowledged"):
             t.accept("vm1", LOCAL, Package(type=PackageType.REQUEST, entity=PEER, id=5,
                                            message_id=1, stream=99), MID)
@@ -303,5 +311,91 @@ def test_no_new_stream_while_the_vms_send_budget_is_used_up() -> None:
         await t.on_package("vm1", window(a, MAX_CHUNK))
         t.open("vm1", LOCAL, PEER, MID)
         assert t.budget.snapshot() == {"vm1": {"streams_refused": 1}}
+
+    run(scenario)
+
+
+def test_short_streams_together_owe_at_most_a_quarter_of_the_budget() -> None:
+    """Each stream returns credit at a quarter of its window; streams that each bring less
+    return theirs together once the VM is owed a quarter of buffered_per_vm, so the peer's
+    send budget is never held by bytes already read."""
+    async def scenario() -> None:
+        t, wire = table(buffered_per_vm=4 * MAX_CHUNK)
+        streams = [t.accept("vm1", LOCAL, Package(type=PackageType.REQUEST, entity=PEER,
+                                                  id=i, message_id=1, stream=i), MID)
+                   for i in range(1, 41)]
+        for s in streams:
+            await t.on_package("vm1", Package(type=PackageType.DATA, entity=PEER,
+                                              message_id=MID, stream=s.id,
+                                              payload=b"x" * (64 << 10)))
+            assert len(await s.read()) == 64 << 10
+        granted = {}
+        for _, p in wire.sent:
+            assert p.type is PackageType.WINDOW
+            granted[p.stream] = granted.get(p.stream, 0) + decode_increment(p.payload)
+        owed = 40 * (64 << 10) - sum(granted.values())
+        assert 0 <= owed <= MAX_CHUNK == t.owed_max
+        assert len(granted) > 16  # paid in whole rounds, each stream its own
+
+    run(scenario)
+
+
+def test_a_burst_of_short_echoed_streams_never_stalls() -> None:
+    """Two tables joined back to back, a budget far below what the burst sends: 64 streams
+    each send 256 KiB (in 64 KiB pieces) and EOF, the far end echoes each whole and EOFs, and every byte comes
+    back. (Before credit was paid per VM, each stream kept its 256 KiB charged until it
+    ended, the budget filled with half-sent streams, and the burst stalled for good.)"""
+    async def scenario() -> None:
+        limits = LimitsConfig(buffered_per_vm=2 * MAX_CHUNK)
+        tables: dict[str, StreamTable] = {}
+        queue: asyncio.Queue[tuple[str, Package]] = asyncio.Queue()
+
+        async def to_b(vmid: str, pkg: Package) -> None:
+            await queue.put(("b", pkg))
+
+        async def to_a(vmid: str, pkg: Package) -> None:
+            await queue.put(("a", pkg))
+
+        a, b = StreamTable(to_b, limits), StreamTable(to_a, limits)
+        tables.update(a=a, b=b)
+
+        async def wire() -> None:
+            while True:
+                side, pkg = await queue.get()
+                await tables[side].on_package("vm1", pkg)
+
+        async def echo(s: Stream) -> None:
+            while data := await s.read():
+                await s.write(bytes(data))
+            await s.write_eof()
+
+        async def one(i: int) -> bool:
+            s = a.open("vm1", LOCAL, PEER, MID)
+            far = b.accept("vm1", PEER, Package(type=PackageType.REQUEST, entity=LOCAL, id=i,
+                                               message_id=1, stream=s.id), MID)
+            echoer = asyncio.ensure_future(echo(far))
+            payload = bytes([i]) * (256 << 10)
+
+            async def send() -> None:  # in pieces, as a relay reads them from its socket
+                for k in range(0, len(payload), 64 << 10):
+                    await s.write(payload[k:k + (64 << 10)])
+                    await asyncio.sleep(0)
+                await s.write_eof()
+
+            sender = asyncio.ensure_future(send())
+            got = bytearray()
+            while chunk := await s.read():
+                got += chunk
+            await sender
+            await echoer
+            return bytes(got) == payload
+
+        w = asyncio.ensure_future(wire())
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(64))), 5)
+        finally:
+            w.cancel()
+        assert all(results)
+        assert a.budget.snapshot() == b.budget.snapshot() == {}
 
     run(scenario)

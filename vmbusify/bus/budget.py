@@ -5,8 +5,11 @@ reading, or send what it was never asked for. Every byte and stream a worker hol
 behalf is charged to that VM's share here, so one VM meets its own cap and no other notices:
 
 - **streams**: open at once with one VM (``streams_per_vm``) and in all (``streams_total``);
-  past either, or while the VM's send budget (below) is used up, opening or accepting one
-  raises LimitReached (the reason goes to the peer);
+  past either, or while the VM's send budget (below) has been used up for ``TX_STUCK_AFTER``
+  seconds with no credit back (its readers stalled), opening or accepting one raises
+  LimitReached (the reason goes to the peer). A budget that is full while credit still
+  flows (a legitimate burst: 1,000 connections each sending their first bytes) refuses
+  nothing: the new stream's writer waits its turn like the others;
 - **rx**: bytes received and not yet read by the application, summed over the VM's streams
   (``buffered_per_vm``, and ``buffered_total`` over every VM): a DATA package that would go
   past it resets its stream ("buffer limit reached");
@@ -24,11 +27,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from vmbusify.config import LimitsConfig
 from vmbusify.errors import LimitReached
+
+#: Seconds a VM's send budget must have been used up with no credit coming back before new
+#: streams to it are refused (its far readers stalled): below it the budget is only busy.
+TX_STUCK_AFTER = 1.0
 
 
 class Counter(str, Enum):
@@ -74,15 +84,25 @@ class VMShare:
     tx: int = 0
     #: Request handlers running.
     requests: int = 0
+    #: When credit last came back or the budget last filled up (Budget.clock); a budget
+    #: full for TX_STUCK_AFTER since then is stuck.
+    tx_progress: float = 0.0
     counters: dict[Counter, int] = field(default_factory=dict)
     waiters: collections.deque[TxWaiter] = field(default_factory=collections.deque)
+    #: Credit owed to the VM: bytes its streams brought that were read and not yet
+    #: returned (each stream returns its own at a quarter of a window), and the streams that
+    #: owe it (vmbusify.bus.streams keeps both).
+    owed: int = 0
+    owing: dict[Any, None] = field(default_factory=dict)
 
 
 class Budget:
     """Every VM's share of one worker, checked against ``[limits]``."""
 
-    def __init__(self, limits: LimitsConfig | None = None) -> None:
+    def __init__(self, limits: LimitsConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits or LimitsConfig()
+        self.clock = clock
         self.streams = 0
         self.rx = 0
         self._vms: dict[str, VMShare] = {}
@@ -111,15 +131,18 @@ class Budget:
     # -- streams ---------------------------------------------------------------------------
     def add_stream(self, share: VMShare) -> None:
         """Charge one more stream; raises LimitReached (counted) at a cap: the VM's or the
-        worker's stream count, or the VM's send budget used up (its peer holds that much
-        unacknowledged: a new stream would only wait, so it is refused with the reason)."""
+        worker's stream count, or the VM's send budget used up and stuck (its peer has held
+        that much unacknowledged for TX_STUCK_AFTER seconds: a new stream would only wait,
+        so it is refused with the reason). A full budget whose credit still comes back is
+        a busy one, not a stuck one: the open goes through and its writer waits in line."""
         lim = self.limits
         why = ""
         if share.streams >= lim.streams_per_vm:
             why = f"{share.vmid}: {share.streams} streams open: limit reached"
         elif self.streams >= lim.streams_total:
             why = f"{self.streams} streams open with all VMs: limit reached"
-        elif share.tx >= lim.buffered_per_vm:
+        elif (share.tx >= lim.buffered_per_vm
+              and self.clock() - share.tx_progress >= TX_STUCK_AFTER):
             why = (f"{share.vmid}: {share.tx >> 20} MiB sent and not yet acknowledged: "
                    "limit reached")
         if why:
@@ -164,6 +187,8 @@ class Budget:
         if n <= 0:
             return 0
         share.tx += n
+        if share.tx >= self.limits.buffered_per_vm:
+            share.tx_progress = self.clock()  # just filled: stuck only if it stays so
         return n
 
     async def tx_wait(self, share: VMShare, waiter: TxWaiter) -> int:
@@ -194,6 +219,7 @@ class Budget:
     def tx_release(self, share: VMShare, n: int) -> None:
         """``n`` bytes were credited back (or will never be): serve the waiters in order."""
         share.tx -= n
+        share.tx_progress = self.clock()
         waiters = share.waiters
         cap = self.limits.buffered_per_vm
         while waiters and share.tx < cap:

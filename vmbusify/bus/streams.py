@@ -183,11 +183,22 @@ class Stream:
         self._buffered -= n
         if self._charged:
             self._table.budget.rx_release(self._share, n)
-        grant = self._recv.on_consumed(n)
-        if grant and self.state is not StreamState.RESET and not self._remote_eof:
+        recv, share = self._recv, self._share
+        owed = recv.owed
+        grant = recv.on_consumed(n)
+        if not self._charged:  # finished (closed or reset): the peer wants no credit
+            return chunk
+        share.owed += recv.owed - owed
+        if recv.owed:
+            share.owing[self] = None
+        else:
+            share.owing.pop(self, None)
+        if grant and self.state is not StreamState.RESET:
             await self._table.send(
                 self.vmid, self._package(PackageType.WINDOW, encode_increment(grant))
             )
+        if share.owed > self._table.owed_max:
+            await self._table.pay_owed(share)
         return chunk
 
     @property
@@ -241,6 +252,9 @@ class Stream:
         self._charged = False
         budget, share = self._table.budget, self._share
         budget.remove_stream(share)
+        if self in share.owing:
+            del share.owing[self]
+            share.owed -= self._recv.owed
         if self._buffered:
             budget.rx_release(share, self._buffered)
         if self._tx_waiter is not None:
@@ -272,6 +286,9 @@ class StreamTable:
         self._streams: dict[StreamKey, Stream] = {}
         self._next_id = 0
         self._warn = RateLimitedLog(log, self.budget.limits.log_lines_per_minute)
+        #: Credit a VM may be owed over all its streams before all of it is returned at
+        #: once (see pay_owed).
+        self.owed_max = self.budget.limits.buffered_per_vm // 4
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -311,6 +328,26 @@ class StreamTable:
         """"" if a stream with ``vmid`` could be added now, else the reason (counted)."""
         return self.budget.stream_room(self.budget.vm(vmid))
 
+    async def pay_owed(self, share: VMShare) -> None:
+        """Return every byte of credit the VM's streams owe it, now.
+
+        A stream returns credit at a quarter of its window (2 MiB), so a stream that brings
+        less never returns any until it ends; the peer's sender counts those bytes against
+        its send budget for this VM (``buffered_per_vm``) all the while. Hundreds of short
+        streams at once (1,000 proxy connections, each echoing 512 KiB) then held the
+        sender's whole budget, every writer waited for credit that was never sent, and no
+        stream could finish to release its share: the burst stalled for good. So a VM is
+        owed at most ``owed_max`` (a quarter of the budget) over all its streams: past it,
+        every owing stream returns what it owes (one WINDOW each). A single stream never
+        gets there (it owes under 2 MiB), so a bulk transfer sends no more packages."""
+        grants = [(s, s._recv.flush()) for s in share.owing]
+        share.owing.clear()
+        share.owed = 0
+        for stream, grant in grants:
+            if grant and stream._charged and stream.state is not StreamState.RESET:
+                await self.send(stream.vmid,
+                                stream._package(PackageType.WINDOW, encode_increment(grant)))
+
     def forget(self, stream: Stream) -> None:
         """Drop a finished stream from the table (idempotent)."""
         if self._streams.get(stream.key) is stream:
@@ -328,6 +365,10 @@ class StreamTable:
         """
         stream = self._streams.get((vmid, pkg.entity, pkg.stream))
         if stream is None:
+            if pkg.type is PackageType.WINDOW:
+                # Credit for a stream this end finished: the peer paid what it owed (see
+                # pay_owed) as our last bytes and EOF crossed it. Carries nothing; dropped.
+                return
             # Never opened, or bytes still in flight after we reset or finished the stream.
             self.budget.count(vmid, Counter.UNKNOWN_STREAM)
             self._warn.log(logging.INFO, (vmid, Counter.UNKNOWN_STREAM),

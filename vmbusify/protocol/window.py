@@ -104,3 +104,16 @@ class ReceiveWindow:
         grant, self._consumed = self._consumed, 0
         self.outstanding += grant
         return grant
+
+    @property
+    def owed(self) -> int:
+        """Bytes consumed and not yet returned as credit (under a quarter of a window)."""
+        return self._consumed
+
+    def flush(self) -> int:
+        """Return every consumed byte now, below the quarter too; the credit to grant (0:
+        none owed). For a receiver whose many small streams together owe the sender its
+        whole send budget (vmbusify.bus.streams, "credit owed per VM")."""
+        grant, self._consumed = self._consumed, 0
+        self.outstanding += grant
+        return grant
