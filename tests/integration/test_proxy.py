@@ -248,6 +248,64 @@ def test_500_connections_at_once(proxies: ProxyPair) -> None:
     assert sum(results) == 500
 
 
+def test_a_burst_of_echoed_connections_all_intact_with_the_default_limits(
+        proxies: ProxyPair) -> None:
+    """400 connections at once, each echoing 256 KiB (100 MiB each way, four times a VM's
+    send budget of 24 MiB): every one gets reply 0 and its own bytes back. Before credit
+    was paid per VM (StreamTable.pay_owed), each stream held its bytes against the budget
+    until it ended, the budget filled with half-sent streams, and the burst hung; and a
+    full budget refused the next opens with reply 1 (bench/conns.py: 985 of 1,000)."""
+    n, size = 400, 256 << 10
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(1 << 16):
+                w.write(data)
+                await w.drain()
+            w.write_eof()
+        except OSError:
+            pass
+        finally:
+            w.close()
+
+    async def one(port: int, i: int) -> str:
+        r, w = await asyncio.open_connection("127.0.0.1", proxies.guest_port)
+        w.write(b"\x05\x01\x00")
+        assert await r.readexactly(2) == b"\x05\x00"
+        w.write(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", port))
+        head = await r.readexactly(10)
+        if head[1]:
+            w.close()
+            return f"reply {head[1]}"
+        payload = (b"%07d." % i) * (size // 8)
+
+        async def send() -> None:
+            w.write(payload)
+            await w.drain()
+            w.write_eof()
+
+        sender = asyncio.ensure_future(send())
+        got = bytearray()
+        while chunk := await r.read(1 << 16):
+            got += chunk
+        await sender
+        w.close()
+        return "ok" if got == payload else f"{len(got)} of {len(payload)} bytes"
+
+    async def burst() -> list[str]:
+        srv = await asyncio.start_server(echo, "127.0.0.1", 0, backlog=1024)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(one(port, i) for i in range(n))), 150)
+        finally:
+            srv.close()
+
+    results = asyncio.run(burst())
+    failed = [r for r in results if r != "ok"]
+    assert not failed, f"{len(failed)} of {n} failed: {sorted(set(failed))[:5]}"
+
+
 def test_garbage_and_truncated_handshakes_never_hurt_others(proxies: ProxyPair,
                                                              web: tuple[int, bytes]) -> None:
     """Fuzzed handshakes get a reply or a close; a transfer alongside completes."""
