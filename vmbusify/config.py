@@ -317,8 +317,11 @@ class LimitsConfig:
     #: With the defaults the host's worst case over every VM is about 3 x 384 MiB in the
     #: workers plus tunnel_backlog_total (512 MiB) in the mux: under 2 GB with 64 VMs or more.
     buffered_total: int = 384 << 20
-    #: Requests (opens, exec starts, ...) one worker handles for one VM at once.
-    requests_per_vm: int = 512
+    #: Requests (opens, exec starts, ...) one worker handles for one VM at once. Their
+    #: payloads count with the VM's unread bytes (buffered_per_vm), so this bounds tasks,
+    #: not bytes: 4096, like streams_per_vm, lets a burst of 1,000 proxy connections open at
+    #: once (at 512 the host's proxy refused the burst's last opens: reply 1).
+    requests_per_vm: int = 4096
     #: Bytes of packages waiting in the mux to be written to one VM's tunnel; a VM that
     #: stops reading past this is disconnected. Above what the host's three workers may have
     #: in flight to one VM together (3 x buffered_per_vm), so an honest VM that reads slowly

@@ -196,6 +196,28 @@ def test_requests_in_flight_are_capped_per_vm() -> None:
     run(scenario, requests_per_vm=2)
 
 
+def test_the_bytes_requests_hold_count_with_the_vms_unread_bytes() -> None:
+    """requests_per_vm bounds tasks; what their payloads hold is charged to the VM's
+    buffered_per_vm while they run, so many requests with big payloads are refused by
+    bytes, and given back when they are answered."""
+    async def scenario(h: Harness) -> None:
+        big = "x" * (400 << 10)
+        for i in range(3):
+            h.feed("vm1", msg(PackageType.REQUEST, SLOW, big, pid=i + 1))
+        h.feed("vm2", msg(PackageType.REQUEST, SLOW, big, pid=10))
+        await h.settle()
+        refused = h.acks()
+        assert len(refused) == 1 and refused[0][:2] == (3, True), refused
+        assert "held in requests and unread bytes: limit reached" in refused[0][2]
+        assert h.link.budget.vm("vm1").rx > 800 << 10
+        h.release.set()
+        await h.settle()
+        assert sorted(a[0] for a in h.acks() if not a[1]) == [1, 2, 10]
+        assert h.link.budget.vm("vm1").rx == h.link.budget.rx == 0
+        assert h.link.limit_stats() == {"vm1": {"requests_refused": 1}}
+    run(scenario, buffered_per_vm=1 << 20)
+
+
 def test_an_open_past_the_stream_cap_is_refused_before_its_handler_runs() -> None:
     async def scenario(h: Harness) -> None:
         h.feed("vm1", msg(PackageType.REQUEST, OPEN, pid=1, stream=11))

@@ -17,7 +17,8 @@ The peer is not trusted (root in a guest is hostile), so the receive loop:
 - drops a package whose type does not fit its route's kind (a REQUEST gets an ERROR ACK at
   once, "wrong package type"), counted and logged a few lines a minute at most;
 - runs REQUEST handlers in a task of their own (at most ``[limits] requests_per_vm`` per
-  VM; past it the request is refused at once), in registration order; the first handler's
+  VM, their payloads charged to the VM's unread bytes, ``buffered_per_vm``; past either the
+  request is refused at once), in registration order; the first handler's
   return value is the ACK's payload (a VMBusifyError raised becomes an ERROR ACK carrying its
   ErrorCode and text, docs/protocol.md "Error codes");
 - runs MESSAGE handlers inline, in order of arrival: they must never wait on anything a
@@ -712,17 +713,26 @@ class WorkerLink:
         if not why and opens:
             # It announces a stream: refused before any work if the stream could not be taken.
             why = self.streams.room_for(vmid)
+        held = len(pkg.payload)
+        if not why and not self.budget.rx_take(share, held):
+            # What requests in flight hold counts with the VM's unread bytes, so the count
+            # (requests_per_vm, high enough for a burst of 1,000 opens) bounds no memory.
+            self.budget.count(vmid, Counter.REQUESTS_REFUSED)
+            why = (f"{vmid}: {share.rx >> 20} MiB held in requests and unread bytes: "
+                   "limit reached")
         if why:
             self._warn.warning((vmid, "refused"), "%s refused: %s", self._describe(vmid, pkg),
                                why)
             await self._send_error_ack(vmid, pkg, why, code)
             return
         share.requests += 1
-        self.spawn(self._handle_request(vmid, pkg, handlers, share, opens), vmid,
+        self.spawn(self._handle_request(vmid, pkg, handlers, share, opens, held), vmid,
                    f"request {entity_label(pkg.entity)} message {pkg.message_id}")
 
     async def _handle_request(self, vmid: str, pkg: Package, handlers: list[Handler | None],
-                              share: VMShare, opens: bool) -> None:
+                              share: VMShare, opens: bool, held: int = 0) -> None:
+        """Run a request's handlers and answer it; ``held``: its payload's bytes, charged
+        to the VM's share until the answer is sent."""
         try:
             reply: Any = None
             error = ""
@@ -771,3 +781,4 @@ class WorkerLink:
                 stream=pkg.stream, payload=payload))
         finally:
             share.requests -= 1
+            self.budget.rx_release(share, held)
