@@ -343,8 +343,9 @@ def test_short_streams_together_owe_at_most_a_quarter_of_the_budget() -> None:
 def test_a_burst_of_short_echoed_streams_never_stalls() -> None:
     """Two tables joined back to back, a budget far below what the burst sends: 64 streams
     each send 256 KiB (in 64 KiB pieces) and EOF, the far end echoes each whole and EOFs,
-    and every byte comes back. (Before credit was paid per VM, each stream kept its 256 KiB charged until it
-    ended, the budget filled with half-sent streams, and the burst stalled for good.)"""
+    and every byte comes back. (Before credit was paid per VM, each stream kept its 256 KiB
+    charged until it ended, the budget filled with half-sent streams, and the burst stalled
+    for good.)"""
     async def scenario() -> None:
         limits = LimitsConfig(buffered_per_vm=2 * MAX_CHUNK)
         tables: dict[str, StreamTable] = {}
