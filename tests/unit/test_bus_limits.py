@@ -329,7 +329,7 @@ def test_short_streams_together_owe_at_most_a_quarter_of_the_budget() -> None:
                                               message_id=MID, stream=s.id,
                                               payload=b"x" * (64 << 10)))
             assert len(await s.read()) == 64 << 10
-        granted = {}
+        granted: dict[int, int] = {}
         for _, p in wire.sent:
             assert p.type is PackageType.WINDOW
             granted[p.stream] = granted.get(p.stream, 0) + decode_increment(p.payload)
