@@ -93,10 +93,13 @@ CLIENT = textwrap.dedent("""
         errors = [repr(r) if not isinstance(r, tuple) else r[0] for r in res
                   if not (isinstance(r, tuple) and r[0] == "ok")]
         lat = sorted(c for _, c in ok) or [0.0]
+        tally = {}
+        for e in errors:
+            tally[e] = tally.get(e, 0) + 1
         print(json.dumps({"conns": conns, "intact": len(ok), "wall_s": wall,
                           "connect_median_ms": statistics.median(lat) * 1e3,
                           "connect_p99_ms": lat[max(0, int(len(lat) * 0.99) - 1)] * 1e3,
-                          "errors": errors[:5]}))
+                          "errors": errors[:5], "error_counts": tally}))
     asyncio.run(main())
 """)
 
@@ -109,6 +112,39 @@ def _client(netns: str | None, proxy: str, host: str, conns: int, kib: int,
     if proc.returncode != 0:
         raise SystemExit(f"the client failed: {proc.stderr.strip()[-500:]}")
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+#: The programs on the open path whose CPU a burst is charged with: (side, program).
+PATH_PROGRAMS = (("guest", "proxy"), ("guest", "mux"), ("host", "mux"), ("host", "proxy"))
+
+
+def _program_pids(config_path: Path) -> dict[str, int]:
+    """{"mux": pid, "proxy": pid} of the lab stack that runs with ``config_path``."""
+    found: dict[str, int] = {}
+    want = f"VMBUSIFY_CONFIG={config_path}".encode()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if want not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mux" in argv:
+            found["mux"] = int(d.name)
+        elif b"worker" in argv and b"proxy" in argv:
+            found["proxy"] = int(d.name)
+    return found
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (0.0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def conns_figures(conns: int = 1000, kib: int = 64, vm: str = "vm1") -> dict[str, Any]:
@@ -131,7 +167,18 @@ def conns_figures(conns: int = 1000, kib: int = 64, vm: str = "vm1") -> dict[str
             if server.stdout.readline().strip() != "ready":
                 raise SystemExit("the echo server did not start")
             _client(vml.netns, guest_proxy, ext.ip, 10, 1, client_py)  # warm up
+            pids = {("guest", name): pid
+                    for name, pid in _program_pids(vml.config_path).items()}
+            pids.update({("host", name): pid
+                         for name, pid in _program_pids(layout.host.config_path).items()})
+            before = {k: _cpu_seconds(pid) for k, pid in pids.items()}
             ours = _client(vml.netns, guest_proxy, ext.ip, conns, kib, client_py)
+            # CPU per connection of each program on the path (the whole connection: open,
+            # 2 x kib relayed, close), the evidence for where a burst's time goes.
+            ours["cpu_ms_per_conn"] = {
+                f"{side} {name}": (_cpu_seconds(pids[(side, name)]) - before[(side, name)])
+                * 1e3 / conns
+                for side, name in PATH_PROGRAMS if (side, name) in pids}
             time.sleep(1)
             direct = _client(None, "", ext.ip, conns, kib, client_py)
         finally:
@@ -154,7 +201,15 @@ def main() -> None:
     for name, r in f.items():
         print(f"  {name:<9} intact {r['intact']}/{r['conns']}  all done in {r['wall_s']:.2f} s"
               f"  connect median {r['connect_median_ms']:.1f} ms p99 {r['connect_p99_ms']:.1f}"
-              f" ms  {r['errors'] or ''}")
+              f" ms  {r['error_counts'] or ''}")
+    cpu = f["vmbusify"].get("cpu_ms_per_conn") or {}
+    if cpu:
+        print("  CPU per connection on the path (ms): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+              + f"; together {sum(cpu.values()):.2f} ms x {args.conns} connections = "
+              f"{sum(cpu.values()) * args.conns / 1e3:.1f} CPU-s on {os.cpu_count()} cores")
+    ratio = f["vmbusify"]["connect_median_ms"] / max(f["direct"]["connect_median_ms"], 1e-9)
+    print(f"  connect median ratio ours/direct: {ratio:.2f} (goal <= 2)")
 
 
 if __name__ == "__main__":
