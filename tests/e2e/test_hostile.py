@@ -638,7 +638,11 @@ FLOOD_RATIO = 3.0
 #: rate is capped so that the harness's own CPU (which a real VM would not take from the
 #: host) stays small beside the host's.
 FLOOD_RATE = 20_000
-EXEC_SLACK, PING_SLACK_MS = 0.1, 5.0
+#: The ping's slack: a median of 5 host->vm2 round trips (0.3-0.4 ms quiet) came out at
+#: 0.35-7.9 ms flooded in runs minutes apart at load 3-12 (with `requests_per_vm` 512 and
+#: 4096 alike), so 5 ms made the test fail on the machine's load, not on the mux; 12 ms still
+#: fails a VM whose tunnel waits behind the flood (hundreds of ms, or no answer).
+EXEC_SLACK, PING_SLACK_MS = 0.1, 12.0
 #: Lines the flood may add to the host's logs: a few kinds of bad package, each at most
 #: [limits] log_lines_per_minute (10) lines and then one with a count.
 FLOOD_LOG_LINES = 200
