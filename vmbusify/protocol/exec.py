@@ -126,7 +126,7 @@ class ExecSpec(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.START
             raise RemoteProtocolError(f"{what}: more than {MAX_ENV} environment variables")
         for k, v in env.items():
             _string(k, f"{what}: environment name")
-            _string(v, f"{what}: environment value of {k}")
+            _string(v, f"{what}: environment value of {k!r}")
             if not k or "=" in k:
                 raise RemoteProtocolError(f"{what}: bad environment name {k!r}")
         timeout = optional(d, "timeout", (int, float), what)
