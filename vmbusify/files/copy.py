@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 from vmbusify.config import Config, load_config
 from vmbusify.errors import FileCopyError, TunnelError, VMBusifyError
-from vmbusify.files import remote
+from vmbusify.files import fast, remote
 from vmbusify.files.channel import MAX_MESSAGE, ExecChannel, Status
 from vmbusify.files.tree import (
     READ_CHUNK,
@@ -331,12 +331,23 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
                     hash_prefix(srcs[0], size) == digest:
                 offset = sender.offset = size
         pieces = sender.pieces()
+    one = _fast_source(srcs, recursive) if sender is not None else None
+    if one is not None:
+        request["raw"] = True
     channel = ExecChannel(config, vm, remote.agent_argv(request), user=user)
     replies = _Replies()
     channel.open()
     try:
         try:
-            status = _send_all(channel, pieces, replies)
+            if sender is not None and one is not None:
+                status, warned = fast.push_file(
+                    channel, srcs[0], sender.names[0], offset, recursive=recursive,
+                    checksum=checksum, take=replies.take,
+                    stop=lambda: replies.failure is not None, on_file=meter.on_file,
+                    on_bytes=meter.on_bytes)
+                sender.counts.warnings += warned
+            else:
+                status = _send_all(channel, pieces, replies)
         except TunnelError as exc:
             # The helper may have stopped first (disk full, permission denied): its answer
             # is still to be read, and says more than the broken pipe.
@@ -355,6 +366,17 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
         setattr(result, key, value if isinstance(value, int) else 0)
     result.warnings = (sender.counts.warnings if sender else []) + replies.warnings
     return result
+
+
+def _fast_source(srcs: Sequence[bytes], recursive: bool) -> bytes | None:
+    """The one source a push sends by the fast path (fast.py), if it takes it."""
+    if len(srcs) != 1 or not fast.enabled():
+        return None
+    try:
+        st = os.lstat(srcs[0]) if recursive else os.stat(srcs[0])
+    except OSError:
+        return None
+    return srcs[0] if stat.S_ISREG(st.st_mode) and st.st_size >= fast.FAST_MIN else None
 
 
 def _send_all(channel: ExecChannel, pieces: Iterator[bytes | memoryview], replies: _Replies

@@ -333,12 +333,12 @@ class Sender:
             os.close(fd)
 
 
-def _hash_fd(fd: int, length: int, digest: hashlib._Hash) -> int:
-    """Feed the first ``length`` bytes of ``fd`` to ``digest`` (pread: the offset stays);
-    returns how many there were."""
+def _hash_fd(fd: int, length: int, digest: hashlib._Hash, start: int = 0) -> int:
+    """Feed ``length`` bytes of ``fd`` from ``start`` (the first ones by default) to
+    ``digest`` (pread: the offset stays); returns how many there were."""
     done = 0
     while done < length:
-        data = os.pread(fd, min(READ_CHUNK, length - done), done)
+        data = os.pread(fd, min(READ_CHUNK, length - done), start + done)
         if not data:
             break
         digest.update(data)
@@ -664,6 +664,21 @@ class Receiver:
         self.counts.bytes += len(data)
         if self.on_bytes:
             self.on_bytes(len(data))
+
+    def direct_fd(self) -> int:
+        """The part file being written, for data that another process writes into it (the
+        fast path: docs/files.md); -1 outside a file."""
+        return self._file.fd if self._file is not None else -1
+
+    def wrote_directly(self, offset: int, n: int) -> None:
+        """``n`` bytes from ``offset`` were written into ``direct_fd()`` by another process:
+        counted, and hashed (read back) with a checksum."""
+        f = self._file
+        assert f is not None
+        if f.digest is not None:
+            _hash_fd(f.fd, n, f.digest, offset)
+        f.written += n
+        self.counts.bytes += n  # the caller reports the progress it saw
 
     def _file_end(self, sha256: bytes) -> None:
         f = self._file
