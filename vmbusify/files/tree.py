@@ -670,6 +670,10 @@ class Receiver:
         fast path: docs/files.md); -1 outside a file."""
         return self._file.fd if self._file is not None else -1
 
+    def entry_name(self) -> bytes:
+        """The name of the file being written (b"" outside a file)."""
+        return self._file.entry.name if self._file is not None else b""
+
     def wrote_directly(self, offset: int, n: int) -> None:
         """``n`` bytes from ``offset`` were written into ``direct_fd()`` by another process:
         counted, and hashed (read back) with a checksum."""
