@@ -200,6 +200,8 @@ class _Replies:
             if channel is Channel.STATUS:
                 assert isinstance(data, Status)
                 return data
+            if channel in (Channel.FD_READY, Channel.FD_DONE):
+                continue  # a file by descriptor still reporting after the helper stopped
             assert isinstance(data, bytes)
             if channel is Channel.STDERR:
                 self.stderr += data[:max(0, STDERR_KEEP - len(self.stderr))]

@@ -640,7 +640,8 @@ class Receiver:
                 _hash_fd(fd, entry.offset, digest)
             os.lseek(fd, entry.offset, os.SEEK_SET)
         else:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            # read-write: a checksum of data written by another process is read back
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
                 fd = os.open(part, flags, 0o600, dir_fd=dirfd)
             except FileExistsError:  # a part left by an earlier copy: start again
@@ -680,7 +681,10 @@ class Receiver:
         f = self._file
         assert f is not None
         if f.digest is not None:
-            _hash_fd(f.fd, n, f.digest, offset)
+            try:
+                _hash_fd(f.fd, n, f.digest, offset)
+            except OSError as exc:
+                raise failed(exc, "cannot read back", f.entry.name) from None
         f.written += n
         self.counts.bytes += n  # the caller reports the progress it saw
 

@@ -62,7 +62,7 @@ class FdRequest:
             raise ControlError(f"FD_OPEN: unknown op {op!r}")
         numbers = []
         for name in ("offset", "count"):
-            value = doc.get(name)
+            value = doc.get(name, 0 if name == "offset" else None)
             if type(value) is not int or not 0 <= value <= MAX_COUNT:
                 raise ControlError(f"FD_OPEN: bad {name} {value!r}")
             numbers.append(value)
