@@ -81,6 +81,11 @@ class Scp:
     def push(self, src: Path, dst: Path, recursive: bool = False) -> float:
         return timed([*self.base, *(["-r"] if recursive else []), str(src), self.remote(dst)])
 
+    def profiled(self, src: str, dst: str) -> tuple[float, dict[str, float]]:
+        """One copy, with the CPU seconds of scp, ssh, sshd and the remote scp."""
+        assert self.sshd.proc is not None
+        return profiled([*self.base, src, dst], roots=(self.sshd.proc.pid,))
+
     def pull(self, src: Path, dst: Path, recursive: bool = False) -> float:
         return timed([*self.base, *(["-r"] if recursive else []), self.remote(src), str(dst)])
 
@@ -108,6 +113,9 @@ def _role(proc: psutil.Process, host_ns: str) -> str:
         return "client (vmbusifyctl cp)"
     if "-c" in argv and "-I" in argv:
         return f"{side} copy helper (python3)"
+    if argv and not any("vmbusify" in a for a in argv[:2]):  # scp's: scp, ssh, sshd
+        prog = os.path.basename(argv[0]).split(":")[0]
+        return f"{prog}{' (remote end)' if '-t' in argv or '-f' in argv else ''}"
     words = [a for a in argv if not a.startswith("-")]
     for name in ("mux", "control", "exec"):
         if name in words:
@@ -128,9 +136,10 @@ def _lab_procs() -> list[psutil.Process]:
     return list(out.values())
 
 
-def profiled(argv: list[str], extra_env: dict[str, str] | None = None
-             ) -> tuple[float, dict[str, float]]:
-    """Run ``argv``; its seconds and the CPU seconds of each process of the lab meanwhile."""
+def profiled(argv: list[str], extra_env: dict[str, str] | None = None,
+             roots: tuple[int, ...] = ()) -> tuple[float, dict[str, float]]:
+    """Run ``argv``; its seconds and the CPU seconds of each process of the lab (and of
+    ``argv``'s children and ``roots``' children: scp's ssh and sshd) meanwhile."""
     host_ns = _netns(os.getpid())
     before: dict[int, float] = {}
     seen: dict[int, tuple[str, float]] = {}
@@ -144,7 +153,13 @@ def profiled(argv: list[str], extra_env: dict[str, str] | None = None
     proc = subprocess.Popen(argv, env={**env(), **(extra_env or {})},
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     while proc.poll() is None:
-        for p in [*_lab_procs(), psutil.Process(proc.pid)]:
+        others = [psutil.Process(proc.pid)]
+        for pid in (proc.pid, *roots):
+            try:
+                others += psutil.Process(pid).children(recursive=True)
+            except psutil.Error:
+                pass
+        for p in [*_lab_procs(), *others]:
             try:
                 t = p.cpu_times()
                 role = seen[p.pid][0] if p.pid in seen else _role(p, host_ns)
@@ -187,7 +202,9 @@ def one_file(work: Path, scp: Scp, mib: int, runs: int = 1) -> None:
             for tool in ("vmbusify", "vmbusify-stream", "scp"):
                 dst = work / f"{way}-{tool}.bin"
                 if tool == "scp":
-                    t = (scp.push if way == "push" else scp.pull)(src, dst)
+                    t, cpus[tool] = scp.profiled(
+                        *((str(src), scp.remote(dst)) if way == "push"
+                          else (scp.remote(src), str(dst))))
                 else:
                     argv = [CTL, "cp", "-q", *((str(src), f"vm1:{dst}") if way == "push"
                                                 else (f"vm1:{src}", str(dst)))]
@@ -205,7 +222,7 @@ def one_file(work: Path, scp: Scp, mib: int, runs: int = 1) -> None:
         print(f"    vmbusify by the ordinary stream (VMBUSIFY_CP_FAST=0): "
               f"{med['vmbusify-stream']:.2f} s ({mb / med['vmbusify-stream']:.0f} MB/s), "
               f"ratio to scp {med['scp'] / med['vmbusify-stream']:.2f}", flush=True)
-        for tool in ("vmbusify", "vmbusify-stream"):
+        for tool in ("vmbusify", "vmbusify-stream", "scp"):
             print(f"    CPU seconds ({tool}, last run): {_cpu_line(cpus[tool])}", flush=True)
     src.unlink()
 
