@@ -117,6 +117,18 @@ async def receive_fd(transport: Any, ready: Callable[[], Awaitable[None]]) -> in
     return fd
 
 
+async def _blocking(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in the default thread pool. Cancelled, it still waits for the thread to
+    finish before it raises: the caller closes the descriptor the thread uses only after
+    (a closed number may be reused by another file at once)."""
+    job = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await asyncio.wait([job])
+        raise
+
+
 def _pread_full(fd: int, n: int, offset: int) -> bytes:
     """``n`` bytes at ``offset`` (fewer only at the end of the file)."""
     data = os.pread(fd, n, offset)
@@ -159,14 +171,12 @@ async def file_to_stream(fd: int, req: FdRequest, stream: Stream, report: Report
     """``req.count`` bytes of ``fd`` from ``req.offset`` into ``stream`` (the exec's stdin),
     then the last FD_DONE. A file shorter than announced ends early (the client pads);
     ``gone()`` (the client or the exec went away) stops it."""
-    loop = asyncio.get_running_loop()
     meter = _Meter(report)
     error, code = "", 0
     try:
         while meter.done < req.count and not gone():
             want = min(MAX_CHUNK, req.count - meter.done)
-            data = await loop.run_in_executor(None, _pread_full, fd, want,
-                                              req.offset + meter.done)
+            data = await _blocking(_pread_full, fd, want, req.offset + meter.done)
             if not data:
                 break
             await stream.write(data)
@@ -179,7 +189,10 @@ async def file_to_stream(fd: int, req: FdRequest, stream: Stream, report: Report
 
 
 class Divert:
-    """The next ``count`` bytes of the exec's stdout go into a file, not to the client."""
+    """The next ``count`` bytes of the exec's stdout go into a file, not to the client.
+
+    After a write failed (disk full...), the last FD_DONE goes at once with the reason, and
+    the rest of the ``count`` bytes is dropped (never sent to the client as output)."""
 
     def __init__(self, fd: int, req: FdRequest, report: Report) -> None:
         self.fd = fd
@@ -187,25 +200,35 @@ class Divert:
         self.left = req.count
         self.meter = _Meter(report)
         self.error, self.errno = "", 0
+        self._busy: asyncio.Future[None] | None = None
 
     async def take(self, chunk: bytes | memoryview) -> memoryview:
         """Write what of ``chunk`` belongs to the file; returns the rest (for the client)."""
         view = memoryview(chunk)
         n = min(len(view), self.left)
-        if n and not self.error:
+        if n and self.fd >= 0:
+            self._busy = asyncio.ensure_future(_blocking(_pwrite_all, self.fd, view[:n],
+                                                         self.offset))
             try:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, _pwrite_all, self.fd, view[:n], self.offset)
+                await self._busy
             except OSError as exc:
                 self.error = f"cannot write the file: {exc.strerror or exc}"
                 self.errno = exc.errno or 0
+            finally:
+                self._busy = None
         self.offset += n
         self.left -= n
-        await self.meter.add(n)
+        if self.error:
+            await self.end()
+        else:
+            await self.meter.add(n)
         return view[n:]
 
     async def end(self) -> None:
-        """Close the file and send the last FD_DONE (short if the stream ended early)."""
+        """Close the file and send the last FD_DONE (short if the stream ended early);
+        a write still running in its thread finishes first."""
+        if self._busy is not None:
+            await asyncio.wait([self._busy])
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
