@@ -120,7 +120,7 @@ def _role(proc: psutil.Process, host_ns: str) -> str:
     for name in ("mux", "control", "exec"):
         if name in words:
             return f"{side} {'command listener' if name == 'control' else name}"
-    return f"{side} {' '.join(words[1:3])[:30]}"
+    return f"{side} {words[-1] if words else '?'}"
 
 
 def _lab_procs() -> list[psutil.Process]:
