@@ -680,6 +680,8 @@ class Receiver:
         counted, and hashed (read back) with a checksum."""
         f = self._file
         assert f is not None
+        if (err := over_size(f.entry, f.entry.offset + f.written, n)) is not None:
+            raise err
         if f.digest is not None:
             try:
                 _hash_fd(f.fd, n, f.digest, offset)
