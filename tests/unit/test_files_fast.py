@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -185,3 +186,25 @@ def test_a_divert_writes_at_most_count_bytes(tmp_path: Path) -> None:
     assert asyncio.run(run()) == b"ABC"
     assert (tmp_path / "f").read_bytes() == b"0123456789"
     assert reports[-1] == {"bytes": 10, "end": True, "error": "", "errno": 0}
+
+
+def test_a_divert_that_cannot_write_reports_at_once_and_drops_the_rest() -> None:
+    """A full disk (/dev/full): the last FD_DONE goes with the reason and ENOSPC at the first
+    chunk; the rest of the announced bytes is dropped, never handed on as output."""
+    reports: list[dict[str, Any]] = []
+
+    async def report(doc: dict[str, Any]) -> None:
+        reports.append(doc)
+
+    async def run() -> list[bytes]:
+        fd = os.open("/dev/full", os.O_WRONLY)
+        divert = Divert(fd, FdRequest("write", 0, 30), report)
+        rests = [bytes(await divert.take(b"x" * 20))]
+        assert reports and reports[-1]["end"] and divert.fd == -1
+        rests.append(bytes(await divert.take(b"y" * 15)))  # 10 dropped, 5 past the count
+        await divert.end()  # idempotent
+        return rests
+
+    assert asyncio.run(run()) == [b"", b"y" * 5]
+    assert [r["end"] for r in reports] == [True]
+    assert reports[0]["errno"] == errno.ENOSPC and "No space left" in reports[0]["error"]
