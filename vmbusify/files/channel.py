@@ -89,7 +89,7 @@ class ExecChannel:
         self.decoder = FrameDecoder()
         self.status: Status | None = None
         #: Events received after FD_READY, handed out by the next receive().
-        self.decoder_pending: list[tuple[Channel, object]] = []
+        self.pending_events: list[tuple[Channel, object]] = []
 
     def open(self) -> None:
         """Connect, upgrade and send the request (no wait in between)."""
@@ -142,7 +142,7 @@ class ExecChannel:
             for i, (channel, data) in enumerate(got := self.receive()):
                 if channel is Channel.FD_READY:
                     events += got[:i]
-                    self.decoder_pending = got[i + 1:]
+                    self.pending_events = got[i + 1:]
                     try:
                         self.sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                      array.array("i", [fd]))])
@@ -169,15 +169,15 @@ class ExecChannel:
     def readable(self) -> bool:
         """Whether ``receive()`` would not block."""
         assert self.sock is not None
-        if self.decoder.buffered or self.decoder_pending:
+        if self.decoder.buffered or self.pending_events:
             return True
         return bool(select.select([self.sock], [], [], 0)[0])
 
     def receive(self) -> list[tuple[Channel, object]]:
         """The next messages (blocks for at least one read); STATUS is the last."""
         assert self.sock is not None
-        out: list[tuple[Channel, object]] = self.decoder_pending
-        self.decoder_pending = []
+        out: list[tuple[Channel, object]] = self.pending_events
+        self.pending_events = []
         while not out:
             while (frame := self.decoder.next_frame()) is not None:
                 if frame.opcode is Opcode.BINARY and frame.payload:

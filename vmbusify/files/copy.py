@@ -508,7 +508,7 @@ def _receive_all(channel: ExecChannel, receiver: Receiver | StdoutReceiver, raw:
                     asked = True
                     if event.kind is Kind.FILE:
                         assert isinstance(receiver, Receiver)
-                        channel.decoder_pending = events + channel.decoder_pending
+                        channel.pending_events = events + channel.pending_events
                         events = []
                         _take_raw(channel, decoder, receiver, event, stderr, meter)
 
@@ -544,7 +544,7 @@ def _take_raw(channel: ExecChannel, decoder: Decoder, receiver: Receiver, entry:
     end, _ = fast.wait_done(channel, events, take, meter.on_bytes if meter else None,
                             lambda: False)
     if end is None:  # the exec ended: its STATUS goes to the caller, the file is short
-        channel.decoder_pending = [(Channel.STATUS, status[0]), *channel.decoder_pending]
+        channel.pending_events = [(Channel.STATUS, status[0]), *channel.pending_events]
         return
     if end["error"]:
         code = end.get("errno")

@@ -55,7 +55,7 @@ def wait_done(channel: ExecChannel, events: Events, take: Take,
                     on_bytes(n - done)
                 done = max(done, n)
                 if data["end"]:
-                    channel.decoder_pending = events[i + 1:] + channel.decoder_pending
+                    channel.pending_events = events[i + 1:] + channel.pending_events
                     return data, None
             elif channel_ is not Channel.FD_READY:
                 status = take([(channel_, data)])
@@ -86,7 +86,7 @@ def push_file(channel: ExecChannel, path: bytes, name: bytes, offset: int, *,
                                          offset))])
         if on_file is not None:
             on_file(show(name), count)
-        _ok, events = channel.hand_over("read", fd, offset, count)
+        ok, events = channel.hand_over("read", fd, offset, count)
         digest = None
         if checksum:  # while the listener sends: the same bytes, read here
             digest = hashlib.sha256()
@@ -95,7 +95,7 @@ def push_file(channel: ExecChannel, path: bytes, name: bytes, offset: int, *,
         if end is None:
             return status, []
         sent = int(end["bytes"])  # type: ignore[call-overload]
-        if end["error"] and sent == 0 and count and not _ok:
+        if end["error"] and sent == 0 and count and not ok:
             raise TunnelError(f"the command listener refused the file: {end['error']}")
         if sent == count and not end["error"]:
             channel.send([encode_file_end(digest.digest() if digest else b""),
