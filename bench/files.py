@@ -9,7 +9,12 @@ local sshd (bench/exec.py's LocalSshd: its own keys and config on a free loopbac
 host's file system, so both tools copy between two directories of the same machine.
 
 1. One file of MIB MiB (random bytes) in (push) and out (pull): seconds and MB/s of each tool,
-   ratio scp time / vmbusify time (goal >= 1.5), sha256 of every copy checked.
+   ratio scp time / vmbusify time (goal >= 1.5), sha256 of every copy checked; vmbusify both
+   by its fast path (the default for one large file: docs/files.md) and by the ordinary stream
+   (``VMBUSIFY_CP_FAST=0``), each with the CPU seconds every process spent on it (host and
+   guest side: the client, the command listener, each mux, the guest's executor and the copy's
+   helper; sampled every 0.1 s, so a helper's last tenth of a second may be missing). With
+   ``--runs N`` each copy is made N times, interleaved, and the median time is shown.
 2. A tree of FILES small files (1-4 KiB, 100 directories) in and out: ratio scp -r time /
    vmbusify time (goal >= 5), every copy checked with ``diff -r``.
 3. Fairness: a push of MIB/2 MiB beside an exec streaming /dev/zero out of vm1 (started
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil
 
 from bench.exec import LocalSshd
 from vmbusify.lab.access import command
@@ -73,6 +81,11 @@ class Scp:
     def push(self, src: Path, dst: Path, recursive: bool = False) -> float:
         return timed([*self.base, *(["-r"] if recursive else []), str(src), self.remote(dst)])
 
+    def profiled(self, src: str, dst: str) -> tuple[float, dict[str, float]]:
+        """One copy, with the CPU seconds of scp, ssh, sshd and the remote scp."""
+        assert self.sshd.proc is not None
+        return profiled([*self.base, src, dst], roots=(self.sshd.proc.pid,))
+
     def pull(self, src: Path, dst: Path, recursive: bool = False) -> float:
         return timed([*self.base, *(["-r"] if recursive else []), self.remote(src), str(dst)])
 
@@ -85,6 +98,92 @@ def ours_pull(src: Path, dst: Path, recursive: bool = False) -> float:
     return timed([CTL, "cp", "-q", *(["-r"] if recursive else []), f"vm1:{src}", str(dst)])
 
 
+def _netns(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return ""
+
+
+def _role(proc: psutil.Process, host_ns: str) -> str:
+    """What a process of the lab is, for the CPU table: host/guest and its program."""
+    argv = proc.cmdline()
+    side = "host" if _netns(proc.pid) == host_ns else "guest"
+    if "cp" in argv and any(a.endswith("vmbusifyctl") for a in argv):
+        return "client (vmbusifyctl cp)"
+    if "-c" in argv and "-I" in argv:
+        return f"{side} copy helper (python3)"
+    if argv and not any("vmbusify" in a for a in argv[:2]):  # scp's: scp, ssh, sshd
+        prog = os.path.basename(argv[0]).split(":")[0]
+        return f"{prog}{' (remote end)' if '-t' in argv or '-f' in argv else ''}"
+    words = [a for a in argv if not a.startswith("-")]
+    for name in ("mux", "control", "exec"):
+        if name in words:
+            return f"{side} {'command listener' if name == 'control' else name}"
+    return f"{side} {words[-1] if words else '?'}"
+
+
+def _lab_procs() -> list[psutil.Process]:
+    """This checkout's VMBusify processes (the lab's daemons) and their children."""
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if any(str(a).startswith(str(BIN / "vmbusify")) for a in (p.info["cmdline"] or [])[:2])]
+    out = {p.pid: p for p in mine}
+    for p in mine:
+        try:
+            out.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.Error:
+            pass
+    return list(out.values())
+
+
+def profiled(argv: list[str], extra_env: dict[str, str] | None = None,
+             roots: tuple[int, ...] = ()) -> tuple[float, dict[str, float]]:
+    """Run ``argv``; its seconds and the CPU seconds of each process of the lab (and of
+    ``argv``'s children and ``roots``' children: scp's ssh and sshd) meanwhile."""
+    host_ns = _netns(os.getpid())
+    before: dict[int, float] = {}
+    seen: dict[int, tuple[str, float]] = {}
+    for p in _lab_procs():
+        try:
+            t = p.cpu_times()
+            before[p.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env={**env(), **(extra_env or {})},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    while proc.poll() is None:
+        others = [psutil.Process(proc.pid)]
+        for pid in (proc.pid, *roots):
+            try:
+                others += psutil.Process(pid).children(recursive=True)
+            except psutil.Error:
+                pass
+        for p in [*_lab_procs(), *others]:
+            try:
+                t = p.cpu_times()
+                role = seen[p.pid][0] if p.pid in seen else _role(p, host_ns)
+                seen[p.pid] = (role, t.user + t.system)
+            except psutil.Error:
+                pass
+        time.sleep(0.1)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{argv}: exit {proc.returncode}")
+    cpu: dict[str, float] = {}
+    for pid, (role, total) in seen.items():
+        spent = total - before.get(pid, 0.0)
+        if spent >= 0.02:
+            cpu[role] = cpu.get(role, 0.0) + spent
+    return seconds, cpu
+
+
+def _cpu_line(cpu: dict[str, float]) -> str:
+    parts = sorted(cpu.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{role} {sec:.2f}" for role, sec in parts) + \
+        f"; total {sum(cpu.values()):.2f} CPU-s"
+
+
 def check_same(a: Path, b: Path) -> None:
     if a.is_dir():
         subprocess.run(["diff", "-r", "-q", str(a), str(b)], check=True)
@@ -92,24 +191,39 @@ def check_same(a: Path, b: Path) -> None:
         raise SystemExit(f"{b}: sha256 differs from {a}")
 
 
-def one_file(work: Path, scp: Scp, mib: int) -> None:
+def one_file(work: Path, scp: Scp, mib: int, runs: int = 1) -> None:
     src = work / "big.bin"
     write_big_file(src, mib << 20)
     mb = mib * (1 << 20) / 1e6
     for way in ("push", "pull"):
-        times = {}
-        for tool in ("vmbusify", "scp"):
-            dst = work / f"{way}-{tool}.bin"
-            if tool == "vmbusify":
-                times[tool] = (ours_push if way == "push" else ours_pull)(src, dst)
-            else:
-                times[tool] = (scp.push if way == "push" else scp.pull)(src, dst)
-            check_same(src, dst)
-            dst.unlink()
-        print(f"  {mib} MiB {way}: vmbusify {times['vmbusify']:.2f} s "
-              f"({mb / times['vmbusify']:.0f} MB/s), scp {times['scp']:.2f} s "
-              f"({mb / times['scp']:.0f} MB/s), ratio {times['scp'] / times['vmbusify']:.2f} "
-              "(goal >= 1.5), sha256 equal", flush=True)
+        times: dict[str, list[float]] = {}
+        cpus: dict[str, dict[str, float]] = {}
+        for _ in range(runs):
+            for tool in ("vmbusify", "vmbusify-stream", "scp"):
+                dst = work / f"{way}-{tool}.bin"
+                if tool == "scp":
+                    t, cpus[tool] = scp.profiled(
+                        *((str(src), scp.remote(dst)) if way == "push"
+                          else (scp.remote(src), str(dst))))
+                else:
+                    argv = [CTL, "cp", "-q", *((str(src), f"vm1:{dst}") if way == "push"
+                                                else (f"vm1:{src}", str(dst)))]
+                    fast = {"VMBUSIFY_CP_FAST": "0" if tool == "vmbusify-stream" else "1"}
+                    t, cpus[tool] = profiled(argv, fast)
+                times.setdefault(tool, []).append(t)
+                check_same(src, dst)
+                dst.unlink()
+        med = {tool: statistics.median(ts) for tool, ts in times.items()}
+        print(f"  {mib} MiB {way}: vmbusify {med['vmbusify']:.2f} s "
+              f"({mb / med['vmbusify']:.0f} MB/s), scp {med['scp']:.2f} s "
+              f"({mb / med['scp']:.0f} MB/s), ratio {med['scp'] / med['vmbusify']:.2f} "
+              f"(goal >= 1.5), sha256 equal{f'; median of {runs}' if runs > 1 else ''}",
+              flush=True)
+        print(f"    vmbusify by the ordinary stream (VMBUSIFY_CP_FAST=0): "
+              f"{med['vmbusify-stream']:.2f} s ({mb / med['vmbusify-stream']:.0f} MB/s), "
+              f"ratio to scp {med['scp'] / med['vmbusify-stream']:.2f}", flush=True)
+        for tool in ("vmbusify", "vmbusify-stream", "scp"):
+            print(f"    CPU seconds ({tool}, last run): {_cpu_line(cpus[tool])}", flush=True)
     src.unlink()
 
 
@@ -173,7 +287,10 @@ def fairness(work: Path, mib: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=1024)
-    ap.add_argument("--files", type=int, default=10000)
+    ap.add_argument("--files", type=int, default=10000, help="0: no tree figures")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="copies of the one file per tool (the median is shown)")
+    ap.add_argument("--no-fairness", action="store_true", help="skip the fairness figure")
     args = ap.parse_args()
     print(f"files benchmark on {os.cpu_count()} cores, vm1 = the lab, load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
@@ -184,9 +301,12 @@ def main() -> None:
         sshd.start()
         try:
             scp = Scp(sshd)
-            one_file(work, scp, args.mib)
-            small_files(work, scp, args.files)
-            fairness(work, max(64, args.mib // 2))
+            if args.mib:
+                one_file(work, scp, args.mib, args.runs)
+            if args.files:
+                small_files(work, scp, args.files)
+            if not args.no_fairness:
+                fairness(work, max(64, args.mib // 2))
         finally:
             sshd.stop()
 

@@ -8,6 +8,10 @@ both muxes, the tunnel, the command listener) and meets the host's real receiver
 process. Each checks what the host is left with: nothing outside DST, no symlink followed,
 no setuid/setgid bit, owners only for root with -p, nothing at a name that is not whole,
 a one-line error; and that vm2 still execs afterwards.
+
+The crafted streams of the ordinary format run with the fast path off (``VMBUSIFY_CP_FAST=0``:
+the client then asks for no raw mode, as for a tree); the fast path's own (raw mode, the
+listener writing into the part file by descriptor) has its tests at the end.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def hostile_pull(monkeypatch: pytest.MonkeyPatch, config: Config, stream: bytes,
                  **kw: Any) -> None:
     monkeypatch.setattr(remote, "agent_argv",
                         lambda _request: ["python3", "-c", EMIT, stream.hex()])
+    monkeypatch.setenv("VMBUSIFY_CP_FAST", "0")
     pull("vm1", ["/anything"], str(dest), config=config, **kw)
 
 
@@ -184,6 +189,7 @@ def test_an_endless_file_stops_at_its_announced_size(monkeypatch: pytest.MonkeyP
     chunk = encode_chunk_header(16 << 10) + b"x" * (16 << 10)
     monkeypatch.setattr(remote, "agent_argv", lambda _request: [
         "python3", "-c", EMIT_FOREVER, head.hex(), chunk.hex()])
+    monkeypatch.setenv("VMBUSIFY_CP_FAST", "0")  # the ordinary stream's C records
     with pytest.raises(FileCopyError) as err:
         pull("vm1", ["/anything"], str(dest), config=config)
     assert err.value.kind == "protocol"
@@ -276,3 +282,95 @@ def test_stdout_gets_no_more_than_announced(monkeypatch: pytest.MonkeyPatch, con
         pull("vm1", ["/anything"], "-", config=config, stdout=out)
     assert err.value.kind == "protocol" and "more than the 10 bytes" in str(err.value)
     assert (dest / "out").stat().st_size == 0
+
+
+# --- the fast path: raw mode, the data written by the listener into the part file ----------
+
+#: A raw-mode "helper": argv[1] (hex), then waits for the host's go, then argv[2] MiB of b"x"
+#: (unasked: written at once, with argv[4] "early"), then argv[3] (hex).
+EMIT_RAW = """\
+import os, sys
+os.write(1, bytes.fromhex(sys.argv[1]))
+if sys.argv[4] != "early":
+    os.read(0, 1)
+for _ in range(int(sys.argv[2])):
+    os.write(1, b"x" * (1 << 20))
+os.write(1, bytes.fromhex(sys.argv[3]))
+"""
+
+
+def raw_pull(monkeypatch: pytest.MonkeyPatch, config: Config, entry: Entry, mib: int,
+             tail: bytes, dest: Path, early: bool = False) -> None:
+    argv = ["python3", "-c", EMIT_RAW, encode_entry(entry).hex(), str(mib), tail.hex(),
+            "early" if early else "after-go"]
+    monkeypatch.setattr(remote, "agent_argv", lambda _request: argv)
+    pull("vm1", ["/anything"], str(dest), config=config)
+
+
+def test_fast_path_a_well_behaved_raw_stream_lands(monkeypatch: pytest.MonkeyPatch,
+                                                   config: Config,
+                                                   places: tuple[Path, Path]) -> None:
+    """The fake helper's raw stream is right: the file lands (the harness works)."""
+    dest, _ = places
+    entry = Entry(Kind.FILE, b"f", 0o644, size=8 << 20)
+    raw_pull(monkeypatch, config, entry, 8, encode_file_end(b"") + END, dest)
+    assert (dest / "f").read_bytes() == b"x" * (8 << 20)
+
+
+def test_fast_path_never_more_than_announced(monkeypatch: pytest.MonkeyPatch, config: Config,
+                                             places: tuple[Path, Path]) -> None:
+    """The guest announces 8 MiB and sends 16: the part file never holds more than 8, the
+    rest is read as records (not a Z) and the copy fails; nothing is left."""
+    dest, _ = places
+    entry = Entry(Kind.FILE, b"f", 0o644, size=8 << 20)
+    with pytest.raises(FileCopyError) as err:
+        raw_pull(monkeypatch, config, entry, 16, encode_file_end(b"") + END, dest)
+    assert err.value.kind == "protocol"
+    assert os.listdir(dest) == []
+
+
+def test_fast_path_data_before_the_go_stays_bounded(monkeypatch: pytest.MonkeyPatch,
+                                                    config: Config,
+                                                    places: tuple[Path, Path]) -> None:
+    """Data sent before the host's go: what reached the client is refused ("file data came
+    before it was asked for", or "outside the file's descriptor"); what was still on its way
+    when the listener took the file goes into the part file, as the announced data would
+    have (a race the guest may win): either way never more than announced, and nothing but
+    a whole file at the name."""
+    dest, _ = places
+    entry = Entry(Kind.FILE, b"f", 0o644, size=8 << 20)
+    for _ in range(3):
+        failure: FileCopyError | None = None
+        try:
+            raw_pull(monkeypatch, config, entry, 8, encode_file_end(b"") + END, dest,
+                     early=True)
+        except FileCopyError as exc:
+            failure = exc
+        if failure is not None:
+            assert failure.kind == "protocol" and "file data came" in str(failure)
+            assert os.listdir(dest) == []
+        else:
+            assert (dest / "f").read_bytes() == b"x" * (8 << 20)
+            assert os.listdir(dest) == ["f"]
+            (dest / "f").unlink()
+
+
+def test_fast_path_a_short_raw_file_leaves_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                   config: Config,
+                                                   places: tuple[Path, Path]) -> None:
+    """64 MiB announced, 5 sent, then the helper exits: an error, no file, no part."""
+    dest, _ = places
+    entry = Entry(Kind.FILE, b"f", 0o644, size=64 << 20)
+    with pytest.raises(FileCopyError):
+        raw_pull(monkeypatch, config, entry, 5, b"", dest)
+    assert os.listdir(dest) == []
+
+
+def test_fast_path_an_unsafe_name_is_refused_before_any_data(
+        monkeypatch: pytest.MonkeyPatch, config: Config, places: tuple[Path, Path]) -> None:
+    dest, outside = places
+    entry = Entry(Kind.FILE, os.fsencode(outside / "victim"), 0o644, size=8 << 20)
+    with pytest.raises(FileCopyError) as err:
+        raw_pull(monkeypatch, config, entry, 8, encode_file_end(b"") + END, dest)
+    assert err.value.kind == "unsafe"
+    assert os.listdir(dest) == []

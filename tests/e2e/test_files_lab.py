@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -82,6 +83,64 @@ def test_a_1gib_file_in_and_out(lab: LabHandle, work: Path) -> None:
 
 
 NAMES = [b"with space", b"new\nline", b"\xff\xfe-not-utf8", b"tab\tand 'quote'"]
+
+
+def _handed_over(lab: LabHandle) -> dict[str, int]:
+    """How many files the command listener took by descriptor, by op (its log)."""
+    log = (lab.layout.host.run_dir / "control.log").read_text(errors="replace")
+    return {op: log.count(f": file by descriptor: {op} ") for op in ("read", "write")}
+
+
+def test_the_fast_path_carries_one_large_file_both_ways(lab: LabHandle, work: Path) -> None:
+    """One large file goes by descriptor (docs/files.md, "The fast path"), through the
+    tunnel, with --checksum and -p; VMBUSIFY_CP_FAST=0 takes the ordinary stream."""
+    src = work / "mid.bin"
+    write_big_file(src, 256 << 20)
+    os.chmod(src, 0o640)
+    os.utime(src, ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
+    before = _handed_over(lab)
+    with crossed(outbound=256 << 20):
+        proc = cp("--json", "--checksum", "-p", str(src), f"vm1:{work}/in.bin")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["bytes"] == 256 << 20
+    with crossed(inbound=256 << 20):
+        proc = cp("--json", "--checksum", "-p", f"vm1:{work}/in.bin", str(work / "out.bin"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["bytes"] == 256 << 20
+    after = _handed_over(lab)
+    assert (after["read"], after["write"]) == (before["read"] + 1, before["write"] + 1)
+    for copy in (work / "in.bin", work / "out.bin"):
+        assert sha256_of(copy) == sha256_of(src)
+        st = copy.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o640, 1_600_000_000_123_456_789)
+    assert sorted(os.listdir(work)) == ["in.bin", "mid.bin", "out.bin"]  # no part left
+    # the ordinary stream, asked for: nothing by descriptor
+    slow = subprocess.run([CTL, "cp", str(src), f"vm1:{work}/slow.bin"], capture_output=True,
+                          env={**env(), "VMBUSIFY_CP_FAST": "0"}, timeout=300, check=False)
+    assert slow.returncode == 0, slow.stderr
+    assert _handed_over(lab) == after
+    assert sha256_of(work / "slow.bin") == sha256_of(src)
+
+
+def test_the_fast_path_push_as_another_user(lab: LabHandle, work: Path) -> None:
+    """-u: the guest's helper writes as that user (its file, its permissions), while the
+    host's listener reads the client's file (pytest's tmp is root's alone: /tmp instead)."""
+    src = work / "u.bin"
+    write_big_file(src, 16 << 20)
+    open_dir = Path(tempfile.mkdtemp(prefix="vmbcp-"))
+    try:
+        open_dir.chmod(0o777)
+        proc = cp("-u", "nobody", "--checksum", str(src), f"vm1:{open_dir}/")
+        assert proc.returncode == 0, proc.stderr
+        assert (open_dir / "u.bin").stat().st_uid == NOBODY
+        assert sha256_of(open_dir / "u.bin") == sha256_of(src)
+        closed = open_dir / "closed"
+        closed.mkdir(mode=0o755)
+        proc = cp("-u", "nobody", str(src), f"vm1:{closed}/")
+        assert proc.returncode == 1 and b"Permission denied" in proc.stderr, proc.stderr
+        assert os.listdir(closed) == []
+    finally:
+        shutil.rmtree(open_dir)
 
 
 def make_tree(root: Path) -> int:

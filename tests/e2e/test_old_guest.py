@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -229,6 +230,36 @@ def test_exec_errors(old: LabHandle) -> None:
     assert p.returncode == 124 and b"timed out" in p.stderr
     p = run_exec(OLD, "--", "sh", "-c", "kill -KILL $$")
     assert p.returncode == 128 + signal.SIGKILL
+
+
+@pytest.mark.lab
+def test_cp_with_the_old_guest_both_paths(old: LabHandle, tmp_path: Path) -> None:
+    """vmbusifyctl cp needs nothing new in a guest (its helper is the host's, sent as
+    source): one large file by the fast path (the host's listener reads and writes it by
+    descriptor) and a tree by the ordinary stream, both ways, through a v0.1.0 guest."""
+    ctl = str(BIN / "vmbusifyctl")
+
+    def cp(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([ctl, "cp", *args], capture_output=True, env=_exec_env(),
+                              timeout=300, check=False, stdin=subprocess.DEVNULL)
+
+    src = tmp_path / "big.bin"
+    src.write_bytes(bytes(range(256)) * (48 * MIB // 256))
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "f").write_text("in a tree")
+    for args in (["--checksum", str(src), f"{OLD}:{tmp_path}/in.bin"],
+                 ["--checksum", f"{OLD}:{tmp_path}/in.bin", str(tmp_path / "out.bin")],
+                 ["-r", str(tmp_path / "tree"), f"{OLD}:{tmp_path}/tree-in"],
+                 ["-r", f"{OLD}:{tmp_path}/tree-in", str(tmp_path / "tree-out")]):
+        proc = cp(*args)
+        assert proc.returncode == 0, (args, proc.stderr)
+    want = hashlib.sha256(src.read_bytes()).hexdigest()
+    for name in ("in.bin", "out.bin"):
+        assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == want
+    assert (tmp_path / "tree-out" / "sub" / "f").read_text() == "in a tree"
+    log = (old.layout.host.run_dir / "control.log").read_text(errors="replace")
+    for op in ("read", "write"):
+        assert re.search(rf"vm={OLD} stream=\d+: file by descriptor: {op} ", log), op
 
 
 def _curl(lab: LabHandle, where: str, *args: str) -> subprocess.CompletedProcess[bytes]:

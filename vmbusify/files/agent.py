@@ -11,31 +11,48 @@ Standard library, wire.py and tree.py only. The request is one JSON object::
     {"v": 1, "op": "recv" | "send" | "probe", "dest": ..., "sources": [...],
      "recursive": bool, "preserve": bool, "checksum": bool, "resume": bool,
      "offset": int, "expect": hex sha256 of the first offset bytes, "stdin": bool,
-     "fsync": bool}
+     "fsync": bool, "raw": bool}
 
 recv (a push): the stream on stdin is written under ``dest``; stdout gets W records for what
 was not written, then E with the counts, or X with the reason. send (a pull): ``sources`` are
 sent on stdout as a stream. probe (a push's ``--resume``): one E record with the part file's
-``size`` and ``sha256``. Names travel as strings whose undecodable bytes are surrogates.
+``size`` and ``sha256``. ``raw``: the stream is in raw mode (wire.py: the data of a first
+file entry follows it unframed; the host's fast path for one large file). Names travel as
+strings whose undecodable bytes are surrogates.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
 import sys
 from collections.abc import Iterable
 
 from vmbusify.files.tree import (
     CopyFailed,
+    Counts,
     Receiver,
     Sender,
+    _hash_fd,
     end_note,
+    failed,
     hash_prefix,
     open_target,
     probe_part,
+    show,
 )
-from vmbusify.files.wire import VERSION, Decoder, Kind, StreamError, encode_note
+from vmbusify.files.wire import (
+    VERSION,
+    Decoder,
+    Entry,
+    Kind,
+    StreamError,
+    encode_entry,
+    encode_file_end,
+    encode_note,
+)
 
 #: Bytes gathered before one write to stdout.
 WRITE_BATCH = 1 << 20
@@ -88,7 +105,7 @@ def _recv(req: dict[str, object]) -> int:
                         allow_setid=preserve and root, checksum=bool(req.get("checksum")),
                         resume=bool(req.get("resume")), fsync=bool(req.get("fsync")),
                         unknown_size=bool(req.get("stdin")))
-    decoder = Decoder()
+    decoder = Decoder(raw_first=bool(req.get("raw")))
     try:
         while not decoder.finished:
             data = os.read(0, READ_SIZE)
@@ -98,6 +115,10 @@ def _recv(req: dict[str, object]) -> int:
             decoder.feed(data)
             while (event := decoder.next_event()) is not None:
                 receiver.handle(event)
+            if decoder.raw_left and not decoder.buffered and not _splice_raw(receiver,
+                                                                              decoder):
+                receiver.abort(keep_part=True)
+                return 1  # the host went away: nobody to tell
         receiver.finish()
     except StreamError as exc:
         receiver.abort()
@@ -109,6 +130,29 @@ def _recv(req: dict[str, object]) -> int:
     return 0
 
 
+def _splice_raw(receiver: Receiver, decoder: Decoder) -> bool:
+    """The rest of a raw file (wire.py) from stdin into the part file, moved by the kernel
+    (splice: this process never reads it). Does nothing where splice is missing (Python <
+    3.10) or with a checksum (the bytes must be hashed here). False: stdin ended first."""
+    splice = getattr(os, "splice", None)
+    fd = receiver.direct_fd()
+    if splice is None or fd < 0 or receiver.checksum:
+        return True
+    while decoder.raw_left:
+        at = os.lseek(fd, 0, os.SEEK_CUR)
+        try:
+            n = splice(0, fd, min(decoder.raw_left, READ_SIZE))
+        except OSError as exc:
+            if exc.errno == 22:  # EINVAL: this file system takes no splice; read instead
+                return True
+            raise failed(exc, "cannot write", receiver.landed(receiver.entry_name())) from None
+        if not n:
+            return False
+        decoder.skip_raw(n)
+        receiver.wrote_directly(at, n)
+    return True
+
+
 def _send(req: dict[str, object]) -> int:
     sources = [os.fsencode(str(s)) for s in req["sources"]]  # type: ignore[attr-defined]
     offset = int(req.get("offset") or 0)  # type: ignore[call-overload]
@@ -117,8 +161,74 @@ def _send(req: dict[str, object]) -> int:
     sender = Sender(sources, recursive=bool(req.get("recursive")),
                     checksum=bool(req.get("checksum")), offset=offset)
     sender.check()
+    if req.get("raw") and len(sources) == 1 and _send_raw(sender, offset):
+        return 0
     write_pieces(1, sender.pieces())
     return 0
+
+
+def _send_raw(sender: Sender, offset: int) -> bool:
+    """Raw mode (wire.py) for one regular file: its entry, then, once the host said "go" on
+    stdin (it has made ready to take the data), exactly ``size - offset`` bytes unframed, then
+    Z (or W if the file shrank meanwhile: the host drops it) and E. False (nothing sent) when
+    the source is not a regular file this process can open: the ordinary stream says why."""
+    src, name = sender.sources[0], sender.names[0]
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | (
+            os.O_NOFOLLOW if sender.recursive else 0))
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        size, offset = st.st_size, min(offset, st.st_size)
+        digest = hashlib.sha256() if sender.checksum else None
+        if digest is not None and offset:
+            _hash_fd(fd, offset, digest)
+        write_pieces(1, [encode_entry(Entry(Kind.FILE, name, stat.S_IMODE(st.st_mode),
+                                            st.st_uid, st.st_gid, st.st_mtime_ns, size,
+                                            offset))])
+        if os.read(0, 1) != b"g":
+            return True  # the host went away (or broke the protocol): nobody to send to
+        count, short = size - offset, ""
+        pos = offset
+        while pos < size:
+            want = min(size - pos, READ_SIZE)
+            try:
+                if digest is None:
+                    n = os.sendfile(1, fd, pos, want)
+                else:
+                    data = os.pread(fd, want, pos)
+                    digest.update(data)
+                    write_pieces(1, [data])
+                    n = len(data)
+            except OSError as exc:
+                if exc.errno in (22, 38) and digest is None:  # EINVAL, ENOSYS: no sendfile
+                    data = os.pread(fd, want, pos)
+                    write_pieces(1, [data])
+                    n = len(data)
+                else:
+                    short = f"cannot read {show(src)}: {exc.strerror}"
+                    n = 0
+            if not n:  # shrank (or unreadable): pad to what was announced, then drop it
+                short = short or f"{show(src)} shrank while it was being copied"
+                while pos < size:  # one piece at a time: memory stays bounded
+                    n = min(size - pos, READ_SIZE)
+                    write_pieces(1, [bytes(n)])
+                    pos += n
+                break
+            pos += n
+        if short:
+            note = encode_note(Kind.WARNING, {"path": show(name), "kind": "io",
+                                              "message": short})
+            write_pieces(1, [note, end_note(Counts())])
+        else:
+            write_pieces(1, [encode_file_end(digest.digest() if digest else b""),
+                             end_note(Counts(files=1, bytes=count))])
+        return True
+    finally:
+        os.close(fd)
 
 
 def _probe(req: dict[str, object]) -> int:

@@ -14,6 +14,7 @@ the client can skip, which matters at 1 GiB.
 
 from __future__ import annotations
 
+import array
 import json
 import select
 import socket
@@ -41,6 +42,20 @@ READ_SIZE = 1 << 20
 _ZERO_KEY = b"\0\0\0\0"
 
 
+def _fd_done(data: bytes) -> dict[str, object]:
+    """An FD_DONE message's JSON, checked: ``{"bytes": int, "end": bool, "error": str}``."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or type(doc.get("bytes")) is not int:
+        return {"bytes": 0, "end": True, "error": "a malformed FD_DONE from the listener"}
+    code = doc.get("errno")
+    return {"bytes": doc["bytes"], "end": bool(doc.get("end")),
+            "error": str(doc.get("error") or "")[:500],
+            "errno": code if type(code) is int else 0}
+
+
 class Status:
     """The exec's end, as the listener's STATUS message says it."""
 
@@ -60,8 +75,9 @@ def _head(n: int) -> bytes:
 class ExecChannel:
     """``open()``, then ``send()`` stdin and ``receive()`` what comes back until the STATUS.
 
-    ``received`` events are ``(Channel.STDOUT, bytes)``, ``(Channel.STDERR, bytes)`` and,
-    last, ``(Channel.STATUS, Status)``.
+    ``received`` events are ``(Channel.STDOUT, bytes)``, ``(Channel.STDERR, bytes)``,
+    during a file handed over by descriptor (``hand_over``) ``(Channel.FD_READY, b"")`` and
+    ``(Channel.FD_DONE, dict)``, and, last, ``(Channel.STATUS, Status)``.
     """
 
     def __init__(self, config: Config, vm: str, argv: Sequence[str], *, user: str = "",
@@ -72,6 +88,8 @@ class ExecChannel:
         self.sock: socket.socket | None = None
         self.decoder = FrameDecoder()
         self.status: Status | None = None
+        #: Events received after FD_READY, handed out by the next receive().
+        self.pending_events: list[tuple[Channel, object]] = []
 
     def open(self) -> None:
         """Connect, upgrade and send the request (no wait in between)."""
@@ -105,6 +123,39 @@ class ExecChannel:
             raise TunnelError(f"lost the command listener while sending: "
                               f"{exc.strerror or exc}") from None
 
+    def hand_over(self, op: str, fd: int, offset: int, count: int
+                  ) -> tuple[bool, list[tuple[Channel, object]]]:
+        """Give the listener the open file ``fd`` (Channel.FD_OPEN, docs/exec.md): "read":
+        its ``count`` bytes from ``offset`` become the program's stdin; "write": the next
+        ``count`` bytes of its stdout go into it at ``offset``. Returns whether the listener
+        took it, and the events received meanwhile (the caller's to handle; a refusal is
+        an FD_DONE among them). FD_DONE events follow, the last with ``"end": true``."""
+        assert self.sock is not None
+        payload = bytes([Channel.FD_OPEN]) + json.dumps(
+            {"op": op, "offset": offset, "count": count}).encode()
+        try:
+            self.sock.sendall(_head(len(payload)) + payload)
+        except OSError as exc:
+            raise TunnelError(f"lost the command listener: {exc.strerror or exc}") from None
+        events: list[tuple[Channel, object]] = []
+        while True:
+            for i, (channel, data) in enumerate(got := self.receive()):
+                if channel is Channel.FD_READY:
+                    events += got[:i]
+                    self.pending_events = got[i + 1:]
+                    try:
+                        self.sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                     array.array("i", [fd]))])
+                    except OSError as exc:
+                        raise TunnelError(f"lost the command listener: "
+                                          f"{exc.strerror or exc}") from None
+                    return True, events
+                if channel is Channel.STATUS or (channel is Channel.FD_DONE
+                                                  and isinstance(data, dict)
+                                                  and data.get("end")):
+                    return False, events + got
+            events += got
+
     def close_stdin(self) -> None:
         """EOF on the remote program's stdin."""
         assert self.sock is not None
@@ -118,14 +169,15 @@ class ExecChannel:
     def readable(self) -> bool:
         """Whether ``receive()`` would not block."""
         assert self.sock is not None
-        if self.decoder.buffered:
+        if self.decoder.buffered or self.pending_events:
             return True
         return bool(select.select([self.sock], [], [], 0)[0])
 
     def receive(self) -> list[tuple[Channel, object]]:
         """The next messages (blocks for at least one read); STATUS is the last."""
         assert self.sock is not None
-        out: list[tuple[Channel, object]] = []
+        out: list[tuple[Channel, object]] = self.pending_events
+        self.pending_events = []
         while not out:
             while (frame := self.decoder.next_frame()) is not None:
                 if frame.opcode is Opcode.BINARY and frame.payload:
@@ -136,6 +188,11 @@ class ExecChannel:
                         self.status = Status(*parse_status(data))
                         out.append((Channel.STATUS, self.status))
                         return out
+                    elif channel == Channel.FD_READY:
+                        out.append((Channel.FD_READY, b""))
+                        return out  # nothing may be read past it before the fd is sent
+                    elif channel == Channel.FD_DONE:
+                        out.append((Channel.FD_DONE, _fd_done(data)))
                 elif frame.opcode is Opcode.PING:
                     self._pong(frame.payload)
                 elif frame.opcode is Opcode.CLOSE:

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 from vmbusify.config import Config, load_config
 from vmbusify.errors import FileCopyError, TunnelError, VMBusifyError
-from vmbusify.files import remote
+from vmbusify.files import fast, remote
 from vmbusify.files.channel import MAX_MESSAGE, ExecChannel, Status
 from vmbusify.files.tree import (
     READ_CHUNK,
@@ -27,6 +27,7 @@ from vmbusify.files.tree import (
     Sender,
     StdoutReceiver,
     end_note,
+    failed,
     hash_prefix,
     note_doc,
     open_target,
@@ -199,6 +200,8 @@ class _Replies:
             if channel is Channel.STATUS:
                 assert isinstance(data, Status)
                 return data
+            if channel in (Channel.FD_READY, Channel.FD_DONE):
+                continue  # a file by descriptor still reporting after the helper stopped
             assert isinstance(data, bytes)
             if channel is Channel.STDERR:
                 self.stderr += data[:max(0, STDERR_KEEP - len(self.stderr))]
@@ -331,12 +334,23 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
                     hash_prefix(srcs[0], size) == digest:
                 offset = sender.offset = size
         pieces = sender.pieces()
+    one = _fast_source(srcs, recursive) if sender is not None else None
+    if one is not None:
+        request["raw"] = True
     channel = ExecChannel(config, vm, remote.agent_argv(request), user=user)
     replies = _Replies()
     channel.open()
     try:
         try:
-            status = _send_all(channel, pieces, replies)
+            if sender is not None and one is not None:
+                status, warned = fast.push_file(
+                    channel, srcs[0], sender.names[0], offset, recursive=recursive,
+                    checksum=checksum, take=replies.take,
+                    stop=lambda: replies.failure is not None, on_file=meter.on_file,
+                    on_bytes=meter.on_bytes)
+                sender.counts.warnings += warned
+            else:
+                status = _send_all(channel, pieces, replies)
         except TunnelError as exc:
             # The helper may have stopped first (disk full, permission denied): its answer
             # is still to be read, and says more than the broken pipe.
@@ -355,6 +369,17 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
         setattr(result, key, value if isinstance(value, int) else 0)
     result.warnings = (sender.counts.warnings if sender else []) + replies.warnings
     return result
+
+
+def _fast_source(srcs: Sequence[bytes], recursive: bool) -> bytes | None:
+    """The one source a push sends by the fast path (fast.py), if it takes it."""
+    if len(srcs) != 1 or not fast.enabled():
+        return None
+    try:
+        st = os.lstat(srcs[0]) if recursive else os.stat(srcs[0])
+    except OSError:
+        return None
+    return srcs[0] if stat.S_ISREG(st.st_mode) and st.st_size >= fast.FAST_MIN else None
 
 
 def _send_all(channel: ExecChannel, pieces: Iterator[bytes | memoryview], replies: _Replies
@@ -424,10 +449,13 @@ def pull(vm: str, sources: Sequence[str], dest: PathArg, *, recursive: bool = Fa
                                 fsync=fsync)
     except CopyFailed as exc:
         raise _error(exc) from None
-    channel = ExecChannel(config, vm, remote.agent_argv(request), user=user, stdin=False)
+    raw = dest_b != b"-" and len(sources) == 1 and fast.enabled()
+    if raw:
+        request["raw"] = True  # the helper waits for fast.GO on stdin before the data
+    channel = ExecChannel(config, vm, remote.agent_argv(request), user=user, stdin=raw)
     try:
         channel.open()
-        status, stderr, decoder = _receive_all(channel, receiver)
+        status, stderr, decoder = _receive_all(channel, receiver, raw, meter)
         if not decoder.finished:
             raise _helper_error(channel, status, stderr)
         receiver.finish()
@@ -452,20 +480,79 @@ def pull(vm: str, sources: Sequence[str], dest: PathArg, *, recursive: bool = Fa
                       time.monotonic() - started, c.resumed_from, c.warnings)
 
 
-def _receive_all(channel: ExecChannel, receiver: Receiver | StdoutReceiver
-                 ) -> tuple[Status, bytes, Decoder]:
-    """Feed the helper's stdout to the receiver until the STATUS."""
-    decoder = Decoder()
+def _receive_all(channel: ExecChannel, receiver: Receiver | StdoutReceiver, raw: bool = False,
+                 meter: _Meter | None = None) -> tuple[Status, bytes, Decoder]:
+    """Feed the helper's stdout to the receiver until the STATUS. ``raw``: the stream is in
+    raw mode, and a first file's data comes by the fast path (``_take_raw``)."""
+    decoder = Decoder(raw_first=raw)
     stderr = bytearray()
+    asked = not raw
     while True:
-        for ch, data in channel.receive():
+        events = channel.receive()
+        while events:
+            ch, data = events.pop(0)
             if ch is Channel.STATUS:
                 assert isinstance(data, Status)
                 return data, bytes(stderr), decoder
-            assert isinstance(data, bytes)
             if ch is Channel.STDERR:
+                assert isinstance(data, bytes)
                 stderr += data[:max(0, STDERR_KEEP - len(stderr))]
                 continue
+            if ch is not Channel.STDOUT:
+                continue
+            assert isinstance(data, bytes)
             decoder.feed(data)
             while (event := decoder.next_event()) is not None:
                 receiver.handle(event)
+                if not asked and isinstance(event, Entry):
+                    asked = True
+                    if event.kind is Kind.FILE:
+                        assert isinstance(receiver, Receiver)
+                        channel.pending_events = events + channel.pending_events
+                        events = []
+                        _take_raw(channel, decoder, receiver, event, stderr, meter)
+
+
+def _take_raw(channel: ExecChannel, decoder: Decoder, receiver: Receiver, entry: Entry,
+              stderr: bytearray, meter: _Meter | None) -> None:
+    """A pull's raw file (the first entry): the listener writes it into the part file
+    (fast.py), or, when small, the helper sends it as stdout. Returns once the data is in;
+    if the exec ended first, its STATUS is the next event (the stream is then short)."""
+    if decoder.buffered:
+        raise StreamError("file data came before it was asked for")
+    count = decoder.raw_left
+    if count < fast.FAST_MIN:
+        channel.send([fast.GO])
+        return
+    ok, events = channel.hand_over("write", receiver.direct_fd(), entry.offset, count)
+    if ok:
+        channel.send([fast.GO])
+    status: list[Status] = []
+
+    def take(got: list[tuple[Channel, object]]) -> Status | None:
+        for ch, data in got:
+            if ch is Channel.STATUS:
+                assert isinstance(data, Status)
+                status.append(data)
+                return data
+            if ch is Channel.STDOUT:
+                raise StreamError("file data came outside the file's descriptor")
+            if ch is Channel.STDERR and isinstance(data, bytes):
+                stderr.extend(data[:max(0, STDERR_KEEP - len(stderr))])
+        return None
+
+    end, _ = fast.wait_done(channel, events, take, meter.on_bytes if meter else None,
+                            lambda: False)
+    if end is None:  # the exec ended: its STATUS goes to the caller, the file is short
+        channel.pending_events = [(Channel.STATUS, status[0]), *channel.pending_events]
+        return
+    if end["error"]:
+        code = end.get("errno")
+        if not ok or not isinstance(code, int) or not code:
+            raise TunnelError(f"the command listener could not write the file: "
+                              f"{end['error']}")
+        raise failed(OSError(code, os.strerror(code)), "cannot write",
+                     receiver.landed(entry.name))
+    if end["bytes"] == count:
+        decoder.skip_raw(count)
+        receiver.wrote_directly(entry.offset, count)

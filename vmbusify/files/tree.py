@@ -333,12 +333,12 @@ class Sender:
             os.close(fd)
 
 
-def _hash_fd(fd: int, length: int, digest: hashlib._Hash) -> int:
-    """Feed the first ``length`` bytes of ``fd`` to ``digest`` (pread: the offset stays);
-    returns how many there were."""
+def _hash_fd(fd: int, length: int, digest: hashlib._Hash, start: int = 0) -> int:
+    """Feed ``length`` bytes of ``fd`` from ``start`` (the first ones by default) to
+    ``digest`` (pread: the offset stays); returns how many there were."""
     done = 0
     while done < length:
-        data = os.pread(fd, min(READ_CHUNK, length - done), done)
+        data = os.pread(fd, min(READ_CHUNK, length - done), start + done)
         if not data:
             break
         digest.update(data)
@@ -640,7 +640,8 @@ class Receiver:
                 _hash_fd(fd, entry.offset, digest)
             os.lseek(fd, entry.offset, os.SEEK_SET)
         else:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            # read-write: a checksum of data written by another process is read back
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
                 fd = os.open(part, flags, 0o600, dir_fd=dirfd)
             except FileExistsError:  # a part left by an earlier copy: start again
@@ -664,6 +665,30 @@ class Receiver:
         self.counts.bytes += len(data)
         if self.on_bytes:
             self.on_bytes(len(data))
+
+    def direct_fd(self) -> int:
+        """The part file being written, for data that another process writes into it (the
+        fast path: docs/files.md); -1 outside a file."""
+        return self._file.fd if self._file is not None else -1
+
+    def entry_name(self) -> bytes:
+        """The name of the file being written (b"" outside a file)."""
+        return self._file.entry.name if self._file is not None else b""
+
+    def wrote_directly(self, offset: int, n: int) -> None:
+        """``n`` bytes from ``offset`` were written into ``direct_fd()`` by another process:
+        counted, and hashed (read back) with a checksum."""
+        f = self._file
+        assert f is not None
+        if (err := over_size(f.entry, f.entry.offset + f.written, n)) is not None:
+            raise err
+        if f.digest is not None:
+            try:
+                _hash_fd(f.fd, n, f.digest, offset)
+            except OSError as exc:
+                raise failed(exc, "cannot read back", f.entry.name) from None
+        f.written += n
+        self.counts.bytes += n  # the caller reports the progress it saw
 
     def _file_end(self, sha256: bytes) -> None:
         f = self._file

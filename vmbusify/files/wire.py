@@ -24,6 +24,12 @@ components joined by ``/`` (the first is the source's own name), at most MAX_DEP
 where the data starts (non-zero only when resuming). Names and link targets are bytes: any
 name a file system holds.
 
+**Raw mode** (a request's ``"raw": true``; the fast path of one large file, docs/files.md):
+when the stream's first entry is an F, its data is not cut into C records but follows the
+entry as exactly ``size - offset`` raw bytes, then the Z (or a W: the sender could not send
+it all, and the file is dropped). The sender then pads a file that shrank with zeros and
+sends only the ``size`` it announced of one that grew; the receiver never takes more.
+
 The decoder checks every record as it comes and keeps at most one record buffered
 (``MAX_RECORD``); it raises ``StreamError`` with a one-line reason. Name checks (no absolute
 names, no ``..``) are the receiver's (vmbusify/files/tree.py), which decides what is safe.
@@ -209,11 +215,23 @@ class Decoder:
     after X or E. ``finished`` is true after X or E; ``in_file`` while a file is open.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, raw_first: bool = False) -> None:
         self._buf = bytearray()
         self._pos = 0
         self.in_file = False
         self.finished = False
+        #: Raw mode: the data of a first F entry follows raw (see the module docstring).
+        self._raw_first = raw_first
+        self._entries = 0
+        #: Raw bytes of the current file still to come.
+        self.raw_left = 0
+
+    def skip_raw(self, n: int) -> None:
+        """``n`` bytes of the raw run went elsewhere (written to the file by another
+        process): the stream goes on after them."""
+        if not 0 <= n <= self.raw_left or (n and self.buffered):
+            raise StreamError("raw data accounted out of order")
+        self.raw_left -= n
 
     @property
     def buffered(self) -> int:
@@ -232,6 +250,15 @@ class Decoder:
     def next_event(self) -> Event | None:
         """The next record, decoded and checked; None when more bytes are needed."""
         buf, at = self._buf, self._pos
+        if self.raw_left:
+            n = min(self.raw_left, len(buf) - at, MAX_CHUNK)
+            if not n:
+                return None
+            with memoryview(buf) as view:
+                data = bytes(view[at:at + n])
+            self._pos += n
+            self.raw_left -= n
+            return Chunk(data)
         if len(buf) - at < HEADER_SIZE:
             return None
         if self.finished:
@@ -268,6 +295,9 @@ class Decoder:
                 raise StreamError("an entry inside a file")
             entry = _entry(kind, body)
             self.in_file = kind is Kind.FILE
+            self._entries += 1
+            if self.in_file and self._raw_first and self._entries == 1:
+                self.raw_left = entry.size - entry.offset
             return entry
         # A W inside a file: that file failed at the sender (a read error): it is dropped.
         self.in_file = False

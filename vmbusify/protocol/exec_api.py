@@ -55,5 +55,15 @@ class Channel(IntEnum):
     RESIZE = 4
     #: client -> listener: JSON ``{"signal": "INT"}``.
     SIGNAL = 5
+    #: client -> listener: JSON ``{"op": "read" | "write", "offset": O, "count": N}``: the
+    #: client hands the listener an open regular file (docs/exec.md, "A file by descriptor"):
+    #: "read": N bytes of it from O become the program's stdin; "write": the next N bytes of
+    #: the program's stdout go into it at O (not to the client).
+    FD_OPEN = 6
+    #: listener -> client: send the descriptor now (one byte with SCM_RIGHTS).
+    FD_READY = 7
+    #: listener -> client: JSON ``{"bytes": n, "end": bool, "error": str}``: progress of the
+    #: FD_OPEN transfer; the one with ``"end": true`` is its last.
+    FD_DONE = 8
     #: client -> listener: ``b"\\xff\\x00"``: stdin reached EOF (close the remote stdin).
     CLOSE = 255

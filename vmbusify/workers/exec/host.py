@@ -59,6 +59,7 @@ from vmbusify.protocol.exec import (
 from vmbusify.protocol.exec_api import EXIT_FAILURE, Channel, ExitReason
 from vmbusify.protocol.window import MAX_CHUNK
 from vmbusify.workers.base import Worker
+from vmbusify.workers.exec.fdfile import Divert, FdRequest, file_to_stream, receive_fd
 
 log = logging.getLogger("vmbusify.exec.host")
 
@@ -80,6 +81,8 @@ class Relay:
     exit: asyncio.Future[ExitStatus] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
     pid: int = 0
+    #: Channel.FD_OPEN "write": stdout bytes that go into the client's file.
+    divert: Divert | None = None
 
     @property
     def ctx(self) -> str:
@@ -292,7 +295,7 @@ async def exec_attached(request: web.Request) -> web.StreamResponse:
         await _send_status(ws, refused)
         return ws
     log.info("%s pid=%d: exec %s", relay.ctx, relay.pid, relay.spec.argv[0])
-    await _relay(ws, service, relay)
+    await _relay(ws, service, relay, request.transport)
     return ws
 
 
@@ -323,13 +326,14 @@ async def _send_status(ws: web.WebSocketResponse, status: ExitStatus) -> None:
         pass
 
 
-async def _relay(ws: web.WebSocketResponse, service: ExecService, relay: Relay) -> None:
+async def _relay(ws: web.WebSocketResponse, service: ExecService, relay: Relay,
+                 transport: Any) -> None:
     """Both directions until the exec ended or the client left."""
     outputs: list[asyncio.Future[str]] = [
-        asyncio.ensure_future(_pump_out(ws, relay.main, Channel.STDOUT))]
+        asyncio.ensure_future(_pump_out(ws, relay.main, Channel.STDOUT, relay))]
     if not relay.spec.tty:
         outputs.append(asyncio.ensure_future(_pump_out(ws, relay.side, Channel.STDERR)))
-    upstream = asyncio.ensure_future(_pump_in(ws, service, relay))
+    upstream = asyncio.ensure_future(_pump_in(ws, service, relay, transport))
     abort = ""
     try:
         all_out: asyncio.Future[list[str]] = asyncio.gather(*outputs)
@@ -353,16 +357,32 @@ async def _relay(ws: web.WebSocketResponse, service: ExecService, relay: Relay) 
         upstream.cancel()
         for t in outputs:
             t.cancel()
+        if relay.divert is not None:
+            await relay.divert.end()
         await service.finish(relay, abort)
         log.debug("%s: finished%s", relay.ctx, f" ({abort})" if abort else "")
 
 
-async def _pump_out(ws: web.WebSocketResponse, stream: Stream, channel: Channel) -> str:
-    """Stream -> client; returns "" at EOF, else why it stopped."""
+async def _pump_out(ws: web.WebSocketResponse, stream: Stream, channel: Channel,
+                    relay: Relay | None = None) -> str:
+    """Stream -> client (or, while ``relay.divert`` is set, into the client's file);
+    returns "" at EOF, else why it stopped."""
     prefix = bytes([channel])
     try:
         while chunk := await stream.read():
+            divert = relay.divert if relay is not None else None
+            if divert is not None:
+                rest = await divert.take(chunk)
+                if not divert.left:
+                    relay.divert = None  # type: ignore[union-attr]
+                    await divert.end()
+                if not rest:
+                    continue
+                chunk = bytes(rest)
             await ws.send_bytes(prefix + chunk)
+        if relay is not None and relay.divert is not None:
+            divert, relay.divert = relay.divert, None
+            await divert.end()  # short: the program's output ended first
     except StreamReset as exc:
         return str(exc) or "stream reset"
     except (ConnectionError, RuntimeError) as exc:
@@ -370,7 +390,33 @@ async def _pump_out(ws: web.WebSocketResponse, stream: Stream, channel: Channel)
     return ""
 
 
-async def _pump_in(ws: web.WebSocketResponse, service: ExecService, relay: Relay) -> str:
+async def _fd_open(ws: web.WebSocketResponse, relay: Relay, transport: Any,
+                   data: bytes) -> None:
+    """Channel.FD_OPEN: take the client's file (fdfile.py); "read" sends it as stdin now,
+    "write" diverts the next bytes of stdout into it."""
+    req = FdRequest.parse(data)
+    if relay.divert is not None or (req.op == "read" and not relay.spec.stdin):
+        raise ControlError("FD_OPEN: not now (a transfer is running, or no stdin)")
+
+    async def report(doc: dict[str, Any]) -> None:
+        await ws.send_bytes(bytes([Channel.FD_DONE]) + json.dumps(doc).encode())
+
+    fd = await receive_fd(transport, lambda: ws.send_bytes(bytes([Channel.FD_READY])))
+    log.info("%s: file by descriptor: %s %d bytes at %d", relay.ctx, req.op, req.count,
+             req.offset)
+    if req.op == "write":
+        divert = Divert(fd, req, report)
+        if req.count:
+            relay.divert = divert
+        else:
+            await divert.end()
+        return
+    await file_to_stream(fd, req, relay.main, report,
+                         lambda: relay.exit.done() or transport.is_closing())
+
+
+async def _pump_in(ws: web.WebSocketResponse, service: ExecService, relay: Relay,
+                   transport: Any = None) -> str:
     """Client -> stdin stream, signals and resizes; returns why the client left ("" never)."""
     link, body_id = service.link, relay.main.id
     async for msg in ws:
@@ -390,6 +436,13 @@ async def _pump_in(ws: web.WebSocketResponse, service: ExecService, relay: Relay
             elif channel == Channel.RESIZE:
                 r = Resize.from_body(json.loads(data))
                 await link.async_send(relay.vmid, Resize(r.rows, r.cols, body_id))
+            elif channel == Channel.FD_OPEN:
+                try:
+                    await _fd_open(ws, relay, transport, data)
+                except ControlError as exc:
+                    log.warning("%s: %s", relay.ctx, exc)
+                    await ws.send_bytes(bytes([Channel.FD_DONE]) + json.dumps(
+                        {"bytes": 0, "end": True, "error": str(exc)}).encode())
         except (ValueError, AttributeError, ProtocolError) as exc:
             log.warning("%s: bad client message ignored: %s", relay.ctx, exc)
         except StreamReset:
