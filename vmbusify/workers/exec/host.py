@@ -371,8 +371,13 @@ async def _pump_out(ws: web.WebSocketResponse, stream: Stream, channel: Channel)
 
 
 async def _pump_in(ws: web.WebSocketResponse, service: ExecService, relay: Relay) -> str:
-    """Client -> stdin stream, signals and resizes; returns why the client left ("" never)."""
+    """Client -> stdin stream, signals and resizes; returns why the client left ("" never).
+
+    Signals and resizes say how many bytes of stdin went before them (``after``): they are
+    control messages, which may overtake those bytes on the way, and the executor applies
+    them only once the bytes are in the program's stdin (docs/exec.md)."""
     link, body_id = service.link, relay.main.id
+    sent = 0  # bytes of stdin written to the main stream
     async for msg in ws:
         if msg.type is not WSMsgType.BINARY or not msg.data:
             continue
@@ -381,15 +386,16 @@ async def _pump_in(ws: web.WebSocketResponse, service: ExecService, relay: Relay
             if channel == Channel.STDIN:
                 if relay.spec.stdin and data:
                     await relay.main.write(data)
+                    sent += len(data)
             elif msg.data == _CLOSE_CHANNEL:
                 if relay.spec.stdin:
                     await relay.main.write_eof()
             elif channel == Channel.SIGNAL:
                 sig = parse_signal(json.loads(data).get("signal"))
-                await link.async_send(relay.vmid, SendSignal(body_id, sig.name[3:]))
+                await link.async_send(relay.vmid, SendSignal(body_id, sig.name[3:], sent))
             elif channel == Channel.RESIZE:
                 r = Resize.from_body(json.loads(data))
-                await link.async_send(relay.vmid, Resize(r.rows, r.cols, body_id))
+                await link.async_send(relay.vmid, Resize(r.rows, r.cols, body_id, sent))
         except (ValueError, AttributeError, ProtocolError) as exc:
             log.warning("%s: bad client message ignored: %s", relay.ctx, exc)
         except StreamReset:
