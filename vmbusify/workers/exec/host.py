@@ -67,6 +67,11 @@ REQUEST_TIMEOUT = 10.0
 #: Seconds START may take (includes bringing the VM's tunnel up on demand).
 START_TIMEOUT = 20.0
 _CLOSE_CHANNEL = bytes([Channel.CLOSE, Channel.STDIN])
+#: Where to look when a VM's command executor does not answer. The host knows neither the
+#: guest's run directory nor where its supervisorctl is, so no supervisorctl line would run
+#: as typed; the unit is the same for both guest installs (docs/deploy.md).
+EXECUTOR_HINT = ("check in the VM that VMBusify's exec program runs: "
+                 "systemctl status vmbusify-guest")
 
 
 @dataclass
@@ -155,8 +160,8 @@ class ExecService(Worker):
                                              timeout=START_TIMEOUT)
         except RequestTimeout:
             raise RequestTimeout(f"the command executor on {vmid} did not answer within "
-                                 f"{START_TIMEOUT:g}s (is it stuck? check: supervisorctl "
-                                 "status exec, in the VM)") from None
+                                 f"{START_TIMEOUT:g}s (is it stuck? {EXECUTOR_HINT})"
+                                 ) from None
         except UnknownVMError:  # the host mux's (its code, UNKNOWN_VM): a 404
             raise
         except TunnelError as exc:
@@ -164,8 +169,8 @@ class ExecService(Worker):
             # same words with no code (GENERIC) from a mux of 0.1.0.
             if isinstance(exc, NoHandlerError) or (
                     exc.code is ErrorCode.GENERIC and str(exc).startswith("no worker on")):
-                raise TunnelError(f"the command executor is not running on {vmid} (check: "
-                                  "supervisorctl status exec, in the VM)") from None
+                raise TunnelError(f"the command executor is not running on {vmid} "
+                                  f"({EXECUTOR_HINT})") from None
             raise
 
     async def launch(self, target: str, spec: ExecSpec) -> Relay | StartReply:
