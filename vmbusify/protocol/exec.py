@@ -300,6 +300,13 @@ class SendSignal(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.SIG
         """The signal to deliver."""
         return parse_signal(self.signal)
 
+    def to_body(self) -> dict[str, Any]:
+        """``{"id": N, "signal": S, "after": B}`` (no ``after`` when 0: the bytes of 0.1.0)."""
+        body: dict[str, Any] = {"id": self.id, "signal": self.signal}
+        if self.after:
+            body["after"] = self.after
+        return body
+
     @classmethod
     def from_body(cls, body: Any) -> SendSignal:
         """Check a SIGNAL; RemoteProtocolError if malformed or not a forwardable signal."""
