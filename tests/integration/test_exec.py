@@ -203,6 +203,29 @@ def test_stdin_sent_before_a_signal_reaches_the_program_first(stack: ExecStack) 
             sock.close()
 
 
+def test_a_signal_does_not_wait_behind_stdin_the_program_does_not_read(stack: ExecStack
+                                                                      ) -> None:
+    """Held behind stdin, a signal must still reach a program that reads no more of it:
+    once its stdin pipe is full, what is held goes (Ctrl-C must stop a stuck program)."""
+    listener = find_listener(str(stack.pair.host.config_path))
+    body = json.dumps({"argv": ["sh", "-c", 'trap "echo got INT; exit 7" INT; echo ready; '
+                                "while :; do sleep 0.1; done"], "stdin": True}).encode()
+    decoder = FrameDecoder()
+    sock = open_exec(listener, "vm1", body, decoder, timeout=30)
+    try:
+        out = b""
+        while b"ready\n" not in out:
+            out += _next_output(sock, decoder)
+        chunk = encode_frame(Opcode.BINARY, bytes([Channel.STDIN]) + b"x" * (64 << 10))
+        sock.sendall(chunk * 16 + encode_frame(Opcode.BINARY, bytes([Channel.SIGNAL])
+                                               + b'{"signal": "INT"}'))
+        while b"got INT\n" not in out:
+            out += _next_output(sock, decoder)
+        assert out == b"ready\ngot INT\n"
+    finally:
+        sock.close()
+
+
 def _next_output(sock: socket.socket, decoder: FrameDecoder, timeout: float = 20) -> bytes:
     """The next stdout bytes of an exec's WebSocket (AssertionError if it ends first)."""
     sock.settimeout(timeout)

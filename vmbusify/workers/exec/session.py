@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import os
 import signal
@@ -62,6 +61,8 @@ class ExecSession:
         self._stdin_taken = 0
         #: Stdin is over (EOF, reset): nothing waits for its bytes any more.
         self._stdin_over = False
+        #: The program's stdin is full (it reads no more for now): nothing waits either.
+        self._stdin_full = False
         #: Signals and resizes waiting for the stdin bytes sent before them, in the order
         #: they came: (bytes of stdin they follow, what, how to apply it).
         self._held: collections.deque[tuple[int, str, Callable[[], None]]] = (
@@ -92,7 +93,8 @@ class ExecSession:
     def _in_order(self, after: int, what: str, apply: Callable[[], None]) -> None:
         """Apply ``apply`` now if the ``after`` bytes of stdin before it were taken (and
         nothing is held before it), else hold it until they are."""
-        if not self._held and (self._stdin_over or after <= self._stdin_taken):
+        if not self._held and (self._stdin_over or self._stdin_full
+                               or after <= self._stdin_taken):
             self._apply(what, apply)
             return
         if len(self._held) >= MAX_HELD:
@@ -102,10 +104,10 @@ class ExecSession:
         log.debug("%s: %s held until %d bytes of stdin are in (%d so far)", self.ctx, what,
                   after, self._stdin_taken)
 
-    def _release(self, everything: bool = False) -> None:
-        """Apply the held signals and resizes whose stdin bytes were taken (``everything``:
-        all of them, as when the program reads no more of its stdin)."""
-        while self._held and (everything or self._stdin_over
+    def _release(self) -> None:
+        """Apply the held signals and resizes whose stdin bytes were taken (all of them once
+        stdin is over, or full: the program reads no more of it for now)."""
+        while self._held and (self._stdin_over or self._stdin_full
                               or self._held[0][0] <= self._stdin_taken):
             _, what, apply = self._held.popleft()
             self._apply(what, apply)
@@ -241,7 +243,6 @@ class ExecSession:
     async def _pump_stdin(self) -> None:
         target = self._pty if self._pty is not None else (
             FdIO(self.child.stdin) if self.child.stdin is not None else None)
-        full = functools.partial(self._release, everything=True)
         try:
             while True:
                 chunk = await self.main.read()
@@ -249,10 +250,12 @@ class ExecSession:
                     break
                 if target is not None and not (self._pty is not None and self._exited):
                     try:
-                        await target.write(chunk, full)
+                        await target.write(chunk, self._on_stdin_full)
                     except BrokenPipeError:  # the program closed its stdin: discard the rest
                         target = None
                         self._close_stdin()
+                    finally:
+                        self._stdin_full = False
                 self._stdin_taken += len(chunk)
                 self._release()
         except StreamReset as exc:
@@ -267,6 +270,12 @@ class ExecSession:
             except (OSError, termios.error, IndexError, TypeError):
                 pass
         self._close_stdin()
+
+    def _on_stdin_full(self) -> None:
+        """The program's stdin is full: what is held goes, and so does what comes while
+        the writer waits for room."""
+        self._stdin_full = True
+        self._release()
 
     def _close_stdin(self) -> None:
         """EOF on the program's stdin pipe (idempotent; nothing to do with a TTY)."""
