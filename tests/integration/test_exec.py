@@ -208,8 +208,8 @@ def test_a_signal_does_not_wait_behind_stdin_the_program_does_not_read(stack: Ex
     """Held behind stdin, a signal must still reach a program that reads no more of it:
     once its stdin pipe is full, what is held goes (Ctrl-C must stop a stuck program)."""
     listener = find_listener(str(stack.pair.host.config_path))
-    body = json.dumps({"argv": ["sh", "-c", 'trap "echo got INT; exit 7" INT; echo ready; '
-                                "while :; do sleep 0.1; done"], "stdin": True}).encode()
+    script = 'trap "echo got INT; exit 7" INT; echo ready; while :; do sleep 0.1; done'
+    body = json.dumps({"argv": ["sh", "-c", script], "stdin": True}).encode()
     decoder = FrameDecoder()
     sock = open_exec(listener, "vm1", body, decoder, timeout=30)
     try:
