@@ -371,8 +371,9 @@ def test_error_acks_cross_in_the_form_0_1_0_reads(old: LabHandle) -> None:
     try:
         p = run_exec(OLD, "--", "true")
         assert (p.returncode, p.stderr) == (255, (
-            f"vmbusifyexec: the command executor is not running on {OLD} (check: "
-            "supervisorctl status exec, in the VM)\n").encode())
+            f"vmbusifyexec: the command executor is not running on {OLD} (check in the "
+            "VM that VMBusify's exec program runs: systemctl status vmbusify-guest)\n"
+            ).encode())
     finally:
         old.supervisorctl(OLD, "start", "exec")
     _wait_exec(OLD)

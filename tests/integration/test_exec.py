@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,9 @@ import pytest
 
 from tests.integration.exec_harness import ExecStack, start_stack
 from tests.integration.harness import BIN
+from vmbusify.control.exec_wire import find_listener, open_exec
+from vmbusify.protocol.exec_api import Channel
+from vmbusify.protocol.websocket import FrameDecoder, Opcode, encode_frame
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +156,90 @@ def test_signals_are_forwarded(stack: ExecStack, sig: signal.Signals) -> None:
     proc.send_signal(sig)
     assert proc.wait(20) == 7
     assert proc.stdout.read() == f"got {name}\n".encode()
+
+
+#: A program that, when SIGINT comes, prints what its stdin pipe already holds (without
+#: waiting for more) and exits 7.
+PEEK_STDIN_ON_INT = """
+import os, signal
+def on_int(_sig, _frame):
+    os.set_blocking(0, False)
+    try:
+        data = os.read(0, 1 << 16)
+    except BlockingIOError:
+        data = b""
+    os.write(1, b"stdin held: " + data + b"\\n")
+    os._exit(7)
+signal.signal(signal.SIGINT, on_int)
+os.write(1, b"ready\\n")
+while True:
+    signal.pause()
+"""
+
+
+def test_stdin_sent_before_a_signal_reaches_the_program_first(stack: ExecStack) -> None:
+    """Bytes of stdin the client sent before a signal are in the program's stdin before the
+    signal comes (as ssh orders a channel's requests after its data): SIGNAL, a control
+    message, must not overtake the stream's bytes on the bus's lanes or in the executor."""
+    listener = find_listener(str(stack.pair.host.config_path))
+    body = json.dumps({"argv": [sys.executable, "-c", PEEK_STDIN_ON_INT],
+                       "stdin": True}).encode()
+    for round_ in range(20):
+        decoder = FrameDecoder()
+        sock = open_exec(listener, "vm1", body, decoder, timeout=30)
+        try:
+            out = b""
+            while b"ready\n" not in out:
+                out += _next_output(sock, decoder)
+            data = f"round {round_} ".encode() * 50
+            # One write: the listener reads the stdin frame before the signal frame.
+            sock.sendall(encode_frame(Opcode.BINARY, bytes([Channel.STDIN]) + data)
+                         + encode_frame(Opcode.BINARY, bytes([Channel.SIGNAL])
+                                        + b'{"signal": "INT"}'))
+            while b"\n" not in out[len(b"ready\n"):]:
+                out += _next_output(sock, decoder)
+            assert out == b"ready\nstdin held: " + data + b"\n", (round_, out)
+        finally:
+            sock.close()
+
+
+def test_a_signal_does_not_wait_behind_stdin_the_program_does_not_read(stack: ExecStack
+                                                                      ) -> None:
+    """Held behind stdin, a signal must still reach a program that reads no more of it:
+    once its stdin pipe is full, what is held goes (Ctrl-C must stop a stuck program)."""
+    listener = find_listener(str(stack.pair.host.config_path))
+    script = 'trap "echo got INT; exit 7" INT; echo ready; while :; do sleep 0.1; done'
+    body = json.dumps({"argv": ["sh", "-c", script], "stdin": True}).encode()
+    decoder = FrameDecoder()
+    sock = open_exec(listener, "vm1", body, decoder, timeout=30)
+    try:
+        out = b""
+        while b"ready\n" not in out:
+            out += _next_output(sock, decoder)
+        chunk = encode_frame(Opcode.BINARY, bytes([Channel.STDIN]) + b"x" * (64 << 10))
+        sock.sendall(chunk * 16 + encode_frame(Opcode.BINARY, bytes([Channel.SIGNAL])
+                                               + b'{"signal": "INT"}'))
+        while b"got INT\n" not in out:
+            out += _next_output(sock, decoder)
+        assert out == b"ready\ngot INT\n"
+    finally:
+        sock.close()
+
+
+def _next_output(sock: socket.socket, decoder: FrameDecoder, timeout: float = 20) -> bytes:
+    """The next stdout bytes of an exec's WebSocket (AssertionError if it ends first)."""
+    sock.settimeout(timeout)
+    while True:
+        frame = decoder.next_frame()
+        if frame is None:
+            chunk = sock.recv(1 << 16)
+            assert chunk, "the listener closed the exec"
+            decoder.receive_data(chunk)
+            continue
+        if frame.opcode is Opcode.BINARY and frame.payload[:1] == bytes([Channel.STDOUT]):
+            return bytes(frame.payload[1:])
+        assert not (frame.opcode is Opcode.BINARY
+                    and frame.payload[:1] == bytes([Channel.STATUS])), frame.payload
 
 
 def test_unhandled_interrupt_gives_130(stack: ExecStack) -> None:

@@ -15,6 +15,7 @@ from vmbusify.protocol.exec import (
     ExecSpec,
     ExitStatus,
     Resize,
+    SendSignal,
     StartReply,
     parse_signal,
     status_from_returncode,
@@ -100,6 +101,23 @@ def test_status_and_replies() -> None:
     assert Resize.from_body({"rows": 30, "cols": 100}) == Resize(30, 100)
     with pytest.raises(RemoteProtocolError):
         Resize.from_body({"rows": 0, "cols": 100})
+
+
+def test_signals_and_resizes_say_how_much_stdin_went_before() -> None:
+    """``after`` (docs/exec.md, "Signals keep their place behind stdin"): round-trips, is 0
+    from a listener of before it, and a negative or non-integer one is refused."""
+    sig = SendSignal(7, "INT", 4096)
+    assert SendSignal.from_body(sig.to_body()) == sig
+    assert SendSignal.from_body({"id": 7, "signal": "INT"}).after == 0
+    resize = Resize(30, 100, 7, 12)
+    assert resize.to_body() == {"id": 7, "rows": 30, "cols": 100, "after": 12}
+    assert Resize.from_body(resize.to_body()) == resize
+    assert "after" not in Resize(30, 100, 7).to_body()
+    for bad in (-1, "5", 1.5, True):
+        with pytest.raises(RemoteProtocolError):
+            SendSignal.from_body({"id": 7, "signal": "INT", "after": bad})
+        with pytest.raises(RemoteProtocolError):
+            Resize.from_body({"id": 7, "rows": 30, "cols": 100, "after": bad})
 
 
 # --- WebSocket framing --------------------------------------------------------------------------

@@ -12,9 +12,11 @@ handshake.
 
 Threads: the main thread reads the socket and writes stdout/stderr (a slow local reader
 stops it, and with it the whole chain back to the remote program). A stdin thread (``-i``)
-sends stdin. Signal handlers only queue a frame; a sender thread sends queued frames. Both
-sending threads share one lock, so frames never interleave; the other threads block the
-forwarded signals, so a signal always interrupts the main thread.
+sends stdin. The forwarded signals are blocked in every thread and taken by a signal thread
+(``sigwait``), which only queues a frame; a sender thread sends queued frames. Both sending
+threads share one lock, so frames never interleave. (Not a Python signal handler: it runs in
+the main thread only, between bytecodes, so a signal that came just before the main thread
+entered ``recv`` waited there, unforwarded, until the remote program wrote again.)
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from _signal import (
     SIGTERM,
     SIGWINCH,
     pthread_sigmask,
+    sigwait,
 )
-from _signal import signal as set_handler
 from _socket import SHUT_RDWR
 from _socket import socket as raw_socket
 from _thread import allocate_lock, start_new_thread
@@ -361,7 +363,6 @@ class Session:
             self.sock.sendall(frame)
 
     def _control_loop(self) -> None:
-        _block_forwarded()
         while (item := self._control.get()) is not None:
             try:
                 self.send(item[1], item[0])
@@ -369,7 +370,6 @@ class Session:
                 return
 
     def _stdin_loop(self) -> None:
-        _block_forwarded()
         try:
             while chunk := os.read(0, STDIN_CHUNK):
                 if self._escape is not None:
@@ -387,7 +387,12 @@ class Session:
             pass  # the connection is gone: the main thread reports it
 
     # -- signals ---------------------------------------------------------------------------
-    def _on_signal(self, signum: int, _frame: object) -> None:
+    def _signal_loop(self, watched: list[int]) -> None:
+        """Take the watched signals as they come (every thread blocks them)."""
+        while True:
+            self._on_signal(sigwait(watched))
+
+    def _on_signal(self, signum: int) -> None:
         if signum == SIGWINCH:
             size = _term_size()
             if size:
@@ -425,11 +430,11 @@ class Session:
     def run(self) -> int:
         """Relay until the STATUS message; returns the exit status."""
         self.open()
-        for sig in FORWARDED:
-            set_handler(sig, self._on_signal)
-        if self.opts.tty:
-            set_handler(SIGWINCH, self._on_signal)
+        watched = [*FORWARDED, *([SIGWINCH] if self.opts.tty else [])]
+        # Blocked before any thread starts (each inherits the mask): only sigwait takes them.
         # Plain threads (no threading module): main() ends with os._exit, nothing joins them.
+        pthread_sigmask(SIG_BLOCK, watched)
+        start_new_thread(self._signal_loop, (watched,))
         start_new_thread(self._control_loop, ())
         if self.opts.interactive:
             if self.opts.tty and os.isatty(0):
@@ -497,10 +502,6 @@ class Session:
             import termios
             termios.tcsetattr(0, termios.TCSADRAIN, self._saved_tty)
             self._saved_tty = None
-
-
-def _block_forwarded() -> None:
-    pthread_sigmask(SIG_BLOCK, [*FORWARDED, SIGWINCH])
 
 
 def _term_size() -> tuple[int, int] | None:

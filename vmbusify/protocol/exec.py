@@ -260,11 +260,16 @@ class Resize(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.RESIZE,
     cols: int
     #: The exec's main stream id (the RESIZE message only).
     id: int = 0
+    #: Bytes of stdin the listener had sent on the main stream before this (the RESIZE
+    #: message only): the executor applies it after them (see ``SendSignal.after``).
+    after: int = 0
 
     def to_body(self) -> dict[str, Any]:
-        """``{"id": N, "rows": R, "cols": C}`` (no ``id`` when 0)."""
+        """``{"id": N, "rows": R, "cols": C, "after": B}`` (no ``id`` nor ``after`` when 0)."""
         body: dict[str, Any] = {"id": self.id} if self.id else {}
         body.update(rows=self.rows, cols=self.cols)
+        if self.after:
+            body["after"] = self.after
         return body
 
     @classmethod
@@ -274,7 +279,7 @@ class Resize(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.RESIZE,
         rows, cols = optional(d, "rows", int, what, 0), optional(d, "cols", int, what, 0)
         if not (0 < rows <= 0xFFFF and 0 < cols <= 0xFFFF):
             raise RemoteProtocolError(f"{what}: 'rows' and 'cols' must be in 1..65535")
-        return cls(rows, cols, optional(d, "id", int, what, 0))
+        return cls(rows, cols, optional(d, "id", int, what, 0), _after(d, what))
 
 
 @dataclass(frozen=True)
@@ -283,18 +288,40 @@ class SendSignal(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.SIG
 
     id: int
     signal: str
+    #: Bytes of stdin the listener had sent on the exec's main stream before the signal.
+    #: SIGNAL is a control message and may overtake them (on the bus's lanes, the tunnel's
+    #: queue, the executor's stdin writer): the executor delivers it only once that many
+    #: bytes went into the program's stdin (docs/exec.md, "Signals keep their place").
+    #: 0 (and an old listener, which sends none): at once.
+    after: int = 0
 
     @property
     def signum(self) -> Signals:
         """The signal to deliver."""
         return parse_signal(self.signal)
 
+    def to_body(self) -> dict[str, Any]:
+        """``{"id": N, "signal": S, "after": B}`` (no ``after`` when 0: the bytes of 0.1.0)."""
+        body: dict[str, Any] = {"id": self.id, "signal": self.signal}
+        if self.after:
+            body["after"] = self.after
+        return body
+
     @classmethod
     def from_body(cls, body: Any) -> SendSignal:
         """Check a SIGNAL; RemoteProtocolError if malformed or not a forwardable signal."""
         msg = super().from_body(body)
         parse_signal(msg.signal)
+        _after(body, cls.NAME)
         return msg
+
+
+def _after(d: dict[str, Any], what: str) -> int:
+    """A message's ``after`` (stdin bytes it follows), checked: 0 when absent."""
+    after = optional(d, "after", int, what, 0)
+    if after < 0:
+        raise RemoteProtocolError(f"{what}: 'after' must not be negative")
+    return int(after)
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,11 @@ REQUEST_TIMEOUT = 10.0
 #: Seconds START may take (includes bringing the VM's tunnel up on demand).
 START_TIMEOUT = 20.0
 _CLOSE_CHANNEL = bytes([Channel.CLOSE, Channel.STDIN])
+#: Where to look when a VM's command executor does not answer. The host knows neither the
+#: guest's run directory nor where its supervisorctl is, so no supervisorctl line would run
+#: as typed; the unit is the same for both guest installs (docs/deploy.md).
+EXECUTOR_HINT = ("check in the VM that VMBusify's exec program runs: "
+                 "systemctl status vmbusify-guest")
 
 
 @dataclass
@@ -158,8 +163,8 @@ class ExecService(Worker):
                                              timeout=START_TIMEOUT)
         except RequestTimeout:
             raise RequestTimeout(f"the command executor on {vmid} did not answer within "
-                                 f"{START_TIMEOUT:g}s (is it stuck? check: supervisorctl "
-                                 "status exec, in the VM)") from None
+                                 f"{START_TIMEOUT:g}s (is it stuck? {EXECUTOR_HINT})"
+                                 ) from None
         except UnknownVMError:  # the host mux's (its code, UNKNOWN_VM): a 404
             raise
         except TunnelError as exc:
@@ -167,8 +172,8 @@ class ExecService(Worker):
             # same words with no code (GENERIC) from a mux of 0.1.0.
             if isinstance(exc, NoHandlerError) or (
                     exc.code is ErrorCode.GENERIC and str(exc).startswith("no worker on")):
-                raise TunnelError(f"the command executor is not running on {vmid} (check: "
-                                  "supervisorctl status exec, in the VM)") from None
+                raise TunnelError(f"the command executor is not running on {vmid} "
+                                  f"({EXECUTOR_HINT})") from None
             raise
 
     async def launch(self, target: str, spec: ExecSpec) -> Relay | StartReply:
@@ -417,8 +422,13 @@ async def _fd_open(ws: web.WebSocketResponse, relay: Relay, transport: Any,
 
 async def _pump_in(ws: web.WebSocketResponse, service: ExecService, relay: Relay,
                    transport: Any = None) -> str:
-    """Client -> stdin stream, signals and resizes; returns why the client left ("" never)."""
+    """Client -> stdin stream, signals and resizes; returns why the client left ("" never).
+
+    Signals and resizes say how many bytes of stdin went before them (``after``): they are
+    control messages, which may overtake those bytes on the way, and the executor applies
+    them only once the bytes are in the program's stdin (docs/exec.md)."""
     link, body_id = service.link, relay.main.id
+    sent = 0  # bytes of stdin written to the main stream
     async for msg in ws:
         if msg.type is not WSMsgType.BINARY or not msg.data:
             continue
@@ -427,15 +437,16 @@ async def _pump_in(ws: web.WebSocketResponse, service: ExecService, relay: Relay
             if channel == Channel.STDIN:
                 if relay.spec.stdin and data:
                     await relay.main.write(data)
+                    sent += len(data)
             elif msg.data == _CLOSE_CHANNEL:
                 if relay.spec.stdin:
                     await relay.main.write_eof()
             elif channel == Channel.SIGNAL:
                 sig = parse_signal(json.loads(data).get("signal"))
-                await link.async_send(relay.vmid, SendSignal(body_id, sig.name[3:]))
+                await link.async_send(relay.vmid, SendSignal(body_id, sig.name[3:], sent))
             elif channel == Channel.RESIZE:
                 r = Resize.from_body(json.loads(data))
-                await link.async_send(relay.vmid, Resize(r.rows, r.cols, body_id))
+                await link.async_send(relay.vmid, Resize(r.rows, r.cols, body_id, sent))
             elif channel == Channel.FD_OPEN:
                 try:
                     await _fd_open(ws, relay, transport, data)

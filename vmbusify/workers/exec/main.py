@@ -111,7 +111,8 @@ class Executor(Worker):
         session = self._session(msg)
         if session is not None:
             try:
-                session.signal(SendSignal.from_body(msg.body).signum)
+                sig = SendSignal.from_body(msg.body)
+                session.signal(sig.signum, sig.after)
             except ProtocolError as exc:
                 log.warning("%s: %s", session.ctx, exc)
 
@@ -123,7 +124,7 @@ class Executor(Worker):
             except ProtocolError as exc:
                 log.warning("%s: %s", session.ctx, exc)
                 return
-            session.resize(r.rows, r.cols)
+            session.resize(r.rows, r.cols, r.after)
 
     async def on_kill(self, msg: Inbound) -> None:
         session = self._session(msg)

@@ -415,14 +415,18 @@ class FdIO:
                     return b""
                 raise
 
-    async def write(self, data: bytes | memoryview) -> None:
-        """Write all of ``data``."""
+    async def write(self, data: bytes | memoryview,
+                    on_full: Callable[[], None] | None = None) -> None:
+        """Write all of ``data``; ``on_full`` is called each time the fd is full (the
+        program reads no more for now) before waiting for room."""
         view = memoryview(data)
         while view:
             try:
                 n = os.write(self.fd, view)
                 view = view[n:]
             except BlockingIOError:
+                if on_full is not None:
+                    on_full()
                 await self._wait(self._loop.add_writer, self._loop.remove_writer)
 
     async def _wait(self, add, remove, timeout: float | None = None  # type: ignore[no-untyped-def]

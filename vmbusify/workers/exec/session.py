@@ -13,6 +13,7 @@ message. A reset stream or a lost tunnel kills the tree at once: no orphans.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -33,6 +34,10 @@ DRAIN_GRACE = 1.0
 #: the client has read all output; a slow client may take long, a vanished one is a reset).
 STDIN_LINGER = 3600.0
 
+#: Signals and resizes held at most, waiting for the stdin bytes sent before them; past it
+#: the oldest is applied at once (a listener sends them as the client's user makes them).
+MAX_HELD = 64
+
 SendExit = Callable[[ExitStatus], Awaitable[None]]
 
 
@@ -52,27 +57,73 @@ class ExecSession:
         self._aborted: str = ""
         self._abort_event = asyncio.Event()
         self._exited = False
+        #: Bytes of stdin taken from the main stream (into the program, or discarded).
+        self._stdin_taken = 0
+        #: Stdin is over (EOF, reset): nothing waits for its bytes any more.
+        self._stdin_over = False
+        #: The program's stdin is full (it reads no more for now): nothing waits either.
+        self._stdin_full = False
+        #: Signals and resizes waiting for the stdin bytes sent before them, in the order
+        #: they came: (bytes of stdin they follow, what, how to apply it).
+        self._held: collections.deque[tuple[int, str, Callable[[], None]]] = (
+            collections.deque())
 
     @property
     def ctx(self) -> str:
         return f"vm={self.vmid} stream={self.id} pid={self.child.pid}"
 
     # -- control ---------------------------------------------------------------------------
-    def signal(self, sig: int) -> None:
-        """Deliver a signal the client forwarded."""
+    def signal(self, sig: int, after: int = 0) -> None:
+        """Deliver a signal the client forwarded, once the ``after`` bytes of stdin the
+        listener sent before it are in the program's stdin (SendSignal.after)."""
+        name = signal.Signals(sig).name
+        self._in_order(after, name, lambda: self._deliver(sig))
+
+    def _deliver(self, sig: int) -> None:
         log.info("%s: forwarding %s", self.ctx, signal.Signals(sig).name)
         signal_group(self.child, sig)
 
-    def resize(self, rows: int, cols: int) -> None:
-        """The client's terminal changed size."""
-        if self.child.master is not None:
-            set_winsize(self.child.master, rows, cols)
+    def resize(self, rows: int, cols: int, after: int = 0) -> None:
+        """The client's terminal changed size (applied in stdin's order, as a signal)."""
+        master = self.child.master
+        if master is not None:
+            self._in_order(after, f"resize to {rows}x{cols}",
+                           lambda: set_winsize(master, rows, cols))
+
+    def _in_order(self, after: int, what: str, apply: Callable[[], None]) -> None:
+        """Apply ``apply`` now if the ``after`` bytes of stdin before it were taken (and
+        nothing is held before it), else hold it until they are."""
+        if not self._held and (self._stdin_over or self._stdin_full
+                               or after <= self._stdin_taken):
+            self._apply(what, apply)
+            return
+        if len(self._held) >= MAX_HELD:
+            _, old_what, old_apply = self._held.popleft()
+            self._apply(old_what, old_apply)
+        self._held.append((after, what, apply))
+        log.debug("%s: %s held until %d bytes of stdin are in (%d so far)", self.ctx, what,
+                  after, self._stdin_taken)
+
+    def _release(self) -> None:
+        """Apply the held signals and resizes whose stdin bytes were taken (all of them once
+        stdin is over, or full: the program reads no more of it for now)."""
+        while self._held and (self._stdin_over or self._stdin_full
+                              or self._held[0][0] <= self._stdin_taken):
+            _, what, apply = self._held.popleft()
+            self._apply(what, apply)
+
+    def _apply(self, what: str, apply: Callable[[], None]) -> None:
+        try:
+            apply()
+        except OSError as exc:  # the pty went away with the program
+            log.info("%s: %s not applied: %s", self.ctx, what, exc)
 
     def abort(self, reason: str) -> None:
         """The client, the listener or the tunnel went away: kill the tree now."""
         if self._aborted or self._exited:
             return
         self._aborted = reason
+        self._held.clear()
         n = kill_tree(self.child)
         log.warning("%s: %s; killed %d processes", self.ctx, reason, n)
         self._abort_event.set()
@@ -111,6 +162,7 @@ class ExecSession:
             # Let them end first: a write still waiting on the stdin pipe must stop watching
             # its fd before the fd is closed (and its number perhaps reused).
             await asyncio.gather(stdin_task, lifeline, return_exceptions=True)
+            self._held.clear()
             self._close_fds()
             for stream in (self.main, self.side):
                 if stream.state is not StreamState.CLOSED:
@@ -178,7 +230,17 @@ class ExecSession:
             self.abort(f"exec aborted: {exc}")
 
     async def _pump_in(self) -> None:
-        """Client stdin to the program; after the exit, drain to EOF and discard."""
+        """Client stdin to the program; after the exit, drain to EOF and discard. Held
+        signals and resizes go as soon as the bytes sent before them are in (or when the
+        program's stdin is full: it reads no more for now, and a Ctrl-C must still reach
+        it), and all of them once stdin is over."""
+        try:
+            await self._pump_stdin()
+        finally:
+            self._stdin_over = True
+            self._release()
+
+    async def _pump_stdin(self) -> None:
         target = self._pty if self._pty is not None else (
             FdIO(self.child.stdin) if self.child.stdin is not None else None)
         try:
@@ -186,13 +248,16 @@ class ExecSession:
                 chunk = await self.main.read()
                 if not chunk:
                     break
-                if target is None or (self._pty is not None and self._exited):
-                    continue
-                try:
-                    await target.write(chunk)
-                except BrokenPipeError:  # the program closed its stdin: discard the rest
-                    target = None
-                    self._close_stdin()
+                if target is not None and not (self._pty is not None and self._exited):
+                    try:
+                        await target.write(chunk, self._on_stdin_full)
+                    except BrokenPipeError:  # the program closed its stdin: discard the rest
+                        target = None
+                        self._close_stdin()
+                    finally:
+                        self._stdin_full = False
+                self._stdin_taken += len(chunk)
+                self._release()
         except StreamReset as exc:
             self.abort(f"stream reset: {exc}")
             return
@@ -205,6 +270,12 @@ class ExecSession:
             except (OSError, termios.error, IndexError, TypeError):
                 pass
         self._close_stdin()
+
+    def _on_stdin_full(self) -> None:
+        """The program's stdin is full: what is held goes, and so does what comes while
+        the writer waits for room."""
+        self._stdin_full = True
+        self._release()
 
     def _close_stdin(self) -> None:
         """EOF on the program's stdin pipe (idempotent; nothing to do with a TTY)."""
