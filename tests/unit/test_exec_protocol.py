@@ -104,7 +104,7 @@ def test_status_and_replies() -> None:
 
 
 def test_signals_and_resizes_say_how_much_stdin_went_before() -> None:
-    """``after`` (docs/exec.md, "Signals keep their place behind stdin"): round-trips, is 0
+    """``after`` (docs/exec.md, "Signals, and no orphans"): round-trips, is 0
     from a listener of before it, and a negative or non-integer one is refused."""
     sig = SendSignal(7, "INT", 4096)
     assert SendSignal.from_body(sig.to_body()) == sig

@@ -291,7 +291,7 @@ class SendSignal(Message, entity=Entity.CMD_LISTENER, message_id=ExecMessage.SIG
     #: Bytes of stdin the listener had sent on the exec's main stream before the signal.
     #: SIGNAL is a control message and may overtake them (on the bus's lanes, the tunnel's
     #: queue, the executor's stdin writer): the executor delivers it only once that many
-    #: bytes went into the program's stdin (docs/exec.md, "Signals keep their place").
+    #: bytes went into the program's stdin (docs/exec.md, "Signals, and no orphans").
     #: 0 (and an old listener, which sends none): at once.
     after: int = 0
 
