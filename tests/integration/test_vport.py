@@ -132,9 +132,14 @@ async def vport_pair(root: Path, key: bytes | None) -> AsyncIterator[tuple[MuxPr
         os.close(slave)
 
 
-async def _echo_round(host: MuxProc, guest: MuxProc) -> None:
-    g = await link_for(guest, "t-guest", [Entity.CMD_EXECUTOR], [(Entity.CMD_LISTENER, ECHO, echo)])
-    h = await link_for(host, "t-host", [Entity.CMD_LISTENER])
+async def _echo_round(host: MuxProc, guest: MuxProc, n: int) -> None:
+    """Echo requests host -> guest through fresh links. Each round's links have names of
+    their own: a worker of the same name in the same process, closed a moment ago, may
+    still have a heartbeat REG on its way to the mux, which then takes it for the newer one
+    (real workers restart as new processes, long after their last REG)."""
+    g = await link_for(guest, f"t-guest{n}", [Entity.CMD_EXECUTOR],
+                       [(Entity.CMD_LISTENER, ECHO, echo)])
+    h = await link_for(host, f"t-host{n}", [Entity.CMD_LISTENER])
     await wait_state(h, "vm1", "connected")
     assert await h.request_body("vm1", Entity.CMD_LISTENER, ECHO, {"x": 1}) == {
         "echo": {"x": 1}, "from": "host"}
@@ -150,7 +155,7 @@ def test_host_and_guest_over_virtio_serial_skip_stale_bytes_and_survive_a_host_r
         tmp_path: Path) -> None:
     async def scenario() -> None:
         async with vport_pair(tmp_path, key=b"k" * 32) as (host, guest, bridge):
-            await _echo_round(host, guest)
+            await _echo_round(host, guest, 1)
             log = guest.log()
             assert "a host's HELLO (host) starts session 1; skipped" in log
             assert "the host proved the shared key" in log
@@ -158,7 +163,7 @@ def test_host_and_guest_over_virtio_serial_skip_stale_bytes_and_survive_a_host_r
             # over; the old tunnel's bytes never confuse the new one.
             host.kill(signal.SIGKILL)
             host.start()
-            await _echo_round(host, guest)
+            await _echo_round(host, guest, 2)
             assert "the host changed" in guest.log()
             assert bridge.clients >= 2
             assert "Traceback" not in guest.log() + host.log()
@@ -172,10 +177,10 @@ def test_the_guest_restarting_tells_the_connected_host_to_reconnect(tmp_path: Pa
     dead_after for the pings to go unanswered."""
     async def scenario() -> None:
         async with vport_pair(tmp_path, key=None) as (host, guest, _bridge):
-            await _echo_round(host, guest)
+            await _echo_round(host, guest, 1)
             guest.kill(signal.SIGKILL)
             guest.start()
-            await _echo_round(host, guest)
+            await _echo_round(host, guest, 2)
             assert "peer said goodbye: the guest's virtio-serial session ended" in host.log()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
