@@ -71,7 +71,9 @@ class FdRequest:
 
 def _recv_fd(sock: socket.socket) -> int:
     """One byte with one descriptor (blocking, with the socket's timeout)."""
-    data, anc, flags, _ = sock.recvmsg(1, socket.CMSG_SPACE(array.array("i").itemsize))
+    # CLOEXEC at once: the listener's own children never inherit a client's file.
+    data, anc, flags, _ = sock.recvmsg(1, socket.CMSG_SPACE(array.array("i").itemsize),
+                                       socket.MSG_CMSG_CLOEXEC)
     fds = array.array("i")
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
