@@ -144,8 +144,10 @@ def in_vm(lab: LabHandle, argv: list[str], timeout: float = 120
 
 
 def curl_sha(lab: LabHandle, opts: str, url: str) -> str:
-    out = in_vm(lab, ["sh", "-c", f"curl -sS --max-time 60 {opts} {url} | sha256sum"])
-    assert out.returncode == 0, out.stderr
+    # pipefail: curl's own failure (and its message) must show, not sha256sum's of nothing
+    out = in_vm(lab, ["bash", "-c",
+                      f"set -o pipefail; curl -sS --max-time 60 {opts} {url} | sha256sum"])
+    assert out.returncode == 0, f"curl {opts} {url}: exit {out.returncode}: {out.stderr}"
     return out.stdout.split()[0]
 
 

@@ -40,6 +40,7 @@ def _package(payload: bytes | memoryview = b"abc") -> Package:
 
 @pytest.mark.parametrize("msg", [
     Reg(name="proxy", pid=42, entities=[3, 4], routes=[[4, 1, 2], [4, 2, 4], [5, 1]]),
+    Reg(name="proxy", pid=42, entities=[3], routes=[[4, 1, 2]], since=12_345_678_901_234),
     Unreg(),
     CtlRequest(b"17", "ping", {"vmid": "vm1", "timeout": 2.5}),
     Pkg.of("vm1", _package()),
@@ -122,6 +123,10 @@ MALFORMED_FROM_WORKER: list[Frames] = [
     [BusKind.REG.value, dumps({"name": "w", "pid": 1, "entities": ["a"], "routes": []})],
     [BusKind.REG.value, dumps({"name": "w", "pid": 1, "entities": [], "routes": [3]})],
     [BusKind.REG.value, dumps({"pid": 1, "entities": [], "routes": []})],
+    [BusKind.REG.value, dumps({"name": "w", "pid": 1, "entities": [], "routes": [],
+                               "since": -1})],
+    [BusKind.REG.value, dumps({"name": "w", "pid": 1, "entities": [], "routes": [],
+                               "since": "1"})],
     [BusKind.UNREG.value, b"x"],
     [BusKind.CTL.value, b"1"],
     [BusKind.CTL.value, b"1", dumps({"nocmd": 1})],

@@ -41,8 +41,9 @@ T = TypeVar("T")
 
 
 def reg(name: str, routes: list[list[int]], entities: list[int] | None = None,
-        pid: int = 100) -> dict[str, Any]:
-    return {"name": name, "pid": pid, "entities": entities or [], "routes": routes}
+        pid: int = 100, since: int | None = None) -> dict[str, Any]:
+    body = {"name": name, "pid": pid, "entities": entities or [], "routes": routes}
+    return body if since is None else {**body, "since": since}
 
 
 def host_switch(vms: tuple[str, ...] = ("vm1", "vm2"), up: tuple[str, ...] = ("vm1",)
@@ -348,6 +349,21 @@ def test_registration_heartbeats_restarts_and_silence() -> None:
     assert [type(a) for a in gone] == [WorkerGone, ToTunnel]
     assert "silent" in one(gone[0], WorkerGone).why
     assert sw.routes.workers() == []
+
+
+def test_a_replaced_links_late_heartbeat_does_not_displace_its_successor() -> None:
+    """Two links of one name reach the mux over two ZeroMQ connections, in no set order: the
+    old link's last REG may come after its successor's. The older ``since`` loses."""
+    sw = host_switch()
+    routes = [[PROXY_C, OPEN, R]]
+    sw.register(b"old", reg("proxy", routes, [PROXY_S], pid=1, since=1000))
+    sw.register(b"new", reg("proxy", routes, [PROXY_S], pid=2, since=2000))
+    assert sw.register(b"old", reg("proxy", routes, [PROXY_S], pid=1, since=1000)) == []
+    assert [w.identity for w, _ in sw.routes.destinations(PROXY_C, OPEN)] == [b"new"]
+    assert sw.routes.by_identity(b"old") is None
+    # a worker that does not say (an older release) is taken, as before
+    sw.register(b"other", reg("proxy", routes, [PROXY_S], pid=3))
+    assert [w.identity for w, _ in sw.routes.destinations(PROXY_C, OPEN)] == [b"other"]
 
 
 @pytest.mark.parametrize("routes", [[[3]], [[3, 1, 0]], [[3, 1, 8]], [[3, 1, 2, 4]], ["x"]])

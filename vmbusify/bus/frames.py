@@ -140,6 +140,10 @@ class Reg:
     entities: list[int]
     #: ``[source entity, message id, RouteKind bits]`` (two elements: every type).
     routes: list[list[int]]
+    #: When the worker's link was made (CLOCK_MONOTONIC ns, one clock for the machine): of
+    #: two links of one name, the REGs of the older are stale whatever order they arrive in
+    #: (two ZeroMQ connections keep no order between them). 0: unknown (always taken).
+    since: int = 0
 
     def to_frames(self) -> Frames:
         return [BusKind.REG.value, dumps(self.body())]
@@ -147,7 +151,7 @@ class Reg:
     def body(self) -> dict[str, Any]:
         """The REG map (what the mux's route table reads)."""
         return {"name": self.name, "pid": self.pid, "entities": list(self.entities),
-                "routes": [list(r) for r in self.routes]}
+                "routes": [list(r) for r in self.routes], "since": self.since}
 
     @classmethod
     def parse(cls, frames: Frames) -> Reg:
@@ -158,9 +162,12 @@ class Reg:
         routes = body.get("routes")
         if not isinstance(routes, list):
             raise RemoteProtocolError("REG: 'routes' must be a list")
+        since = body.get("since", 0)
+        if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+            raise RemoteProtocolError("REG: 'since' must be a non-negative integer")
         return cls(name=_str(body, "name", "REG")[:MAX_NAME], pid=pid,
                    entities=_ints(body.get("entities"), "REG entities"),
-                   routes=[_ints(r, "a REG route") for r in routes])
+                   routes=[_ints(r, "a REG route") for r in routes], since=since)
 
 
 @dataclass(frozen=True, slots=True)

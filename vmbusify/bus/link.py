@@ -353,7 +353,7 @@ class WorkerLink:
         too, so that the mux knows both connections are up before it sends on either (it
         sends only on a lane it has heard from)."""
         reg = Reg(name=self.name, pid=os.getpid(), entities=[int(e) for e in self.entities],
-                  routes=self.routes())
+                  routes=self.routes(), since=self._bus.since if self._bus is not None else 0)
         if both_lanes and self._bus is not None and self._bus.laned:
             try:
                 self._bus.send_message(reg, Lane.BULK)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import mmap
 import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -289,6 +290,9 @@ class LanedDealer:
                  on_peer: Callable[[bool], None] | None = None) -> None:
         ctx = shared_context()
         self.identity = worker_identity(name)
+        #: When this link was made (CLOCK_MONOTONIC ns: one clock for every process of the
+        #: machine), sent in each REG so the mux can tell a newer link from an older one.
+        self.since = time.monotonic_ns()
         self.sender: LaneSender | None = LaneSender() if lanes else None
         bulk = connect_dealer(ctx, endpoint, name, self.identity)
         sockets = [BusSocket(bulk, lambda f: on_message(Lane.BULK, f))]

@@ -56,6 +56,8 @@ class WorkerInfo:
     pid: int
     entities: list[int]
     routes: list[Route]
+    #: The REG's ``since``: when the worker's link was made (0: unknown).
+    since: int = 0
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     #: Counters the worker published with WorkerLink.report().
@@ -107,15 +109,22 @@ class RouteTable:
             pid = int(body["pid"])
             entities = [int(e) for e in body["entities"]]
             routes = [_route(r) for r in body["routes"]]
+            since = int(body.get("since", 0))
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteProtocolError(f"malformed registration: {exc!r}") from None
         known = self._by_identity.get(identity)
         if known is not None and known.routes == routes:
             known.last_seen = time.monotonic()
             return known, known
+        holder = self._workers.get(name)
+        if (holder is not None and holder.identity != identity
+                and 0 < since < holder.since):
+            # A heartbeat of a link this name has since replaced (a restarted worker's
+            # successor registered first): stale, it must not displace the newer link.
+            return holder, holder
         old = self.unregister(name)
         replaced = old if old is not None and old.pid != pid else None
-        info = WorkerInfo(name, identity, pid, entities, routes)
+        info = WorkerInfo(name, identity, pid, entities, routes, since)
         self._workers[name] = info
         self._by_identity[identity] = info
         for source, message_id, kind in routes:
