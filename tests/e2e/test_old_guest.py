@@ -125,9 +125,9 @@ def _serving(vm: dict[str, Any]) -> bool:
 
 def _switch(lab: LabHandle, release: str) -> None:
     """Run vm2 from ``release`` and wait until the lab serves again as before: both VMs
-    connected with their subnet leases, the host's workers registered, an exec in each VM.
-    (The host's programs restart when vm2's key goes or comes back; the modules after this
-    one find the lab as they expect it.)"""
+    connected with their subnet leases, the host's workers registered, an exec in each VM
+    and a fetch through each VM's proxy. (The host's programs restart when vm2's key goes or
+    comes back; the modules after this one find the lab as they expect it.)"""
     vmbusify_cli("lab", "-q", "up", "--guest-release", f"{OLD}={release}")
     lab.refresh()
     lab.wait_connected([NEW, OLD])
@@ -142,7 +142,11 @@ def _switch(lab: LabHandle, release: str) -> None:
         if (all(v in vms and _serving(vms[v]) for v in (NEW, OLD))
                 and {"proxy", "subnet", "control"} <= workers
                 and all(run_exec(v, "--", "true").returncode == 0 for v in (NEW, OLD))):
-            return
+            fetches = [_curl(lab, v, "--socks5-hostname", GUEST_PROXY, f"http://{EXT_NAME}/")
+                       for v in (NEW, OLD)]
+            if all(p.returncode == 0 for p in fetches):
+                return
+            doc["fetches"] = [p.stderr.decode(errors="replace") for p in fetches]
         assert time.monotonic() < deadline, f"the lab did not settle: {doc}"
         time.sleep(0.5)
 
