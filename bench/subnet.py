@@ -14,7 +14,8 @@ the process go away on every exit (an exception, Ctrl-C, SIGTERM).
 Needs root and a running lab (``vmbusify lab up``; honours VMBUSIFY_LAB_INSTANCE). Rounds
 alternate the three paths so all see the same machine load; prints every round, the medians in
 Gbit/s and the ratios subnet/slirp4netns and subnet/veth, for VM -> external and (with -R)
-external -> VM.
+external -> VM, and what each user-space network spent: CPU-seconds per GB moved of the
+subnet's four processes (the VM's mux and subnet worker, the host's) and of slirp4netns.
 
     .venv/bin/python bench/subnet.py [--seconds 5] [--rounds 3] [--vm vm1]
 """
@@ -37,9 +38,14 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.exec import cpu_seconds
 from vmbusify.config import load_config
 from vmbusify.lab import netns as ip
 from vmbusify.lab.layout import PREFIX, LabLayout
+from vmbusify.lab.stack import program_pid
+
+#: The subnet's processes whose CPU is counted: (stack, program).
+SUBNET_PROGRAMS = (("vm", "mux"), ("vm", "subnet"), ("host", "mux"), ("host", "subnet"))
 
 PORT = 5201
 #: slirp4netns's defaults: its network, the gateway that is the host's loopback, and an
@@ -162,8 +168,11 @@ def main() -> None:
                                                      str(PORT)]),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results: dict[tuple[str, bool], list[float]] = {}
+    cpu: dict[tuple[str, bool], list[float]] = {}
     try:
-        with slirp_anchor(f"{PREFIX}slirp") as (slirp_ns, slirp_port, _):
+        with slirp_anchor(f"{PREFIX}slirp") as (slirp_ns, slirp_port, slirp_pids):
+            counted = {"subnet": subnet_pids(layout, args.vm), "slirp": slirp_pids[:1],
+                       "veth": []}
             print(f"subnet benchmark on {os.cpu_count()} cores: iperf3 -t {args.seconds}, "
                   f"{args.rounds} rounds; subnet mtu {host.subnet.mtu}, offload "
                   f"{'on' if host.subnet.offload else 'off'}; slirp4netns mtu {SLIRP_MTU}; "
@@ -174,10 +183,17 @@ def main() -> None:
             for r in range(args.rounds):
                 for reverse in (False, True):
                     for path, netns, target, port, src in paths:
+                        before = cpu_seconds(counted[path])
                         g = iperf(netns, target, args.seconds, reverse, port)
+                        used = cpu_seconds(counted[path]) - before
                         results.setdefault((path, reverse), []).append(g)
                         way = f"ext -> {src}" if reverse else f"{src} -> ext"
-                        print(f"  round {r + 1} {path:<6} {way:<13} {g:6.2f} Gbit/s")
+                        per_gb = ""
+                        if counted[path] and g > 0:  # GB moved: Gbit/s x seconds / 8
+                            cpu.setdefault((path, reverse), []).append(
+                                used / (g * args.seconds / 8))
+                            per_gb = f", {cpu[(path, reverse)][-1]:5.2f} CPU-s/GB"
+                        print(f"  round {r + 1} {path:<6} {way:<13} {g:6.2f} Gbit/s{per_gb}")
     finally:
         _terminate(server)
     for reverse in (False, True):
@@ -188,6 +204,20 @@ def main() -> None:
         print(f"{label}: subnet {ours:.2f} Gbit/s, slirp4netns {slirp:.2f} Gbit/s, "
               f"ratio {ours / slirp:.3f} (goal >= 1.5); plain veth {base:.2f} Gbit/s, "
               f"ratio {ours / base:.3f}")
+        print(f"{label}: CPU-seconds per GB, subnet's four processes "
+              f"{statistics.median(cpu[('subnet', reverse)]):.2f}, slirp4netns "
+              f"{statistics.median(cpu[('slirp', reverse)]):.2f}")
+
+
+def subnet_pids(layout: LabLayout, vm: str) -> list[int]:
+    """The pids of the subnet's four processes (SUBNET_PROGRAMS) in the lab, or SystemExit."""
+    pids = []
+    for stack, program in SUBNET_PROGRAMS:
+        pid = program_pid(vm if stack == "vm" else "host", program)
+        if pid is None:
+            raise SystemExit(f"{stack} {program} is not running (is the lab up?)")
+        pids.append(pid)
+    return pids
 
 
 if __name__ == "__main__":
