@@ -30,6 +30,7 @@ from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.package import Package, PackageFlag, PackageType, Payload
 from vmbusify.protocol.window import (
     INITIAL_WINDOW,
+    MAX_CHUNK,
     ReceiveWindow,
     SendWindow,
     decode_increment,
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 BUFFER_LIMIT_REASON = "buffer limit reached"
 
 StreamKey = tuple[str, int, int]  # (vmid, peer entity, stream id)
+#: Writes this large (or larger) may be held to go out with the next in one package of up
+#: to MAX_CHUNK (Stream.write); smaller ones go at once, as interactive bytes should.
+COALESCE_MIN = 64 << 10
 #: How a stream sends a package: (vmid, package) -> awaitable.
 SendFn = Callable[[str, Package], Awaitable[None]]
 
@@ -94,6 +98,11 @@ class Stream:
         self._tx_waiter: TxWaiter | None = None
         #: Still charged to the VM's share (cleared once, when the stream ends).
         self._charged = True
+        #: Bytes written and held to go out with the next writes in one package (see write).
+        self._held: list[Payload] = []
+        self._held_bytes = 0
+        self._flusher: asyncio.Future[None] | None = None
+        self._flush_error: VMBusifyError | None = None
 
     @property
     def key(self) -> StreamKey:
@@ -117,22 +126,33 @@ class Stream:
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send bytes, waiting for credit (the stream's and the VM's send budget) as needed;
-        raises StreamReset if aborted."""
+        raises StreamReset if aborted.
+
+        A write of at least ``COALESCE_MIN`` bytes may be held (never more than
+        ``MAX_CHUNK``, taken from the credit already) and go out with the writes after it in
+        one package: at the latest when the loop next runs its callbacks, before this
+        stream waits for credit, and before its EOF. A writer that reads 256 KiB at a time
+        from a socket with more waiting then sends one package per MiB, not four."""
+        if self._flush_error is not None:
+            raise self._flush_error
         view = memoryview(data)
-        # Slices of immutable bytes go to ZeroMQ without a copy; anything mutable is copied,
-        # since the caller may reuse its buffer before the bytes leave.
+        # Slices of immutable bytes are kept as they are; anything mutable is copied, since
+        # the caller may reuse its buffer before the bytes leave.
         immutable = isinstance(data, bytes)
+        coalesce = view.nbytes >= COALESCE_MIN or self._held_bytes > 0
         budget, share, window = self._table.budget, self._share, self._send
         while view:
             self._check_writable()
             want = window.sendable(len(view))
             if want == 0:
+                await self._flush()
                 self._credit.clear()
                 await self._credit.wait()
                 continue
             # A stream already forgotten (finished by its owner) is no longer charged.
             n = budget.tx_try(share, want) if self._charged else want
             if n == 0:
+                await self._flush()
                 n = await self._wait_budget(want)
                 if n == 0 or self.state is StreamState.RESET or not self._charged:
                     if n:
@@ -141,7 +161,37 @@ class Stream:
             window.take(n)
             chunk, view = (view[:n] if immutable else bytes(view[:n])), view[n:]
             self.bytes_out += n
-            await self._table.send(self.vmid, self._package(PackageType.DATA, chunk))
+            if not coalesce or (n == MAX_CHUNK and not self._held_bytes):
+                await self._table.send(self.vmid, self._package(PackageType.DATA, chunk))
+                continue
+            if self._held_bytes + n > MAX_CHUNK:
+                await self._flush()
+            self._held.append(chunk)
+            self._held_bytes += n
+            if self._held_bytes == MAX_CHUNK:
+                await self._flush()
+            elif self._flusher is None:
+                self._flusher = asyncio.ensure_future(self._flush_later())
+
+    async def _flush(self) -> None:
+        """Send the bytes held by ``write`` (if any) as one DATA package."""
+        if not self._held_bytes:
+            return
+        held, self._held, self._held_bytes = self._held, [], 0
+        if self.state is StreamState.RESET:
+            return  # dropped with the stream (its credit went back in _release)
+        payload = held[0] if len(held) == 1 else b"".join(held)
+        await self._table.send(self.vmid, self._package(PackageType.DATA, payload))
+
+    async def _flush_later(self) -> None:
+        """The writer's flush, once the loop has run what was ready (the writer's next
+        reads among it); an error is raised by its next write or ``write_eof``."""
+        try:
+            await self._flush()
+        except VMBusifyError as exc:
+            self._flush_error = exc
+        finally:
+            self._flusher = None
 
     async def _wait_budget(self, want: int) -> int:
         waiter = self._tx_waiter = TxWaiter(want)
@@ -152,8 +202,11 @@ class Stream:
 
     async def write_eof(self) -> None:
         """Half-close: tell the peer we send no more. Reading goes on."""
+        if self._flush_error is not None:
+            raise self._flush_error
         if self._local_eof or self.state is StreamState.RESET:
             return
+        await self._flush()
         self._local_eof = True
         await self._table.send(self.vmid, self._package(PackageType.DATA, flags=PackageFlag.EOF))
         self._update_state()
@@ -240,6 +293,8 @@ class Stream:
         self.state = StreamState.RESET
         self.reset_reason = reason
         self._chunks.clear()
+        self._held.clear()
+        self._held_bytes = 0
         self._readable.set()
         self._credit.set()
         self._table.forget(self)
