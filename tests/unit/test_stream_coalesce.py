@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
-from tests.unit.test_bus_limits import LOCAL, MID, PEER, Wire, run, table, window
-from vmbusify.bus.streams import COALESCE_MIN, StreamReset
+import pytest
+
+from tests.unit.test_bus_limits import LOCAL, MID, PEER, Wire, run, window
+from vmbusify.bus.streams import COALESCE_MIN, StreamReset, StreamTable
+from vmbusify.config import LimitsConfig
 from vmbusify.protocol.package import PackageFlag, PackageType
 from vmbusify.protocol.window import INITIAL_WINDOW, MAX_CHUNK
+
+MakeTable = Callable[[], tuple[StreamTable, Wire]]
+
+
+@pytest.fixture(params=["send_now", "send only"])
+def table(request: pytest.FixtureRequest) -> MakeTable:
+    """A table whose held bytes go from a loop callback (a worker's link) or a task."""
+    def make() -> tuple[StreamTable, Wire]:
+        wire = Wire()
+        send_now = (lambda vmid, pkg: wire.sent.append((vmid, pkg))) \
+            if request.param == "send_now" else None
+        return StreamTable(wire.send, LimitsConfig(), send_now=send_now), wire
+    return make
 
 
 def sizes(wire: Wire) -> list[tuple[int, PackageFlag]]:
     return [(len(p.payload), p.flags) for _, p in wire.sent if p.type is PackageType.DATA]
 
 
-def test_quarter_mib_writes_go_out_as_one_mib_packages() -> None:
+def test_quarter_mib_writes_go_out_as_one_mib_packages(table: MakeTable) -> None:
     async def go() -> None:
         t, wire = table()
         s = t.open("vm1", LOCAL, PEER, MID)
@@ -29,7 +46,7 @@ def test_quarter_mib_writes_go_out_as_one_mib_packages() -> None:
     run(go)
 
 
-def test_small_writes_go_at_once_and_eof_follows_held_bytes() -> None:
+def test_small_writes_go_at_once_and_eof_follows_held_bytes(table: MakeTable) -> None:
     async def go() -> None:
         t, wire = table()
         s = t.open("vm1", LOCAL, PEER, MID)
@@ -47,7 +64,7 @@ def test_small_writes_go_at_once_and_eof_follows_held_bytes() -> None:
     run(go)
 
 
-def test_held_bytes_go_before_the_writer_waits_for_credit() -> None:
+def test_held_bytes_go_before_the_writer_waits_for_credit(table: MakeTable) -> None:
     async def go() -> None:
         t, wire = table()
         s = t.open("vm1", LOCAL, PEER, MID)
@@ -63,7 +80,7 @@ def test_held_bytes_go_before_the_writer_waits_for_credit() -> None:
     run(go)
 
 
-def test_a_reset_drops_held_bytes() -> None:
+def test_a_reset_drops_held_bytes(table: MakeTable) -> None:
     async def go() -> None:
         t, wire = table()
         s = t.open("vm1", LOCAL, PEER, MID)

@@ -49,8 +49,12 @@ StreamKey = tuple[str, int, int]  # (vmid, peer entity, stream id)
 #: Writes this large (or larger) may be held to go out with the next in one package of up
 #: to MAX_CHUNK (Stream.write); smaller ones go at once, as interactive bytes should.
 COALESCE_MIN = 64 << 10
-#: How a stream sends a package: (vmid, package) -> awaitable.
+#: How a stream sends a package: (vmid, package) -> awaitable. It must hand the package on
+#: before it first suspends (a worker's link never suspends): packages leave in call order.
 SendFn = Callable[[str, Package], Awaitable[None]]
+#: The same, where sending never waits (a worker's link): held bytes then go from a loop
+#: callback instead of a task of their own.
+SendNowFn = Callable[[str, Package], None]
 
 
 class StreamState(Enum):
@@ -101,6 +105,9 @@ class Stream:
         #: Bytes written and held to go out with the next writes in one package (see write).
         self._held: list[Payload] = []
         self._held_bytes = 0
+        self._flush_scheduled = False
+        #: The task sending held bytes, for a table without ``send_now`` (held: the loop
+        #: keeps tasks by weak reference only).
         self._flusher: asyncio.Future[None] | None = None
         self._flush_error: VMBusifyError | None = None
 
@@ -170,28 +177,50 @@ class Stream:
             self._held_bytes += n
             if self._held_bytes == MAX_CHUNK:
                 await self._flush()
-            elif self._flusher is None:
-                self._flusher = asyncio.ensure_future(self._flush_later())
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                if self._table.send_now is not None:
+                    asyncio.get_running_loop().call_soon(self._flush_soon)
+                else:
+                    self._flusher = asyncio.ensure_future(self._flush_later())
+
+    def _take_held(self) -> Package | None:
+        """The bytes held by ``write`` as one DATA package (None: nothing to send)."""
+        if not self._held_bytes:
+            return None
+        held, self._held, self._held_bytes = self._held, [], 0
+        if self.state is StreamState.RESET:
+            return None  # dropped with the stream (its credit went back in _release)
+        return self._package(PackageType.DATA, held[0] if len(held) == 1 else b"".join(held))
 
     async def _flush(self) -> None:
         """Send the bytes held by ``write`` (if any) as one DATA package."""
-        if not self._held_bytes:
-            return
-        held, self._held, self._held_bytes = self._held, [], 0
-        if self.state is StreamState.RESET:
-            return  # dropped with the stream (its credit went back in _release)
-        payload = held[0] if len(held) == 1 else b"".join(held)
-        await self._table.send(self.vmid, self._package(PackageType.DATA, payload))
+        pkg = self._take_held()
+        if pkg is not None:
+            await self._table.send(self.vmid, pkg)
+
+    def _flush_soon(self) -> None:
+        """The writer's flush (a loop callback), once the loop has run what was ready (the
+        writer's next reads among it); an error is raised by its next write or EOF."""
+        self._flush_scheduled = False
+        pkg = self._take_held()
+        send_now = self._table.send_now
+        if pkg is not None and send_now is not None:
+            try:
+                send_now(self.vmid, pkg)
+            except VMBusifyError as exc:
+                self._flush_error = exc
 
     async def _flush_later(self) -> None:
-        """The writer's flush, once the loop has run what was ready (the writer's next
-        reads among it); an error is raised by its next write or ``write_eof``."""
+        """``_flush_soon`` as a task, for a table whose send may wait."""
+        self._flush_scheduled = False
         try:
             await self._flush()
         except VMBusifyError as exc:
             self._flush_error = exc
         finally:
-            self._flusher = None
+            if self._flusher is asyncio.current_task():
+                self._flusher = None
 
     async def _wait_budget(self, want: int) -> int:
         waiter = self._tx_waiter = TxWaiter(want)
@@ -335,8 +364,11 @@ class StreamTable:
     """Every open stream of one worker, the id allocator for streams it opens, and the
     budget (per VM and in total) that caps them."""
 
-    def __init__(self, send: SendFn, limits: LimitsConfig | None = None) -> None:
+    def __init__(self, send: SendFn, limits: LimitsConfig | None = None,
+                 send_now: SendNowFn | None = None) -> None:
         self.send = send
+        #: ``send`` for callers that cannot wait (None: this table's send may suspend).
+        self.send_now = send_now
         self.budget = Budget(limits)
         self._streams: dict[StreamKey, Stream] = {}
         self._next_id = 0
