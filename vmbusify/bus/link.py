@@ -169,7 +169,8 @@ class WorkerLink:
         self.role: Role = config.role
         self.mux_id = ""
         self.registered = asyncio.Event()
-        self.streams = StreamTable(self._send_package, config.limits)
+        self.streams = StreamTable(self._send_package, config.limits,
+                                   send_now=self._send_package_now)
         self.budget: Budget = self.streams.budget
         #: (source entity, message id) -> kind -> handlers in registration order.
         self._routes: dict[tuple[int, int], dict[RouteKind, list[Handler | None]]] = {}
@@ -369,13 +370,20 @@ class WorkerLink:
             raise TunnelError("the host must name the target vmid")
         return vmid
 
-    async def _send(self, msg: BusMessage) -> None:
+    def _send_now(self, msg: BusMessage) -> None:
+        """Hand ``msg`` to ZeroMQ (never waits); raises TunnelError."""
         if self._bus is None:
             raise TunnelError("the link to the mux is closed")
         try:
             self._bus.send_message(msg)
         except BusError as exc:  # high-water marks are off: not expected
             raise TunnelError(f"cannot reach the mux: {exc}") from None
+
+    async def _send(self, msg: BusMessage) -> None:
+        self._send_now(msg)
+
+    def _send_package_now(self, vmid: str, pkg: Package) -> None:
+        self._send_now(Pkg.of(vmid, pkg))
 
     async def _send_package(self, vmid: str, pkg: Package) -> None:
         await self._send(Pkg.of(vmid, pkg))

@@ -30,6 +30,7 @@ from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.package import Package, PackageFlag, PackageType, Payload
 from vmbusify.protocol.window import (
     INITIAL_WINDOW,
+    MAX_CHUNK,
     ReceiveWindow,
     SendWindow,
     decode_increment,
@@ -45,8 +46,15 @@ log = logging.getLogger(__name__)
 BUFFER_LIMIT_REASON = "buffer limit reached"
 
 StreamKey = tuple[str, int, int]  # (vmid, peer entity, stream id)
-#: How a stream sends a package: (vmid, package) -> awaitable.
+#: Writes this large (or larger) may be held to go out with the next in one package of up
+#: to MAX_CHUNK (Stream.write); smaller ones go at once, as interactive bytes should.
+COALESCE_MIN = 64 << 10
+#: How a stream sends a package: (vmid, package) -> awaitable. It must hand the package on
+#: before it first suspends (a worker's link never suspends): packages leave in call order.
 SendFn = Callable[[str, Package], Awaitable[None]]
+#: The same, where sending never waits (a worker's link): held bytes then go from a loop
+#: callback instead of a task of their own.
+SendNowFn = Callable[[str, Package], None]
 
 
 class StreamState(Enum):
@@ -94,6 +102,14 @@ class Stream:
         self._tx_waiter: TxWaiter | None = None
         #: Still charged to the VM's share (cleared once, when the stream ends).
         self._charged = True
+        #: Bytes written and held to go out with the next writes in one package (see write).
+        self._held: list[Payload] = []
+        self._held_bytes = 0
+        self._flush_scheduled = False
+        #: The task sending held bytes, for a table without ``send_now`` (held: the loop
+        #: keeps tasks by weak reference only).
+        self._flusher: asyncio.Future[None] | None = None
+        self._flush_error: VMBusifyError | None = None
 
     @property
     def key(self) -> StreamKey:
@@ -117,22 +133,33 @@ class Stream:
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send bytes, waiting for credit (the stream's and the VM's send budget) as needed;
-        raises StreamReset if aborted."""
+        raises StreamReset if aborted.
+
+        A write of at least ``COALESCE_MIN`` bytes may be held (never more than
+        ``MAX_CHUNK``, taken from the credit already) and go out with the writes after it in
+        one package: at the latest when the loop next runs its callbacks, before this
+        stream waits for credit, and before its EOF. A writer that reads 256 KiB at a time
+        from a socket with more waiting then sends one package per MiB, not four."""
+        if self._flush_error is not None:
+            raise self._flush_error
         view = memoryview(data)
-        # Slices of immutable bytes go to ZeroMQ without a copy; anything mutable is copied,
-        # since the caller may reuse its buffer before the bytes leave.
+        # Slices of immutable bytes are kept as they are; anything mutable is copied, since
+        # the caller may reuse its buffer before the bytes leave.
         immutable = isinstance(data, bytes)
+        coalesce = view.nbytes >= COALESCE_MIN or self._held_bytes > 0
         budget, share, window = self._table.budget, self._share, self._send
         while view:
             self._check_writable()
             want = window.sendable(len(view))
             if want == 0:
+                await self._flush()
                 self._credit.clear()
                 await self._credit.wait()
                 continue
             # A stream already forgotten (finished by its owner) is no longer charged.
             n = budget.tx_try(share, want) if self._charged else want
             if n == 0:
+                await self._flush()
                 n = await self._wait_budget(want)
                 if n == 0 or self.state is StreamState.RESET or not self._charged:
                     if n:
@@ -141,7 +168,59 @@ class Stream:
             window.take(n)
             chunk, view = (view[:n] if immutable else bytes(view[:n])), view[n:]
             self.bytes_out += n
-            await self._table.send(self.vmid, self._package(PackageType.DATA, chunk))
+            if not coalesce or (n == MAX_CHUNK and not self._held_bytes):
+                await self._table.send(self.vmid, self._package(PackageType.DATA, chunk))
+                continue
+            if self._held_bytes + n > MAX_CHUNK:
+                await self._flush()
+            self._held.append(chunk)
+            self._held_bytes += n
+            if self._held_bytes == MAX_CHUNK:
+                await self._flush()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                if self._table.send_now is not None:
+                    asyncio.get_running_loop().call_soon(self._flush_soon)
+                else:
+                    self._flusher = asyncio.ensure_future(self._flush_later())
+
+    def _take_held(self) -> Package | None:
+        """The bytes held by ``write`` as one DATA package (None: nothing to send)."""
+        if not self._held_bytes:
+            return None
+        held, self._held, self._held_bytes = self._held, [], 0
+        if self.state is StreamState.RESET:
+            return None  # dropped with the stream (its credit went back in _release)
+        return self._package(PackageType.DATA, held[0] if len(held) == 1 else b"".join(held))
+
+    async def _flush(self) -> None:
+        """Send the bytes held by ``write`` (if any) as one DATA package."""
+        pkg = self._take_held()
+        if pkg is not None:
+            await self._table.send(self.vmid, pkg)
+
+    def _flush_soon(self) -> None:
+        """The writer's flush (a loop callback), once the loop has run what was ready (the
+        writer's next reads among it); an error is raised by its next write or EOF."""
+        self._flush_scheduled = False
+        pkg = self._take_held()
+        send_now = self._table.send_now
+        if pkg is not None and send_now is not None:
+            try:
+                send_now(self.vmid, pkg)
+            except VMBusifyError as exc:
+                self._flush_error = exc
+
+    async def _flush_later(self) -> None:
+        """``_flush_soon`` as a task, for a table whose send may wait."""
+        self._flush_scheduled = False
+        try:
+            await self._flush()
+        except VMBusifyError as exc:
+            self._flush_error = exc
+        finally:
+            if self._flusher is asyncio.current_task():
+                self._flusher = None
 
     async def _wait_budget(self, want: int) -> int:
         waiter = self._tx_waiter = TxWaiter(want)
@@ -152,8 +231,11 @@ class Stream:
 
     async def write_eof(self) -> None:
         """Half-close: tell the peer we send no more. Reading goes on."""
+        if self._flush_error is not None:
+            raise self._flush_error
         if self._local_eof or self.state is StreamState.RESET:
             return
+        await self._flush()
         self._local_eof = True
         await self._table.send(self.vmid, self._package(PackageType.DATA, flags=PackageFlag.EOF))
         self._update_state()
@@ -240,6 +322,8 @@ class Stream:
         self.state = StreamState.RESET
         self.reset_reason = reason
         self._chunks.clear()
+        self._held.clear()
+        self._held_bytes = 0
         self._readable.set()
         self._credit.set()
         self._table.forget(self)
@@ -280,8 +364,11 @@ class StreamTable:
     """Every open stream of one worker, the id allocator for streams it opens, and the
     budget (per VM and in total) that caps them."""
 
-    def __init__(self, send: SendFn, limits: LimitsConfig | None = None) -> None:
+    def __init__(self, send: SendFn, limits: LimitsConfig | None = None,
+                 send_now: SendNowFn | None = None) -> None:
         self.send = send
+        #: ``send`` for callers that cannot wait (None: this table's send may suspend).
+        self.send_now = send_now
         self.budget = Budget(limits)
         self._streams: dict[StreamKey, Stream] = {}
         self._next_id = 0
