@@ -6,7 +6,8 @@ In one run, the same Python sender pushes the same bytes to the same Python sink
   vmbusify   SOCKS5 to the guest's proxy client -> guest mux -> tunnel (a Unix socket, as in
              the lab) -> host mux -> host proxy server -> TCP to the sink; every hop its own
              process, on uvloop, as supervisord runs them
-  socat      TCP -> socat -> Unix socket -> socat -> TCP (the usual hand-made vsock bridge)
+  socat      TCP -> socat -> Unix socket -> socat -> TCP (the usual hand-made vsock bridge),
+             with 256 KiB blocks (-b 262144) as the issue's anchor names
   ssh -D     SOCKS5 to `ssh -D` -> sshd on loopback (a throwaway key and sshd_config in a
              temporary directory; the machine's sshd and its config are not touched)
 
@@ -186,13 +187,19 @@ def vmbusify_path(root: Path) -> Iterator[int]:
         stop_proxies(pp)
 
 
+#: The bridge's socat block size (its default, 8 KiB, makes it a weaker anchor).
+SOCAT_BLOCK = 256 << 10
+
+
 @contextmanager
 def socat_path(root: Path, sink: int) -> Iterator[int]:
     """TCP -> socat -> Unix -> socat -> TCP; yields the entry port."""
     port, path = free_port(), root / "bridge.sock"
     procs = [
-        subprocess.Popen(["socat", f"UNIX-LISTEN:{path},fork", f"TCP:127.0.0.1:{sink}"]),
-        subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
+        subprocess.Popen(["socat", "-b", str(SOCAT_BLOCK), f"UNIX-LISTEN:{path},fork",
+                          f"TCP:127.0.0.1:{sink}"]),
+        subprocess.Popen(["socat", "-b", str(SOCAT_BLOCK),
+                          f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
                           f"UNIX-CONNECT:{path}"]),
     ]
     try:
