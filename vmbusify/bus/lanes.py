@@ -102,9 +102,13 @@ class Stamp:
         if len(frame) != STAMP_SIZE:
             raise RemoteProtocolError(f"bus stamp is {len(frame)} bytes, not {STAMP_SIZE}")
         _, lane, seq, dep = _STAMP.unpack(frame)
-        if lane not in (Lane.BULK, Lane.CONTROL) or seq == 0:
+        if lane > 1 or seq == 0:  # unpacked unsigned: 0 (BULK) or 1 (CONTROL)
             raise RemoteProtocolError(f"bus stamp with lane {lane} and number {seq}")
-        return cls(Lane(lane), seq, dep)
+        return cls(_LANES[lane], seq, dep)
+
+
+#: Lane by its wire number, without Lane(n)'s lookup per message.
+_LANES = (Lane.BULK, Lane.CONTROL)
 
 
 def pkg_lane(vmid: str, header: bytes | memoryview, payload_size: int
