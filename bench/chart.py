@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The picture bench/run draws of what it measured: each figure as a ratio to its anchor (or,
 without one, to its goal), on a log scale, the goal marked, green where it is met and red
-where not. matplotlib is a benchmark-only dependency (``pip install -e '.[bench]'``)."""
+where not. matplotlib is a benchmark-only dependency (the bench extra: see bench/run's
+docstring for the install line, which keeps bin/setup's editable mode)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def draw_points(points: list[tuple[str, float, float | None, str]], path: Path,
     try:
         import matplotlib  # a benchmark-only dependency: imported only to draw
     except ImportError:
-        return "matplotlib is not installed (pip install -e '.[bench]'): no picture drawn"
+        return ("matplotlib is not installed (the bench extra: bench/run's docstring): "
+                "no picture drawn")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
