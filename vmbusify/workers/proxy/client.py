@@ -60,8 +60,6 @@ log = logging.getLogger("vmbusify.proxy.client")
 HANDSHAKE_TIMEOUT = 30.0
 #: Extra seconds the client waits for PROXY-OPEN-ACK beyond the far side's connect timeout.
 ACK_MARGIN = 5.0
-#: Connections taken from the backlog per wake-up of the accept loop, at most.
-ACCEPT_BATCH = 128
 
 
 class Caller:
@@ -139,22 +137,8 @@ class ProxyClient:
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            self._start(conn)
-            # Take what else is waiting in the backlog now: one accept per wake-up costs a
-            # turn of the loop per connection, which a burst of 1,000 waits through.
-            for _ in range(ACCEPT_BATCH):
-                try:
-                    conn, _addr = self._sock.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    log.warning("accept failed: %s", exc)
-                    break
-                self._start(conn)
-
-    def _start(self, conn: socket.socket) -> None:
-        self._next_conn += 1
-        self.spawn(self.serve(conn, f"conn={self._next_conn}"), what="a user connection")
+            self._next_conn += 1
+            self.spawn(self.serve(conn, f"conn={self._next_conn}"), what="a user connection")
 
     def close(self) -> None:
         """Stop listening (the worker ends the connections)."""
