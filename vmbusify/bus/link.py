@@ -432,8 +432,7 @@ class WorkerLink:
                       message_id=int(message_id), stream=stream, payload=dumps(body))
         try:
             await self._send_package(target, pkg)
-            async with asyncio.timeout(timeout):  # cheaper than wait_for's extra future
-                ack = await fut
+            ack = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise RequestTimeout(
                 f"no reply from {target} to {entity_label(entity)} message {message_id} "

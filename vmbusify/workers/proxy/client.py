@@ -155,10 +155,8 @@ class ProxyClient:
         hs = Handshake(require_auth=self.mode is AccessMode.CREDENTIALS,
                        prefer_auth=not caller.free)
         try:
-            # asyncio.timeout, not wait_for: wait_for runs the handshake in a task of its
-            # own, one more task per connection (docs/performance.md, the 1,000 burst).
-            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                req = await self._handshake(conn, hs, caller, label)
+            req = await asyncio.wait_for(self._handshake(conn, hs, caller, label),
+                                         HANDSHAKE_TIMEOUT)
         except TimeoutError:
             log.info("%s: handshake not finished in %gs; closed", label, HANDSHAKE_TIMEOUT)
             req = None

@@ -148,8 +148,8 @@ class ProxyServer:
                 # or is out of descriptors, and a bad address is the peer's input.
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 tune(sock)
-                async with asyncio.timeout(self.cfg.connect_timeout):
-                    await loop.sock_connect(sock, (addr, port))
+                await asyncio.wait_for(loop.sock_connect(sock, (addr, port)),
+                                       self.cfg.connect_timeout)
                 bound = sock.getsockname()
             except TimeoutError:
                 _close(sock)
