@@ -10,6 +10,7 @@ import pytest
 from tests.unit.test_bus_limits import LOCAL, MID, PEER, Wire, run, window
 from vmbusify.bus.streams import COALESCE_MIN, StreamReset, StreamTable
 from vmbusify.config import LimitsConfig
+from vmbusify.errors import TunnelError
 from vmbusify.protocol.package import PackageFlag, PackageType
 from vmbusify.protocol.window import INITIAL_WINDOW, MAX_CHUNK
 
@@ -94,5 +95,23 @@ def test_a_reset_drops_held_bytes(table: MakeTable) -> None:
             pass
         else:
             raise AssertionError("a write after the reset was taken")
+
+    run(go)
+
+
+def test_a_failed_send_of_held_bytes_reaches_the_writer() -> None:
+    """Held bytes go from a loop callback: if the mux is gone by then, the writer's next
+    write and its EOF say so instead of the bytes vanishing without a word."""
+    async def go() -> None:
+        def gone(vmid: str, pkg: object) -> None:
+            raise TunnelError("cannot reach the mux: gone")
+        wire = Wire()
+        s = StreamTable(wire.send, LimitsConfig(), send_now=gone).open("vm1", LOCAL, PEER, MID)
+        await s.write(b"h" * COALESCE_MIN)
+        await asyncio.sleep(0)  # the callback runs, and fails
+        with pytest.raises(TunnelError, match="gone"):
+            await s.write(b"more")
+        with pytest.raises(TunnelError, match="gone"):
+            await s.write_eof()
 
     run(go)

@@ -185,12 +185,11 @@ class Stream:
                     self._flusher = asyncio.ensure_future(self._flush_later())
 
     def _take_held(self) -> Package | None:
-        """The bytes held by ``write`` as one DATA package (None: nothing to send)."""
+        """The bytes held by ``write`` as one DATA package (None: nothing to send; a reset
+        drops what was held, in ``_abort``, and its credit goes back in ``_release``)."""
         if not self._held_bytes:
             return None
         held, self._held, self._held_bytes = self._held, [], 0
-        if self.state is StreamState.RESET:
-            return None  # dropped with the stream (its credit went back in _release)
         return self._package(PackageType.DATA, held[0] if len(held) == 1 else b"".join(held))
 
     async def _flush(self) -> None:
