@@ -236,6 +236,18 @@ def test_clear_errors(lab: LabHandle, work: Path, args: list[str], message: str)
     assert sorted(os.listdir(work)) == before  # nothing partial
 
 
+def test_what_is_not_copied_is_listed_once_each(lab: LabHandle, work: Path) -> None:
+    (work / "d").mkdir()
+    (work / "d" / "f").write_text("x")
+    os.mkfifo(work / "d" / "pipe")
+    proc = cp("-r", f"{work}/d", f"vm1:{work}/out")
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert err == f"vmbusifyctl: not copied: {work}/d/pipe is a FIFO\n"
+    assert (work / "out" / "f").read_text() == "x"
+    assert not (work / "out" / "pipe").exists()
+
+
 def test_permission_denied_as_another_user(lab: LabHandle, work: Path) -> None:
     (work / "f").write_text("x")
     root_only = work / "root-only"

@@ -170,7 +170,10 @@ def cp(ctx: click.Context, recursive: bool, preserve: bool, user: str, resume: b
 
 def _report(result: CopyResult, as_json: bool) -> None:
     for w in result.warnings:
-        _say(f"not copied: {w.get('path', '')}: {w.get('message', '')}")
+        message = str(w.get("message", ""))
+        # The sender's messages for what it skipped already say "not copied: PATH ...".
+        _say(message if message.startswith("not copied: ")
+             else f"not copied: {w.get('path', '')}: {message}")
     if as_json:
         click.echo(json.dumps(result.to_json()))
     if not result.ok:
