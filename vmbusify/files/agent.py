@@ -174,7 +174,8 @@ def _send_raw(sender: Sender, offset: int) -> bool:
     the source is not a regular file this process can open: the ordinary stream says why."""
     src, name = sender.sources[0], sender.names[0]
     try:
-        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | (
+        # O_NONBLOCK: a FIFO would block the open until a writer came (it is not copied).
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (
             os.O_NOFOLLOW if sender.recursive else 0))
     except OSError:
         return False
