@@ -270,6 +270,11 @@ class PackageDecoder:
         self._error: RemoteProtocolError | None = None
 
     @property
+    def receiving(self) -> Header | None:
+        """The header whose payload is being received (what an Allocator is called for)."""
+        return self._header
+
+    @property
     def buffered(self) -> int:
         """Bytes held that do not yet form a whole package."""
         held = self._end - self._start
