@@ -210,10 +210,14 @@ def _pair(tmp_path: Path, size: int = SIZE) -> tuple[RingLink, RingLink, _Loop]:
     w_tx, w_rx = (Ring.create(tmp_path, n, size, 9) for n in (tx_name, rx_name))
     m_rx, m_tx = (Ring.open(tmp_path, n, size, 9) for n in (tx_name, rx_name))
     links: dict[str, RingLink] = {}
-    worker = RingLink(9, w_tx, w_rx, lambda rid, upto: links["mux"].released(rid, upto),
-                      loop.call_soon, loop.call_later)
-    mux = RingLink(9, m_tx, m_rx, lambda rid, upto: links["worker"].released(rid, upto),
-                   loop.call_soon, loop.call_later)
+
+    def to(end: str) -> Callable[[int, int], None]:
+        def release(ring_id: int, upto: int) -> None:
+            links[end].released(ring_id, upto)
+        return release
+
+    worker = RingLink(9, w_tx, w_rx, to("mux"), loop.call_soon, loop.call_later)
+    mux = RingLink(9, m_tx, m_rx, to("worker"), loop.call_soon, loop.call_later)
     links.update(worker=worker, mux=mux)
     worker.tx_on = mux.tx_on = True
     return worker, mux, loop
@@ -328,9 +332,9 @@ def test_pkr_rls_and_the_ring_offer_parse_back() -> None:
     offer = {"id": 3, "size": SIZE, "tx": "ring.1.00000003.tx", "rx": "ring.1.00000003.rx"}
     reg = Reg("w", 1, [5], [[1, 2, 4]], since=1, ring=offer)
     assert from_worker(reg.to_frames()) == reg
-    assert from_worker(Reg("w", 1, [5], []).to_frames()).ring is None  # an older worker
+    assert Reg.parse(Reg("w", 1, [5], []).to_frames()).ring is None  # an older worker
     assert from_mux(RegOk("host", "m", 3).to_frames()) == RegOk("host", "m", 3)
-    assert from_mux(RegOk("host", "m").to_frames()).ring == 0
+    assert RegOk.parse(RegOk("host", "m").to_frames()).ring == 0
 
 
 @pytest.mark.parametrize("frames", [
