@@ -341,6 +341,11 @@ class RingLink:
         self._staged = (view, pos, head)
         return view
 
+    @property
+    def staged(self) -> memoryview | None:
+        """The view a payload is being received into (``stage``), if any."""
+        return self._staged[0] if self._staged is not None else None
+
     def unstage(self, view: memoryview) -> None:
         """``view`` (from ``stage``) was not placed: give its room back."""
         staged = self._staged

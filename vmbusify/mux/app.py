@@ -179,6 +179,9 @@ class MuxApp:
             return
         rings = lanes.rings
         if rings is not None and type(msg) is Pkg and rings.tx_on:
+            staged = rings.staged
+            if staged is not None and staged is not msg.payload:
+                self._demote(rings)
             ref = rings.place(msg.payload)
             if ref is not None:
                 msg = PkgRef(msg.vmid, msg.header, ref)
@@ -435,10 +438,24 @@ class MuxApp:
         lanes = self.lanes.get(routes[0][0].identity)
         if lanes is None or lanes.rings is None:
             return None
+        if lanes.rings.staged is not None:
+            self._demote(lanes.rings)
         view = lanes.rings.stage(header.length)
         if view is not None:
             self._staged[tunnel] = (lanes.rings, view)
         return view
+
+    def _demote(self, rings: RingLink) -> None:
+        """Another payload is due in ``rings`` while one is still being received into it
+        (a tunnel's peer that sends slowly, or stopped mid-payload: on the host, a guest):
+        that one goes on in a ZeroMQ frame and gives its room back, so that no peer holds a
+        worker's ring for the others. One received whole but not yet handed on stays (it is
+        handed on at the loop's next turn); what is due meanwhile goes inline."""
+        for tunnel, (owner, view) in list(self._staged.items()):
+            if owner is rings and tunnel.move_payload(view):
+                del self._staged[tunnel]
+                rings.unstage(view)
+                return
 
     def _unstage(self, tunnel: Tunnel) -> None:
         """The tunnel ended: a payload it was receiving into a ring gives its room back."""

@@ -220,6 +220,11 @@ class Tunnel:
                 return view
         return frame_buffer(n)
 
+    def move_payload(self, view: memoryview) -> bool:
+        """If a payload is being received into ``view`` (a ring's), go on in a ZeroMQ frame
+        instead; True if so (the ring's room may be given back)."""
+        return self._decoder.move_body(view, frame_buffer)
+
     # -- life ------------------------------------------------------------------------------
     async def handshake(self, hello: Hello, timeout: float) -> Hello:
         """Send our HELLO and wait for the peer's; a BYE instead raises TunnelError."""
