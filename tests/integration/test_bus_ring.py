@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import Pair, link_for, make_pair, wait_state
-from tests.integration.test_tunnel import DATA, run, stream_workers
+from tests.integration.test_tunnel import DATA, ECHO, echo, run, stream_workers
 from vmbusify.bus.link import WorkerLink
 from vmbusify.bus.ring import RING_ENV, RingLink
 from vmbusify.bus.streams import Stream
@@ -65,7 +65,7 @@ async def _receive(stream: Stream, hold: bool) -> bytes:
 @pytest.mark.timeout(180)
 def test_bytes_through_the_ring_and_inline_arrive_intact_both_ways(pair: Pair) -> None:
     async def scenario() -> None:
-        w = await stream_workers(pair)
+        w = await stream_workers(pair, [(Entity.PROXY_CLIENT, ECHO, echo)])
         host, guest = w.host, w.guest
         # The ring is taken once the mux has mapped it (the REGOK after it was offered).
         for _ in range(100):
@@ -78,8 +78,17 @@ def test_bytes_through_the_ring_and_inline_arrive_intact_both_ways(pair: Pair) -
             out = [_blob(n, i + 10 * rnd) for i, n in enumerate(WRITES * 3)]
             back = [_blob(n, i + 100 + 10 * rnd) for i, n in enumerate(reversed(WRITES * 3))]
             sent = asyncio.gather(_send(h, out), _send(g, back))
-            got_g, got_h = await asyncio.gather(_receive(g, hold=rnd == 0),
-                                                _receive(h, hold=rnd == 1))
+
+            async def requests() -> None:
+                # Large payloads on the control lane (a REQUEST, its ACK) beside the stream's:
+                # never in the ring, whose payloads are taken in their order.
+                for i in range(5):
+                    body = _blob(100 * KIB, 1000 + i)
+                    reply = await host.request_body("vm1", Entity.PROXY_CLIENT, ECHO, body)
+                    assert reply["echo"] == body
+
+            got_g, got_h, _ = await asyncio.gather(_receive(g, hold=rnd == 0),
+                                                   _receive(h, hold=rnd == 1), requests())
             await sent
             assert got_g == b"".join(out)
             assert got_h == b"".join(back)

@@ -3,6 +3,7 @@ its files, and one end's pair of rings without sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 from collections.abc import Callable
@@ -368,3 +369,55 @@ def test_a_pkr_takes_the_lane_and_order_of_the_pkg_it_stands_for() -> None:
     sender = LaneSender()
     lane, frames = sender.frames(ref)
     assert lane is Lane.BULK and bytes(frames[1]) == b"PKR"
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.sent: list[list[bytes | memoryview]] = []
+
+    def send(self, frames: list[bytes | memoryview]) -> None:
+        self.sent.append(list(frames))
+
+    def close(self, _linger: int = 0) -> None:
+        pass
+
+
+def test_a_worker_puts_only_bulk_lane_payloads_in_its_ring(tmp_path: Path) -> None:
+    """A REQUEST's payload takes the control lane, which the mux takes first: in the ring it
+    would come out of the ring's order. The ring's files go once the mux took them."""
+    from vmbusify.bus.frames import Pkg
+    from vmbusify.bus.sockets import LanedDealer
+
+    async def scenario() -> None:
+        dealer = LanedDealer(f"ipc://{tmp_path}/bus.sock", "w", lambda _lane, _f: None,
+                             ring_size=SIZE)
+        real = dealer._sockets
+        lanes = [_Recorder(), _Recorder()]
+        dealer._sockets = lanes  # type: ignore[assignment]
+        try:
+            rings = dealer.rings
+            assert rings is not None and not rings.tx_on
+            offer = dealer.ring_offer()
+            assert offer is not None and (tmp_path / str(offer["tx"])).exists()
+            big = b"b" * RING_MIN_PAYLOAD
+
+            def header(ptype: PackageType) -> bytes:
+                return Package(type=ptype, entity=5, message_id=3, stream=7,
+                               payload=big).header()
+
+            dealer.send_message(Pkg("vm1", header(PackageType.DATA), big))
+            assert not dealer.ring_accepted(0)  # a mux of before the rings: inline
+            dealer.send_message(Pkg("vm1", header(PackageType.DATA), big))
+            assert not dealer.ring_accepted(rings.id)
+            assert not (tmp_path / str(offer["tx"])).exists()
+            dealer.send_message(Pkg("vm1", header(PackageType.REQUEST), big))
+            dealer.send_message(Pkg("vm1", header(PackageType.DATA), big))
+            kinds = [(lane, bytes(frames[1])) for lane, rec in enumerate(lanes)
+                     for frames in rec.sent]
+            assert sorted(kinds) == [(0, b"PKG"), (0, b"PKG"), (0, b"PKR"), (1, b"PKG")]
+        finally:
+            dealer._sockets = real
+            dealer.close()
+        assert not [n for n in os.listdir(tmp_path) if n.startswith("ring.")]
+
+    asyncio.run(scenario())

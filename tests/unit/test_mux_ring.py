@@ -13,7 +13,7 @@ import pytest
 
 from tests.unit.test_mux_lanes import WORKER, FakeBus, sent, worker_sends
 from vmbusify.bus.frames import Pkg, PkgRef, Reg, RegOk, RouteKind, from_mux
-from vmbusify.bus.lanes import LaneSender, split_stamp
+from vmbusify.bus.lanes import Lane, LaneSender, split_stamp
 from vmbusify.bus.ring import REF, Ring, ring_names
 from vmbusify.config import Config, Role
 from vmbusify.mux.app import MuxApp
@@ -22,6 +22,7 @@ from vmbusify.protocol.package import (
     Header,
     Package,
     PackageDecoder,
+    PackageFlag,
     PackageType,
     decode_header,
 )
@@ -53,8 +54,12 @@ def app(tmp_path: Path) -> Iterator[MuxApp]:
 
 
 def _header(n: int = N) -> Header:
-    pkg = Package(type=PackageType.DATA, entity=5, message_id=3, stream=7, payload=b"x" * n)
-    return decode_header(pkg.header(), MAX_PAYLOAD_LIMIT)
+    return decode_header(_raw(n), MAX_PAYLOAD_LIMIT)
+
+
+def _raw(n: int = N, ptype: PackageType = PackageType.DATA) -> bytes:
+    """The 24-byte header of a package of ``n`` bytes to the worker's route."""
+    return Package(type=ptype, entity=5, message_id=3, stream=7, payload=b"x" * n).header()
 
 
 def _register(app: MuxApp, tmp_path: Path) -> Ring:
@@ -63,10 +68,15 @@ def _register(app: MuxApp, tmp_path: Path) -> Ring:
     Ring.create(tmp_path, tx_name, SIZE, 5)
     rx = Ring.create(tmp_path, rx_name, SIZE, 5)
     offer = {"id": 5, "size": SIZE, "tx": tx_name, "rx": rx_name}
-    worker_sends(app, LaneSender(), Reg("w", os.getpid(), [9], [[5, 3, int(RouteKind.STREAM)]],
-                                        ring=offer))
-    [(_, frames)] = sent(app)
-    assert from_mux(split_stamp(frames)[1]) == RegOk("host", app.mux_id, 5)
+    reg = Reg("w", os.getpid(), [9], [[5, 3, int(RouteKind.STREAM | RouteKind.REQUEST)]],
+              ring=offer)
+    sender = LaneSender()
+    worker_sends(app, sender, reg)
+    # The first REG comes on both lanes (the mux sends on a lane once it heard it).
+    _lane, frames = sender.frames(reg, lane=Lane.BULK)
+    app._on_bus([WORKER, *frames])
+    for _, frames in sent(app):
+        assert from_mux(split_stamp(frames)[1]) == RegOk("host", app.mux_id, 5)
     assert not [n for n in os.listdir(tmp_path) if n.startswith("ring.")]  # unlinked
     return rx
 
@@ -86,7 +96,7 @@ def test_a_payload_received_into_the_ring_goes_on_as_a_reference(app: MuxApp,
         view = app._stage(tunnel, _header())  # type: ignore[arg-type]
         assert view is not None
         view[:] = b"r" * N
-        app._send(WORKER, Pkg("vm1", b"h" * 24, view))
+        app._send(WORKER, Pkg("vm1", _raw(), view))
         msg = _delivered(app)
         assert type(msg) is PkgRef
         _ring, pos, n = REF.unpack(msg.ref)
@@ -110,7 +120,7 @@ def test_a_slow_tunnel_does_not_hold_the_ring_for_the_others(app: MuxApp,
         fast.receiving = app._stage(fast, _header())  # type: ignore[arg-type]
         assert fast.receiving is not None and slow.receiving is not held
         fast.receiving[:] = b"f" * N
-        app._send(WORKER, Pkg("vm1", b"h" * 24, fast.receiving))
+        app._send(WORKER, Pkg("vm1", _raw(), fast.receiving))
         msg = _delivered(app)
         assert type(msg) is PkgRef
         assert REF.unpack(msg.ref)[1] == 0  # the slow one's room
@@ -119,9 +129,9 @@ def test_a_slow_tunnel_does_not_hold_the_ring_for_the_others(app: MuxApp,
         view = app._stage(fast, _header())  # type: ignore[arg-type]
         assert view is not None
         fast.receiving = None
-        app._send(WORKER, Pkg("vm1", b"h" * 24, b"i" * N))
+        app._send(WORKER, Pkg("vm1", _raw(), b"i" * N))
         assert type(_delivered(app)) is Pkg
-        app._send(WORKER, Pkg("vm1", b"h" * 24, view))
+        app._send(WORKER, Pkg("vm1", _raw(), view))
         assert type(_delivered(app)) is PkgRef
 
     asyncio.run(scenario())
@@ -134,7 +144,7 @@ def test_a_tunnel_that_ends_mid_payload_gives_the_room_back(app: MuxApp,
         tunnel = FakeTunnel()
         assert app._stage(tunnel, _header()) is not None  # type: ignore[arg-type]
         app._unstage(tunnel)  # type: ignore[arg-type]
-        app._send(WORKER, Pkg("vm1", b"h" * 24, b"n" * N))
+        app._send(WORKER, Pkg("vm1", _raw(), b"n" * N))
         msg = _delivered(app)
         assert type(msg) is PkgRef and REF.unpack(msg.ref)[1] == 0
 
@@ -160,3 +170,22 @@ def test_the_decoder_moves_a_payload_being_received() -> None:
     assert got is not None and bytes(got.payload) == pkg.payload
     assert got.payload is buffers[1]
 
+
+
+def test_only_bulk_lane_payloads_go_through_the_ring(app: MuxApp, tmp_path: Path) -> None:
+    """A REQUEST's payload takes the control lane, which the worker takes first: in the ring
+    it would come out of the ring's order. And a RESET is not staged."""
+    async def scenario() -> None:
+        _register(app, tmp_path)
+        app._send(WORKER, Pkg("vm1", _raw(N, PackageType.REQUEST), b"q" * N))
+        assert type(_delivered(app)) is Pkg
+        reset = Package(type=PackageType.DATA, flags=PackageFlag.RESET, entity=5,
+                        message_id=3, stream=7, payload=b"r" * N)
+        head = decode_header(reset.header(), MAX_PAYLOAD_LIMIT)
+        assert app._stage(FakeTunnel(), head) is None  # type: ignore[arg-type]
+        app._send(WORKER, Pkg("vm1", reset.header(), b"r" * N))
+        assert type(_delivered(app)) is Pkg
+        app._send(WORKER, Pkg("vm1", _raw(), b"d" * N))
+        assert type(_delivered(app)) is PkgRef
+
+    asyncio.run(scenario())

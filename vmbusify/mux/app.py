@@ -39,7 +39,14 @@ from vmbusify.bus.frames import (
     Unreg,
     from_worker,
 )
-from vmbusify.bus.lanes import CONTROL_SUFFIX, Lane, LaneReceiver, LaneSender, Stamp
+from vmbusify.bus.lanes import (
+    CONTROL_SUFFIX,
+    Lane,
+    LaneReceiver,
+    LaneSender,
+    Stamp,
+    pkg_lane,
+)
 from vmbusify.bus.link import REGISTER_INTERVAL
 from vmbusify.bus.ring import Ring, RingLink
 from vmbusify.bus.sockets import BusSocket, ensure_private_dir
@@ -74,6 +81,7 @@ from vmbusify.protocol.package import (
     MAX_PAYLOAD_LIMIT,
     Header,
     Package,
+    PackageFlag,
     PackageType,
     Payload,
     decode_header,
@@ -178,7 +186,11 @@ class MuxApp:
             self._bus.send_to(identity, msg)
             return
         rings = lanes.rings
-        if rings is not None and type(msg) is Pkg and rings.tx_on:
+        if (rings is not None and type(msg) is Pkg and rings.tx_on and Lane.BULK in lanes.heard
+                and pkg_lane(msg.vmid, msg.header, len(msg.payload))[0] is Lane.BULK):
+            # Only the bulk lane's: the worker takes a ring's payloads in their order (a
+            # staged payload that goes elsewhere is sent inline; from_tunnel gives its room
+            # back).
             staged = rings.staged
             if staged is not None and staged is not msg.payload:
                 self._demote(rings)
@@ -430,8 +442,8 @@ class MuxApp:
     def _stage(self, tunnel: Tunnel, header: Header) -> memoryview | None:
         """Where a large payload from ``tunnel`` is received: the ring of the one worker a
         DATA package of ``header`` goes to (its bytes then go on uncopied), or None."""
-        if header.type is not PackageType.DATA:
-            return None
+        if header.type is not PackageType.DATA or header.flags & PackageFlag.RESET:
+            return None  # not a bulk-lane package (_send)
         routes = self.routes.destinations(header.entity, header.message_id)
         if len(routes) != 1 or not routes[0][1] & RouteKind.STREAM:
             return None
