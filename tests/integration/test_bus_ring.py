@@ -98,6 +98,10 @@ def test_bytes_through_the_ring_and_inline_arrive_intact_both_ways(pair: Pair) -
             assert rings.placed > 0, link.name
             assert rings.take.consumed > 0, link.name
         assert _rings(host).inline + _rings(guest).inline > 0
+        # The muxes' status shows each worker's ring as they see it.
+        st = await host.control({"cmd": "status"})
+        [ring] = [w["ring"] for w in st["workers"] if w["name"] == "t-host"]
+        assert ring["size"] == 1 << 20 and ring["placed"] > 0 and ring["received"] > 0
         await host.close()
         await guest.close()
 

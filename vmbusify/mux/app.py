@@ -602,9 +602,21 @@ class MuxApp:
             "mux_id": self.mux_id,
             "started": self.started,
             "vms": [p.status() for p in self.peers.values()],
-            "workers": [w.describe() for w in self.routes.workers()],
+            "workers": [self._describe(w) for w in self.routes.workers()],
             "worker_restarts": dict(self.worker_restarts),
         }
+
+    def _describe(self, worker: WorkerInfo) -> dict[str, Any]:
+        """A worker in the status: what it registered, and its rings as this mux sees them
+        (``ring``: payloads sent to it through its ring and inline for want of room, bytes
+        it sent through its ring; absent: it has none)."""
+        out = worker.describe()
+        lanes = self.lanes.get(worker.identity)
+        rings = lanes.rings if lanes is not None else None
+        if rings is not None:
+            out["ring"] = {"size": rings.tx.size, "placed": rings.placed,
+                           "inline": rings.inline, "received": rings.take.consumed}
+        return out
 
     async def control(self, req: dict[str, Any]) -> Any:
         """Answer one built-in command from vmbusifyctl (through the command listener)."""
