@@ -334,7 +334,7 @@ def test_pkr_rls_and_the_ring_offer_parse_back() -> None:
     reg = Reg("w", 1, [5], [[1, 2, 4]], since=1, ring=offer)
     assert from_worker(reg.to_frames()) == reg
     assert Reg.parse(Reg("w", 1, [5], []).to_frames()).ring is None  # an older worker
-    assert from_mux(RegOk("host", "m", 3).to_frames()) == RegOk("host", "m", 3)
+    assert from_mux(RegOk("host", "m", 3, 3).to_frames()) == RegOk("host", "m", 3, 3)
     assert RegOk.parse(RegOk("host", "m").to_frames()).ring == 0
 
 
@@ -408,13 +408,17 @@ def test_a_worker_puts_only_bulk_lane_payloads_in_its_ring(tmp_path: Path) -> No
             dealer.send_message(Pkg("vm1", header(PackageType.DATA), big))
             assert not dealer.ring_accepted(0)  # a mux of before the rings: inline
             dealer.send_message(Pkg("vm1", header(PackageType.DATA), big))
-            assert not dealer.ring_accepted(rings.id)
+            assert not dealer.ring_accepted(rings.id, rings.id)
             assert not (tmp_path / str(offer["tx"])).exists()
+            assert not dealer.ring_accepted(0)  # an older REG's answer: still on
+            assert rings.tx_on
             dealer.send_message(Pkg("vm1", header(PackageType.REQUEST), big))
             dealer.send_message(Pkg("vm1", header(PackageType.DATA), big))
             kinds = [(lane, bytes(frames[1])) for lane, rec in enumerate(lanes)
                      for frames in rec.sent]
             assert sorted(kinds) == [(0, b"PKG"), (0, b"PKG"), (0, b"PKR"), (1, b"PKG")]
+            assert not dealer.ring_accepted(0, rings.id)  # offered, not taken (any more)
+            assert not rings.tx_on
         finally:
             dealer._sockets = real
             dealer.close()

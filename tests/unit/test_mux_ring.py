@@ -17,6 +17,7 @@ from vmbusify.bus.lanes import Lane, LaneSender, split_stamp
 from vmbusify.bus.ring import REF, Ring, ring_names
 from vmbusify.config import Config, Role
 from vmbusify.mux.app import MuxApp
+from vmbusify.mux.switch import WorkerGone
 from vmbusify.protocol.package import (
     MAX_PAYLOAD_LIMIT,
     Header,
@@ -76,7 +77,7 @@ def _register(app: MuxApp, tmp_path: Path) -> Ring:
     _lane, frames = sender.frames(reg, lane=Lane.BULK)
     app._on_bus([WORKER, *frames])
     for _, frames in sent(app):
-        assert from_mux(split_stamp(frames)[1]) == RegOk("host", app.mux_id, 5)
+        assert from_mux(split_stamp(frames)[1]) == RegOk("host", app.mux_id, 5, 5)
     assert not [n for n in os.listdir(tmp_path) if n.startswith("ring.")]  # unlinked
     return rx
 
@@ -187,5 +188,39 @@ def test_only_bulk_lane_payloads_go_through_the_ring(app: MuxApp, tmp_path: Path
         assert type(_delivered(app)) is Pkg
         app._send(WORKER, Pkg("vm1", _raw(), b"d" * N))
         assert type(_delivered(app)) is PkgRef
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_forgotten_for_silence_keeps_its_rings(app: MuxApp, tmp_path: Path) -> None:
+    """A worker the mux took for dead (silent) and that comes back keeps the rings it
+    mapped (their files are gone): its payloads in them are still read; a worker that said
+    goodbye, or never came back, has them unmapped."""
+    async def scenario() -> None:
+        _register(app, tmp_path)
+        info = app.routes.by_identity(WORKER)
+        assert info is not None
+        app.execute([WorkerGone(info, "silent")])
+        assert WORKER not in app.lanes and WORKER in app._orphans
+        # It is back: its next message (a PKR in the ring it wrote) is read.
+        lanes_ring = app._orphans[WORKER][0]
+        lanes_ring.rx.write(0, b"w" * N)  # as the worker wrote its ring
+        sender = LaneSender()
+        ref = PkgRef("vm1", _raw(), REF.pack(5, 0, N))
+        _lane, frames = sender.frames(ref)
+        app._on_bus([WORKER, *frames])
+        assert app.lanes[WORKER].rings is lanes_ring
+        app._expire_orphans(1e12)
+        assert not lanes_ring.closed
+        # Gone again, for good: unmapped once ORPHAN_RINGS_KEEP has passed.
+        info = app.routes.by_identity(WORKER)
+        if info is not None:
+            app.execute([WorkerGone(info, "silent")])
+        else:
+            app._let_go(app.lanes.pop(WORKER), keep=True)
+        app._expire_orphans(0.0)
+        assert not lanes_ring.closed
+        app._expire_orphans(1e12)
+        assert lanes_ring.closed and not app._orphans
 
     asyncio.run(scenario())

@@ -265,20 +265,29 @@ class RegOk:
     #: The id of the worker's rings the mux has mapped (it reads the worker's ``tx`` and
     #: writes its ``rx``); 0: none (a mux of before the rings says nothing).
     ring: int = 0
+    #: The id of the rings the REG answered offered (0: none), mapped or not: a worker
+    #: tells an answer to its offer from one to an older REG.
+    offered: int = 0
 
     def to_frames(self) -> Frames:
         body: dict[str, Any] = {"role": self.role, "mux_id": self.mux_id}
         if self.ring:
             body["ring"] = self.ring
+        if self.offered:
+            body["offered"] = self.offered
         return [BusKind.REGOK.value, dumps(body)]
 
     @classmethod
     def parse(cls, frames: Frames) -> RegOk:
         body = loads_dict(_frames(frames, BusKind.REGOK, 2)[1], "REGOK")
-        ring = body.get("ring", 0)
-        if not isinstance(ring, int) or isinstance(ring, bool) or not 0 <= ring < 1 << 32:
-            raise RemoteProtocolError("REGOK: 'ring' must be a 32-bit integer")
-        return cls(_str(body, "role", "REGOK", ""), _str(body, "mux_id", "REGOK", ""), ring)
+        ids = []
+        for key in ("ring", "offered"):
+            value = body.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool) \
+                    or not 0 <= value < 1 << 32:
+                raise RemoteProtocolError(f"REGOK: {key!r} must be a 32-bit integer")
+            ids.append(value)
+        return cls(_str(body, "role", "REGOK", ""), _str(body, "mux_id", "REGOK", ""), *ids)
 
 
 @dataclass(frozen=True, slots=True)

@@ -588,13 +588,14 @@ class WorkerLink:
             self._mux_gone = False
             self.mux_id = msg.mux_id
             self.registered.set()
-            if self._bus is not None and self._bus.ring_accepted(msg.ring):
+            if self._bus is not None and self._bus.ring_accepted(msg.ring, msg.offered):
                 await self._register()  # offer the rings made only now
         elif type(msg) is Rereg:
             if self._bus is not None and not self._mux_gone:
                 # the mux forgot this worker's numbers (when the socket reported the restart,
-                # the numbering started again then, and the new mux has seen it from 1)
-                self._bus.restart_numbering()
+                # the numbering started again then, and the new mux has seen it from 1); it
+                # keeps its rings (a new mux shows in its REGOK's mux_id: new rings then)
+                self._bus.restart_numbering(new_rings=False)
             await self._register(both_lanes=True)
         elif type(msg) is CtlReply:
             fut = self._ctl.get(msg.call_id)

@@ -368,20 +368,25 @@ class LanedDealer:
         return {"id": rings.id, "size": rings.tx.size, "tx": rings.tx.name,
                 "rx": rings.rx.name}
 
-    def ring_accepted(self, ring_id: int) -> bool:
-        """The mux's REGOK: it mapped the rings ``ring_id`` (0: none), so payloads may go
-        through them; their files are no longer needed. True: rings were made only now (the
-        mux's directory was not there before): register again to offer them."""
+    def ring_accepted(self, ring_id: int, offered: int = 0) -> bool:
+        """The mux's REGOK: it mapped the rings ``ring_id`` (0: none) of those the REG
+        offered (``offered``), so payloads may go through them; their files are no longer
+        needed. True: rings were made only now (the mux's directory was not there before):
+        register again to offer them."""
         rings = self.rings
         if rings is None:
             if self._ring_size and self.sender is not None:
                 self._new_rings()
                 return self.rings is not None
             return False
-        rings.tx_on = ring_id == rings.id
-        if rings.tx_on:
+        if ring_id == rings.id:
+            rings.tx_on = True
             for ring in (rings.tx, rings.rx):
                 ring.unlink(self._ring_dir)
+        elif offered == rings.id or ring_id:
+            rings.tx_on = False  # the mux does not (or no longer) map these rings
+        # Else the answer to an older REG that offered none (the first is sent on both
+        # lanes, and its second answer can come after the one that took the rings).
         return False
 
     def payload_of(self, msg: PkgRef) -> memoryview:
@@ -408,12 +413,13 @@ class LanedDealer:
         """Whether this end speaks in two lanes."""
         return self.sender is not None
 
-    def restart_numbering(self) -> None:
+    def restart_numbering(self, new_rings: bool = True) -> None:
         """Number from 1 again (the mux restarted: its new process knows no numbers), with
-        new rings (the next REG offers them)."""
+        new rings (the next REG offers them) unless ``new_rings`` is False (the same mux
+        forgot this worker: it keeps the rings it mapped)."""
         if self.sender is not None:
             self.sender = LaneSender()
-        if self._ring_size:
+        if self._ring_size and new_rings:
             self._new_rings()
 
     def close(self, linger_ms: int = 0) -> None:

@@ -92,6 +92,9 @@ log = logging.getLogger("vmbusify.mux")
 
 #: A worker that missed this many seconds of heartbeats (REG) is taken for dead.
 WORKER_SILENT_AFTER = 3 * REGISTER_INTERVAL
+#: Seconds the rings of a worker forgotten without its goodbye stay mapped: one that was
+#: only silent comes back with them (its REG offers the same ones, whose files are gone).
+ORPHAN_RINGS_KEEP = 5 * WORKER_SILENT_AFTER
 
 
 class _Detail:
@@ -110,9 +113,10 @@ class WorkerLanes:
     """The mux's end of one worker's two bus lanes (vmbusify.bus.lanes): the identity of its
     control DEALER, the numbering of what the mux sends it, the order of what it sent."""
 
-    __slots__ = ("control", "heard", "receiver", "rings", "sender")
+    __slots__ = ("control", "heard", "identity", "receiver", "rings", "sender")
 
     def __init__(self, identity: bytes) -> None:
+        self.identity = identity
         self.control = identity + CONTROL_SUFFIX
         self.sender = LaneSender()
         self.receiver: LaneReceiver[Frames] = LaneReceiver()
@@ -164,6 +168,8 @@ class MuxApp:
         self.lanes: dict[bytes, WorkerLanes] = {}
         #: Per tunnel, the ring buffer a payload is being received into (``_stage``).
         self._staged: dict[Tunnel, tuple[RingLink, memoryview]] = {}
+        #: Rings of workers forgotten without a goodbye, and since when (ORPHAN_RINGS_KEEP).
+        self._orphans: dict[bytes, tuple[RingLink, float]] = {}
 
     # -- bus -------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -245,6 +251,9 @@ class MuxApp:
         lanes = self.lanes.get(identity)
         if lanes is None:
             lanes = self.lanes[identity] = WorkerLanes(identity)
+            orphan = self._orphans.pop(identity, None)
+            if orphan is not None:  # a worker that was forgotten, back with its rings
+                lanes.rings = orphan[0]
         lanes.heard.add(stamp.lane)
         lanes.receiver.push(stamp, frames[2:], time.monotonic())
         self._drain(identity, lanes)
@@ -277,7 +286,8 @@ class MuxApp:
         elif type(msg) is Reg:
             self.execute(self.switch.register(identity, msg.body()))
             ring = self._map_rings(identity, msg)
-            self.to_worker(identity, RegOk(self.role.value, self.mux_id, ring))
+            self.to_worker(identity, RegOk(self.role.value, self.mux_id, ring,
+                                           msg.ring["id"] if msg.ring else 0))
         elif type(msg) is CtlRequest:
             self._spawn_control(identity, msg)
         elif type(msg) is Unreg:
@@ -365,7 +375,7 @@ class MuxApp:
             elif type(act) is WorkerGone:
                 gone = self.lanes.pop(act.info.identity, None)
                 if gone is not None:
-                    gone.forget()
+                    self._let_go(gone, keep=not act.orderly)
                 log.log(logging.INFO if act.orderly else logging.WARNING,
                         "worker=%s pid=%d %s; telling the peers its streams are gone",
                         act.info.name, act.info.pid, act.why)
@@ -456,6 +466,14 @@ class MuxApp:
         if view is not None:
             self._staged[tunnel] = (lanes.rings, view)
         return view
+
+    def _let_go(self, lanes: WorkerLanes, keep: bool) -> None:
+        """A worker's lanes are forgotten: its rings too, or (``keep``: it left without a
+        goodbye, and may only have been silent) kept for ORPHAN_RINGS_KEEP seconds."""
+        if keep and lanes.rings is not None:
+            self._orphans[lanes.identity] = (lanes.rings, time.monotonic())
+            lanes.rings = None
+        lanes.forget()
 
     def _demote(self, rings: RingLink) -> None:
         """Another payload is due in ``rings`` while one is still being received into it
@@ -681,12 +699,19 @@ class MuxApp:
         for identity, lanes in list(self.lanes.items()):
             if self.routes.by_identity(identity) is None and not len(lanes.receiver):
                 del self.lanes[identity]
-                lanes.forget()
+                self._let_go(lanes, keep=True)
             elif lanes.receiver.expire(now):
                 log.warning("worker identity %s: bus messages taken without the message of "
                             "the other lane they waited for", printable(identity.decode(
                                 errors="replace")))
                 self._drain(identity, lanes)
+
+    def _expire_orphans(self, now: float) -> None:
+        """Unmap the rings of forgotten workers that did not come back."""
+        for identity, (rings, since) in list(self._orphans.items()):
+            if now - since >= ORPHAN_RINGS_KEEP:
+                del self._orphans[identity]
+                rings.close()
 
     async def housekeeping(self) -> None:
         """Periodic clean-up: silent workers, stale pending requests."""
@@ -695,6 +720,7 @@ class MuxApp:
             await asyncio.sleep(REGISTER_INTERVAL)
             self.execute(self.switch.silent(WORKER_SILENT_AFTER))
             self._tend_lanes()
+            self._expire_orphans(time.monotonic())
             ticks += 1
             if ticks % 15 == 0:
                 n = self.routes.expire()
