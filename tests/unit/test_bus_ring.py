@@ -425,3 +425,26 @@ def test_a_worker_puts_only_bulk_lane_payloads_in_its_ring(tmp_path: Path) -> No
         assert not [n for n in os.listdir(tmp_path) if n.startswith("ring.")]
 
     asyncio.run(scenario())
+
+
+def test_an_idle_ring_gives_its_pages_back(tmp_path: Path) -> None:
+    worker, mux, loop = _pair(tmp_path)
+    ref = worker.place(b"p" * (300 * KIB))
+    assert ref is not None
+    blocks = os.stat(tmp_path / worker.tx.name).st_blocks
+    mux.resolve(ref)  # dropped at once
+    gc.collect()
+    loop.run()  # released (a quarter of the ring): the trim is due in TRIM_AFTER
+    assert worker.space.released == worker.space.head and worker.trims == 0
+    ref = worker.place(b"q" * (300 * KIB))  # used meanwhile: not yet
+    assert ref is not None
+    mux.resolve(ref)
+    gc.collect()
+    loop.run()
+    assert worker.space.released == worker.space.head
+    loop.run(timers=True)
+    assert worker.trims == 0
+    loop.run(timers=True)
+    assert worker.trims == 1
+    assert bytes(mux.rx.buffer(0, 4)) == b"\0" * 4  # the pages went: read back as zeros
+    assert os.stat(tmp_path / worker.tx.name).st_blocks < blocks

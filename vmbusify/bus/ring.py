@@ -52,6 +52,10 @@ GUARD = RING_UNIT
 #: when it has been idle for IDLE_RELEASE seconds.
 RELEASE_EVERY = 4
 IDLE_RELEASE = 0.005
+#: Seconds a producer's ring must have been wholly released and unused before its pages
+#: are given back (MADV_REMOVE: tmpfs frees them for both ends; the next payload faults
+#: them in again).
+TRIM_AFTER = 30.0
 #: The reference a PKR carries: ring id, absolute position, length.
 REF = struct.Struct(">IQI")
 REF_SIZE = REF.size  # 16
@@ -236,6 +240,13 @@ class Ring:
             os.close(fd)
         return cls(mm, size, ring_id, name)
 
+    def trim(self) -> None:
+        """Give the ring's pages back (its bytes are all released: none is read again)."""
+        try:
+            self.map.madvise(mmap.MADV_REMOVE, 0, len(self.map))
+        except (AttributeError, OSError):
+            pass  # not Linux, or a file system without holes: the pages stay
+
     def write(self, pos: int, data: bytes | memoryview) -> None:
         """Copy ``data`` in at absolute position ``pos`` (reserved, so it fits)."""
         off = pos % self.size
@@ -317,10 +328,15 @@ class RingLink:
         self._call_soon, self._call_later = call_soon, call_later
         self._flush_due = False
         self._idle_timer: Any = None
+        self._trim_timer: Any = None
+        #: Payloads placed when the trim timer was set (none since: the ring is idle).
+        self._placed_then = -1
         self.closed = False
-        #: Payloads placed in the ring, and sent inline for want of room.
+        #: Payloads placed in the ring, and sent inline for want of room; times its pages
+        #: were given back.
         self.placed = 0
         self.inline = 0
+        self.trims = 0
         #: A payload being received straight into ``tx`` (``stage``): its view, its position
         #: and where the ring's head was before it.
         self._staged: tuple[memoryview, int, int] | None = None
@@ -378,6 +394,23 @@ class RingLink:
         """The peer's RLS; one for another ring (an older link) is ignored."""
         if ring_id == self.id:
             self.space.release(upto)
+            if self.space.released == self.space.head and self._trim_timer is None:
+                self._placed_then = self.placed
+                self._trim_timer = self._call_later(TRIM_AFTER, self._trim)
+
+    def _trim(self) -> None:
+        """TRIM_AFTER after the ring was last wholly released: if nothing was placed since
+        and all is still released, its pages go back to the system."""
+        self._trim_timer = None
+        space = self.space
+        if self.closed or self._staged is not None or space.released != space.head:
+            return
+        if self.placed != self._placed_then:  # used meanwhile: look again later
+            self._placed_then = self.placed
+            self._trim_timer = self._call_later(TRIM_AFTER, self._trim)
+            return
+        self.tx.trim()
+        self.trims += 1
 
     # -- consuming -------------------------------------------------------------------------
     def resolve(self, ref: bytes | memoryview) -> memoryview:
@@ -423,6 +456,7 @@ class RingLink:
         """Stop: no more releases, no more references taken (mappings stay while views do)."""
         self.closed = True
         self.tx_on = False
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        for timer in (self._idle_timer, self._trim_timer):
+            if timer is not None:
+                timer.cancel()
+        self._idle_timer = self._trim_timer = None

@@ -633,7 +633,8 @@ class MuxApp:
         rings = lanes.rings if lanes is not None else None
         if rings is not None:
             out["ring"] = {"size": rings.tx.size, "placed": rings.placed,
-                           "inline": rings.inline, "received": rings.take.consumed}
+                           "inline": rings.inline, "received": rings.take.consumed,
+                           "trims": rings.trims}
         return out
 
     async def control(self, req: dict[str, Any]) -> Any:
