@@ -222,7 +222,7 @@ class Stream:
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             if self._table.send_now is not None:
-                asyncio.get_running_loop().call_soon(self._flush_soon)
+                self._table.loop.call_soon(self._flush_soon)
             else:
                 self._flusher = asyncio.ensure_future(self._flush_later())
         return out
@@ -462,6 +462,15 @@ class StreamTable:
         #: Credit a VM may be owed over all its streams before all of it is returned at
         #: once (see pay_owed).
         self.owed_max = self.budget.limits.buffered_per_vm // 4
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once (Python 3.11's lookup is a getpid system call)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def __len__(self) -> int:
         return len(self._streams)

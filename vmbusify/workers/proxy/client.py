@@ -49,7 +49,7 @@ from vmbusify.protocol.socks import (
 from vmbusify.users.access import AccessMode, Credentials, LocalUsers, access_mode
 from vmbusify.users.peer import tcp_peer_uid
 from vmbusify.workers.base import Spawner
-from vmbusify.workers.proxy.relay import SocketEnd, relay
+from vmbusify.workers.proxy.relay import SocketEnd, UsesLoop, relay
 from vmbusify.workers.proxy.route import Route, RouteError, Router
 from vmbusify.workers.proxy.stats import ConnStats
 from vmbusify.workers.proxy.udp_client import UdpAssociation
@@ -83,7 +83,7 @@ class Caller:
         return f"uid={self.uid if self.uid is not None else '?'}"
 
 
-class ProxyClient:
+class ProxyClient(UsesLoop):
     """Accepts users' proxy connections and carries them through the tunnel."""
 
     def __init__(self, link: WorkerLink, cfg: ProxyConfig, role: Role, stats: ConnStats,
@@ -101,14 +101,6 @@ class ProxyClient:
         self.credentials = Credentials.from_config(cfg)
         self.users = LocalUsers(cfg.group)
         self._refusals = RateLimitedLog(log)
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, looked up once (each lookup costs a getpid system call)."""
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
 
     def _link_spawn(self, coro: Awaitable[Any], vmid: str = "", what: str = "request"
                     ) -> asyncio.Task[Any]:

@@ -30,6 +30,11 @@ from vmbusify.errors import VMBusifyError
 log = logging.getLogger(__name__)
 
 _LINGER_RST = struct.pack("ii", 1, 0)
+#: Bytes asked of the kernel per read: big reads mean few packages per byte.
+READ_SIZE = 1 << 20
+#: What every connection reads into (the loop's callbacks run one at a time, and what a
+#: read brings is copied out before the next): one buffer, not one per connection.
+_READ_BUFFER = memoryview(bytearray(READ_SIZE))
 #: Bytes a connection may hold before its relay starts (the handshake, what follows it
 #: while the far side connects); reading stops past it. More than one maximal handshake.
 PRE_RELAY_LIMIT = 64 << 10
@@ -55,7 +60,21 @@ def abort_socket(sock: socket.socket) -> None:
     sock.close()
 
 
-class SocketEnd(asyncio.Protocol):
+class UsesLoop:
+    """``loop``: the running loop, looked up once and passed down (Python 3.11's
+    ``asyncio.get_running_loop`` is a getpid system call each time)."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+
+class SocketEnd(asyncio.BufferedProtocol):
     """One TCP connection of the proxy (a user's, or the one to a target).
 
     Before ``relay``: ``recv`` and ``send`` for the handshake (what arrives is buffered, at
@@ -72,6 +91,8 @@ class SocketEnd(asyncio.Protocol):
         self._buf = bytearray()
         self._eof = False
         self._lost: BaseException | None = None
+        #: connection_lost came (``closed`` may be cancelled instead, with its waiter).
+        self._gone = False
         self._waiter: asyncio.Future[None] | None = None
         self._stream: Stream | None = None
         self._reading_paused = False
@@ -87,7 +108,11 @@ class SocketEnd(asyncio.Protocol):
         self.transport = tr = cast(asyncio.Transport, transport)
         tr.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = bytes(_READ_BUFFER[:nbytes])
         if self._stream is None or self._up_task is not None:
             self._buf += data
             if len(self._buf) > PRE_RELAY_LIMIT:
@@ -113,6 +138,7 @@ class SocketEnd(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = exc
+        self._gone = True
         if exc is not None and self.error is None and self._stream is not None \
                 and not (self._up_done and self._down_done):
             self.error = exc
@@ -129,7 +155,7 @@ class SocketEnd(asyncio.Protocol):
         while not self._buf:
             if self._lost is not None:
                 raise self._lost
-            if self._eof or self.closed.done():
+            if self._eof or self._gone:
                 return b""
             self._waiter = self.loop.create_future()
             try:
@@ -155,7 +181,7 @@ class SocketEnd(asyncio.Protocol):
     def abort(self) -> None:
         """Close at once with an RST instead of a FIN, dropping what is queued."""
         transport = self.transport
-        if transport is None or self.closed.done():
+        if transport is None or self._gone:
             return
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -183,7 +209,7 @@ class SocketEnd(asyncio.Protocol):
         connection holds already."""
         self._stream = stream
         stream.on_readable = self._pump
-        if self._lost is not None or self.closed.done():
+        if self._gone:
             self.error = self.error or self._lost or ConnectionResetError("connection closed")
             return
         if self._buf:

@@ -30,7 +30,7 @@ from vmbusify.protocol.proxy import (
 )
 from vmbusify.workers.base import Spawner
 from vmbusify.workers.proxy.policy import EgressPolicy
-from vmbusify.workers.proxy.relay import SocketEnd, relay
+from vmbusify.workers.proxy.relay import SocketEnd, UsesLoop, relay
 from vmbusify.workers.proxy.resolve import NameNotFound, Resolver
 from vmbusify.workers.proxy.stats import ConnStats
 from vmbusify.workers.proxy.udp import UdpRelay
@@ -38,7 +38,7 @@ from vmbusify.workers.proxy.udp import UdpRelay
 log = logging.getLogger("vmbusify.proxy.server")
 
 
-class ProxyServer:
+class ProxyServer(UsesLoop):
     """Connects to targets on behalf of the peer's proxy client."""
 
     def __init__(self, link: WorkerLink, cfg: ProxyConfig, role: Role, stats: ConnStats,
@@ -53,14 +53,6 @@ class ProxyServer:
                                                config.vms if config else ())
         self.resolver = Resolver(cfg.hosts_file)
         self.stats = stats
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, looked up once (each lookup costs a getpid system call)."""
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
 
     def _link_spawn(self, coro: Awaitable[Any], vmid: str = "", what: str = "request"
                     ) -> asyncio.Task[Any]:
