@@ -211,3 +211,16 @@ def test_what_arrives_before_the_relay_is_bounded_and_goes_first() -> None:
         await asyncio.gather(task, return_exceptions=True)
         assert wire.resets() == [("vm1", stream.id, "proxy stopping")] and tr.aborted
     run(go)
+
+
+def test_nothing_is_sent_to_a_connection_already_gone() -> None:
+    """A user that hung up while the far side connected: the reply is dropped quietly (a
+    write on uvloop's closed transport would raise RuntimeError out of the handler)."""
+    async def go() -> None:
+        _t, _wire, _stream, end, tr = setup()
+        end.connection_lost(ConnectionResetError(104, "Connection reset by peer"))
+        end.send(b"\x05\x00\x00\x01")
+        assert not tr.written
+        end.abort()
+        assert not tr.aborted
+    run(go)

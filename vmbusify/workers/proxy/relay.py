@@ -170,8 +170,9 @@ class SocketEnd(asyncio.BufferedProtocol):
 
     def send(self, data: bytes) -> None:
         """Queue ``data`` for the user (the transport sends what the socket takes now)."""
-        if self.transport is not None and data:
-            self.transport.write(data)
+        transport = self.transport
+        if transport is not None and data and not self._gone and not transport.is_closing():
+            transport.write(data)
 
     def close(self) -> None:
         """Close once what is queued has been sent."""
