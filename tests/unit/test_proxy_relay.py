@@ -12,7 +12,14 @@ from vmbusify.bus.streams import Stream, StreamTable
 from vmbusify.config import LimitsConfig
 from vmbusify.protocol.package import Package, PackageFlag, PackageType
 from vmbusify.protocol.window import INITIAL_WINDOW, MAX_CHUNK
-from vmbusify.workers.proxy.relay import PRE_RELAY_LIMIT, WRITE_HIGH, SocketEnd, relay
+from vmbusify.workers.proxy.relay import (
+    PRE_RELAY_LIMIT,
+    PRE_RELAY_READ,
+    READ_SIZE,
+    WRITE_HIGH,
+    SocketEnd,
+    relay,
+)
 
 
 class FakeSocket:
@@ -200,6 +207,7 @@ def test_what_arrives_before_the_relay_is_bounded_and_goes_first() -> None:
         _t, wire, stream, end, tr = setup()
         feed(end, b"hello")
         assert await end.recv() == b"hello"
+        assert len(end.get_buffer(-1)) == PRE_RELAY_READ  # a read brings little until then
         feed(end, b"y" * (PRE_RELAY_LIMIT + 1))
         assert not tr.reading  # past the bound: the kernel keeps the rest
         end.eof_received()
@@ -207,6 +215,7 @@ def test_what_arrives_before_the_relay_is_bounded_and_goes_first() -> None:
         await asyncio.sleep(0)
         assert [(len(p.payload), p.flags) for p in sent(wire)] == [
             (PRE_RELAY_LIMIT + 1, PackageFlag.NONE), (0, PackageFlag.EOF)]
+        assert len(end.get_buffer(-1)) == READ_SIZE
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert wire.resets() == [("vm1", stream.id, "proxy stopping")] and tr.aborted

@@ -38,6 +38,9 @@ _READ_BUFFER = memoryview(bytearray(READ_SIZE))
 #: Bytes a connection may hold before its relay starts (the handshake, what follows it
 #: while the far side connects); reading stops past it. More than one maximal handshake.
 PRE_RELAY_LIMIT = 64 << 10
+#: Bytes asked of the kernel per read until then (the socket's buffer may hold megabytes a
+#: user sent ahead: they stay in the kernel).
+PRE_RELAY_READ = 16 << 10
 #: The transport's write buffer: the stream is not read while more than WRITE_HIGH bytes
 #: wait for the user (plus at most one chunk, MAX_CHUNK), and again once under WRITE_LOW.
 WRITE_HIGH = 256 << 10
@@ -109,6 +112,8 @@ class SocketEnd(asyncio.BufferedProtocol):
         tr.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._stream is None or self._up_task is not None:
+            return _READ_BUFFER[:PRE_RELAY_READ]  # what arrives now is held here: a little
         return _READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
