@@ -36,6 +36,7 @@ from vmbusify.protocol.window import (
     decode_increment,
     encode_increment,
 )
+from vmbusify.runtime import UsesLoop
 
 __all__ = ["BUFFER_LIMIT_REASON", "LimitReached", "Stream", "StreamKey", "StreamReset",
            "StreamState", "StreamTable"]
@@ -446,7 +447,7 @@ class Stream:
             self.state = StreamState.REMOTE_EOF
 
 
-class StreamTable:
+class StreamTable(UsesLoop):
     """Every open stream of one worker, the id allocator for streams it opens, and the
     budget (per VM and in total) that caps them."""
 
@@ -462,15 +463,6 @@ class StreamTable:
         #: Credit a VM may be owed over all its streams before all of it is returned at
         #: once (see pay_owed).
         self.owed_max = self.budget.limits.buffered_per_vm // 4
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, looked up once (Python 3.11's lookup is a getpid system call)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
 
     def __len__(self) -> int:
         return len(self._streams)

@@ -46,10 +46,11 @@ from vmbusify.protocol.socks import (
     Socks5Greeting,
     TargetRequest,
 )
+from vmbusify.runtime import UsesLoop
 from vmbusify.users.access import AccessMode, Credentials, LocalUsers, access_mode
 from vmbusify.users.peer import tcp_peer_uid
 from vmbusify.workers.base import Spawner
-from vmbusify.workers.proxy.relay import SocketEnd, UsesLoop, relay
+from vmbusify.workers.proxy.relay import SocketEnd, relay
 from vmbusify.workers.proxy.route import Route, RouteError, Router
 from vmbusify.workers.proxy.stats import ConnStats
 from vmbusify.workers.proxy.udp_client import UdpAssociation

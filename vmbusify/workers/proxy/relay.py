@@ -63,20 +63,6 @@ def abort_socket(sock: socket.socket) -> None:
     sock.close()
 
 
-class UsesLoop:
-    """``loop``: the running loop, looked up once and passed down (Python 3.11's
-    ``asyncio.get_running_loop`` is a getpid system call each time)."""
-
-    _loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
-
-
 class SocketEnd(asyncio.BufferedProtocol):
     """One TCP connection of the proxy (a user's, or the one to a target).
 

@@ -28,9 +28,10 @@ from vmbusify.protocol.proxy import (
     ReplyCode,
     reply_for_errno,
 )
+from vmbusify.runtime import UsesLoop
 from vmbusify.workers.base import Spawner
 from vmbusify.workers.proxy.policy import EgressPolicy
-from vmbusify.workers.proxy.relay import SocketEnd, UsesLoop, relay
+from vmbusify.workers.proxy.relay import SocketEnd, relay
 from vmbusify.workers.proxy.resolve import NameNotFound, Resolver
 from vmbusify.workers.proxy.stats import ConnStats
 from vmbusify.workers.proxy.udp import UdpRelay
