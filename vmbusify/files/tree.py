@@ -20,7 +20,8 @@ The receiver treats the stream as hostile (a pull's stream comes from the guest)
 - a file's data is exactly the ``size`` its entry announced: a chunk beyond it, or a file
   end before it, is a protocol error naming the file (its part removed), so a sender cannot
   fill the disk past what it announced; an announced size larger than the target's free
-  space fails before anything is written (``no-space``);
+  space fails before anything is written (``no-space``; the free space is read once per
+  directory and again only when the sizes announced since would pass what it was);
 - memory is bounded: one record at a time, a stack of open directories no deeper than
   MAX_DEPTH, at most MAX_WARNINGS warnings of three short texts each. What is not bounded is
   what the operator asked for: a stream of many files or directories fills the disk (or its
@@ -143,11 +144,47 @@ def short_file(entry: Entry, have: int) -> CopyFailed | None:
                       f"{entry.size} bytes the sender announced", show(entry.name))
 
 
-def free_space(fd: int) -> int:
+def free_space(fd: int, root: bool | None = None) -> int:
     """Bytes this user may still write on the file system of the directory ``fd`` (root may
-    use the blocks reserved for it)."""
+    use the blocks reserved for it; ``root``: whether this process is, if known)."""
     st = os.fstatvfs(fd)
-    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    if root is None:
+        root = os.geteuid() == 0
+    return (st.f_bfree if root else st.f_bavail) * st.f_frsize
+
+
+#: What a file's data is counted as against the free space: whole blocks of this size.
+BLOCK = 4096
+
+
+class FreeSpace:
+    """The free-space check before each file, without a statvfs for each: the free space
+    of a directory's file system is read the first time a file goes into it, and each file
+    then takes its announced size (in whole BLOCKs) off what was read; only a file that
+    would pass what is left reads it again, and fails if it passes that too. A huge
+    announced size still fails before anything is written; the space others take
+    meanwhile is what ENOSPC reports (as it was between two reads anyway)."""
+
+    def __init__(self) -> None:
+        self._root = os.geteuid() == 0
+        #: Directory fd -> bytes still free there by the last read, less what files took.
+        self._left: dict[int, int] = {}
+
+    def take(self, dirfd: int, need: int) -> int:
+        """Count ``need`` bytes written into ``dirfd``; returns -1 if they fit, else the
+        free space there (just read), which they pass."""
+        left = self._left.get(dirfd, -1)
+        if need > left:
+            left = free_space(dirfd, self._root)
+            if need > left:
+                self._left.pop(dirfd, None)
+                return left
+        self._left[dirfd] = left - -(-need // BLOCK) * BLOCK
+        return -1
+
+    def forget(self, dirfd: int) -> None:
+        """``dirfd`` is closed (its number may come back for another directory)."""
+        self._left.pop(dirfd, None)
 
 
 # -- the sender ---------------------------------------------------------------------------------
@@ -460,6 +497,7 @@ class Receiver:
         self.unknown_size = unknown_size
         #: Directory fds whose entries changed (fsynced when the stream leaves them).
         self._dirty: set[int] = set()
+        self._space = FreeSpace()
 
     # -- names ----------------------------------------------------------------------------
     def landed(self, name: bytes) -> str:
@@ -502,6 +540,7 @@ class Receiver:
             self._sync_dir(d.fd)
         finally:
             self._dirty.discard(d.fd)
+            self._space.forget(d.fd)
             os.close(d.fd)
 
     def _changed(self, dirfd: int) -> None:
@@ -617,7 +656,7 @@ class Receiver:
             if not self.unknown_size:
                 raise CopyFailed("protocol", f"{show(entry.name)}: the sender announced no "
                                  "size", show(entry.name))
-        elif entry.size - entry.offset > (free := free_space(dirfd)):
+        elif (free := self._space.take(dirfd, entry.size - entry.offset)) >= 0:
             raise CopyFailed("no-space", f"cannot write {self.landed(entry.name)}: no space "
                              f"left on the target's file system ({entry.size - entry.offset} "
                              f"bytes to write, {free} free)", show(entry.name))
@@ -748,8 +787,11 @@ class Receiver:
         """Close every directory fd (idempotent)."""
         self._dirty.clear()
         while self._stack:
-            os.close(self._stack.pop().fd)
+            fd = self._stack.pop().fd
+            self._space.forget(fd)
+            os.close(fd)
         if self.target.fd >= 0:
+            self._space.forget(self.target.fd)
             os.close(self.target.fd)
             self.target.fd = -1
 
