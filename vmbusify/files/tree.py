@@ -59,6 +59,10 @@ from vmbusify.files.wire import (
 
 #: Bytes read from a file per C record.
 READ_CHUNK = 1 << 20
+#: A file up to this size is sent as one piece (its entry, data and end joined): a tree of
+#: small files makes a quarter of the pieces, each one passed up through the generators
+#: and gathered into writes.
+SMALL_FILE = 64 << 10
 #: Suffix of a part file (``.NAME.vmbcp-part``).
 PART_SUFFIX = b".vmbcp-part"
 #: The mode bits a receiver may set: permissions and the sticky bit (not setuid/setgid).
@@ -268,27 +272,31 @@ class Sender:
     def _entry(self, path: bytes, name: bytes, st: os.stat_result, top: bool = False
                ) -> Iterator[bytes | memoryview]:
         mode = st.st_mode
+        if stat.S_ISREG(mode):
+            yield from self._file(path, name, top)
+            return
         common = Entry(Kind.FILE, name, stat.S_IMODE(mode), st.st_uid, st.st_gid,
                        st.st_mtime_ns)
-        if stat.S_ISREG(mode):
-            yield from self._file(path, name, st, common, top)
-        elif stat.S_ISDIR(mode):
+        if stat.S_ISDIR(mode):
             yield encode_entry(replace(common, kind=Kind.DIR))
             self.counts.dirs += 1
             try:
                 with os.scandir(path) as it:
-                    children = sorted(e.name for e in it)
+                    children = sorted((e.name, _is_file(e)) for e in it)
             except OSError as exc:
                 yield self._warn(name, failed(exc, "").kind,
                                  f"cannot list {show(path)}: {exc.strerror}")
                 return
             depth = name.count(b"/") + 2
-            for child in children:
+            for child, is_file in children:
                 cpath = os.path.join(path, child)
                 if depth > MAX_DEPTH or len(name) + 1 + len(child) > MAX_NAME:
                     yield self._warn(name + b"/" + child, "unsupported",
                                      f"not copied: {show(cpath)} is more than {MAX_DEPTH} "
                                      f"directories or {MAX_NAME} bytes below the copy's root")
+                    continue
+                if is_file:  # the directory says so: its open and fstat tell the rest
+                    yield from self._file(cpath, name + b"/" + child, False)
                     continue
                 try:
                     cst = os.lstat(cpath)
@@ -311,11 +319,10 @@ class Sender:
                 "a FIFO" if stat.S_ISFIFO(mode) else "a socket")
             yield self._warn(name, "unsupported", f"not copied: {show(path)} is {what}")
 
-    def _file(self, path: bytes, name: bytes, st: os.stat_result, common: Entry,
-              top: bool) -> Iterator[bytes | memoryview]:
+    def _file(self, path: bytes, name: bytes, top: bool) -> Iterator[bytes | memoryview]:
         """One file: exactly the size fstat gives once it is open (as scp and tar do, a file
         that grows meanwhile is sent up to that size; one that shrinks is not copied: a W
-        record inside it, naming it, drops it at the receiver)."""
+        record inside it, naming it, drops it at the receiver). A small one as one piece."""
         try:
             # O_NONBLOCK: if the file was replaced by a FIFO since lstat, do not hang on it.
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (
@@ -330,45 +337,63 @@ class Sender:
                 yield self._warn(name, "unsupported",
                                  f"not copied: {show(path)} changed type while being read")
                 return
-            size = fst.st_size
-            digest = hashlib.sha256() if self.checksum else None
             offset = self.offset if top and len(self.sources) == 1 else 0
-            if offset > size:
+            if offset > fst.st_size:
                 yield self._warn(name, "io", f"not copied: {show(path)} shrank below the "
                                  f"{offset} bytes to resume from")
                 return
-            if offset:
-                if digest is not None:
-                    _hash_fd(fd, offset, digest)
-                os.lseek(fd, offset, os.SEEK_SET)
-            yield encode_entry(replace(common, mode=stat.S_IMODE(fst.st_mode),
-                                       uid=fst.st_uid, gid=fst.st_gid,
-                                       mtime_ns=fst.st_mtime_ns, size=size, offset=offset))
-            if self.on_file:
-                self.on_file(show(name), size - offset)
-            left = size - offset
-            while left:
-                try:
-                    data = os.read(fd, min(READ_CHUNK, left))
-                except OSError as exc:
-                    yield self._warn(name, "io", f"cannot read {show(path)}: {exc.strerror}")
-                    return
-                if not data:
-                    yield self._warn(name, "io", f"not copied: {show(path)} shrank while "
-                                     f"being read ({size - left} of {size} bytes)")
-                    return
-                left -= len(data)
-                if digest is not None:
-                    digest.update(data)
-                yield encode_chunk_header(len(data))
-                yield data
-                self.counts.bytes += len(data)
-                if self.on_bytes:
-                    self.on_bytes(len(data))
-            yield encode_file_end(digest.digest() if digest is not None else b"")
-            self.counts.files += 1
+            pieces = self._file_pieces(fd, path, name, fst, offset)
+            if fst.st_size - offset <= SMALL_FILE:
+                yield b"".join(pieces)
+            else:
+                yield from pieces
         finally:
             os.close(fd)
+
+    def _file_pieces(self, fd: int, path: bytes, name: bytes, fst: os.stat_result,
+                     offset: int) -> Iterator[bytes]:
+        """The records of the open file ``fd`` from ``offset``: its entry, its data, its end
+        (or a W where it could not be read whole)."""
+        size = fst.st_size
+        digest = hashlib.sha256() if self.checksum else None
+        if offset:
+            if digest is not None:
+                _hash_fd(fd, offset, digest)
+            os.lseek(fd, offset, os.SEEK_SET)
+        yield encode_entry(Entry(Kind.FILE, name, stat.S_IMODE(fst.st_mode), fst.st_uid,
+                                 fst.st_gid, fst.st_mtime_ns, size, offset))
+        if self.on_file:
+            self.on_file(show(name), size - offset)
+        left = size - offset
+        while left:
+            try:
+                data = os.read(fd, min(READ_CHUNK, left))
+            except OSError as exc:
+                yield self._warn(name, "io", f"cannot read {show(path)}: {exc.strerror}")
+                return
+            if not data:
+                yield self._warn(name, "io", f"not copied: {show(path)} shrank while "
+                                 f"being read ({size - left} of {size} bytes)")
+                return
+            left -= len(data)
+            if digest is not None:
+                digest.update(data)
+            yield encode_chunk_header(len(data))
+            yield data
+            self.counts.bytes += len(data)
+            if self.on_bytes:
+                self.on_bytes(len(data))
+        yield encode_file_end(digest.digest() if digest is not None else b"")
+        self.counts.files += 1
+
+
+def _is_file(entry: os.DirEntry[bytes]) -> bool:
+    """Whether a directory's entry is a regular file, by its type in the directory (no
+    system call where the file system gives it); False when unsure."""
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _hash_fd(fd: int, length: int, digest: hashlib._Hash, start: int = 0) -> int:
