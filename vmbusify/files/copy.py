@@ -337,7 +337,8 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
         except CopyFailed as exc:
             raise _error(exc) from None
         meter = _Meter(progress, _size_of(srcs, recursive) if progress else None)
-        sender.on_file, sender.on_bytes = meter.on_file, meter.on_bytes
+        if progress is not None:  # else no call for each file
+            sender.on_file, sender.on_bytes = meter.on_file, meter.on_bytes
         if resume:
             if len(srcs) != 1 or not os.path.isfile(srcs[0]):
                 raise FileCopyError("--resume continues one regular file", "usage")
@@ -458,7 +459,8 @@ def pull(vm: str, sources: Sequence[str], dest: PathArg, *, recursive: bool = Fa
                     request.update(offset=size, expect=digest)
             receiver = Receiver(open_target(dest_b, len(sources)), preserve=preserve,
                                 chown=preserve and os.geteuid() == 0, checksum=checksum,
-                                resume=resume, on_file=meter.on_file, on_bytes=meter.on_bytes,
+                                resume=resume, on_file=meter.on_file if progress else None,
+                                on_bytes=meter.on_bytes if progress else None,
                                 fsync=fsync)
     except CopyFailed as exc:
         raise _error(exc) from None

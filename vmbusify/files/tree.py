@@ -117,7 +117,7 @@ def check_name(name: bytes) -> list[bytes]:
     """The components of an entry's name, or CopyFailed("unsafe")."""
     parts = name.split(b"/")
     if (not name or len(name) > MAX_NAME or name.startswith(b"/") or b"\0" in name
-            or any(p in (b"", b".", b"..") or len(p) > 255 for p in parts)):
+            or b"" in parts or b"." in parts or b".." in parts or max(map(len, parts)) > 255):
         raise CopyFailed("unsafe", f"refused an unsafe name from the sender: "
                          f"{show(name[:300])!r}", show(name))
     if len(parts) > MAX_DEPTH:
@@ -684,7 +684,7 @@ class Receiver:
             if self.preserve:
                 os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd,
                          follow_symlinks=False)
-            _rename(tmp, leaf, fd, self.landed(entry.name))
+            _rename(tmp, leaf, fd, lambda: self.landed(entry.name))
         except BaseException:
             _unlink_quiet(tmp, fd)
             raise
@@ -793,7 +793,7 @@ class Receiver:
             os.fsync(f.fd)
         os.close(f.fd)
         f.fd = -1
-        _rename(f.part, f.leaf, f.dirfd, self.landed(f.entry.name))
+        _rename(f.part, f.leaf, f.dirfd, lambda: self.landed(f.entry.name))
         self._changed(f.dirfd)
         self._file = None
         self.counts.files += 1
@@ -841,11 +841,13 @@ class Receiver:
             self.target.fd = -1
 
 
-def _rename(part: bytes, leaf: bytes, dirfd: int, name: str) -> None:
+def _rename(part: bytes, leaf: bytes, dirfd: int, landed: Callable[[], str]) -> None:
+    """Rename the part over its name; ``landed()``: that name for a message."""
     try:
         os.rename(part, leaf, src_dir_fd=dirfd, dst_dir_fd=dirfd)
     except IsADirectoryError:
         _unlink_quiet(part, dirfd)
+        name = landed()
         raise CopyFailed("is-dir", f"cannot overwrite the directory {name} with a file",
                          name) from None
 
