@@ -1,9 +1,9 @@
 """The guest's half of `vmbusifyctl cp`: a small program the host runs through exec.
 
 The host sends this module's source with wire.py and tree.py as arguments of one exec
-(``python3 -I -c BOOTSTRAP REQUEST WIRE TREE AGENT``: see vmbusify/files/remote.py), so a copy
-needs nothing installed in the guest but ``python3`` (which the guest's VMBusify runs on), and
-a guest of an older release copies with the host's code. It runs as the exec's user (``-u``),
+(``python3 -I -S -c BOOTSTRAP REQUEST WIRE TREE AGENT``: see vmbusify/files/remote.py), so a
+copy needs nothing installed in the guest but ``python3`` (which the guest's VMBusify runs on),
+and a guest of an older release copies with the host's code. It runs as the exec's user (``-u``),
 so the guest's own permissions decide what it may read and write.
 
 Standard library, wire.py and tree.py only. The request is one JSON object::
@@ -106,6 +106,7 @@ def _recv(req: dict[str, object]) -> int:
                         resume=bool(req.get("resume")), fsync=bool(req.get("fsync")),
                         unknown_size=bool(req.get("stdin")))
     decoder = Decoder(raw_first=bool(req.get("raw")))
+    _grow_pipe(0)
     try:
         while not decoder.finished:
             data = os.read(0, READ_SIZE)
@@ -128,6 +129,19 @@ def _recv(req: dict[str, object]) -> int:
         raise
     write_pieces(1, [end_note(receiver.counts)])
     return 0
+
+
+def _grow_pipe(fd: int) -> None:
+    """Make the pipe ``fd`` (stdin: the exec's worker writes the stream into it) hold
+    READ_SIZE bytes, not Linux's 64 KiB: the worker writes what it has in one go and this
+    process reads it in one go (a sixteenth of the wake-ups on each side). Nothing happens
+    where it is not a pipe or the user's pipe quota is spent."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), READ_SIZE)
+    except OSError:
+        pass
 
 
 def _splice_raw(receiver: Receiver, decoder: Decoder) -> bool:
@@ -257,7 +271,7 @@ def main(request: str) -> int:
         return _fail(CopyFailed("usage", f"bad request: {exc}"))
 
 
-#: What the host runs with ``python3 -I -c``: it installs the three modules from the
+#: What the host runs with ``python3 -I -S -c``: it installs the three modules from the
 #: arguments under their own names, then runs ``main(REQUEST)``.
 BOOTSTRAP = """\
 import sys, types
