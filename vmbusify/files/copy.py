@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from vmbusify.control.client import ControlClient
 from vmbusify.errors import FileCopyError, TunnelError, VMBusifyError
 from vmbusify.files import fast, remote
 from vmbusify.files.channel import MAX_MESSAGE, ExecChannel, Status
@@ -48,7 +49,6 @@ from vmbusify.text import printable
 
 if TYPE_CHECKING:
     from vmbusify.config import Config
-    from vmbusify.control.client import ControlClient
 
 PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 #: What a helper may write on stderr that is kept for an error message.
