@@ -27,6 +27,7 @@ host's file system, so both tools copy between two directories of the same machi
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shutil
 import statistics
@@ -322,6 +323,10 @@ def main() -> None:
                     help="where the files are made and copied (default: $TMPDIR or /tmp)")
     args = ap.parse_args()
     want = {figure: args.only in (None, figure) for figure in ("file", "tree", "fairness")}
+    # As an install does (with PYTHONDONTWRITEBYTECODE set, an edited checkout, and one made
+    # with git archive for --base, would compile its modules again at every cp's start).
+    for tree in (Path(__file__).resolve().parents[1], *([Path(args.base)] if args.base else [])):
+        compileall.compile_dir(str(tree / "vmbusify"), quiet=1)
     print(f"files benchmark on {os.cpu_count()} cores, vm1 = the lab, load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="vmbusify-bench-files-", dir=args.dir) as tmp:
