@@ -258,9 +258,13 @@ def small_files(work: Path, scp: Scp, files: int, runs: int = 1, base: str = "")
               f"(goal >= 5), diff -r equal{f'; median of {runs}' if runs > 1 else ''}",
               flush=True)
         if base:
+            paired = statistics.median(a / b for a, b in zip(times["vmbusify"], times["base"],
+                                                               strict=True))
             print(f"    {base}'s client: {med['base']:.2f} s, ratio to scp -r "
                   f"{med['scp'] / med['base']:.2f}; this one's time / its "
-                  f"{med['vmbusify'] / med['base']:.2f}", flush=True)
+                  f"{med['vmbusify'] / med['base']:.2f} (medians), {paired:.2f} (median of "
+                  f"each round's), {min(times['vmbusify']) / min(times['base']):.2f} "
+                  "(fastest runs)", flush=True)
         if runs > 1:
             for tool in tools:
                 print(f"    {tool} runs: {' '.join(f'{t:.2f}' for t in times[tool])}",
