@@ -23,7 +23,6 @@ strings whose undecodable bytes are surrogates.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -41,6 +40,7 @@ from vmbusify.files.tree import (
     hash_prefix,
     open_target,
     probe_part,
+    sha256,
     show,
 )
 from vmbusify.files.wire import (
@@ -197,7 +197,7 @@ def _send_raw(sender: Sender, offset: int) -> bool:
         if not stat.S_ISREG(st.st_mode):
             return False
         size, offset = st.st_size, min(offset, st.st_size)
-        digest = hashlib.sha256() if sender.checksum else None
+        digest = sha256() if sender.checksum else None
         if digest is not None and offset:
             _hash_fd(fd, offset, digest)
         write_pieces(1, [encode_entry(Entry(Kind.FILE, name, stat.S_IMODE(st.st_mode),

@@ -35,11 +35,14 @@ each directory it changed once it leaves it (rsync's ``--fsync``).
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import hashlib
 
 from vmbusify.files.wire import (
     MAX_DEPTH,
@@ -106,11 +109,19 @@ def failed(exc: OSError, what: str, path: bytes | str = b"") -> CopyFailed:
     return CopyFailed(kind, f"{what}{where}: {reason}", show(path))
 
 
+def sha256(data: bytes = b"") -> hashlib._Hash:
+    """A sha256. ``hashlib`` is loaded here, when first needed: ~3 ms of each start (the
+    client's and the guest helper's), which a copy without ``--checksum`` never needs."""
+    import hashlib
+
+    return hashlib.sha256(data)
+
+
 def part_name(leaf: bytes) -> bytes:
     """The part file's name for a target named ``leaf`` (kept under NAME_MAX)."""
     if len(leaf) <= 255 - len(PART_SUFFIX) - 1:
         return b"." + leaf + PART_SUFFIX
-    return b".vmbcp-" + hashlib.sha256(leaf).hexdigest()[:32].encode() + b".part"
+    return b".vmbcp-" + sha256(leaf).hexdigest()[:32].encode() + b".part"
 
 
 def check_name(name: bytes) -> list[bytes]:
@@ -355,7 +366,7 @@ class Sender:
         """The records of the open file ``fd`` from ``offset``: its entry, its data, its end
         (or a W where it could not be read whole)."""
         size = fst.st_size
-        digest = hashlib.sha256() if self.checksum else None
+        digest = sha256() if self.checksum else None
         if offset:
             if digest is not None:
                 _hash_fd(fd, offset, digest)
@@ -411,7 +422,7 @@ def _hash_fd(fd: int, length: int, digest: hashlib._Hash, start: int = 0) -> int
 
 def hash_prefix(path: bytes, length: int) -> str:
     """sha256 (hex) of the first ``length`` bytes of ``path`` ("" if it is shorter)."""
-    digest = hashlib.sha256()
+    digest = sha256()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return digest.hexdigest() if _hash_fd(fd, length, digest) == length else ""
@@ -702,7 +713,7 @@ class Receiver:
             raise CopyFailed("no-space", f"cannot write {self.landed(entry.name)}: no space "
                              f"left on the target's file system ({entry.size - entry.offset} "
                              f"bytes to write, {free} free)", show(entry.name))
-        digest = hashlib.sha256() if self.checksum else None
+        digest = sha256() if self.checksum else None
         moded = False
         if entry.offset:
             if not self.resume:
@@ -877,7 +888,7 @@ def probe_part(dest: bytes, name: bytes) -> tuple[int, str]:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or not st.st_size:
                 return 0, ""
-            digest = hashlib.sha256()
+            digest = sha256()
             size = _hash_fd(fd, st.st_size, digest)
             return size, digest.hexdigest()
         finally:
@@ -894,7 +905,7 @@ class StdoutReceiver:
                  on_bytes: Callable[[int], None] | None = None) -> None:
         self.fd = fd
         self.counts = ReceiveCounts()
-        self.digest = hashlib.sha256() if checksum else None
+        self.digest = sha256() if checksum else None
         self.on_file = on_file
         self.on_bytes = on_bytes
         self._entry: Entry | None = None
