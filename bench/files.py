@@ -241,9 +241,10 @@ def small_files(work: Path, scp: Scp, files: int, runs: int = 1, base: str = "")
     tools = ("vmbusify", *(("base",) if base else ()), "scp")
     for way in ("push", "pull"):
         times: dict[str, list[float]] = {}
-        for _ in range(runs):
+        copies = []
+        for run in range(runs):
             for tool in tools:
-                dst = work / f"tree-{way}-{tool}"
+                dst = work / f"tree-{way}-{tool}-{run}"
                 if tool == "scp":
                     t = (scp.push if way == "push" else scp.pull)(src, dst, True)
                 else:
@@ -251,7 +252,11 @@ def small_files(work: Path, scp: Scp, files: int, runs: int = 1, base: str = "")
                         src, dst, True, base if tool == "base" else "")
                 times.setdefault(tool, []).append(t)
                 check_same(src, dst)
-                shutil.rmtree(dst)
+                copies.append(dst)
+        # Removed after the figure, not between copies: on ext4, 10,000 files made just
+        # after 10,000 were removed cost the kernel up to 10x more each (docs/performance.md)
+        for dst in copies:
+            shutil.rmtree(dst)
         med = {tool: statistics.median(ts) for tool, ts in times.items()}
         print(f"  {files} files {way}: vmbusify {med['vmbusify']:.2f} s, scp -r "
               f"{med['scp']:.2f} s, ratio {med['scp'] / med['vmbusify']:.2f} "
