@@ -132,6 +132,14 @@ async def tunnel_figures(root: Path, mib: int, pings: int) -> dict[str, float]:
         finally:
             pinger.cancel()
         small, small_cpu = await one_stream(SMALL_CHUNK)
+        # How the payloads crossed the buses (vmbusify/bus/ring.py; VMBUSIFY_BUS_RING=0: no
+        # rings): through the host worker's ring or inline, and into the sink's.
+        rings = host._bus.rings if host._bus is not None else None
+        probe = await link_for(pair.guest, "bench-probe", [])
+        st = await probe.control({"cmd": "status"})
+        await probe.close()
+        sink_ring = next((w.get("ring") for w in st["workers"] if w["name"] == "bench-sink"),
+                         None) or {}
         await host.close()
         return {"rtt_median_ms": statistics.median(rtts),
                 "rtt_p99_ms": sorted(rtts)[int(len(rtts) * 0.99) - 1],
@@ -143,7 +151,11 @@ async def tunnel_figures(root: Path, mib: int, pings: int) -> dict[str, float]:
                 **{f"sys_cpu_s_per_gb {k[4:]}": v for k, v in cpu.items()
                    if k.startswith("sys ")},
                 **{f"small_cpu_s_per_gb {k}": v for k, v in small_cpu.items()
-                   if not k.startswith("sys ")}}
+                   if not k.startswith("sys ")},
+                "ring_host_placed": rings.placed if rings else 0,
+                "ring_host_inline": rings.inline if rings else 0,
+                "ring_guest_placed": sink_ring.get("placed", 0),
+                "ring_guest_inline": sink_ring.get("inline", 0)}
     finally:
         sink.kill()
         pair.stop()
@@ -248,6 +260,10 @@ def main() -> None:
           f"socat -b 256K: {chain[0] / socat_big:.2f} (the goal of 0.50 asks nearly that of "
           "C relays doing the same crossings; each crossing is a copy in and a copy out of "
           "the kernel)")
+    print(f"  payloads through the shared-memory rings (VMBUSIFY_BUS_RING): host worker -> "
+          f"host mux {ours['ring_host_placed']:.0f} (inline for want of room "
+          f"{ours['ring_host_inline']:.0f}), guest mux -> guest worker "
+          f"{ours['ring_guest_placed']:.0f} ({ours['ring_guest_inline']:.0f})")
     kernel = sum(v for k, v in ours.items() if k.startswith("sys_cpu_s_per_gb "))
     print(f"  of the CPU seconds per GB in 1 MiB writes, in the kernel (system time): "
           f"{kernel:.2f}")

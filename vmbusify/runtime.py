@@ -50,6 +50,20 @@ def release_free_memory() -> bool:
         return False
 
 
+class UsesLoop:
+    """``loop``: the running loop, looked up once and passed down (Python 3.11's
+    ``asyncio.get_running_loop`` is a getpid system call each time)."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+
 def tune_gc() -> None:
     """Collect garbage less often, and never scan what was there at start.
 

@@ -248,6 +248,17 @@ def test_what_is_not_copied_is_listed_once_each(lab: LabHandle, work: Path) -> N
     assert not (work / "out" / "pipe").exists()
 
 
+@pytest.mark.parametrize("raw", ["1", "0"])
+def test_a_fifo_named_for_a_pull_is_not_copied_and_does_not_hang(
+        lab: LabHandle, work: Path, raw: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    os.mkfifo(work / "pipe")
+    monkeypatch.setenv("VMBUSIFY_CP_FAST", raw)
+    proc = cp(f"vm1:{work}/pipe", f"{work}/out", timeout=30)
+    assert proc.returncode == 1
+    assert f"not copied: {work}/pipe is a FIFO" in proc.stderr.decode()
+    assert not (work / "out").exists()
+
+
 def test_permission_denied_as_another_user(lab: LabHandle, work: Path) -> None:
     (work / "f").write_text("x")
     root_only = work / "root-only"

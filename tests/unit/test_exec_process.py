@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import time
 import uuid
@@ -14,6 +15,7 @@ import pytest
 
 from vmbusify.protocol.exec import ExecSpec
 from vmbusify.workers.exec.process import (
+    PIPE_SIZE,
     TAG_VAR,
     CannotStart,
     FdIO,
@@ -158,6 +160,23 @@ def test_stdin_pipe_streams_and_closes() -> None:
         os.close(child.stdin)  # EOF: sort prints and exits
         child.stdin = None
         assert await read_all(child.stdout) == b"a\nb\n"
+        assert await child.proc.wait() == 0
+        child.close()
+
+    run(scenario())
+
+
+def test_every_pipe_of_a_program_holds_one_chunk() -> None:
+    """stdin, stdout and stderr get PIPE_SIZE (1 MiB, /proc/sys/fs/pipe-max-size's default):
+    a DATA package goes into stdin in one write, and stdout is read a package at a time."""
+    async def scenario() -> None:
+        child = await spawn(ExecSpec(argv=["cat"], stdin=True))
+        assert child.stdin is not None and child.stdout is not None
+        assert child.stderr is not None
+        for fd in (child.stdin, child.stdout, child.stderr):
+            assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) == PIPE_SIZE
+        os.close(child.stdin)
+        child.stdin = None
         assert await child.proc.wait() == 0
         child.close()
 

@@ -29,7 +29,7 @@ from vmbusify.files.wire import (
     encode_file_end,
     encode_note,
 )
-from vmbusify.workers.exec.fdfile import Divert, FdRequest, receive_fd
+from vmbusify.workers.exec.fdfile import WRITE_STEP, Divert, FdRequest, receive_fd
 
 END = encode_note(Kind.END, {"files": 1})
 
@@ -208,3 +208,22 @@ def test_a_divert_that_cannot_write_reports_at_once_and_drops_the_rest() -> None
     assert asyncio.run(run()) == [b"", b"y" * 5]
     assert [r["end"] for r in reports] == [True]
     assert reports[0]["errno"] == errno.ENOSPC and "No space left" in reports[0]["error"]
+
+
+def test_a_divert_writes_a_chunk_of_many_steps_whole(tmp_path: Path) -> None:
+    """A chunk larger than WRITE_STEP goes into the file in several writes, all of it, in
+    order, at the divert's offset."""
+    data = os.urandom(5 * WRITE_STEP + 123)
+
+    async def report(doc: dict[str, object]) -> None:
+        pass
+
+    async def run() -> None:
+        fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+        os.write(fd, b"head")
+        divert = Divert(fd, FdRequest("write", 4, len(data)), report)
+        assert not await divert.take(data)
+        await divert.end()
+
+    asyncio.run(run())
+    assert (tmp_path / "f").read_bytes() == b"head" + data

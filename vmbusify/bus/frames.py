@@ -14,6 +14,8 @@ worker (pyzmq's metadata-frame + data-frame pattern)::
     REGOK  mux -> worker   [b"REGOK", msgpack{role, mux_id}]
     REREG  mux -> worker   [b"REREG"]                 the mux does not know this worker
     PKG    both ways       [b"PKG", vmid, header, payload]
+    PKR    both ways       [b"PKR", vmid, header, ref]  the payload is in the ring (ring.py)
+    RLS    both ways       [b"RLS", ring id (4) + position (8)]   the ring is free up to it
     CTL    worker -> mux   [b"CTL", call_id, msgpack{cmd, ...}]
            mux -> worker   [b"CTL", call_id, msgpack{ok, result} | msgpack{ok, error, code}]
     EVT    mux -> worker   [b"EVT", msgpack{event: "up"|"down"|"peer-lost", vmid, ...}]
@@ -57,6 +59,10 @@ class BusKind(bytes, Enum):
     REGOK = b"REGOK"
     REREG = b"REREG"
     PKG = b"PKG"
+    #: A PKG whose payload is in the link's shared-memory ring (vmbusify.bus.ring).
+    PKR = b"PKR"
+    #: How far the sender's ring may be written again (vmbusify.bus.ring).
+    RLS = b"RLS"
     CTL = b"CTL"
     EVT = b"EVT"
 
@@ -144,14 +150,20 @@ class Reg:
     #: two links of one name, the REGs of the older are stale whatever order they arrive in
     #: (two ZeroMQ connections keep no order between them). 0: unknown (always taken).
     since: int = 0
+    #: The worker's two rings (vmbusify.bus.ring): ``{"id", "size", "tx", "rx"}`` (file
+    #: names in the bus directory); None: it has none (or is of before the rings).
+    ring: dict[str, Any] | None = None
 
     def to_frames(self) -> Frames:
         return [BusKind.REG.value, dumps(self.body())]
 
     def body(self) -> dict[str, Any]:
         """The REG map (what the mux's route table reads)."""
-        return {"name": self.name, "pid": self.pid, "entities": list(self.entities),
+        body = {"name": self.name, "pid": self.pid, "entities": list(self.entities),
                 "routes": [list(r) for r in self.routes], "since": self.since}
+        if self.ring is not None:
+            body["ring"] = dict(self.ring)
+        return body
 
     @classmethod
     def parse(cls, frames: Frames) -> Reg:
@@ -165,9 +177,30 @@ class Reg:
         since = body.get("since", 0)
         if not isinstance(since, int) or isinstance(since, bool) or since < 0:
             raise RemoteProtocolError("REG: 'since' must be a non-negative integer")
+        ring = body.get("ring")
+        if ring is not None:
+            ring = _ring_offer(ring)
         return cls(name=_str(body, "name", "REG")[:MAX_NAME], pid=pid,
                    entities=_ints(body.get("entities"), "REG entities"),
-                   routes=[_ints(r, "a REG route") for r in routes], since=since)
+                   routes=[_ints(r, "a REG route") for r in routes], since=since, ring=ring)
+
+
+def _ring_offer(ring: Any) -> dict[str, Any]:
+    """A REG's ``ring``, checked: ``id`` and ``size`` integers, ``tx`` and ``rx`` names."""
+    if not isinstance(ring, dict):
+        raise RemoteProtocolError("REG: 'ring' must be a map")
+    out: dict[str, Any] = {}
+    for key in ("id", "size"):
+        value = ring.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 32:
+            raise RemoteProtocolError(f"REG ring: {key!r} must be a positive 32-bit integer")
+        out[key] = value
+    for key in ("tx", "rx"):
+        value = ring.get(key)
+        if not isinstance(value, str) or len(value) > MAX_NAME:
+            raise RemoteProtocolError(f"REG ring: {key!r} must be a file name")
+        out[key] = value
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,14 +262,32 @@ class RegOk:
     KIND: ClassVar[BusKind] = BusKind.REGOK
     role: str
     mux_id: str
+    #: The id of the worker's rings the mux has mapped (it reads the worker's ``tx`` and
+    #: writes its ``rx``); 0: none (a mux of before the rings says nothing).
+    ring: int = 0
+    #: The id of the rings the REG answered offered (0: none), mapped or not: a worker
+    #: tells an answer to its offer from one to an older REG.
+    offered: int = 0
 
     def to_frames(self) -> Frames:
-        return [BusKind.REGOK.value, dumps({"role": self.role, "mux_id": self.mux_id})]
+        body: dict[str, Any] = {"role": self.role, "mux_id": self.mux_id}
+        if self.ring:
+            body["ring"] = self.ring
+        if self.offered:
+            body["offered"] = self.offered
+        return [BusKind.REGOK.value, dumps(body)]
 
     @classmethod
     def parse(cls, frames: Frames) -> RegOk:
         body = loads_dict(_frames(frames, BusKind.REGOK, 2)[1], "REGOK")
-        return cls(_str(body, "role", "REGOK", ""), _str(body, "mux_id", "REGOK", ""))
+        ids = []
+        for key in ("ring", "offered"):
+            value = body.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool) \
+                    or not 0 <= value < 1 << 32:
+                raise RemoteProtocolError(f"REGOK: {key!r} must be a 32-bit integer")
+            ids.append(value)
+        return cls(_str(body, "role", "REGOK", ""), _str(body, "mux_id", "REGOK", ""), *ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,16 +409,67 @@ class Pkg:
         return cls(_text(vmid, "vmid"), bytes(header), payload)
 
 
-FromWorker = Reg | Unreg | CtlRequest | Pkg
-FromMux = RegOk | Rereg | CtlReply | Evt | Pkg
+@dataclass(slots=True)
+class PkgRef:
+    """A PKG whose payload is in the link's ring: ``ref`` (16 bytes, vmbusify.bus.ring.REF)
+    stands for it; ``length`` is the header's payload length (its lane's size)."""
+
+    KIND: ClassVar[BusKind] = BusKind.PKR
+    vmid: str
+    header: bytes
+    ref: bytes
+
+    def to_frames(self) -> Frames:
+        return [BusKind.PKR.value, self.vmid.encode(), self.header, self.ref]
+
+    @property
+    def length(self) -> int:
+        """The payload's length (the reference's)."""
+        return int.from_bytes(self.ref[12:16], "big")
+
+    @classmethod
+    def parse(cls, frames: Frames) -> PkgRef:
+        _, vmid, header, ref = _frames(frames, BusKind.PKR, 4)
+        if len(header) != HEADER_SIZE or len(ref) != _REF_SIZE:
+            raise RemoteProtocolError(f"bus PKR with a header of {len(header)} bytes and a "
+                                      f"reference of {len(ref)}")
+        return cls(_text(vmid, "vmid"), bytes(header), bytes(ref))
+
+
+_REF_SIZE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The sender is done with the receiver's ring ``ring`` up to position ``upto``."""
+
+    KIND: ClassVar[BusKind] = BusKind.RLS
+    ring: int
+    upto: int
+
+    def to_frames(self) -> Frames:
+        return [BusKind.RLS.value, self.ring.to_bytes(4, "big") + self.upto.to_bytes(8, "big")]
+
+    @classmethod
+    def parse(cls, frames: Frames) -> Release:
+        raw = _frames(frames, BusKind.RLS, 2)[1]
+        if len(raw) != 12:
+            raise RemoteProtocolError(f"bus RLS of {len(raw)} bytes, not 12")
+        raw = bytes(raw)
+        return cls(int.from_bytes(raw[:4], "big"), int.from_bytes(raw[4:], "big"))
+
+
+FromWorker = Reg | Unreg | CtlRequest | Pkg | PkgRef | Release
+FromMux = RegOk | Rereg | CtlReply | Evt | Pkg | PkgRef | Release
 BusMessage = FromWorker | FromMux
 
 _FROM_WORKER: dict[bytes, Any] = {
     BusKind.REG.value: Reg, BusKind.UNREG.value: Unreg, BusKind.CTL.value: CtlRequest,
-    BusKind.PKG.value: Pkg}
+    BusKind.PKG.value: Pkg, BusKind.PKR.value: PkgRef, BusKind.RLS.value: Release}
 _FROM_MUX: dict[bytes, Any] = {
     BusKind.REGOK.value: RegOk, BusKind.REREG.value: Rereg, BusKind.CTL.value: CtlReply,
-    BusKind.EVT.value: Evt, BusKind.PKG.value: Pkg}
+    BusKind.EVT.value: Evt, BusKind.PKG.value: Pkg, BusKind.PKR.value: PkgRef,
+    BusKind.RLS.value: Release}
 
 
 def _parse(frames: Frames, table: dict[bytes, Any], direction: str) -> Any:
@@ -395,7 +497,7 @@ def from_mux(frames: Frames) -> FromMux:
 def vmid_of(frames: Frames) -> str:
     """The vmid of a PKG message, for a log line about it ("" if it has none)."""
     try:
-        if len(frames) >= 2 and bytes(frames[0]) == BusKind.PKG.value:
+        if len(frames) >= 2 and bytes(frames[0]) in (BusKind.PKG.value, BusKind.PKR.value):
             return bytes(frames[1][:MAX_NAME]).decode("utf-8", "replace")
     except TypeError:
         pass

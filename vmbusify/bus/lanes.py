@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Generic, TypeVar
 
-from vmbusify.bus.frames import BusMessage, Evt, Frames, Pkg, Unreg
+from vmbusify.bus.frames import BusMessage, Evt, Frames, Pkg, PkgRef, Unreg
 from vmbusify.errors import RemoteProtocolError
 from vmbusify.protocol.package import HEADER_SIZE, PackageFlag, PackageType
 
@@ -129,6 +129,9 @@ def classify(msg: BusMessage) -> tuple[Lane, Hashable | None, bool]:
     everything sent before it: UNREG, EVT)."""
     if type(msg) is Pkg:
         lane, key = pkg_lane(msg.vmid, msg.header, len(msg.payload))
+        return lane, key, False
+    if type(msg) is PkgRef:  # the same lane as the PKG it stands for
+        lane, key = pkg_lane(msg.vmid, msg.header, msg.length)
         return lane, key, False
     return Lane.CONTROL, None, type(msg) in (Unreg, Evt)
 

@@ -58,8 +58,10 @@ from vmbusify.bus.frames import (
     Evt,
     Frames,
     Pkg,
+    PkgRef,
     Reg,
     RegOk,
+    Release,
     Rereg,
     RouteKind,
     TunnelEvent,
@@ -68,6 +70,7 @@ from vmbusify.bus.frames import (
     vmid_of,
 )
 from vmbusify.bus.lanes import Lane, LaneReceiver, split_stamp
+from vmbusify.bus.ring import ring_size_from_env
 from vmbusify.bus.sockets import LanedDealer
 from vmbusify.bus.streams import Stream, StreamTable
 from vmbusify.config import Config, Role
@@ -236,7 +239,8 @@ class WorkerLink:
     async def start(self, wait: float | None = 30.0) -> None:
         """Connect to the mux, register, and start receiving. Waits for the first REGOK."""
         self._bus = LanedDealer(self.config.bus_endpoint, self.name, self._on_lane,
-                                lanes=os.environ.get(LANES_ENV) != "0", on_peer=self._on_peer)
+                                lanes=os.environ.get(LANES_ENV) != "0", on_peer=self._on_peer,
+                                ring_size=ring_size_from_env())
         self._spawn(self._receive_loop())
         self._spawn(self._register_loop())
         if wait:
@@ -353,8 +357,10 @@ class WorkerLink:
         """Send REG (the heartbeat, on the control lane). ``both_lanes``: on the bulk lane
         too, so that the mux knows both connections are up before it sends on either (it
         sends only on a lane it has heard from)."""
+        bus = self._bus
         reg = Reg(name=self.name, pid=os.getpid(), entities=[int(e) for e in self.entities],
-                  routes=self.routes(), since=self._bus.since if self._bus is not None else 0)
+                  routes=self.routes(), since=bus.since if bus is not None else 0,
+                  ring=bus.ring_offer() if bus is not None else None)
         if both_lanes and self._bus is not None and self._bus.laned:
             try:
                 self._bus.send_message(reg, Lane.BULK)
@@ -563,8 +569,15 @@ class WorkerLink:
 
     async def _dispatch(self, frames: Frames) -> None:
         msg = from_mux(frames)  # RemoteProtocolError if malformed
+        if type(msg) is PkgRef:
+            if self._bus is None:
+                return
+            msg = Pkg(msg.vmid, msg.header, self._bus.payload_of(msg))
         if type(msg) is Pkg:
             await self._on_package(msg.vmid, msg.package())
+        elif type(msg) is Release:
+            if self._bus is not None:
+                self._bus.ring_released(msg)
         elif type(msg) is RegOk:
             if self.mux_id and msg.mux_id != self.mux_id and not self._mux_gone:
                 # A restart the socket did not report: what is in flight went to the old mux.
@@ -575,11 +588,14 @@ class WorkerLink:
             self._mux_gone = False
             self.mux_id = msg.mux_id
             self.registered.set()
+            if self._bus is not None and self._bus.ring_accepted(msg.ring, msg.offered):
+                await self._register()  # offer the rings made only now
         elif type(msg) is Rereg:
             if self._bus is not None and not self._mux_gone:
                 # the mux forgot this worker's numbers (when the socket reported the restart,
-                # the numbering started again then, and the new mux has seen it from 1)
-                self._bus.restart_numbering()
+                # the numbering started again then, and the new mux has seen it from 1); it
+                # keeps its rings (a new mux shows in its REGOK's mux_id: new rings then)
+                self._bus.restart_numbering(new_rings=False)
             await self._register(both_lanes=True)
         elif type(msg) is CtlReply:
             fut = self._ctl.get(msg.call_id)

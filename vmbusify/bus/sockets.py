@@ -14,6 +14,7 @@ import asyncio
 import logging
 import mmap
 import os
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -24,9 +25,10 @@ import zmq
 from zmq.backend import Socket as _RawSocket
 from zmq.utils.monitor import recv_monitor_message
 
-from vmbusify.bus.frames import BusMessage, Frames
-from vmbusify.bus.lanes import CONTROL_SUFFIX, Lane, LaneSender
-from vmbusify.errors import BusError
+from vmbusify.bus.frames import BusMessage, Frames, Pkg, PkgRef, Release
+from vmbusify.bus.lanes import CONTROL_SUFFIX, Lane, LaneSender, pkg_lane
+from vmbusify.bus.ring import Ring, RingLink, remove_stale, ring_names
+from vmbusify.errors import BusError, RemoteProtocolError
 from vmbusify.protocol.package import MAX_PAYLOAD_LIMIT
 from vmbusify.system import ensure_private_dir
 
@@ -287,8 +289,13 @@ class LanedDealer:
 
     def __init__(self, endpoint: str, name: str,
                  on_message: Callable[[Lane, Frames], None], lanes: bool = True,
-                 on_peer: Callable[[bool], None] | None = None) -> None:
+                 on_peer: Callable[[bool], None] | None = None, ring_size: int = 0) -> None:
         ctx = shared_context()
+        #: The shared-memory rings beside the bus (vmbusify.bus.ring), in the bus's own
+        #: root-only directory; None: none (not asked for, no lanes, not an ipc endpoint).
+        self.rings: RingLink | None = None
+        self._ring_size = ring_size if lanes and endpoint.startswith("ipc://") else 0
+        self._ring_dir = Path(endpoint[len("ipc://"):]).parent
         self.identity = worker_identity(name)
         #: When this link was made (CLOCK_MONOTONIC ns: one clock for every process of the
         #: machine), sent in each REG so the mux can tell a newer link from an older one.
@@ -307,26 +314,116 @@ class LanedDealer:
         if on_peer is not None:
             for sock in sockets:  # each lane's connection is told (a caller takes the first)
                 sock.watch_peer(on_peer)
+        self._stale_removed = False
+        if self._ring_size and self._ring_dir.is_dir():
+            self._new_rings()  # else when the mux has made its directory (ring_accepted)
 
     def send_message(self, msg: BusMessage, lane: Lane | None = None) -> None:
-        """Stamp ``msg`` and send it on its lane (``lane``: on that one); raises BusError."""
+        """Stamp ``msg`` and send it on its lane (``lane``: on that one); raises BusError.
+        A PKG's large payload goes through the ring when there is room (a PKR)."""
         if self.sender is None:
             self._sockets[0].send(msg.to_frames())
             return
+        rings = self.rings
+        if (rings is not None and type(msg) is Pkg and rings.tx_on and lane is None
+                and pkg_lane(msg.vmid, msg.header, len(msg.payload))[0] is Lane.BULK):
+            # Only the bulk lane's: a consumer takes a ring's payloads in their order.
+            ref = rings.place(msg.payload)
+            if ref is not None:
+                msg = PkgRef(msg.vmid, msg.header, ref)
         lane, frames = self.sender.frames(msg, lane=lane)
         self._sockets[lane].send(frames)
+
+    # -- rings -----------------------------------------------------------------------------
+    def _new_rings(self) -> None:
+        """Make this link's two rings (again: a new mux maps new ones)."""
+        self._close_rings()
+        if not self._stale_removed:
+            self._stale_removed = True
+            remove_stale(self._ring_dir)
+        ring_id = secrets.randbits(32) or 1
+        tx_name, rx_name = ring_names(os.getpid(), ring_id)
+        loop = asyncio.get_running_loop()
+        try:
+            tx = Ring.create(self._ring_dir, tx_name, self._ring_size, ring_id)
+            try:
+                rx = Ring.create(self._ring_dir, rx_name, self._ring_size, ring_id)
+            except OSError:
+                tx.unlink(self._ring_dir)
+                raise
+        except (OSError, BusError) as exc:
+            log.warning("no shared-memory ring beside the bus (payloads go inline): %s", exc)
+            return
+        self.rings = RingLink(ring_id, tx, rx, self._send_release, loop.call_soon,
+                              loop.call_later)
+
+    def _send_release(self, ring_id: int, upto: int) -> None:
+        self.send_message(Release(ring_id, upto))
+
+    def ring_offer(self) -> dict[str, object] | None:
+        """What the REG says of this link's rings (None: it has none)."""
+        rings = self.rings
+        if rings is None:
+            return None
+        return {"id": rings.id, "size": rings.tx.size, "tx": rings.tx.name,
+                "rx": rings.rx.name}
+
+    def ring_accepted(self, ring_id: int, offered: int = 0) -> bool:
+        """The mux's REGOK: it mapped the rings ``ring_id`` (0: none) of those the REG
+        offered (``offered``), so payloads may go through them; their files are no longer
+        needed. True: rings were made only now (the mux's directory was not there before):
+        register again to offer them."""
+        rings = self.rings
+        if rings is None:
+            if self._ring_size and self.sender is not None:
+                self._new_rings()
+                return self.rings is not None
+            return False
+        if ring_id == rings.id:
+            rings.tx_on = True
+            for ring in (rings.tx, rings.rx):
+                ring.unlink(self._ring_dir)
+        elif offered == rings.id or ring_id:
+            rings.tx_on = False  # the mux does not (or no longer) map these rings
+        # Else the answer to an older REG that offered none (the first is sent on both
+        # lanes, and its second answer can come after the one that took the rings).
+        return False
+
+    def payload_of(self, msg: PkgRef) -> memoryview:
+        """A PKR's payload, a read-only view of the ring; RemoteProtocolError if there is
+        no ring or the reference is stale or wrong."""
+        if self.rings is None:
+            raise RemoteProtocolError("a PKR, but this link has no ring")
+        return self.rings.resolve(msg.ref)
+
+    def ring_released(self, msg: Release) -> None:
+        """The mux's RLS: room again in the ring this end writes."""
+        if self.rings is not None:
+            self.rings.released(msg.ring, msg.upto)
+
+    def _close_rings(self) -> None:
+        rings, self.rings = self.rings, None
+        if rings is not None:
+            rings.close()
+            for ring in (rings.tx, rings.rx):
+                ring.unlink(self._ring_dir)
 
     @property
     def laned(self) -> bool:
         """Whether this end speaks in two lanes."""
         return self.sender is not None
 
-    def restart_numbering(self) -> None:
-        """Number from 1 again (the mux restarted: its new process knows no numbers)."""
+    def restart_numbering(self, new_rings: bool = True) -> None:
+        """Number from 1 again (the mux restarted: its new process knows no numbers), with
+        new rings (the next REG offers them) unless ``new_rings`` is False (the same mux
+        forgot this worker: it keeps the rings it mapped)."""
         if self.sender is not None:
             self.sender = LaneSender()
+        if self._ring_size and new_rings:
+            self._new_rings()
 
     def close(self, linger_ms: int = 0) -> None:
         """Close both sockets (idempotent); ``linger_ms`` as for BusSocket.close."""
+        self._close_rings()
         for sock in self._sockets:
             sock.close(linger_ms)

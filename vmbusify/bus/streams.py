@@ -36,6 +36,7 @@ from vmbusify.protocol.window import (
     decode_increment,
     encode_increment,
 )
+from vmbusify.runtime import UsesLoop
 
 __all__ = ["BUFFER_LIMIT_REASON", "LimitReached", "Stream", "StreamKey", "StreamReset",
            "StreamState", "StreamTable"]
@@ -110,6 +111,9 @@ class Stream:
         #: keeps tasks by weak reference only).
         self._flusher: asyncio.Future[None] | None = None
         self._flush_error: VMBusifyError | None = None
+        #: Called (never awaited) when bytes, EOF or a reset arrive: a reader that is a
+        #: protocol callback, not a task (see read_nowait).
+        self.on_readable: Callable[[], None] | None = None
 
     @property
     def key(self) -> StreamKey:
@@ -167,22 +171,62 @@ class Stream:
                     continue  # withdrawn: _check_writable says why
             window.take(n)
             chunk, view = (view[:n] if immutable else bytes(view[:n])), view[n:]
-            self.bytes_out += n
-            if not coalesce or (n == MAX_CHUNK and not self._held_bytes):
-                await self._table.send(self.vmid, self._package(PackageType.DATA, chunk))
-                continue
-            if self._held_bytes + n > MAX_CHUNK:
-                await self._flush()
-            self._held.append(chunk)
-            self._held_bytes += n
-            if self._held_bytes == MAX_CHUNK:
-                await self._flush()
-            elif not self._flush_scheduled:
-                self._flush_scheduled = True
-                if self._table.send_now is not None:
-                    asyncio.get_running_loop().call_soon(self._flush_soon)
-                else:
-                    self._flusher = asyncio.ensure_future(self._flush_later())
+            for pkg in self._stage(chunk, n, coalesce):
+                await self._table.send(self.vmid, pkg)
+
+    def write_nowait(self, data: bytes) -> int:
+        """``write`` without waiting, for a table whose send never waits (``send_now``): sends
+        (or holds, as ``write`` does) what the stream's credit and the VM's send budget allow
+        now; the number of bytes taken (the rest is the caller's to ``write`` later).
+        Raises StreamReset, or the error of an earlier send of held bytes."""
+        if self._flush_error is not None:
+            raise self._flush_error
+        send_now = self._table.send_now
+        assert send_now is not None, "write_nowait needs a table with send_now"
+        self._check_writable()
+        total = len(data)
+        coalesce = total >= COALESCE_MIN or self._held_bytes > 0
+        budget, share, window = self._table.budget, self._share, self._send
+        view = memoryview(data)
+        done = 0
+        while done < total:
+            want = window.sendable(total - done)
+            n = (budget.tx_try(share, want) if self._charged else want) if want else 0
+            if n == 0:
+                break
+            window.take(n)
+            chunk: Payload = view[done:done + n] if done or n < total else data
+            done += n
+            for pkg in self._stage(chunk, n, coalesce):
+                send_now(self.vmid, pkg)
+        if done < total:  # the caller will wait for credit: what is held goes first
+            held = self._take_held()
+            if held is not None:
+                send_now(self.vmid, held)
+        return done
+
+    def _stage(self, chunk: Payload, n: int, coalesce: bool) -> list[Package]:
+        """The packages to send now, in order, for ``n`` bytes of credit-checked ``chunk``
+        (held bytes first); what is held instead goes out from ``_flush_soon``."""
+        self.bytes_out += n
+        if not coalesce or (n == MAX_CHUNK and not self._held_bytes):
+            return [self._package(PackageType.DATA, chunk)]
+        out: list[Package] = []
+        if self._held_bytes + n > MAX_CHUNK:
+            pkg = self._take_held()
+            if pkg is not None:
+                out.append(pkg)
+        self._held.append(chunk)
+        self._held_bytes += n
+        if self._held_bytes == MAX_CHUNK:
+            out.append(self._take_held())  # type: ignore[arg-type]  # never None here
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            if self._table.send_now is not None:
+                self._table.loop.call_soon(self._flush_soon)
+            else:
+                self._flusher = asyncio.ensure_future(self._flush_later())
+        return out
 
     def _take_held(self) -> Package | None:
         """The bytes held by ``write`` as one DATA package (None: nothing to send; a reset
@@ -239,6 +283,21 @@ class Stream:
         await self._table.send(self.vmid, self._package(PackageType.DATA, flags=PackageFlag.EOF))
         self._update_state()
 
+    def write_eof_nowait(self) -> None:
+        """``write_eof`` for a table whose send never waits (``send_now``)."""
+        if self._flush_error is not None:
+            raise self._flush_error
+        if self._local_eof or self.state is StreamState.RESET:
+            return
+        send_now = self._table.send_now
+        assert send_now is not None, "write_eof_nowait needs a table with send_now"
+        pkg = self._take_held()
+        if pkg is not None:
+            send_now(self.vmid, pkg)
+        self._local_eof = True
+        send_now(self.vmid, self._package(PackageType.DATA, flags=PackageFlag.EOF))
+        self._update_state()
+
     async def reset(self, reason: str = "") -> None:
         """Abort both directions and tell the peer why."""
         if self.state in (StreamState.RESET, StreamState.CLOSED):
@@ -259,6 +318,34 @@ class Stream:
                 return b""
             self._readable.clear()
             await self._readable.wait()
+        chunk, grant, pay = self._consume()
+        if grant:
+            await self._table.send(self.vmid, grant)
+        if pay:
+            await self._table.pay_owed(self._share)
+        return chunk
+
+    def read_nowait(self) -> Payload | None:
+        """``read`` without waiting, for a table whose send never waits (``send_now``): the
+        next chunk, b"" once the peer sent EOF, None while there is nothing yet (set
+        ``on_readable`` to hear of more). Raises StreamReset."""
+        if not self._chunks:
+            if self.state is StreamState.RESET:
+                raise StreamReset(self.reset_reason or "stream reset")
+            return b"" if self._remote_eof else None
+        send_now = self._table.send_now
+        assert send_now is not None, "read_nowait needs a table with send_now"
+        chunk, grant, pay = self._consume()
+        if grant:
+            send_now(self.vmid, grant)
+        if pay:
+            for vmid, pkg in self._table.owed_packages(self._share):
+                send_now(vmid, pkg)
+        return chunk
+
+    def _consume(self) -> tuple[Payload, Package | None, bool]:
+        """Take the next chunk off the buffer: it, the WINDOW to send (if credit is due)
+        and whether the VM's owed credit is to be paid now (``StreamTable.pay_owed``)."""
         chunk = self._chunks.popleft()
         n = len(chunk)
         self._buffered -= n
@@ -268,19 +355,16 @@ class Stream:
         owed = recv.owed
         grant = recv.on_consumed(n)
         if not self._charged:  # finished (closed or reset): the peer wants no credit
-            return chunk
+            return chunk, None, False
         share.owed += recv.owed - owed
         if recv.owed:
             share.owing[self] = None
         else:
             share.owing.pop(self, None)
+        window = None
         if grant and self.state is not StreamState.RESET:
-            await self._table.send(
-                self.vmid, self._package(PackageType.WINDOW, encode_increment(grant))
-            )
-        if share.owed > self._table.owed_max:
-            await self._table.pay_owed(share)
-        return chunk
+            window = self._package(PackageType.WINDOW, encode_increment(grant))
+        return chunk, window, share.owed > self._table.owed_max
 
     @property
     def buffered(self) -> int:
@@ -315,6 +399,8 @@ class Stream:
             self._remote_eof = True
         self._readable.set()
         self._update_state()
+        if self.on_readable is not None:
+            self.on_readable()
         return ""
 
     def _abort(self, reason: str) -> None:
@@ -327,6 +413,8 @@ class Stream:
         self._credit.set()
         self._table.forget(self)
         self._buffered = 0
+        if self.on_readable is not None:
+            self.on_readable()
 
     def _release(self) -> None:
         """The stream is over: give its VM back what it was charged (once)."""
@@ -359,7 +447,7 @@ class Stream:
             self.state = StreamState.REMOTE_EOF
 
 
-class StreamTable:
+class StreamTable(UsesLoop):
     """Every open stream of one worker, the id allocator for streams it opens, and the
     budget (per VM and in total) that caps them."""
 
@@ -426,13 +514,18 @@ class StreamTable:
         owed at most ``owed_max`` (a quarter of the budget) over all its streams: past it,
         every owing stream returns what it owes (one WINDOW each). A single stream never
         gets there (it owes under 2 MiB), so a bulk transfer sends no more packages."""
+        for vmid, pkg in self.owed_packages(share):
+            await self.send(vmid, pkg)
+
+    def owed_packages(self, share: VMShare) -> list[tuple[str, Package]]:
+        """The WINDOWs that pay what ``share``'s streams owe (see pay_owed), now counted as
+        paid."""
         grants = [(s, s._recv.flush()) for s in share.owing]
         share.owing.clear()
         share.owed = 0
-        for stream, grant in grants:
-            if grant and stream._charged and stream.state is not StreamState.RESET:
-                await self.send(stream.vmid,
-                                stream._package(PackageType.WINDOW, encode_increment(grant)))
+        return [(stream.vmid, stream._package(PackageType.WINDOW, encode_increment(grant)))
+                for stream, grant in grants
+                if grant and stream._charged and stream.state is not StreamState.RESET]
 
     def forget(self, stream: Stream) -> None:
         """Drop a finished stream from the table (idempotent)."""

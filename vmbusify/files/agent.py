@@ -57,6 +57,12 @@ from vmbusify.files.wire import (
 #: Bytes gathered before one write to stdout.
 WRITE_BATCH = 1 << 20
 READ_SIZE = 1 << 20
+#: Bytes one splice puts into the part file. Linux (6.x) gives a larger write a large folio
+#: of the page cache, taken from the 2 MiB blocks that a VM's free page reporting has handed
+#: back to its host, and the first touch of each such page faults in the host: 1 GiB in
+#: 1 MiB writes cost 1.0-2.4 s of system time after a 5 s pause, in 16 KiB writes 0.27-0.28
+#: (32 and 64 KiB: 0.2-1.0). docs/performance.md, "`vmbusifyctl cp`, one large file".
+WRITE_STEP = 16 << 10
 #: Pieces in one writev (Linux's IOV_MAX is 1024).
 MAX_PIECES = 256
 
@@ -146,24 +152,35 @@ def _grow_pipe(fd: int) -> None:
 
 def _splice_raw(receiver: Receiver, decoder: Decoder) -> bool:
     """The rest of a raw file (wire.py) from stdin into the part file, moved by the kernel
-    (splice: this process never reads it). Does nothing where splice is missing (Python <
-    3.10) or with a checksum (the bytes must be hashed here). False: stdin ended first."""
+    (splice: this process never reads it), WRITE_STEP at a time. Does nothing where splice is
+    missing (Python < 3.10) or with a checksum (the bytes must be hashed here). False: stdin
+    ended first."""
     splice = getattr(os, "splice", None)
     fd = receiver.direct_fd()
     if splice is None or fd < 0 or receiver.checksum:
         return True
     while decoder.raw_left:
         at = os.lseek(fd, 0, os.SEEK_CUR)
-        try:
-            n = splice(0, fd, min(decoder.raw_left, READ_SIZE))
-        except OSError as exc:
-            if exc.errno == 22:  # EINVAL: this file system takes no splice; read instead
-                return True
-            raise failed(exc, "cannot write", receiver.landed(receiver.entry_name())) from None
-        if not n:
+        want, n, ended, unsupported = min(decoder.raw_left, READ_SIZE), 0, False, False
+        while n < want:
+            try:
+                got = splice(0, fd, min(want - n, WRITE_STEP))
+            except OSError as exc:
+                if exc.errno == 22 and not n:  # EINVAL: no splice into this file: read instead
+                    unsupported = True
+                    break
+                raise failed(exc, "cannot write", receiver.landed(receiver.entry_name())) from None
+            if not got:
+                ended = True
+                break
+            n += got
+        if n:
+            decoder.skip_raw(n)
+            receiver.wrote_directly(at, n)
+        if unsupported:
+            return True
+        if ended:
             return False
-        decoder.skip_raw(n)
-        receiver.wrote_directly(at, n)
     return True
 
 
@@ -188,7 +205,8 @@ def _send_raw(sender: Sender, offset: int) -> bool:
     the source is not a regular file this process can open: the ordinary stream says why."""
     src, name = sender.sources[0], sender.names[0]
     try:
-        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | (
+        # O_NONBLOCK: a FIFO would block the open until a writer came (it is not copied).
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (
             os.O_NOFOLLOW if sender.recursive else 0))
     except OSError:
         return False

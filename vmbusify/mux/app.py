@@ -18,6 +18,7 @@ import os
 import socket
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from vmbusify import __version__
@@ -28,15 +29,26 @@ from vmbusify.bus.frames import (
     Evt,
     Frames,
     Pkg,
+    PkgRef,
     Reg,
     RegOk,
+    Release,
     Rereg,
+    RouteKind,
     TunnelEvent,
     Unreg,
     from_worker,
 )
-from vmbusify.bus.lanes import CONTROL_SUFFIX, Lane, LaneReceiver, LaneSender, Stamp
+from vmbusify.bus.lanes import (
+    CONTROL_SUFFIX,
+    Lane,
+    LaneReceiver,
+    LaneSender,
+    Stamp,
+    pkg_lane,
+)
 from vmbusify.bus.link import REGISTER_INTERVAL
+from vmbusify.bus.ring import Ring, RingLink
 from vmbusify.bus.sockets import BusSocket, ensure_private_dir
 from vmbusify.config import Config, Role
 from vmbusify.errors import (
@@ -67,7 +79,9 @@ from vmbusify.mux.tunnel import BacklogPool, Tunnel
 from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.package import (
     MAX_PAYLOAD_LIMIT,
+    Header,
     Package,
+    PackageFlag,
     PackageType,
     Payload,
     decode_header,
@@ -78,6 +92,9 @@ log = logging.getLogger("vmbusify.mux")
 
 #: A worker that missed this many seconds of heartbeats (REG) is taken for dead.
 WORKER_SILENT_AFTER = 3 * REGISTER_INTERVAL
+#: Seconds the rings of a worker forgotten without its goodbye stay mapped: one that was
+#: only silent comes back with them (its REG offers the same ones, whose files are gone).
+ORPHAN_RINGS_KEEP = 5 * WORKER_SILENT_AFTER
 
 
 class _Detail:
@@ -96,9 +113,10 @@ class WorkerLanes:
     """The mux's end of one worker's two bus lanes (vmbusify.bus.lanes): the identity of its
     control DEALER, the numbering of what the mux sends it, the order of what it sent."""
 
-    __slots__ = ("control", "heard", "receiver", "sender")
+    __slots__ = ("control", "heard", "identity", "receiver", "rings", "sender")
 
     def __init__(self, identity: bytes) -> None:
+        self.identity = identity
         self.control = identity + CONTROL_SUFFIX
         self.sender = LaneSender()
         self.receiver: LaneReceiver[Frames] = LaneReceiver()
@@ -106,6 +124,15 @@ class WorkerLanes:
         #: DEALER's identity only once it connected, and a ROUTER send to an identity it
         #: does not know fails), so the mux sends only on these.
         self.heard: set[Lane] = set()
+        #: The worker's shared-memory rings (vmbusify.bus.ring), mapped: this end writes
+        #: the worker's ``rx`` and reads its ``tx``. None: it offered none.
+        self.rings: RingLink | None = None
+
+    def forget(self) -> None:
+        """The worker is gone: its rings take no more references."""
+        if self.rings is not None:
+            self.rings.close()
+            self.rings = None
 
 
 class MuxApp:
@@ -139,6 +166,10 @@ class MuxApp:
         self._bus: BusSocket | None = None
         #: Workers that speak in two lanes, by their bulk identity (the switch's).
         self.lanes: dict[bytes, WorkerLanes] = {}
+        #: Per tunnel, the ring buffer a payload is being received into (``_stage``).
+        self._staged: dict[Tunnel, tuple[RingLink, memoryview]] = {}
+        #: Rings of workers forgotten without a goodbye, and since when (ORPHAN_RINGS_KEEP).
+        self._orphans: dict[bytes, tuple[RingLink, float]] = {}
 
     # -- bus -------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -160,6 +191,18 @@ class MuxApp:
         if lanes is None:
             self._bus.send_to(identity, msg)
             return
+        rings = lanes.rings
+        if (rings is not None and type(msg) is Pkg and rings.tx_on and Lane.BULK in lanes.heard
+                and pkg_lane(msg.vmid, msg.header, len(msg.payload))[0] is Lane.BULK):
+            # Only the bulk lane's: the worker takes a ring's payloads in their order (a
+            # staged payload that goes elsewhere is sent inline; from_tunnel gives its room
+            # back).
+            staged = rings.staged
+            if staged is not None and staged is not msg.payload:
+                self._demote(rings)
+            ref = rings.place(msg.payload)
+            if ref is not None:
+                msg = PkgRef(msg.vmid, msg.header, ref)
         lane, frames = lanes.sender.frames(msg, lanes.heard)
         self._bus.send([lanes.control if lane is Lane.CONTROL else identity, *frames])
 
@@ -208,6 +251,9 @@ class MuxApp:
         lanes = self.lanes.get(identity)
         if lanes is None:
             lanes = self.lanes[identity] = WorkerLanes(identity)
+            orphan = self._orphans.pop(identity, None)
+            if orphan is not None:  # a worker that was forgotten, back with its rings
+                lanes.rings = orphan[0]
         lanes.heard.add(stamp.lane)
         lanes.receiver.push(stamp, frames[2:], time.monotonic())
         self._drain(identity, lanes)
@@ -224,19 +270,61 @@ class MuxApp:
             log.warning("malformed bus message dropped: %s", exc)
 
     def _from_bus(self, identity: bytes, msg: BusMessage) -> None:
+        if type(msg) is PkgRef:
+            lanes = self.lanes.get(identity)
+            if lanes is None or lanes.rings is None:
+                raise ProtocolError("a PKR from a worker whose ring is not mapped")
+            msg = Pkg(msg.vmid, msg.header, lanes.rings.resolve(msg.ref))
         if type(msg) is Pkg:
             if self.routes.by_identity(identity) is None:
                 self.to_worker(identity, Rereg())
             self.from_worker(identity, msg.vmid, msg.header, msg.payload)
+        elif type(msg) is Release:
+            lanes = self.lanes.get(identity)
+            if lanes is not None and lanes.rings is not None:
+                lanes.rings.released(msg.ring, msg.upto)
         elif type(msg) is Reg:
             self.execute(self.switch.register(identity, msg.body()))
-            self.to_worker(identity, RegOk(self.role.value, self.mux_id))
+            ring = self._map_rings(identity, msg)
+            self.to_worker(identity, RegOk(self.role.value, self.mux_id, ring,
+                                           msg.ring["id"] if msg.ring else 0))
         elif type(msg) is CtlRequest:
             self._spawn_control(identity, msg)
         elif type(msg) is Unreg:
             stopping = self.routes.by_identity(identity)
             if stopping is not None:
                 self.execute(self.switch.worker_lost(stopping, "stopped", orderly=True))
+
+    def _map_rings(self, identity: bytes, reg: Reg) -> int:
+        """Map the rings a laned worker's REG offers (once per ring id); the id mapped, for
+        its REGOK (0: none, and payloads go inline both ways)."""
+        offer, lanes = reg.ring, self.lanes.get(identity)
+        if offer is None or lanes is None:
+            return 0
+        ring_id = offer["id"]
+        if lanes.rings is not None and lanes.rings.id == ring_id:
+            return ring_id
+        lanes.forget()
+        directory = Path(self.config.bus_endpoint[len("ipc://"):]).parent
+        prefix = f"ring.{reg.pid}."
+        try:
+            if not (offer["tx"].startswith(prefix) and offer["rx"].startswith(prefix)):
+                raise BusError("ring files not named for the worker's pid")
+            theirs = Ring.open(directory, offer["tx"], offer["size"], ring_id)
+            ours = Ring.open(directory, offer["rx"], offer["size"], ring_id)
+        except BusError as exc:
+            log.warning("worker=%s: its shared-memory ring not taken (payloads go inline): "
+                        "%s", printable(reg.name), exc)
+            return 0
+        for ring in (theirs, ours):
+            ring.unlink(directory)
+        loop = asyncio.get_running_loop()
+        rings = RingLink(ring_id, ours, theirs,
+                         lambda rid, upto: self._send(identity, Release(rid, upto)),
+                         loop.call_soon, loop.call_later)
+        rings.tx_on = True
+        lanes.rings = rings
+        return ring_id
 
     def _spawn_control(self, identity: bytes, req: CtlRequest) -> None:
         async def answer() -> None:
@@ -285,7 +373,9 @@ class MuxApp:
                          info.pid, [entity_label(e) for e in info.entities],
                          [f"{entity_label(s)}:{m}/{kind_label(k)}" for s, m, k in info.routes])
             elif type(act) is WorkerGone:
-                self.lanes.pop(act.info.identity, None)
+                gone = self.lanes.pop(act.info.identity, None)
+                if gone is not None:
+                    self._let_go(gone, keep=not act.orderly)
                 log.log(logging.INFO if act.orderly else logging.WARNING,
                         "worker=%s pid=%d %s; telling the peers its streams are gone",
                         act.info.name, act.info.pid, act.why)
@@ -353,6 +443,55 @@ class MuxApp:
     def from_tunnel(self, peer: Peer, tunnel: Tunnel, pkg: Package) -> None:
         """Route a package from a tunnel to the workers that asked for it."""
         self.execute(self.switch.from_tunnel(peer.vmid, pkg))
+        staged = self._staged.pop(tunnel, None)
+        if staged is not None and staged[1] is pkg.payload:
+            staged[0].unstage(staged[1])  # not placed (routed elsewhere, dropped): room back
+        elif staged is not None:
+            self._staged[tunnel] = staged
+
+    def _stage(self, tunnel: Tunnel, header: Header) -> memoryview | None:
+        """Where a large payload from ``tunnel`` is received: the ring of the one worker a
+        DATA package of ``header`` goes to (its bytes then go on uncopied), or None."""
+        if header.type is not PackageType.DATA or header.flags & PackageFlag.RESET:
+            return None  # not a bulk-lane package (_send)
+        routes = self.routes.destinations(header.entity, header.message_id)
+        if len(routes) != 1 or not routes[0][1] & RouteKind.STREAM:
+            return None
+        lanes = self.lanes.get(routes[0][0].identity)
+        if lanes is None or lanes.rings is None:
+            return None
+        if lanes.rings.staged is not None:
+            self._demote(lanes.rings)
+        view = lanes.rings.stage(header.length)
+        if view is not None:
+            self._staged[tunnel] = (lanes.rings, view)
+        return view
+
+    def _let_go(self, lanes: WorkerLanes, keep: bool) -> None:
+        """A worker's lanes are forgotten: its rings too, or (``keep``: it left without a
+        goodbye, and may only have been silent) kept for ORPHAN_RINGS_KEEP seconds."""
+        if keep and lanes.rings is not None:
+            self._orphans[lanes.identity] = (lanes.rings, time.monotonic())
+            lanes.rings = None
+        lanes.forget()
+
+    def _demote(self, rings: RingLink) -> None:
+        """Another payload is due in ``rings`` while one is still being received into it
+        (a tunnel's peer that sends slowly, or stopped mid-payload: on the host, a guest):
+        that one goes on in a ZeroMQ frame and gives its room back, so that no peer holds a
+        worker's ring for the others. One received whole but not yet handed on stays (it is
+        handed on at the loop's next turn); what is due meanwhile goes inline."""
+        for tunnel, (owner, view) in list(self._staged.items()):
+            if owner is rings and tunnel.move_payload(view):
+                del self._staged[tunnel]
+                rings.unstage(view)
+                return
+
+    def _unstage(self, tunnel: Tunnel) -> None:
+        """The tunnel ended: a payload it was receiving into a ring gives its room back."""
+        staged = self._staged.pop(tunnel, None)
+        if staged is not None:
+            staged[0].unstage(staged[1])
 
     # -- tunnel life -----------------------------------------------------------------------
     def local_hello(self) -> Hello:
@@ -381,6 +520,7 @@ class MuxApp:
 
     def _arm(self, peer: Peer, tunnel: Tunnel) -> None:
         """Give a new tunnel its limits and the switch its VM (before any package flows)."""
+        tunnel.stage = lambda header: self._stage(tunnel, header)
         limits = self.config.limits
         tunnel.read_budget = max(1, limits.read_budget)
         tunnel.backlog_limit = limits.tunnel_backlog
@@ -427,6 +567,7 @@ class MuxApp:
 
     def detach(self, peer: Peer, tunnel: Tunnel, reason: str) -> None:
         """The tunnel to ``peer`` ended."""
+        self._unstage(tunnel)
         if peer.tunnel is not tunnel:
             return
         peer.add_tunnel_counters(tunnel)
@@ -479,9 +620,22 @@ class MuxApp:
             "mux_id": self.mux_id,
             "started": self.started,
             "vms": [p.status() for p in self.peers.values()],
-            "workers": [w.describe() for w in self.routes.workers()],
+            "workers": [self._describe(w) for w in self.routes.workers()],
             "worker_restarts": dict(self.worker_restarts),
         }
+
+    def _describe(self, worker: WorkerInfo) -> dict[str, Any]:
+        """A worker in the status: what it registered, and its rings as this mux sees them
+        (``ring``: payloads sent to it through its ring and inline for want of room, bytes
+        it sent through its ring; absent: it has none)."""
+        out = worker.describe()
+        lanes = self.lanes.get(worker.identity)
+        rings = lanes.rings if lanes is not None else None
+        if rings is not None:
+            out["ring"] = {"size": rings.tx.size, "placed": rings.placed,
+                           "inline": rings.inline, "received": rings.take.consumed,
+                           "trims": rings.trims}
+        return out
 
     async def control(self, req: dict[str, Any]) -> Any:
         """Answer one built-in command from vmbusifyctl (through the command listener)."""
@@ -546,11 +700,19 @@ class MuxApp:
         for identity, lanes in list(self.lanes.items()):
             if self.routes.by_identity(identity) is None and not len(lanes.receiver):
                 del self.lanes[identity]
+                self._let_go(lanes, keep=True)
             elif lanes.receiver.expire(now):
                 log.warning("worker identity %s: bus messages taken without the message of "
                             "the other lane they waited for", printable(identity.decode(
                                 errors="replace")))
                 self._drain(identity, lanes)
+
+    def _expire_orphans(self, now: float) -> None:
+        """Unmap the rings of forgotten workers that did not come back."""
+        for identity, (rings, since) in list(self._orphans.items()):
+            if now - since >= ORPHAN_RINGS_KEEP:
+                del self._orphans[identity]
+                rings.close()
 
     async def housekeeping(self) -> None:
         """Periodic clean-up: silent workers, stale pending requests."""
@@ -559,6 +721,7 @@ class MuxApp:
             await asyncio.sleep(REGISTER_INTERVAL)
             self.execute(self.switch.silent(WORKER_SILENT_AFTER))
             self._tend_lanes()
+            self._expire_orphans(time.monotonic())
             ticks += 1
             if ticks % 15 == 0:
                 n = self.routes.expire()

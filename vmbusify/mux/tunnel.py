@@ -32,7 +32,13 @@ from vmbusify.errors import ProtocolError, TunnelError
 from vmbusify.logs import printable
 from vmbusify.mux.scheduler import PACKAGE_COST, OutQueue, Tally
 from vmbusify.protocol.entities import Entity, TunnelMessage
-from vmbusify.protocol.package import PROTOCOL_VERSION, Package, PackageDecoder, PackageType
+from vmbusify.protocol.package import (
+    PROTOCOL_VERSION,
+    Header,
+    Package,
+    PackageDecoder,
+    PackageType,
+)
 from vmbusify.protocol.tunnel import Auth, Bye, Hello, Ping, Pong, Stats, WorkerLost
 from vmbusify.runtime import release_free_memory
 from vmbusify.transport import take_over
@@ -175,8 +181,11 @@ class Tunnel:
         #: The mux's queues over every VM (set when the mux attaches the tunnel).
         self.pool: BacklogPool | None = None
         self._reading_paused = False
-        # Large payloads are received into ZeroMQ frames: the bus sends them on uncopied.
-        self._decoder = PackageDecoder(config.max_payload, frame_buffer)
+        # Large payloads are received into ZeroMQ frames: the bus sends them on uncopied;
+        # or, where ``stage`` gives one, into the shared-memory ring of the worker they go to.
+        self._decoder = PackageDecoder(config.max_payload, self._allocate)
+        #: The mux's: a buffer in a worker's ring for a payload of this header, or None.
+        self.stage: Callable[[Header], memoryview | None] | None = None
         self._last_recv = time.monotonic()
         #: PINGs awaiting their PONG: when sent, and who waits (None: the timer's own).
         self._pings: dict[int, tuple[float, asyncio.Future[float] | None]] = {}
@@ -201,6 +210,20 @@ class Tunnel:
             self._arrived.set()
         if eof:
             self._on_closed(CloseReason.EOF.value)
+
+    def _allocate(self, n: int) -> memoryview:
+        """Where a large payload is received: a ring's (``stage``) or a new ZeroMQ frame."""
+        stage, header = self.stage, self._decoder.receiving
+        if stage is not None and header is not None:
+            view = stage(header)
+            if view is not None:
+                return view
+        return frame_buffer(n)
+
+    def move_payload(self, view: memoryview) -> bool:
+        """If a payload is being received into ``view`` (a ring's), go on in a ZeroMQ frame
+        instead; True if so (the ring's room may be given back)."""
+        return self._decoder.move_body(view, frame_buffer)
 
     # -- life ------------------------------------------------------------------------------
     async def handshake(self, hello: Hello, timeout: float) -> Hello:

@@ -270,6 +270,21 @@ class PackageDecoder:
         self._error: RemoteProtocolError | None = None
 
     @property
+    def receiving(self) -> Header | None:
+        """The header whose payload is being received (what an Allocator is called for)."""
+        return self._header
+
+    def move_body(self, body: memoryview, allocate: Allocator) -> bool:
+        """If ``body`` (an Allocator's buffer) is the one a payload is being received into,
+        go on in a new one of ``allocate``'s (the bytes so far copied over); True if so."""
+        if self._body is not body:
+            return False
+        new = allocate(len(body))
+        new[:self._filled] = body[:self._filled]
+        self._body = new
+        return True
+
+    @property
     def buffered(self) -> int:
         """Bytes held that do not yet form a whole package."""
         held = self._end - self._start

@@ -52,8 +52,12 @@ class CannotStart(Exception):
         self.exit_code = exit_code
 
 
-#: Pipe capacity asked for the program's stdout and stderr: a 64 KiB pipe caps every read
-#: (and so every DATA package) at 64 KiB; 1 MiB lets reads reach MAX_CHUNK.
+#: Pipe capacity asked for the program's stdin, stdout and stderr: a 64 KiB pipe caps every
+#: read (and so every DATA package) at 64 KiB; 1 MiB lets reads reach MAX_CHUNK. On stdin, a
+#: 1 MiB DATA package went into a 64 KiB pipe in 16 writes, each followed by a wait for room
+#: (a wake-up and two epoll_ctl), and the reader (``vmbusifyctl cp``'s helper) took it in 16
+#: splices: a 1 GiB push made 21,730 writes and 25,236 epoll_ctl in the executor; with
+#: 1 MiB, 2,277 and 1,286 (docs/performance.md, "`vmbusifyctl cp`, one large file").
 PIPE_SIZE = 1 << 20
 
 
@@ -257,6 +261,7 @@ async def spawn(spec: ExecSpec) -> Child:
         stdin: int = subprocess.DEVNULL
         if spec.stdin:
             r, w = os.pipe()
+            _grow(w)
             os.set_blocking(w, False)
             ours.append(w)
             theirs.append(r)
@@ -288,13 +293,18 @@ async def spawn(spec: ExecSpec) -> Child:
     return Child(proc, tag)
 
 
-def _pipe() -> tuple[int, int]:
-    """A pipe (read end non-blocking, both close-on-exec) of PIPE_SIZE if the kernel allows."""
-    r, w = os.pipe()
+def _grow(fd: int) -> None:
+    """Ask PIPE_SIZE for the pipe of ``fd`` (kept at its size if the kernel refuses)."""
     try:
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
         pass  # over /proc/sys/fs/pipe-max-size: keep the default
+
+
+def _pipe() -> tuple[int, int]:
+    """An output pipe (read end non-blocking, both close-on-exec) of PIPE_SIZE."""
+    r, w = os.pipe()
+    _grow(w)
     os.set_blocking(r, False)
     return r, w
 

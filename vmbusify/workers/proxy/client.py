@@ -46,10 +46,11 @@ from vmbusify.protocol.socks import (
     Socks5Greeting,
     TargetRequest,
 )
+from vmbusify.runtime import UsesLoop
 from vmbusify.users.access import AccessMode, Credentials, LocalUsers, access_mode
 from vmbusify.users.peer import tcp_peer_uid
 from vmbusify.workers.base import Spawner
-from vmbusify.workers.proxy.relay import abort_socket, relay, tune
+from vmbusify.workers.proxy.relay import SocketEnd, relay
 from vmbusify.workers.proxy.route import Route, RouteError, Router
 from vmbusify.workers.proxy.stats import ConnStats
 from vmbusify.workers.proxy.udp_client import UdpAssociation
@@ -83,7 +84,7 @@ class Caller:
         return f"uid={self.uid if self.uid is not None else '?'}"
 
 
-class ProxyClient:
+class ProxyClient(UsesLoop):
     """Accepts users' proxy connections and carries them through the tunnel."""
 
     def __init__(self, link: WorkerLink, cfg: ProxyConfig, role: Role, stats: ConnStats,
@@ -129,7 +130,7 @@ class ProxyClient:
     async def serve_forever(self) -> None:
         """Accept users until cancelled."""
         assert self._sock is not None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         while True:
             try:
                 conn, _addr = await loop.sock_accept(self._sock)
@@ -146,24 +147,30 @@ class ProxyClient:
             self._sock.close()
 
     # -- one connection --------------------------------------------------------------------
-    async def serve(self, conn: socket.socket, label: str) -> None:
+    async def serve(self, sock: socket.socket, label: str) -> None:
         """Handle one user connection to its end. Never raises (but for cancellation)."""
-        tune(conn)
-        caller = self.caller(conn)
+        caller = self.caller(sock)
         if caller.uid is not None:
             label = f"{label} {caller}"
+        loop = self.loop
+        try:
+            _, conn = await loop.connect_accepted_socket(lambda: SocketEnd(loop), sock)
+        except OSError as exc:
+            log.debug("%s: connection lost before the handshake: %s", label, exc)
+            sock.close()
+            return
         hs = Handshake(require_auth=self.mode is AccessMode.CREDENTIALS,
                        prefer_auth=not caller.free)
         try:
-            req = await asyncio.wait_for(self._handshake(conn, hs, caller, label),
-                                         HANDSHAKE_TIMEOUT)
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                req = await self._handshake(conn, hs, caller, label)
         except TimeoutError:
             log.info("%s: handshake not finished in %gs; closed", label, HANDSHAKE_TIMEOUT)
             req = None
         except HandshakeError as exc:
             log.info("%s: bad handshake: %s", label, exc)
             if exc.reply is not None:
-                await self._send_quietly(conn, hs.error_reply(exc.reply, str(exc)))
+                conn.send(hs.error_reply(exc.reply, str(exc)))
             req = None
         except OSError as exc:
             log.debug("%s: connection lost during the handshake: %s", label, exc)
@@ -177,14 +184,6 @@ class ProxyClient:
             log.debug("%s: user connection lost: %s", label, exc)
             conn.close()
 
-    async def _send_quietly(self, conn: socket.socket, data: bytes) -> None:
-        if not data:
-            return
-        try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(conn, data), 5)
-        except (OSError, TimeoutError):
-            pass
-
     def caller(self, conn: socket.socket) -> Caller:
         """Who connected: looked up (once) where the access mode depends on it."""
         if self.mode is AccessMode.OPEN:
@@ -194,13 +193,12 @@ class ProxyClient:
         uid = tcp_peer_uid(conn)
         return Caller(uid, self.users.privileged(uid))
 
-    async def _handshake(self, conn: socket.socket, hs: Handshake, caller: Caller, label: str
+    async def _handshake(self, conn: SocketEnd, hs: Handshake, caller: Caller, label: str
                          ) -> TargetRequest | None:
-        loop = asyncio.get_running_loop()
         while True:
             event = hs.next_event()
             if event is None:
-                data = await loop.sock_recv(conn, 4096)
+                data = await conn.recv()
                 if not data:
                     log.debug("%s: closed during the handshake", label)
                     return None
@@ -209,14 +207,14 @@ class ProxyClient:
                 try:
                     answer = hs.select_method(event.methods)
                 except HandshakeError:
-                    await loop.sock_sendall(conn, hs.no_acceptable_method())
+                    conn.send(hs.no_acceptable_method())
                     raise
-                await loop.sock_sendall(conn, answer)
+                conn.send(answer)
             elif isinstance(event, Socks5Auth):
                 # Root and the group need none: whatever they offer is fine.
                 ok = caller.free or self.credentials.check(event.username, event.password)
                 caller.authenticated = ok
-                await loop.sock_sendall(conn, hs.auth_result(ok))
+                conn.send(hs.auth_result(ok))
                 if not ok:
                     self._refusals.warning(
                         ("auth", caller.uid), "%s: SOCKS5 authentication failed for user %s",
@@ -225,11 +223,10 @@ class ProxyClient:
             else:
                 return await self._check_request_auth(conn, hs, event, caller, label)
 
-    async def _check_request_auth(self, conn: socket.socket, hs: Handshake, req: TargetRequest,
+    async def _check_request_auth(self, conn: SocketEnd, hs: Handshake, req: TargetRequest,
                                   caller: Caller, label: str) -> TargetRequest | None:
         if caller.allowed:
             return req
-        loop = asyncio.get_running_loop()
         if req.kind is ProxyKind.HTTP:
             creds = req.http.credentials() if req.http else None
             if creds is not None and self.credentials.check(*creds):
@@ -244,7 +241,7 @@ class ProxyClient:
                f"uid {caller.uid} is neither root nor in group {self.cfg.group or '(none)'}")
         self._refusals.warning(("refused", caller.uid), "%s: refused %s: %s, %s", label,
                                req.kind.value, who, why)
-        await loop.sock_sendall(conn, answer)
+        conn.send(answer)
         return None
 
     async def open_far(self, route: Route, command: Command, label: str
@@ -275,14 +272,13 @@ class ProxyClient:
             return ack, None
         return ack, stream
 
-    async def _proxy(self, conn: socket.socket, hs: Handshake, req: TargetRequest,
+    async def _proxy(self, conn: SocketEnd, hs: Handshake, req: TargetRequest,
                      label: str) -> None:
-        loop = asyncio.get_running_loop()
         try:
             route = await self.router.route(req.host, req.port)
         except RouteError as exc:
             log.info("%s: no route (%d): %s", label, exc.reply, exc)
-            await loop.sock_sendall(conn, hs.error_reply(exc.reply, str(exc)))
+            conn.send(hs.error_reply(exc.reply, str(exc)))
             conn.close()
             return
         label = f"vm={route.vmid} {label}"
@@ -294,14 +290,14 @@ class ProxyClient:
             log.info("%s: refused by the far side (%d %s): %s", label, ack.reply,
                      ack.reply.text, ack.reason)
             self.stats.refused(route.vmid)
-            await loop.sock_sendall(conn, hs.error_reply(ack.reply, ack.reason))
+            conn.send(hs.error_reply(ack.reply, ack.reason))
             conn.close()
             return
         self.stats.opened(stream)
         label = f"{label} stream={stream.id}"
         log.debug("%s: open", label)
         try:
-            await loop.sock_sendall(conn, hs.success_reply(ack.bound_host, ack.bound_port))
+            conn.send(hs.success_reply(ack.bound_host, ack.bound_port))
             first = hs.trailing
             if req.http is not None and not req.http.is_connect:
                 first = req.http.forward_head() + first
@@ -310,31 +306,30 @@ class ProxyClient:
         except BaseException:
             await stream.reset("user connection lost")
             self.stats.closed(stream)
-            abort_socket(conn)
+            conn.abort()
             raise
         try:
             await relay(conn, stream, label)
         finally:
             self.stats.closed(stream)
 
-    async def _udp(self, conn: socket.socket, hs: Handshake, route: Route, label: str) -> None:
-        loop = asyncio.get_running_loop()
+    async def _udp(self, conn: SocketEnd, hs: Handshake, route: Route, label: str) -> None:
         if self.role is Role.HOST:
             log.info("%s: UDP ASSOCIATE refused: offered inside VMs only", label)
-            await loop.sock_sendall(conn, hs.error_reply(ReplyCode.COMMAND_NOT_SUPPORTED))
+            conn.send(hs.error_reply(ReplyCode.COMMAND_NOT_SUPPORTED))
             conn.close()
             return
         ack, stream = await self.open_far(route, Command.UDP, label)
         if stream is None:
             self.stats.refused(route.vmid)
-            await loop.sock_sendall(conn, hs.error_reply(ack.reply, ack.reason))
+            conn.send(hs.error_reply(ack.reply, ack.reason))
             conn.close()
             return
         self.stats.opened(stream)
         assoc = UdpAssociation(conn, stream, f"{label} stream={stream.id}")
         try:
-            host, port = await assoc.open(conn.getsockname()[0])
-            await loop.sock_sendall(conn, hs.success_reply(host, port))
+            host, port = await assoc.open(conn.sockname[0])
+            conn.send(hs.success_reply(host, port))
             await assoc.run()
         finally:
             self.stats.closed(stream)

@@ -28,9 +28,10 @@ from vmbusify.protocol.proxy import (
     ReplyCode,
     reply_for_errno,
 )
+from vmbusify.runtime import UsesLoop
 from vmbusify.workers.base import Spawner
 from vmbusify.workers.proxy.policy import EgressPolicy
-from vmbusify.workers.proxy.relay import relay, tune
+from vmbusify.workers.proxy.relay import SocketEnd, relay
 from vmbusify.workers.proxy.resolve import NameNotFound, Resolver
 from vmbusify.workers.proxy.stats import ConnStats
 from vmbusify.workers.proxy.udp import UdpRelay
@@ -38,7 +39,7 @@ from vmbusify.workers.proxy.udp import UdpRelay
 log = logging.getLogger("vmbusify.proxy.server")
 
 
-class ProxyServer:
+class ProxyServer(UsesLoop):
     """Connects to targets on behalf of the peer's proxy client."""
 
     def __init__(self, link: WorkerLink, cfg: ProxyConfig, role: Role, stats: ConnStats,
@@ -78,24 +79,27 @@ class ProxyServer:
         if req.command is not Command.CONNECT:
             return self._refuse(msg.vmid, label, ReplyCode.COMMAND_NOT_SUPPORTED,
                                 f"command {req.command.name} not supported")
-        ack, sock = await self.connect(req.host, req.port, label)
-        if sock is None:
+        ack, end = await self.connect(req.host, req.port, label)
+        if end is None:
             self.stats.refused(msg.vmid)
             return ack.to_body()
         try:
             stream = self.link.streams.accept(msg.vmid, Entity.PROXY_SERVER, msg.package,
                                               ProxyMessage.DATA)
         except ProtocolError as exc:
-            sock.close()
+            end.close()
             return self._refuse(msg.vmid, label, ReplyCode.GENERAL_FAILURE, str(exc))
+        except BaseException:
+            end.abort()
+            raise
         self.stats.opened(stream)
         log.debug("%s: connected", label)
-        self.spawn(self._relay(sock, stream, label), msg.vmid, "relaying")
+        self.spawn(self._relay(end, stream, label), msg.vmid, "relaying")
         return ack.to_body()
 
-    async def _relay(self, sock: socket.socket, stream: Any, label: str) -> None:
+    async def _relay(self, end: SocketEnd, stream: Any, label: str) -> None:
         try:
-            await relay(sock, stream, label)
+            await relay(end, stream, label)
         finally:
             self.stats.closed(stream)
 
@@ -133,40 +137,37 @@ class ProxyServer:
         return allowed, OpenAck(ReplyCode.SUCCEEDED)
 
     async def connect(self, host: str, port: int, label: str
-                      ) -> tuple[OpenAck, socket.socket | None]:
-        """Resolve, check and connect; the ACK to send and the socket (None on failure)."""
+                      ) -> tuple[OpenAck, SocketEnd | None]:
+        """Resolve, check and connect; the ACK to send and the connection, a protocol of
+        the loop's transport (None on failure)."""
         addrs, refusal = await self.allowed_addresses(host, port, label)
         if not addrs:
             return refusal, None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         ack = OpenAck(ReplyCode.GENERAL_FAILURE, reason="no address to try")
         for addr in addrs:
             family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-            sock: socket.socket | None = None
             try:
-                # Inside the try: socket() fails where the host has no IPv6 (EAFNOSUPPORT)
-                # or is out of descriptors, and a bad address is the peer's input.
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                tune(sock)
-                await asyncio.wait_for(loop.sock_connect(sock, (addr, port)),
-                                       self.cfg.connect_timeout)
-                bound = sock.getsockname()
+                # The loop makes the socket: that fails where the host has no IPv6
+                # (EAFNOSUPPORT) or is out of descriptors, and a bad address is the peer's
+                # input. A timeout closes the half-made connection.
+                async with asyncio.timeout(self.cfg.connect_timeout):
+                    _, end = await loop.create_connection(lambda: SocketEnd(loop), addr, port,
+                                                          family=family)
+                bound = end.sockname
             except TimeoutError:
-                _close(sock)
                 ack = OpenAck(ReplyCode.TTL_EXPIRED,
                               reason=f"connect to {addr}:{port} timed out")
                 continue
             except OSError as exc:
-                _close(sock)
                 why = os.strerror(exc.errno) if exc.errno else str(exc)
                 ack = OpenAck(reply_for_errno(exc.errno), reason=f"connect to {addr}:{port}: {why}")
                 continue
             except (ValueError, OverflowError) as exc:
-                _close(sock)
                 ack = OpenAck(ReplyCode.GENERAL_FAILURE,
                               reason=f"connect to {addr}:{port}: {printable(exc)}")
                 continue
-            return OpenAck(ReplyCode.SUCCEEDED, bound[0], bound[1]), sock
+            return OpenAck(ReplyCode.SUCCEEDED, bound[0], bound[1]), end
         log.info("%s: failed (%d %s): %s", label, ack.reply, ack.reply.text, ack.reason)
         return ack, None
 
@@ -191,8 +192,3 @@ class ProxyServer:
             await udp.run()
         finally:
             self.stats.closed(stream)
-
-
-def _close(sock: socket.socket | None) -> None:
-    if sock is not None:
-        sock.close()

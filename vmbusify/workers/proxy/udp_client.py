@@ -18,6 +18,7 @@ from vmbusify.bus.streams import Stream, StreamReset
 from vmbusify.errors import ProtocolError
 from vmbusify.protocol.proxy import DatagramDecoder, HandshakeError, encode_datagram
 from vmbusify.protocol.socks import parse_udp_request, udp_reply_header
+from vmbusify.workers.proxy.relay import SocketEnd
 from vmbusify.workers.proxy.udp import Receiver
 
 log = logging.getLogger("vmbusify.proxy.udp")
@@ -26,20 +27,19 @@ log = logging.getLogger("vmbusify.proxy.udp")
 class UdpAssociation:
     """One UDP ASSOCIATE: a UDP socket for the user, a stream to the far side."""
 
-    def __init__(self, control: socket.socket, stream: Stream, label: str) -> None:
+    def __init__(self, control: SocketEnd, stream: Stream, label: str) -> None:
         self.control = control
         self.stream = stream
         self.label = label
         self.user: tuple[str, int] | None = None
-        self._allowed_ip = control.getpeername()[0]
+        self._allowed_ip = control.peername[0]
         self._transport: asyncio.DatagramTransport | None = None
         self._out: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
 
     async def open(self, local_ip: str) -> tuple[str, int]:
         """Bind the user's UDP socket; the address to tell the user."""
-        loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in local_ip else socket.AF_INET
-        self._transport, _ = await loop.create_datagram_endpoint(
+        self._transport, _ = await self.control.loop.create_datagram_endpoint(
             lambda: Receiver(self.from_user), local_addr=(local_ip, 0), family=family)
         host, port = self._transport.get_extra_info("sockname")[:2]
         return str(host), int(port)
@@ -62,10 +62,9 @@ class UdpAssociation:
 
     async def run(self) -> None:
         """Relay until the control connection closes; always ends the stream."""
-        loop = asyncio.get_running_loop()
         tasks = [asyncio.ensure_future(self._to_stream()),
                  asyncio.ensure_future(self._from_stream()),
-                 asyncio.ensure_future(loop.sock_recv(self.control, 1024))]
+                 asyncio.ensure_future(self.control.recv())]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
