@@ -16,7 +16,10 @@ host's file system, so both tools copy between two directories of the same machi
    helper; sampled every 0.1 s, so a helper's last tenth of a second may be missing). With
    ``--runs N`` each copy is made N times, interleaved, and the median time is shown.
 2. A tree of FILES small files (1-4 KiB, 100 directories) in and out: ratio scp -r time /
-   vmbusify time (goal >= 5), every copy checked with ``diff -r``.
+   vmbusify time (goal >= 5), every copy checked with ``diff -r``; with ``--runs N`` each
+   copy N times, interleaved, the median shown. ``--base CHECKOUT`` adds the client (and so
+   the guest's helper, which it sends) of another checkout to the rotation (``PYTHONPATH``:
+   e.g. ``git archive main vmbusify | tar -x -C /tmp/base``), for an A/B in one run.
 3. Fairness: a push of MIB/2 MiB beside an exec streaming /dev/zero out of vm1 (started
    first, in a session of its own), each one's MB/s beside its MB/s alone.
 """
@@ -24,6 +27,7 @@ host's file system, so both tools copy between two directories of the same machi
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shutil
 import statistics
@@ -51,9 +55,11 @@ def env() -> dict[str, str]:
     return command("host", ["true"])[1]
 
 
-def timed(argv: list[str]) -> float:
+def timed(argv: list[str], base: str = "") -> float:
+    """Seconds ``argv`` ran; ``base``: with vmbusify imported from that checkout."""
+    extra = {"PYTHONPATH": base} if base else {}
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, env=env(), stdin=subprocess.DEVNULL,
+    subprocess.run(argv, check=True, env={**env(), **extra}, stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
@@ -90,12 +96,14 @@ class Scp:
         return timed([*self.base, *(["-r"] if recursive else []), self.remote(src), str(dst)])
 
 
-def ours_push(src: Path, dst: Path, recursive: bool = False) -> float:
-    return timed([CTL, "cp", "-q", *(["-r"] if recursive else []), str(src), f"vm1:{dst}"])
+def ours_push(src: Path, dst: Path, recursive: bool = False, base: str = "") -> float:
+    return timed([CTL, "cp", "-q", *(["-r"] if recursive else []), str(src), f"vm1:{dst}"],
+                 base)
 
 
-def ours_pull(src: Path, dst: Path, recursive: bool = False) -> float:
-    return timed([CTL, "cp", "-q", *(["-r"] if recursive else []), f"vm1:{src}", str(dst)])
+def ours_pull(src: Path, dst: Path, recursive: bool = False, base: str = "") -> float:
+    return timed([CTL, "cp", "-q", *(["-r"] if recursive else []), f"vm1:{src}", str(dst)],
+                 base)
 
 
 def _netns(pid: int) -> str:
@@ -257,22 +265,45 @@ def one_file(work: Path, scp: Scp, mib: int, runs: int = 1) -> None:
     src.unlink()
 
 
-def small_files(work: Path, scp: Scp, files: int) -> None:
+def small_files(work: Path, scp: Scp, files: int, runs: int = 1, base: str = "") -> None:
     src = work / "tree"
     make_tree(src, files)
+    tools = ("vmbusify", *(("base",) if base else ()), "scp")
     for way in ("push", "pull"):
-        times = {}
-        for tool in ("vmbusify", "scp"):
-            dst = work / f"tree-{way}-{tool}"
-            if tool == "vmbusify":
-                times[tool] = (ours_push if way == "push" else ours_pull)(src, dst, True)
-            else:
-                times[tool] = (scp.push if way == "push" else scp.pull)(src, dst, True)
-            check_same(src, dst)
+        times: dict[str, list[float]] = {}
+        copies = []
+        for run in range(runs):
+            for tool in tools:
+                dst = work / f"tree-{way}-{tool}-{run}"
+                if tool == "scp":
+                    t = (scp.push if way == "push" else scp.pull)(src, dst, True)
+                else:
+                    t = (ours_push if way == "push" else ours_pull)(
+                        src, dst, True, base if tool == "base" else "")
+                times.setdefault(tool, []).append(t)
+                check_same(src, dst)
+                copies.append(dst)
+        # Removed after the figure, not between copies: on ext4, 10,000 files made just
+        # after 10,000 were removed cost the kernel up to 10x more each (docs/performance.md)
+        for dst in copies:
             shutil.rmtree(dst)
-        print(f"  {files} files {way}: vmbusify {times['vmbusify']:.2f} s, scp -r "
-              f"{times['scp']:.2f} s, ratio {times['scp'] / times['vmbusify']:.2f} "
-              "(goal >= 5), diff -r equal", flush=True)
+        med = {tool: statistics.median(ts) for tool, ts in times.items()}
+        print(f"  {files} files {way}: vmbusify {med['vmbusify']:.2f} s, scp -r "
+              f"{med['scp']:.2f} s, ratio {med['scp'] / med['vmbusify']:.2f} "
+              f"(goal >= 5), diff -r equal{f'; median of {runs}' if runs > 1 else ''}",
+              flush=True)
+        if base:
+            paired = statistics.median(a / b for a, b in zip(times["vmbusify"], times["base"],
+                                                               strict=True))
+            print(f"    {base}'s client: {med['base']:.2f} s, ratio to scp -r "
+                  f"{med['scp'] / med['base']:.2f}; this one's time / its "
+                  f"{med['vmbusify'] / med['base']:.2f} (medians), {paired:.2f} (median of "
+                  f"each round's), {min(times['vmbusify']) / min(times['base']):.2f} "
+                  "(fastest runs)", flush=True)
+        if runs > 1:
+            for tool in tools:
+                print(f"    {tool} runs: {' '.join(f'{t:.2f}' for t in times[tool])}",
+                      flush=True)
     shutil.rmtree(src)
 
 
@@ -319,23 +350,36 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--files", type=int, default=10000, help="0: no tree figures")
     ap.add_argument("--runs", type=int, default=1,
-                    help="copies of the one file per tool (the median is shown)")
+                    help="copies of the one file, and of the tree, per tool (the median is "
+                    "shown)")
     ap.add_argument("--no-fairness", action="store_true", help="skip the fairness figure")
+    ap.add_argument("--only", choices=("file", "tree", "fairness"),
+                    help="only this figure")
+    ap.add_argument("--base", default="",
+                    help="a checkout whose client (and guest helper) the tree figures also "
+                    "time, interleaved (A/B in one run)")
+    ap.add_argument("--dir", default=None,
+                    help="where the files are made and copied (default: $TMPDIR or /tmp)")
     args = ap.parse_args()
+    want = {figure: args.only in (None, figure) for figure in ("file", "tree", "fairness")}
+    # As an install does (with PYTHONDONTWRITEBYTECODE set, an edited checkout, and one made
+    # with git archive for --base, would compile its modules again at every cp's start).
+    for tree in (Path(__file__).resolve().parents[1], *([Path(args.base)] if args.base else [])):
+        compileall.compile_dir(str(tree / "vmbusify"), quiet=1)
     print(f"files benchmark on {os.cpu_count()} cores, vm1 = the lab, load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="vmbusify-bench-files-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vmbusify-bench-files-", dir=args.dir) as tmp:
         work = Path(tmp)
         sshd = LocalSshd(work / "sshd")
         (work / "sshd").mkdir()
         sshd.start()
         try:
             scp = Scp(sshd)
-            if args.mib:
+            if args.mib and want["file"]:
                 one_file(work, scp, args.mib, args.runs)
-            if args.files:
-                small_files(work, scp, args.files)
-            if not args.no_fairness:
+            if args.files and want["tree"]:
+                small_files(work, scp, args.files, args.runs, args.base)
+            if not args.no_fairness and want["fairness"]:
                 fairness(work, max(64, args.mib // 2))
         finally:
             sshd.stop()

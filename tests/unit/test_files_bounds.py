@@ -156,6 +156,37 @@ def test_a_size_beyond_the_free_space_fails_before_anything_is_written(dest: Pat
     assert listing(dest) == []
 
 
+def test_the_free_space_is_read_once_per_directory_until_the_files_pass_it(
+        dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files that fit take their size (in whole blocks) off the free space read for their
+    directory; the first that would pass what is left reads it again, and fails before it
+    is written when it passes that too: the same no-space error as a check per file."""
+    reads: list[int] = []
+
+    def free(fd: int, root: bool | None = None) -> int:  # a file system of 13 blocks
+        reads.append(fd)
+        used = sum(-(-p.stat().st_size // tree.BLOCK) for p in dest.rglob("*") if p.is_file())
+        return (13 - used) * tree.BLOCK
+
+    monkeypatch.setattr(tree, "free_space", free)
+    (dest / "d").mkdir()
+    fits = b"".join(header(name, 100) + chunks(b"x" * 100) + encode_file_end()
+                    for name in (b"a", b"d/b", b"d/c"))
+    receive(dest, fits + END)
+    assert len(reads) == 2  # one for DST, one for d: not one per file
+    reads.clear()
+    many = b"".join(header(b"f%d" % i, tree.BLOCK) + chunks(b"y" * tree.BLOCK)
+                    + encode_file_end() for i in range(11))
+    with pytest.raises(CopyFailed) as err:
+        receive(dest, many + END)
+    assert len(reads) == 2  # the first file, then the eleventh
+    assert err.value.kind == "no-space"
+    assert str(err.value) == ("cannot write f10: no space left on the target's file system "
+                              f"({tree.BLOCK} bytes to write, 0 free)")
+    assert not (dest / "f10").exists() and not (dest / part_name(b"f10").decode()).exists()
+    assert (dest / "f9").stat().st_size == tree.BLOCK
+
+
 def test_an_unknown_size_only_where_asked_for(dest: Path) -> None:
     stream = header(b"f", UNKNOWN_SIZE) + chunks(b"any", b"length") + encode_file_end() + END
     with pytest.raises(CopyFailed, match="announced no size"):
@@ -339,7 +370,7 @@ def test_a_full_disk_fails_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
     if not checked:
-        monkeypatch.setattr(tree, "free_space", lambda _fd: 1 << 60)
+        monkeypatch.setattr(tree, "free_space", lambda _fd, _root=None: 1 << 60)
     try:
         data = os.urandom(900 << 10)
         stream = b"".join(file_records(n, data) for n in (b"a", b"b", b"c")) + END

@@ -131,6 +131,35 @@ def test_setuid_and_setgid_are_dropped_and_owners_kept_off(dirs: tuple[Path, Pat
     assert stat.S_IMODE((dest / "d").stat().st_mode) == 0o1777
 
 
+@pytest.mark.parametrize(("mode", "preserve", "part", "final"), [
+    (0o644, False, 0o644, 0o644),   # no one else may write it: made with its mode
+    (0o755, True, 0o755, 0o755),
+    (0o600, False, 0o600, 0o600),
+    (0o666, False, 0o644, 0o644),   # the umask (022) takes the others' write bit off first
+    (0o666, True, 0o600, 0o666),    # others may write it: 0600 until complete
+    (0o444, True, 0o600, 0o444),    # the owner could not reopen a kept part to resume
+    (0o1755, True, 0o600, 0o1755),  # a special bit: only by chmod
+])
+def test_a_part_file_lets_no_one_else_write_it(dirs: tuple[Path, Path], mode: int,
+                                               preserve: bool, part: int, final: int) -> None:
+    """A part file is made with its file's final mode when that lets no one else write it
+    (no chmod once complete), else 0600; what is at the name at the end is the same."""
+    dest, _ = dirs
+    seen: list[int] = []
+
+    def on_file(name: str, size: int) -> None:
+        seen.append(stat.S_IMODE((dest / part_name(b"f").decode()).lstat().st_mode))
+
+    old = os.umask(0o022)
+    try:
+        receive(dest, file_records(b"f", b"data", mode=mode) + END, preserve=preserve,
+                on_file=on_file)
+    finally:
+        os.umask(old)
+    assert seen == [part]
+    assert stat.S_IMODE((dest / "f").stat().st_mode) == final
+
+
 def test_checksum_mismatch_leaves_nothing(dirs: tuple[Path, Path]) -> None:
     dest, _ = dirs
     with pytest.raises(CopyFailed) as err:

@@ -141,7 +141,7 @@ def cp(ctx: click.Context, recursive: bool, preserve: bool, user: str, resume: b
     line = ProgressLine() if (not quiet and not as_json and sys.stderr.isatty()) else None
     opts: dict[str, Any] = {"recursive": recursive, "preserve": preserve, "user": user,
                             "resume": resume, "checksum": checksum,
-                            "config": ctx.obj["config"], "progress": line, "fsync": fsync}
+                            "client": ctx.obj["client"], "progress": line, "fsync": fsync}
     started = time.monotonic()
     try:
         if direction == "push":

@@ -20,8 +20,8 @@ import select
 import socket
 import struct
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from vmbusify.config import Config
 from vmbusify.control.client import ControlClient
 from vmbusify.control.exec_wire import Failure, open_exec, parse_status
 from vmbusify.errors import (
@@ -35,6 +35,9 @@ from vmbusify.errors import (
 from vmbusify.protocol.exec_api import EXIT_NOT_FOUND, Channel, ExitReason
 from vmbusify.protocol.websocket import FrameDecoder, Opcode, close_payload, encode_frame
 from vmbusify.protocol.window import MAX_CHUNK
+
+if TYPE_CHECKING:
+    from vmbusify.config import Config
 
 #: The largest message the listener takes (its max_msg_size is MAX_CHUNK + 1024).
 MAX_MESSAGE = MAX_CHUNK + 512
@@ -80,9 +83,12 @@ class ExecChannel:
     ``(Channel.FD_DONE, dict)``, and, last, ``(Channel.STATUS, Status)``.
     """
 
-    def __init__(self, config: Config, vm: str, argv: Sequence[str], *, user: str = "",
-                 stdin: bool = True, timeout: float = 30.0) -> None:
-        self.client = ControlClient(config, timeout=timeout)
+    def __init__(self, where: Config | ControlClient, vm: str, argv: Sequence[str], *,
+                 user: str = "", stdin: bool = True, timeout: float = 30.0) -> None:
+        #: ``where``: the endpoint's configuration, or a client of its listener already made
+        #: (vmbusifyctl's, which reads only the listener's keys: its start is shorter).
+        self.client = where if isinstance(where, ControlClient) else ControlClient(
+            where, timeout=timeout)
         self.vm = vm
         self.request = {"argv": list(argv), "stdin": stdin, **({"user": user} if user else {})}
         self.sock: socket.socket | None = None

@@ -13,9 +13,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from vmbusify.config import Config, load_config
+from vmbusify.control.client import ControlClient
 from vmbusify.errors import FileCopyError, TunnelError, VMBusifyError
 from vmbusify.files import fast, remote
 from vmbusify.files.channel import MAX_MESSAGE, ExecChannel, Status
@@ -46,6 +46,9 @@ from vmbusify.files.wire import (
 )
 from vmbusify.protocol.exec_api import EXIT_NOT_FOUND, Channel
 from vmbusify.text import printable
+
+if TYPE_CHECKING:
+    from vmbusify.config import Config
 
 PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 #: What a helper may write on stderr that is kept for an error message.
@@ -132,9 +135,15 @@ class _Meter:
                                  self.total, self.files, now - self.start))
 
 
-def _load(config: Config | None) -> Config:
+def _load(config: Config | None, client: ControlClient | None) -> Config | ControlClient:
+    """Where the copy's exec goes: ``client`` if given, else ``config`` (by default this
+    endpoint's, loaded here: the configuration model costs a start ~45 ms, which
+    vmbusifyctl's client, made from the listener's keys alone, does not pay)."""
+    if client is not None:
+        return client
     if config is not None:
         return config
+    from vmbusify.config import load_config
     return load_config(None)
 
 
@@ -269,9 +278,10 @@ def _helper_error(channel: ExecChannel, status: Status, stderr: bytes) -> VMBusi
     return channel.explain(status)
 
 
-def _probe(config: Config, vm: str, dest: str, name: bytes, user: str) -> tuple[int, str]:
+def _probe(where: Config | ControlClient, vm: str, dest: str, name: bytes, user: str
+           ) -> tuple[int, str]:
     """The size and sha256 of the guest's part file for a resumed push."""
-    channel = ExecChannel(config, vm, remote.agent_argv(
+    channel = ExecChannel(where, vm, remote.agent_argv(
         {"op": "probe", "dest": dest, "name": os.fsdecode(name)}), user=user, stdin=False)
     replies = _Replies()
     channel.open()
@@ -288,7 +298,8 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
          preserve: bool = False, user: str = "", resume: bool = False,
          checksum: bool = False, config: Config | None = None,
          progress: Callable[[Progress], None] | None = None,
-         stdin: BinaryIO | None = None, fsync: bool = False) -> CopyResult:
+         stdin: BinaryIO | None = None, fsync: bool = False,
+         client: ControlClient | None = None) -> CopyResult:
     """Copy local ``sources`` to ``dest`` in the VM ``vm`` (a vmid or an address it reported).
 
     As cp: an existing directory ``dest`` receives the sources by their names; otherwise
@@ -299,8 +310,9 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
     the source; ``checksum`` compares sha256 at both ends. A source ``"-"`` is ``stdin``
     (default: this process's stdin), written to the file ``dest``. ``fsync``: the guest
     flushes each file to its disk before the rename, and each directory changed after.
+    ``client``: the command listener's client to use instead of ``config``'s.
     """
-    config = _load(config)
+    where = _load(config, client)
     started = time.monotonic()
     srcs = [os.fsencode(s) for s in sources]
     if not srcs:
@@ -325,11 +337,12 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
         except CopyFailed as exc:
             raise _error(exc) from None
         meter = _Meter(progress, _size_of(srcs, recursive) if progress else None)
-        sender.on_file, sender.on_bytes = meter.on_file, meter.on_bytes
+        if progress is not None:  # else no call for each file
+            sender.on_file, sender.on_bytes = meter.on_file, meter.on_bytes
         if resume:
             if len(srcs) != 1 or not os.path.isfile(srcs[0]):
                 raise FileCopyError("--resume continues one regular file", "usage")
-            size, digest = _probe(config, vm, dest, sender.names[0], user)
+            size, digest = _probe(where, vm, dest, sender.names[0], user)
             if size and size <= os.path.getsize(srcs[0]) and \
                     hash_prefix(srcs[0], size) == digest:
                 offset = sender.offset = size
@@ -337,7 +350,7 @@ def push(vm: str, sources: Sequence[PathArg], dest: str, *, recursive: bool = Fa
     one = _fast_source(srcs, recursive) if sender is not None else None
     if one is not None:
         request["raw"] = True
-    channel = ExecChannel(config, vm, remote.agent_argv(request), user=user)
+    channel = ExecChannel(where, vm, remote.agent_argv(request), user=user)
     replies = _Replies()
     channel.open()
     try:
@@ -409,7 +422,8 @@ def pull(vm: str, sources: Sequence[str], dest: PathArg, *, recursive: bool = Fa
          preserve: bool = False, user: str = "", resume: bool = False,
          checksum: bool = False, config: Config | None = None,
          progress: Callable[[Progress], None] | None = None,
-         stdout: BinaryIO | None = None, fsync: bool = False) -> CopyResult:
+         stdout: BinaryIO | None = None, fsync: bool = False,
+         client: ControlClient | None = None) -> CopyResult:
     """Copy ``sources`` of the VM ``vm`` to the local ``dest`` (cp's rules, as ``push``).
 
     The guest's stream is checked as hostile: nothing is written outside ``dest`` (no
@@ -417,9 +431,9 @@ def pull(vm: str, sources: Sequence[str], dest: PathArg, *, recursive: bool = Fa
     nodes never made, owners set only when this process is root and ``preserve`` is asked.
     ``dest`` ``"-"`` writes the one file's data to ``stdout`` (default: this process's).
     ``fsync``: each file is flushed to disk before the rename, each directory changed after
-    (not for ``"-"``).
+    (not for ``"-"``). ``client``: as for ``push``.
     """
-    config = _load(config)
+    where = _load(config, client)
     started = time.monotonic()
     if not sources:
         raise FileCopyError("nothing to copy", "usage")
@@ -445,14 +459,15 @@ def pull(vm: str, sources: Sequence[str], dest: PathArg, *, recursive: bool = Fa
                     request.update(offset=size, expect=digest)
             receiver = Receiver(open_target(dest_b, len(sources)), preserve=preserve,
                                 chown=preserve and os.geteuid() == 0, checksum=checksum,
-                                resume=resume, on_file=meter.on_file, on_bytes=meter.on_bytes,
+                                resume=resume, on_file=meter.on_file if progress else None,
+                                on_bytes=meter.on_bytes if progress else None,
                                 fsync=fsync)
     except CopyFailed as exc:
         raise _error(exc) from None
     raw = dest_b != b"-" and len(sources) == 1 and fast.enabled()
     if raw:
         request["raw"] = True  # the helper waits for fast.GO on stdin before the data
-    channel = ExecChannel(config, vm, remote.agent_argv(request), user=user, stdin=raw)
+    channel = ExecChannel(where, vm, remote.agent_argv(request), user=user, stdin=raw)
     try:
         channel.open()
         status, stderr, decoder = _receive_all(channel, receiver, raw, meter)

@@ -15,14 +15,13 @@ environment says ``VMBUSIFY_CP_FAST=0`` (the ordinary path, for comparisons).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Callable
 
 from vmbusify.errors import FileCopyError, TunnelError
 from vmbusify.files.channel import READ_SIZE, ExecChannel, Status
-from vmbusify.files.tree import Counts, _hash_fd, end_note, show
+from vmbusify.files.tree import Counts, _hash_fd, end_note, sha256, show
 from vmbusify.files.wire import Entry, Kind, encode_entry, encode_file_end, encode_note
 from vmbusify.protocol.exec_api import Channel
 
@@ -89,7 +88,7 @@ def push_file(channel: ExecChannel, path: bytes, name: bytes, offset: int, *,
         ok, events = channel.hand_over("read", fd, offset, count)
         digest = None
         if checksum:  # while the listener sends: the same bytes, read here
-            digest = hashlib.sha256()
+            digest = sha256()
             _hash_fd(fd, size, digest)
         end, status = wait_done(channel, events, take, on_bytes, stop)
         if end is None:

@@ -11,7 +11,8 @@ The receiver treats the stream as hostile (a pull's stream comes from the guest)
   ``openat(O_NOFOLLOW | O_DIRECTORY)``: a symlink, whoever made it (the stream itself, a
   moment ago), is never followed; nothing is written outside the destination;
 - files are written to a part file beside the target (``.NAME.vmbcp-part``, created
-  ``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600) and renamed over the name when complete, so a
+  ``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600, or the file's own mode when that lets no one
+  else write it) and renamed over the name when complete, so a
   name only ever shows a whole file; the part is removed on failure (kept when the copy was
   lost half-way, for ``--resume``);
 - setuid, setgid and other special bits are dropped unless ``allow_setid`` (a push by root
@@ -20,7 +21,8 @@ The receiver treats the stream as hostile (a pull's stream comes from the guest)
 - a file's data is exactly the ``size`` its entry announced: a chunk beyond it, or a file
   end before it, is a protocol error naming the file (its part removed), so a sender cannot
   fill the disk past what it announced; an announced size larger than the target's free
-  space fails before anything is written (``no-space``);
+  space fails before anything is written (``no-space``; the free space is read once per
+  directory and again only when the sizes announced since would pass what it was);
 - memory is bounded: one record at a time, a stack of open directories no deeper than
   MAX_DEPTH, at most MAX_WARNINGS warnings of three short texts each. What is not bounded is
   what the operator asked for: a stream of many files or directories fills the disk (or its
@@ -33,11 +35,14 @@ each directory it changed once it leaves it (rsync's ``--fsync``).
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import hashlib
 
 from vmbusify.files.wire import (
     MAX_DEPTH,
@@ -57,6 +62,10 @@ from vmbusify.files.wire import (
 
 #: Bytes read from a file per C record.
 READ_CHUNK = 1 << 20
+#: A file up to this size is sent as one piece (its entry, data and end joined): a tree of
+#: small files makes a quarter of the pieces, each one passed up through the generators
+#: and gathered into writes.
+SMALL_FILE = 64 << 10
 #: Suffix of a part file (``.NAME.vmbcp-part``).
 PART_SUFFIX = b".vmbcp-part"
 #: The mode bits a receiver may set: permissions and the sticky bit (not setuid/setgid).
@@ -100,18 +109,26 @@ def failed(exc: OSError, what: str, path: bytes | str = b"") -> CopyFailed:
     return CopyFailed(kind, f"{what}{where}: {reason}", show(path))
 
 
+def sha256(data: bytes = b"") -> hashlib._Hash:
+    """A sha256. ``hashlib`` is loaded here, when first needed: ~3 ms of each start (the
+    client's and the guest helper's), which a copy without ``--checksum`` never needs."""
+    import hashlib
+
+    return hashlib.sha256(data)
+
+
 def part_name(leaf: bytes) -> bytes:
     """The part file's name for a target named ``leaf`` (kept under NAME_MAX)."""
     if len(leaf) <= 255 - len(PART_SUFFIX) - 1:
         return b"." + leaf + PART_SUFFIX
-    return b".vmbcp-" + hashlib.sha256(leaf).hexdigest()[:32].encode() + b".part"
+    return b".vmbcp-" + sha256(leaf).hexdigest()[:32].encode() + b".part"
 
 
 def check_name(name: bytes) -> list[bytes]:
     """The components of an entry's name, or CopyFailed("unsafe")."""
     parts = name.split(b"/")
     if (not name or len(name) > MAX_NAME or name.startswith(b"/") or b"\0" in name
-            or any(p in (b"", b".", b"..") or len(p) > 255 for p in parts)):
+            or b"" in parts or b"." in parts or b".." in parts or max(map(len, parts)) > 255):
         raise CopyFailed("unsafe", f"refused an unsafe name from the sender: "
                          f"{show(name[:300])!r}", show(name))
     if len(parts) > MAX_DEPTH:
@@ -143,11 +160,47 @@ def short_file(entry: Entry, have: int) -> CopyFailed | None:
                       f"{entry.size} bytes the sender announced", show(entry.name))
 
 
-def free_space(fd: int) -> int:
+def free_space(fd: int, root: bool | None = None) -> int:
     """Bytes this user may still write on the file system of the directory ``fd`` (root may
-    use the blocks reserved for it)."""
+    use the blocks reserved for it; ``root``: whether this process is, if known)."""
     st = os.fstatvfs(fd)
-    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    if root is None:
+        root = os.geteuid() == 0
+    return (st.f_bfree if root else st.f_bavail) * st.f_frsize
+
+
+#: What a file's data is counted as against the free space: whole blocks of this size.
+BLOCK = 4096
+
+
+class FreeSpace:
+    """The free-space check before each file, without a statvfs for each: the free space
+    of a directory's file system is read the first time a file goes into it, and each file
+    then takes its announced size (in whole BLOCKs) off what was read; only a file that
+    would pass what is left reads it again, and fails if it passes that too. A huge
+    announced size still fails before anything is written; the space others take
+    meanwhile is what ENOSPC reports (as it was between two reads anyway)."""
+
+    def __init__(self) -> None:
+        self._root = os.geteuid() == 0
+        #: Directory fd -> bytes still free there by the last read, less what files took.
+        self._left: dict[int, int] = {}
+
+    def take(self, dirfd: int, need: int) -> int:
+        """Count ``need`` bytes written into ``dirfd``; returns -1 if they fit, else the
+        free space there (just read), which they pass."""
+        left = self._left.get(dirfd, -1)
+        if need > left:
+            left = free_space(dirfd, self._root)
+            if need > left:
+                self._left.pop(dirfd, None)
+                return left
+        self._left[dirfd] = left - -(-need // BLOCK) * BLOCK
+        return -1
+
+    def forget(self, dirfd: int) -> None:
+        """``dirfd`` is closed (its number may come back for another directory)."""
+        self._left.pop(dirfd, None)
 
 
 # -- the sender ---------------------------------------------------------------------------------
@@ -230,27 +283,31 @@ class Sender:
     def _entry(self, path: bytes, name: bytes, st: os.stat_result, top: bool = False
                ) -> Iterator[bytes | memoryview]:
         mode = st.st_mode
+        if stat.S_ISREG(mode):
+            yield from self._file(path, name, top)
+            return
         common = Entry(Kind.FILE, name, stat.S_IMODE(mode), st.st_uid, st.st_gid,
                        st.st_mtime_ns)
-        if stat.S_ISREG(mode):
-            yield from self._file(path, name, st, common, top)
-        elif stat.S_ISDIR(mode):
+        if stat.S_ISDIR(mode):
             yield encode_entry(replace(common, kind=Kind.DIR))
             self.counts.dirs += 1
             try:
                 with os.scandir(path) as it:
-                    children = sorted(e.name for e in it)
+                    children = sorted((e.name, _is_file(e)) for e in it)
             except OSError as exc:
                 yield self._warn(name, failed(exc, "").kind,
                                  f"cannot list {show(path)}: {exc.strerror}")
                 return
             depth = name.count(b"/") + 2
-            for child in children:
+            for child, is_file in children:
                 cpath = os.path.join(path, child)
                 if depth > MAX_DEPTH or len(name) + 1 + len(child) > MAX_NAME:
                     yield self._warn(name + b"/" + child, "unsupported",
                                      f"not copied: {show(cpath)} is more than {MAX_DEPTH} "
                                      f"directories or {MAX_NAME} bytes below the copy's root")
+                    continue
+                if is_file:  # the directory says so: its open and fstat tell the rest
+                    yield from self._file(cpath, name + b"/" + child, False)
                     continue
                 try:
                     cst = os.lstat(cpath)
@@ -273,11 +330,10 @@ class Sender:
                 "a FIFO" if stat.S_ISFIFO(mode) else "a socket")
             yield self._warn(name, "unsupported", f"not copied: {show(path)} is {what}")
 
-    def _file(self, path: bytes, name: bytes, st: os.stat_result, common: Entry,
-              top: bool) -> Iterator[bytes | memoryview]:
+    def _file(self, path: bytes, name: bytes, top: bool) -> Iterator[bytes | memoryview]:
         """One file: exactly the size fstat gives once it is open (as scp and tar do, a file
         that grows meanwhile is sent up to that size; one that shrinks is not copied: a W
-        record inside it, naming it, drops it at the receiver)."""
+        record inside it, naming it, drops it at the receiver). A small one as one piece."""
         try:
             # O_NONBLOCK: if the file was replaced by a FIFO since lstat, do not hang on it.
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (
@@ -292,45 +348,63 @@ class Sender:
                 yield self._warn(name, "unsupported",
                                  f"not copied: {show(path)} changed type while being read")
                 return
-            size = fst.st_size
-            digest = hashlib.sha256() if self.checksum else None
             offset = self.offset if top and len(self.sources) == 1 else 0
-            if offset > size:
+            if offset > fst.st_size:
                 yield self._warn(name, "io", f"not copied: {show(path)} shrank below the "
                                  f"{offset} bytes to resume from")
                 return
-            if offset:
-                if digest is not None:
-                    _hash_fd(fd, offset, digest)
-                os.lseek(fd, offset, os.SEEK_SET)
-            yield encode_entry(replace(common, mode=stat.S_IMODE(fst.st_mode),
-                                       uid=fst.st_uid, gid=fst.st_gid,
-                                       mtime_ns=fst.st_mtime_ns, size=size, offset=offset))
-            if self.on_file:
-                self.on_file(show(name), size - offset)
-            left = size - offset
-            while left:
-                try:
-                    data = os.read(fd, min(READ_CHUNK, left))
-                except OSError as exc:
-                    yield self._warn(name, "io", f"cannot read {show(path)}: {exc.strerror}")
-                    return
-                if not data:
-                    yield self._warn(name, "io", f"not copied: {show(path)} shrank while "
-                                     f"being read ({size - left} of {size} bytes)")
-                    return
-                left -= len(data)
-                if digest is not None:
-                    digest.update(data)
-                yield encode_chunk_header(len(data))
-                yield data
-                self.counts.bytes += len(data)
-                if self.on_bytes:
-                    self.on_bytes(len(data))
-            yield encode_file_end(digest.digest() if digest is not None else b"")
-            self.counts.files += 1
+            pieces = self._file_pieces(fd, path, name, fst, offset)
+            if fst.st_size - offset <= SMALL_FILE:
+                yield b"".join(pieces)
+            else:
+                yield from pieces
         finally:
             os.close(fd)
+
+    def _file_pieces(self, fd: int, path: bytes, name: bytes, fst: os.stat_result,
+                     offset: int) -> Iterator[bytes]:
+        """The records of the open file ``fd`` from ``offset``: its entry, its data, its end
+        (or a W where it could not be read whole)."""
+        size = fst.st_size
+        digest = sha256() if self.checksum else None
+        if offset:
+            if digest is not None:
+                _hash_fd(fd, offset, digest)
+            os.lseek(fd, offset, os.SEEK_SET)
+        yield encode_entry(Entry(Kind.FILE, name, stat.S_IMODE(fst.st_mode), fst.st_uid,
+                                 fst.st_gid, fst.st_mtime_ns, size, offset))
+        if self.on_file:
+            self.on_file(show(name), size - offset)
+        left = size - offset
+        while left:
+            try:
+                data = os.read(fd, min(READ_CHUNK, left))
+            except OSError as exc:
+                yield self._warn(name, "io", f"cannot read {show(path)}: {exc.strerror}")
+                return
+            if not data:
+                yield self._warn(name, "io", f"not copied: {show(path)} shrank while "
+                                 f"being read ({size - left} of {size} bytes)")
+                return
+            left -= len(data)
+            if digest is not None:
+                digest.update(data)
+            yield encode_chunk_header(len(data))
+            yield data
+            self.counts.bytes += len(data)
+            if self.on_bytes:
+                self.on_bytes(len(data))
+        yield encode_file_end(digest.digest() if digest is not None else b"")
+        self.counts.files += 1
+
+
+def _is_file(entry: os.DirEntry[bytes]) -> bool:
+    """Whether a directory's entry is a regular file, by its type in the directory (no
+    system call where the file system gives it); False when unsure."""
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _hash_fd(fd: int, length: int, digest: hashlib._Hash, start: int = 0) -> int:
@@ -348,7 +422,7 @@ def _hash_fd(fd: int, length: int, digest: hashlib._Hash, start: int = 0) -> int
 
 def hash_prefix(path: bytes, length: int) -> str:
     """sha256 (hex) of the first ``length`` bytes of ``path`` ("" if it is shorter)."""
-    digest = hashlib.sha256()
+    digest = sha256()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return digest.hexdigest() if _hash_fd(fd, length, digest) == length else ""
@@ -421,6 +495,8 @@ class _Open:
     fd: int
     digest: hashlib._Hash | None
     written: int = 0
+    #: The part was created with the file's final mode (no chmod at the end).
+    moded: bool = False
 
 
 class Receiver:
@@ -460,6 +536,7 @@ class Receiver:
         self.unknown_size = unknown_size
         #: Directory fds whose entries changed (fsynced when the stream leaves them).
         self._dirty: set[int] = set()
+        self._space = FreeSpace()
 
     # -- names ----------------------------------------------------------------------------
     def landed(self, name: bytes) -> str:
@@ -502,6 +579,7 @@ class Receiver:
             self._sync_dir(d.fd)
         finally:
             self._dirty.discard(d.fd)
+            self._space.forget(d.fd)
             os.close(d.fd)
 
     def _changed(self, dirfd: int) -> None:
@@ -522,11 +600,25 @@ class Receiver:
         mode = entry.mode & self.bits
         return mode if self.preserve else mode & ~self._umask
 
-    def _apply(self, fd: int, entry: Entry, is_dir: bool = False) -> None:
-        """Owner, mode and times of an open file or directory."""
+    def _final_mode(self, entry: Entry) -> int:
+        """A file's mode once complete (sticky and set-id bits only with ``preserve``)."""
+        return self._mode(entry) if self.preserve else self._mode(entry) & 0o777
+
+    def _part_mode(self, entry: Entry) -> int:
+        """The mode a new part file is created with: the file's final mode when that lets
+        no one else write it, the owner read and write it (a part kept for ``--resume`` is
+        reopened read-write), has no special bit and the umask keeps it whole (then no
+        chmod is needed once it is complete: one system call less per file); else 0600."""
+        mode = self._final_mode(entry)
+        if mode & ~0o755 or mode & 0o600 != 0o600 or mode & self._umask:
+            return 0o600
+        return mode
+
+    def _apply(self, fd: int, entry: Entry, is_dir: bool = False, chmod: bool = True) -> None:
+        """Owner, mode (unless not ``chmod``) and times of an open file or directory."""
         if self.chown:
             os.fchown(fd, entry.uid, entry.gid)
-        if self.preserve or is_dir:
+        if chmod and (self.preserve or is_dir):
             os.fchmod(fd, self._mode(entry))
         if self.preserve:
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
@@ -603,7 +695,7 @@ class Receiver:
             if self.preserve:
                 os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd,
                          follow_symlinks=False)
-            _rename(tmp, leaf, fd, self.landed(entry.name))
+            _rename(tmp, leaf, fd, lambda: self.landed(entry.name))
         except BaseException:
             _unlink_quiet(tmp, fd)
             raise
@@ -617,11 +709,12 @@ class Receiver:
             if not self.unknown_size:
                 raise CopyFailed("protocol", f"{show(entry.name)}: the sender announced no "
                                  "size", show(entry.name))
-        elif entry.size - entry.offset > (free := free_space(dirfd)):
+        elif (free := self._space.take(dirfd, entry.size - entry.offset)) >= 0:
             raise CopyFailed("no-space", f"cannot write {self.landed(entry.name)}: no space "
                              f"left on the target's file system ({entry.size - entry.offset} "
                              f"bytes to write, {free} free)", show(entry.name))
-        digest = hashlib.sha256() if self.checksum else None
+        digest = sha256() if self.checksum else None
+        moded = False
         if entry.offset:
             if not self.resume:
                 raise CopyFailed("protocol", f"{show(entry.name)}: the sender resumed a copy "
@@ -642,12 +735,14 @@ class Receiver:
         else:
             # read-write: a checksum of data written by another process is read back
             flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            mode = self._part_mode(entry)
             try:
-                fd = os.open(part, flags, 0o600, dir_fd=dirfd)
+                fd = os.open(part, flags, mode, dir_fd=dirfd)
             except FileExistsError:  # a part left by an earlier copy: start again
                 os.unlink(part, dir_fd=dirfd)
-                fd = os.open(part, flags, 0o600, dir_fd=dirfd)
-        self._file = _Open(entry, dirfd, leaf, part, fd, digest)
+                fd = os.open(part, flags, mode, dir_fd=dirfd)
+            moded = mode == self._final_mode(entry) and not mode & self._umask
+        self._file = _Open(entry, dirfd, leaf, part, fd, digest, moded=moded)
         if self.on_file:
             self.on_file(show(entry.name), entry.size - entry.offset)
 
@@ -702,14 +797,14 @@ class Receiver:
             if f.digest.digest() != sha256:
                 raise CopyFailed("checksum", f"{show(f.entry.name)}: sha256 differs between "
                                  "the two ends", show(f.entry.name))
-        self._apply(f.fd, f.entry)
-        if not self.preserve:
-            os.fchmod(f.fd, self._mode(f.entry) & 0o777)
+        self._apply(f.fd, f.entry, chmod=not f.moded)
+        if not self.preserve and not f.moded:
+            os.fchmod(f.fd, self._final_mode(f.entry))
         if self.fsync:
             os.fsync(f.fd)
         os.close(f.fd)
         f.fd = -1
-        _rename(f.part, f.leaf, f.dirfd, self.landed(f.entry.name))
+        _rename(f.part, f.leaf, f.dirfd, lambda: self.landed(f.entry.name))
         self._changed(f.dirfd)
         self._file = None
         self.counts.files += 1
@@ -748,17 +843,22 @@ class Receiver:
         """Close every directory fd (idempotent)."""
         self._dirty.clear()
         while self._stack:
-            os.close(self._stack.pop().fd)
+            fd = self._stack.pop().fd
+            self._space.forget(fd)
+            os.close(fd)
         if self.target.fd >= 0:
+            self._space.forget(self.target.fd)
             os.close(self.target.fd)
             self.target.fd = -1
 
 
-def _rename(part: bytes, leaf: bytes, dirfd: int, name: str) -> None:
+def _rename(part: bytes, leaf: bytes, dirfd: int, landed: Callable[[], str]) -> None:
+    """Rename the part over its name; ``landed()``: that name for a message."""
     try:
         os.rename(part, leaf, src_dir_fd=dirfd, dst_dir_fd=dirfd)
     except IsADirectoryError:
         _unlink_quiet(part, dirfd)
+        name = landed()
         raise CopyFailed("is-dir", f"cannot overwrite the directory {name} with a file",
                          name) from None
 
@@ -788,7 +888,7 @@ def probe_part(dest: bytes, name: bytes) -> tuple[int, str]:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or not st.st_size:
                 return 0, ""
-            digest = hashlib.sha256()
+            digest = sha256()
             size = _hash_fd(fd, st.st_size, digest)
             return size, digest.hexdigest()
         finally:
@@ -805,7 +905,7 @@ class StdoutReceiver:
                  on_bytes: Callable[[int], None] | None = None) -> None:
         self.fd = fd
         self.counts = ReceiveCounts()
-        self.digest = hashlib.sha256() if checksum else None
+        self.digest = sha256() if checksum else None
         self.on_file = on_file
         self.on_bytes = on_bytes
         self._entry: Entry | None = None
