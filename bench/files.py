@@ -16,9 +16,11 @@ host's file system, so both tools copy between two directories of the same machi
    helper; sampled every 0.1 s, so a helper's last tenth of a second may be missing). With
    ``--runs N`` each copy is made N times, interleaved, and the median time is shown.
 2. A tree of FILES small files (1-4 KiB, 100 directories) in and out: ratio scp -r time /
-   vmbusify time (goal >= 5), every copy checked with ``diff -r``; with ``--runs N`` each
-   copy N times, interleaved, the median shown. ``--base CHECKOUT`` adds the client (and so
-   the guest's helper, which it sends) of another checkout to the rotation (``PYTHONPATH``:
+   vmbusify time (goal >= 5), every copy checked with ``diff -r``; each copy
+   ``--tree-runs`` times (3), interleaved with each tool first in turn, the median shown; the
+   file system is synced and left a second after each removal (``settle``). ``--base
+   CHECKOUT`` adds the client (and so the guest's helper, which it sends) of another
+   checkout to the rotation (``PYTHONPATH``:
    e.g. ``git archive main vmbusify | tar -x -C /tmp/base``), for an A/B in one run.
 3. Fairness: a push of MIB/2 MiB beside an exec streaming /dev/zero out of vm1 (started
    first, in a session of its own), each one's MB/s beside its MB/s alone.
@@ -265,6 +267,15 @@ def one_file(work: Path, scp: Scp, mib: int, runs: int = 1) -> None:
     src.unlink()
 
 
+def settle() -> None:
+    """Let the file system finish what earlier deletions started before the next copy is
+    timed: this machine's root is ext4 mounted with ``discard``, whose journal commit after
+    a large removal (a 1 GiB file, 10,000 files) made whichever copy came next 2-3x slower
+    (bench/run at 15:56 UTC: the tree 4.29x / 2.98x scp -r there, 8.6x / 8.3x alone)."""
+    os.sync()
+    time.sleep(1.0)
+
+
 def small_files(work: Path, scp: Scp, files: int, runs: int = 1, base: str = "") -> None:
     src = work / "tree"
     make_tree(src, files)
@@ -272,8 +283,11 @@ def small_files(work: Path, scp: Scp, files: int, runs: int = 1, base: str = "")
     for way in ("push", "pull"):
         times: dict[str, list[float]] = {}
         copies = []
+        settle()
         for run in range(runs):
-            for tool in tools:
+            # Each tool goes first in turn: the first copy of a round meets the cache and the
+            # disk as the previous figure left them.
+            for tool in tools[run % len(tools):] + tools[:run % len(tools)]:
                 dst = work / f"tree-{way}-{tool}-{run}"
                 if tool == "scp":
                     t = (scp.push if way == "push" else scp.pull)(src, dst, True)
@@ -287,6 +301,7 @@ def small_files(work: Path, scp: Scp, files: int, runs: int = 1, base: str = "")
         # after 10,000 were removed cost the kernel up to 10x more each (docs/performance.md)
         for dst in copies:
             shutil.rmtree(dst)
+        settle()
         med = {tool: statistics.median(ts) for tool, ts in times.items()}
         print(f"  {files} files {way}: vmbusify {med['vmbusify']:.2f} s, scp -r "
               f"{med['scp']:.2f} s, ratio {med['scp'] / med['vmbusify']:.2f} "
@@ -350,8 +365,9 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--files", type=int, default=10000, help="0: no tree figures")
     ap.add_argument("--runs", type=int, default=1,
-                    help="copies of the one file, and of the tree, per tool (the median is "
-                    "shown)")
+                    help="copies of the one file per tool (the median is shown)")
+    ap.add_argument("--tree-runs", type=int, default=3,
+                    help="copies of the tree per tool (the median is shown)")
     ap.add_argument("--no-fairness", action="store_true", help="skip the fairness figure")
     ap.add_argument("--only", choices=("file", "tree", "fairness"),
                     help="only this figure")
@@ -378,7 +394,7 @@ def main() -> None:
             if args.mib and want["file"]:
                 one_file(work, scp, args.mib, args.runs)
             if args.files and want["tree"]:
-                small_files(work, scp, args.files, args.runs, args.base)
+                small_files(work, scp, args.files, args.tree_runs, args.base)
             if not args.no_fairness and want["fairness"]:
                 fairness(work, max(64, args.mib // 2))
         finally:
