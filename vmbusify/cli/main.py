@@ -7,10 +7,28 @@ import sys
 
 import click
 
-from vmbusify.cli.lab import lab
 from vmbusify.cli.programs import control, mux, worker
 from vmbusify.config import check_config
 from vmbusify.config_file import DEFAULT_CONFIG_PATH
+from vmbusify.errors import LabError
+
+
+def _lab_unusable(reason: str) -> click.Command:
+    """`vmbusify lab ...` when the lab cannot load (a bad VMBUSIFY_LAB_INSTANCE): every use
+    says why in one line and exits 1; the other commands are not affected."""
+    @click.command("lab", context_settings={"ignore_unknown_options": True,
+                                            "allow_extra_args": True})
+    def lab() -> None:
+        """Simulated VMs in network namespaces (cannot load here: run it to see why)."""
+        raise click.ClickException(reason)
+    return lab
+
+
+lab: click.Command
+try:
+    from vmbusify.cli.lab import lab
+except LabError as exc:  # raised as the lab's layout loads: no traceback for a bad setting
+    lab = _lab_unusable(str(exc))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
