@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vmbusify.bus.frames import Pkg, PkgRef
+from vmbusify.bus.lanes import Lane, pkg_lane
 from vmbusify.errors import BusError, RemoteProtocolError
 
 #: Payloads smaller than this go inline (a ZeroMQ copy of them costs less than a PKR).
@@ -368,6 +370,19 @@ class RingLink:
         if staged is not None and staged[0] is view:
             self._staged = None
             self.space.head = staged[2]
+
+    def takes(self, msg: Pkg) -> bool:
+        """Whether ``msg``'s payload may go through ``tx``: the peer maps it, the payload is
+        large, and it is a bulk-lane package (a consumer takes a ring's payloads in their
+        order, and the control lane is read first). The size is looked at before the header."""
+        return (self.tx_on and len(msg.payload) >= RING_MIN_PAYLOAD
+                and pkg_lane(msg.vmid, msg.header, len(msg.payload))[0] is Lane.BULK)
+
+    def referenced(self, msg: Pkg) -> Pkg | PkgRef:
+        """``msg`` as a PKR if its payload went into ``tx`` (``takes`` said it may), else
+        ``msg`` itself (no room: inline)."""
+        ref = self.place(msg.payload)
+        return msg if ref is None else PkgRef(msg.vmid, msg.header, ref)
 
     def place(self, payload: bytes | memoryview) -> bytes | None:
         """Copy ``payload`` into ``tx`` and return its reference, or None (send it inline).

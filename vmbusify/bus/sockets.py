@@ -26,7 +26,7 @@ from zmq.backend import Socket as _RawSocket
 from zmq.utils.monitor import recv_monitor_message
 
 from vmbusify.bus.frames import BusMessage, Frames, Pkg, PkgRef, Release
-from vmbusify.bus.lanes import CONTROL_SUFFIX, Lane, LaneSender, pkg_lane
+from vmbusify.bus.lanes import CONTROL_SUFFIX, Lane, LaneSender
 from vmbusify.bus.ring import Ring, RingLink, remove_stale, ring_names
 from vmbusify.errors import BusError, RemoteProtocolError
 from vmbusify.protocol.package import MAX_PAYLOAD_LIMIT
@@ -325,12 +325,8 @@ class LanedDealer:
             self._sockets[0].send(msg.to_frames())
             return
         rings = self.rings
-        if (rings is not None and type(msg) is Pkg and rings.tx_on and lane is None
-                and pkg_lane(msg.vmid, msg.header, len(msg.payload))[0] is Lane.BULK):
-            # Only the bulk lane's: a consumer takes a ring's payloads in their order.
-            ref = rings.place(msg.payload)
-            if ref is not None:
-                msg = PkgRef(msg.vmid, msg.header, ref)
+        if rings is not None and type(msg) is Pkg and lane is None and rings.takes(msg):
+            msg = rings.referenced(msg)
         lane, frames = self.sender.frames(msg, lane=lane)
         self._sockets[lane].send(frames)
 

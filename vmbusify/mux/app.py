@@ -45,7 +45,6 @@ from vmbusify.bus.lanes import (
     LaneReceiver,
     LaneSender,
     Stamp,
-    pkg_lane,
 )
 from vmbusify.bus.link import REGISTER_INTERVAL
 from vmbusify.bus.ring import Ring, RingLink
@@ -192,17 +191,14 @@ class MuxApp:
             self._bus.send_to(identity, msg)
             return
         rings = lanes.rings
-        if (rings is not None and type(msg) is Pkg and rings.tx_on and Lane.BULK in lanes.heard
-                and pkg_lane(msg.vmid, msg.header, len(msg.payload))[0] is Lane.BULK):
-            # Only the bulk lane's: the worker takes a ring's payloads in their order (a
-            # staged payload that goes elsewhere is sent inline; from_tunnel gives its room
-            # back).
+        if (rings is not None and type(msg) is Pkg and Lane.BULK in lanes.heard
+                and rings.takes(msg)):
+            # A staged payload that goes elsewhere is sent inline (from_tunnel gives its
+            # room back); one staged for another tunnel moves out of the ring's way.
             staged = rings.staged
             if staged is not None and staged is not msg.payload:
                 self._demote(rings)
-            ref = rings.place(msg.payload)
-            if ref is not None:
-                msg = PkgRef(msg.vmid, msg.header, ref)
+            msg = rings.referenced(msg)
         lane, frames = lanes.sender.frames(msg, lanes.heard)
         self._bus.send([lanes.control if lane is Lane.CONTROL else identity, *frames])
 
