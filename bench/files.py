@@ -17,8 +17,12 @@ host's file system, so both tools copy between two directories of the same machi
    ``--runs N`` each copy is made N times, interleaved, and the median time is shown.
 2. A tree of FILES small files (1-4 KiB, 100 directories) in and out: ratio scp -r time /
    vmbusify time (goal >= 5), every copy checked with ``diff -r``; each copy
-   ``--tree-runs`` times (3), interleaved with each tool first in turn, the median shown; the
-   file system is synced and left a second after each removal (``settle``). ``--base
+   ``--tree-runs`` times (3), interleaved with each tool first in turn, the median shown. Each
+   direction copies on a fresh ext4 file system made for it (a loop device, mounted in the
+   lab VMs' mount namespaces too: ``fresh_ext4``), so the figure is the tools', not the
+   churn that the benchmark's earlier removals leave in the root file system; ``--tree-on
+   work`` copies in the work directory instead, synced and left a second after each
+   removal (``settle``). ``--base
    CHECKOUT`` adds the client (and so the guest's helper, which it sends) of another
    checkout to the rotation (``PYTHONPATH``:
    e.g. ``git archive main vmbusify | tar -x -C /tmp/base``), for an A/B in one run.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import contextlib
 import os
 import shutil
 import statistics
@@ -38,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -269,44 +275,109 @@ def one_file(work: Path, scp: Scp, mib: int, runs: int = 1) -> None:
 
 def settle() -> None:
     """Let the file system finish what earlier deletions started before the next copy is
-    timed: this machine's root is ext4 mounted with ``discard``, whose journal commit after
-    a large removal (a 1 GiB file, 10,000 files) made whichever copy came next 2-3x slower
-    (bench/run at 15:56 UTC: the tree 4.29x / 2.98x scp -r there, 8.6x / 8.3x alone)."""
+    timed (``--tree-on work``: this machine's root is ext4 mounted with ``discard``, whose
+    journal commit after a large removal made whichever copy came next 2-3x slower)."""
     os.sync()
     time.sleep(1.0)
 
 
-def small_files(work: Path, scp: Scp, files: int, runs: int = 1, base: str = "") -> None:
-    src = work / "tree"
-    make_tree(src, files)
+def _run(argv: list[str]) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _lab_mount_namespaces() -> list[int]:
+    """One lab daemon per mount namespace other than ours: ``ip netns exec`` gives each VM's
+    programs a mount namespace of their own, which sees no mount made in ours after it was
+    made (unless ours is shared)."""
+    own = os.readlink("/proc/self/ns/mnt")
+    found: dict[str, int] = {}
+    for pid in _lab_daemons():
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            continue
+        if ns != own:
+            found.setdefault(ns, pid)
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def fresh_ext4(where: Path, mib: int = 4096) -> Iterator[Path]:
+    """A new ext4 file system (a sparse image on a loop device, an inode per 4 KiB: room for
+    many copies of a tree of small files; default mount options),
+    mounted at ``where`` here and, at the same path, in every lab VM's mount namespace, so
+    the guest's side of a copy writes to it too; removed again afterwards.
+
+    Why: a tree of 10,000 small files costs what the file system's creates cost, and on a
+    root file system that has just lost hundreds of thousands of files (the benchmark's
+    own copies) every create costs several times more, for both tools, so the ratio
+    measured the churn, not the tools (docs/performance.md: 2.5-8.6x scp -r on this
+    machine's root for the same code). A fresh file system per figure is what a VM's disk
+    that is not being churned looks like."""
+    image = where.with_suffix(".img")
+    with open(image, "wb") as f:
+        f.truncate(mib << 20)
+    device = ""
+    mounted: list[int] = []
+    try:
+        device = _run(["losetup", "--find", "--show", str(image)])
+        _run(["mkfs.ext4", "-q", "-F", "-i", "4096", device])
+        where.mkdir()
+        _run(["mount", device, str(where)])
+        for pid in _lab_mount_namespaces():
+            enter = ["nsenter", f"--mount=/proc/{pid}/ns/mnt", "--"]
+            there = subprocess.run([*enter, "mountpoint", "-q", str(where)], check=False)
+            if there.returncode != 0:
+                _run([*enter, "mount", device, str(where)])
+                mounted.append(pid)
+        yield where
+    finally:
+        for pid in mounted:
+            subprocess.run(["nsenter", f"--mount=/proc/{pid}/ns/mnt", "--", "umount", "-l",
+                            str(where)], check=False)
+        if device:
+            subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+            subprocess.run(["losetup", "-d", device], check=False)
+        image.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            where.rmdir()
+
+
+def small_files(work: Path, scp: Scp, files: int, runs: int = 1, base: str = "",
+                fresh: bool = True) -> None:
     tools = ("vmbusify", *(("base",) if base else ()), "scp")
     for way in ("push", "pull"):
         times: dict[str, list[float]] = {}
-        copies = []
-        settle()
-        for run in range(runs):
-            # Each tool goes first in turn: the first copy of a round meets the cache and the
-            # disk as the previous figure left them.
-            for tool in tools[run % len(tools):] + tools[:run % len(tools)]:
-                dst = work / f"tree-{way}-{tool}-{run}"
-                if tool == "scp":
-                    t = (scp.push if way == "push" else scp.pull)(src, dst, True)
-                else:
-                    t = (ours_push if way == "push" else ours_pull)(
-                        src, dst, True, base if tool == "base" else "")
-                times.setdefault(tool, []).append(t)
-                check_same(src, dst)
-                copies.append(dst)
-        # Removed after the figure, not between copies: on ext4, 10,000 files made just
-        # after 10,000 were removed cost the kernel up to 10x more each (docs/performance.md)
-        for dst in copies:
-            shutil.rmtree(dst)
-        settle()
+        with (fresh_ext4(work / f"fs-{way}") if fresh else contextlib.nullcontext(work)) as at:
+            src = at / "tree"
+            make_tree(src, files)
+            copies = []
+            settle()
+            for run in range(runs):
+                # Each tool goes first in turn: the first copy of a round meets the cache
+                # and the disk as the previous copy left them.
+                for tool in tools[run % len(tools):] + tools[:run % len(tools)]:
+                    dst = at / f"tree-{way}-{tool}-{run}"
+                    if tool == "scp":
+                        t = (scp.push if way == "push" else scp.pull)(src, dst, True)
+                    else:
+                        t = (ours_push if way == "push" else ours_pull)(
+                            src, dst, True, base if tool == "base" else "")
+                    times.setdefault(tool, []).append(t)
+                    check_same(src, dst)
+                    copies.append(dst)
+            # Removed after the figure, not between copies: on ext4, 10,000 files made just
+            # after 10,000 were removed cost the kernel up to 10x more each
+            # (docs/performance.md).
+            for dst in (*copies, src):
+                shutil.rmtree(dst)
+            if not fresh:
+                settle()
         med = {tool: statistics.median(ts) for tool, ts in times.items()}
         print(f"  {files} files {way}: vmbusify {med['vmbusify']:.2f} s, scp -r "
               f"{med['scp']:.2f} s, ratio {med['scp'] / med['vmbusify']:.2f} "
-              f"(goal >= 5), diff -r equal{f'; median of {runs}' if runs > 1 else ''}",
-              flush=True)
+              f"(goal >= 5), diff -r equal{f'; median of {runs}' if runs > 1 else ''}; "
+              f"{'on a fresh ext4' if fresh else 'in the work directory'}", flush=True)
         if base:
             paired = statistics.median(a / b for a, b in zip(times["vmbusify"], times["base"],
                                                                strict=True))
@@ -319,7 +390,6 @@ def small_files(work: Path, scp: Scp, files: int, runs: int = 1, base: str = "")
             for tool in tools:
                 print(f"    {tool} runs: {' '.join(f'{t:.2f}' for t in times[tool])}",
                       flush=True)
-    shutil.rmtree(src)
 
 
 def _stream(seconds: float, out: list[float], procs: list[subprocess.Popen[bytes]]) -> None:
@@ -374,6 +444,9 @@ def main() -> None:
     ap.add_argument("--base", default="",
                     help="a checkout whose client (and guest helper) the tree figures also "
                     "time, interleaved (A/B in one run)")
+    ap.add_argument("--tree-on", choices=("fresh", "work"), default="fresh",
+                    help="where the tree figures copy: a fresh ext4 made for each direction "
+                    "(default), or the work directory (--dir) as it is")
     ap.add_argument("--dir", default=None,
                     help="where the files are made and copied (default: $TMPDIR or /tmp)")
     args = ap.parse_args()
@@ -394,7 +467,8 @@ def main() -> None:
             if args.mib and want["file"]:
                 one_file(work, scp, args.mib, args.runs)
             if args.files and want["tree"]:
-                small_files(work, scp, args.files, args.tree_runs, args.base)
+                small_files(work, scp, args.files, args.tree_runs, args.base,
+                            fresh=args.tree_on == "fresh")
             if not args.no_fairness and want["fairness"]:
                 fairness(work, max(64, args.mib // 2))
         finally:

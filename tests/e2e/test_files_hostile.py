@@ -250,7 +250,8 @@ def test_a_full_host_disk_is_a_clear_error_and_leaves_no_part(config: Config,
                                                               small_disk: Path,
                                                               tmp_path: Path) -> None:
     """Real bytes the operator asked for, more than DST holds: a file larger than the free
-    space (refused before writing), and a tree whose third file no longer fits."""
+    space (refused before writing), and a tree whose third file no longer fits (new: nothing
+    left; into an existing directory: the whole files that fitted)."""
     tmp_path.chmod(0o755)
     write_big_file(tmp_path / "4m", 4 << 20)
     with pytest.raises(FileCopyError) as err:
@@ -266,6 +267,12 @@ def test_a_full_host_disk_is_a_clear_error_and_leaves_no_part(config: Config,
         pull("vm1", [str(tree)], str(small_disk), config=config, recursive=True)
     assert err.value.kind == "no-space"
     assert "cannot write tree/c: no space left" in str(err.value)
+    # A new tree appears whole or not at all: its staging directory is gone with a and b.
+    assert os.listdir(small_disk) == []
+    (small_disk / "tree").mkdir()  # into a directory that is there: each whole file stays
+    with pytest.raises(FileCopyError) as err:
+        pull("vm1", [str(tree)], str(small_disk), config=config, recursive=True)
+    assert err.value.kind == "no-space"
     assert sorted(os.listdir(small_disk / "tree")) == ["a", "b"]  # whole, no part file
     assert (small_disk / "tree" / "b").read_bytes() == (tree / "b").read_bytes()
 

@@ -344,13 +344,23 @@ def test_fsync_flushes_each_file_before_its_rename_and_the_directories_after(
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
-    stream = (encode_entry(Entry(Kind.DIR, b"t", 0o755)) + file_records(b"t/a", b"1")
-              + file_records(b"t/b", b"2") + END)
-    receive(dest, stream, fsync=True)
+    def tree(top: bytes) -> bytes:
+        return (encode_entry(Entry(Kind.DIR, top, 0o755)) + file_records(top + b"/a", b"1")
+                + file_records(top + b"/b", b"2") + END)
+
+    (dest / "t").mkdir()  # a directory that is there: each file is renamed over its name
+    receive(dest, tree(b"t"), fsync=True)
     t = str(dest / "t")
     assert log == [("fsync-file", t + "/" + part_name(b"a").decode()), ("rename", "a"),
                    ("fsync-file", t + "/" + part_name(b"b").decode()), ("rename", "b"),
-                   ("fsync-dir", t), ("fsync-dir", str(dest))]
+                   ("fsync-dir", t)]
+    log.clear()
+    # A new top directory is staged: its files written at their names, the whole renamed
+    # once it is synced, then the target directory synced.
+    receive(dest, tree(b"u"), fsync=True)
+    u = str(dest / part_name(b"u").decode())
+    assert log == [("fsync-file", u + "/a"), ("fsync-file", u + "/b"), ("fsync-dir", u),
+                   ("rename", "u"), ("fsync-dir", str(dest))]
     log.clear()
     receive(dest, file_records(b"c", b"3") + END)  # without fsync: none
     assert log == [("rename", "c")]

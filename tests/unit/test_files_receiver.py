@@ -272,3 +272,81 @@ def test_the_decoder_holds_at_most_one_record() -> None:
     assert isinstance(decoder.next_event(), Entry)
     assert decoder.next_event() is None
     assert decoder.buffered <= MAX_CHUNK + 5
+
+
+# -- a new top directory is staged ----------------------------------------------------------------
+
+def feed(receiver: Receiver, stream: bytes) -> None:
+    decoder = Decoder()
+    decoder.feed(stream)
+    while (event := decoder.next_event()) is not None:
+        receiver.handle(event)
+
+
+def test_a_new_tree_appears_at_its_name_only_when_complete(dirs: tuple[Path, Path]) -> None:
+    dest, _ = dirs
+    receiver = Receiver(open_target(os.fsencode(dest), 1))
+    feed(receiver, encode_entry(Entry(Kind.DIR, b"t", 0o755))
+         + file_records(b"t/a", b"1", mode=0o640)
+         + encode_entry(Entry(Kind.DIR, b"t/d", 0o750))
+         + encode_entry(Entry(Kind.LINK, b"t/d/l", 0o777, link=b"../a")))
+    stage = dest / part_name(b"t").decode()
+    assert listing(dest) == sorted([stage.name, f"{stage.name}/a", f"{stage.name}/d",
+                                    f"{stage.name}/d/l"])  # nothing at "t" yet
+    assert stat.S_IMODE(stage.stat().st_mode) == 0o700  # no one else reaches inside
+    feed(receiver, file_records(b"t/d/b", b"2") + END)
+    receiver.finish()
+    assert listing(dest) == ["t", "t/a", "t/d", "t/d/b", "t/d/l"]
+    assert stat.S_IMODE((dest / "t").stat().st_mode) == 0o755
+    assert stat.S_IMODE((dest / "t" / "a").stat().st_mode) == 0o640
+    assert os.readlink(dest / "t" / "d" / "l") == "../a"
+    assert (dest / "t" / "d" / "b").read_bytes() == b"2"
+
+
+def test_a_staged_tree_that_fails_leaves_nothing(dirs: tuple[Path, Path]) -> None:
+    dest, outside = dirs
+    stream = (encode_entry(Entry(Kind.DIR, b"t", 0o755)) + file_records(b"t/a", b"1")
+              + encode_entry(Entry(Kind.DIR, b"t/d", 0o500))
+              + encode_entry(Entry(Kind.LINK, b"t/d/out", 0o777, link=os.fsencode(outside)))
+              + encode_entry(Entry(Kind.FILE, b"t/d/big", 0o644, size=100))
+              + encode_chunk_header(3) + b"abc")
+    with pytest.raises(CopyFailed):
+        receive(dest, stream)  # the stream ends inside a file
+    assert listing(dest) == []
+    assert listing(outside) == ["victim"]  # the symlink in the tree was removed, not followed
+
+
+def test_a_tree_over_an_existing_directory_renames_each_file(dirs: tuple[Path, Path]) -> None:
+    dest, _ = dirs
+    (dest / "t").mkdir()
+    (dest / "t" / "keep").write_text("k")
+    receive(dest, encode_entry(Entry(Kind.DIR, b"t", 0o755)) + file_records(b"t/a", b"1") + END)
+    assert listing(dest) == ["t", "t/a", "t/keep"]
+
+
+def test_a_staging_name_already_there_is_left_alone(dirs: tuple[Path, Path]) -> None:
+    dest, outside = dirs
+    (dest / part_name(b"t").decode()).symlink_to(outside)  # planted, or left by a crash
+    receive(dest, encode_entry(Entry(Kind.DIR, b"t", 0o755)) + file_records(b"t/a", b"1") + END)
+    assert listing(dest) == sorted(["t", "t/a", part_name(b"t").decode()])
+    assert listing(outside) == ["victim"]
+
+
+def test_a_hostile_stream_inside_a_staged_tree(dirs: tuple[Path, Path]) -> None:
+    """Names sent twice, a file over a directory, a directory revisited after it took its
+    name: the same outcomes as without staging."""
+    dest, outside = dirs
+    receive(dest, encode_entry(Entry(Kind.DIR, b"t", 0o755))
+            + encode_entry(Entry(Kind.LINK, b"t/x", 0o777, link=os.fsencode(outside / "victim")))
+            + file_records(b"t/x", b"first") + file_records(b"t/x", b"second")
+            + file_records(b"u", b"top") + file_records(b"t/y", b"later") + END)
+    assert (dest / "t" / "x").read_bytes() == b"second"
+    assert (dest / "t" / "y").read_bytes() == b"later"
+    assert listing(dest) == ["t", "t/x", "t/y", "u"]
+    assert (outside / "victim").read_text() == "untouched"
+    with pytest.raises(CopyFailed) as err:
+        receive(dest, encode_entry(Entry(Kind.DIR, b"v", 0o755))
+                + encode_entry(Entry(Kind.DIR, b"v/d", 0o755)) + file_records(b"v/d", b"x")
+                + END)
+    assert err.value.kind == "is-dir"
+    assert "v" not in listing(dest) and part_name(b"v").decode() not in listing(dest)

@@ -14,7 +14,11 @@ The receiver treats the stream as hostile (a pull's stream comes from the guest)
   ``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600, or the file's own mode when that lets no one
   else write it) and renamed over the name when complete, so a
   name only ever shows a whole file; the part is removed on failure (kept when the copy was
-  lost half-way, for ``--resume``);
+  lost half-way, for ``--resume``). A directory the copy makes at the top of DST is made
+  under its part name instead (mode 0700) and everything below it written at its own name;
+  the whole directory is renamed to its name when the stream leaves it, and removed on
+  failure: one rename per tree instead of one per file (not with ``resume``, or when that
+  name or its part name is already there);
 - setuid, setgid and other special bits are dropped unless ``allow_setid`` (a push by root
   with ``-p``); owners are set only with ``chown`` (root asked for ``-p``); the format has
   no device nodes, FIFOs or sockets (a sender skips them with a warning);
@@ -484,6 +488,9 @@ class _Dir:
     name: bytes
     fd: int
     entry: Entry | None  # set for a directory the stream made (its attributes, at the end)
+    #: A new top directory made under this name (its part name) in the target, renamed to
+    #: ``name`` when the stream leaves it: all below it is new and written at its own name.
+    staged: bytes = b""
 
 
 @dataclass
@@ -537,6 +544,8 @@ class Receiver:
         #: Directory fds whose entries changed (fsynced when the stream leaves them).
         self._dirty: set[int] = set()
         self._space = FreeSpace()
+        #: The staged top directory not yet renamed to its name (removed if the copy ends so).
+        self._staging = b""
 
     # -- names ----------------------------------------------------------------------------
     def landed(self, name: bytes) -> str:
@@ -581,6 +590,24 @@ class Receiver:
             self._dirty.discard(d.fd)
             self._space.forget(d.fd)
             os.close(d.fd)
+        if d.staged:
+            self._unstage(d)
+
+    def _staged(self) -> bool:
+        """Whether the directory being written is inside a staged (all new) top directory."""
+        return bool(self._stack) and bool(self._stack[0].staged)
+
+    def _unstage(self, d: _Dir) -> None:
+        """The staged top directory is complete: it takes its name."""
+        try:
+            # A directory that appeared at the name meanwhile is replaced only when empty.
+            os.rename(d.staged, d.name, src_dir_fd=self.target.fd, dst_dir_fd=self.target.fd)
+        except OSError as exc:
+            raise CopyFailed("exists", f"cannot make the directory {self.landed(d.name)}: "
+                             f"something of that name appeared during the copy ({exc.strerror})",
+                             show(d.name)) from None
+        self._staging = b""
+        self._changed(self.target.fd)
 
     def _changed(self, dirfd: int) -> None:
         """An entry of the directory ``dirfd`` was made or renamed."""
@@ -663,6 +690,11 @@ class Receiver:
 
     def _dir(self, entry: Entry) -> None:
         fd, leaf = self._place(entry.name)
+        if not self._stack and not self.resume and (stage := self._stage(leaf)):
+            sub = os.open(stage, _DIR_FLAGS, dir_fd=fd)
+            self._stack.append(_Dir(leaf, sub, entry, staged=stage))
+            self.counts.dirs += 1
+            return
         try:
             os.mkdir(leaf, 0o700, dir_fd=fd)
             made = True
@@ -681,12 +713,29 @@ class Receiver:
         self._stack.append(_Dir(leaf, sub, entry if made or self.preserve else None))
         self.counts.dirs += 1
 
+    def _stage(self, leaf: bytes) -> bytes:
+        """Make the staging directory for a new top directory ``leaf``: its part name, or
+        b"" when ``leaf`` (or that name) is already there."""
+        fd = self.target.fd
+        try:
+            os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+            return b""
+        except FileNotFoundError:
+            pass
+        stage = part_name(leaf)
+        try:
+            os.mkdir(stage, 0o700, dir_fd=fd)
+        except FileExistsError:  # left by an interrupted copy: not ours to remove
+            return b""
+        self._staging = stage
+        return stage
+
     def _link(self, entry: Entry) -> None:
         fd, leaf = self._place(entry.name)
         if b"\0" in entry.link:
             raise CopyFailed("unsafe", f"refused the symlink {show(entry.name[:300])!r}: a NUL "
                              "byte in its target", show(entry.name))
-        tmp = part_name(leaf)
+        tmp = leaf if self._staged() else part_name(leaf)
         _unlink_quiet(tmp, fd)
         os.symlink(entry.link, tmp, dir_fd=fd)
         try:
@@ -695,7 +744,8 @@ class Receiver:
             if self.preserve:
                 os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd,
                          follow_symlinks=False)
-            _rename(tmp, leaf, fd, lambda: self.landed(entry.name))
+            if tmp != leaf:
+                _rename(tmp, leaf, fd, lambda: self.landed(entry.name))
         except BaseException:
             _unlink_quiet(tmp, fd)
             raise
@@ -704,7 +754,8 @@ class Receiver:
 
     def _file_start(self, entry: Entry) -> None:
         dirfd, leaf = self._place(entry.name)
-        part = part_name(leaf)
+        # In a staged directory the file is written at its name: no one else can reach it.
+        part = leaf if self._staged() else part_name(leaf)
         if entry.size == UNKNOWN_SIZE:
             if not self.unknown_size:
                 raise CopyFailed("protocol", f"{show(entry.name)}: the sender announced no "
@@ -738,8 +789,13 @@ class Receiver:
             mode = self._part_mode(entry)
             try:
                 fd = os.open(part, flags, mode, dir_fd=dirfd)
-            except FileExistsError:  # a part left by an earlier copy: start again
-                os.unlink(part, dir_fd=dirfd)
+            except FileExistsError:  # a part left by an earlier copy (or a name sent twice)
+                try:
+                    os.unlink(part, dir_fd=dirfd)
+                except IsADirectoryError:
+                    raise CopyFailed("is-dir", f"cannot overwrite the directory "
+                                     f"{self.landed(entry.name)} with a file",
+                                     show(entry.name)) from None
                 fd = os.open(part, flags, mode, dir_fd=dirfd)
             moded = mode == self._final_mode(entry) and not mode & self._umask
         self._file = _Open(entry, dirfd, leaf, part, fd, digest, moded=moded)
@@ -804,7 +860,8 @@ class Receiver:
             os.fsync(f.fd)
         os.close(f.fd)
         f.fd = -1
-        _rename(f.part, f.leaf, f.dirfd, lambda: self.landed(f.entry.name))
+        if f.part != f.leaf:
+            _rename(f.part, f.leaf, f.dirfd, lambda: self.landed(f.entry.name))
         self._changed(f.dirfd)
         self._file = None
         self.counts.files += 1
@@ -840,12 +897,16 @@ class Receiver:
         self.close()
 
     def close(self) -> None:
-        """Close every directory fd (idempotent)."""
+        """Close every directory fd (idempotent); a staged directory that did not take its
+        name (the copy failed) is removed."""
         self._dirty.clear()
         while self._stack:
             fd = self._stack.pop().fd
             self._space.forget(fd)
             os.close(fd)
+        if self._staging and self.target.fd >= 0:
+            _remove_tree(self._staging, self.target.fd)
+            self._staging = b""
         if self.target.fd >= 0:
             self._space.forget(self.target.fd)
             os.close(self.target.fd)
@@ -861,6 +922,29 @@ def _rename(part: bytes, leaf: bytes, dirfd: int, landed: Callable[[], str]) -> 
         name = landed()
         raise CopyFailed("is-dir", f"cannot overwrite the directory {name} with a file",
                          name) from None
+
+
+def _remove_tree(name: bytes, dirfd: int) -> None:
+    """Remove the directory ``name`` of ``dirfd`` and all in it, following no symlink
+    (best effort: what cannot be removed stays)."""
+    # Bottom-up: each directory's fd is open while it is visited, its subdirectories empty.
+    for _root, dirs, files, rootfd in os.fwalk(name, topdown=False, follow_symlinks=False,
+                                               dir_fd=dirfd):
+        try:
+            os.fchmod(rootfd, 0o700)  # a directory of the copy's, made read-only at its end
+        except OSError:
+            pass
+        for leaf in files:
+            _unlink_quiet(leaf, rootfd)
+        for leaf in dirs:
+            try:
+                os.rmdir(leaf, dir_fd=rootfd)
+            except OSError:
+                _unlink_quiet(leaf, rootfd)  # a symlink to a directory
+    try:
+        os.rmdir(name, dir_fd=dirfd)
+    except OSError:
+        pass
 
 
 def _unlink_quiet(name: bytes, dirfd: int) -> None:
