@@ -11,6 +11,7 @@ cached in /var/cache/vmbusify-lab.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -219,6 +220,43 @@ def test_host_reaches_the_vms_loopback_through_the_proxy(connected: LabHandle) -
         assert "127.0.1.1\tvm1\n" in out.stdout
     finally:
         _exec("vm1", "--", "pkill", "-f", "http.server --bind 127.0.0.1")
+
+
+def test_cp_a_tree_into_and_out_of_the_guests_own_disk(connected: LabHandle,
+                                                      tmp_path: Path) -> None:
+    """`vmbusifyctl cp -r -p` to the guest's own file system (nothing shared with the host)
+    and back: the guest's python3 runs the copy's helper; the tree lands whole under its
+    name (staged, docs/files.md), with modes, times and a symlink, and comes back equal."""
+    src = tmp_path / "tree"
+    (src / "sub" / "empty").mkdir(parents=True)
+    for i in range(50):
+        (src / "sub" / f"f{i}").write_bytes(os.urandom(100 + 97 * i))
+    (src / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (src / "run.sh").chmod(0o750)
+    (src / "link").symlink_to("sub/f1")
+    os.utime(src / "run.sh", ns=(10**18, 10**18))
+    proc = connected.ctl("cp", "-r", "-p", "-q", str(src), "vm1:/var/tmp/t", check=False,
+                         timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    listing = _exec("vm1", "--", "sh", "-c", "cd /var/tmp/t && find . | sort && "
+                    "stat -c '%a %Y' run.sh && readlink link && ls -a /var/tmp")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert "./sub/empty" in lines and "./sub/f49" in lines and "750 1000000000" in lines
+    assert "sub/f1" in lines and not any("vmbcp" in line for line in lines), lines
+    sums = _exec("vm1", "--", "sh", "-c", "cd /var/tmp/t && sha256sum sub/f7 sub/f49")
+    for line in sums.stdout.splitlines():
+        digest, name = line.split()
+        assert digest == hashlib.sha256((src / name).read_bytes()).hexdigest(), name
+    back = tmp_path / "back"
+    proc = connected.ctl("cp", "-r", "-p", "-q", "vm1:/var/tmp/t", str(back), check=False,
+                         timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    diff = subprocess.run(["diff", "-r", "--no-dereference", str(src), str(back)],
+                          capture_output=True, text=True, check=False)
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+    assert os.readlink(back / "link") == "sub/f1"
+    assert (back / "run.sh").stat().st_mtime_ns == 10**18
 
 
 def test_subnet_curl_and_ping_to_the_external_namespace(connected: LabHandle) -> None:
