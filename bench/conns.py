@@ -15,6 +15,7 @@ Needs a running lab (``vmbusify lab up``; honours VMBUSIFY_LAB_INSTANCE).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -266,17 +267,25 @@ def _null_socks(netns: str, host: str, port: int, conns: int, kib: int, client_p
     """The client through NULL_SOCKS, run in ``netns`` beside it."""
     null_py = tmp / "null_socks.py"
     null_py.write_text(NULL_SOCKS)
-    null = subprocess.Popen(ip.ns_argv(netns, [sys.executable, str(null_py), "127.0.0.1"]),
+    with _server(netns, [str(null_py), "127.0.0.1"], "the null SOCKS server") as ports:
+        return _client(netns, f"127.0.0.1:{ports[0]}", host, port, conns, kib, client_py)
+
+
+@contextlib.contextmanager
+def _server(netns: str, argv: list[str], what: str) -> Iterator[list[int]]:
+    """Run a server script of this module (argv after the interpreter) in ``netns`` until
+    the block ends; yields the ports it printed after "ready"."""
+    proc = subprocess.Popen(ip.ns_argv(netns, [sys.executable, *argv]),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        assert null.stdout is not None
-        ready = null.stdout.readline().split()
+        assert proc.stdout is not None
+        ready = proc.stdout.readline().split()
         if ready[:1] != ["ready"]:
-            raise SystemExit("the null SOCKS server did not start")
-        return _client(netns, f"127.0.0.1:{ready[1]}", host, port, conns, kib, client_py)
+            raise SystemExit(f"{what} did not start")
+        yield [int(port) for port in ready[1:]]
     finally:
-        null.terminate()
-        null.wait(10)
+        proc.terminate()
+        proc.wait(10)
 
 
 def _sched_ms(pid: int) -> tuple[float, float]:
@@ -314,17 +323,11 @@ def conns_figures(conns: int = 1000, kib: int = 64, vm: str = "vm1", held: bool 
         server_py.write_text(ECHO_SERVER)
         client_py.write_text(CLIENT)
         os.chmod(tmp, 0o755)
-        server = subprocess.Popen(ip.ns_argv(ext.netns, [sys.executable, str(server_py), ext.ip,
-                                                         str(ECHO_PORTS)]),
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            assert server.stdout is not None
-            ready = server.stdout.readline().split()
-            if ready[:1] != ["ready"]:
-                raise SystemExit("the echo server did not start")
+        with _server(ext.netns, [str(server_py), ext.ip, str(ECHO_PORTS)],
+                     "the echo server") as echo_ports:
             # A port of its own for each burst (ECHO_PORTS), so none waits on another's
             # TIME_WAIT connections.
-            ports = iter(int(p) for p in ready[1:])
+            ports = iter(echo_ports)
             _client(vml.netns, guest_proxy, ext.ip, next(ports), 10, 1, client_py)  # warm up
             pids = {("guest", name): pid
                     for name, pid in _program_pids(vml.config_path).items()}
@@ -362,9 +365,6 @@ def conns_figures(conns: int = 1000, kib: int = 64, vm: str = "vm1", held: bool 
                 time.sleep(1)
                 extra["null_socks"] = _null_socks(vml.netns, ext.ip, 9, conns, kib, client_py,
                                                   Path(tmp))
-        finally:
-            server.terminate()
-            server.wait(10)
     return {"vmbusify": ours, "direct": direct, **extra}
 
 
