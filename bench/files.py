@@ -302,7 +302,8 @@ def _lab_mount_namespaces() -> list[int]:
 
 
 @contextlib.contextmanager
-def fresh_ext4(where: Path, mib: int = 4096) -> Iterator[Path]:
+def fresh_ext4(where: Path, mib: int = 4096, also_in: list[int] | None = None
+               ) -> Iterator[Path]:
     """A new ext4 file system (a sparse image on a loop device, an inode per 4 KiB: room for
     many copies of a tree of small files; default mount options),
     mounted at ``where`` here and, at the same path, in every lab VM's mount namespace, so
@@ -313,7 +314,8 @@ def fresh_ext4(where: Path, mib: int = 4096) -> Iterator[Path]:
     own copies) every create costs several times more, for both tools, so the ratio
     measured the churn, not the tools (docs/performance.md: 2.5-8.6x scp -r on this
     machine's root for the same code). A fresh file system per figure is what a VM's disk
-    that is not being churned looks like."""
+    that is not being churned looks like. ``also_in``: the processes whose mount namespaces
+    get it too (default: the lab's daemons')."""
     image = where.with_suffix(".img")
     with open(image, "wb") as f:
         f.truncate(mib << 20)
@@ -324,7 +326,7 @@ def fresh_ext4(where: Path, mib: int = 4096) -> Iterator[Path]:
         _run(["mkfs.ext4", "-q", "-F", "-i", "4096", device])
         where.mkdir()
         _run(["mount", device, str(where)])
-        for pid in _lab_mount_namespaces():
+        for pid in _lab_mount_namespaces() if also_in is None else also_in:
             enter = ["nsenter", f"--mount=/proc/{pid}/ns/mnt", "--"]
             there = subprocess.run([*enter, "mountpoint", "-q", str(where)], check=False)
             if there.returncode != 0:
