@@ -427,6 +427,48 @@ def test_a_worker_puts_only_bulk_lane_payloads_in_its_ring(tmp_path: Path) -> No
     asyncio.run(scenario())
 
 
+def test_a_payload_built_in_the_worker_s_ring_goes_as_a_pkr_without_a_copy(
+        tmp_path: Path) -> None:
+    """``ring_buffer``: a worker builds a payload (the subnet's batch) where the mux reads it;
+    sent with that view as its payload it is referenced, not copied. One not sent is given
+    back and the next payload takes its room."""
+    from vmbusify.bus.frames import Pkg
+    from vmbusify.bus.sockets import LanedDealer
+
+    async def scenario() -> None:
+        dealer = LanedDealer(f"ipc://{tmp_path}/bus.sock", "w", lambda _lane, _f: None,
+                             ring_size=SIZE)
+        real = dealer._sockets
+        lanes = [_Recorder(), _Recorder()]
+        dealer._sockets = lanes  # type: ignore[assignment]
+        try:
+            rings = dealer.rings
+            assert rings is not None
+            n = RING_MIN_PAYLOAD + 100
+            assert dealer.ring_buffer(n) is None  # the mux has not taken the rings yet
+            assert not dealer.ring_accepted(rings.id, rings.id)
+            assert dealer.ring_buffer(RING_MIN_PAYLOAD - 1) is None  # inline is cheaper
+            unsent = dealer.ring_buffer(n)
+            assert unsent is not None
+            dealer.ring_unbuffer(unsent)
+            view = dealer.ring_buffer(n)
+            assert view is not None
+            view[:] = b"q" * n
+            header = Package(type=PackageType.DATA, entity=5, message_id=3, stream=7,
+                             payload=b"q" * n).header()
+            dealer.send_message(Pkg("vm1", header, view))
+            (frames,) = lanes[0].sent
+            assert bytes(frames[1]) == b"PKR" and rings.placed == 1
+            _ring, pos, length = REF.unpack(bytes(frames[-1]))
+            assert (pos, length) == (0, n)  # where the view was: the room given back reused
+            assert bytes(rings.tx.map[:n]) == b"q" * n
+        finally:
+            dealer._sockets = real
+            dealer.close()
+
+    asyncio.run(scenario())
+
+
 def test_an_idle_ring_gives_its_pages_back(tmp_path: Path) -> None:
     worker, mux, loop = _pair(tmp_path)
     ref = worker.place(b"p" * (300 * KIB))
