@@ -164,7 +164,8 @@ class Budget(NamedTuple):
                 f"outside its processes (iperf3's ends, the kernel's forwarding), its four "
                 f"processes may spend at most {self.budget:.2f} CPU-s/GB; they spend "
                 f"{self.spent:.2f}, {self.kernel:.2f} of it kernel time in their main threads "
-                f"(the machine was {self.busy_cores:.1f} of {cores} cores busy)")
+                f"(the machine, other work on it included, was {self.busy_cores:.1f} of {cores} "
+                f"cores busy)")
         if self.budget <= self.kernel:
             verdict = (f"{label}: not reachable here: the kernel work alone ({self.kernel:.2f}) "
                        f"is over the budget ({self.budget:.2f}), before any user-space work")
