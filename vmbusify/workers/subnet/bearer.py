@@ -1,8 +1,9 @@
 """ip-bearer (docs/subnet.md): IP packets between a TUN device and a peer's bearer stream.
 
 Each peer has one ``Bearer``: an ``Outbox`` the TUN reader fills and a task drains into the
-stream, one batch (every frame waiting, up to one DATA package) per write, and a task that
-reads the stream and hands each frame to ``deliver``. Nothing here blocks the TUN reader: when
+stream, one batch (every frame waiting, up to one DATA package) per write (one of 64 KiB or
+more is built straight in the link's shared-memory ring when it can go whole), and a task
+that reads the stream and hands each frame to ``deliver``. Nothing here blocks the TUN reader: when
 a peer's outbox is full, its packets are dropped (IP tolerates loss, TCP backs off), so one
 slow VM never holds up the others and memory per VM stays bounded by the outbox plus the
 stream's credit window.
@@ -183,21 +184,25 @@ class Bearer:
                 if loop.time() - last < CORK_BUSY and self.outbox.bulk:
                     full = MAX_CHUNK - (self.outbox.max_frame + 4)
                     await self.outbox.wait_fill(full, CORK_DELAY)
-                # A batch for the ring is built in it (one copy of each frame); else joined
-                # and written, which may wait for credit.
-                outbox = self.outbox
-                size = 0
-                if outbox.bytes + 4 * len(outbox) >= RING_MIN_PAYLOAD:
-                    size, count = outbox.batch_size()
-                if size < RING_MIN_PAYLOAD or not self.stream.write_built(
-                        size, functools.partial(outbox.take_into, count)):
-                    batch, count = outbox.take_batch()
-                    await self.stream.write(batch)
-                self.frames_out += count
+                self.frames_out += await self._send_batch()
                 self.batches_out += 1
                 last = loop.time()
         except StreamReset as exc:
             self._closing(f"stream reset: {exc}")
+
+    async def _send_batch(self) -> int:
+        """Send the next batch; how many frames it took. One big enough for the link's ring
+        is built in it (each frame copied once, where the mux reads it); else it is joined
+        and written (which may wait for credit)."""
+        outbox = self.outbox
+        if outbox.bytes + 4 * len(outbox) >= RING_MIN_PAYLOAD:
+            size, count = outbox.batch_size()
+            if size >= RING_MIN_PAYLOAD and self.stream.write_built(
+                    size, functools.partial(outbox.take_into, count)):
+                return count
+        batch, count = outbox.take_batch()
+        await self.stream.write(batch)
+        return count
 
     async def _recv_loop(self) -> None:
         try:
