@@ -10,6 +10,7 @@ import pytest
 from tests.unit.test_bus_limits import LOCAL, MID, PEER, Wire, run, window
 from vmbusify.bus.streams import COALESCE_MIN, StreamReset, StreamTable
 from vmbusify.config import LimitsConfig
+from vmbusify.errors import TunnelError
 from vmbusify.protocol.package import PackageType
 from vmbusify.protocol.window import INITIAL_WINDOW, MAX_CHUNK
 
@@ -117,3 +118,19 @@ def test_a_reset_stream_raises() -> None:
     s._abort("gone")
     with pytest.raises(StreamReset):
         s.write_built(100_000, fill(1))
+
+
+def test_a_send_that_fails_gives_the_buffer_back() -> None:
+    """The link closed under the send: the buffer was never placed, so its room goes back
+    (else the ring would stay held by a payload that never left)."""
+    bufs = Buffers()
+
+    def closed(vmid: str, pkg: object) -> None:
+        raise TunnelError("the link to the mux is closed")
+
+    t = StreamTable(Wire().send, LimitsConfig(), send_now=closed, buffer=bufs.buffer,
+                    unbuffer=bufs.unbuffer)
+    s = t.open("vm1", LOCAL, PEER, MID)
+    with pytest.raises(TunnelError):
+        s.write_built(100_000, fill(1))
+    assert bufs.returned == bufs.given

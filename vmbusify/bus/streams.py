@@ -254,7 +254,12 @@ class Stream:
             raise
         window.take(n)
         self.bytes_out += n
-        send_now(self.vmid, self._package(PackageType.DATA, view))
+        try:
+            send_now(self.vmid, self._package(PackageType.DATA, view))
+        except BaseException:
+            if table.unbuffer is not None:
+                table.unbuffer(view)  # not placed (the link is closed): its room goes back
+            raise
         return True
 
     def _stage(self, chunk: Payload, n: int, coalesce: bool) -> list[Package]:
