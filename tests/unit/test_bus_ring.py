@@ -247,6 +247,7 @@ def test_payloads_cross_and_the_ring_is_released_when_views_go(tmp_path: Path) -
     gc.collect()
     loop.run(timers=True)
     assert worker.space.released == 900 * KIB
+    assert worker.releases == 1  # one RLS (counted for the mux's status)
     ref = worker.place(os.urandom(300 * KIB))  # room again, from the ring's beginning
     assert ref is not None and REF.unpack(ref)[1] == SIZE
 
