@@ -17,6 +17,16 @@ Gbit/s and the ratios subnet/slirp4netns and subnet/veth, for VM -> external and
 external -> VM, and what each user-space network spent: CPU-seconds per GB moved of the
 subnet's four processes (the VM's mux and subnet worker, the host's) and of slirp4netns.
 
+Then what the goal asks of the subnet's CPU, path by path: with the machine's cores the bound
+(the four processes and iperf3's ends share them), moving 1.5x slirp4netns's median takes
+``cores / (1.5 x slirp's GB/s)`` CPU-seconds per GB in all, less what the rest of the machine
+spends per GB on the subnet's path (iperf3's two ends, the kernel's forwarding and softirq
+work outside the four processes: ``/proc/stat`` less the processes). That budget is printed
+beside what the four processes spend, and beside their main threads' kernel time (the TUN
+and tunnel reads and writes every byte must make, the forwarding, NAT and TCP work done
+inside the TUN writes, the bus's own system calls): when the kernel time alone is over the
+budget, no user-space work can reach the goal on this machine.
+
     .venv/bin/python bench/subnet.py [--seconds 5] [--rounds 3] [--vm vm1]
 """
 
@@ -26,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -38,7 +49,6 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.exec import cpu_seconds
 from vmbusify.config import load_config
 from vmbusify.lab import netns as ip
 from vmbusify.lab.layout import PREFIX, LabLayout
@@ -48,6 +58,8 @@ from vmbusify.lab.stack import program_pid
 SUBNET_PROGRAMS = (("vm", "mux"), ("vm", "subnet"), ("host", "mux"), ("host", "subnet"))
 
 PORT = 5201
+#: The goal: subnet / slirp4netns.
+GOAL = 1.5
 #: slirp4netns's defaults: its network, the gateway that is the host's loopback, and an
 #: address for the namespace's end of the tap.
 SLIRP_GATEWAY = "10.0.2.2"
@@ -74,6 +86,110 @@ def iperf(netns: str | None, server: str, seconds: int, reverse: bool,
             error = str(doc.get("error") if isinstance(doc, dict) else proc.stderr)[:300]
             time.sleep(1)
     raise SystemExit(f"iperf3 failed three times: {error}")
+
+
+class Usage(NamedTuple):
+    """CPU-seconds so far: the counted processes' user and kernel time (all threads), their
+    main threads' kernel time, the rest of the path's work (iperf3's two ends and the
+    kernel's softirq threads: the machine is shared, so not all it did), and the whole
+    machine's busy time (all cores, whoever used them)."""
+
+    user: float
+    sys: float
+    main_sys: float
+    rest: float
+    machine: float
+
+    def __sub__(self, other: object) -> Usage:
+        assert isinstance(other, Usage)
+        return Usage(*(a - b for a, b in zip(self, other, strict=True)))
+
+    def per_gb(self, gb: float) -> Usage:
+        return Usage(*(a / gb for a in self))
+
+
+def _stat_times(path: str) -> tuple[int, int]:
+    """(utime, stime) in clock ticks from a /proc stat file; (0, 0) if it is gone."""
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0, 0
+    return int(fields[11]), int(fields[12])
+
+
+def softirq_threads() -> list[int]:
+    """The pids of the kernel's ksoftirqd threads (packets they forward count as the path's)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().startswith("ksoftirqd/"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def usage(pids: list[int], rest: list[int]) -> Usage:
+    """The CPU the processes ``pids``, the processes ``rest`` with this script's waited-for
+    children (the iperf3 clients), and the machine used so far (see Usage)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = sys_ = main_sys = other = 0
+    for pid in pids:
+        u, k = _stat_times(f"/proc/{pid}/stat")
+        user, sys_ = user + u, sys_ + k
+        main_sys += _stat_times(f"/proc/{pid}/task/{pid}/stat")[1]
+    for pid in rest:
+        other += sum(_stat_times(f"/proc/{pid}/stat"))
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(cpu[:8]) - cpu[3] - cpu[4]  # all but idle and iowait (guest time is in user)
+    return Usage(user / tick, sys_ / tick, main_sys / tick,
+                 other / tick + children.ru_utime + children.ru_stime, busy / tick)
+
+
+class Budget(NamedTuple):
+    """What GOAL x slirp4netns asks of the subnet's four processes on one path."""
+
+    target_gbps: float
+    rest: float
+    budget: float
+    spent: float
+    kernel: float
+    busy_cores: float
+
+    def lines(self, label: str, cores: int) -> list[str]:
+        head = (f"{label}: for {GOAL}x slirp4netns the subnet must move {self.target_gbps:.2f} "
+                f"Gbit/s; on {cores} cores, with {self.rest:.2f} CPU-s/GB spent on its path "
+                f"outside its processes (iperf3's ends, the kernel's forwarding), its four "
+                f"processes may spend at most {self.budget:.2f} CPU-s/GB; they spend "
+                f"{self.spent:.2f}, {self.kernel:.2f} of it kernel time in their main threads "
+                f"(the machine, other work on it included, was {self.busy_cores:.1f} of {cores} "
+                f"cores busy)")
+        if self.budget <= self.kernel:
+            verdict = (f"{label}: not reachable here: the kernel work alone ({self.kernel:.2f}) "
+                       f"is over the budget ({self.budget:.2f}), before any user-space work")
+        elif self.budget < self.spent:
+            cut = self.spent - self.budget
+            user = self.spent - self.kernel
+            verdict = (f"{label}: needs {cut:.2f} CPU-s/GB less: {cut / user:.0%} of the "
+                       f"{user:.2f} spent outside their main threads' kernel time")
+        else:
+            verdict = f"{label}: within the budget (the cores were not the bound)"
+        return [head, verdict]
+
+
+def budget_for(slirp_gbps: float, subnet: list[tuple[float, Usage, float]],
+               cores: int) -> Budget:
+    """GOAL x ``slirp_gbps`` as a CPU budget for the subnet, from its runs ``subnet``:
+    (Gbit/s, Usage per GB, seconds) each; medians."""
+    rest = statistics.median(u.rest for _, u, _ in subnet)
+    target = GOAL * slirp_gbps
+    budget = cores / (target / 8) - rest
+    return Budget(target, rest, budget,
+                  statistics.median(u.user + u.sys for _, u, _ in subnet),
+                  statistics.median(u.main_sys for _, u, _ in subnet),
+                  statistics.median(u.machine * g / 8 for g, u, _ in subnet))
 
 
 def free_loopback_port() -> int:
@@ -169,11 +285,14 @@ def main() -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results: dict[tuple[str, bool], list[float]] = {}
     cpu: dict[tuple[str, bool], list[float]] = {}
+    runs: dict[bool, list[tuple[float, Usage, float]]] = {False: [], True: []}
+    cores = os.cpu_count() or 1
     try:
         with slirp_anchor(f"{PREFIX}slirp") as (slirp_ns, slirp_port, slirp_pids):
             counted = {"subnet": subnet_pids(layout, args.vm), "slirp": slirp_pids[:1],
                        "veth": []}
-            print(f"subnet benchmark on {os.cpu_count()} cores: iperf3 -t {args.seconds}, "
+            rest = [server.pid, *softirq_threads()]
+            print(f"subnet benchmark on {cores} cores: iperf3 -t {args.seconds}, "
                   f"{args.rounds} rounds; subnet mtu {host.subnet.mtu}, offload "
                   f"{'on' if host.subnet.offload else 'off'}; slirp4netns mtu {SLIRP_MTU}; "
                   f"load {os.getloadavg()[0]:.1f}")
@@ -183,16 +302,21 @@ def main() -> None:
             for r in range(args.rounds):
                 for reverse in (False, True):
                     for path, netns, target, port, src in paths:
-                        before = cpu_seconds(counted[path])
+                        before = usage(counted[path], rest)
                         g = iperf(netns, target, args.seconds, reverse, port)
-                        used = cpu_seconds(counted[path]) - before
+                        used = usage(counted[path], rest) - before
                         results.setdefault((path, reverse), []).append(g)
                         way = f"ext -> {src}" if reverse else f"{src} -> ext"
                         per_gb = ""
                         if counted[path] and g > 0:  # GB moved: Gbit/s x seconds / 8
-                            cpu.setdefault((path, reverse), []).append(
-                                used / (g * args.seconds / 8))
+                            each = used.per_gb(g * args.seconds / 8)
+                            cpu.setdefault((path, reverse), []).append(each.user + each.sys)
                             per_gb = f", {cpu[(path, reverse)][-1]:5.2f} CPU-s/GB"
+                            if path == "subnet":
+                                runs[reverse].append((g, each, float(args.seconds)))
+                                per_gb += (f" (kernel {each.sys:.2f}, main threads' kernel "
+                                           f"{each.main_sys:.2f}; iperf3 and softirq "
+                                           f"{each.rest:.2f}, machine {each.machine:.2f})")
                         print(f"  round {r + 1} {path:<6} {way:<13} {g:6.2f} Gbit/s{per_gb}")
     finally:
         _terminate(server)
@@ -202,11 +326,14 @@ def main() -> None:
         base = statistics.median(results[("veth", reverse)])
         label = "external -> VM" if reverse else "VM -> external"
         print(f"{label}: subnet {ours:.2f} Gbit/s, slirp4netns {slirp:.2f} Gbit/s, "
-              f"ratio {ours / slirp:.3f} (goal >= 1.5); plain veth {base:.2f} Gbit/s, "
+              f"ratio {ours / slirp:.3f} (goal >= {GOAL}); plain veth {base:.2f} Gbit/s, "
               f"ratio {ours / base:.3f}")
         print(f"{label}: CPU-seconds per GB, subnet's four processes "
               f"{statistics.median(cpu[('subnet', reverse)]):.2f}, slirp4netns "
               f"{statistics.median(cpu[('slirp', reverse)]):.2f}")
+        if runs[reverse]:
+            for line in budget_for(slirp, runs[reverse], cores).lines(label, cores):
+                print(line)
 
 
 def subnet_pids(layout: LabLayout, vm: str) -> list[int]:

@@ -4,9 +4,10 @@ its files, and one end's pair of rings without sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from vmbusify.bus.ring import (
     ring_names,
     ring_size_from_env,
 )
+from vmbusify.bus.sockets import LanedDealer
 from vmbusify.errors import BusError, RemoteProtocolError
 from vmbusify.protocol.package import Package, PackageType
 
@@ -245,6 +247,7 @@ def test_payloads_cross_and_the_ring_is_released_when_views_go(tmp_path: Path) -
     gc.collect()
     loop.run(timers=True)
     assert worker.space.released == 900 * KIB
+    assert worker.releases == 1  # one RLS (counted for the mux's status)
     ref = worker.place(os.urandom(300 * KIB))  # room again, from the ring's beginning
     assert ref is not None and REF.unpack(ref)[1] == SIZE
 
@@ -382,19 +385,28 @@ class _Recorder:
         pass
 
 
+@contextlib.contextmanager
+def _recording_dealer(tmp_path: Path) -> Iterator[tuple[LanedDealer, list[_Recorder]]]:
+    """A worker's LanedDealer with rings whose two lanes record what is sent (closed after)."""
+    dealer = LanedDealer(f"ipc://{tmp_path}/bus.sock", "w", lambda _lane, _f: None,
+                         ring_size=SIZE)
+    real = dealer._sockets
+    lanes = [_Recorder(), _Recorder()]
+    dealer._sockets = lanes  # type: ignore[assignment]
+    try:
+        yield dealer, lanes
+    finally:
+        dealer._sockets = real
+        dealer.close()
+
+
 def test_a_worker_puts_only_bulk_lane_payloads_in_its_ring(tmp_path: Path) -> None:
     """A REQUEST's payload takes the control lane, which the mux takes first: in the ring it
     would come out of the ring's order. The ring's files go once the mux took them."""
     from vmbusify.bus.frames import Pkg
-    from vmbusify.bus.sockets import LanedDealer
 
     async def scenario() -> None:
-        dealer = LanedDealer(f"ipc://{tmp_path}/bus.sock", "w", lambda _lane, _f: None,
-                             ring_size=SIZE)
-        real = dealer._sockets
-        lanes = [_Recorder(), _Recorder()]
-        dealer._sockets = lanes  # type: ignore[assignment]
-        try:
+        with _recording_dealer(tmp_path) as (dealer, lanes):
             rings = dealer.rings
             assert rings is not None and not rings.tx_on
             offer = dealer.ring_offer()
@@ -419,10 +431,40 @@ def test_a_worker_puts_only_bulk_lane_payloads_in_its_ring(tmp_path: Path) -> No
             assert sorted(kinds) == [(0, b"PKG"), (0, b"PKG"), (0, b"PKR"), (1, b"PKG")]
             assert not dealer.ring_accepted(0, rings.id)  # offered, not taken (any more)
             assert not rings.tx_on
-        finally:
-            dealer._sockets = real
-            dealer.close()
         assert not [n for n in os.listdir(tmp_path) if n.startswith("ring.")]
+
+    asyncio.run(scenario())
+
+
+def test_a_payload_built_in_the_worker_s_ring_goes_as_a_pkr_without_a_copy(
+        tmp_path: Path) -> None:
+    """``ring_buffer``: a worker builds a payload (the subnet's batch) where the mux reads it;
+    sent with that view as its payload it is referenced, not copied. One not sent is given
+    back and the next payload takes its room."""
+    from vmbusify.bus.frames import Pkg
+
+    async def scenario() -> None:
+        with _recording_dealer(tmp_path) as (dealer, lanes):
+            rings = dealer.rings
+            assert rings is not None
+            n = RING_MIN_PAYLOAD + 100
+            assert dealer.ring_buffer(n) is None  # the mux has not taken the rings yet
+            assert not dealer.ring_accepted(rings.id, rings.id)
+            assert dealer.ring_buffer(RING_MIN_PAYLOAD - 1) is None  # inline is cheaper
+            unsent = dealer.ring_buffer(n)
+            assert unsent is not None
+            dealer.ring_unbuffer(unsent)
+            view = dealer.ring_buffer(n)
+            assert view is not None
+            view[:] = b"q" * n
+            header = Package(type=PackageType.DATA, entity=5, message_id=3, stream=7,
+                             payload=b"q" * n).header()
+            dealer.send_message(Pkg("vm1", header, view))
+            (frames,) = lanes[0].sent
+            assert bytes(frames[1]) == b"PKR" and rings.placed == 1
+            _ring, pos, length = REF.unpack(bytes(frames[-1]))
+            assert (pos, length) == (0, n)  # where the view was: the room given back reused
+            assert bytes(rings.tx.map[:n]) == b"q" * n
 
     asyncio.run(scenario())
 

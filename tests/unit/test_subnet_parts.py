@@ -485,3 +485,75 @@ def test_a_missing_program_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(SubnetError, match="vmbusify-no-such-program: command not found on PATH "
                        r"or in .*/usr/sbin.*install the some-package package"):
         command.run(["vmbusify-no-such-program", "x"])
+
+
+# --- batches built where they travel ------------------------------------------------------------
+
+
+def test_outbox_builds_a_batch_in_place_as_take_batch_would() -> None:
+    frames = [PLAIN_VNET_HDR + bytes([0x45]) + os.urandom(n) for n in (40_000, 70_000, 900)]
+    a, b = Outbox(), Outbox()
+    for f in frames:
+        a.put(f)
+        b.put(f)
+    size, count = a.batch_size(max_bytes=110_500)
+    assert (size, count) == (4 + len(frames[0]) + 4 + len(frames[1]), 2)
+    view = memoryview(bytearray(size))
+    a.take_into(count, view)
+    batch, n = b.take_batch(max_bytes=110_500)
+    assert n == count and bytes(view) == batch
+    assert (a.bytes, len(a), a.recent_max) == (b.bytes, len(b), b.recent_max)
+    assert a.batch_size() == (4 + len(frames[2]), 1)
+    a.take_into(1, memoryview(bytearray(4 + len(frames[2]))))
+    assert a.bytes == 0 and len(a) == 0 and a.batch_size() == (0, 0)
+
+
+class BuildingStream(RecordingStream):
+    """A bearer stream whose link has a buffer to build batches in (a worker's ring)."""
+
+    def __init__(self, room: bool) -> None:
+        super().__init__()
+        self.room = room
+        self.built: list[bytes] = []
+        self.written: list[bytes] = []
+
+    def write_built(self, n: int, build: Any) -> bool:
+        if not self.room:
+            return False
+        view = memoryview(bytearray(n))
+        build(view)
+        self.built.append(bytes(view))
+        return True
+
+    async def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+        await super().write(data)
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_a_large_batch_is_built_in_the_link_s_buffer_a_small_one_written(room: bool) -> None:
+    """Batches of at least the ring's minimum are built where they travel (one copy of each
+    frame, no join); without room, and for ACK-sized batches, they are written as before."""
+    big = [PLAIN_VNET_HDR + bytes([0x45]) + os.urandom(40_000) for _ in range(3)]
+    ack = PLAIN_VNET_HDR + bytes([0x45]) + bytes(65)
+
+    async def go() -> BuildingStream:
+        stream = BuildingStream(room)
+        b = Bearer(stream, lambda frame: None, "test")  # type: ignore[arg-type]
+        for f in big:
+            b.outbox.put(f)
+        b.start()
+        await asyncio.sleep(0.05)
+        b.outbox.put(ack)
+        await asyncio.sleep(0.05)
+        await b.close("done")
+        return stream
+
+    stream = asyncio.run(go())
+    batches = stream.built + stream.written
+    assert [bytes(f) for batch in batches for f in iter_frames(batch)] == [*big, ack]
+    if room:
+        assert [sum(1 for _ in iter_frames(x)) for x in stream.built] == [3]
+        assert [sum(1 for _ in iter_frames(x)) for x in stream.written] == [1]
+    else:
+        assert stream.built == [] and len(stream.written) == 2

@@ -173,7 +173,8 @@ class WorkerLink:
         self.mux_id = ""
         self.registered = asyncio.Event()
         self.streams = StreamTable(self._send_package, config.limits,
-                                   send_now=self._send_package_now)
+                                   send_now=self._send_package_now, buffer=self._ring_buffer,
+                                   unbuffer=self._ring_unbuffer)
         self.budget: Budget = self.streams.budget
         #: (source entity, message id) -> kind -> handlers in registration order.
         self._routes: dict[tuple[int, int], dict[RouteKind, list[Handler | None]]] = {}
@@ -387,6 +388,13 @@ class WorkerLink:
 
     async def _send(self, msg: BusMessage) -> None:
         self._send_now(msg)
+
+    def _ring_buffer(self, n: int) -> memoryview | None:
+        return self._bus.ring_buffer(n) if self._bus is not None else None
+
+    def _ring_unbuffer(self, view: memoryview) -> None:
+        if self._bus is not None:
+            self._bus.ring_unbuffer(view)
 
     def _send_package_now(self, vmid: str, pkg: Package) -> None:
         self._send_now(Pkg.of(vmid, pkg))

@@ -339,6 +339,8 @@ class RingLink:
         self.placed = 0
         self.inline = 0
         self.trims = 0
+        #: RLS messages received for ``tx`` (each one bus message from the consumer).
+        self.releases = 0
         #: A payload being received straight into ``tx`` (``stage``): its view, its position
         #: and where the ring's head was before it.
         self._staged: tuple[memoryview, int, int] | None = None
@@ -408,6 +410,7 @@ class RingLink:
     def released(self, ring_id: int, upto: int) -> None:
         """The peer's RLS; one for another ring (an older link) is ignored."""
         if ring_id == self.id:
+            self.releases += 1
             self.space.release(upto)
             if self.space.released == self.space.head and self._trim_timer is None:
                 self._placed_then = self.placed

@@ -331,6 +331,19 @@ class LanedDealer:
         self._sockets[lane].send(frames)
 
     # -- rings -----------------------------------------------------------------------------
+    def ring_buffer(self, n: int) -> memoryview | None:
+        """A writable view of ``n`` bytes of the ring this end writes, to build a payload
+        in: a PKG sent next with this very view as its payload goes as a PKR, uncopied.
+        None: no ring, no room, too small for the ring, or a view is out already. One not
+        sent is given back with ``ring_unbuffer``."""
+        rings = self.rings
+        return rings.stage(n) if rings is not None else None
+
+    def ring_unbuffer(self, view: memoryview) -> None:
+        """A view from ``ring_buffer`` that was not sent: its room is free again."""
+        if self.rings is not None:
+            self.rings.unstage(view)
+
     def _new_rings(self) -> None:
         """Make this link's two rings (again: a new mux maps new ones)."""
         self._close_rings()

@@ -56,6 +56,11 @@ SendFn = Callable[[str, Package], Awaitable[None]]
 #: The same, where sending never waits (a worker's link): held bytes then go from a loop
 #: callback instead of a task of their own.
 SendNowFn = Callable[[str, Package], None]
+#: A writable buffer of ``n`` bytes where a payload sent by ``send_now`` travels uncopied
+#: (a worker's shared-memory ring, vmbusify.bus.ring), or None; and how to give one back
+#: unsent. See Stream.write_built.
+BufferFn = Callable[[int], memoryview | None]
+UnbufferFn = Callable[[memoryview], None]
 
 
 class StreamState(Enum):
@@ -204,6 +209,58 @@ class Stream:
             if held is not None:
                 send_now(self.vmid, held)
         return done
+
+    def write_built(self, n: int, build: Callable[[memoryview], None]) -> bool:
+        """Send ``n`` bytes as one DATA package whose payload ``build`` writes straight into
+        the table's ``buffer`` (a worker's shared-memory ring: the bytes are written once,
+        where the mux reads them), now. False, with nothing sent or taken, when that cannot
+        be done now: a table without ``send_now`` or ``buffer``, more than MAX_CHUNK, less
+        credit (the stream's or the VM's send budget) than ``n``, or no buffer (too small
+        for the ring, no ring, no room); the caller then ``write``s the bytes as usual.
+        Bytes held by earlier writes go first. Raises StreamReset, or the error of an
+        earlier send of held bytes; what ``build`` raises (its buffer given back)."""
+        if self._flush_error is not None:
+            raise self._flush_error
+        table = self._table
+        send_now, buffer = table.send_now, table.buffer
+        if send_now is None or buffer is None or not 0 < n <= MAX_CHUNK:
+            return False
+        self._check_writable()
+        window = self._send
+        if window.sendable(n) < n:
+            return False
+        budget, share, charged = table.budget, self._share, self._charged
+        if charged:
+            got = budget.tx_try(share, n)
+            if got < n:
+                if got:
+                    budget.tx_release(share, got)
+                return False
+        held = self._take_held()  # first, and before the buffer: it may use the ring too
+        if held is not None:
+            send_now(self.vmid, held)
+        view = buffer(n)
+        if view is None:
+            if charged:
+                budget.tx_release(share, n)
+            return False
+        try:
+            build(view)
+        except BaseException:
+            if table.unbuffer is not None:
+                table.unbuffer(view)
+            if charged:
+                budget.tx_release(share, n)
+            raise
+        window.take(n)
+        self.bytes_out += n
+        try:
+            send_now(self.vmid, self._package(PackageType.DATA, view))
+        except BaseException:
+            if table.unbuffer is not None:
+                table.unbuffer(view)  # not placed (the link is closed): its room goes back
+            raise
+        return True
 
     def _stage(self, chunk: Payload, n: int, coalesce: bool) -> list[Package]:
         """The packages to send now, in order, for ``n`` bytes of credit-checked ``chunk``
@@ -452,10 +509,14 @@ class StreamTable(UsesLoop):
     budget (per VM and in total) that caps them."""
 
     def __init__(self, send: SendFn, limits: LimitsConfig | None = None,
-                 send_now: SendNowFn | None = None) -> None:
+                 send_now: SendNowFn | None = None, buffer: BufferFn | None = None,
+                 unbuffer: UnbufferFn | None = None) -> None:
         self.send = send
         #: ``send`` for callers that cannot wait (None: this table's send may suspend).
         self.send_now = send_now
+        #: Where a payload is built to go uncopied (Stream.write_built; None: nowhere).
+        self.buffer = buffer
+        self.unbuffer = unbuffer
         self.budget = Budget(limits)
         self._streams: dict[StreamKey, Stream] = {}
         self._next_id = 0

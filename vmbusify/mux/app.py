@@ -623,14 +623,15 @@ class MuxApp:
     def _describe(self, worker: WorkerInfo) -> dict[str, Any]:
         """A worker in the status: what it registered, and its rings as this mux sees them
         (``ring``: payloads sent to it through its ring and inline for want of room, bytes
-        it sent through its ring; absent: it has none)."""
+        it sent through its ring, its RLS messages for the ring this mux writes; absent:
+        it has none)."""
         out = worker.describe()
         lanes = self.lanes.get(worker.identity)
         rings = lanes.rings if lanes is not None else None
         if rings is not None:
             out["ring"] = {"size": rings.tx.size, "placed": rings.placed,
                            "inline": rings.inline, "received": rings.take.consumed,
-                           "trims": rings.trims}
+                           "trims": rings.trims, "releases": rings.releases}
         return out
 
     async def control(self, req: dict[str, Any]) -> Any:

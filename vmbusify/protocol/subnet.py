@@ -176,6 +176,11 @@ def frame_header(n: int) -> bytes:
     return _LENGTH.pack(n)
 
 
+def frame_header_into(buffer: memoryview, offset: int, n: int) -> None:
+    """``frame_header(n)`` written into ``buffer`` at ``offset`` (a batch built in place)."""
+    _LENGTH.pack_into(buffer, offset, n)
+
+
 class FrameDecoder:
     """Reassembles frames from stream chunks (sans-I/O). Holds at most one partial frame.
 

@@ -1,8 +1,9 @@
 """ip-bearer (docs/subnet.md): IP packets between a TUN device and a peer's bearer stream.
 
 Each peer has one ``Bearer``: an ``Outbox`` the TUN reader fills and a task drains into the
-stream, one batch (every frame waiting, up to one DATA package) per write, and a task that
-reads the stream and hands each frame to ``deliver``. Nothing here blocks the TUN reader: when
+stream, one batch (every frame waiting, up to one DATA package) per write (one of 64 KiB or
+more is built straight in the link's shared-memory ring when it can go whole), and a task
+that reads the stream and hands each frame to ``deliver``. Nothing here blocks the TUN reader: when
 a peer's outbox is full, its packets are dropped (IP tolerates loss, TCP backs off), so one
 slow VM never holds up the others and memory per VM stays bounded by the outbox plus the
 stream's credit window.
@@ -12,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from vmbusify.bus.ring import RING_MIN_PAYLOAD
 from vmbusify.bus.streams import Stream, StreamReset
 from vmbusify.errors import ProtocolError
-from vmbusify.protocol.subnet import FrameDecoder, frame_header
+from vmbusify.protocol.subnet import FrameDecoder, frame_header, frame_header_into
 from vmbusify.protocol.window import MAX_CHUNK
 from vmbusify.workers.subnet.tun import TunDevice
 
@@ -98,6 +101,36 @@ class Outbox:
             self._ready.clear()
         return b"".join(parts), count
 
+    def batch_size(self, max_bytes: int = MAX_CHUNK) -> tuple[int, int]:
+        """(bytes, frame count) of the batch ``take_batch`` or ``take_into`` would take now."""
+        size = count = 0
+        for frame in self._frames:
+            n = 4 + len(frame)
+            if count and size + n > max_bytes:
+                break
+            size += n
+            count += 1
+        return size, count
+
+    def take_into(self, count: int, view: memoryview) -> None:
+        """Take the next ``count`` frames (``batch_size``'s), encoded as ``take_batch``
+        would, into ``view`` (exactly their size): each frame copied once, into the buffer
+        the batch travels in."""
+        frames = self._frames
+        header_into = frame_header_into
+        pos = biggest = 0
+        for _ in range(count):
+            frame = frames.popleft()
+            n = len(frame)
+            header_into(view, pos, n)
+            view[pos + 4:pos + 4 + n] = frame
+            pos += 4 + n
+            biggest = max(biggest, n)
+            self.bytes -= n
+        self.recent_max = biggest
+        if not frames:
+            self._ready.clear()
+
     async def wait(self) -> None:
         """Until at least one frame is queued."""
         while not self._frames:
@@ -151,13 +184,25 @@ class Bearer:
                 if loop.time() - last < CORK_BUSY and self.outbox.bulk:
                     full = MAX_CHUNK - (self.outbox.max_frame + 4)
                     await self.outbox.wait_fill(full, CORK_DELAY)
-                batch, count = self.outbox.take_batch()
-                await self.stream.write(batch)
-                self.frames_out += count
+                self.frames_out += await self._send_batch()
                 self.batches_out += 1
                 last = loop.time()
         except StreamReset as exc:
             self._closing(f"stream reset: {exc}")
+
+    async def _send_batch(self) -> int:
+        """Send the next batch; how many frames it took. One big enough for the link's ring
+        is built in it (each frame copied once, where the mux reads it); else it is joined
+        and written (which may wait for credit)."""
+        outbox = self.outbox
+        if outbox.bytes + 4 * len(outbox) >= RING_MIN_PAYLOAD:
+            size, count = outbox.batch_size()
+            if size >= RING_MIN_PAYLOAD and self.stream.write_built(
+                    size, functools.partial(outbox.take_into, count)):
+                return count
+        batch, count = outbox.take_batch()
+        await self.stream.write(batch)
+        return count
 
     async def _recv_loop(self) -> None:
         try:
