@@ -91,6 +91,7 @@ from vmbusify.protocol.entities import entity_label
 from vmbusify.protocol.message import Message
 from vmbusify.protocol.package import ErrorReply, Package, PackageFlag, PackageType
 from vmbusify.protocol.serialize import dumps, loads
+from vmbusify.runtime import UsesLoop
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,13 @@ def _where(exc: BaseException) -> str:
     return f" at {os.path.basename(f.filename)}:{f.lineno} in {f.name}"
 
 
-class WorkerLink:
+def _expire(fut: asyncio.Future[Any]) -> None:
+    """A request's time is up: its waiter raises TimeoutError."""
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+class WorkerLink(UsesLoop):
     """One worker's connection to its endpoint's mux."""
 
     def __init__(self, config: Config, name: str, entities: list[int], *,
@@ -275,7 +282,9 @@ class WorkerLink:
     def spawn(self, coro: Awaitable[Any], vmid: str = "", what: str = "task") -> asyncio.Task[Any]:
         """Run ``coro`` in a task the link holds: its failure is logged and counted (as a
         handler error of ``vmid``), never fatal. For what a MESSAGE handler must not wait on."""
-        task = asyncio.ensure_future(coro)
+        # The loop's own create_task: ensure_future looks the loop up (a getpid) each time.
+        task = (self.loop.create_task(coro) if asyncio.iscoroutine(coro)
+                else asyncio.ensure_future(coro))
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._task_done(t, vmid, what))
         return task
@@ -448,13 +457,18 @@ class WorkerLink:
         target = self._target(vmid)
         self._next_call = self._next_call % 0xFFFFFFFF + 1
         call_id = self._next_call
-        fut: asyncio.Future[Package] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Package] = self.loop.create_future()
         self._calls[call_id] = fut
         pkg = Package(type=PackageType.REQUEST, entity=int(entity), id=call_id,
                       message_id=int(message_id), stream=stream, payload=dumps(body))
         try:
             await self._send_package(target, pkg)
-            ack = await asyncio.wait_for(fut, timeout)
+            # A timer on the future itself, not wait_for (a waiter future and callbacks more).
+            timer = self.loop.call_later(timeout, _expire, fut)
+            try:
+                ack = await fut
+            finally:
+                timer.cancel()
         except TimeoutError:
             raise RequestTimeout(
                 f"no reply from {target} to {entity_label(entity)} message {message_id} "

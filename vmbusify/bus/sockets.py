@@ -150,7 +150,8 @@ class BusSocket:
 
     ZeroMQ's descriptor only signals that the socket's state *may* have changed, and a send
     can swallow that signal for a message that arrived meanwhile: so every wake-up reads
-    until nothing is left, and every send checks whether a message is waiting.
+    until nothing is left, and after the sends of each turn of the loop it checks whether a
+    message is waiting.
     """
 
     def __init__(self, sock: zmq.Socket, on_message: Callable[[Frames], None],
@@ -162,6 +163,7 @@ class BusSocket:
         self._loop = asyncio.get_running_loop()
         self._fd = int(sock.getsockopt(zmq.FD))
         self._scheduled = False
+        self._check_scheduled = False
         self._closed = False
         self._loop.add_reader(self._fd, self._readable)
         self._monitor: zmq.Socket | None = None
@@ -246,8 +248,18 @@ class BusSocket:
             _send_part(sock, frames[-1], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             raise BusError(str(exc)) from None
-        if cast(int, _get_option(sock, _EVENTS)) & _POLLIN:
-            self._schedule()
+        if not self._check_scheduled:  # once per turn of the loop, not once per send
+            self._check_scheduled = True
+            self._loop.call_soon(self._check_events)
+
+    def _check_events(self) -> None:
+        """After the sends of one turn of the loop: read what they may have left unsignalled
+        (asking for EVENTS costs two system calls, a poll and libzmq's getpid)."""
+        self._check_scheduled = False
+        if self._scheduled or self._closed:
+            return  # a read is on its way anyway
+        if cast(int, _get_option(self.sock, _EVENTS)) & _POLLIN:
+            self._readable()
 
     def send_message(self, msg: BusMessage) -> None:
         """Send a bus message (a vmbusify.bus.frames dataclass); raises BusError."""

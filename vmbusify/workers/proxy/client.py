@@ -61,6 +61,10 @@ log = logging.getLogger("vmbusify.proxy.client")
 HANDSHAKE_TIMEOUT = 30.0
 #: Extra seconds the client waits for PROXY-OPEN-ACK beyond the far side's connect timeout.
 ACK_MARGIN = 5.0
+#: Users accepted per wake-up of the listening socket (then the loop's other work).
+ACCEPT_BATCH = 32
+#: Seconds before accepting again after accept failed (EMFILE: out of descriptors).
+ACCEPT_RETRY = 0.1
 
 
 class Caller:
@@ -97,6 +101,8 @@ class ProxyClient(UsesLoop):
         self.stats = stats
         self.router = Router(link, role)
         self._sock: socket.socket | None = None
+        self._family = socket.AF_INET
+        self._accepting = False
         self._next_conn = 0
         self.mode = access_mode(cfg, role)
         self.credentials = Credentials.from_config(cfg)
@@ -125,25 +131,55 @@ class ProxyClient(UsesLoop):
             raise
         sock.setblocking(False)
         self._sock = sock
+        self._family = family
         return sock
 
     async def serve_forever(self) -> None:
-        """Accept users until cancelled."""
+        """Accept users until cancelled.
+
+        The listening socket stays registered with the loop, which calls ``_accept_ready``
+        while users wait (``loop.sock_accept`` would register and unregister it, two
+        ``epoll_ctl`` calls, and make a future for every connection)."""
         assert self._sock is not None
-        loop = self.loop
-        while True:
+        self._resume_accepting()
+        try:
+            await self.loop.create_future()  # until cancelled
+        finally:
+            self._pause_accepting()
+
+    def _resume_accepting(self) -> None:
+        if self._sock is not None and not self._accepting and self._sock.fileno() >= 0:
+            self._accepting = True
+            self.loop.add_reader(self._sock.fileno(), self._accept_ready)
+
+    def _pause_accepting(self) -> None:
+        if self._accepting and self._sock is not None:
+            self._accepting = False
+            self.loop.remove_reader(self._sock.fileno())
+
+    def _accept_ready(self) -> None:
+        """Accept up to ACCEPT_BATCH waiting users (the rest at the loop's next turn)."""
+        sock = self._sock
+        assert sock is not None
+        family = self._family
+        for _ in range(ACCEPT_BATCH):
             try:
-                conn, _addr = await loop.sock_accept(self._sock)
+                fd, _addr = sock._accept()  # type: ignore[attr-defined]  # accept, unwrapped
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:  # EMFILE and friends: wait, do not spin
                 log.warning("accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
+                self._pause_accepting()
+                self.loop.call_later(ACCEPT_RETRY, self._resume_accepting)
+                return
+            conn = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
             self._next_conn += 1
             self.spawn(self.serve(conn, f"conn={self._next_conn}"), what="a user connection")
 
     def close(self) -> None:
         """Stop listening (the worker ends the connections)."""
         if self._sock is not None:
+            self._pause_accepting()
             self._sock.close()
 
     # -- one connection --------------------------------------------------------------------

@@ -36,7 +36,10 @@ class ConnStats:
         self._live: set[Stream] = set()
 
     def _vm(self, vmid: str) -> VMCounters:
-        return self._vms.setdefault(vmid, VMCounters())
+        c = self._vms.get(vmid)  # not setdefault: that builds a VMCounters every time
+        if c is None:
+            c = self._vms[vmid] = VMCounters()
+        return c
 
     def refused(self, vmid: str) -> None:
         """An open that failed (policy, connect error, handshake)."""
