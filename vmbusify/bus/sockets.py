@@ -106,14 +106,23 @@ def _in_place(frames: Frames) -> Frames:
     return frames
 
 
+def bus_directory(endpoint: str) -> Path | None:
+    """The root-only directory of an ``ipc://`` bus endpoint (its socket and the rings
+    beside it); None for another transport."""
+    if not endpoint.startswith("ipc://"):
+        return None
+    return Path(endpoint[len("ipc://"):]).parent
+
+
 def bind_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     """The mux's ROUTER: raises on unroutable peers (ROUTER_MANDATORY) instead of dropping.
 
     High-water marks are off: every byte that can queue here is bounded by a stream's
     flow-control window, and a full queue must never drop a package silently.
     """
-    if endpoint.startswith("ipc://"):
-        ensure_private_dir(Path(endpoint[len("ipc://"):]).parent)
+    directory = bus_directory(endpoint)
+    if directory is not None:
+        ensure_private_dir(directory)
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -306,8 +315,9 @@ class LanedDealer:
         #: The shared-memory rings beside the bus (vmbusify.bus.ring), in the bus's own
         #: root-only directory; None: none (not asked for, no lanes, not an ipc endpoint).
         self.rings: RingLink | None = None
-        self._ring_size = ring_size if lanes and endpoint.startswith("ipc://") else 0
-        self._ring_dir = Path(endpoint[len("ipc://"):]).parent
+        directory = bus_directory(endpoint)
+        self._ring_size = ring_size if lanes and directory is not None else 0
+        self._ring_dir = directory or Path()
         self.identity = worker_identity(name)
         #: When this link was made (CLOCK_MONOTONIC ns: one clock for every process of the
         #: machine), sent in each REG so the mux can tell a newer link from an older one.

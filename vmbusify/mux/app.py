@@ -18,7 +18,6 @@ import os
 import socket
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from vmbusify import __version__
@@ -48,7 +47,7 @@ from vmbusify.bus.lanes import (
 )
 from vmbusify.bus.link import REGISTER_INTERVAL
 from vmbusify.bus.ring import Ring, RingLink
-from vmbusify.bus.sockets import BusSocket, ensure_private_dir
+from vmbusify.bus.sockets import BusSocket, bus_directory, ensure_private_dir
 from vmbusify.config import Config, Role
 from vmbusify.errors import (
     BusError,
@@ -301,9 +300,11 @@ class MuxApp:
         if lanes.rings is not None and lanes.rings.id == ring_id:
             return ring_id
         lanes.forget()
-        directory = Path(self.config.bus_endpoint[len("ipc://"):]).parent
+        directory = bus_directory(self.config.bus_endpoint)
         prefix = f"ring.{reg.pid}."
         try:
+            if directory is None:
+                raise BusError("the bus is not a Unix socket: no directory for rings")
             if not (offer["tx"].startswith(prefix) and offer["rx"].startswith(prefix)):
                 raise BusError("ring files not named for the worker's pid")
             theirs = Ring.open(directory, offer["tx"], offer["size"], ring_id)

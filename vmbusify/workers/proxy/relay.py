@@ -47,22 +47,6 @@ WRITE_HIGH = 256 << 10
 WRITE_LOW = 64 << 10
 
 
-def tune(sock: socket.socket) -> None:
-    """Non-blocking, no Nagle delay (interactive protocols such as ssh go through)."""
-    sock.setblocking(False)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def abort_socket(sock: socket.socket) -> None:
-    """Close with an RST instead of a FIN."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-    except OSError:
-        pass
-    sock.close()
-
-
 class SocketEnd(asyncio.BufferedProtocol):
     """One TCP connection of the proxy (a user's, or the one to a target).
 
@@ -93,7 +77,8 @@ class SocketEnd(asyncio.BufferedProtocol):
 
     # -- the transport's callbacks ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not derive from asyncio.Transport: no isinstance check
+        # uvloop's transports do not derive from asyncio.Transport: no isinstance check.
+        # Its TCP transports set TCP_NODELAY themselves (interactive protocols such as ssh).
         self.transport = tr = cast(asyncio.Transport, transport)
         tr.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
 
